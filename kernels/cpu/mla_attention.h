@@ -1,0 +1,59 @@
+// Multi-head Latent Attention over the latent cache: each cached token is one row
+// [c_kv (kv_lora_rank) | k_pe (rope_dim)], shared by all heads.
+#pragma once
+
+#include <cstdint>
+
+namespace epic::cpu {
+
+// Where a sequence's cached rows live: row t is at
+// pool + (block_table[t / block_size] * block_size + t % block_size) * row_stride.
+struct LatentRows {
+  const float* pool = nullptr;
+  const int32_t* block_table = nullptr;
+  int64_t block_size = 0;
+  int64_t row_stride = 0;  // kv_lora_rank + rope_dim
+
+  const float* Row(int64_t t) const {
+    return pool + (static_cast<int64_t>(block_table[t / block_size]) * block_size + t % block_size) *
+                      row_stride;
+  }
+};
+
+// Absorbed form (decode): W_UK is already folded into the query, so attention reads
+// only the latent cache, and the output stays latent (W_UV is applied after).
+//   score[t] = scale * (q_latent[i, h] . c_kv[t] + q_pe[i, h] . k_pe[t]),  t <= start + i
+//   out[i, h] = sum_t softmax(score)[t] * c_kv[t]
+struct MlaAbsorbedParams {
+  int64_t num_queries = 0;  // new tokens of this sequence, at positions start..start+n-1
+  int64_t start = 0;
+  int64_t num_heads = 0;
+  int64_t kv_lora_rank = 0;
+  int64_t rope_dim = 0;
+  float scale = 0.0f;
+  const float* q_latent = nullptr;  // [num_queries, num_heads, kv_lora_rank]
+  const float* q_pe = nullptr;      // [num_queries, num_heads, rope_dim], rotated
+  LatentRows cache;                 // holds rows 0 .. start + num_queries - 1
+  float* out_latent = nullptr;      // [num_queries, num_heads, kv_lora_rank]
+};
+void MlaAbsorbedAttention(const MlaAbsorbedParams& params);
+
+// Up-projected form (prefill): keys and values of every context row were expanded by
+// kv_b_proj; plain causal attention per head.
+//   key[t, h] = [k_nope[t, h] | k_pe[t]], query[i, h] = [q_nope | q_pe]
+struct MlaExpandedParams {
+  int64_t num_queries = 0;
+  int64_t start = 0;
+  int64_t num_heads = 0;
+  int64_t nope_dim = 0;
+  int64_t rope_dim = 0;
+  int64_t v_dim = 0;
+  float scale = 0.0f;
+  const float* q = nullptr;     // [num_queries, num_heads, nope_dim + rope_dim], rope rotated
+  const float* kv = nullptr;    // [start + num_queries, num_heads, nope_dim + v_dim]
+  const float* k_pe = nullptr;  // [start + num_queries, rope_dim]
+  float* out = nullptr;         // [num_queries, num_heads, v_dim]
+};
+void MlaExpandedAttention(const MlaExpandedParams& params);
+
+}  // namespace epic::cpu

@@ -1,0 +1,32 @@
+// Element-wise and row-wise operations of the DeepSeek layer on F32 activations.
+#pragma once
+
+#include <cstdint>
+
+namespace epic::cpu {
+
+// out[r, i] = x[r, i] * weight[i] / sqrt(mean_i(x[r, i]^2) + eps) for rows of width n.
+// x and out are [rows, ldx] and [rows, ldo]; out may equal x.
+void RmsNorm(const float* x, int64_t rows, int64_t n, int64_t ldx, const float* weight, float eps,
+             float* out, int64_t ldo);
+
+// Rotates DeepSeek's interleaved pairs (x[2i], x[2i+1]) of one rope slice of width
+// 2 * inv_freq_count by angle position * inv_freq[i], and scales by mscale (YaRN's
+// attention temperature; 1 otherwise). The angle is taken in double precision so
+// that long positions keep their phase.
+void ApplyRope(float* x, int64_t position, const double* inv_freq, int64_t inv_freq_count,
+               double mscale);
+
+// out[i] = silu(gate[i]) * up[i].
+void SiluMul(const float* gate, const float* up, int64_t n, float* out);
+
+// x = softmax(x) over n values (max-subtracted, F32 with double sum).
+void Softmax(float* x, int64_t n);
+
+// y[i] += alpha * x[i].
+void Axpy(float alpha, const float* x, int64_t n, float* y);
+
+// sum_i a[i] * b[i], accumulated in F32 lanes and reduced in double.
+float Dot(const float* a, const float* b, int64_t n);
+
+}  // namespace epic::cpu

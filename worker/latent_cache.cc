@@ -1,0 +1,52 @@
+#include "worker/latent_cache.h"
+
+#include <string>
+
+namespace epic {
+
+LatentCache::LatentCache(int64_t num_layers, int64_t row_width, int64_t block_size,
+                         int64_t num_blocks)
+    : num_layers_(num_layers), row_width_(row_width), block_size_(block_size),
+      num_blocks_(num_blocks),
+      pool_(new float[static_cast<size_t>(num_layers * num_blocks * block_size * row_width)]) {
+  free_.reserve(static_cast<size_t>(num_blocks));
+  // Hand out low block numbers first.
+  for (int64_t b = num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
+}
+
+Status LatentCache::Reserve(BlockTable* table, int64_t num_tokens) {
+  const int64_t need = BlocksFor(num_tokens) - static_cast<int64_t>(table->blocks.size());
+  if (need > free_blocks()) {
+    return ResourceExhaustedError("latent cache: " + std::to_string(num_tokens) + " tokens need " +
+                                  std::to_string(need) + " more blocks of " +
+                                  std::to_string(block_size_) + " but " +
+                                  std::to_string(free_blocks()) + " of " +
+                                  std::to_string(num_blocks_) + " are free");
+  }
+  for (int64_t i = 0; i < need; ++i) {
+    table->blocks.push_back(free_.back());
+    free_.pop_back();
+  }
+  return OkStatus();
+}
+
+void LatentCache::Release(BlockTable* table) {
+  for (auto it = table->blocks.rbegin(); it != table->blocks.rend(); ++it) free_.push_back(*it);
+  table->blocks.clear();
+  table->num_tokens = 0;
+}
+
+cpu::LatentRows LatentCache::Rows(int64_t layer, const BlockTable& table) const {
+  cpu::LatentRows rows;
+  rows.pool = pool_.get() + layer * num_blocks_ * block_size_ * row_width_;
+  rows.block_table = table.blocks.data();
+  rows.block_size = block_size_;
+  rows.row_stride = row_width_;
+  return rows;
+}
+
+float* LatentCache::Row(int64_t layer, const BlockTable& table, int64_t t) {
+  return const_cast<float*>(Rows(layer, table).Row(t));
+}
+
+}  // namespace epic

@@ -1,0 +1,50 @@
+// The latent cache: per layer, per token, one row [c_kv | k_pe] (kv_lora_rank +
+// qk_rope_head_dim values, F32), kept in fixed-size blocks so that a budget can be
+// counted in blocks and sequences of any length share one pool.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "common/status.h"
+#include "kernels/cpu/mla_attention.h"
+
+namespace epic {
+
+// A sequence's blocks, in order; row t lives in blocks[t / block_size].
+struct BlockTable {
+  std::vector<int32_t> blocks;
+  int64_t num_tokens = 0;  // rows written so far
+};
+
+class LatentCache {
+ public:
+  LatentCache(int64_t num_layers, int64_t row_width, int64_t block_size, int64_t num_blocks);
+
+  int64_t block_size() const { return block_size_; }
+  int64_t num_blocks() const { return num_blocks_; }
+  int64_t free_blocks() const { return static_cast<int64_t>(free_.size()); }
+  int64_t row_width() const { return row_width_; }
+  // Blocks needed to hold NUM_TOKENS rows.
+  int64_t BlocksFor(int64_t num_tokens) const { return (num_tokens + block_size_ - 1) / block_size_; }
+
+  // Grows TABLE to hold NUM_TOKENS rows. RESOURCE_EXHAUSTED (TABLE unchanged) when
+  // the free blocks do not suffice.
+  Status Reserve(BlockTable* table, int64_t num_tokens);
+  // Returns TABLE's blocks to the pool and empties it.
+  void Release(BlockTable* table);
+
+  float* Row(int64_t layer, const BlockTable& table, int64_t t);
+  cpu::LatentRows Rows(int64_t layer, const BlockTable& table) const;
+
+ private:
+  int64_t num_layers_;
+  int64_t row_width_;
+  int64_t block_size_;
+  int64_t num_blocks_;
+  std::unique_ptr<float[]> pool_;  // [layers, blocks, block_size, row_width]
+  std::vector<int32_t> free_;
+};
+
+}  // namespace epic

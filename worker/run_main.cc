@@ -1,0 +1,150 @@
+// epic-run: loads a DeepSeek checkpoint and runs it in this process: prompt logits
+// to a .npy file and/or generated token ids on stdout. Logs go to stderr.
+#include <omp.h>
+
+#include <chrono>
+#include <cstdio>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "worker/generate.h"
+#include "worker/model.h"
+#include "worker/npy.h"
+#include "worker/progress.h"
+
+namespace {
+
+// "5,17,300" -> {5, 17, 300}.
+bool ParseTokens(const std::string& text, std::vector<int32_t>* out, std::string* error) {
+  std::stringstream in(text);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    try {
+      size_t used = 0;
+      const long long v = std::stoll(item, &used);
+      if (used != item.size() || v < 0 || v > INT32_MAX) throw std::invalid_argument(item);
+      out->push_back(static_cast<int32_t>(v));
+    } catch (const std::exception&) {
+      *error = "--tokens: '" + item + "' is not a token id (want e.g. 5,17,300)";
+      return false;
+    }
+  }
+  if (out->empty()) {
+    *error = "--tokens: no token ids given";
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"epic-run: run a DeepSeek-V2/V3 checkpoint in one process.\n"
+               "Prints generated token ids on stdout (one line, space-separated); logs on stderr."};
+  std::string model_dir;
+  std::string tokens_text;
+  int64_t max_new_tokens = 0;
+  epic::SamplingParams sampling;
+  std::string dump_logits;
+  std::string device = "cpu";
+  int threads = 0;
+  bool expert_counts = false;
+  bool ignore_eos = false;
+  int64_t block_size = 16;
+  app.add_option("--model", model_dir, "checkpoint directory (config.json + *.safetensors)")->required();
+  app.add_option("--tokens", tokens_text, "prompt token ids, comma-separated, e.g. 5,17,300")->required();
+  app.add_option("--max-new-tokens", max_new_tokens, "tokens to generate after the prompt")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("--temperature", sampling.temperature, "0 is greedy; > 0 samples")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("--top-k", sampling.top_k, "sample among the k most likely tokens (0: all)")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("--top-p", sampling.top_p, "sample within this probability mass, in (0, 1]")
+      ->capture_default_str();
+  app.add_option("--seed", sampling.seed, "random seed for sampling")->capture_default_str();
+  app.add_option("--dump-logits", dump_logits,
+                 "write the logits at every prompt position to FILE.npy (float32 [prompt, vocab])");
+  app.add_option("--device", device, "compute device")
+      ->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  app.add_option("--threads", threads, "CPU threads (0: OpenMP's default, one per core)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_flag("--expert-counts", expert_counts,
+               "print, per MoE layer, the tokens routed to each expert (stderr)");
+  app.add_flag("--ignore-eos", ignore_eos, "keep generating past an end-of-sequence token");
+  app.add_option("--block-size", block_size, "latent cache block size in tokens")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  if (device == "cuda") {
+    std::fprintf(stderr, "epic-run: --device cuda: this build has no CUDA backend yet; use --device cpu\n");
+    return 2;
+  }
+  if (threads > 0) omp_set_num_threads(threads);
+  std::vector<int32_t> prompt;
+  std::string error;
+  if (!ParseTokens(tokens_text, &prompt, &error)) {
+    std::fprintf(stderr, "epic-run: %s\n", error.c_str());
+    return 2;
+  }
+
+  const auto t0 = std::chrono::steady_clock::now();
+  epic::ProgressLine progress("loading " + model_dir);
+  auto model = epic::Model::Load(model_dir, [&](int64_t d, int64_t t) { progress.Update(d, t); });
+  progress.Finish();
+  if (!model.ok()) {
+    std::fprintf(stderr, "epic-run: %s\n", model.status().ToString().c_str());
+    return 1;
+  }
+  const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::fprintf(stderr, "epic-run: loaded %s in %.2f s: %s, %.1f MiB of weights, %d threads\n",
+               model_dir.c_str(), load_s, (*model)->config().Summary().c_str(),
+               (*model)->weights().matrix_bytes / 1048576.0, omp_get_max_threads());
+
+  epic::GenerateOptions options;
+  options.max_new_tokens = max_new_tokens;
+  options.sampling = sampling;
+  options.stop_at_eos = !ignore_eos;
+  options.prompt_logits = !dump_logits.empty();
+  options.block_size = block_size;
+  auto result = epic::Generate(**model, prompt, options);
+  if (!result.ok()) {
+    std::fprintf(stderr, "epic-run: %s\n", result.status().ToString().c_str());
+    return 1;
+  }
+  const int64_t vocab = (*model)->config().vocab_size;
+  if (!dump_logits.empty()) {
+    const epic::Status s = epic::WriteNpyFloat32(
+        dump_logits, {static_cast<int64_t>(prompt.size()), vocab}, result->prompt_logits.data());
+    if (!s.ok()) {
+      std::fprintf(stderr, "epic-run: %s\n", s.ToString().c_str());
+      return 1;
+    }
+  }
+  std::fprintf(stderr, "epic-run: prefill %zu tokens in %.3f s (%.1f tok/s)", prompt.size(),
+               result->prefill_seconds, prompt.size() / result->prefill_seconds);
+  if (result->tokens.size() > 1) {
+    std::fprintf(stderr, ", decode %zu tokens in %.3f s (%.1f tok/s)", result->tokens.size() - 1,
+                 result->decode_seconds, (result->tokens.size() - 1) / result->decode_seconds);
+  }
+  std::fprintf(stderr, "\n");
+  if (expert_counts) {
+    const auto& counts = result->expert_counts.tokens;
+    for (size_t l = 0; l < counts.size(); ++l) {
+      if (counts[l].empty()) continue;
+      std::fprintf(stderr, "expert tokens, layer %zu:", l);
+      for (int64_t n : counts[l]) std::fprintf(stderr, " %lld", static_cast<long long>(n));
+      std::fprintf(stderr, "\n");
+    }
+  }
+  if (max_new_tokens > 0) {
+    std::string line;
+    for (size_t i = 0; i < result->tokens.size(); ++i) {
+      line += (i ? " " : "") + std::to_string(result->tokens[i]);
+    }
+    std::printf("%s\n", line.c_str());
+  }
+  return 0;
+}

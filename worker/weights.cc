@@ -1,0 +1,136 @@
+#include "worker/weights.h"
+
+#include <cstring>
+
+#include "common/half.h"
+
+namespace epic {
+namespace {
+
+class Binder {
+ public:
+  Binder(const Checkpoint& ckpt, ModelWeights* w) : ckpt_(ckpt), w_(w) {}
+
+  cpu::WeightMatrix Matrix(const std::string& name) {
+    const TensorView& v = ckpt_.Get(name);
+    cpu::WeightMatrix m;
+    m.rows = v.shape[0];
+    m.cols = v.shape[1];
+    m.row_stride = m.cols;
+    w_->matrix_bytes += v.nbytes;
+    views_.push_back(&v);
+    if (v.dtype == DType::kBF16 || v.dtype == DType::kF32) {
+      m.type = v.dtype == DType::kBF16 ? cpu::WeightType::kBF16 : cpu::WeightType::kF32;
+      m.data = v.data;
+      return m;
+    }
+    m.type = cpu::WeightType::kF32;
+    m.data = Widen(v);
+    return m;
+  }
+
+  std::vector<float> Vector(const std::string& name) {
+    const TensorView& v = ckpt_.Get(name);
+    std::vector<float> out(static_cast<size_t>(v.numel()));
+    ToFloat(v, out.data());
+    return out;
+  }
+
+  MlpWeights Mlp(int64_t layer, const std::string& module) {
+    return {Matrix(LayerTensor(layer, module + ".gate_proj")),
+            Matrix(LayerTensor(layer, module + ".up_proj")),
+            Matrix(LayerTensor(layer, module + ".down_proj"))};
+  }
+
+  const std::vector<const TensorView*>& views() const { return views_; }
+
+ private:
+  static void ToFloat(const TensorView& v, float* out) {
+    const int64_t n = v.numel();
+    for (int64_t i = 0; i < n; ++i) {
+      uint16_t h;
+      switch (v.dtype) {
+        case DType::kF32: std::memcpy(out + i, v.data + 4 * i, 4); break;
+        case DType::kBF16: std::memcpy(&h, v.data + 2 * i, 2); out[i] = Bf16ToFloat(h); break;
+        default: std::memcpy(&h, v.data + 2 * i, 2); out[i] = F16ToFloat(h); break;
+      }
+    }
+  }
+
+  const float* Widen(const TensorView& v) {
+    w_->owned.emplace_back(new float[static_cast<size_t>(v.numel())]);
+    ToFloat(v, w_->owned.back().get());
+    return w_->owned.back().get();
+  }
+
+  const Checkpoint& ckpt_;
+  ModelWeights* w_;
+  std::vector<const TensorView*> views_;
+};
+
+// Reads one byte of every page of the mapped matrices: the checkpoint comes off the
+// disk here, with progress, rather than during the first step.
+void TouchPages(const std::vector<const TensorView*>& views, const ProgressFn& progress) {
+  int64_t total = 0;
+  for (const TensorView* v : views) total += v->nbytes;
+  int64_t done = 0;
+  volatile unsigned char sink = 0;
+  constexpr int64_t kPage = 4096;
+  for (const TensorView* v : views) {
+    const auto* p = reinterpret_cast<const unsigned char*>(v->data);
+    unsigned char acc = 0;
+#pragma omp parallel for reduction(^ : acc) schedule(static)
+    for (int64_t off = 0; off < v->nbytes; off += kPage) acc ^= p[off];
+    sink ^= acc;
+    done += v->nbytes;
+    if (progress) progress(done, total);
+  }
+  (void)sink;
+}
+
+}  // namespace
+
+StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Bind(const Checkpoint& checkpoint,
+                                                           const ProgressFn& progress) {
+  const ModelConfig& c = checkpoint.config();
+  auto w = std::make_unique<ModelWeights>();
+  Binder b(checkpoint, w.get());
+  w->embed = b.Matrix("model.embed_tokens.weight");
+  w->layers.resize(static_cast<size_t>(c.num_hidden_layers));
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    LayerWeights& L = w->layers[l];
+    L.input_norm = b.Vector(LayerTensor(l, "input_layernorm"));
+    L.post_attention_norm = b.Vector(LayerTensor(l, "post_attention_layernorm"));
+    if (c.q_lora_rank > 0) {
+      L.q_a_proj = b.Matrix(LayerTensor(l, "self_attn.q_a_proj"));
+      L.q_a_norm = b.Vector(LayerTensor(l, "self_attn.q_a_layernorm"));
+      L.q_b_proj = b.Matrix(LayerTensor(l, "self_attn.q_b_proj"));
+    } else {
+      L.q_proj = b.Matrix(LayerTensor(l, "self_attn.q_proj"));
+    }
+    L.kv_a_proj = b.Matrix(LayerTensor(l, "self_attn.kv_a_proj_with_mqa"));
+    L.kv_a_norm = b.Vector(LayerTensor(l, "self_attn.kv_a_layernorm"));
+    L.kv_b_proj = b.Matrix(LayerTensor(l, "self_attn.kv_b_proj"));
+    L.o_proj = b.Matrix(LayerTensor(l, "self_attn.o_proj"));
+    L.moe = c.IsMoeLayer(l);
+    if (!L.moe) {
+      L.dense = b.Mlp(l, "mlp");
+      continue;
+    }
+    L.router = b.Matrix(LayerTensor(l, "mlp.gate"));
+    if (c.topk_method == TopkMethod::kNoauxTc) {
+      L.choice_bias = b.Vector("model.layers." + std::to_string(l) + ".mlp.gate.e_score_correction_bias");
+    }
+    for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+      L.experts.push_back(b.Mlp(l, "mlp.experts." + std::to_string(e)));
+    }
+    L.has_shared = c.n_shared_experts > 0;
+    if (L.has_shared) L.shared = b.Mlp(l, "mlp.shared_experts");
+  }
+  w->final_norm = b.Vector("model.norm.weight");
+  w->lm_head = c.tie_word_embeddings ? w->embed : b.Matrix("lm_head.weight");
+  TouchPages(b.views(), progress);
+  return w;
+}
+
+}  // namespace epic

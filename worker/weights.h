@@ -1,0 +1,59 @@
+// The model's weights bound to the mapped checkpoint: matrices are read in place
+// (BF16 or F32; F16 is widened to F32 once at load), norms and biases are copied to
+// F32. A ModelWeights stays valid while its Checkpoint is open.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "common/status.h"
+#include "kernels/cpu/matmul.h"
+#include "worker/checkpoint.h"
+
+namespace epic {
+
+struct MlpWeights {
+  cpu::WeightMatrix gate;  // [intermediate, hidden]
+  cpu::WeightMatrix up;    // [intermediate, hidden]
+  cpu::WeightMatrix down;  // [hidden, intermediate]
+};
+
+struct LayerWeights {
+  std::vector<float> input_norm;           // [hidden]
+  std::vector<float> post_attention_norm;  // [hidden]
+  // Query: q_proj without LoRA, else q_a_proj -> q_a_norm -> q_b_proj.
+  cpu::WeightMatrix q_proj;                // [heads * q_head_dim, hidden]
+  cpu::WeightMatrix q_a_proj;              // [q_lora_rank, hidden]
+  std::vector<float> q_a_norm;             // [q_lora_rank]
+  cpu::WeightMatrix q_b_proj;              // [heads * q_head_dim, q_lora_rank]
+  cpu::WeightMatrix kv_a_proj;             // [kv_lora_rank + rope_dim, hidden]
+  std::vector<float> kv_a_norm;            // [kv_lora_rank]
+  cpu::WeightMatrix kv_b_proj;             // [heads * (nope_dim + v_dim), kv_lora_rank]
+  cpu::WeightMatrix o_proj;                // [hidden, heads * v_dim]
+
+  bool moe = false;
+  MlpWeights dense;                        // when !moe
+  cpu::WeightMatrix router;                // [n_routed_experts, hidden]
+  std::vector<float> choice_bias;          // [n_routed_experts], noaux_tc only
+  std::vector<MlpWeights> experts;         // n_routed_experts
+  bool has_shared = false;
+  MlpWeights shared;                       // intermediate = moe_intermediate * n_shared
+};
+
+struct ModelWeights {
+  cpu::WeightMatrix embed;    // [vocab, hidden]
+  std::vector<LayerWeights> layers;
+  std::vector<float> final_norm;
+  cpu::WeightMatrix lm_head;  // [vocab, hidden]; embed when tied
+
+  // Storage for tensors that could not be used in place (F16 widened to F32).
+  std::vector<std::unique_ptr<float[]>> owned;
+  int64_t matrix_bytes = 0;  // bytes of all matrices as stored
+
+  // Binds every tensor of CHECKPOINT and reads its pages once (with PROGRESS), so
+  // that the first step does not pay for page faults.
+  static StatusOr<std::unique_ptr<ModelWeights>> Bind(const Checkpoint& checkpoint,
+                                                      const ProgressFn& progress);
+};
+
+}  // namespace epic
