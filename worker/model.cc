@@ -160,7 +160,9 @@ void Model::Attention(int64_t layer, std::span<SequenceStep> batch, LatentCache*
                             static_cast<double>(n) * context * heads * (qhd + vdim);
     const double absorbed = static_cast<double>(n) * heads *
                             (nope * lora + context * (2 * lora + rope) + lora * vdim);
-    if (expanded < absorbed) {
+    const bool expand = attention_form_ == AttentionForm::kAuto ? expanded < absorbed
+                                                                : attention_form_ == AttentionForm::kExpanded;
+    if (expand) {
       std::vector<float> c_kv(static_cast<size_t>(context * lora));
       std::vector<float> k_pe(static_cast<size_t>(context * rope));
       const cpu::LatentRows rows = cache->Rows(layer, *s.cache);

@@ -30,6 +30,10 @@ struct ExpertCounts {
   std::vector<std::vector<int64_t>> tokens;
 };
 
+// Which form of MLA a step uses; kAuto picks the cheaper per sequence (prefill
+// expands K/V through kv_b_proj, decode absorbs it into the query and output).
+enum class AttentionForm { kAuto, kExpanded, kAbsorbed };
+
 class Model {
  public:
   // Opens and validates the checkpoint, binds its weights (PROGRESS: optional).
@@ -41,6 +45,9 @@ class Model {
 
   // A cache sized for this model.
   std::unique_ptr<LatentCache> MakeCache(int64_t block_size, int64_t num_blocks) const;
+
+  // For tests and benchmarks: force one form of attention.
+  void set_attention_form(AttentionForm form) { attention_form_ = form; }
 
   // Runs one step. Each sequence's cache must already hold room for its new tokens
   // (LatentCache::Reserve); rows are written and num_tokens advanced. LOGITS receives
@@ -62,6 +69,7 @@ class Model {
   std::unique_ptr<ModelWeights> weights_;
   RopeTable rope_;
   cpu::GateParams gate_;
+  AttentionForm attention_form_ = AttentionForm::kAuto;
 };
 
 }  // namespace epic

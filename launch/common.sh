@@ -1,0 +1,43 @@
+# Shared by the launch scripts: install what is missing, configure and build.
+# Sourced, not run. EPIC_BUILD_DIR (default build/) and EPIC_CMAKE_ARGS may be set.
+
+EPIC_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+EPIC_BUILD_DIR="${EPIC_BUILD_DIR:-$EPIC_ROOT/build}"
+
+# Debian packages the build needs (the model core needs only a compiler, CMake and
+# two header-only libraries; the tests need GoogleTest).
+EPIC_PACKAGES=(build-essential cmake nlohmann-json3-dev libcli11-dev libgtest-dev)
+
+epic_log() { printf '[epic] %s\n' "$*" >&2; }
+
+epic_install_packages() {
+  local missing=()
+  for pkg in "${EPIC_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  epic_log "installing: ${missing[*]}"
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { epic_log "need root (or sudo) to install: ${missing[*]}"; return 1; }
+    sudo="sudo"
+  fi
+  $sudo apt-get update -qq || return 1
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+    || { epic_log "apt-get install failed for: ${missing[*]}"; return 1; }
+}
+
+epic_build() {
+  epic_install_packages || return 1
+  local jobs
+  jobs="$(nproc 2>/dev/null || echo 2)"
+  epic_log "configuring and building in $EPIC_BUILD_DIR (-j$jobs)"
+  # shellcheck disable=SC2086
+  cmake -S "$EPIC_ROOT" -B "$EPIC_BUILD_DIR" -DCMAKE_BUILD_TYPE=Release \
+    $EPIC_CMAKE_ARGS >"$EPIC_BUILD_DIR.configure.log" 2>&1 \
+    || { cat "$EPIC_BUILD_DIR.configure.log" >&2; epic_log "configure failed"; return 1; }
+  cmake --build "$EPIC_BUILD_DIR" -j"$jobs" || { epic_log "build failed"; return 1; }
+}
+
+# Whether an NVIDIA GPU is visible.
+epic_have_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }

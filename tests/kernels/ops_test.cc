@@ -1,0 +1,98 @@
+// Row-wise kernels against float64 written plainly.
+#include "kernels/cpu/ops.h"
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+namespace epic::cpu {
+namespace {
+
+std::vector<float> Random(size_t n, uint64_t seed, float lo = -2.0f, float hi = 2.0f) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> d(lo, hi);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
+TEST(OpsTest, RmsNormMatchesFloat64) {
+  const int64_t rows = 3, n = 37, ld = 40;
+  std::vector<float> x = Random(rows * ld, 1), w = Random(n, 2);
+  std::vector<float> out(rows * ld, NAN);
+  RmsNorm(x.data(), rows, n, ld, w.data(), 1e-6f, out.data(), ld);
+  for (int64_t r = 0; r < rows; ++r) {
+    double ss = 0;
+    for (int64_t i = 0; i < n; ++i) ss += double(x[r * ld + i]) * x[r * ld + i];
+    const double inv = 1.0 / std::sqrt(ss / n + 1e-6);
+    for (int64_t i = 0; i < n; ++i) {
+      EXPECT_NEAR(out[r * ld + i], w[i] * x[r * ld + i] * inv, 1e-6 * (1 + std::fabs(w[i] * x[r * ld + i] * inv)));
+    }
+  }
+}
+
+TEST(OpsTest, RmsNormInPlaceOverPartOfARow) {
+  // The latent row [c_kv | k_pe] is normalised only over c_kv, in place.
+  std::vector<float> row = {3, 4, 100, 200};
+  const float w[2] = {1, 1};
+  RmsNorm(row.data(), 1, 2, 4, w, 0.0f, row.data(), 4);
+  EXPECT_NEAR(row[0], 3 / std::sqrt(12.5), 1e-6);
+  EXPECT_NEAR(row[1], 4 / std::sqrt(12.5), 1e-6);
+  EXPECT_EQ(row[2], 100);
+  EXPECT_EQ(row[3], 200);
+}
+
+TEST(OpsTest, RopeRotatesInterleavedPairs) {
+  // DeepSeek rotates (x0, x1), (x2, x3): pair i by position * inv_freq[i].
+  std::vector<float> x = {1, 0, 0, 1};
+  const double inv_freq[2] = {0.5, 0.25};
+  ApplyRope(x.data(), 2, inv_freq, 2, 1.0);
+  EXPECT_NEAR(x[0], std::cos(1.0), 1e-6);
+  EXPECT_NEAR(x[1], std::sin(1.0), 1e-6);
+  EXPECT_NEAR(x[2], -std::sin(0.5), 1e-6);
+  EXPECT_NEAR(x[3], std::cos(0.5), 1e-6);
+}
+
+TEST(OpsTest, RopePreservesNormTimesMscaleAndRelativePosition) {
+  std::vector<float> q = Random(8, 3), k = Random(8, 4);
+  const double inv_freq[4] = {1.0, 0.1, 0.01, 0.001};
+  auto dot_at = [&](int64_t pq, int64_t pk) {
+    std::vector<float> a = q, b = k;
+    ApplyRope(a.data(), pq, inv_freq, 4, 1.0);
+    ApplyRope(b.data(), pk, inv_freq, 4, 1.0);
+    return Dot(a.data(), b.data(), 8);
+  };
+  // Attention sees only the distance between positions.
+  EXPECT_NEAR(dot_at(7, 3), dot_at(107, 103), 1e-4);
+  std::vector<float> a = q;
+  ApplyRope(a.data(), 12345, inv_freq, 4, 0.5);
+  EXPECT_NEAR(std::sqrt(Dot(a.data(), a.data(), 8)), 0.5 * std::sqrt(Dot(q.data(), q.data(), 8)), 1e-5);
+}
+
+TEST(OpsTest, SoftmaxSiluDotAxpy) {
+  std::vector<float> x = Random(50, 5, -30, 30);
+  std::vector<float> s = x;
+  Softmax(s.data(), 50);
+  double max = x[0];
+  for (float v : x) max = std::max<double>(max, v);
+  double sum = 0;
+  for (float v : x) sum += std::exp(v - max);
+  for (int i = 0; i < 50; ++i) EXPECT_NEAR(s[i], std::exp(x[i] - max) / sum, 1e-6);
+
+  std::vector<float> g = Random(33, 6), u = Random(33, 7), out(33);
+  SiluMul(g.data(), u.data(), 33, out.data());
+  for (int i = 0; i < 33; ++i) EXPECT_NEAR(out[i], g[i] / (1 + std::exp(-double(g[i]))) * u[i], 1e-6);
+
+  double dot = 0;
+  for (int i = 0; i < 33; ++i) dot += double(g[i]) * u[i];
+  EXPECT_NEAR(Dot(g.data(), u.data(), 33), dot, 1e-5);
+
+  std::vector<float> y = u;
+  Axpy(0.5f, g.data(), 33, y.data());
+  for (int i = 0; i < 33; ++i) EXPECT_FLOAT_EQ(y[i], u[i] + 0.5f * g[i]);
+}
+
+}  // namespace
+}  // namespace epic::cpu

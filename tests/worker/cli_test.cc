@@ -1,0 +1,144 @@
+// epic-mkmodel and epic-run as a user runs them: real processes, real files.
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "tests/testing/temp_dir.h"
+#include "worker/generate.h"
+#include "worker/model.h"
+
+namespace epic {
+namespace {
+
+struct Result {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+
+Result RunCommand(const std::string& command, const testing::TempDir& dir) {
+  const std::string err_file = (dir / "stderr.txt").string();
+  Result r;
+  FILE* p = ::popen((command + " 2>" + err_file).c_str(), "r");
+  if (p == nullptr) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
+  const int status = ::pclose(p);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  std::ifstream e(err_file);
+  std::stringstream ss;
+  ss << e.rdbuf();
+  r.err = ss.str();
+  return r;
+}
+
+const std::string kRun = EPIC_RUN_BINARY;
+const std::string kMkmodel = EPIC_MKMODEL_BINARY;
+
+class CliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const Result r = RunCommand(kMkmodel + " --preset v2-160 --seed 5 --out " + model_.string(), dir_);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  testing::TempDir dir_{"cli"};
+  std::filesystem::path model_ = dir_ / "model";
+};
+
+TEST_F(CliTest, GeneratesTheSameTokensAsTheLibrary) {
+  const Result r = RunCommand(kRun + " --model " + model_.string() +
+                           " --tokens 5,17,300 --max-new-tokens 6 --ignore-eos --expert-counts",
+                       dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto model = Model::Load(model_);
+  ASSERT_TRUE(model.ok());
+  GenerateOptions o;
+  o.max_new_tokens = 6;
+  o.stop_at_eos = false;
+  auto want = Generate(**model, std::vector<int32_t>{5, 17, 300}, o);
+  ASSERT_TRUE(want.ok());
+  std::string line;
+  for (size_t i = 0; i < want->tokens.size(); ++i) line += (i ? " " : "") + std::to_string(want->tokens[i]);
+  EXPECT_EQ(r.out, line + "\n");
+  EXPECT_NE(r.err.find("expert tokens, layer 1:"), std::string::npos) << r.err;
+}
+
+TEST_F(CliTest, DumpsPromptLogitsAsNpy) {
+  const std::string npy = (dir_ / "logits.npy").string();
+  const Result r = RunCommand(kRun + " --model " + model_.string() + " --tokens 1,2,3,4 --dump-logits " + npy, dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "");  // no generation asked for
+  std::ifstream f(npy, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  ASSERT_GT(bytes.size(), 10u);
+  EXPECT_EQ(bytes.substr(0, 6), "\x93NUMPY");
+  uint16_t header_len;
+  std::memcpy(&header_len, bytes.data() + 8, 2);
+  EXPECT_EQ((10 + header_len) % 64, 0);
+  const std::string header = bytes.substr(10, header_len);
+  EXPECT_NE(header.find("'descr': '<f4'"), std::string::npos) << header;
+  EXPECT_NE(header.find("'shape': (4, 1024)"), std::string::npos) << header;
+  ASSERT_EQ(bytes.size(), 10u + header_len + 4u * 1024u * 4u);
+
+  auto model = Model::Load(model_);
+  ASSERT_TRUE(model.ok());
+  GenerateOptions o;
+  o.prompt_logits = true;
+  auto want = Generate(**model, std::vector<int32_t>{1, 2, 3, 4}, o);
+  ASSERT_TRUE(want.ok());
+  std::vector<float> got(4 * 1024);
+  std::memcpy(got.data(), bytes.data() + 10 + header_len, got.size() * 4);
+  for (size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want->prompt_logits[i], 1e-5) << i;
+}
+
+TEST_F(CliTest, BadInputGetsAClearErrorAndNonZeroExit) {
+  const std::string m = " --model " + model_.string();
+  Result r = RunCommand(kRun + m + " --tokens 5,x,7", dir_);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("'x' is not a token id"), std::string::npos) << r.err;
+
+  r = RunCommand(kRun + m + " --tokens 5,1024 --max-new-tokens 2", dir_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("outside the vocabulary"), std::string::npos) << r.err;
+
+  r = RunCommand(kRun + " --model " + (dir_ / "nowhere").string() + " --tokens 5", dir_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("config.json"), std::string::npos) << r.err;
+
+  r = RunCommand(kRun + m + " --tokens 5 --device cuda", dir_);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("cuda"), std::string::npos) << r.err;
+
+  r = RunCommand(kRun + m + " --tokens 5 --top-p 0", dir_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("top_p"), std::string::npos) << r.err;
+
+  r = RunCommand(kMkmodel + " --preset huge --out " + (dir_ / "x").string(), dir_);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("unknown preset 'huge'"), std::string::npos) << r.err;
+
+  r = RunCommand(kMkmodel + " --preset tiny --set n_group=5 --out " + (dir_ / "y").string(), dir_);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("n_group"), std::string::npos) << r.err;
+}
+
+TEST_F(CliTest, HelpNamesEveryFlag) {
+  const Result r = RunCommand(kRun + " --help", dir_);
+  EXPECT_EQ(r.exit_code, 0);
+  for (const char* flag : {"--model", "--tokens", "--max-new-tokens", "--temperature", "--top-k", "--top-p",
+                           "--seed", "--dump-logits", "--device", "--threads", "--expert-counts",
+                           "--ignore-eos", "--block-size"}) {
+    EXPECT_NE(r.out.find(flag), std::string::npos) << flag;
+  }
+}
+
+}  // namespace
+}  // namespace epic
