@@ -1,0 +1,174 @@
+// Single-process prefill and decode speed of a checkpoint, against the machine's
+// bounds measured in the same run:
+//   decode  tokens/s vs  bandwidth / (weight + cache bytes read per token)   target >= 0.8
+//   prefill FLOP/s   vs  the machine's F32 matrix-multiply rate               target >= 0.5
+// Make a model with e.g. `epic-mkmodel --preset v2-lite-shape --layers 4 --out DIR`.
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "bench/bounds.h"
+#include "worker/model.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
+
+int64_t Bytes(const epic::cpu::WeightMatrix& m) { return m.rows * m.cols * m.ElementBytes(); }
+int64_t Params(const epic::cpu::WeightMatrix& m) { return m.rows * m.cols; }
+
+// Weight bytes and multiply-adds one token reads and does in one layer, outside
+// attention's context-dependent part.
+struct PerToken {
+  int64_t bytes = 0;
+  int64_t macs = 0;
+  void Add(const epic::cpu::WeightMatrix& m) {
+    bytes += Bytes(m);
+    macs += Params(m);
+  }
+  void Add(const epic::MlpWeights& w) {
+    Add(w.gate);
+    Add(w.up);
+    Add(w.down);
+  }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"model_bench: single-process prefill and decode tokens/s of a checkpoint, with\n"
+               "their ratios to the memory-bandwidth and F32 matrix-multiply bounds of this machine."};
+  std::string model_dir;
+  int64_t prompt_len = 128;
+  int64_t decode_steps = 32;
+  int repeats = 3;
+  int threads = 0;
+  double buffer_gib = 1.0;
+  app.add_option("--model", model_dir, "checkpoint directory")->required();
+  app.add_option("--prompt", prompt_len, "prefill length in tokens")->capture_default_str();
+  app.add_option("--decode", decode_steps, "decode steps after the prompt")->capture_default_str();
+  app.add_option("--repeats", repeats, "prefill repetitions (median)")->capture_default_str();
+  app.add_option("--threads", threads, "threads (0: one per core)");
+  app.add_option("--buffer-gib", buffer_gib, "buffer for the bandwidth measurement")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  if (threads > 0) omp_set_num_threads(threads);
+
+  const epic::bench::Bandwidth bw = epic::bench::MeasureBandwidth(buffer_gib, 5);
+  const epic::bench::GemmRate gemm = epic::bench::MeasureF32GemmRate(5);
+  std::printf("machine: %d threads; read bandwidth %.1f GB/s, copy bandwidth %.1f GB/s (read+write bytes); "
+              "F32 GEMM %.1f GFLOP/s (%s)\n",
+              omp_get_max_threads(), bw.read_gbs, bw.copy_gbs, gemm.gflops, gemm.how.c_str());
+
+  auto loaded = epic::Model::Load(model_dir);
+  if (!loaded.ok()) {
+    std::fprintf(stderr, "model_bench: %s\n", loaded.status().ToString().c_str());
+    return 1;
+  }
+  epic::Model& model = **loaded;
+  const epic::ModelConfig& c = model.config();
+  const epic::ModelWeights& w = model.weights();
+  std::printf("model: %s; %.2f GiB of matrices\n", c.Summary().c_str(), w.matrix_bytes / 1073741824.0);
+
+  // What one token reads and computes, context aside.
+  PerToken per_token;
+  for (const epic::LayerWeights& L : w.layers) {
+    if (c.q_lora_rank > 0) {
+      per_token.Add(L.q_a_proj);
+      per_token.Add(L.q_b_proj);
+    } else {
+      per_token.Add(L.q_proj);
+    }
+    per_token.Add(L.kv_a_proj);
+    per_token.Add(L.kv_b_proj);  // decode reads all of it (W_UK and W_UV)
+    per_token.Add(L.o_proj);
+    if (!L.moe) {
+      per_token.Add(L.dense);
+      continue;
+    }
+    per_token.Add(L.router);
+    for (int64_t e = 0; e < c.num_experts_per_tok; ++e) per_token.Add(L.experts[0]);  // all experts alike
+    if (L.has_shared) per_token.Add(L.shared);
+  }
+  const int64_t lm_head_bytes = Bytes(w.lm_head);
+  const int64_t row_bytes = c.latent_dim() * static_cast<int64_t>(sizeof(float));
+
+  std::vector<int32_t> prompt(static_cast<size_t>(prompt_len));
+  for (int64_t i = 0; i < prompt_len; ++i) prompt[i] = static_cast<int32_t>((i * 7919 + 13) % c.vocab_size);
+  const int64_t block = 16;
+  const int64_t total = prompt_len + decode_steps;
+  auto cache = model.MakeCache(block, (total + block - 1) / block);
+  std::vector<float> logits;
+
+  // Prefill: median of REPEATS fresh runs.
+  std::vector<double> prefill_s;
+  epic::BlockTable table;
+  for (int r = 0; r < repeats; ++r) {
+    cache->Release(&table);
+    if (!cache->Reserve(&table, total).ok()) return 1;
+    epic::SequenceStep step{&table, prompt, false};
+    const auto t0 = Clock::now();
+    const epic::Status s = model.Forward({&step, 1}, cache.get(), &logits);
+    prefill_s.push_back(Since(t0));
+    if (!s.ok()) {
+      std::fprintf(stderr, "model_bench: %s\n", s.ToString().c_str());
+      return 1;
+    }
+  }
+  const double prefill = Median(prefill_s);
+  // Multiply-adds of the prefill: every token through every matrix, attention's
+  // expansion of the context through kv_b_proj counted once per token, causal scores
+  // and values, and lm_head for the last token only.
+  const double heads = static_cast<double>(c.num_attention_heads);
+  double attention_macs = 0;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    attention_macs += 0.5 * prompt_len * (prompt_len + 1) * heads * (c.q_head_dim() + c.v_head_dim);
+  }
+  const double prefill_flops =
+      2.0 * (static_cast<double>(per_token.macs) * prompt_len + attention_macs + Params(w.lm_head));
+  const double prefill_gflops = prefill_flops / prefill / 1e9;
+  std::printf("prefill: %lld tokens in %.3f s (median of %d) = %.1f tok/s, %.1f GFLOP/s; "
+              "ratio to F32 GEMM %.2f (target >= 0.5)\n",
+              static_cast<long long>(prompt_len), prefill, repeats, prompt_len / prefill, prefill_gflops,
+              prefill_gflops / gemm.gflops);
+
+  // Decode: one token per step after the last prefill, context prompt_len .. total-1.
+  std::vector<double> step_s;
+  double bytes_sum = 0;
+  int32_t token = 1;
+  for (int64_t i = 0; i < decode_steps; ++i) {
+    epic::SequenceStep step{&table, {&token, 1}, false};
+    const int64_t context = table.num_tokens + 1;
+    const auto t0 = Clock::now();
+    const epic::Status s = model.Forward({&step, 1}, cache.get(), &logits);
+    step_s.push_back(Since(t0));
+    if (!s.ok()) {
+      std::fprintf(stderr, "model_bench: %s\n", s.ToString().c_str());
+      return 1;
+    }
+    bytes_sum += static_cast<double>(per_token.bytes + lm_head_bytes) +
+                 static_cast<double>(context) * row_bytes * c.num_hidden_layers;
+    token = static_cast<int32_t>((token * 31 + 7) % c.vocab_size);
+  }
+  const double step = Median(step_s);
+  const double bytes_per_token = bytes_sum / decode_steps;
+  const double best_bw = std::max(bw.read_gbs, bw.copy_gbs) * 1e9;
+  const double bound = best_bw / bytes_per_token;
+  std::printf("decode: %.2f tok/s (median of %lld steps, context %lld..%lld); %.1f MB read per token; "
+              "bound %.2f tok/s at %.1f GB/s; ratio %.2f (target >= 0.8)\n",
+              1.0 / step, static_cast<long long>(decode_steps), static_cast<long long>(prompt_len + 1),
+              static_cast<long long>(total), bytes_per_token / 1e6, bound, best_bw / 1e9,
+              1.0 / step / bound);
+  return 0;
+}
