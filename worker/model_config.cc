@@ -102,13 +102,14 @@ Status ParseRopeScaling(const json& root, const std::string& source, RopeScaling
   if (!(out->factor > 0)) {
     return InvalidArgumentError(source + ": rope_scaling.factor must be positive");
   }
+  // The attention scale reads mscale_all_dim under any scaling type, as HF's code does.
+  EPIC_RETURN_IF_ERROR(r.OptionalDouble("mscale_all_dim", &out->mscale_all_dim));
   if (out->type == RopeScaling::Type::kYarn) {
     EPIC_RETURN_IF_ERROR(r.OptionalInt("original_max_position_embeddings", 1,
                                        &out->original_max_position_embeddings));
     EPIC_RETURN_IF_ERROR(r.OptionalDouble("beta_fast", &out->beta_fast));
     EPIC_RETURN_IF_ERROR(r.OptionalDouble("beta_slow", &out->beta_slow));
     EPIC_RETURN_IF_ERROR(r.OptionalDouble("mscale", &out->mscale));
-    EPIC_RETURN_IF_ERROR(r.OptionalDouble("mscale_all_dim", &out->mscale_all_dim));
   }
   return OkStatus();
 }
@@ -131,7 +132,7 @@ double YarnMscale(double scale, double mscale) {
 
 double ModelConfig::SoftmaxScale() const {
   double scale = 1.0 / std::sqrt(static_cast<double>(q_head_dim()));
-  if (rope_scaling.type == RopeScaling::Type::kYarn && rope_scaling.mscale_all_dim != 0.0) {
+  if (rope_scaling.type != RopeScaling::Type::kNone && rope_scaling.mscale_all_dim != 0.0) {
     const double m = YarnMscale(rope_scaling.factor, rope_scaling.mscale_all_dim);
     scale *= m * m;
   }
@@ -194,6 +195,18 @@ StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const std::
   }
   EPIC_RETURN_IF_ERROR(r.OptionalInt("q_lora_rank", 1, &c.q_lora_rank));
 
+  // Fields a config leaves out take the defaults of its model type's HF config class.
+  std::string method = "greedy";
+  std::string scoring = "softmax";
+  if (c.model_type == "deepseek_v3") {
+    c.n_group = 8;
+    c.topk_group = 4;
+    c.first_k_dense_replace = 3;
+    c.norm_topk_prob = true;
+    c.routed_scaling_factor = 2.5;
+    method = "noaux_tc";
+    scoring = "sigmoid";
+  }
   EPIC_RETURN_IF_ERROR(r.OptionalInt("n_routed_experts", 1, &c.n_routed_experts));
   if (c.n_routed_experts > 0) {
     EPIC_RETURN_IF_ERROR(r.Int("moe_intermediate_size", 1, &c.moe_intermediate_size));
@@ -206,7 +219,6 @@ StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const std::
     EPIC_RETURN_IF_ERROR(r.OptionalBool("norm_topk_prob", &c.norm_topk_prob));
     EPIC_RETURN_IF_ERROR(r.OptionalDouble("routed_scaling_factor", &c.routed_scaling_factor));
 
-    std::string method = "greedy";
     EPIC_RETURN_IF_ERROR(r.OptionalString("topk_method", &method));
     if (method == "greedy" || method == "gready") {  // "gready": HF DeepseekV2Config's default
       c.topk_method = TopkMethod::kGreedy;
@@ -218,7 +230,6 @@ StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const std::
       return r.Unsupported("topk_method", "is '" + method +
                                               "' (supported: greedy, group_limited_greedy, noaux_tc)");
     }
-    std::string scoring = "softmax";
     EPIC_RETURN_IF_ERROR(r.OptionalString("scoring_func", &scoring));
     if (scoring == "softmax") {
       c.scoring_func = ScoringFunc::kSoftmax;

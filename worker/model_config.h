@@ -21,12 +21,12 @@ struct RopeScaling {
   enum class Type { kNone, kLinear, kYarn };
   Type type = Type::kNone;
   double factor = 1.0;
+  double mscale_all_dim = 0.0;  // any type: scales the softmax (see SoftmaxScale)
   // YaRN only.
   int64_t original_max_position_embeddings = 4096;
   double beta_fast = 32.0;
   double beta_slow = 1.0;
   double mscale = 1.0;
-  double mscale_all_dim = 0.0;
 };
 
 struct ModelConfig {
@@ -71,7 +71,7 @@ struct ModelConfig {
   // DeepSeek-V2 multiplies by routed_scaling_factor only when it does not
   // renormalise the top-k weights; V3 always does.
   bool ScalesAfterNormalising() const { return model_type == "deepseek_v3"; }
-  // q_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN.
+  // q_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 when rope_scaling is set.
   double SoftmaxScale() const;
   // One line: "deepseek_v2, 27 layers, hidden 2048, 16 heads, 64 routed experts top-6, ...".
   std::string Summary() const;

@@ -24,7 +24,9 @@ struct GateParams {
 };
 
 // logits [tokens, num_experts] -> expert ids and weights [tokens, top_k]. Ties go to
-// the lower expert index. Scores are computed in F32 as the reference models do.
+// the lower expert index. Experts outside the kept groups are excluded (-inf), as in
+// DeepSeek's own inference code; HF's fills 0, which differs only when every kept
+// choice value is negative. Scores are computed in F32 as the reference models do.
 void SelectExperts(const float* logits, int64_t tokens, const GateParams& params, int32_t* ids,
                    float* weights);
 

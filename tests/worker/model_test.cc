@@ -107,7 +107,7 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"v3_noaux_tc_f32_sharded", "v3-tiny", json{{"rope_scaling", {{"type", "yarn"}, {"factor", 4}}}},
              DType::kF32, 2},
         Case{"tiny_linear_rope_tied_freq2_f16", "tiny",
-             json{{"rope_scaling", {{"type", "linear"}, {"factor", 2.0}}}, {"tie_word_embeddings", true},
+             json{{"rope_scaling", {{"type", "linear"}, {"factor", 2.0}, {"mscale_all_dim", 1.0}}}, {"tie_word_embeddings", true},
                   {"moe_layer_freq", 2}, {"first_k_dense_replace", 0}, {"num_hidden_layers", 4}},
              DType::kF16},
         Case{"dense_only", "tiny", json{{"n_routed_experts", nullptr}, {"q_lora_rank", nullptr}}},
