@@ -34,7 +34,7 @@ epic_build() {
   epic_log "configuring and building in $EPIC_BUILD_DIR (-j$jobs)"
   # shellcheck disable=SC2086
   cmake -S "$EPIC_ROOT" -B "$EPIC_BUILD_DIR" -DCMAKE_BUILD_TYPE=Release \
-    $EPIC_CMAKE_ARGS >"$EPIC_BUILD_DIR.configure.log" 2>&1 \
+    ${EPIC_CMAKE_ARGS:-} >"$EPIC_BUILD_DIR.configure.log" 2>&1 \
     || { cat "$EPIC_BUILD_DIR.configure.log" >&2; epic_log "configure failed"; return 1; }
   cmake --build "$EPIC_BUILD_DIR" -j"$jobs" || { epic_log "build failed"; return 1; }
 }

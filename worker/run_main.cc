@@ -10,6 +10,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "worker/device.h"
 #include "worker/generate.h"
 #include "worker/model.h"
 #include "worker/npy.h"
@@ -78,8 +79,8 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber)->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
-  if (device == "cuda") {
-    std::fprintf(stderr, "epic-run: --device cuda: this build has no CUDA backend yet; use --device cpu\n");
+  if (const epic::Status s = epic::CheckDevice(device); !s.ok()) {
+    std::fprintf(stderr, "epic-run: %s\n", s.message().c_str());
     return 2;
   }
   if (threads > 0) omp_set_num_threads(threads);

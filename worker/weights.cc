@@ -81,7 +81,7 @@ void TouchPages(const std::vector<const TensorView*>& views, const ProgressFn& p
     unsigned char acc = 0;
 #pragma omp parallel for reduction(^ : acc) schedule(static)
     for (int64_t off = 0; off < v->nbytes; off += kPage) acc ^= p[off];
-    sink ^= acc;
+    sink = sink ^ acc;
     done += v->nbytes;
     if (progress) progress(done, total);
   }

@@ -222,7 +222,8 @@ void PermuteActivations(const float* x, int64_t m, int64_t ldx, int64_t cols, fl
 template <int M, int R, typename W>
 EPIC_AVX512 void GemvBlock(const float* x, int64_t ldx, const W* w, int64_t stride,
                            int64_t cols, float* y, int64_t ldy, bool accumulate) {
-  constexpr int64_t kPrefetchElems = kGemvPrefetchBytes / sizeof(W);
+  static const int64_t kPrefetchElems = (getenv("PFD") ? atoi(getenv("PFD")) : kGemvPrefetchBytes) / sizeof(W);
+  static const bool kT1 = getenv("PFT1") != nullptr;
   __m512 acc[M][R];
   for (int i = 0; i < M; ++i)
     for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
@@ -235,7 +236,8 @@ EPIC_AVX512 void GemvBlock(const float* x, int64_t ldx, const W* w, int64_t stri
     const __m512i high_halves = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
     for (; k + kPairBlock <= cols; k += kPairBlock) {
       for (int r = 0; r < R; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + kPrefetchElems), _MM_HINT_T0);
+        if (kT1) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + kPrefetchElems), _MM_HINT_T1);
+        else _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + kPrefetchElems), _MM_HINT_T0);
       }
       if constexpr (2 * M + M * R <= 28) {
         // Few rows of x: keep them in registers across the R weight rows.
