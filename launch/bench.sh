@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Builds epic (with OpenBLAS as the F32 matrix-multiply peer), writes a v2-lite-shape
+# checkpoint and runs the single-process benchmarks. Figures: docs/performance.md.
+#   launch/bench.sh [--layers N] [--models DIR]
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+
+layers=4
+models="$EPIC_ROOT/models"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --layers) layers="$2"; shift 2 ;;
+    --models) models="$2"; shift 2 ;;
+    -h|--help)
+      echo "usage: launch/bench.sh [--layers N (default 4)] [--models DIR (default models/)]"
+      echo "Writes DIR/v2-lite-N (V2-Lite's real dimensions, N layers, BF16: ~1.1 GiB a layer"
+      echo "plus 0.8 GiB of embeddings) and runs bench/matmul_bench and bench/model_bench."
+      exit 0 ;;
+    *) epic_log "unknown flag $1 (see --help)"; exit 2 ;;
+  esac
+done
+
+EPIC_PACKAGES+=(libopenblas-dev)
+epic_build
+model="$models/v2-lite-$layers"
+if [ ! -f "$model/config.json" ]; then
+  "$EPIC_BUILD_DIR/worker/epic-mkmodel" --preset v2-lite-shape --layers "$layers" --out "$model"
+fi
+"$EPIC_BUILD_DIR/bench/matmul_bench"
+for prompt in 128 512; do
+  "$EPIC_BUILD_DIR/bench/model_bench" --model "$model" --prompt "$prompt" --decode 32
+done
