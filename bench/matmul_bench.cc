@@ -238,7 +238,8 @@ int Main(int argc, char** argv) {
   if (internal::HaveAvx512()) {
     peak_gflops = internal::MicroKernelInCacheGflops(threads, 1.0);
     std::printf("bound: micro-kernel on L1/L2-resident packed data (%d threads): %.1f GFLOP/s"
-                " (PERFORMANCE.md: OpenBLAS/oneDNN F32 GEMM 250-340 GFLOP/s on its 2-core Xeon)\n",
+                "; expect MatMul near the F32 GEMM\n       rate PERFORMANCE.md reports for"
+                " OpenBLAS/oneDNN on 2 cores (250-340 GFLOP/s on its Xeon)\n",
                 threads, peak_gflops);
   }
 
