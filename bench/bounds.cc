@@ -1,6 +1,7 @@
 #include "bench/bounds.h"
 
 #include <omp.h>
+#include <sys/mman.h>
 
 #include <chrono>
 #include <cstdint>
@@ -40,8 +41,13 @@ uint64_t SumWordsPlain(const uint64_t* p, int64_t n) {
 Bandwidth MeasureBandwidth(double gib, int repeats) {
   const int64_t bytes = static_cast<int64_t>(gib * (1ll << 30)) / 64 * 64;
   const int64_t words = bytes / 8;
-  auto* src = static_cast<uint64_t*>(std::aligned_alloc(64, static_cast<size_t>(bytes)));
-  auto* dst = static_cast<uint64_t*>(std::aligned_alloc(64, static_cast<size_t>(bytes)));
+  // 2 MiB aligned and advised to use huge pages, as the model's weights are.
+  const int64_t huge = 2 << 20;
+  const int64_t padded = (bytes + huge - 1) / huge * huge;
+  auto* src = static_cast<uint64_t*>(std::aligned_alloc(huge, static_cast<size_t>(padded)));
+  auto* dst = static_cast<uint64_t*>(std::aligned_alloc(huge, static_cast<size_t>(padded)));
+  ::madvise(src, static_cast<size_t>(padded), MADV_HUGEPAGE);
+  ::madvise(dst, static_cast<size_t>(padded), MADV_HUGEPAGE);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < words; ++i) {
     src[i] = static_cast<uint64_t>(i);

@@ -167,6 +167,10 @@ Status Checkpoint::Validate() const {
   return OkStatus();
 }
 
+void Checkpoint::ReleaseResidentPages() const {
+  for (const auto& f : files_) f->ReleaseResidentPages();
+}
+
 const TensorView* Checkpoint::Find(const std::string& name) const {
   auto it = tensors_.find(name);
   return it == tensors_.end() ? nullptr : it->second;

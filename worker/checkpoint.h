@@ -44,6 +44,8 @@ class Checkpoint {
   const TensorView& Get(const std::string& name) const;
   int64_t total_bytes() const { return total_bytes_; }
   int num_files() const { return static_cast<int>(files_.size()); }
+  // See SafetensorsFile::ReleaseResidentPages; views stay valid.
+  void ReleaseResidentPages() const;
 
  private:
   Checkpoint() = default;

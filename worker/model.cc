@@ -10,10 +10,10 @@
 
 namespace epic {
 StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
-                                             const ProgressFn& progress) {
+                                             const ProgressFn& progress, WeightResidency residency) {
   std::unique_ptr<Model> model(new Model());
   EPIC_ASSIGN_OR_RETURN(model->checkpoint_, Checkpoint::Open(dir));
-  EPIC_ASSIGN_OR_RETURN(model->weights_, ModelWeights::Bind(*model->checkpoint_, progress));
+  EPIC_ASSIGN_OR_RETURN(model->weights_, ModelWeights::Bind(*model->checkpoint_, progress, residency));
   const ModelConfig& c = model->config();
   model->rope_ = MakeRopeTable(c);
   cpu::GateParams& g = model->gate_;
@@ -29,6 +29,11 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
   const bool scaled = !g.normalize || c.ScalesAfterNormalising();
   g.scale = scaled ? static_cast<float>(c.routed_scaling_factor) : 1.0f;
   return model;
+}
+
+float* Model::Sized(std::vector<float>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  return v.data();
 }
 
 std::unique_ptr<LatentCache> Model::MakeCache(int64_t block_size, int64_t num_blocks) const {
@@ -68,9 +73,9 @@ Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::ve
     counts->tokens.assign(static_cast<size_t>(c.num_hidden_layers), {});
   }
 
-  std::vector<float> x(static_cast<size_t>(tokens * hidden));      // [tokens, hidden] residual
-  std::vector<float> normed(x.size());                              // [tokens, hidden]
-  std::vector<float> attn(static_cast<size_t>(tokens * c.num_attention_heads * c.v_head_dim));
+  float* x = Sized(ws_.x, tokens * hidden);                          // [tokens, hidden] residual
+  float* normed = Sized(ws_.normed, tokens * hidden);                // [tokens, hidden]
+  float* attn = Sized(ws_.attn, tokens * c.num_attention_heads * c.v_head_dim);
   for (int64_t t = 0; t < tokens; ++t) {
     for (int64_t i = 0; i < hidden; ++i) x[t * hidden + i] = w.embed.At(token_ids[t], i);
   }
@@ -78,15 +83,15 @@ Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::ve
   const float eps = static_cast<float>(c.rms_norm_eps);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& L = w.layers[l];
-    cpu::RmsNorm(x.data(), tokens, hidden, hidden, L.input_norm.data(), eps, normed.data(), hidden);
-    Attention(l, batch, cache, positions, normed.data(), attn.data());
-    cpu::MatMul(attn.data(), tokens, L.o_proj.cols, L.o_proj, x.data(), hidden, /*accumulate=*/true);
+    cpu::RmsNorm(x, tokens, hidden, hidden, L.input_norm.data(), eps, normed, hidden);
+    Attention(l, batch, cache, positions, normed, attn);
+    cpu::MatMul(attn, tokens, L.o_proj.cols, L.o_proj, x, hidden, /*accumulate=*/true);
 
-    cpu::RmsNorm(x.data(), tokens, hidden, hidden, L.post_attention_norm.data(), eps, normed.data(), hidden);
+    cpu::RmsNorm(x, tokens, hidden, hidden, L.post_attention_norm.data(), eps, normed, hidden);
     if (L.moe) {
-      MoeBlock(l, normed.data(), tokens, x.data(), counts);
+      MoeBlock(l, normed, tokens, x, counts);
     } else {
-      Mlp(L.dense, normed.data(), tokens, x.data(), nullptr, nullptr);
+      Mlp(L.dense, normed, tokens, x, nullptr, nullptr);
     }
   }
   for (SequenceStep& s : batch) s.cache->num_tokens += static_cast<int64_t>(s.tokens.size());
@@ -94,11 +99,11 @@ Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::ve
   // Final norm and lm_head only on the rows that want logits.
   const int64_t rows = static_cast<int64_t>(logit_rows.size());
   for (int64_t r = 0; r < rows; ++r) {
-    cpu::RmsNorm(x.data() + logit_rows[r] * hidden, 1, hidden, hidden, w.final_norm.data(), eps,
-                 normed.data() + r * hidden, hidden);
+    cpu::RmsNorm(x + logit_rows[r] * hidden, 1, hidden, hidden, w.final_norm.data(), eps,
+                 normed + r * hidden, hidden);
   }
   logits->resize(static_cast<size_t>(rows * c.vocab_size));
-  cpu::MatMul(normed.data(), rows, hidden, w.lm_head, logits->data(), c.vocab_size);
+  cpu::MatMul(normed, rows, hidden, w.lm_head, logits->data(), c.vocab_size);
   return OkStatus();
 }
 
@@ -118,26 +123,26 @@ void Model::Attention(int64_t layer, std::span<SequenceStep> batch, LatentCache*
   const float scale = static_cast<float>(c.SoftmaxScale());
 
   // Queries [tokens, heads, q_head_dim].
-  std::vector<float> q(static_cast<size_t>(tokens * heads * qhd));
+  float* q = Sized(ws_.q, tokens * heads * qhd);
   if (c.q_lora_rank > 0) {
-    std::vector<float> qa(static_cast<size_t>(tokens * c.q_lora_rank));
-    cpu::MatMul(x, tokens, c.hidden_size, L.q_a_proj, qa.data(), c.q_lora_rank);
-    cpu::RmsNorm(qa.data(), tokens, c.q_lora_rank, c.q_lora_rank, L.q_a_norm.data(), eps, qa.data(),
+    float* qa = Sized(ws_.qa, tokens * c.q_lora_rank);
+    cpu::MatMul(x, tokens, c.hidden_size, L.q_a_proj, qa, c.q_lora_rank);
+    cpu::RmsNorm(qa, tokens, c.q_lora_rank, c.q_lora_rank, L.q_a_norm.data(), eps, qa,
                  c.q_lora_rank);
-    cpu::MatMul(qa.data(), tokens, c.q_lora_rank, L.q_b_proj, q.data(), heads * qhd);
+    cpu::MatMul(qa, tokens, c.q_lora_rank, L.q_b_proj, q, heads * qhd);
   } else {
-    cpu::MatMul(x, tokens, c.hidden_size, L.q_proj, q.data(), heads * qhd);
+    cpu::MatMul(x, tokens, c.hidden_size, L.q_proj, q, heads * qhd);
   }
   // Latent rows [tokens, kv_lora + rope]: normalise c_kv, rotate k_pe, then cache.
   const int64_t width = c.latent_dim();
-  std::vector<float> latent(static_cast<size_t>(tokens * width));
-  cpu::MatMul(x, tokens, c.hidden_size, L.kv_a_proj, latent.data(), width);
-  cpu::RmsNorm(latent.data(), tokens, lora, width, L.kv_a_norm.data(), eps, latent.data(), width);
+  float* latent = Sized(ws_.latent, tokens * width);
+  cpu::MatMul(x, tokens, c.hidden_size, L.kv_a_proj, latent, width);
+  cpu::RmsNorm(latent, tokens, lora, width, L.kv_a_norm.data(), eps, latent, width);
   for (int64_t t = 0; t < tokens; ++t) {
-    cpu::ApplyRope(latent.data() + t * width + lora, positions[t], rope_.inv_freq.data(),
+    cpu::ApplyRope(latent + t * width + lora, positions[t], rope_.inv_freq.data(),
                    rope / 2, rope_.mscale);
     for (int64_t h = 0; h < heads; ++h) {
-      cpu::ApplyRope(q.data() + (t * heads + h) * qhd + nope, positions[t], rope_.inv_freq.data(),
+      cpu::ApplyRope(q + (t * heads + h) * qhd + nope, positions[t], rope_.inv_freq.data(),
                      rope / 2, rope_.mscale);
     }
   }
@@ -148,10 +153,10 @@ void Model::Attention(int64_t layer, std::span<SequenceStep> batch, LatentCache*
     const int64_t start = s.cache->num_tokens;
     const int64_t context = start + n;
     for (int64_t i = 0; i < n; ++i) {
-      std::memcpy(cache->Row(layer, *s.cache, start + i), latent.data() + (first + i) * width,
+      std::memcpy(cache->Row(layer, *s.cache, start + i), latent + (first + i) * width,
                   static_cast<size_t>(width) * sizeof(float));
     }
-    const float* qs = q.data() + first * heads * qhd;
+    const float* qs = q + first * heads * qhd;
     float* os = out + first * heads * vdim;
 
     // Multiply-adds of each form: expanding every context row through kv_b_proj
@@ -163,16 +168,16 @@ void Model::Attention(int64_t layer, std::span<SequenceStep> batch, LatentCache*
     const bool expand = attention_form_ == AttentionForm::kAuto ? expanded < absorbed
                                                                 : attention_form_ == AttentionForm::kExpanded;
     if (expand) {
-      std::vector<float> c_kv(static_cast<size_t>(context * lora));
-      std::vector<float> k_pe(static_cast<size_t>(context * rope));
+      float* c_kv = Sized(ws_.c_kv, context * lora);
+      float* k_pe = Sized(ws_.k_pe, context * rope);
       const cpu::LatentRows rows = cache->Rows(layer, *s.cache);
       for (int64_t t = 0; t < context; ++t) {
         const float* row = rows.Row(t);
-        std::memcpy(c_kv.data() + t * lora, row, static_cast<size_t>(lora) * sizeof(float));
-        std::memcpy(k_pe.data() + t * rope, row + lora, static_cast<size_t>(rope) * sizeof(float));
+        std::memcpy(c_kv + t * lora, row, static_cast<size_t>(lora) * sizeof(float));
+        std::memcpy(k_pe + t * rope, row + lora, static_cast<size_t>(rope) * sizeof(float));
       }
-      std::vector<float> kv(static_cast<size_t>(context * heads * kv_head));
-      cpu::MatMul(c_kv.data(), context, lora, L.kv_b_proj, kv.data(), heads * kv_head);
+      float* kv = Sized(ws_.kv, context * heads * kv_head);
+      cpu::MatMul(c_kv, context, lora, L.kv_b_proj, kv, heads * kv_head);
       cpu::MlaExpandedParams p;
       p.num_queries = n;
       p.start = start;
@@ -182,22 +187,22 @@ void Model::Attention(int64_t layer, std::span<SequenceStep> batch, LatentCache*
       p.v_dim = vdim;
       p.scale = scale;
       p.q = qs;
-      p.kv = kv.data();
-      p.k_pe = k_pe.data();
+      p.kv = kv;
+      p.k_pe = k_pe;
       p.out = os;
       cpu::MlaExpandedAttention(p);
     } else {
       // q_latent[i, h] = q_nope[i, h] W_UK[h], with W_UK[h] = kv_b_proj rows [h*kv_head, +nope).
-      std::vector<float> q_latent(static_cast<size_t>(n * heads * lora));
-      std::vector<float> q_pe(static_cast<size_t>(n * heads * rope));
+      float* q_latent = Sized(ws_.q_latent, n * heads * lora);
+      float* q_pe = Sized(ws_.q_pe, n * heads * rope);
       for (int64_t h = 0; h < heads; ++h) {
         cpu::MatMulNoTrans(qs + h * qhd, n, heads * qhd, L.kv_b_proj.Rows(h * kv_head, nope),
-                           q_latent.data() + h * lora, heads * lora);
+                           q_latent + h * lora, heads * lora);
       }
       for (int64_t i = 0; i < n * heads; ++i) {
-        std::memcpy(q_pe.data() + i * rope, qs + i * qhd + nope, static_cast<size_t>(rope) * sizeof(float));
+        std::memcpy(q_pe + i * rope, qs + i * qhd + nope, static_cast<size_t>(rope) * sizeof(float));
       }
-      std::vector<float> o_latent(q_latent.size());
+      float* o_latent = Sized(ws_.o_latent, n * heads * lora);
       cpu::MlaAbsorbedParams p;
       p.num_queries = n;
       p.start = start;
@@ -205,14 +210,14 @@ void Model::Attention(int64_t layer, std::span<SequenceStep> batch, LatentCache*
       p.kv_lora_rank = lora;
       p.rope_dim = rope;
       p.scale = scale;
-      p.q_latent = q_latent.data();
-      p.q_pe = q_pe.data();
+      p.q_latent = q_latent;
+      p.q_pe = q_pe;
       p.cache = cache->Rows(layer, *s.cache);
-      p.out_latent = o_latent.data();
+      p.out_latent = o_latent;
       cpu::MlaAbsorbedAttention(p);
       // out[i, h] = W_UV[h] o_latent[i, h], with W_UV[h] = rows [h*kv_head + nope, +vdim).
       for (int64_t h = 0; h < heads; ++h) {
-        cpu::MatMul(o_latent.data() + h * lora, n, heads * lora, L.kv_b_proj.Rows(h * kv_head + nope, vdim),
+        cpu::MatMul(o_latent + h * lora, n, heads * lora, L.kv_b_proj.Rows(h * kv_head + nope, vdim),
                     os + h * vdim, heads * vdim);
       }
     }
@@ -224,20 +229,20 @@ void Model::Mlp(const MlpWeights& w, const float* x, int64_t tokens, float* resi
                 const float* row_scale, const int32_t* rows) {
   const int64_t hidden = config().hidden_size;
   const int64_t inter = w.gate.rows;
-  std::vector<float> gate(static_cast<size_t>(tokens * inter));
-  std::vector<float> up(gate.size());
-  cpu::MatMul(x, tokens, hidden, w.gate, gate.data(), inter);
-  cpu::MatMul(x, tokens, hidden, w.up, up.data(), inter);
-  cpu::SiluMul(gate.data(), up.data(), tokens * inter, gate.data());
+  float* gate = Sized(ws_.gate, tokens * inter);
+  float* up = Sized(ws_.up, tokens * inter);
+  cpu::MatMul(x, tokens, hidden, w.gate, gate, inter);
+  cpu::MatMul(x, tokens, hidden, w.up, up, inter);
+  cpu::SiluMul(gate, up, tokens * inter, gate);
   if (rows == nullptr) {
-    cpu::MatMul(gate.data(), tokens, inter, w.down, residual, hidden, /*accumulate=*/true);
+    cpu::MatMul(gate, tokens, inter, w.down, residual, hidden, /*accumulate=*/true);
     return;
   }
   // Routed expert: scale each token's output by its gate weight, add to its row.
-  std::vector<float> y(static_cast<size_t>(tokens * hidden));
-  cpu::MatMul(gate.data(), tokens, inter, w.down, y.data(), hidden);
+  float* y = Sized(ws_.y, tokens * hidden);
+  cpu::MatMul(gate, tokens, inter, w.down, y, hidden);
   for (int64_t t = 0; t < tokens; ++t) {
-    cpu::Axpy(row_scale[t], y.data() + t * hidden, hidden, residual + rows[t] * hidden);
+    cpu::Axpy(row_scale[t], y + t * hidden, hidden, residual + rows[t] * hidden);
   }
 }
 
@@ -249,13 +254,13 @@ void Model::MoeBlock(int64_t layer, const float* x, int64_t tokens, float* resid
   const int64_t experts = c.n_routed_experts;
   const int64_t k = c.num_experts_per_tok;
 
-  std::vector<float> router(static_cast<size_t>(tokens * experts));
-  cpu::MatMul(x, tokens, hidden, L.router, router.data(), experts);
+  float* router = Sized(ws_.router, tokens * experts);
+  cpu::MatMul(x, tokens, hidden, L.router, router, experts);
   std::vector<int32_t> ids(static_cast<size_t>(tokens * k));
-  std::vector<float> weights(ids.size());
+  float* weights = Sized(ws_.weights, tokens * k);
   cpu::GateParams gate = gate_;
   gate.choice_bias = L.choice_bias.empty() ? nullptr : L.choice_bias.data();
-  cpu::SelectExperts(router.data(), tokens, gate, ids.data(), weights.data());
+  cpu::SelectExperts(router, tokens, gate, ids.data(), weights);
 
   // Group the (token, weight) pairs by expert so each expert's weights are read once
   // for all of its tokens.
@@ -263,7 +268,7 @@ void Model::MoeBlock(int64_t layer, const float* x, int64_t tokens, float* resid
   for (int32_t e : ids) ++offsets[e + 1];
   for (int64_t e = 0; e < experts; ++e) offsets[e + 1] += offsets[e];
   std::vector<int32_t> rows(ids.size());
-  std::vector<float> scales(ids.size());
+  float* scales = Sized(ws_.scales, tokens * k);
   std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
   for (int64_t i = 0; i < tokens * k; ++i) {
     const int64_t slot = fill[ids[i]]++;
@@ -276,16 +281,15 @@ void Model::MoeBlock(int64_t layer, const float* x, int64_t tokens, float* resid
     for (int64_t e = 0; e < experts; ++e) layer_counts[e] += offsets[e + 1] - offsets[e];
   }
 
-  std::vector<float> gathered;
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t n = offsets[e + 1] - offsets[e];
     if (n == 0) continue;
-    gathered.resize(static_cast<size_t>(n * hidden));
+    float* gathered = Sized(ws_.gathered, n * hidden);
     for (int64_t i = 0; i < n; ++i) {
-      std::memcpy(gathered.data() + i * hidden, x + rows[offsets[e] + i] * hidden,
+      std::memcpy(gathered + i * hidden, x + rows[offsets[e] + i] * hidden,
                   static_cast<size_t>(hidden) * sizeof(float));
     }
-    Mlp(L.experts[e], gathered.data(), n, residual, scales.data() + offsets[e], rows.data() + offsets[e]);
+    Mlp(L.experts[e], gathered, n, residual, scales + offsets[e], rows.data() + offsets[e]);
   }
   if (L.has_shared) Mlp(L.shared, x, tokens, residual, nullptr, nullptr);
 }

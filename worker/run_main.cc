@@ -54,6 +54,7 @@ int main(int argc, char** argv) {
   int threads = 0;
   bool expert_counts = false;
   bool ignore_eos = false;
+  bool mapped = false;
   int64_t block_size = 16;
   app.add_option("--model", model_dir, "checkpoint directory (config.json + *.safetensors)")->required();
   app.add_option("--tokens", tokens_text, "prompt token ids, comma-separated, e.g. 5,17,300")->required();
@@ -75,6 +76,9 @@ int main(int argc, char** argv) {
   app.add_flag("--expert-counts", expert_counts,
                "print, per MoE layer, the tokens routed to each expert (stderr)");
   app.add_flag("--ignore-eos", ignore_eos, "keep generating past an end-of-sequence token");
+  app.add_flag("--mmap", mapped,
+               "use the weights in place from the file mapping instead of copying them into "
+               "huge-page memory (less memory while the page cache holds the file; slower decode)");
   app.add_option("--block-size", block_size, "latent cache block size in tokens")
       ->check(CLI::PositiveNumber)->capture_default_str();
   CLI11_PARSE(app, argc, argv);
@@ -93,7 +97,8 @@ int main(int argc, char** argv) {
 
   const auto t0 = std::chrono::steady_clock::now();
   epic::ProgressLine progress("loading " + model_dir);
-  auto model = epic::Model::Load(model_dir, [&](int64_t d, int64_t t) { progress.Update(d, t); });
+  auto model = epic::Model::Load(model_dir, [&](int64_t d, int64_t t) { progress.Update(d, t); },
+                                 mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy);
   progress.Finish();
   if (!model.ok()) {
     std::fprintf(stderr, "epic-run: %s\n", model.status().ToString().c_str());

@@ -165,6 +165,10 @@ StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::file
   return file;
 }
 
+void SafetensorsFile::ReleaseResidentPages() const {
+  if (map_ != nullptr) ::madvise(map_, static_cast<size_t>(size_), MADV_DONTNEED);
+}
+
 SafetensorsFile::~SafetensorsFile() {
   if (map_ != nullptr) ::munmap(map_, static_cast<size_t>(size_));
 }

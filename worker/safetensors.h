@@ -46,6 +46,10 @@ class SafetensorsFile {
   const std::string& path() const { return path_; }
   const std::map<std::string, TensorView>& tensors() const { return tensors_; }
   int64_t size_bytes() const { return size_; }
+  // Drops this process's mapping of the file's pages (they stay in the page cache and
+  // fault back in if read again): after the weights were copied, so that they are not
+  // counted twice in the resident set.
+  void ReleaseResidentPages() const;
 
  private:
   SafetensorsFile() = default;

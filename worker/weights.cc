@@ -1,5 +1,9 @@
 #include "worker/weights.h"
 
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "common/half.h"
@@ -7,9 +11,22 @@
 namespace epic {
 namespace {
 
+// The 2-D tensors of CONFIG: what Binder::Matrix will be asked for.
+int64_t MatrixBytes(const Checkpoint& ckpt) {
+  int64_t total = 0;
+  for (const ExpectedTensor& e : ExpectedTensors(ckpt.config())) {
+    if (e.shape.size() != 2) continue;
+    const TensorView& v = ckpt.Get(e.name);
+    total += v.dtype == DType::kF16 ? 2 * v.nbytes : v.nbytes;
+  }
+  return total;
+}
+
 class Binder {
  public:
-  Binder(const Checkpoint& ckpt, ModelWeights* w) : ckpt_(ckpt), w_(w) {}
+  Binder(const Checkpoint& ckpt, ModelWeights* w, WeightResidency residency, const ProgressFn& progress)
+      : ckpt_(ckpt), w_(w), residency_(residency), progress_(progress),
+        total_(residency == WeightResidency::kCopy ? MatrixBytes(ckpt) : 0) {}
 
   cpu::WeightMatrix Matrix(const std::string& name) {
     const TensorView& v = ckpt_.Get(name);
@@ -17,17 +34,34 @@ class Binder {
     m.rows = v.shape[0];
     m.cols = v.shape[1];
     m.row_stride = m.cols;
-    w_->matrix_bytes += v.nbytes;
-    views_.push_back(&v);
-    if (v.dtype == DType::kBF16 || v.dtype == DType::kF32) {
-      m.type = v.dtype == DType::kBF16 ? cpu::WeightType::kBF16 : cpu::WeightType::kF32;
+    const bool widen = v.dtype == DType::kF16;
+    m.type = v.dtype == DType::kBF16 ? cpu::WeightType::kBF16 : cpu::WeightType::kF32;
+    const int64_t bytes = widen ? 2 * v.nbytes : v.nbytes;
+    w_->matrix_bytes += bytes;
+    if (residency_ == WeightResidency::kMapped && !widen) {
+      views_.push_back(&v);
       m.data = v.data;
       return m;
     }
-    m.type = cpu::WeightType::kF32;
-    m.data = Widen(v);
+    void* copy = w_->arena.Allocate(bytes);
+    if (copy == nullptr) {
+      failed_ = name;
+      m.data = v.data;
+      return m;
+    }
+    if (widen) {
+      ToFloat(v, static_cast<float*>(copy));
+    } else {
+      std::memcpy(copy, v.data, static_cast<size_t>(bytes));
+    }
+    m.data = copy;
+    done_ += bytes;
+    if (progress_ && total_ > 0) progress_(done_, total_);
     return m;
   }
+
+  // The tensor whose memory could not be allocated, if any.
+  const std::string& failed() const { return failed_; }
 
   std::vector<float> Vector(const std::string& name) {
     const TensorView& v = ckpt_.Get(name);
@@ -57,14 +91,13 @@ class Binder {
     }
   }
 
-  const float* Widen(const TensorView& v) {
-    w_->owned.emplace_back(new float[static_cast<size_t>(v.numel())]);
-    ToFloat(v, w_->owned.back().get());
-    return w_->owned.back().get();
-  }
-
   const Checkpoint& ckpt_;
   ModelWeights* w_;
+  WeightResidency residency_;
+  const ProgressFn& progress_;
+  int64_t total_;
+  int64_t done_ = 0;
+  std::string failed_;
   std::vector<const TensorView*> views_;
 };
 
@@ -90,11 +123,38 @@ void TouchPages(const std::vector<const TensorView*>& views, const ProgressFn& p
 
 }  // namespace
 
+WeightArena::~WeightArena() {
+  for (const Chunk& c : chunks_) ::munmap(c.base, static_cast<size_t>(c.size));
+}
+
+void* WeightArena::Allocate(int64_t bytes) {
+  constexpr int64_t kHugePage = 2 << 20;
+  constexpr int64_t kChunk = 1ll << 30;
+  bytes = (bytes + 63) / 64 * 64;
+  if (bytes > left_) {
+    const int64_t size = std::max(kChunk, (bytes + kHugePage - 1) / kHugePage * kHugePage);
+    // One huge page more than needed, so the usable part can start on a 2 MiB boundary.
+    void* base = ::mmap(nullptr, static_cast<size_t>(size + kHugePage), PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (base == MAP_FAILED) return nullptr;
+    chunks_.push_back({base, size + kHugePage});
+    const auto addr = reinterpret_cast<uintptr_t>(base);
+    next_ = reinterpret_cast<char*>((addr + kHugePage - 1) / kHugePage * kHugePage);
+    left_ = size;
+    ::madvise(next_, static_cast<size_t>(size), MADV_HUGEPAGE);  // advice: fine if refused
+  }
+  void* p = next_;
+  next_ += bytes;
+  left_ -= bytes;
+  return p;
+}
+
 StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Bind(const Checkpoint& checkpoint,
-                                                           const ProgressFn& progress) {
+                                                           const ProgressFn& progress,
+                                                           WeightResidency residency) {
   const ModelConfig& c = checkpoint.config();
   auto w = std::make_unique<ModelWeights>();
-  Binder b(checkpoint, w.get());
+  Binder b(checkpoint, w.get(), residency, progress);
   w->embed = b.Matrix("model.embed_tokens.weight");
   w->layers.resize(static_cast<size_t>(c.num_hidden_layers));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
@@ -129,7 +189,16 @@ StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Bind(const Checkpoint& che
   }
   w->final_norm = b.Vector("model.norm.weight");
   w->lm_head = c.tie_word_embeddings ? w->embed : b.Matrix("lm_head.weight");
-  TouchPages(b.views(), progress);
+  if (!b.failed().empty()) {
+    return ResourceExhaustedError("cannot allocate memory for the weights (at tensor '" + b.failed() +
+                                  "', " + std::to_string(w->matrix_bytes >> 20) +
+                                  " MiB in all); free memory or load with the weights mapped in place");
+  }
+  if (residency == WeightResidency::kCopy) {
+    checkpoint.ReleaseResidentPages();
+  } else {
+    TouchPages(b.views(), progress);
+  }
   return w;
 }
 
