@@ -229,6 +229,14 @@ EPIC_AVX512 void GemvBlock(const float* x, int64_t ldx, const W* w, int64_t stri
     for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
   const W* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = w + r * stride;
+  // Prefetch runs ahead along each row and, near its end, on into the same row of the
+  // next block (the next R rows): with rows of a few KiB, the head of every row would
+  // otherwise arrive unprefetched.
+  auto ahead = [&](int r, int64_t k) -> const char* {
+    const int64_t target = k + kPrefetchElems;
+    return reinterpret_cast<const char*>(target < cols ? wr[r] + target
+                                                       : wr[r] + R * stride + (target - cols));
+  };
 
   int64_t k = 0;
   if constexpr (sizeof(W) == 2) {
@@ -236,7 +244,7 @@ EPIC_AVX512 void GemvBlock(const float* x, int64_t ldx, const W* w, int64_t stri
     const __m512i high_halves = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
     for (; k + kPairBlock <= cols; k += kPairBlock) {
       for (int r = 0; r < R; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + kPrefetchElems), _MM_HINT_T1);
+        _mm_prefetch(ahead(r, k), _MM_HINT_T1);
       }
       if constexpr (2 * M + M * R <= 28) {
         // Few rows of x: keep them in registers across the R weight rows.
@@ -275,9 +283,8 @@ EPIC_AVX512 void GemvBlock(const float* x, int64_t ldx, const W* w, int64_t stri
   } else {
     for (; k + 32 <= cols; k += 32) {
       for (int r = 0; r < R; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + kPrefetchElems), _MM_HINT_T1);
-        _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + 16 + kPrefetchElems),
-                     _MM_HINT_T1);
+        _mm_prefetch(ahead(r, k), _MM_HINT_T1);
+        _mm_prefetch(ahead(r, k + 16), _MM_HINT_T1);
       }
 #pragma GCC unroll 2
       for (int64_t kk = k; kk < k + 32; kk += 16) {
