@@ -6,11 +6,14 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <limits>
 
 #include <nlohmann/json.hpp>
+
+#include "common/half.h"
 
 namespace epic {
 namespace {
@@ -61,6 +64,29 @@ int64_t TensorView::numel() const {
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
   return n;
+}
+
+float TensorView::FloatAt(int64_t i) const {
+  uint16_t h;
+  float f;
+  switch (dtype) {
+    case DType::kF32:
+      std::memcpy(&f, data + 4 * i, 4);
+      return f;
+    case DType::kBF16:
+      std::memcpy(&h, data + 2 * i, 2);
+      return Bf16ToFloat(h);
+    case DType::kF16:
+      std::memcpy(&h, data + 2 * i, 2);
+      return F16ToFloat(h);
+    default:
+      return NAN;  // validated checkpoints never get here
+  }
+}
+
+void TensorView::ToFloat(float* out) const {
+  const int64_t n = numel();
+  for (int64_t i = 0; i < n; ++i) out[i] = FloatAt(i);
 }
 
 std::string TensorView::ShapeString() const {

@@ -33,6 +33,10 @@ struct TensorView {
 
   int64_t numel() const;
   std::string ShapeString() const;  // "[2048, 512]"
+  // Element I (row-major) widened to float. REQUIRES: dtype is F32, BF16 or F16.
+  float FloatAt(int64_t i) const;
+  // All elements widened to float into OUT[numel()]. REQUIRES: as FloatAt.
+  void ToFloat(float* out) const;
 };
 
 class SafetensorsFile {

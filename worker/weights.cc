@@ -6,7 +6,6 @@
 #include <cstdint>
 #include <cstring>
 
-#include "common/half.h"
 
 namespace epic {
 namespace {
@@ -50,7 +49,7 @@ class Binder {
       return m;
     }
     if (widen) {
-      ToFloat(v, static_cast<float*>(copy));
+      v.ToFloat(static_cast<float*>(copy));
     } else {
       std::memcpy(copy, v.data, static_cast<size_t>(bytes));
     }
@@ -66,7 +65,7 @@ class Binder {
   std::vector<float> Vector(const std::string& name) {
     const TensorView& v = ckpt_.Get(name);
     std::vector<float> out(static_cast<size_t>(v.numel()));
-    ToFloat(v, out.data());
+    v.ToFloat(out.data());
     return out;
   }
 
@@ -79,18 +78,6 @@ class Binder {
   const std::vector<const TensorView*>& views() const { return views_; }
 
  private:
-  static void ToFloat(const TensorView& v, float* out) {
-    const int64_t n = v.numel();
-    for (int64_t i = 0; i < n; ++i) {
-      uint16_t h;
-      switch (v.dtype) {
-        case DType::kF32: std::memcpy(out + i, v.data + 4 * i, 4); break;
-        case DType::kBF16: std::memcpy(&h, v.data + 2 * i, 2); out[i] = Bf16ToFloat(h); break;
-        default: std::memcpy(&h, v.data + 2 * i, 2); out[i] = F16ToFloat(h); break;
-      }
-    }
-  }
-
   const Checkpoint& ckpt_;
   ModelWeights* w_;
   WeightResidency residency_;

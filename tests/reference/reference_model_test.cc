@@ -62,28 +62,7 @@ std::unique_ptr<Checkpoint> WriteAndOpen(const json& config, const fs::path& dir
   return ckpt.ok() ? std::move(*ckpt) : nullptr;
 }
 
-float ElementAsFloat(const TensorView& t, int64_t i) {
-  switch (t.dtype) {
-    case DType::kF32: {
-      float f;
-      std::memcpy(&f, t.data + 4 * i, 4);
-      return f;
-    }
-    case DType::kBF16: {
-      uint16_t h;
-      std::memcpy(&h, t.data + 2 * i, 2);
-      return Bf16ToFloat(h);
-    }
-    case DType::kF16: {
-      uint16_t h;
-      std::memcpy(&h, t.data + 2 * i, 2);
-      return F16ToFloat(h);
-    }
-    default:
-      ADD_FAILURE() << "unexpected dtype in " << t.name;
-      return 0.0f;
-  }
-}
+float ElementAsFloat(const TensorView& t, int64_t i) { return t.FloatAt(i); }
 
 // Writes to OUT an F32 checkpoint for CONFIG whose tensors are SOURCE's (zeros for a
 // tensor SOURCE lacks) after EDIT(name, values) has changed them as it likes.
