@@ -6,7 +6,8 @@ EPIC_BUILD_DIR="${EPIC_BUILD_DIR:-$EPIC_ROOT/build}"
 
 # Debian packages the build needs (the model core needs only a compiler, CMake and
 # two header-only libraries; the tests need GoogleTest).
-EPIC_PACKAGES=(build-essential cmake nlohmann-json3-dev libcli11-dev libgtest-dev)
+EPIC_PACKAGES=(build-essential cmake nlohmann-json3-dev libcli11-dev libgtest-dev
+  libopenmpi-dev openmpi-bin)
 
 epic_log() { printf '[epic] %s\n' "$*" >&2; }
 

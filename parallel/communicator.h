@@ -1,0 +1,74 @@
+// Communicator: the collectives and point-to-point transfers the distributed step
+// needs, behind one interface with an MPI implementation (host buffers; the CPU path)
+// and, later, an NCCL one (device buffers). Every failure comes back as a Status
+// naming the rank and the operation. No operation waits forever: a watchdog ends the
+// process when one has not finished within the timeout, so that mpirun tears the
+// whole job down instead of hanging on a dead or stuck peer.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+
+namespace epic::parallel {
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual const char* backend() const = 0;  // "mpi", "nccl"
+
+  // out[i] = sum over ranks of in[i]; IN may equal OUT.
+  virtual Status AllReduceSum(const float* in, float* out, int64_t count) = 0;
+  // IN holds sum(counts) values, block r of counts[r] values destined for rank r;
+  // OUT receives this rank's block summed over ranks. counts.size() == size().
+  virtual Status ReduceScatterSum(const float* in, float* out, std::span<const int64_t> counts) = 0;
+  // Concatenates each rank's IN (bytes[r] bytes from rank r) into OUT in rank order.
+  // bytes.size() == size(); IN holds bytes[rank()] bytes.
+  virtual Status AllGather(const void* in, void* out, std::span<const int64_t> bytes) = 0;
+  // SEND holds size() blocks, send_bytes[r] bytes for rank r, in rank order; RECV
+  // receives recv_bytes[r] bytes from each rank r, in rank order. Zero-sized blocks
+  // are allowed. The counts must agree pairwise (see ExchangeCounts).
+  virtual Status AllToAllV(const void* send, std::span<const int64_t> send_bytes, void* recv,
+                           std::span<const int64_t> recv_bytes) = 0;
+  // recv[r] = what rank r passed as send[rank()]: the counts step before AllToAllV.
+  virtual Status ExchangeCounts(std::span<const int64_t> send, std::span<int64_t> recv) = 0;
+  virtual Status Broadcast(void* data, int64_t bytes, int root) = 0;
+  virtual Status Send(const void* data, int64_t bytes, int peer, int tag) = 0;
+  virtual Status Recv(void* data, int64_t bytes, int peer, int tag) = 0;
+  virtual Status Barrier() = 0;
+};
+
+// Bounds every operation of a communicator in time.
+struct WatchdogOptions {
+  std::chrono::milliseconds timeout{std::chrono::minutes(5)};
+};
+
+// The MPI communicator over MPI_COMM_WORLD. REQUIRES: MPI is initialised (MpiSession).
+// MPI errors are returned, not fatal (MPI_ERRORS_RETURN).
+StatusOr<std::unique_ptr<Communicator>> MakeMpiCommunicator(const WatchdogOptions& watchdog = {});
+
+// Initialises MPI for the process's lifetime (MPI_Init_thread, FUNNELED) and
+// finalises it on destruction. One per process, in main.
+class MpiSession {
+ public:
+  MpiSession(int* argc, char*** argv);
+  ~MpiSession();
+  MpiSession(const MpiSession&) = delete;
+  MpiSession& operator=(const MpiSession&) = delete;
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+
+ private:
+  int rank_ = 0;
+  int size_ = 1;
+};
+
+}  // namespace epic::parallel
