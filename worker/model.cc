@@ -7,13 +7,65 @@
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/mla_attention.h"
 #include "kernels/cpu/ops.h"
+#include "parallel/self_communicator.h"
 
 namespace epic {
 StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
-                                             const ProgressFn& progress, WeightResidency residency) {
+                                             const ProgressFn& progress, WeightResidency residency,
+                                             const ModelShard& shard) {
   std::unique_ptr<Model> model(new Model());
+  if (shard.comm == nullptr) {
+    model->own_comm_ = parallel::MakeSelfCommunicator();
+    model->comm_ = model->own_comm_.get();
+  } else {
+    model->comm_ = shard.comm;
+  }
+  const int rank = model->comm_->rank();
+  const int ranks = model->comm_->size();
   EPIC_ASSIGN_OR_RETURN(model->checkpoint_, Checkpoint::Open(dir));
-  EPIC_ASSIGN_OR_RETURN(model->weights_, ModelWeights::Bind(*model->checkpoint_, progress, residency));
+  const ModelConfig& config = model->config();
+  if (config.num_attention_heads < ranks || config.vocab_size < ranks) {
+    return InvalidArgumentError(
+        "cannot split " + std::to_string(config.num_attention_heads) + " attention heads and a vocabulary of " +
+        std::to_string(config.vocab_size) + " over " + std::to_string(ranks) +
+        " ranks: run at most " + std::to_string(std::min(config.num_attention_heads, config.vocab_size)) +
+        " ranks (uneven splits are fine)");
+  }
+  std::vector<bool> moe_layers(static_cast<size_t>(config.num_hidden_layers));
+  for (int64_t l = 0; l < config.num_hidden_layers; ++l) moe_layers[l] = config.IsMoeLayer(l);
+  if (shard.placement != nullptr) {
+    const parallel::ExpertPlacement& p = *shard.placement;
+    if (p.num_ranks() != ranks || p.num_layers() != config.num_hidden_layers ||
+        p.num_experts() != config.n_routed_experts) {
+      return InvalidArgumentError("expert placement is for " + std::to_string(p.num_ranks()) + " ranks, " +
+                                  std::to_string(p.num_layers()) + " layers and " +
+                                  std::to_string(p.num_experts()) + " experts; the job has " +
+                                  std::to_string(ranks) + " ranks and the model " +
+                                  std::to_string(config.num_hidden_layers) + " layers and " +
+                                  std::to_string(config.n_routed_experts) + " experts");
+    }
+    for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
+      if (p.is_moe_layer(l) != moe_layers[l]) {
+        return InvalidArgumentError("expert placement: layer " + std::to_string(l) +
+                                    (moe_layers[l] ? " is" : " is not") + " an MoE layer of the model");
+      }
+    }
+    model->placement_ = std::make_unique<parallel::ExpertPlacement>(p);
+  } else {
+    model->placement_ = std::make_unique<parallel::ExpertPlacement>(parallel::ExpertPlacement::Contiguous(
+        config.num_hidden_layers, moe_layers, std::max<int64_t>(config.n_routed_experts, 1), ranks));
+  }
+  model->head_begin_ = config.num_attention_heads * rank / ranks;
+  model->head_end_ = config.num_attention_heads * (rank + 1) / ranks;
+  model->vocab_begin_ = config.vocab_size * rank / ranks;
+  model->vocab_end_ = config.vocab_size * (rank + 1) / ranks;
+  WeightShard ws;
+  ws.head_begin = model->head_begin_;
+  ws.head_end = model->head_end_;
+  ws.vocab_begin = model->vocab_begin_;
+  ws.vocab_end = model->vocab_end_;
+  for (int64_t l = 0; l < config.num_hidden_layers; ++l) ws.expert_slots.push_back(model->placement_->slots(l, rank));
+  EPIC_ASSIGN_OR_RETURN(model->weights_, ModelWeights::Bind(*model->checkpoint_, progress, residency, ws));
   const ModelConfig& c = model->config();
   model->rope_ = MakeRopeTable(c);
   cpu::GateParams& g = model->gate_;
@@ -72,10 +124,25 @@ Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::ve
   if (counts != nullptr && counts->tokens.size() != static_cast<size_t>(c.num_hidden_layers)) {
     counts->tokens.assign(static_cast<size_t>(c.num_hidden_layers), {});
   }
+  parallel::Communicator& comm = *comm_;
+  const int rank = comm.rank();
+  const int ranks = comm.size();
+  // Attention runs on every token for this rank's heads; the rest of the layer runs on
+  // this rank's block of tokens [first, first + local).
+  std::vector<int64_t> block_rows(static_cast<size_t>(ranks));
+  for (int r = 0; r < ranks; ++r) block_rows[r] = tokens * (r + 1) / ranks - tokens * r / ranks;
+  const int64_t first = tokens * rank / ranks;
+  const int64_t local = block_rows[rank];
+  std::vector<int64_t> block_values(block_rows.size());
+  for (int r = 0; r < ranks; ++r) block_values[r] = block_rows[r] * hidden;
+  std::vector<int64_t> block_bytes(block_rows.size());
+  for (int r = 0; r < ranks; ++r) block_bytes[r] = block_values[r] * static_cast<int64_t>(sizeof(float));
 
-  float* x = Sized(ws_.x, tokens * hidden);                          // [tokens, hidden] residual
-  float* normed = Sized(ws_.normed, tokens * hidden);                // [tokens, hidden]
-  float* attn = Sized(ws_.attn, tokens * c.num_attention_heads * c.v_head_dim);
+  float* x = Sized(ws_.x, tokens * hidden);            // [tokens, hidden] residual, all tokens
+  float* normed = Sized(ws_.normed, tokens * hidden);  // [tokens, hidden]
+  float* attn = Sized(ws_.attn, tokens * (head_end_ - head_begin_) * c.v_head_dim);
+  float* partial = Sized(ws_.partial, tokens * hidden);     // this rank's heads' share of o_proj
+  float* mine = Sized(ws_.local, std::max<int64_t>(local, 1) * hidden);  // [local, hidden]
   for (int64_t t = 0; t < tokens; ++t) {
     for (int64_t i = 0; i < hidden; ++i) x[t * hidden + i] = w.embed.At(token_ids[t], i);
   }
@@ -85,25 +152,53 @@ Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::ve
     const LayerWeights& L = w.layers[l];
     cpu::RmsNorm(x, tokens, hidden, hidden, L.input_norm.data(), eps, normed, hidden);
     Attention(l, batch, cache, positions, normed, attn);
-    cpu::MatMul(attn, tokens, L.o_proj.cols, L.o_proj, x, hidden, /*accumulate=*/true);
+    // Row-parallel o_proj: sum the heads' shares, each rank keeping its tokens.
+    cpu::MatMul(attn, tokens, L.o_proj.cols, L.o_proj, partial, hidden);
+    EPIC_RETURN_IF_ERROR(comm.ReduceScatterSum(partial, mine, block_values));
+    for (int64_t i = 0; i < local * hidden; ++i) mine[i] += x[first * hidden + i];
 
-    cpu::RmsNorm(x, tokens, hidden, hidden, L.post_attention_norm.data(), eps, normed, hidden);
+    cpu::RmsNorm(mine, local, hidden, hidden, L.post_attention_norm.data(), eps, normed, hidden);
     if (L.moe) {
-      MoeBlock(l, normed, tokens, x, counts);
-    } else {
-      Mlp(L.dense, normed, tokens, x, nullptr, nullptr);
+      EPIC_RETURN_IF_ERROR(MoeBlock(l, normed, local, first, mine, counts ? &counts->tokens[l] : nullptr));
+    } else if (local > 0) {
+      Mlp(L.dense, normed, local, mine, nullptr, nullptr);
     }
+    EPIC_RETURN_IF_ERROR(comm.AllGather(mine, x, block_bytes));
   }
   for (SequenceStep& s : batch) s.cache->num_tokens += static_cast<int64_t>(s.tokens.size());
 
-  // Final norm and lm_head only on the rows that want logits.
+  // Final norm on the rows that want logits; each rank computes its vocabulary rows.
   const int64_t rows = static_cast<int64_t>(logit_rows.size());
   for (int64_t r = 0; r < rows; ++r) {
     cpu::RmsNorm(x + logit_rows[r] * hidden, 1, hidden, hidden, w.final_norm.data(), eps,
                  normed + r * hidden, hidden);
   }
   logits->resize(static_cast<size_t>(rows * c.vocab_size));
-  cpu::MatMul(normed, rows, hidden, w.lm_head, logits->data(), c.vocab_size);
+  if (ranks == 1) {
+    cpu::MatMul(normed, rows, hidden, w.lm_head, logits->data(), c.vocab_size);
+    return OkStatus();
+  }
+  const int64_t my_vocab = vocab_end_ - vocab_begin_;
+  float* slice = Sized(ws_.logits, rows * my_vocab);  // [rows, my_vocab]
+  cpu::MatMul(normed, rows, hidden, w.lm_head, slice, my_vocab);
+  // Gather the slices ([rows, vocab of rank r] from each rank r), then interleave.
+  std::vector<int64_t> slice_bytes(static_cast<size_t>(ranks));
+  for (int r = 0; r < ranks; ++r) {
+    const int64_t v = c.vocab_size * (r + 1) / ranks - c.vocab_size * r / ranks;
+    slice_bytes[r] = rows * v * static_cast<int64_t>(sizeof(float));
+  }
+  std::vector<float> gathered(static_cast<size_t>(rows * c.vocab_size));
+  EPIC_RETURN_IF_ERROR(comm.AllGather(slice, gathered.data(), slice_bytes));
+  const float* block = gathered.data();
+  for (int r = 0; r < ranks; ++r) {
+    const int64_t v0 = c.vocab_size * r / ranks;
+    const int64_t v = c.vocab_size * (r + 1) / ranks - v0;
+    for (int64_t row = 0; row < rows; ++row) {
+      std::memcpy(logits->data() + row * c.vocab_size + v0, block + row * v,
+                  static_cast<size_t>(v) * sizeof(float));
+    }
+    block += rows * v;
+  }
   return OkStatus();
 }
 
@@ -112,7 +207,7 @@ void Model::Attention(int64_t layer, std::span<SequenceStep> batch, LatentCache*
   const ModelConfig& c = config();
   const LayerWeights& L = weights_->layers[layer];
   const int64_t tokens = static_cast<int64_t>(positions.size());
-  const int64_t heads = c.num_attention_heads;
+  const int64_t heads = head_end_ - head_begin_;  // this rank's heads
   const int64_t nope = c.qk_nope_head_dim;
   const int64_t rope = c.qk_rope_head_dim;
   const int64_t lora = c.kv_lora_rank;
@@ -246,52 +341,63 @@ void Model::Mlp(const MlpWeights& w, const float* x, int64_t tokens, float* resi
   }
 }
 
-void Model::MoeBlock(int64_t layer, const float* x, int64_t tokens, float* residual,
-                     ExpertCounts* counts) {
+Status Model::MoeBlock(int64_t layer, const float* x, int64_t tokens, int64_t first_token, float* residual,
+                       std::vector<int64_t>* counts) {
   const ModelConfig& c = config();
   const LayerWeights& L = weights_->layers[layer];
   const int64_t hidden = c.hidden_size;
   const int64_t experts = c.n_routed_experts;
   const int64_t k = c.num_experts_per_tok;
+  parallel::Communicator& comm = *comm_;
 
-  float* router = Sized(ws_.router, tokens * experts);
-  cpu::MatMul(x, tokens, hidden, L.router, router, experts);
+  float* router = Sized(ws_.router, std::max<int64_t>(tokens, 1) * experts);
   std::vector<int32_t> ids(static_cast<size_t>(tokens * k));
-  float* weights = Sized(ws_.weights, tokens * k);
-  cpu::GateParams gate = gate_;
-  gate.choice_bias = L.choice_bias.empty() ? nullptr : L.choice_bias.data();
-  cpu::SelectExperts(router, tokens, gate, ids.data(), weights);
-
-  // Group the (token, weight) pairs by expert so each expert's weights are read once
-  // for all of its tokens.
-  std::vector<int64_t> offsets(static_cast<size_t>(experts + 1), 0);
-  for (int32_t e : ids) ++offsets[e + 1];
-  for (int64_t e = 0; e < experts; ++e) offsets[e + 1] += offsets[e];
-  std::vector<int32_t> rows(ids.size());
-  float* scales = Sized(ws_.scales, tokens * k);
-  std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
-  for (int64_t i = 0; i < tokens * k; ++i) {
-    const int64_t slot = fill[ids[i]]++;
-    rows[slot] = static_cast<int32_t>(i / k);
-    scales[slot] = weights[i];
-  }
-  if (counts != nullptr) {
-    auto& layer_counts = counts->tokens[layer];
-    layer_counts.resize(static_cast<size_t>(experts), 0);
-    for (int64_t e = 0; e < experts; ++e) layer_counts[e] += offsets[e + 1] - offsets[e];
+  float* weights = Sized(ws_.weights, std::max<int64_t>(tokens, 1) * k);
+  if (tokens > 0) {
+    cpu::MatMul(x, tokens, hidden, L.router, router, experts);
+    cpu::GateParams gate = gate_;
+    gate.choice_bias = L.choice_bias.empty() ? nullptr : L.choice_bias.data();
+    cpu::SelectExperts(router, tokens, gate, ids.data(), weights);
   }
 
-  for (int64_t e = 0; e < experts; ++e) {
-    const int64_t n = offsets[e + 1] - offsets[e];
+  // Each token goes once to every rank holding one of its experts; the rows a rank
+  // receives are grouped by its slots, so each expert's weights are read once for all
+  // of its tokens.
+  const parallel::DispatchPlan plan =
+      parallel::PlanDispatch(*placement_, layer, comm.rank(), ids.data(), weights, tokens, k, first_token);
+  parallel::ReceivedTokens received;
+  EPIC_RETURN_IF_ERROR(parallel::Dispatch(comm, plan, x, hidden, &received, &exchange_stats_));
+  const int64_t slots = static_cast<int64_t>(L.experts.size());
+  const parallel::SlotBatches batches = parallel::GroupBySlot(received, k, slots);
+  const int64_t rows = received.rows();
+  float* out = Sized(ws_.expert_out, std::max<int64_t>(rows, 1) * hidden);
+  std::fill(out, out + rows * hidden, 0.0f);
+  for (int64_t s = 0; s < slots; ++s) {
+    const int64_t n = batches.offsets[s + 1] - batches.offsets[s];
     if (n == 0) continue;
     float* gathered = Sized(ws_.gathered, n * hidden);
     for (int64_t i = 0; i < n; ++i) {
-      std::memcpy(gathered + i * hidden, x + rows[offsets[e] + i] * hidden,
+      std::memcpy(gathered + i * hidden, received.hidden.data() + batches.row[batches.offsets[s] + i] * hidden,
                   static_cast<size_t>(hidden) * sizeof(float));
     }
-    Mlp(L.experts[e], gathered, n, residual, scales + offsets[e], rows.data() + offsets[e]);
+    Mlp(L.experts[s], gathered, n, out, batches.weight.data() + batches.offsets[s],
+        batches.row.data() + batches.offsets[s]);
   }
-  if (L.has_shared) Mlp(L.shared, x, tokens, residual, nullptr, nullptr);
+  EPIC_RETURN_IF_ERROR(parallel::Combine(comm, plan, received, out, hidden, residual, &exchange_stats_));
+  if (L.has_shared && tokens > 0) Mlp(L.shared, x, tokens, residual, nullptr, nullptr);
+
+  if (counts != nullptr) {
+    // Tokens per logical expert over the whole job: this rank's routing, summed.
+    std::vector<float> mine(static_cast<size_t>(experts), 0.0f);
+    for (int r = 0; r < comm.size(); ++r) {
+      const auto& held = placement_->slots(layer, r);
+      for (size_t s = 0; s < held.size(); ++s) mine[held[s]] += static_cast<float>(plan.slot_tokens[r][s]);
+    }
+    EPIC_RETURN_IF_ERROR(comm.AllReduceSum(mine.data(), mine.data(), experts));
+    counts->resize(static_cast<size_t>(experts), 0);
+    for (int64_t e = 0; e < experts; ++e) (*counts)[e] += static_cast<int64_t>(mine[e]);
+  }
+  return OkStatus();
 }
 
 }  // namespace epic

@@ -10,6 +10,9 @@
 
 #include "common/status.h"
 #include "kernels/cpu/gating.h"
+#include "parallel/communicator.h"
+#include "parallel/dispatch.h"
+#include "parallel/expert_placement.h"
 #include "worker/checkpoint.h"
 #include "worker/latent_cache.h"
 #include "worker/rope.h"
@@ -30,6 +33,16 @@ struct ExpertCounts {
   std::vector<std::vector<int64_t>> tokens;
 };
 
+// This process's part of a distributed model. Rank r of N holds attention heads
+// [H*r/N, H*(r+1)/N), vocabulary rows [V*r/N, V*(r+1)/N) of lm_head, and the experts
+// the placement gives its slots; the rest is replicated. Every rank runs every step
+// together (the same Forward calls, with the same inputs).
+struct ModelShard {
+  parallel::Communicator* comm = nullptr;  // nullptr: a single process (a one-rank job)
+  // nullptr: the default placement (contiguous blocks of experts, no replicas).
+  const parallel::ExpertPlacement* placement = nullptr;
+};
+
 // Which form of MLA a step uses; kAuto picks the cheaper per sequence (prefill
 // expands K/V through kv_b_proj, decode absorbs it into the query and output).
 enum class AttentionForm { kAuto, kExpanded, kAbsorbed };
@@ -37,12 +50,19 @@ enum class AttentionForm { kAuto, kExpanded, kAbsorbed };
 class Model {
  public:
   // Opens and validates the checkpoint, binds its weights (PROGRESS: optional).
+  // Distributed: every rank calls Load with its SHARD; sizes that cannot be split
+  // (fewer heads or vocabulary rows than ranks) are refused.
   static StatusOr<std::unique_ptr<Model>> Load(const std::filesystem::path& dir,
                                                const ProgressFn& progress = {},
-                                               WeightResidency residency = WeightResidency::kCopy);
+                                               WeightResidency residency = WeightResidency::kCopy,
+                                               const ModelShard& shard = {});
 
   const ModelConfig& config() const { return checkpoint_->config(); }
   const ModelWeights& weights() const { return *weights_; }
+  parallel::Communicator& comm() const { return *comm_; }
+  const parallel::ExpertPlacement& placement() const { return *placement_; }
+  // All-to-all traffic of the MoE layers since load, for the load reports.
+  const parallel::ExchangeStats& exchange_stats() const { return exchange_stats_; }
 
   // A cache sized for this model.
   std::unique_ptr<LatentCache> MakeCache(int64_t block_size, int64_t num_blocks) const;
@@ -53,7 +73,8 @@ class Model {
   // Runs one step. Each sequence's cache must already hold room for its new tokens
   // (LatentCache::Reserve); rows are written and num_tokens advanced. LOGITS receives
   // [rows, vocab], rows in sequence order (all tokens or the last, per all_logits).
-  // COUNTS (optional) accumulates routed tokens per expert.
+  // COUNTS (optional) accumulates routed tokens per logical expert, over all ranks.
+  // Distributed: every rank passes the same batch and gets the same logits.
   Status Forward(std::span<SequenceStep> batch, LatentCache* cache, std::vector<float>* logits,
                  ExpertCounts* counts = nullptr);
 
@@ -61,8 +82,8 @@ class Model {
   Model() = default;
   void Attention(int64_t layer, std::span<SequenceStep> batch, LatentCache* cache,
                  const std::vector<int64_t>& positions, const float* x, float* out);
-  void MoeBlock(int64_t layer, const float* x, int64_t tokens, float* residual,
-                ExpertCounts* counts);
+  Status MoeBlock(int64_t layer, const float* x, int64_t tokens, int64_t first_token, float* residual,
+                  std::vector<int64_t>* counts);
   void Mlp(const MlpWeights& w, const float* x, int64_t tokens, float* residual, const float* row_scale,
            const int32_t* rows);
 
@@ -70,12 +91,18 @@ class Model {
   // step costs a page clear per 4 KiB, which showed as 15% of decode time.
   struct Workspace {
     std::vector<float> x, normed, attn, q, qa, latent, c_kv, k_pe, kv, q_latent, q_pe, o_latent,
-        gate, up, y, router, weights, scales, gathered;
+        gate, up, y, router, weights, scales, gathered, partial, local, expert_out, logits;
   };
   // V grown to hold at least N values (never shrunk); its data.
   static float* Sized(std::vector<float>& v, int64_t n);
 
   Workspace ws_;
+  std::unique_ptr<parallel::Communicator> own_comm_;  // the one-rank job of a single process
+  parallel::Communicator* comm_ = nullptr;
+  std::unique_ptr<parallel::ExpertPlacement> placement_;
+  int64_t head_begin_ = 0, head_end_ = 0;
+  int64_t vocab_begin_ = 0, vocab_end_ = 0;
+  parallel::ExchangeStats exchange_stats_;
   std::unique_ptr<Checkpoint> checkpoint_;
   std::unique_ptr<ModelWeights> weights_;
   RopeTable rope_;

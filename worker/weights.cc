@@ -10,48 +10,58 @@
 namespace epic {
 namespace {
 
-// The 2-D tensors of CONFIG: what Binder::Matrix will be asked for.
-int64_t MatrixBytes(const Checkpoint& ckpt) {
-  int64_t total = 0;
-  for (const ExpectedTensor& e : ExpectedTensors(ckpt.config())) {
-    if (e.shape.size() != 2) continue;
-    const TensorView& v = ckpt.Get(e.name);
-    total += v.dtype == DType::kF16 ? 2 * v.nbytes : v.nbytes;
-  }
-  return total;
-}
+// A block of a 2-D tensor: rows [row_begin, +rows), columns [col_begin, +cols).
+struct Block {
+  int64_t row_begin = 0;
+  int64_t rows = -1;  // -1: all
+  int64_t col_begin = 0;
+  int64_t cols = -1;  // -1: all
+};
 
 class Binder {
  public:
-  Binder(const Checkpoint& ckpt, ModelWeights* w, WeightResidency residency, const ProgressFn& progress)
-      : ckpt_(ckpt), w_(w), residency_(residency), progress_(progress),
-        total_(residency == WeightResidency::kCopy ? MatrixBytes(ckpt) : 0) {}
+  // With COUNT_ONLY nothing is copied: matrix_bytes is counted and views returned.
+  Binder(const Checkpoint& ckpt, ModelWeights* w, WeightResidency residency, const ProgressFn& progress,
+         int64_t total, bool count_only = false)
+      : ckpt_(ckpt), w_(w), residency_(residency), progress_(progress), total_(total),
+        count_only_(count_only) {}
 
-  cpu::WeightMatrix Matrix(const std::string& name) {
+  cpu::WeightMatrix Matrix(const std::string& name, Block block = {}) {
     const TensorView& v = ckpt_.Get(name);
+    const int64_t full_cols = v.shape[1];
     cpu::WeightMatrix m;
-    m.rows = v.shape[0];
-    m.cols = v.shape[1];
-    m.row_stride = m.cols;
+    m.rows = block.rows < 0 ? v.shape[0] - block.row_begin : block.rows;
+    m.cols = block.cols < 0 ? full_cols - block.col_begin : block.cols;
     const bool widen = v.dtype == DType::kF16;
     m.type = v.dtype == DType::kBF16 ? cpu::WeightType::kBF16 : cpu::WeightType::kF32;
-    const int64_t bytes = widen ? 2 * v.nbytes : v.nbytes;
+    const int64_t in_size = DTypeSize(v.dtype);
+    const int64_t out_size = widen ? 4 : in_size;
+    const int64_t bytes = m.rows * m.cols * out_size;
     w_->matrix_bytes += bytes;
-    if (residency_ == WeightResidency::kMapped && !widen) {
-      views_.push_back(&v);
-      m.data = v.data;
+    const std::byte* first = v.data + (block.row_begin * full_cols + block.col_begin) * in_size;
+    if (count_only_ || (residency_ == WeightResidency::kMapped && !widen)) {
+      if (!count_only_) views_.push_back(&v);
+      m.data = first;
+      m.row_stride = full_cols;
       return m;
     }
-    void* copy = w_->arena.Allocate(bytes);
+    m.row_stride = m.cols;
+    auto* copy = static_cast<std::byte*>(w_->arena.Allocate(bytes));
     if (copy == nullptr) {
       failed_ = name;
-      m.data = v.data;
+      m.data = first;
+      m.row_stride = full_cols;
       return m;
     }
-    if (widen) {
-      v.ToFloat(static_cast<float*>(copy));
-    } else {
-      std::memcpy(copy, v.data, static_cast<size_t>(bytes));
+    for (int64_t r = 0; r < m.rows; ++r) {
+      const std::byte* src = first + r * full_cols * in_size;
+      std::byte* dst = copy + r * m.cols * out_size;
+      if (widen) {
+        const int64_t offset = (block.row_begin + r) * full_cols + block.col_begin;
+        for (int64_t c = 0; c < m.cols; ++c) reinterpret_cast<float*>(dst)[c] = v.FloatAt(offset + c);
+      } else {
+        std::memcpy(dst, src, static_cast<size_t>(m.cols * in_size));
+      }
     }
     m.data = copy;
     done_ += bytes;
@@ -83,6 +93,7 @@ class Binder {
   WeightResidency residency_;
   const ProgressFn& progress_;
   int64_t total_;
+  bool count_only_;
   int64_t done_ = 0;
   std::string failed_;
   std::vector<const TensorView*> views_;
@@ -138,44 +149,71 @@ void* WeightArena::Allocate(int64_t bytes) {
 
 StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Bind(const Checkpoint& checkpoint,
                                                            const ProgressFn& progress,
-                                                           WeightResidency residency) {
+                                                           WeightResidency residency,
+                                                           const WeightShard& shard) {
   const ModelConfig& c = checkpoint.config();
   auto w = std::make_unique<ModelWeights>();
-  Binder b(checkpoint, w.get(), residency, progress);
-  w->embed = b.Matrix("model.embed_tokens.weight");
-  w->layers.resize(static_cast<size_t>(c.num_hidden_layers));
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    LayerWeights& L = w->layers[l];
-    L.input_norm = b.Vector(LayerTensor(l, "input_layernorm"));
-    L.post_attention_norm = b.Vector(LayerTensor(l, "post_attention_layernorm"));
-    if (c.q_lora_rank > 0) {
-      L.q_a_proj = b.Matrix(LayerTensor(l, "self_attn.q_a_proj"));
-      L.q_a_norm = b.Vector(LayerTensor(l, "self_attn.q_a_layernorm"));
-      L.q_b_proj = b.Matrix(LayerTensor(l, "self_attn.q_b_proj"));
+  const int64_t h0 = shard.head_begin;
+  const int64_t h1 = shard.head_end < 0 ? c.num_attention_heads : shard.head_end;
+  const int64_t v0 = shard.vocab_begin;
+  const int64_t v1 = shard.vocab_end < 0 ? c.vocab_size : shard.vocab_end;
+  const int64_t qhd = c.q_head_dim();
+  const int64_t kv_head = c.qk_nope_head_dim + c.v_head_dim;
+  auto experts_of = [&](int64_t l) {
+    if (static_cast<size_t>(l) < shard.expert_slots.size()) return shard.expert_slots[l];
+    std::vector<int32_t> all(static_cast<size_t>(c.n_routed_experts));
+    for (int64_t e = 0; e < c.n_routed_experts; ++e) all[e] = static_cast<int32_t>(e);
+    return all;
+  };
+  // Binds everything through B; run twice: first counting the bytes this rank will
+  // hold (for progress), then for real.
+  auto bind_all = [&](Binder& b, ModelWeights* out) {
+    out->embed = b.Matrix("model.embed_tokens.weight");
+    out->layers.resize(static_cast<size_t>(c.num_hidden_layers));
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      LayerWeights& L = out->layers[l];
+      L.input_norm = b.Vector(LayerTensor(l, "input_layernorm"));
+      L.post_attention_norm = b.Vector(LayerTensor(l, "post_attention_layernorm"));
+      const Block q_rows{h0 * qhd, (h1 - h0) * qhd};
+      if (c.q_lora_rank > 0) {
+        L.q_a_proj = b.Matrix(LayerTensor(l, "self_attn.q_a_proj"));
+        L.q_a_norm = b.Vector(LayerTensor(l, "self_attn.q_a_layernorm"));
+        L.q_b_proj = b.Matrix(LayerTensor(l, "self_attn.q_b_proj"), q_rows);
+      } else {
+        L.q_proj = b.Matrix(LayerTensor(l, "self_attn.q_proj"), q_rows);
+      }
+      L.kv_a_proj = b.Matrix(LayerTensor(l, "self_attn.kv_a_proj_with_mqa"));
+      L.kv_a_norm = b.Vector(LayerTensor(l, "self_attn.kv_a_layernorm"));
+      L.kv_b_proj = b.Matrix(LayerTensor(l, "self_attn.kv_b_proj"), {h0 * kv_head, (h1 - h0) * kv_head});
+      L.o_proj = b.Matrix(LayerTensor(l, "self_attn.o_proj"),
+                          {0, -1, h0 * c.v_head_dim, (h1 - h0) * c.v_head_dim});
+      L.moe = c.IsMoeLayer(l);
+      if (!L.moe) {
+        L.dense = b.Mlp(l, "mlp");
+        continue;
+      }
+      L.router = b.Matrix(LayerTensor(l, "mlp.gate"));
+      if (c.topk_method == TopkMethod::kNoauxTc) {
+        L.choice_bias = b.Vector("model.layers." + std::to_string(l) + ".mlp.gate.e_score_correction_bias");
+      }
+      for (int32_t e : experts_of(l)) {
+        L.experts.push_back(b.Mlp(l, "mlp.experts." + std::to_string(e)));
+      }
+      L.has_shared = c.n_shared_experts > 0;
+      if (L.has_shared) L.shared = b.Mlp(l, "mlp.shared_experts");
+    }
+    out->final_norm = b.Vector("model.norm.weight");
+    if (c.tie_word_embeddings) {
+      out->lm_head = out->embed.Rows(v0, v1 - v0);
     } else {
-      L.q_proj = b.Matrix(LayerTensor(l, "self_attn.q_proj"));
+      out->lm_head = b.Matrix("lm_head.weight", {v0, v1 - v0});
     }
-    L.kv_a_proj = b.Matrix(LayerTensor(l, "self_attn.kv_a_proj_with_mqa"));
-    L.kv_a_norm = b.Vector(LayerTensor(l, "self_attn.kv_a_layernorm"));
-    L.kv_b_proj = b.Matrix(LayerTensor(l, "self_attn.kv_b_proj"));
-    L.o_proj = b.Matrix(LayerTensor(l, "self_attn.o_proj"));
-    L.moe = c.IsMoeLayer(l);
-    if (!L.moe) {
-      L.dense = b.Mlp(l, "mlp");
-      continue;
-    }
-    L.router = b.Matrix(LayerTensor(l, "mlp.gate"));
-    if (c.topk_method == TopkMethod::kNoauxTc) {
-      L.choice_bias = b.Vector("model.layers." + std::to_string(l) + ".mlp.gate.e_score_correction_bias");
-    }
-    for (int64_t e = 0; e < c.n_routed_experts; ++e) {
-      L.experts.push_back(b.Mlp(l, "mlp.experts." + std::to_string(e)));
-    }
-    L.has_shared = c.n_shared_experts > 0;
-    if (L.has_shared) L.shared = b.Mlp(l, "mlp.shared_experts");
-  }
-  w->final_norm = b.Vector("model.norm.weight");
-  w->lm_head = c.tie_word_embeddings ? w->embed : b.Matrix("lm_head.weight");
+  };
+  ModelWeights counted;
+  Binder counter(checkpoint, &counted, residency, {}, 0, /*count_only=*/true);
+  bind_all(counter, &counted);
+  Binder b(checkpoint, w.get(), residency, progress, counted.matrix_bytes);
+  bind_all(b, w.get());
   if (!b.failed().empty()) {
     return ResourceExhaustedError("cannot allocate memory for the weights (at tensor '" + b.failed() +
                                   "', " + std::to_string(w->matrix_bytes >> 20) +

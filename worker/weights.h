@@ -41,12 +41,24 @@ struct LayerWeights {
   MlpWeights dense;                        // when !moe
   cpu::WeightMatrix router;                // [n_routed_experts, hidden]
   std::vector<float> choice_bias;          // [n_routed_experts], noaux_tc only
-  std::vector<MlpWeights> experts;         // n_routed_experts
+  std::vector<MlpWeights> experts;         // this rank's expert slots (all experts by default)
   bool has_shared = false;
   MlpWeights shared;                       // intermediate = moe_intermediate * n_shared
 };
 
 enum class WeightResidency { kCopy, kMapped };
+
+// Which part of the model a rank holds: attention heads [head_begin, head_end) (their
+// rows of q_b_proj/q_proj and kv_b_proj, their columns of o_proj), vocabulary rows
+// [vocab_begin, vocab_end) of lm_head, and per layer the logical experts of its slots,
+// in slot order. Everything else is replicated. Default: the whole model.
+struct WeightShard {
+  int64_t head_begin = 0;
+  int64_t head_end = -1;   // -1: all heads
+  int64_t vocab_begin = 0;
+  int64_t vocab_end = -1;  // -1: the whole vocabulary
+  std::vector<std::vector<int32_t>> expert_slots;  // [layer]; empty: all experts, in order
+};
 
 // Anonymous memory in large chunks advised to use transparent huge pages.
 class WeightArena {
@@ -73,7 +85,7 @@ struct ModelWeights {
   cpu::WeightMatrix embed;    // [vocab, hidden]
   std::vector<LayerWeights> layers;
   std::vector<float> final_norm;
-  cpu::WeightMatrix lm_head;  // [vocab, hidden]; embed when tied
+  cpu::WeightMatrix lm_head;  // [vocab rows of this rank, hidden]; rows of embed when tied
 
   WeightArena arena;         // the matrices' memory, unless kMapped
   int64_t matrix_bytes = 0;  // bytes of all matrices as used
@@ -82,7 +94,8 @@ struct ModelWeights {
   // page once with PROGRESS, so that the first step does not pay for page faults.
   static StatusOr<std::unique_ptr<ModelWeights>> Bind(const Checkpoint& checkpoint,
                                                       const ProgressFn& progress,
-                                                      WeightResidency residency = WeightResidency::kCopy);
+                                                      WeightResidency residency = WeightResidency::kCopy,
+                                                      const WeightShard& shard = {});
 };
 
 }  // namespace epic
