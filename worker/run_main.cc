@@ -12,6 +12,7 @@
 
 #include "worker/device.h"
 #include "worker/generate.h"
+#include "worker/job.h"
 #include "worker/model.h"
 #include "worker/npy.h"
 #include "worker/progress.h"
@@ -43,7 +44,9 @@ bool ParseTokens(const std::string& text, std::vector<int32_t>* out, std::string
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"epic-run: run a DeepSeek-V2/V3 checkpoint in one process.\n"
+  CLI::App app{"epic-run: run a DeepSeek-V2/V3 checkpoint in one process, or spread over the ranks\n"
+               "of an mpirun job (`mpirun -np N epic-run ...`: attention heads, vocabulary and experts\n"
+               "split across ranks; rank 0 writes the outputs).\n"
                "Prints generated token ids on stdout (one line, space-separated); logs on stderr."};
   std::string model_dir;
   std::string tokens_text;
@@ -83,31 +86,46 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber)->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
-  if (const epic::Status s = epic::CheckDevice(device); !s.ok()) {
-    std::fprintf(stderr, "epic-run: %s\n", s.message().c_str());
+  auto job = epic::Job::Join(&argc, &argv);
+  if (!job.ok()) {
+    std::fprintf(stderr, "epic-run: %s\n", job.status().ToString().c_str());
     return 2;
+  }
+  const int rank = (*job)->rank();
+  const int ranks = (*job)->size();
+  const bool lead = rank == 0;
+  // Errors name the rank in a job of several.
+  const std::string who = ranks > 1 ? "epic-run: rank " + std::to_string(rank) + ": " : "epic-run: ";
+  if (const epic::Status s = epic::CheckDevice(device); !s.ok()) {
+    std::fprintf(stderr, "%s%s\n", who.c_str(), s.message().c_str());
+    (*job)->Abort(2);
   }
   if (threads > 0) omp_set_num_threads(threads);
   std::vector<int32_t> prompt;
   std::string error;
   if (!ParseTokens(tokens_text, &prompt, &error)) {
-    std::fprintf(stderr, "epic-run: %s\n", error.c_str());
-    return 2;
+    std::fprintf(stderr, "%s%s\n", who.c_str(), error.c_str());
+    (*job)->Abort(2);
   }
 
   const auto t0 = std::chrono::steady_clock::now();
   epic::ProgressLine progress("loading " + model_dir);
-  auto model = epic::Model::Load(model_dir, [&](int64_t d, int64_t t) { progress.Update(d, t); },
-                                 mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy);
+  auto model = epic::Model::Load(
+      model_dir, [&](int64_t d, int64_t t) { if (lead) progress.Update(d, t); },
+      mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy, {(*job)->comm(), nullptr});
   progress.Finish();
   if (!model.ok()) {
-    std::fprintf(stderr, "epic-run: %s\n", model.status().ToString().c_str());
-    return 1;
+    std::fprintf(stderr, "%s%s\n", who.c_str(), model.status().ToString().c_str());
+    (*job)->Abort(1);
   }
   const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::fprintf(stderr, "epic-run: loaded %s in %.2f s: %s, %.1f MiB of weights, %d threads\n",
-               model_dir.c_str(), load_s, (*model)->config().Summary().c_str(),
-               (*model)->weights().matrix_bytes / 1048576.0, omp_get_max_threads());
+  if (lead) {
+    std::fprintf(stderr, "epic-run: loaded %s in %.2f s: %s; %d rank%s, %d threads each\n",
+                 model_dir.c_str(), load_s, (*model)->config().Summary().c_str(), ranks,
+                 ranks == 1 ? "" : "s", omp_get_max_threads());
+  }
+  std::fprintf(stderr, "epic-run: rank %d of %d holds %.1f MiB of weights\n", rank, ranks,
+               (*model)->weights().matrix_bytes / 1048576.0);
 
   epic::GenerateOptions options;
   options.max_new_tokens = max_new_tokens;
@@ -117,16 +135,17 @@ int main(int argc, char** argv) {
   options.block_size = block_size;
   auto result = epic::Generate(**model, prompt, options);
   if (!result.ok()) {
-    std::fprintf(stderr, "epic-run: %s\n", result.status().ToString().c_str());
-    return 1;
+    std::fprintf(stderr, "%s%s\n", who.c_str(), result.status().ToString().c_str());
+    (*job)->Abort(1);
   }
+  if (!lead) return 0;
   const int64_t vocab = (*model)->config().vocab_size;
   if (!dump_logits.empty()) {
     const epic::Status s = epic::WriteNpyFloat32(
         dump_logits, {static_cast<int64_t>(prompt.size()), vocab}, result->prompt_logits.data());
     if (!s.ok()) {
       std::fprintf(stderr, "epic-run: %s\n", s.ToString().c_str());
-      return 1;
+      (*job)->Abort(1);
     }
   }
   std::fprintf(stderr, "epic-run: prefill %zu tokens in %.3f s (%.1f tok/s)", prompt.size(),
@@ -136,6 +155,11 @@ int main(int argc, char** argv) {
                  result->decode_seconds, (result->tokens.size() - 1) / result->decode_seconds);
   }
   std::fprintf(stderr, "\n");
+  if (ranks > 1) {
+    const epic::parallel::ExchangeStats& x = (*model)->exchange_stats();
+    std::fprintf(stderr, "epic-run: rank 0 all-to-all: %.2f MiB sent, %.2f MiB received, %.3f s\n",
+                 x.bytes_sent / 1048576.0, x.bytes_received / 1048576.0, x.seconds);
+  }
   if (expert_counts) {
     const auto& counts = result->expert_counts.tokens;
     for (size_t l = 0; l < counts.size(); ++l) {

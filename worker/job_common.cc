@@ -1,0 +1,15 @@
+#include <cstdlib>
+
+#include "worker/job.h"
+
+namespace epic {
+
+bool LaunchedAsMpiRank() {
+  // Open MPI, MPICH/Hydra and PMIx launchers each set one of these.
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"}) {
+    if (std::getenv(var) != nullptr) return true;
+  }
+  return false;
+}
+
+}  // namespace epic
