@@ -90,9 +90,8 @@ Status Dispatch(Communicator& comm, const DispatchPlan& plan, const float* x, in
   EPIC_RETURN_IF_ERROR(
       comm.AllToAllV(plan.send_route.data(), send_route, received->route.data(), recv_route));
   if (stats != nullptr) {
-    stats->bytes_sent += Sum(send_hidden) + Sum(send_route);
-    stats->bytes_received += Sum(recv_hidden) + Sum(recv_route);
-    stats->seconds += std::chrono::duration<double>(Clock::now() - start).count();
+    stats->Add({Sum(send_hidden) + Sum(send_route), Sum(recv_hidden) + Sum(recv_route),
+                std::chrono::duration<double>(Clock::now() - start).count()});
   }
   return OkStatus();
 }
@@ -134,9 +133,7 @@ Status Combine(Communicator& comm, const DispatchPlan& plan, const ReceivedToken
     for (int64_t j = 0; j < hidden_size; ++j) dst[j] += src[j];
   }
   if (stats != nullptr) {
-    stats->bytes_sent += Sum(send_bytes);
-    stats->bytes_received += Sum(recv_bytes);
-    stats->seconds += std::chrono::duration<double>(Clock::now() - start).count();
+    stats->Add({Sum(send_bytes), Sum(recv_bytes), std::chrono::duration<double>(Clock::now() - start).count()});
   }
   return OkStatus();
 }

@@ -43,6 +43,12 @@ struct ExchangeStats {
   int64_t bytes_sent = 0;
   int64_t bytes_received = 0;
   double seconds = 0.0;
+
+  void Add(const ExchangeStats& other) {
+    bytes_sent += other.bytes_sent;
+    bytes_received += other.bytes_received;
+    seconds += other.seconds;
+  }
 };
 
 // What a rank received: rows of hidden states and their routes, in source-rank order.

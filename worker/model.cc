@@ -122,7 +122,11 @@ Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::ve
   }
   const int64_t tokens = static_cast<int64_t>(positions.size());
   if (counts != nullptr && counts->tokens.size() != static_cast<size_t>(c.num_hidden_layers)) {
-    counts->tokens.assign(static_cast<size_t>(c.num_hidden_layers), {});
+    const size_t layers = static_cast<size_t>(c.num_hidden_layers);
+    counts->tokens.assign(layers, {});
+    counts->slot_tokens.assign(layers, {});
+    counts->dispatch.assign(layers, {});
+    counts->combine.assign(layers, {});
   }
   parallel::Communicator& comm = *comm_;
   const int rank = comm.rank();
@@ -159,7 +163,7 @@ Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::ve
 
     cpu::RmsNorm(mine, local, hidden, hidden, L.post_attention_norm.data(), eps, normed, hidden);
     if (L.moe) {
-      EPIC_RETURN_IF_ERROR(MoeBlock(l, normed, local, first, mine, counts ? &counts->tokens[l] : nullptr));
+      EPIC_RETURN_IF_ERROR(MoeBlock(l, normed, local, first, mine, counts));
     } else if (local > 0) {
       Mlp(L.dense, normed, local, mine, nullptr, nullptr);
     }
@@ -342,7 +346,7 @@ void Model::Mlp(const MlpWeights& w, const float* x, int64_t tokens, float* resi
 }
 
 Status Model::MoeBlock(int64_t layer, const float* x, int64_t tokens, int64_t first_token, float* residual,
-                       std::vector<int64_t>* counts) {
+                       ExpertCounts* counts) {
   const ModelConfig& c = config();
   const LayerWeights& L = weights_->layers[layer];
   const int64_t hidden = c.hidden_size;
@@ -366,7 +370,8 @@ Status Model::MoeBlock(int64_t layer, const float* x, int64_t tokens, int64_t fi
   const parallel::DispatchPlan plan =
       parallel::PlanDispatch(*placement_, layer, comm.rank(), ids.data(), weights, tokens, k, first_token);
   parallel::ReceivedTokens received;
-  EPIC_RETURN_IF_ERROR(parallel::Dispatch(comm, plan, x, hidden, &received, &exchange_stats_));
+  parallel::ExchangeStats dispatch, combine;
+  EPIC_RETURN_IF_ERROR(parallel::Dispatch(comm, plan, x, hidden, &received, &dispatch));
   const int64_t slots = static_cast<int64_t>(L.experts.size());
   const parallel::SlotBatches batches = parallel::GroupBySlot(received, k, slots);
   const int64_t rows = received.rows();
@@ -383,19 +388,27 @@ Status Model::MoeBlock(int64_t layer, const float* x, int64_t tokens, int64_t fi
     Mlp(L.experts[s], gathered, n, out, batches.weight.data() + batches.offsets[s],
         batches.row.data() + batches.offsets[s]);
   }
-  EPIC_RETURN_IF_ERROR(parallel::Combine(comm, plan, received, out, hidden, residual, &exchange_stats_));
+  EPIC_RETURN_IF_ERROR(parallel::Combine(comm, plan, received, out, hidden, residual, &combine));
+  exchange_stats_.Add(dispatch);
+  exchange_stats_.Add(combine);
   if (L.has_shared && tokens > 0) Mlp(L.shared, x, tokens, residual, nullptr, nullptr);
 
   if (counts != nullptr) {
-    // Tokens per logical expert over the whole job: this rank's routing, summed.
-    std::vector<float> mine(static_cast<size_t>(experts), 0.0f);
+    // Tokens per logical expert over the whole job: every rank's routing, summed.
+    std::vector<float> routed(static_cast<size_t>(experts), 0.0f);
     for (int r = 0; r < comm.size(); ++r) {
       const auto& held = placement_->slots(layer, r);
-      for (size_t s = 0; s < held.size(); ++s) mine[held[s]] += static_cast<float>(plan.slot_tokens[r][s]);
+      for (size_t s = 0; s < held.size(); ++s) routed[held[s]] += static_cast<float>(plan.slot_tokens[r][s]);
     }
-    EPIC_RETURN_IF_ERROR(comm.AllReduceSum(mine.data(), mine.data(), experts));
-    counts->resize(static_cast<size_t>(experts), 0);
-    for (int64_t e = 0; e < experts; ++e) (*counts)[e] += static_cast<int64_t>(mine[e]);
+    EPIC_RETURN_IF_ERROR(comm.AllReduceSum(routed.data(), routed.data(), experts));
+    auto& job = counts->tokens[layer];
+    job.resize(static_cast<size_t>(experts), 0);
+    for (int64_t e = 0; e < experts; ++e) job[e] += static_cast<int64_t>(routed[e]);
+    auto& mine = counts->slot_tokens[layer];
+    mine.resize(static_cast<size_t>(slots), 0);
+    for (int64_t s = 0; s < slots; ++s) mine[s] += batches.offsets[s + 1] - batches.offsets[s];
+    counts->dispatch[layer].Add(dispatch);
+    counts->combine[layer].Add(combine);
   }
   return OkStatus();
 }

@@ -27,10 +27,13 @@ struct SequenceStep {
   bool all_logits = false;  // logits for every token; otherwise for the last only
 };
 
-// Tokens each routed expert processed, per layer ([layer][expert]; empty for dense
-// layers). Summed over steps by Forward.
+// What the MoE layers did, summed over the steps Forward is given it for; the raw
+// material of the load reports. Empty rows for dense layers.
 struct ExpertCounts {
-  std::vector<std::vector<int64_t>> tokens;
+  std::vector<std::vector<int64_t>> tokens;       // [layer][logical expert], whole job
+  std::vector<std::vector<int64_t>> slot_tokens;  // [layer][this rank's slot]: tokens its experts ran
+  std::vector<parallel::ExchangeStats> dispatch;  // [layer] this rank's dispatch exchanges
+  std::vector<parallel::ExchangeStats> combine;   // [layer] this rank's combine exchanges
 };
 
 // This process's part of a distributed model. Rank r of N holds attention heads
@@ -83,7 +86,7 @@ class Model {
   void Attention(int64_t layer, std::span<SequenceStep> batch, LatentCache* cache,
                  const std::vector<int64_t>& positions, const float* x, float* out);
   Status MoeBlock(int64_t layer, const float* x, int64_t tokens, int64_t first_token, float* residual,
-                  std::vector<int64_t>* counts);
+                  ExpertCounts* counts);
   void Mlp(const MlpWeights& w, const float* x, int64_t tokens, float* residual, const float* row_scale,
            const int32_t* rows);
 

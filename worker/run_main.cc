@@ -58,6 +58,7 @@ int main(int argc, char** argv) {
   bool expert_counts = false;
   bool ignore_eos = false;
   bool mapped = false;
+  bool exchange_stats = false;
   int64_t block_size = 16;
   app.add_option("--model", model_dir, "checkpoint directory (config.json + *.safetensors)")->required();
   app.add_option("--tokens", tokens_text, "prompt token ids, comma-separated, e.g. 5,17,300")->required();
@@ -79,6 +80,9 @@ int main(int argc, char** argv) {
   app.add_flag("--expert-counts", expert_counts,
                "print, per MoE layer, the tokens routed to each expert (stderr)");
   app.add_flag("--ignore-eos", ignore_eos, "keep generating past an end-of-sequence token");
+  app.add_flag("--exchange-stats", exchange_stats,
+               "print, per MoE layer and rank, the all-to-all bytes and seconds of dispatch and combine "
+               "(stderr)");
   app.add_flag("--mmap", mapped,
                "use the weights in place from the file mapping instead of copying them into "
                "huge-page memory (less memory while the page cache holds the file; slower decode)");
@@ -138,6 +142,29 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "%s%s\n", who.c_str(), result.status().ToString().c_str());
     (*job)->Abort(1);
   }
+  // Per layer and rank: dispatch and combine bytes out, bytes in, seconds.
+  std::vector<double> exchange;  // [rank][layer][6], on rank 0
+  if (exchange_stats) {
+    const auto& d = result->expert_counts.dispatch;
+    const auto& c = result->expert_counts.combine;
+    std::vector<double> mine;
+    for (size_t l = 0; l < d.size(); ++l) {
+      for (const auto* x : {&d[l], &c[l]}) {
+        mine.insert(mine.end(), {double(x->bytes_sent), double(x->bytes_received), x->seconds});
+      }
+    }
+    exchange.resize(mine.size() * static_cast<size_t>(ranks));
+    std::vector<int64_t> bytes(static_cast<size_t>(ranks), static_cast<int64_t>(mine.size() * sizeof(double)));
+    if ((*job)->comm() != nullptr) {
+      const epic::Status s = (*job)->comm()->AllGather(mine.data(), exchange.data(), bytes);
+      if (!s.ok()) {
+        std::fprintf(stderr, "%s%s\n", who.c_str(), s.ToString().c_str());
+        (*job)->Abort(1);
+      }
+    } else {
+      exchange = mine;
+    }
+  }
   if (!lead) return 0;
   const int64_t vocab = (*model)->config().vocab_size;
   if (!dump_logits.empty()) {
@@ -167,6 +194,19 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "expert tokens, layer %zu:", l);
       for (int64_t n : counts[l]) std::fprintf(stderr, " %lld", static_cast<long long>(n));
       std::fprintf(stderr, "\n");
+    }
+  }
+  if (exchange_stats) {
+    const size_t layers = result->expert_counts.dispatch.size();
+    for (size_t l = 0; l < layers; ++l) {
+      if (result->expert_counts.tokens[l].empty()) continue;
+      for (int r = 0; r < ranks; ++r) {
+        const double* v = exchange.data() + (static_cast<size_t>(r) * layers + l) * 6;
+        std::fprintf(stderr,
+                     "all-to-all, layer %zu, rank %d: dispatch %.1f KiB out, %.1f KiB in, %.2f ms; "
+                     "combine %.1f KiB out, %.1f KiB in, %.2f ms\n",
+                     l, r, v[0] / 1024, v[1] / 1024, v[2] * 1e3, v[3] / 1024, v[4] / 1024, v[5] * 1e3);
+      }
     }
   }
   if (max_new_tokens > 0) {

@@ -135,7 +135,7 @@ TEST_F(CliTest, HelpNamesEveryFlag) {
   EXPECT_EQ(r.exit_code, 0);
   for (const char* flag : {"--model", "--tokens", "--max-new-tokens", "--temperature", "--top-k", "--top-p",
                            "--seed", "--dump-logits", "--device", "--threads", "--expert-counts",
-                           "--ignore-eos", "--block-size", "--mmap"}) {
+                           "--ignore-eos", "--block-size", "--mmap", "--exchange-stats"}) {
     EXPECT_NE(r.out.find(flag), std::string::npos) << flag;
   }
 }
