@@ -73,7 +73,10 @@ Status Dispatch(Communicator& comm, const DispatchPlan& plan, const float* x, in
   const int64_t recv_total = received->rows();
 
   // Rows are packed in send order; the routes travel in a second exchange.
-  std::vector<float> packed(static_cast<size_t>(send_total * hidden_size));
+  std::vector<float>& packed = received->staging;
+  if (packed.size() < static_cast<size_t>(send_total * hidden_size)) {
+    packed.resize(static_cast<size_t>(send_total * hidden_size));
+  }
   for (int64_t i = 0; i < send_total; ++i) {
     std::copy(x + plan.send_token[i] * hidden_size, x + (plan.send_token[i] + 1) * hidden_size,
               packed.begin() + i * hidden_size);
@@ -117,12 +120,15 @@ SlotBatches GroupBySlot(const ReceivedTokens& received, int64_t top_k, int64_t n
   return b;
 }
 
-Status Combine(Communicator& comm, const DispatchPlan& plan, const ReceivedTokens& received,
+Status Combine(Communicator& comm, const DispatchPlan& plan, ReceivedTokens& received,
                const float* output, int64_t hidden_size, float* y, ExchangeStats* stats) {
   const auto start = Clock::now();
   const int64_t row_bytes = hidden_size * static_cast<int64_t>(sizeof(float));
   const int64_t send_total = static_cast<int64_t>(plan.send_token.size());
-  std::vector<float> back(static_cast<size_t>(send_total * hidden_size));
+  std::vector<float>& back = received.staging;
+  if (back.size() < static_cast<size_t>(send_total * hidden_size)) {
+    back.resize(static_cast<size_t>(send_total * hidden_size));
+  }
   // The reverse exchange: what was received goes back, what was sent returns.
   const std::vector<int64_t> send_bytes = Scaled(received.rows_from, row_bytes);
   const std::vector<int64_t> recv_bytes = Scaled(plan.send_rows, row_bytes);

@@ -369,7 +369,7 @@ Status Model::MoeBlock(int64_t layer, const float* x, int64_t tokens, int64_t fi
   // of its tokens.
   const parallel::DispatchPlan plan =
       parallel::PlanDispatch(*placement_, layer, comm.rank(), ids.data(), weights, tokens, k, first_token);
-  parallel::ReceivedTokens received;
+  parallel::ReceivedTokens& received = received_;
   parallel::ExchangeStats dispatch, combine;
   EPIC_RETURN_IF_ERROR(parallel::Dispatch(comm, plan, x, hidden, &received, &dispatch));
   const int64_t slots = static_cast<int64_t>(L.experts.size());

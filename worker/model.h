@@ -106,6 +106,7 @@ class Model {
   int64_t head_begin_ = 0, head_end_ = 0;
   int64_t vocab_begin_ = 0, vocab_end_ = 0;
   parallel::ExchangeStats exchange_stats_;
+  parallel::ReceivedTokens received_;  // reused from layer to layer and step to step
   std::unique_ptr<Checkpoint> checkpoint_;
   std::unique_ptr<ModelWeights> weights_;
   RopeTable rope_;
