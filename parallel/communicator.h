@@ -38,6 +38,13 @@ class Communicator {
   // are allowed. The counts must agree pairwise (see ExchangeCounts).
   virtual Status AllToAllV(const void* send, std::span<const int64_t> send_bytes, void* recv,
                            std::span<const int64_t> recv_bytes) = 0;
+  // AllToAllV of rows gathered in place: to rank r go the rows of X listed in
+  // ROWS[sum(send_rows[<r]) .. + send_rows[r]) (row i is X + i * row_bytes), so no
+  // packed copy is made; RECV receives recv_rows[r] rows from each rank r, contiguous
+  // in rank order.
+  virtual Status AllToAllRows(const void* x, int64_t row_bytes, std::span<const int32_t> rows,
+                              std::span<const int64_t> send_rows, void* recv,
+                              std::span<const int64_t> recv_rows) = 0;
   // recv[r] = what rank r passed as send[rank()]: the counts step before AllToAllV.
   virtual Status ExchangeCounts(std::span<const int64_t> send, std::span<int64_t> recv) = 0;
   virtual Status Broadcast(void* data, int64_t bytes, int root) = 0;

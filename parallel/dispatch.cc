@@ -69,25 +69,17 @@ Status Dispatch(Communicator& comm, const DispatchPlan& plan, const float* x, in
   const auto start = Clock::now();
   received->rows_from.assign(static_cast<size_t>(plan.num_ranks), 0);
   EPIC_RETURN_IF_ERROR(comm.ExchangeCounts(plan.send_rows, received->rows_from));
-  const int64_t send_total = static_cast<int64_t>(plan.send_token.size());
   const int64_t recv_total = received->rows();
 
-  // Rows are packed in send order; the routes travel in a second exchange.
-  std::vector<float>& packed = received->staging;
-  if (packed.size() < static_cast<size_t>(send_total * hidden_size)) {
-    packed.resize(static_cast<size_t>(send_total * hidden_size));
-  }
-  for (int64_t i = 0; i < send_total; ++i) {
-    std::copy(x + plan.send_token[i] * hidden_size, x + (plan.send_token[i] + 1) * hidden_size,
-              packed.begin() + i * hidden_size);
-  }
+  // Rows go straight from X (no packed copy); the routes travel in a second exchange.
   received->hidden.resize(static_cast<size_t>(recv_total * hidden_size));
   received->route.resize(static_cast<size_t>(recv_total * plan.top_k));
   const int64_t row_bytes = hidden_size * static_cast<int64_t>(sizeof(float));
   const int64_t route_bytes = plan.top_k * static_cast<int64_t>(sizeof(RouteEntry));
   const std::vector<int64_t> send_hidden = Scaled(plan.send_rows, row_bytes);
   const std::vector<int64_t> recv_hidden = Scaled(received->rows_from, row_bytes);
-  EPIC_RETURN_IF_ERROR(comm.AllToAllV(packed.data(), send_hidden, received->hidden.data(), recv_hidden));
+  EPIC_RETURN_IF_ERROR(comm.AllToAllRows(x, row_bytes, plan.send_token, plan.send_rows,
+                                         received->hidden.data(), received->rows_from));
   const std::vector<int64_t> send_route = Scaled(plan.send_rows, route_bytes);
   const std::vector<int64_t> recv_route = Scaled(received->rows_from, route_bytes);
   EPIC_RETURN_IF_ERROR(

@@ -58,7 +58,7 @@ struct ReceivedTokens {
   std::vector<int64_t> rows_from;  // [rank] rows received from each rank
   std::vector<float> hidden;       // [rows, hidden_size]
   std::vector<RouteEntry> route;   // [rows, top_k]
-  std::vector<float> staging;      // packing space of Dispatch and Combine
+  std::vector<float> staging;      // Combine's landing space for returned rows
   int64_t rows() const;
 };
 

@@ -203,6 +203,64 @@ class MpiCommunicator final : public Communicator {
     });
   }
 
+  Status AllToAllRows(const void* x, int64_t row_bytes, std::span<const int32_t> rows,
+                      std::span<const int64_t> send_rows, void* recv,
+                      std::span<const int64_t> recv_rows) override {
+    constexpr const char* kOp = "AllToAllRows";
+    EPIC_RETURN_IF_ERROR(CheckPerRank(kOp, "send_rows", send_rows.size()));
+    EPIC_RETURN_IF_ERROR(CheckCount(kOp, "row_bytes", row_bytes));
+    if (row_bytes > kMaxMpiCount) return Invalid(kOp, "row_bytes passes MPI's int count limit");
+    int64_t listed = 0;
+    for (int r = 0; r < size_; ++r) {
+      EPIC_RETURN_IF_ERROR(CheckCount(kOp, "send_rows[" + std::to_string(r) + "]", send_rows[r]));
+      listed += send_rows[r];
+    }
+    if (listed != static_cast<int64_t>(rows.size())) {
+      return Invalid(kOp, "send_rows add up to " + std::to_string(listed) + " but " +
+                              std::to_string(rows.size()) + " rows are listed");
+    }
+    std::vector<int64_t> recv_bytes(static_cast<size_t>(size_));
+    EPIC_RETURN_IF_ERROR(CheckPerRank(kOp, "recv_rows", recv_rows.size()));
+    for (int r = 0; r < size_; ++r) recv_bytes[r] = recv_rows[r] * row_bytes;
+    std::vector<int> recv_counts, recv_displs;
+    int64_t recv_total = 0;
+    EPIC_RETURN_IF_ERROR(Layout(kOp, "recv_rows", recv_bytes, &recv_counts, &recv_displs, &recv_total));
+    EPIC_RETURN_IF_ERROR(CheckBuffer(kOp, "x", x, listed * row_bytes));
+    EPIC_RETURN_IF_ERROR(CheckBuffer(kOp, "recv", recv, recv_total));
+
+    // One datatype per destination: its rows, picked out of X where they lie.
+    std::vector<MPI_Datatype> send_types(static_cast<size_t>(size_), MPI_BYTE);
+    std::vector<int> send_counts(static_cast<size_t>(size_), 0), send_displs(static_cast<size_t>(size_), 0);
+    std::vector<MPI_Datatype> recv_types(static_cast<size_t>(size_), MPI_BYTE);
+    std::vector<MPI_Aint> offsets;
+    int64_t first = 0;
+    Status status;
+    for (int r = 0; r < size_ && status.ok(); ++r) {
+      const int64_t n = send_rows[r];
+      if (n > 0) {
+        offsets.resize(static_cast<size_t>(n));
+        for (int64_t i = 0; i < n; ++i) offsets[i] = static_cast<MPI_Aint>(rows[first + i]) * row_bytes;
+        status = Call(kOp, "MPI_Type_create_hindexed_block", [&] {
+          return MPI_Type_create_hindexed_block(static_cast<int>(n), static_cast<int>(row_bytes), offsets.data(),
+                                                MPI_BYTE, &send_types[r]);
+        });
+        if (status.ok()) status = Call(kOp, "MPI_Type_commit", [&] { return MPI_Type_commit(&send_types[r]); });
+        send_counts[r] = 1;
+      }
+      first += n;
+    }
+    if (status.ok()) {
+      status = Call(kOp, "MPI_Alltoallw", [&] {
+        return MPI_Alltoallw(x, send_counts.data(), send_displs.data(), send_types.data(), recv,
+                             recv_counts.data(), recv_displs.data(), recv_types.data(), comm_);
+      });
+    }
+    for (MPI_Datatype& t : send_types) {
+      if (t != MPI_BYTE) MPI_Type_free(&t);
+    }
+    return status;
+  }
+
   Status ExchangeCounts(std::span<const int64_t> send, std::span<int64_t> recv) override {
     constexpr const char* kOp = "ExchangeCounts";
     EPIC_RETURN_IF_ERROR(CheckPerRank(kOp, "send", send.size()));

@@ -32,6 +32,22 @@ class SelfCommunicator final : public Communicator {
     }
     return Copy(send, recv, send_bytes[0], "AllToAllV");
   }
+  Status AllToAllRows(const void* x, int64_t row_bytes, std::span<const int32_t> rows,
+                      std::span<const int64_t> send_rows, void* recv,
+                      std::span<const int64_t> recv_rows) override {
+    EPIC_RETURN_IF_ERROR(CheckOne(send_rows, "AllToAllRows"));
+    EPIC_RETURN_IF_ERROR(CheckOne(recv_rows, "AllToAllRows"));
+    if (send_rows[0] != recv_rows[0] || static_cast<int64_t>(rows.size()) != send_rows[0]) {
+      return InvalidArgumentError("rank 0: AllToAllRows: row counts disagree");
+    }
+    const auto* in = static_cast<const std::byte*>(x);
+    auto* out = static_cast<std::byte*>(recv);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      std::memcpy(out + static_cast<int64_t>(i) * row_bytes, in + rows[i] * row_bytes,
+                  static_cast<size_t>(row_bytes));
+    }
+    return OkStatus();
+  }
   Status ExchangeCounts(std::span<const int64_t> send, std::span<int64_t> recv) override {
     if (send.size() != 1 || recv.size() != 1) {
       return InvalidArgumentError("rank 0: ExchangeCounts: spans must hold one entry per rank (1)");

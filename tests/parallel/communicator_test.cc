@@ -258,6 +258,50 @@ TEST_F(CommunicatorTest, AllToAllVWithNothingToMove) {
   EXPECT_TRUE(s.ok()) << s.ToString();
 }
 
+// Rows SENDER sends RECEIVER with AllToAllRows: some rows twice (to several ranks), in
+// a scrambled order, rank 1 sending none, some blocks empty.
+std::vector<int32_t> RowsFor(int sender, int receiver, int size, int64_t num_rows) {
+  std::vector<int32_t> rows;
+  if (size >= 2 && sender == 1) return rows;
+  const int64_t n = (sender * 3 + receiver * 5) % 7;
+  for (int64_t i = 0; i < n; ++i) rows.push_back(static_cast<int32_t>((i * 7 + receiver * 3 + sender) % num_rows));
+  return rows;
+}
+
+TEST_F(CommunicatorTest, AllToAllRowsGathersRowsWhereTheyLie) {
+  const int size = comm_->size(), me = comm_->rank();
+  const int64_t num_rows = 11, row_bytes = 4099;  // odd width, past the eager limit in all
+  std::vector<uint8_t> x(static_cast<size_t>(num_rows * row_bytes));
+  for (int64_t i = 0; i < num_rows * row_bytes; ++i) x[i] = Byte(me, -1, i);
+  std::vector<int32_t> rows;
+  std::vector<int64_t> send_rows(size), recv_rows(size);
+  for (int r = 0; r < size; ++r) {
+    const auto mine = RowsFor(me, r, size, num_rows);
+    rows.insert(rows.end(), mine.begin(), mine.end());
+    send_rows[r] = static_cast<int64_t>(mine.size());
+    recv_rows[r] = static_cast<int64_t>(RowsFor(r, me, size, num_rows).size());
+  }
+  int64_t total = 0;
+  for (int64_t n : recv_rows) total += n;
+  std::vector<uint8_t> recv = Guarded(total * row_bytes);
+  ASSERT_TRUE(comm_->AllToAllRows(x.data(), row_bytes, rows, send_rows, recv.data(), recv_rows).ok());
+  int64_t at = 0;
+  for (int r = 0; r < size; ++r) {
+    for (int32_t row : RowsFor(r, me, size, num_rows)) {
+      for (int64_t j = 0; j < row_bytes; ++j) {
+        ASSERT_EQ(recv[at * row_bytes + j], Byte(r, -1, row * row_bytes + j)) << "from rank " << r;
+      }
+      ++at;
+    }
+  }
+  EXPECT_TRUE(GuardIntact(recv, total * row_bytes));
+  // Rows listed must add up to send_rows.
+  std::vector<int64_t> wrong = send_rows;
+  wrong[0] += 1;
+  EXPECT_TRUE(IsInvalid(comm_->AllToAllRows(x.data(), row_bytes, rows, wrong, recv.data(), recv_rows),
+                        "AllToAllRows", me));
+}
+
 TEST_F(CommunicatorTest, BroadcastFromEveryRoot) {
   auto bytes_of = [](int root) -> int64_t {
     if (root == 1) return 0;
