@@ -50,7 +50,9 @@ StatusOr<GenerateResult> Generate(Model& model, std::span<const int32_t> prompt,
       EPIC_RETURN_IF_ERROR(model.Forward({&decode, 1}, cache.get(), &logits, &result.expert_counts));
       last = logits.data();
     }
-    token = sampler.Sample(last, c.vocab_size);
+    // Rank 0 samples and tells the others: every rank must feed the same token.
+    if (model.comm().rank() == 0) token = sampler.Sample(last, c.vocab_size);
+    if (model.comm().size() > 1) EPIC_RETURN_IF_ERROR(model.comm().Broadcast(&token, sizeof token, 0));
     result.tokens.push_back(token);
     if (options.stop_at_eos &&
         std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), token) != c.eos_token_ids.end()) {
