@@ -35,11 +35,13 @@ int main(int argc, char** argv) {
   CLI::App app{"dispatch_bench: MoE dispatch+combine vs a plain MPI_Alltoallv of the same bytes"};
   int64_t tokens = 256, hidden = 5120, experts = 160, top_k = 6;
   int repeats = 20;
+  bool detail = false;
   app.add_option("--tokens", tokens, "tokens per rank")->capture_default_str();
   app.add_option("--hidden", hidden, "hidden size")->capture_default_str();
   app.add_option("--experts", experts, "routed experts")->capture_default_str();
   app.add_option("--top-k", top_k, "experts per token")->capture_default_str();
   app.add_option("--repeats", repeats, "timed repetitions (median)")->capture_default_str();
+  app.add_flag("--detail", detail, "also print rank 0's dispatch and combine times beside each bare exchange");
   CLI11_PARSE(app, argc, argv);
 
   auto comm_or = epic::parallel::MakeMpiCommunicator();
@@ -64,7 +66,7 @@ int main(int argc, char** argv) {
     }
   }
 
-  std::vector<double> epic_s, mpi_s;
+  std::vector<double> epic_s, mpi_s, dispatch_s, combine_s, first_s, second_s;
   std::vector<float> out, send, recv, back;
   epic::parallel::ReceivedTokens received;  // reused, as the model does
   for (int r = 0; r < repeats + 2; ++r) {
@@ -73,8 +75,13 @@ int main(int argc, char** argv) {
     auto t0 = Clock::now();
     const auto plan = epic::parallel::PlanDispatch(placement, 0, rank, ids.data(), weights.data(), tokens,
                                                    top_k, rank * tokens);
-    if (!epic::parallel::Dispatch(comm, plan, x.data(), hidden, &received).ok()) return 1;
-    if (!epic::parallel::Combine(comm, plan, received, received.hidden.data(), hidden, y.data()).ok()) return 1;
+    epic::parallel::ExchangeStats ds, cs;
+    if (!epic::parallel::Dispatch(comm, plan, x.data(), hidden, &received, &ds).ok()) return 1;
+    if (!epic::parallel::Combine(comm, plan, received, received.hidden.data(), hidden, y.data(), &cs).ok()) return 1;
+    if (r >= 2) {
+      dispatch_s.push_back(ds.seconds);
+      combine_s.push_back(cs.seconds);
+    }
     double mine = Since(t0), slowest = 0;
     MPI_Allreduce(&mine, &slowest, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
     if (r >= 2) epic_s.push_back(slowest);
@@ -99,11 +106,20 @@ int main(int argc, char** argv) {
     t0 = Clock::now();
     MPI_Alltoallv(send.data(), sc.data(), sd.data(), MPI_FLOAT, recv.data(), rc.data(), rd.data(), MPI_FLOAT,
                   MPI_COMM_WORLD);
+    const double half = Since(t0);
     MPI_Alltoallv(recv.data(), rc.data(), rd.data(), MPI_FLOAT, back.data(), sc.data(), sd.data(), MPI_FLOAT,
                   MPI_COMM_WORLD);
+    if (r >= 2) {
+      first_s.push_back(half);
+      second_s.push_back(Since(t0) - half);
+    }
     mine = Since(t0);
     MPI_Allreduce(&mine, &slowest, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
     if (r >= 2) mpi_s.push_back(slowest);
+  }
+  if (rank == 0 && detail) {
+    std::printf("rank 0: dispatch %.3f ms, combine %.3f ms; bare out %.3f ms, back %.3f ms\n",
+                Median(dispatch_s) * 1e3, Median(combine_s) * 1e3, Median(first_s) * 1e3, Median(second_s) * 1e3);
   }
   if (rank == 0) {
     const double e = Median(epic_s), m = Median(mpi_s);

@@ -121,14 +121,37 @@ Status Combine(Communicator& comm, const DispatchPlan& plan, ReceivedTokens& rec
   if (back.size() < static_cast<size_t>(send_total * hidden_size)) {
     back.resize(static_cast<size_t>(send_total * hidden_size));
   }
-  // The reverse exchange: what was received goes back, what was sent returns.
-  const std::vector<int64_t> send_bytes = Scaled(received.rows_from, row_bytes);
-  const std::vector<int64_t> recv_bytes = Scaled(plan.send_rows, row_bytes);
-  EPIC_RETURN_IF_ERROR(comm.AllToAllV(output, send_bytes, back.data(), recv_bytes));
-  for (int64_t i = 0; i < send_total; ++i) {
-    float* dst = y + plan.send_token[i] * hidden_size;
-    const float* src = back.data() + i * hidden_size;
+  // The reverse exchange: what was received goes back, what was sent returns. Rows a
+  // rank served for itself skip the exchange and are added straight from OUTPUT.
+  const int me = comm.rank();
+  std::vector<int64_t> send_rows = received.rows_from;
+  std::vector<int64_t> recv_rows = plan.send_rows;
+  send_rows[me] = 0;
+  recv_rows[me] = 0;
+  int64_t self_rows = 0;  // OUTPUT row of the first row this rank served for itself
+  for (int r = 0; r < me; ++r) self_rows += received.rows_from[r];
+  std::vector<int32_t> rows;  // OUTPUT rows to send: all but the self block
+  rows.reserve(static_cast<size_t>(received.rows() - received.rows_from[me]));
+  for (int64_t i = 0; i < received.rows(); ++i) {
+    if (i < self_rows || i >= self_rows + received.rows_from[me]) rows.push_back(static_cast<int32_t>(i));
+  }
+  EPIC_RETURN_IF_ERROR(comm.AllToAllRows(output, row_bytes, rows, send_rows, back.data(), recv_rows));
+  const std::vector<int64_t> send_bytes = Scaled(send_rows, row_bytes);
+  const std::vector<int64_t> recv_bytes = Scaled(recv_rows, row_bytes);
+  auto add = [&](int64_t token, const float* src) {
+    float* dst = y + token * hidden_size;
     for (int64_t j = 0; j < hidden_size; ++j) dst[j] += src[j];
+  };
+  int64_t sent = 0;      // row of the plan
+  int64_t returned = 0;  // row of BACK
+  for (int r = 0; r < plan.num_ranks; ++r) {
+    for (int64_t i = 0; i < plan.send_rows[r]; ++i, ++sent) {
+      if (r == me) {
+        add(plan.send_token[sent], output + (self_rows + i) * hidden_size);
+      } else {
+        add(plan.send_token[sent], back.data() + returned++ * hidden_size);
+      }
+    }
   }
   if (stats != nullptr) {
     stats->Add({Sum(send_bytes), Sum(recv_bytes), std::chrono::duration<double>(Clock::now() - start).count()});
