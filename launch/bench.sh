@@ -14,7 +14,8 @@ while [ $# -gt 0 ]; do
     -h|--help)
       echo "usage: launch/bench.sh [--layers N (default 4)] [--models DIR (default models/)]"
       echo "Writes DIR/v2-lite-N (V2-Lite's real dimensions, N layers, BF16: ~1.1 GiB a layer"
-      echo "plus 0.8 GiB of embeddings) and runs bench/matmul_bench and bench/model_bench."
+      echo "plus 0.8 GiB of embeddings) and runs bench/matmul_bench, bench/model_bench,"
+      echo "bench/dispatch_bench at 2 and 4 ranks, and epic-run at 1, 2 and 4 ranks."
       exit 0 ;;
     *) epic_log "unknown flag $1 (see --help)"; exit 2 ;;
   esac
@@ -29,4 +30,17 @@ fi
 "$EPIC_BUILD_DIR/bench/matmul_bench"
 for prompt in 128 512; do
   "$EPIC_BUILD_DIR/bench/model_bench" --model "$model" --prompt "$prompt" --decode 32
+done
+mpi=(mpirun --oversubscribe)
+[ "$(id -u)" -ne 0 ] || mpi+=(--allow-run-as-root)
+for n in 2 4; do
+  "${mpi[@]}" -np "$n" -x OMP_NUM_THREADS=1 "$EPIC_BUILD_DIR/bench/dispatch_bench" --repeats 30
+done
+prompt="$(seq -s, 1 64)"
+cores="$(nproc)"
+for n in 1 2 4; do
+  threads=$(( cores / n )); [ "$threads" -ge 1 ] || threads=1
+  echo "decode with $n rank(s) x $threads thread(s):"
+  "${mpi[@]}" -np "$n" -x OMP_NUM_THREADS="$threads" "$EPIC_BUILD_DIR/worker/epic-run" --model "$model" \
+    --tokens "$prompt" --max-new-tokens 33 --ignore-eos --threads "$threads" 2>&1 | grep -E "prefill|holds"
 done
