@@ -31,7 +31,7 @@ fi
 for prompt in 128 512; do
   "$EPIC_BUILD_DIR/bench/model_bench" --model "$model" --prompt "$prompt" --decode 32
 done
-mpi=(mpirun --oversubscribe)
+mpi=(mpirun --oversubscribe --bind-to none)
 [ "$(id -u)" -ne 0 ] || mpi+=(--allow-run-as-root)
 for n in 2 4; do
   "${mpi[@]}" -np "$n" -x OMP_NUM_THREADS=1 "$EPIC_BUILD_DIR/bench/dispatch_bench" --repeats 30

@@ -52,7 +52,9 @@ cores="$(nproc 2>/dev/null || echo 1)"
 if [ -z "$threads" ]; then
   threads=$(( cores / np )); [ "$threads" -ge 1 ] || threads=1
 fi
-cmd=(mpirun -np "$np" --oversubscribe -x "OMP_NUM_THREADS=$threads")
+# --bind-to none: Open MPI binds each rank to one core by default (np <= 2), which
+# would put all of a rank's OpenMP threads on that core.
+cmd=(mpirun -np "$np" --oversubscribe --bind-to none -x "OMP_NUM_THREADS=$threads")
 [ "$(id -u)" -ne 0 ] || cmd+=(--allow-run-as-root)
 [ -z "$hostfile" ] || cmd+=(--hostfile "$hostfile")
 [ -z "$hosts" ] || cmd+=(-H "$hosts")

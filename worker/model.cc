@@ -24,6 +24,12 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
   const int ranks = model->comm_->size();
   EPIC_ASSIGN_OR_RETURN(model->checkpoint_, Checkpoint::Open(dir));
   const ModelConfig& config = model->config();
+  const int64_t shared_inter = config.moe_intermediate_size * config.n_shared_experts;
+  if (config.intermediate_size < ranks || (shared_inter > 0 && shared_inter < ranks)) {
+    return InvalidArgumentError("cannot split the MLPs' intermediate dimension (" +
+                                std::to_string(config.intermediate_size) + ", shared experts " +
+                                std::to_string(shared_inter) + ") over " + std::to_string(ranks) + " ranks");
+  }
   if (config.num_attention_heads < ranks || config.vocab_size < ranks) {
     return InvalidArgumentError(
         "cannot split " + std::to_string(config.num_attention_heads) + " attention heads and a vocabulary of " +
@@ -64,6 +70,8 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
   ws.head_end = model->head_end_;
   ws.vocab_begin = model->vocab_begin_;
   ws.vocab_end = model->vocab_end_;
+  ws.mlp_part = rank;
+  ws.mlp_parts = ranks;
   for (int64_t l = 0; l < config.num_hidden_layers; ++l) ws.expert_slots.push_back(model->placement_->slots(l, rank));
   EPIC_ASSIGN_OR_RETURN(model->weights_, ModelWeights::Bind(*model->checkpoint_, progress, residency, ws));
   const ModelConfig& c = model->config();
@@ -162,10 +170,18 @@ Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::ve
     for (int64_t i = 0; i < local * hidden; ++i) mine[i] += x[first * hidden + i];
 
     cpu::RmsNorm(mine, local, hidden, hidden, L.post_attention_norm.data(), eps, normed, hidden);
-    if (L.moe) {
-      EPIC_RETURN_IF_ERROR(MoeBlock(l, normed, local, first, mine, counts));
-    } else if (local > 0) {
-      Mlp(L.dense, normed, local, mine, nullptr, nullptr);
+    if (L.moe) EPIC_RETURN_IF_ERROR(MoeBlock(l, normed, local, first, mine, counts));
+    // The dense MLP, or the shared experts, split by their intermediate dimension: every
+    // rank runs its part on all tokens, and the parts are summed into the token blocks.
+    const MlpWeights* split = L.moe ? (L.has_shared ? &L.shared : nullptr) : &L.dense;
+    if (split != nullptr) {
+      float* all = Sized(ws_.normed_all, tokens * hidden);
+      EPIC_RETURN_IF_ERROR(comm.AllGather(normed, all, block_bytes));
+      std::fill(partial, partial + tokens * hidden, 0.0f);
+      Mlp(*split, all, tokens, partial, nullptr, nullptr);
+      float* summed = Sized(ws_.summed, std::max<int64_t>(local, 1) * hidden);
+      EPIC_RETURN_IF_ERROR(comm.ReduceScatterSum(partial, summed, block_values));
+      for (int64_t i = 0; i < local * hidden; ++i) mine[i] += summed[i];
     }
     EPIC_RETURN_IF_ERROR(comm.AllGather(mine, x, block_bytes));
   }
@@ -391,7 +407,6 @@ Status Model::MoeBlock(int64_t layer, const float* x, int64_t tokens, int64_t fi
   EPIC_RETURN_IF_ERROR(parallel::Combine(comm, plan, received, out, hidden, residual, &combine));
   exchange_stats_.Add(dispatch);
   exchange_stats_.Add(combine);
-  if (L.has_shared && tokens > 0) Mlp(L.shared, x, tokens, residual, nullptr, nullptr);
 
   if (counts != nullptr) {
     // Tokens per logical expert over the whole job: every rank's routing, summed.

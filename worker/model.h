@@ -94,7 +94,8 @@ class Model {
   // step costs a page clear per 4 KiB, which showed as 15% of decode time.
   struct Workspace {
     std::vector<float> x, normed, attn, q, qa, latent, c_kv, k_pe, kv, q_latent, q_pe, o_latent,
-        gate, up, y, router, weights, scales, gathered, partial, local, expert_out, logits;
+        gate, up, y, router, weights, scales, gathered, partial, local, expert_out, logits, normed_all,
+        summed;
   };
   // V grown to hold at least N values (never shrunk); its data.
   static float* Sized(std::vector<float>& v, int64_t n);

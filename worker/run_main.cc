@@ -175,13 +175,16 @@ int main(int argc, char** argv) {
       (*job)->Abort(1);
     }
   }
-  std::fprintf(stderr, "epic-run: prefill %zu tokens in %.3f s (%.1f tok/s)", prompt.size(),
-               result->prefill_seconds, prompt.size() / result->prefill_seconds);
-  if (result->tokens.size() > 1) {
-    std::fprintf(stderr, ", decode %zu tokens in %.3f s (%.1f tok/s)", result->tokens.size() - 1,
-                 result->decode_seconds, (result->tokens.size() - 1) / result->decode_seconds);
+  // One write per line: mpirun forwards output in the pieces it was written in.
+  char timing[256];
+  int used = std::snprintf(timing, sizeof timing, "epic-run: prefill %zu tokens in %.3f s (%.1f tok/s)",
+                           prompt.size(), result->prefill_seconds, prompt.size() / result->prefill_seconds);
+  if (result->tokens.size() > 1 && used > 0 && used < static_cast<int>(sizeof timing)) {
+    std::snprintf(timing + used, sizeof timing - used, ", decode %zu tokens in %.3f s (%.1f tok/s)",
+                  result->tokens.size() - 1, result->decode_seconds,
+                  (result->tokens.size() - 1) / result->decode_seconds);
   }
-  std::fprintf(stderr, "\n");
+  std::fprintf(stderr, "%s\n", timing);
   if (ranks > 1) {
     const epic::parallel::ExchangeStats& x = (*model)->exchange_stats();
     std::fprintf(stderr, "epic-run: rank 0 all-to-all: %.2f MiB sent, %.2f MiB received, %.3f s\n",
@@ -191,9 +194,9 @@ int main(int argc, char** argv) {
     const auto& counts = result->expert_counts.tokens;
     for (size_t l = 0; l < counts.size(); ++l) {
       if (counts[l].empty()) continue;
-      std::fprintf(stderr, "expert tokens, layer %zu:", l);
-      for (int64_t n : counts[l]) std::fprintf(stderr, " %lld", static_cast<long long>(n));
-      std::fprintf(stderr, "\n");
+      std::string line = "expert tokens, layer " + std::to_string(l) + ":";
+      for (int64_t n : counts[l]) line += " " + std::to_string(n);
+      std::fprintf(stderr, "%s\n", line.c_str());
     }
   }
   if (exchange_stats) {

@@ -79,10 +79,14 @@ class Binder {
     return out;
   }
 
-  MlpWeights Mlp(int64_t layer, const std::string& module) {
-    return {Matrix(LayerTensor(layer, module + ".gate_proj")),
-            Matrix(LayerTensor(layer, module + ".up_proj")),
-            Matrix(LayerTensor(layer, module + ".down_proj"))};
+  // Part PART of PARTS of the MLP's intermediate dimension (the whole MLP by default).
+  MlpWeights Mlp(int64_t layer, const std::string& module, int64_t part = 0, int64_t parts = 1) {
+    const int64_t inter = ckpt_.Get(LayerTensor(layer, module + ".gate_proj")).shape[0];
+    const int64_t begin = inter * part / parts;
+    const int64_t count = inter * (part + 1) / parts - begin;
+    return {Matrix(LayerTensor(layer, module + ".gate_proj"), {begin, count}),
+            Matrix(LayerTensor(layer, module + ".up_proj"), {begin, count}),
+            Matrix(LayerTensor(layer, module + ".down_proj"), {0, -1, begin, count})};
   }
 
   const std::vector<const TensorView*>& views() const { return views_; }
@@ -189,7 +193,7 @@ StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Bind(const Checkpoint& che
                           {0, -1, h0 * c.v_head_dim, (h1 - h0) * c.v_head_dim});
       L.moe = c.IsMoeLayer(l);
       if (!L.moe) {
-        L.dense = b.Mlp(l, "mlp");
+        L.dense = b.Mlp(l, "mlp", shard.mlp_part, shard.mlp_parts);
         continue;
       }
       L.router = b.Matrix(LayerTensor(l, "mlp.gate"));
@@ -200,7 +204,7 @@ StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Bind(const Checkpoint& che
         L.experts.push_back(b.Mlp(l, "mlp.experts." + std::to_string(e)));
       }
       L.has_shared = c.n_shared_experts > 0;
-      if (L.has_shared) L.shared = b.Mlp(l, "mlp.shared_experts");
+      if (L.has_shared) L.shared = b.Mlp(l, "mlp.shared_experts", shard.mlp_part, shard.mlp_parts);
     }
     out->final_norm = b.Vector("model.norm.weight");
     if (c.tie_word_embeddings) {

@@ -38,12 +38,12 @@ struct LayerWeights {
   cpu::WeightMatrix o_proj;                // [hidden, heads * v_dim]
 
   bool moe = false;
-  MlpWeights dense;                        // when !moe
+  MlpWeights dense;                        // when !moe; this rank's part (WeightShard)
   cpu::WeightMatrix router;                // [n_routed_experts, hidden]
   std::vector<float> choice_bias;          // [n_routed_experts], noaux_tc only
   std::vector<MlpWeights> experts;         // this rank's expert slots (all experts by default)
   bool has_shared = false;
-  MlpWeights shared;                       // intermediate = moe_intermediate * n_shared
+  MlpWeights shared;                       // intermediate = moe_intermediate * n_shared; this rank's part
 };
 
 enum class WeightResidency { kCopy, kMapped };
@@ -58,6 +58,10 @@ struct WeightShard {
   int64_t vocab_begin = 0;
   int64_t vocab_end = -1;  // -1: the whole vocabulary
   std::vector<std::vector<int32_t>> expert_slots;  // [layer]; empty: all experts, in order
+  // The dense MLPs and the shared experts are split by their intermediate dimension:
+  // this rank holds part mlp_part of mlp_parts (rows of gate/up, columns of down).
+  int64_t mlp_part = 0;
+  int64_t mlp_parts = 1;
 };
 
 // Anonymous memory in large chunks advised to use transparent huge pages.
