@@ -1,0 +1,50 @@
+// The expert placement planner: from measured per-layer expert loads, which logical
+// experts each rank's slots should hold. Replicates the hottest experts into the
+// redundant slots (N * S - E of them), then packs the replicas onto ranks, heaviest
+// first, each to the least loaded rank with a free slot that does not hold that expert
+// yet. With nodes and routing groups, groups are first packed onto nodes whole, so
+// that device-limited routing keeps each token's experts within few nodes. Given the
+// current placement, ties (within a small tolerance) go to the rank that already holds
+// the expert, so that a new plan moves few weights. Deterministic.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/status.h"
+
+namespace epic::coordinator {
+
+// [layer][rank] -> logical experts in the rank's slots (as parallel::ExpertPlacement).
+using PlacementTable = std::vector<std::vector<std::vector<int32_t>>>;
+
+struct PlannerInput {
+  std::vector<std::vector<double>> loads;  // [layer][expert] tokens (or any load measure)
+  int num_ranks = 1;
+  int slots_per_rank = 0;  // num_ranks * slots_per_rank >= experts
+  int num_nodes = 1;       // ranks split evenly over nodes
+  int num_groups = 1;      // contiguous routing groups (n_group); kept within one node
+  const PlacementTable* current = nullptr;  // optional: prefer keeping experts in place
+};
+
+struct LayerStats {
+  double max_rank_load = 0;
+  double mean_rank_load = 0;
+  double imbalance() const { return mean_rank_load > 0 ? max_rank_load / mean_rank_load : 1.0; }
+  double balancedness() const { return max_rank_load > 0 ? mean_rank_load / max_rank_load : 1.0; }
+};
+
+// Per-rank load of TABLE under LOADS: a replicated expert's load is shared equally by
+// its replicas.
+LayerStats PlacementStats(const std::vector<double>& loads, const std::vector<std::vector<int32_t>>& ranks);
+
+// The placement without replicas: rank r holds experts [E*r/N, E*(r+1)/N).
+PlacementTable ContiguousPlacement(int64_t layers, int64_t experts, int num_ranks);
+
+// INVALID_ARGUMENT naming the field for inputs that cannot be planned.
+StatusOr<PlacementTable> PlanPlacement(const PlannerInput& input);
+
+// Weights that move from CURRENT to NEXT, in expert copies (a rank gaining an expert).
+int64_t ExpertsMoved(const PlacementTable& current, const PlacementTable& next);
+
+}  // namespace epic::coordinator
