@@ -16,6 +16,55 @@ struct Item {
   double load;  // this replica's share
 };
 
+bool Holds(const std::vector<Item>& rank, int32_t expert) {
+  for (const Item& it : rank) {
+    if (it.expert == expert) return true;
+  }
+  return false;
+}
+
+// Greedy packing leaves the most loaded rank above what a swap could fix, above all
+// when there are no spare slots (every rank's slot count is fixed). Repeatedly swap
+// one replica of the most loaded rank with a lighter one of another rank, taking the
+// swap that lowers the larger of the two loads most, until none helps.
+void Refine(std::vector<std::vector<Item>>* placed, std::vector<double>* load) {
+  const size_t n = placed->size();
+  for (int round = 0; round < 1000; ++round) {
+    size_t top = 0;
+    for (size_t r = 1; r < n; ++r) {
+      if ((*load)[r] > (*load)[top]) top = r;
+    }
+    double best_peak = (*load)[top];
+    size_t best_rank = n, best_a = 0, best_b = 0;
+    for (size_t r = 0; r < n; ++r) {
+      if (r == top) continue;
+      const auto& other = (*placed)[r];
+      for (size_t a = 0; a < (*placed)[top].size(); ++a) {
+        const Item& ia = (*placed)[top][a];
+        for (size_t b = 0; b < other.size(); ++b) {
+          const Item& ib = other[b];
+          if (ib.load >= ia.load) continue;
+          const double delta = ia.load - ib.load;
+          const double peak = std::max((*load)[top] - delta, (*load)[r] + delta);
+          if (peak >= best_peak - 1e-12 * best_peak) continue;
+          if (Holds((*placed)[top], ib.expert) || Holds(other, ia.expert)) continue;
+          best_peak = peak;
+          best_rank = r;
+          best_a = a;
+          best_b = b;
+        }
+      }
+    }
+    if (best_rank == n) return;
+    Item& ia = (*placed)[top][best_a];
+    Item& ib = (*placed)[best_rank][best_b];
+    const double delta = ia.load - ib.load;
+    (*load)[top] -= delta;
+    (*load)[best_rank] += delta;
+    std::swap(ia, ib);
+  }
+}
+
 // Plans one layer over RANKS (global rank ids) for EXPERTS, with SLOTS per rank.
 // CURRENT (may be null): [rank] -> experts it holds now.
 void PlanGroup(const std::vector<double>& loads, const std::vector<int32_t>& experts,
@@ -43,6 +92,7 @@ void PlanGroup(const std::vector<double>& loads, const std::vector<int32_t>& exp
   });
   std::vector<double> rank_load(static_cast<size_t>(n), 0.0);
   std::vector<std::set<int32_t>> held(static_cast<size_t>(n));
+  std::vector<std::vector<Item>> placed(static_cast<size_t>(n));
   double total = 0;
   for (const Item& it : items) total += it.load;
   const double tolerance = kKeepTolerance * total / static_cast<double>(n);
@@ -67,7 +117,11 @@ void PlanGroup(const std::vector<double>& loads, const std::vector<int32_t>& exp
     }
     held[best].insert(it.expert);
     rank_load[best] += it.load;
-    (*out)[ranks[best]].push_back(it.expert);
+    placed[best].push_back(it);
+  }
+  Refine(&placed, &rank_load);
+  for (int r = 0; r < n; ++r) {
+    for (const Item& it : placed[r]) (*out)[ranks[r]].push_back(it.expert);
   }
 }
 
