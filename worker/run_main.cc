@@ -3,12 +3,14 @@
 #include <omp.h>
 
 #include <chrono>
+#include <fstream>
 #include <cstdio>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
 #include "worker/device.h"
 #include "worker/generate.h"
@@ -59,6 +61,7 @@ int main(int argc, char** argv) {
   bool ignore_eos = false;
   bool mapped = false;
   bool exchange_stats = false;
+  std::string loads_out;
   int64_t block_size = 16;
   app.add_option("--model", model_dir, "checkpoint directory (config.json + *.safetensors)")->required();
   app.add_option("--tokens", tokens_text, "prompt token ids, comma-separated, e.g. 5,17,300")->required();
@@ -80,6 +83,9 @@ int main(int argc, char** argv) {
   app.add_flag("--expert-counts", expert_counts,
                "print, per MoE layer, the tokens routed to each expert (stderr)");
   app.add_flag("--ignore-eos", ignore_eos, "keep generating past an end-of-sequence token");
+  app.add_option("--loads-out", loads_out,
+                 "write the tokens routed to each expert of each MoE layer, over the whole run, to FILE.json "
+                 "({\"layers\": [...], \"loads\": [[...]]}: the input of `epic plan --loads`)");
   app.add_flag("--exchange-stats", exchange_stats,
                "print, per MoE layer and rank, the all-to-all bytes and seconds of dispatch and combine "
                "(stderr)");
@@ -189,6 +195,21 @@ int main(int argc, char** argv) {
     const epic::parallel::ExchangeStats& x = (*model)->exchange_stats();
     std::fprintf(stderr, "epic-run: rank 0 all-to-all: %.2f MiB sent, %.2f MiB received, %.3f s\n",
                  x.bytes_sent / 1048576.0, x.bytes_received / 1048576.0, x.seconds);
+  }
+  if (!loads_out.empty()) {
+    nlohmann::json layers = nlohmann::json::array(), loads = nlohmann::json::array();
+    const auto& counts = result->expert_counts.tokens;
+    for (size_t l = 0; l < counts.size(); ++l) {
+      if (counts[l].empty()) continue;
+      layers.push_back(l);
+      loads.push_back(counts[l]);
+    }
+    std::ofstream f(loads_out);
+    f << nlohmann::json{{"model", model_dir}, {"layers", layers}, {"loads", loads}}.dump() << "\n";
+    if (!f) {
+      std::fprintf(stderr, "epic-run: %s: write failed\n", loads_out.c_str());
+      (*job)->Abort(1);
+    }
   }
   if (expert_counts) {
     const auto& counts = result->expert_counts.tokens;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include "tests/testing/temp_dir.h"
 #include "worker/generate.h"
@@ -130,12 +131,36 @@ TEST_F(CliTest, BadInputGetsAClearErrorAndNonZeroExit) {
   EXPECT_NE(r.err.find("n_group"), std::string::npos) << r.err;
 }
 
+TEST_F(CliTest, WritesLoadsThatEpicPlanReads) {
+  const std::string loads = (dir_ / "loads.json").string();
+  const Result r = RunCommand(kRun + " --model " + model_.string() +
+                                  " --tokens 5,17,300,2 --max-new-tokens 3 --ignore-eos --loads-out " + loads,
+                              dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::ifstream f(loads);
+  const nlohmann::json j = nlohmann::json::parse(f);
+  // v2-160: layers 1 and 2 are MoE, 160 experts, top-6; 4 prompt tokens + 2 decode steps.
+  EXPECT_EQ(j["layers"], nlohmann::json({1, 2}));
+  ASSERT_EQ(j["loads"].size(), 2u);
+  for (const auto& layer : j["loads"]) {
+    ASSERT_EQ(layer.size(), 160u);
+    int64_t sum = 0;
+    for (const auto& v : layer) sum += v.get<int64_t>();
+    EXPECT_EQ(sum, 6 * 6);
+  }
+  const std::string plan = (dir_ / "plan.json").string();
+  const Result p = RunCommand(std::string(EPIC_BINARY) + " plan --loads " + loads +
+                                  " --ranks 4 --slots-per-rank 42 --groups 8 --out " + plan,
+                              dir_);
+  EXPECT_EQ(p.exit_code, 0) << p.err;
+}
+
 TEST_F(CliTest, HelpNamesEveryFlag) {
   const Result r = RunCommand(kRun + " --help", dir_);
   EXPECT_EQ(r.exit_code, 0);
   for (const char* flag : {"--model", "--tokens", "--max-new-tokens", "--temperature", "--top-k", "--top-p",
                            "--seed", "--dump-logits", "--device", "--threads", "--expert-counts",
-                           "--ignore-eos", "--block-size", "--mmap", "--exchange-stats"}) {
+                           "--ignore-eos", "--block-size", "--mmap", "--exchange-stats", "--loads-out"}) {
     EXPECT_NE(r.out.find(flag), std::string::npos) << flag;
   }
 }
