@@ -60,6 +60,7 @@ StatusOr<GenerateResult> Generate(Model& model, std::span<const int32_t> prompt,
     }
   }
   result.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
+  EPIC_RETURN_IF_ERROR(model.ReduceExpertCounts(&result.expert_counts));
   return result;
 }
 

@@ -409,21 +409,35 @@ Status Model::MoeBlock(int64_t layer, const float* x, int64_t tokens, int64_t fi
   exchange_stats_.Add(combine);
 
   if (counts != nullptr) {
-    // Tokens per logical expert over the whole job: every rank's routing, summed.
-    std::vector<float> routed(static_cast<size_t>(experts), 0.0f);
+    // This rank's tokens per logical expert; ReduceExpertCounts sums over the job.
+    auto& routed = counts->tokens[layer];
+    routed.resize(static_cast<size_t>(experts), 0);
     for (int r = 0; r < comm.size(); ++r) {
       const auto& held = placement_->slots(layer, r);
-      for (size_t s = 0; s < held.size(); ++s) routed[held[s]] += static_cast<float>(plan.slot_tokens[r][s]);
+      for (size_t s = 0; s < held.size(); ++s) routed[held[s]] += plan.slot_tokens[r][s];
     }
-    EPIC_RETURN_IF_ERROR(comm.AllReduceSum(routed.data(), routed.data(), experts));
-    auto& job = counts->tokens[layer];
-    job.resize(static_cast<size_t>(experts), 0);
-    for (int64_t e = 0; e < experts; ++e) job[e] += static_cast<int64_t>(routed[e]);
     auto& mine = counts->slot_tokens[layer];
     mine.resize(static_cast<size_t>(slots), 0);
     for (int64_t s = 0; s < slots; ++s) mine[s] += batches.offsets[s + 1] - batches.offsets[s];
     counts->dispatch[layer].Add(dispatch);
     counts->combine[layer].Add(combine);
+  }
+  return OkStatus();
+}
+
+Status Model::ReduceExpertCounts(ExpertCounts* counts) {
+  const int ranks = comm_->size();
+  if (ranks == 1) return OkStatus();
+  for (auto& layer : counts->tokens) {
+    if (layer.empty()) continue;
+    // Gather every rank's int64 counts and add them here: exact at any size.
+    const int64_t bytes = static_cast<int64_t>(layer.size() * sizeof(int64_t));
+    std::vector<int64_t> all(layer.size() * static_cast<size_t>(ranks));
+    EPIC_RETURN_IF_ERROR(comm_->AllGather(layer.data(), all.data(), std::vector<int64_t>(ranks, bytes)));
+    std::fill(layer.begin(), layer.end(), 0);
+    for (int r = 0; r < ranks; ++r) {
+      for (size_t e = 0; e < layer.size(); ++e) layer[e] += all[r * layer.size() + e];
+    }
   }
   return OkStatus();
 }

@@ -30,7 +30,9 @@ struct SequenceStep {
 // What the MoE layers did, summed over the steps Forward is given it for; the raw
 // material of the load reports. Empty rows for dense layers.
 struct ExpertCounts {
-  std::vector<std::vector<int64_t>> tokens;       // [layer][logical expert], whole job
+  // [layer][logical expert]: the tokens of this rank's steps routed to each expert,
+  // until Model::ReduceExpertCounts sums them over the job (Generate does, once).
+  std::vector<std::vector<int64_t>> tokens;
   std::vector<std::vector<int64_t>> slot_tokens;  // [layer][this rank's slot]: tokens its experts ran
   std::vector<parallel::ExchangeStats> dispatch;  // [layer] this rank's dispatch exchanges
   std::vector<parallel::ExchangeStats> combine;   // [layer] this rank's combine exchanges
@@ -76,10 +78,14 @@ class Model {
   // Runs one step. Each sequence's cache must already hold room for its new tokens
   // (LatentCache::Reserve); rows are written and num_tokens advanced. LOGITS receives
   // [rows, vocab], rows in sequence order (all tokens or the last, per all_logits).
-  // COUNTS (optional) accumulates routed tokens per logical expert, over all ranks.
+  // COUNTS (optional) accumulates what the MoE layers did (see ExpertCounts).
   // Distributed: every rank passes the same batch and gets the same logits.
   Status Forward(std::span<SequenceStep> batch, LatentCache* cache, std::vector<float>* logits,
                  ExpertCounts* counts = nullptr);
+
+  // Sums COUNTS->tokens over the job's ranks, in place: once after the steps, rather
+  // than a collective per layer per step. Every rank calls it.
+  Status ReduceExpertCounts(ExpertCounts* counts);
 
  private:
   Model() = default;
