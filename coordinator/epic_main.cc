@@ -1,5 +1,5 @@
-// epic: the command-line client. Today: `epic plan`, the offline placement planner.
-// (The gRPC subcommands, generate/health/report/rebalance, arrive with the coordinator.)
+// epic: the command-line client: `epic plan` (offline placement planner) and, when
+// built with serving, the gRPC commands (generate, health, info, load).
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -9,6 +9,9 @@
 #include <nlohmann/json.hpp>
 
 #include "coordinator/placement_planner.h"
+#ifdef EPIC_WITH_SERVING
+#include "coordinator/client_commands.h"
+#endif
 
 namespace {
 
@@ -130,7 +133,13 @@ int main(int argc, char** argv) {
                    "experts where they are when that costs little balance");
   plan->add_option("--out", out_path, "PLAN.json to write: \"placement\" [layer][rank][experts], imbalance "
                                       "before and after, expert copies to move")->required();
+#ifdef EPIC_WITH_SERVING
+  auto client = epic::coordinator::AddClientCommands(app);
+#endif
   CLI11_PARSE(app, argc, argv);
   if (plan->parsed()) return Plan(loads_path, current_path, out_path, input);
+#ifdef EPIC_WITH_SERVING
+  if (const int code = client(); code >= 0) return code;
+#endif
   return 2;
 }

@@ -5,9 +5,11 @@ EPIC_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EPIC_BUILD_DIR="${EPIC_BUILD_DIR:-$EPIC_ROOT/build}"
 
 # Debian packages the build needs (the model core needs only a compiler, CMake and
-# two header-only libraries; the tests need GoogleTest).
+# two header-only libraries; serving needs MPI, gRPC, Protobuf and prometheus-cpp;
+# the tests need GoogleTest).
 EPIC_PACKAGES=(build-essential cmake nlohmann-json3-dev libcli11-dev libgtest-dev
-  libopenmpi-dev openmpi-bin)
+  libopenmpi-dev openmpi-bin libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  prometheus-cpp-dev)
 
 epic_log() { printf '[epic] %s\n' "$*" >&2; }
 

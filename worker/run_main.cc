@@ -12,6 +12,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "common/token_list.h"
 #include "worker/device.h"
 #include "worker/generate.h"
 #include "worker/job.h"
@@ -19,31 +20,6 @@
 #include "worker/npy.h"
 #include "worker/progress.h"
 
-namespace {
-
-// "5,17,300" -> {5, 17, 300}.
-bool ParseTokens(const std::string& text, std::vector<int32_t>* out, std::string* error) {
-  std::stringstream in(text);
-  std::string item;
-  while (std::getline(in, item, ',')) {
-    try {
-      size_t used = 0;
-      const long long v = std::stoll(item, &used);
-      if (used != item.size() || v < 0 || v > INT32_MAX) throw std::invalid_argument(item);
-      out->push_back(static_cast<int32_t>(v));
-    } catch (const std::exception&) {
-      *error = "--tokens: '" + item + "' is not a token id (want e.g. 5,17,300)";
-      return false;
-    }
-  }
-  if (out->empty()) {
-    *error = "--tokens: no token ids given";
-    return false;
-  }
-  return true;
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"epic-run: run a DeepSeek-V2/V3 checkpoint in one process, or spread over the ranks\n"
@@ -111,12 +87,12 @@ int main(int argc, char** argv) {
     (*job)->Abort(2);
   }
   if (threads > 0) omp_set_num_threads(threads);
-  std::vector<int32_t> prompt;
-  std::string error;
-  if (!ParseTokens(tokens_text, &prompt, &error)) {
-    std::fprintf(stderr, "%s%s\n", who.c_str(), error.c_str());
+  auto parsed = epic::ParseTokenList("--tokens", tokens_text);
+  if (!parsed.ok()) {
+    std::fprintf(stderr, "%s%s\n", who.c_str(), parsed.status().message().c_str());
     (*job)->Abort(2);
   }
+  const std::vector<int32_t> prompt = std::move(parsed).value();
 
   const auto t0 = std::chrono::steady_clock::now();
   epic::ProgressLine progress("loading " + model_dir);

@@ -25,8 +25,29 @@ int32_t ArgMax(const float* values, int64_t n) {
   return static_cast<int32_t>(best);
 }
 
+namespace {
+
+uint64_t SplitMix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+}  // namespace
+
+float LogProbability(const float* logits, int64_t vocab, int32_t token) {
+  double max = logits[0];
+  for (int64_t i = 1; i < vocab; ++i) max = std::max<double>(max, logits[i]);
+  double sum = 0.0;
+  for (int64_t i = 0; i < vocab; ++i) sum += std::exp(logits[i] - max);
+  return static_cast<float>(logits[token] - max - std::log(sum));
+}
+
 int32_t Sampler::Sample(const float* logits, int64_t vocab) {
+  const uint64_t draw = draw_++;
   if (params_.temperature == 0.0) return ArgMax(logits, vocab);
+  std::mt19937_64 rng(SplitMix64(params_.seed ^ SplitMix64(draw)));
   std::vector<int32_t> order(static_cast<size_t>(vocab));
   std::iota(order.begin(), order.end(), 0);
   const int64_t k = params_.top_k > 0 ? std::min(params_.top_k, vocab) : vocab;
@@ -57,7 +78,7 @@ int32_t Sampler::Sample(const float* logits, int64_t vocab) {
   }
   double kept = 0.0;
   for (size_t i = 0; i < keep; ++i) kept += probs[i];
-  const double u = std::uniform_real_distribution<double>(0.0, kept)(rng_);
+  const double u = std::uniform_real_distribution<double>(0.0, kept)(rng);
   double acc = 0.0;
   for (size_t i = 0; i < keep; ++i) {
     acc += probs[i];

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <map>
+#include <set>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -53,6 +54,32 @@ TEST(SamplerTest, SameSeedSameSequence) {
   p.seed = 123;
   Sampler a(p), b(p);
   for (int i = 0; i < 100; ++i) EXPECT_EQ(a.Sample(logits.data(), 50), b.Sample(logits.data(), 50));
+}
+
+TEST(SamplerTest, ResumingAtADrawGivesTheUninterruptedSequence) {
+  std::vector<float> logits(50);
+  for (int i = 0; i < 50; ++i) logits[i] = std::cos(i * 0.7f);
+  SamplingParams p;
+  p.temperature = 1.0;
+  p.seed = 99;
+  Sampler whole(p);
+  std::vector<int32_t> run;
+  for (int i = 0; i < 40; ++i) run.push_back(whole.Sample(logits.data(), 50));
+  for (uint64_t i = 0; i < 40; ++i) {
+    Sampler resumed(p, i);
+    EXPECT_EQ(resumed.Sample(logits.data(), 50), run[i]) << "draw " << i;
+  }
+  // Not a constant: the draws differ.
+  EXPECT_GT(std::set<int32_t>(run.begin(), run.end()).size(), 3u);
+}
+
+TEST(SamplerTest, LogProbabilityMatchesAPlainLogSoftmax) {
+  const std::vector<float> logits = {1.0f, 2.0f, 0.5f, -3.0f};
+  double sum = 0.0;
+  for (float l : logits) sum += std::exp(static_cast<double>(l));
+  for (int32_t t = 0; t < 4; ++t) {
+    EXPECT_NEAR(LogProbability(logits.data(), 4, t), logits[t] - std::log(sum), 1e-6);
+  }
 }
 
 TEST(SamplerTest, ValidatesParameters) {

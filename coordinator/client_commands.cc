@@ -1,0 +1,271 @@
+#include "coordinator/client_commands.h"
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+
+#include <google/protobuf/util/json_util.h>
+#include <grpcpp/grpcpp.h>
+
+#include "common/token_list.h"
+#include "epic.grpc.pb.h"
+#include "health.grpc.pb.h"
+
+namespace epic::coordinator {
+
+namespace {
+
+// What every subcommand needs to reach a server.
+struct Connection {
+  std::string server = "127.0.0.1:50051";
+  std::string auth_token_file;
+  std::string tls_ca;
+  double timeout = 0;  // seconds; 0: none
+
+  void AddFlags(CLI::App* cmd) {
+    cmd->add_option("--server", server, "the coordinator, HOST:PORT")->capture_default_str();
+    cmd->add_option("--auth-token-file", auth_token_file, "file holding the server's bearer token");
+    cmd->add_option("--tls-ca", tls_ca, "PEM of the CA that signed the server's certificate (default: plaintext)");
+    cmd->add_option("--timeout", timeout, "deadline of the call in seconds (0: none)")
+        ->check(CLI::NonNegativeNumber)->capture_default_str();
+  }
+
+  StatusOr<std::shared_ptr<grpc::Channel>> Channel() const {
+    std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
+    if (!tls_ca.empty()) {
+      std::string pem;
+      if (!Read(tls_ca, &pem)) return InvalidArgumentError("--tls-ca " + tls_ca + ": cannot read it");
+      grpc::SslCredentialsOptions ssl;
+      ssl.pem_root_certs = pem;
+      creds = grpc::SslCredentials(ssl);
+    }
+    return grpc::CreateChannel(server, creds);
+  }
+
+  Status Prepare(grpc::ClientContext* ctx) const {
+    if (timeout > 0) {
+      ctx->set_deadline(std::chrono::system_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(timeout * 1000)));
+    }
+    if (!auth_token_file.empty()) {
+      std::string token;
+      if (!Read(auth_token_file, &token)) return InvalidArgumentError("--auth-token-file: cannot read " + auth_token_file);
+      while (!token.empty() && (token.back() == '\n' || token.back() == '\r')) token.pop_back();
+      ctx->AddMetadata("authorization", "Bearer " + token);
+    }
+    return OkStatus();
+  }
+
+  static bool Read(const std::string& path, std::string* out) {
+    std::ifstream f(path);
+    std::stringstream text;
+    text << f.rdbuf();
+    *out = text.str();
+    return static_cast<bool>(f);
+  }
+};
+
+const char* CodeName(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::OK: return "OK";
+    case grpc::StatusCode::CANCELLED: return "CANCELLED";
+    case grpc::StatusCode::UNKNOWN: return "UNKNOWN";
+    case grpc::StatusCode::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::NOT_FOUND: return "NOT_FOUND";
+    case grpc::StatusCode::ALREADY_EXISTS: return "ALREADY_EXISTS";
+    case grpc::StatusCode::PERMISSION_DENIED: return "PERMISSION_DENIED";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
+    case grpc::StatusCode::ABORTED: return "ABORTED";
+    case grpc::StatusCode::OUT_OF_RANGE: return "OUT_OF_RANGE";
+    case grpc::StatusCode::UNIMPLEMENTED: return "UNIMPLEMENTED";
+    case grpc::StatusCode::INTERNAL: return "INTERNAL";
+    case grpc::StatusCode::UNAVAILABLE: return "UNAVAILABLE";
+    case grpc::StatusCode::DATA_LOSS: return "DATA_LOSS";
+    case grpc::StatusCode::UNAUTHENTICATED: return "UNAUTHENTICATED";
+    default: return "UNKNOWN";
+  }
+}
+
+int Fail(const char* command, const grpc::Status& s) {
+  std::fprintf(stderr, "epic %s: %s: %s\n", command, CodeName(s.error_code()), s.error_message().c_str());
+  return 1;
+}
+
+int Fail(const char* command, const Status& s) {
+  std::fprintf(stderr, "epic %s: %s\n", command, s.ToString().c_str());
+  return 2;
+}
+
+struct GenerateFlags {
+  Connection connection;
+  std::string tokens;
+  std::string stop;
+  uint32_t max_tokens = 16;
+  float temperature = 0;
+  float top_p = 1;
+  int32_t top_k = 0;
+  uint64_t seed = 0;
+  bool ignore_eos = false;
+  bool logprobs = false;
+  bool quiet = false;
+  std::string request_id;
+};
+
+int Generate(const GenerateFlags& f) {
+  auto prompt = ParseTokenList("--tokens", f.tokens);
+  if (!prompt.ok()) return Fail("generate", prompt.status());
+  v1::GenerateRequest request;
+  request.mutable_prompt_token_ids()->Add(prompt->begin(), prompt->end());
+  request.set_max_tokens(f.max_tokens);
+  request.mutable_sampling()->set_temperature(f.temperature);
+  request.mutable_sampling()->set_top_p(f.top_p);
+  request.mutable_sampling()->set_top_k(f.top_k);
+  request.mutable_sampling()->set_seed(f.seed);
+  request.set_ignore_eos(f.ignore_eos);
+  request.set_logprobs(f.logprobs);
+  request.set_request_id(f.request_id);
+  if (!f.stop.empty()) {
+    auto stop = ParseTokenList("--stop", f.stop);
+    if (!stop.ok()) return Fail("generate", stop.status());
+    request.mutable_stop_token_ids()->Add(stop->begin(), stop->end());
+  }
+  auto channel = f.connection.Channel();
+  if (!channel.ok()) return Fail("generate", channel.status());
+  auto stub = v1::Epic::NewStub(*channel);
+  grpc::ClientContext ctx;
+  if (const Status s = f.connection.Prepare(&ctx); !s.ok()) return Fail("generate", s);
+  auto reader = stub->Generate(&ctx, request);
+  v1::GenerateResponse response;
+  std::string all, line;
+  v1::GenerateResponse last;
+  while (reader->Read(&response)) {
+    for (int i = 0; i < response.token_ids_size(); ++i) {
+      const std::string id = std::to_string(response.token_ids(i));
+      all += (all.empty() ? "" : " ") + id;
+      if (!f.quiet) {
+        std::string piece = id;
+        if (f.logprobs && i < response.logprobs_size()) piece += "(" + std::to_string(response.logprobs(i)) + ")";
+        std::fprintf(stderr, "%s ", piece.c_str());
+        std::fflush(stderr);
+      }
+    }
+    if (response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) last = response;
+  }
+  const grpc::Status s = reader->Finish();
+  if (!f.quiet && !all.empty()) std::fputc('\n', stderr);
+  if (!s.ok()) return Fail("generate", s);
+  if (!f.quiet) {
+    std::fprintf(stderr, "epic generate: %s after %u tokens (prompt %u); first token %.3f s\n",
+                 last.finish_reason() == v1::FINISH_REASON_STOP ? "stopped" : "reached max_tokens",
+                 last.usage().completion_tokens(), last.usage().prompt_tokens(),
+                 last.usage().time_to_first_token_seconds());
+  }
+  std::printf("%s\n", all.c_str());
+  return 0;
+}
+
+int Health(const Connection& c, const std::string& service) {
+  auto channel = c.Channel();
+  if (!channel.ok()) return Fail("health", channel.status());
+  auto stub = grpc::health::v1::Health::NewStub(*channel);
+  grpc::ClientContext ctx;
+  if (const Status s = c.Prepare(&ctx); !s.ok()) return Fail("health", s);
+  if (c.timeout <= 0) ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
+  grpc::health::v1::HealthCheckResponse response;
+  const grpc::Status s = stub->Check(&ctx, request, &response);
+  if (!s.ok()) return Fail("health", s);
+  const bool serving = response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
+  std::printf("%s\n", grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status()).c_str());
+  return serving ? 0 : 1;
+}
+
+template <typename Response>
+int PrintJson(const char* command, const Response& response) {
+  std::string json;
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  options.preserve_proto_field_names = true;
+  options.always_print_primitive_fields = true;
+  (void)google::protobuf::util::MessageToJsonString(response, &json, options);
+  std::printf("%s", json.c_str());
+  (void)command;
+  return 0;
+}
+
+int Info(const Connection& c) {
+  auto channel = c.Channel();
+  if (!channel.ok()) return Fail("info", channel.status());
+  auto stub = v1::Epic::NewStub(*channel);
+  grpc::ClientContext ctx;
+  if (const Status s = c.Prepare(&ctx); !s.ok()) return Fail("info", s);
+  v1::ModelInfo info;
+  const grpc::Status s = stub->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info);
+  if (!s.ok()) return Fail("info", s);
+  return PrintJson("info", info);
+}
+
+int Load(const Connection& c) {
+  auto channel = c.Channel();
+  if (!channel.ok()) return Fail("load", channel.status());
+  auto stub = v1::Epic::NewStub(*channel);
+  grpc::ClientContext ctx;
+  if (const Status s = c.Prepare(&ctx); !s.ok()) return Fail("load", s);
+  v1::LoadReport report;
+  const grpc::Status s = stub->GetLoadReport(&ctx, v1::GetLoadReportRequest(), &report);
+  if (!s.ok()) return Fail("load", s);
+  return PrintJson("load", report);
+}
+
+}  // namespace
+
+std::function<int()> AddClientCommands(CLI::App& app) {
+  // Owned by the returned closures' shared state.
+  auto gen = std::make_shared<GenerateFlags>();
+  CLI::App* generate = app.add_subcommand(
+      "generate", "stream a generation from a server; prints the generated ids on one line (stdout), "
+                  "streaming them on stderr as they arrive. On error: exits 1 printing the gRPC status code");
+  gen->connection.AddFlags(generate);
+  generate->add_option("--tokens", gen->tokens, "prompt token ids, comma-separated, e.g. 5,17,300")->required();
+  generate->add_option("--max-tokens", gen->max_tokens, "tokens to generate at most")->capture_default_str();
+  generate->add_option("--temperature", gen->temperature, "0 is greedy; > 0 samples")->capture_default_str();
+  generate->add_option("--top-p", gen->top_p, "sample within this probability mass, in (0, 1]")->capture_default_str();
+  generate->add_option("--top-k", gen->top_k, "sample among the k most likely tokens (0: all)")->capture_default_str();
+  generate->add_option("--seed", gen->seed, "random seed for sampling")->capture_default_str();
+  generate->add_option("--stop", gen->stop, "stop token ids, comma-separated");
+  generate->add_flag("--ignore-eos", gen->ignore_eos, "keep generating past the model's eos tokens");
+  generate->add_flag("--logprobs", gen->logprobs, "show each token's log-probability (stderr)");
+  generate->add_flag("--quiet", gen->quiet, "print only the final line");
+  generate->add_option("--request-id", gen->request_id, "an id for the server's logs");
+
+  auto conn = std::make_shared<Connection>();
+  auto health_service = std::make_shared<std::string>();
+  CLI::App* health = app.add_subcommand("health", "ask grpc.health.v1 whether the server is serving "
+                                                  "(exit 0: SERVING; prints the status)");
+  conn->AddFlags(health);
+  health->add_option("--service", *health_service, "service name to ask about ('' is the whole server)");
+
+  auto info_conn = std::make_shared<Connection>();
+  CLI::App* info = app.add_subcommand("info", "print the model, ranks, placement and cache use (JSON)");
+  info_conn->AddFlags(info);
+
+  auto load_conn = std::make_shared<Connection>();
+  CLI::App* load = app.add_subcommand("load", "print the expert loads measured since the worker job attached (JSON)");
+  load_conn->AddFlags(load);
+
+  return [=]() -> int {
+    if (generate->parsed()) return Generate(*gen);
+    if (health->parsed()) return Health(*conn, *health_service);
+    if (info->parsed()) return Info(*info_conn);
+    if (load->parsed()) return Load(*load_conn);
+    return -1;
+  };
+}
+
+}  // namespace epic::coordinator

@@ -1,0 +1,135 @@
+// epic-coordinator: the front of an epic cluster. Takes gRPC generation calls, batches
+// them into steps for the attached worker job, owns the latent-cache budget and
+// serves Prometheus metrics. Runs outside the mpirun job and outlives it.
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "coordinator/metrics.h"
+#include "coordinator/server.h"
+
+namespace {
+
+bool ReadFile(const std::string& path, std::string* out) {
+  std::ifstream f(path);
+  std::stringstream text;
+  text << f.rdbuf();
+  if (!f) return false;
+  *out = text.str();
+  return true;
+}
+
+std::string Trimmed(std::string s) {
+  while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ')) s.pop_back();
+  return s;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"epic-coordinator: serves the epic.v1.Epic gRPC API (plus grpc.health.v1 and reflection),\n"
+               "batches requests into steps for a worker job (`mpirun ... epic-worker --coordinator\n"
+               "HOST:PORT`), owns the latent-cache budget and serves Prometheus metrics.\n"
+               "SIGTERM or Ctrl-C drains: no new requests, running ones finish (up to --drain-timeout)."};
+  epic::coordinator::ServerOptions options;
+  std::string metrics_listen = "0.0.0.0:9400";
+  std::string secret_file, auth_token_file, tls_cert, tls_key, ready_file;
+  double step_timeout = 60, drain_timeout = 30;
+  auto& s = options.scheduler;
+  app.add_option("--listen", options.listen, "gRPC address HOST:PORT (port 0: pick a free one)")
+      ->capture_default_str();
+  app.add_option("--metrics-listen", metrics_listen,
+                 "HOST:PORT for Prometheus /metrics (port 0: pick a free one; 'off': none)")
+      ->capture_default_str();
+  app.add_option("--worker-secret-file", secret_file,
+                 "file holding the secret worker jobs must present (default: $EPIC_WORKER_SECRET)");
+  app.add_option("--auth-token-file", auth_token_file,
+                 "file holding a bearer token clients must send (health stays open); default: none");
+  app.add_option("--tls-cert", tls_cert, "PEM certificate chain: serve TLS (with --tls-key)");
+  app.add_option("--tls-key", tls_key, "PEM private key of --tls-cert");
+  app.add_option("--block-size", s.block_size, "tokens per latent-cache block")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--cache-blocks", s.num_blocks,
+                 "latent-cache blocks the worker job holds: the budget requests are admitted against")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--max-waiting", s.max_waiting, "queued requests beyond which calls get RESOURCE_EXHAUSTED")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("--max-running", s.max_running, "most sequences in one step")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--max-step-tokens", s.max_step_tokens,
+                 "token budget of one step: decodes first, then prefill chunks of long prompts")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--step-timeout", step_timeout,
+                 "seconds without a completed step after which the worker job is declared dead")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--drain-timeout", drain_timeout, "seconds running requests get to finish on SIGTERM")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("--ready-file", ready_file,
+                 "write {\"port\": P, \"metrics_port\": M} here once serving (for scripts)");
+  CLI11_PARSE(app, argc, argv);
+
+  auto fail = [](const std::string& message) {
+    std::fprintf(stderr, "epic-coordinator: %s\n", message.c_str());
+    return 2;
+  };
+  if (!secret_file.empty()) {
+    if (!ReadFile(secret_file, &options.worker_secret)) return fail("--worker-secret-file " + secret_file + ": cannot read it");
+    options.worker_secret = Trimmed(options.worker_secret);
+  } else if (const char* env = std::getenv("EPIC_WORKER_SECRET")) {
+    options.worker_secret = env;
+  }
+  if (options.worker_secret.empty()) {
+    return fail("no worker secret: pass --worker-secret-file FILE or set EPIC_WORKER_SECRET");
+  }
+  if (!auth_token_file.empty()) {
+    if (!ReadFile(auth_token_file, &options.auth_token)) return fail("--auth-token-file: cannot read " + auth_token_file);
+    options.auth_token = Trimmed(options.auth_token);
+    if (options.auth_token.empty()) return fail("--auth-token-file " + auth_token_file + " is empty");
+  }
+  if (tls_cert.empty() != tls_key.empty()) return fail("--tls-cert and --tls-key go together");
+  if (!tls_cert.empty()) {
+    if (!ReadFile(tls_cert, &options.tls_cert_pem)) return fail("--tls-cert: cannot read " + tls_cert);
+    if (!ReadFile(tls_key, &options.tls_key_pem)) return fail("--tls-key: cannot read " + tls_key);
+  }
+  options.step_timeout = std::chrono::milliseconds(static_cast<int64_t>(step_timeout * 1000));
+
+  // Signals are taken by sigwait below, never by a handler in a random thread.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);
+
+  std::unique_ptr<epic::coordinator::Metrics> metrics;
+  if (metrics_listen != "off") {
+    auto m = epic::coordinator::Metrics::Start(metrics_listen);
+    if (!m.ok()) return fail(m.status().message());
+    metrics = std::move(m).value();
+  }
+  auto server = epic::coordinator::Server::Start(options, metrics.get());
+  if (!server.ok()) return fail(server.status().message());
+  const int port = (*server)->port();
+  const int metrics_port = metrics ? metrics->port() : 0;
+  std::fprintf(stderr, "epic-coordinator: serving gRPC on port %d%s; metrics %s; waiting for a worker job\n", port,
+               options.tls_cert_pem.empty() ? "" : " (TLS)",
+               metrics ? ("on http port " + std::to_string(metrics_port) + " /metrics").c_str() : "off");
+  if (!ready_file.empty()) {
+    const std::string tmp = ready_file + ".tmp";
+    std::ofstream(tmp) << "{\"port\": " << port << ", \"metrics_port\": " << metrics_port << "}\n";
+    std::rename(tmp.c_str(), ready_file.c_str());
+  }
+
+  int signal = 0;
+  sigwait(&stop_signals, &signal);
+  std::fprintf(stderr, "epic-coordinator: %s: draining (up to %.0f s)\n", signal == SIGTERM ? "SIGTERM" : "SIGINT",
+               drain_timeout);
+  (*server)->Shutdown(std::chrono::milliseconds(static_cast<int64_t>(drain_timeout * 1000)));
+  std::fprintf(stderr, "epic-coordinator: stopped\n");
+  return 0;
+}

@@ -1,0 +1,329 @@
+#include "coordinator/scheduler.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace epic::coordinator {
+
+void RequestStream::Push(RequestEvent event) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    events_.push_back(std::move(event));
+  }
+  cv_.notify_one();
+}
+
+void RequestStream::Wait(std::vector<RequestEvent>* out, std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait_for(lock, timeout, [&] { return !events_.empty(); });
+  while (!events_.empty()) {
+    out->push_back(std::move(events_.front()));
+    events_.pop_front();
+  }
+}
+
+namespace {
+
+double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+Status TokenInVocabulary(const char* field, int index, int32_t id, int64_t vocab) {
+  if (id >= 0 && id < vocab) return OkStatus();
+  return InvalidArgumentError(std::string(field) + "[" + std::to_string(index) + "] is " + std::to_string(id) +
+                              ", outside the vocabulary [0, " + std::to_string(vocab) + ")");
+}
+
+}  // namespace
+
+Scheduler::Scheduler(const SchedulerOptions& options, SchedulerObserver* observer)
+    : options_(options), observer_(observer) {}
+
+void Scheduler::Attach(const v1::ModelSummary& model) {
+  std::lock_guard<std::mutex> lock(mu_);
+  model_ = model;
+  attached_ = true;
+  in_flight_ = false;
+  planned_.clear();
+  free_blocks_.clear();
+  // Handed out from the back: block 0 first.
+  for (int64_t b = options_.num_blocks - 1; b >= 0; --b) free_blocks_.push_back(static_cast<int32_t>(b));
+  ReportLoad();
+}
+
+void Scheduler::Detach(const std::string& why) {
+  std::lock_guard<std::mutex> lock(mu_);
+  attached_ = false;
+  in_flight_ = false;
+  planned_.clear();
+  for (auto& [id, r] : requests_) {
+    if (r.cancelled) continue;
+    RequestEvent e;
+    e.final = true;
+    e.error = UnavailableError("the worker job left (" + why + "); the request was not completed, retry it");
+    r.stream->Push(std::move(e));
+    if (observer_) observer_->Finished(Seconds(Clock::now() - r.arrival), r.spec.prompt_token_ids_size(),
+                                       static_cast<int64_t>(r.output.size()), "unavailable");
+  }
+  requests_.clear();
+  waiting_.clear();
+  running_.clear();
+  free_blocks_.clear();
+  ReportLoad();
+  idle_cv_.notify_all();
+}
+
+void Scheduler::Drain() {
+  std::lock_guard<std::mutex> lock(mu_);
+  draining_ = true;
+}
+
+int64_t Scheduler::BlocksFor(const v1::GenerateRequest& request) const {
+  // Every row the request can write: the prompt and all but the last sampled token.
+  const int64_t rows = request.prompt_token_ids_size() + static_cast<int64_t>(request.max_tokens());
+  return (rows + options_.block_size - 1) / options_.block_size;
+}
+
+Status Scheduler::Validate(const v1::GenerateRequest& request) const {
+  const int64_t vocab = model_.vocab_size();
+  if (request.prompt_token_ids_size() == 0) return InvalidArgumentError("prompt_token_ids is empty");
+  for (int i = 0; i < request.prompt_token_ids_size(); ++i) {
+    EPIC_RETURN_IF_ERROR(TokenInVocabulary("prompt_token_ids", i, request.prompt_token_ids(i), vocab));
+  }
+  for (int i = 0; i < request.stop_token_ids_size(); ++i) {
+    EPIC_RETURN_IF_ERROR(TokenInVocabulary("stop_token_ids", i, request.stop_token_ids(i), vocab));
+  }
+  if (request.max_tokens() < 1) return InvalidArgumentError("max_tokens must be >= 1");
+  const int64_t length = request.prompt_token_ids_size() + static_cast<int64_t>(request.max_tokens());
+  if (length > model_.max_position_embeddings()) {
+    return InvalidArgumentError("max_tokens: the prompt (" + std::to_string(request.prompt_token_ids_size()) +
+                                ") plus max_tokens (" + std::to_string(request.max_tokens()) +
+                                ") is past the model's context of " +
+                                std::to_string(model_.max_position_embeddings()) + " tokens");
+  }
+  if (BlocksFor(request) > options_.num_blocks) {
+    return InvalidArgumentError("max_tokens: the prompt plus max_tokens needs " +
+                                std::to_string(BlocksFor(request)) + " cache blocks, more than the cluster's " +
+                                std::to_string(options_.num_blocks) + " (" +
+                                std::to_string(options_.num_blocks * options_.block_size) + " tokens)");
+  }
+  const v1::SamplingParams& s = request.sampling();
+  if (!std::isfinite(s.temperature()) || s.temperature() < 0) {
+    return InvalidArgumentError("sampling.temperature must be a finite number >= 0");
+  }
+  if (s.has_top_p() && !(s.top_p() > 0 && s.top_p() <= 1)) {
+    return InvalidArgumentError("sampling.top_p must be in (0, 1]");
+  }
+  if (s.top_k() < 0) return InvalidArgumentError("sampling.top_k must be >= 0 (0: no limit)");
+  return OkStatus();
+}
+
+StatusOr<uint64_t> Scheduler::Submit(const v1::GenerateRequest& request, std::shared_ptr<RequestStream> stream) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (draining_) return UnavailableError("the server is shutting down and accepts no new requests");
+  if (!attached_) {
+    return UnavailableError("no worker job is attached (the cluster is starting, or its worker job is "
+                            "being relaunched); retry shortly");
+  }
+  EPIC_RETURN_IF_ERROR(Validate(request));
+  if (static_cast<int64_t>(waiting_.size()) >= options_.max_waiting) {
+    return ResourceExhaustedError("the queue is full (" + std::to_string(options_.max_waiting) +
+                                  " requests waiting); retry later");
+  }
+  Request r;
+  r.id = next_id_++;
+  r.spec = request;
+  r.stream = std::move(stream);
+  r.arrival = Clock::now();
+  const uint64_t id = r.id;
+  requests_.emplace(id, std::move(r));
+  waiting_.push_back(id);
+  ReportLoad();
+  work_cv_.notify_all();
+  return id;
+}
+
+void Scheduler::Cancel(uint64_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = requests_.find(id);
+  if (it == requests_.end() || it->second.cancelled) return;
+  Request& r = it->second;
+  r.cancelled = true;
+  if (observer_) {
+    observer_->Finished(Seconds(Clock::now() - r.arrival), r.spec.prompt_token_ids_size(),
+                        static_cast<int64_t>(r.output.size()), "cancelled");
+  }
+  // A request in the step in flight keeps its blocks until the step returns.
+  const bool in_step = in_flight_ && std::any_of(planned_.begin(), planned_.end(),
+                                                 [id](const Planned& p) { return p.id == id; });
+  if (!in_step) Remove(id);
+  ReportLoad();
+}
+
+void Scheduler::Remove(uint64_t id) {
+  auto it = requests_.find(id);
+  if (it == requests_.end()) return;
+  for (int32_t b : it->second.blocks) free_blocks_.push_back(b);
+  requests_.erase(it);
+  waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), id), waiting_.end());
+  running_.erase(std::remove(running_.begin(), running_.end(), id), running_.end());
+  if (requests_.empty()) idle_cv_.notify_all();
+}
+
+void Scheduler::Admit() {
+  // First come, first served: a request that does not fit holds back those behind it,
+  // so a long one is never starved by a stream of short ones.
+  while (!waiting_.empty() && static_cast<int64_t>(running_.size()) < options_.max_running) {
+    Request& r = requests_.at(waiting_.front());
+    const int64_t need = BlocksFor(r.spec);
+    if (need > static_cast<int64_t>(free_blocks_.size())) break;
+    r.blocks.assign(free_blocks_.end() - need, free_blocks_.end());
+    free_blocks_.resize(free_blocks_.size() - static_cast<size_t>(need));
+    running_.push_back(r.id);
+    waiting_.pop_front();
+  }
+}
+
+bool Scheduler::NextStep(v1::internal::Step* step) {
+  std::lock_guard<std::mutex> lock(mu_);
+  step->Clear();
+  if (!attached_ || in_flight_) return false;
+  Admit();
+  planned_.clear();
+  int64_t budget = options_.max_step_tokens;
+  auto add = [&](Request& r, const int32_t* tokens, int64_t n, bool sample) {
+    v1::internal::SequenceWork* w = step->add_sequences();
+    w->set_sequence_id(r.id);
+    w->mutable_token_ids()->Add(tokens, tokens + n);
+    w->set_position(r.cached);
+    // Only the blocks the rows so far need: the worker checks no more.
+    const int64_t used = (r.cached + n + options_.block_size - 1) / options_.block_size;
+    w->mutable_blocks()->Add(r.blocks.begin(), r.blocks.begin() + used);
+    w->set_sample(sample);
+    if (sample) {
+      *w->mutable_sampling() = r.spec.sampling();
+      w->set_draw(r.output.size());
+      w->set_logprobs(r.spec.logprobs());
+    }
+    planned_.push_back({r.id, n, sample});
+    budget -= n;
+  };
+  // Decodes first, so that a long prefill never stalls the running streams.
+  for (uint64_t id : running_) {
+    Request& r = requests_.at(id);
+    if (r.cancelled || r.output.empty() || budget < 1) continue;
+    add(r, &r.output.back(), 1, true);
+  }
+  for (uint64_t id : running_) {
+    Request& r = requests_.at(id);
+    const int64_t prompt = r.spec.prompt_token_ids_size();
+    if (r.cancelled || r.cached >= prompt || budget < 1) continue;
+    const int64_t n = std::min(prompt - r.cached, budget);
+    add(r, r.spec.prompt_token_ids().data() + r.cached, n, r.cached + n == prompt);
+  }
+  if (planned_.empty()) return false;
+  step->set_step_id(next_step_++);
+  in_flight_ = true;
+  in_flight_step_ = step->step_id();
+  return true;
+}
+
+Status Scheduler::Complete(const v1::internal::StepResult& result) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!in_flight_ || result.step_id() != in_flight_step_) {
+    return InternalError("the worker returned step " + std::to_string(result.step_id()) + ", expected " +
+                         (in_flight_ ? std::to_string(in_flight_step_) : std::string("none")));
+  }
+  in_flight_ = false;
+  ++steps_;
+  std::map<uint64_t, const v1::internal::Sampled*> sampled;
+  for (const auto& s : result.sampled()) sampled[s.sequence_id()] = &s;
+  const Clock::time_point now = Clock::now();
+  for (const Planned& p : planned_) {
+    auto it = requests_.find(p.id);
+    if (it == requests_.end()) continue;
+    Request& r = it->second;
+    if (r.cancelled) {
+      Remove(p.id);
+      continue;
+    }
+    r.cached += p.tokens;
+    if (!p.sample) continue;
+    auto s = sampled.find(p.id);
+    if (s == sampled.end()) {
+      return InternalError("the worker returned no token for sequence " + std::to_string(p.id));
+    }
+    const int32_t token = s->second->token_id();
+    r.output.push_back(token);
+    if (r.output.size() == 1) {
+      r.time_to_first_token = Seconds(now - r.arrival);
+      if (observer_) observer_->FirstToken(r.time_to_first_token);
+    } else if (observer_) {
+      observer_->InterToken(Seconds(now - r.last_token));
+    }
+    r.last_token = now;
+    RequestEvent e;
+    e.tokens.push_back(token);
+    if (r.spec.logprobs()) e.logprobs.push_back(s->second->logprob());
+    r.stream->Push(std::move(e));
+
+    const auto& stops = r.spec.stop_token_ids();
+    const auto& eos = model_.eos_token_ids();
+    if (std::find(stops.begin(), stops.end(), token) != stops.end() ||
+        (!r.spec.ignore_eos() && std::find(eos.begin(), eos.end(), token) != eos.end())) {
+      Finish(r, v1::FINISH_REASON_STOP);
+    } else if (r.output.size() >= r.spec.max_tokens()) {
+      Finish(r, v1::FINISH_REASON_LENGTH);
+    }
+  }
+  planned_.clear();
+  ReportLoad();
+  return OkStatus();
+}
+
+void Scheduler::Finish(Request& r, v1::FinishReason reason) {
+  RequestEvent e;
+  e.final = true;
+  e.finish_reason = reason;
+  e.prompt_tokens = r.spec.prompt_token_ids_size();
+  e.completion_tokens = static_cast<int64_t>(r.output.size());
+  e.time_to_first_token = r.time_to_first_token;
+  r.stream->Push(std::move(e));
+  if (observer_) {
+    observer_->Finished(Seconds(Clock::now() - r.arrival), r.spec.prompt_token_ids_size(),
+                        static_cast<int64_t>(r.output.size()),
+                        reason == v1::FINISH_REASON_STOP ? "stop" : "length");
+  }
+  Remove(r.id);
+}
+
+void Scheduler::ReportLoad() {
+  if (!observer_) return;
+  const double usage = options_.num_blocks > 0 && attached_
+                           ? 1.0 - static_cast<double>(free_blocks_.size()) / static_cast<double>(options_.num_blocks)
+                           : 0.0;
+  observer_->Load(static_cast<int64_t>(running_.size()), static_cast<int64_t>(waiting_.size()), usage);
+}
+
+SchedulerStats Scheduler::Stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  SchedulerStats s;
+  s.running = static_cast<int64_t>(running_.size());
+  s.waiting = static_cast<int64_t>(waiting_.size());
+  s.free_blocks = static_cast<int64_t>(free_blocks_.size());
+  s.total_blocks = options_.num_blocks;
+  s.steps = steps_;
+  s.attached = attached_;
+  s.draining = draining_;
+  return s;
+}
+
+void Scheduler::WaitForWork(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  work_cv_.wait_for(lock, timeout, [&] { return !waiting_.empty() || !running_.empty(); });
+}
+
+bool Scheduler::WaitIdle(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  return idle_cv_.wait_for(lock, timeout, [&] { return requests_.empty(); });
+}
+
+}  // namespace epic::coordinator

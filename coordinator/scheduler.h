@@ -1,0 +1,162 @@
+// The coordinator's scheduler: requests queue here, are admitted when their cache
+// blocks fit, and are packed into steps (continuous batching, chunked prefill); the
+// worker job's results flow back to each request's stream. Thread-safe: RPC handlers
+// submit and cancel while the worker link builds and completes steps.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "epic.pb.h"
+#include "worker_link.pb.h"
+
+namespace epic::coordinator {
+
+using Clock = std::chrono::steady_clock;
+
+// What a request's caller receives, in order: tokens as they are sampled, then one
+// final event (finished, or an error).
+struct RequestEvent {
+  std::vector<int32_t> tokens;
+  std::vector<float> logprobs;
+  bool final = false;
+  v1::FinishReason finish_reason = v1::FINISH_REASON_UNSPECIFIED;
+  Status error;  // on a final event: not OK when the request failed
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+  double time_to_first_token = 0.0;
+};
+
+// A request's outbox: the scheduler pushes, the RPC handler waits.
+class RequestStream {
+ public:
+  void Push(RequestEvent event);
+  // Moves the pending events into OUT, waiting up to TIMEOUT for one.
+  void Wait(std::vector<RequestEvent>* out, std::chrono::milliseconds timeout);
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<RequestEvent> events_;
+};
+
+// Where the scheduler reports what the serving metrics count (coordinator/metrics.h
+// exports them to Prometheus). All optional to implement.
+class SchedulerObserver {
+ public:
+  virtual ~SchedulerObserver() = default;
+  virtual void FirstToken(double /*seconds_since_arrival*/) {}
+  virtual void InterToken(double /*seconds*/) {}
+  virtual void Finished(double /*e2e_seconds*/, int64_t /*prompt*/, int64_t /*completion*/,
+                        const std::string& /*outcome*/) {}
+  virtual void Load(int64_t /*running*/, int64_t /*waiting*/, double /*cache_usage*/) {}
+};
+
+struct SchedulerOptions {
+  int64_t block_size = 16;        // tokens per cache block
+  int64_t num_blocks = 1024;      // the cache budget of the worker job
+  int64_t max_waiting = 256;      // queued requests beyond which Submit says RESOURCE_EXHAUSTED
+  int64_t max_running = 64;       // sequences in one step
+  int64_t max_step_tokens = 256;  // tokens in one step (decodes first, then prefill chunks)
+};
+
+struct SchedulerStats {
+  int64_t running = 0;
+  int64_t waiting = 0;
+  int64_t free_blocks = 0;
+  int64_t total_blocks = 0;
+  int64_t steps = 0;
+  bool attached = false;
+  bool draining = false;
+};
+
+class Scheduler {
+ public:
+  explicit Scheduler(const SchedulerOptions& options, SchedulerObserver* observer = nullptr);
+
+  const SchedulerOptions& options() const { return options_; }
+
+  // A worker job serving MODEL attached: requests are accepted from now on.
+  void Attach(const v1::ModelSummary& model);
+  // The worker job left: every request ends UNAVAILABLE with WHY, the cache budget
+  // is reset, and new requests are refused until a job attaches again.
+  void Detach(const std::string& why);
+  // Stops admitting new requests (graceful shutdown); running ones go on.
+  void Drain();
+
+  // Validates REQUEST (INVALID_ARGUMENT naming the field), then queues it; its events
+  // go to STREAM. RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE when no
+  // worker job is attached or the server is draining. Returns the request's id.
+  StatusOr<uint64_t> Submit(const v1::GenerateRequest& request, std::shared_ptr<RequestStream> stream);
+  // Ends a request (cancelled by its caller or past its deadline) and frees its blocks;
+  // no further events reach its stream. Unknown ids are ignored.
+  void Cancel(uint64_t id);
+
+  // Builds the next step into STEP: admits waiting requests whose blocks fit, then
+  // one token for every decoding sequence and prefill chunks up to the token budget.
+  // False when there is nothing to run. One step at a time: call Complete before the next.
+  bool NextStep(v1::internal::Step* step);
+  // Applies the results of the step in flight. INTERNAL when they do not match it.
+  Status Complete(const v1::internal::StepResult& result);
+
+  // Until a request waits or runs, or TIMEOUT passes.
+  void WaitForWork(std::chrono::milliseconds timeout);
+
+  SchedulerStats Stats() const;
+  // Until the number of running and waiting requests is zero or TIMEOUT passes.
+  bool WaitIdle(std::chrono::milliseconds timeout);
+
+ private:
+  struct Request {
+    uint64_t id = 0;
+    v1::GenerateRequest spec;
+    std::shared_ptr<RequestStream> stream;
+    std::vector<int32_t> blocks;
+    std::vector<int32_t> output;
+    int64_t cached = 0;  // tokens whose rows are in the cache
+    Clock::time_point arrival, last_token;
+    double time_to_first_token = 0.0;
+    bool cancelled = false;
+  };
+  struct Planned {
+    uint64_t id;
+    int64_t tokens;
+    bool sample;
+  };
+
+  Status Validate(const v1::GenerateRequest& request) const;
+  int64_t BlocksFor(const v1::GenerateRequest& request) const;
+  void Finish(Request& r, v1::FinishReason reason);
+  void Remove(uint64_t id);
+  void Admit();
+  void ReportLoad();
+
+  SchedulerOptions options_;
+  SchedulerObserver* observer_;
+  mutable std::mutex mu_;
+  std::condition_variable idle_cv_;
+  std::condition_variable work_cv_;
+  bool attached_ = false;
+  bool draining_ = false;
+  v1::ModelSummary model_;
+  uint64_t next_id_ = 1;
+  uint64_t next_step_ = 1;
+  int64_t steps_ = 0;
+  std::deque<uint64_t> waiting_;
+  std::vector<uint64_t> running_;  // in admission order
+  std::map<uint64_t, Request> requests_;
+  std::vector<int32_t> free_blocks_;
+  bool in_flight_ = false;
+  uint64_t in_flight_step_ = 0;
+  std::vector<Planned> planned_;
+};
+
+}  // namespace epic::coordinator

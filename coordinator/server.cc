@@ -1,0 +1,340 @@
+#include "coordinator/server.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdio>
+#include <deque>
+#include <mutex>
+#include <thread>
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "epic.grpc.pb.h"
+#include "worker_link.grpc.pb.h"
+
+namespace epic::coordinator {
+
+namespace {
+
+grpc::Status ToGrpc(const Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  grpc::StatusCode code = grpc::StatusCode::INTERNAL;
+  switch (s.code()) {
+    case StatusCode::kOk: code = grpc::StatusCode::OK; break;
+    case StatusCode::kInvalidArgument: code = grpc::StatusCode::INVALID_ARGUMENT; break;
+    case StatusCode::kNotFound: code = grpc::StatusCode::NOT_FOUND; break;
+    case StatusCode::kDataLoss: code = grpc::StatusCode::DATA_LOSS; break;
+    case StatusCode::kFailedPrecondition: code = grpc::StatusCode::FAILED_PRECONDITION; break;
+    case StatusCode::kResourceExhausted: code = grpc::StatusCode::RESOURCE_EXHAUSTED; break;
+    case StatusCode::kUnimplemented: code = grpc::StatusCode::UNIMPLEMENTED; break;
+    case StatusCode::kInternal: code = grpc::StatusCode::INTERNAL; break;
+    case StatusCode::kUnavailable: code = grpc::StatusCode::UNAVAILABLE; break;
+    case StatusCode::kCancelled: code = grpc::StatusCode::CANCELLED; break;
+    case StatusCode::kDeadlineExceeded: code = grpc::StatusCode::DEADLINE_EXCEEDED; break;
+    case StatusCode::kUnauthenticated: code = grpc::StatusCode::UNAUTHENTICATED; break;
+  }
+  return grpc::Status(code, s.message());
+}
+
+// Equal strings, in time that does not depend on where they differ.
+bool SecretsMatch(const std::string& a, const std::string& b) {
+  if (a.size() != b.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
+  return diff == 0;
+}
+
+void Log(const std::string& line) {
+  const std::string text = "epic-coordinator: " + line + "\n";
+  std::fputs(text.c_str(), stderr);
+}
+
+}  // namespace
+
+struct Server::Impl final : v1::Epic::Service, v1::internal::WorkerLink::Service {
+  ServerOptions options;
+  Metrics* metrics = nullptr;
+  Scheduler scheduler;
+  std::unique_ptr<grpc::Server> server;
+  int port = 0;
+  std::atomic<bool> stopping{false};
+
+  std::mutex mu;  // guards what follows
+  bool attached = false;
+  v1::internal::Hello worker;  // the attached job's hello (secret cleared)
+  int64_t attachments = 0;
+  int64_t load_steps = 0;
+  std::vector<std::vector<int64_t>> loads;  // [layer][expert], since the job attached
+
+  Impl(const ServerOptions& o, Metrics* m) : options(o), metrics(m), scheduler(o.scheduler, m) {}
+
+  void SetServing(bool serving) {
+    auto* health = server->GetHealthCheckService();
+    health->SetServingStatus(serving);
+    health->SetServingStatus("epic.v1.Epic", serving);
+    if (metrics) metrics->WorkerAttached(serving);
+  }
+
+  grpc::Status Authorize(grpc::ServerContext* ctx) const {
+    if (options.auth_token.empty()) return grpc::Status::OK;
+    const auto& md = ctx->client_metadata();
+    auto it = md.find("authorization");
+    if (it != md.end() &&
+        SecretsMatch(std::string(it->second.data(), it->second.size()), "Bearer " + options.auth_token)) {
+      return grpc::Status::OK;
+    }
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "this server needs 'authorization: Bearer <token>' metadata (epic --auth-token-file)");
+  }
+
+  // --- epic.v1.Epic ---
+
+  grpc::Status Generate(grpc::ServerContext* ctx, const v1::GenerateRequest* request,
+                        grpc::ServerWriter<v1::GenerateResponse>* writer) override {
+    if (grpc::Status s = Authorize(ctx); !s.ok()) return s;
+    auto stream = std::make_shared<RequestStream>();
+    auto id = scheduler.Submit(*request, stream);
+    if (!id.ok()) return ToGrpc(id.status());
+    std::vector<RequestEvent> events;
+    for (;;) {
+      events.clear();
+      stream->Wait(&events, std::chrono::milliseconds(50));
+      v1::GenerateResponse response;
+      response.set_request_id(request->request_id());
+      const RequestEvent* last = nullptr;
+      for (const RequestEvent& e : events) {
+        response.mutable_token_ids()->Add(e.tokens.begin(), e.tokens.end());
+        response.mutable_logprobs()->Add(e.logprobs.begin(), e.logprobs.end());
+        if (e.final) last = &e;
+      }
+      if (last != nullptr && last->error.ok()) {
+        response.set_finish_reason(last->finish_reason);
+        v1::Usage* usage = response.mutable_usage();
+        usage->set_prompt_tokens(static_cast<uint32_t>(last->prompt_tokens));
+        usage->set_completion_tokens(static_cast<uint32_t>(last->completion_tokens));
+        usage->set_time_to_first_token_seconds(last->time_to_first_token);
+      }
+      if ((response.token_ids_size() > 0 || (last && last->error.ok())) && !writer->Write(response)) {
+        scheduler.Cancel(*id);
+        return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+      }
+      if (last != nullptr) return ToGrpc(last->error);
+      if (ctx->IsCancelled()) {
+        scheduler.Cancel(*id);
+        if (std::chrono::system_clock::now() >= ctx->deadline()) {
+          return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the request's deadline passed");
+        }
+        return grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the request");
+      }
+    }
+  }
+
+  grpc::Status GetModelInfo(grpc::ServerContext* ctx, const v1::GetModelInfoRequest*, v1::ModelInfo* info) override {
+    if (grpc::Status s = Authorize(ctx); !s.ok()) return s;
+    const SchedulerStats stats = scheduler.Stats();
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      info->set_worker_attached(attached);
+      info->set_worker_attachments(attachments);
+      if (attached) {
+        *info->mutable_model() = worker.model();
+        *info->mutable_ranks() = worker.ranks();
+        *info->mutable_placement() = worker.placement();
+      }
+    }
+    v1::CacheInfo* cache = info->mutable_cache();
+    cache->set_block_size(options.scheduler.block_size);
+    cache->set_total_blocks(stats.total_blocks);
+    cache->set_free_blocks(stats.attached ? stats.free_blocks : stats.total_blocks);
+    info->set_requests_running(stats.running);
+    info->set_requests_waiting(stats.waiting);
+    info->set_steps(stats.steps);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status GetLoadReport(grpc::ServerContext* ctx, const v1::GetLoadReportRequest*,
+                             v1::LoadReport* report) override {
+    if (grpc::Status s = Authorize(ctx); !s.ok()) return s;
+    std::lock_guard<std::mutex> lock(mu);
+    report->set_steps(load_steps);
+    for (size_t l = 0; l < loads.size(); ++l) {
+      if (loads[l].empty()) continue;
+      v1::LayerLoad* layer = report->add_layers();
+      layer->set_layer(static_cast<int32_t>(l));
+      layer->mutable_expert_tokens()->Add(loads[l].begin(), loads[l].end());
+    }
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Rebalance(grpc::ServerContext* ctx, const v1::RebalanceRequest*, v1::RebalanceResponse*) override {
+    if (grpc::Status s = Authorize(ctx); !s.ok()) return s;
+    return grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
+                        "live rebalancing is not built yet; `epic plan` computes placements offline");
+  }
+
+  // --- the worker link ---
+
+  grpc::Status Attach(grpc::ServerContext* ctx,
+                      grpc::ServerReaderWriter<v1::internal::CoordinatorMessage, v1::internal::WorkerMessage>* stream)
+      override {
+    v1::internal::WorkerMessage first;
+    if (!stream->Read(&first) || !first.has_hello()) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "a worker must begin with its hello");
+    }
+    if (!SecretsMatch(first.hello().secret(), options.worker_secret)) {
+      Log("refused a worker job from " + ctx->peer() + ": wrong worker secret");
+      return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "wrong worker secret");
+    }
+    if (stopping) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the coordinator is shutting down");
+    const v1::ModelSummary& model = first.hello().model();
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (attached) {
+        Log("refused a second worker job from " + ctx->peer());
+        return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "a worker job is already attached");
+      }
+      attached = true;
+      ++attachments;
+      worker = first.hello();
+      worker.clear_secret();
+      load_steps = 0;
+      loads.assign(static_cast<size_t>(model.num_hidden_layers()), {});
+    }
+    v1::internal::CoordinatorMessage welcome;
+    welcome.mutable_welcome()->set_block_size(options.scheduler.block_size);
+    welcome.mutable_welcome()->set_num_blocks(options.scheduler.num_blocks);
+    std::string why = "the worker link closed";
+    if (stream->Write(welcome)) {
+      scheduler.Attach(model);
+      SetServing(true);
+      Log("worker job attached from " + ctx->peer() + ": " + std::to_string(first.hello().ranks_size()) +
+          " rank(s), " + model.model_type() + " with " + std::to_string(model.num_hidden_layers()) + " layers");
+      why = RunSteps(ctx, stream);
+      SetServing(false);
+      scheduler.Detach(why);
+      Log("worker job detached: " + why);
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      attached = false;
+    }
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, why);
+  }
+
+  // Feeds steps to the attached job until it leaves or fails; returns why it ended.
+  std::string RunSteps(
+      grpc::ServerContext* ctx,
+      grpc::ServerReaderWriter<v1::internal::CoordinatorMessage, v1::internal::WorkerMessage>* stream) {
+    std::mutex inbox_mu;
+    std::condition_variable inbox_cv;
+    std::deque<v1::internal::WorkerMessage> inbox;
+    bool closed = false;
+    std::thread reader([&] {
+      v1::internal::WorkerMessage m;
+      while (stream->Read(&m)) {
+        std::lock_guard<std::mutex> lock(inbox_mu);
+        inbox.push_back(std::move(m));
+        inbox_cv.notify_all();
+      }
+      std::lock_guard<std::mutex> lock(inbox_mu);
+      closed = true;
+      inbox_cv.notify_all();
+    });
+    auto finish = [&](std::string why) {
+      ctx->TryCancel();
+      reader.join();
+      return why;
+    };
+    v1::internal::CoordinatorMessage message;
+    for (;;) {
+      if (stopping) return finish("the coordinator is shutting down");
+      {
+        std::lock_guard<std::mutex> lock(inbox_mu);
+        if (closed) return finish("the worker link closed");
+      }
+      if (!scheduler.NextStep(message.mutable_step())) {
+        scheduler.WaitForWork(std::chrono::milliseconds(100));
+        continue;
+      }
+      const auto sent = Clock::now();
+      if (!stream->Write(message)) return finish("the worker link closed");
+      v1::internal::WorkerMessage reply;
+      {
+        std::unique_lock<std::mutex> lock(inbox_mu);
+        if (!inbox_cv.wait_for(lock, options.step_timeout, [&] { return !inbox.empty() || closed; })) {
+          lock.unlock();
+          return finish("no step completed in " + std::to_string(options.step_timeout.count() / 1000.0) +
+                        " s: the worker job is stuck");
+        }
+        if (inbox.empty()) {
+          lock.unlock();
+          return finish("the worker link closed during a step");
+        }
+        reply = std::move(inbox.front());
+        inbox.pop_front();
+      }
+      if (reply.has_error()) return finish("the worker job failed: " + reply.error());
+      if (!reply.has_result()) return finish("the worker sent something other than a step result");
+      if (const Status s = scheduler.Complete(reply.result()); !s.ok()) return finish(s.message());
+      if (metrics) {
+        metrics->StepCompleted(std::chrono::duration<double>(Clock::now() - sent).count(),
+                               message.step().sequences_size());
+      }
+      std::lock_guard<std::mutex> lock(mu);
+      ++load_steps;
+      for (const v1::LayerLoad& layer : reply.result().expert_tokens()) {
+        if (layer.layer() < 0 || static_cast<size_t>(layer.layer()) >= loads.size()) continue;
+        auto& row = loads[static_cast<size_t>(layer.layer())];
+        row.resize(static_cast<size_t>(std::max<int64_t>(static_cast<int64_t>(row.size()), layer.expert_tokens_size())));
+        for (int e = 0; e < layer.expert_tokens_size(); ++e) row[static_cast<size_t>(e)] += layer.expert_tokens(e);
+      }
+    }
+  }
+};
+
+Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Server::~Server() {
+  if (impl_ && impl_->server) Shutdown(std::chrono::milliseconds(0));
+}
+
+StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& options, Metrics* metrics) {
+  if (options.worker_secret.empty()) return InvalidArgumentError("a worker secret is required");
+  auto impl = std::make_unique<Impl>(options, metrics);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (!options.tls_cert_pem.empty()) {
+    grpc::SslServerCredentialsOptions ssl;
+    ssl.pem_key_cert_pairs.push_back({options.tls_key_pem, options.tls_cert_pem});
+    creds = grpc::SslServerCredentials(ssl);
+  }
+  builder.AddListeningPort(options.listen, creds, &impl->port);
+  builder.RegisterService(static_cast<v1::Epic::Service*>(impl.get()));
+  builder.RegisterService(static_cast<v1::internal::WorkerLink::Service*>(impl.get()));
+  impl->server = builder.BuildAndStart();
+  if (!impl->server || impl->port == 0) {
+    return UnavailableError("cannot listen on " + options.listen + " (address in use, or not an address)");
+  }
+  impl->SetServing(false);
+  return std::unique_ptr<Server>(new Server(std::move(impl)));
+}
+
+int Server::port() const { return impl_->port; }
+
+void Server::Shutdown(std::chrono::milliseconds drain) {
+  if (!impl_->server) return;
+  impl_->scheduler.Drain();
+  impl_->server->GetHealthCheckService()->SetServingStatus(false);
+  if (!impl_->scheduler.WaitIdle(drain)) Log("drain timed out; ending the requests still running");
+  impl_->stopping = true;
+  impl_->scheduler.Detach("the coordinator is shutting down");
+  impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  impl_->server->Wait();
+  impl_->server.reset();
+}
+
+}  // namespace epic::coordinator

@@ -1,0 +1,44 @@
+// The coordinator's gRPC server: the client API (epic.v1.Epic), the worker link, the
+// standard health service and reflection. It outlives worker jobs: when one leaves,
+// requests in flight end UNAVAILABLE and the next job to attach takes over.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "common/status.h"
+#include "coordinator/metrics.h"
+#include "coordinator/scheduler.h"
+
+namespace epic::coordinator {
+
+struct ServerOptions {
+  std::string listen = "0.0.0.0:50051";  // HOST:PORT; port 0 picks a free one
+  std::string worker_secret;              // a worker job must present it to attach
+  std::string auth_token;                 // clients must send "authorization: Bearer <it>"; empty: open
+  std::string tls_cert_pem, tls_key_pem;  // both set: TLS; else plaintext
+  // A worker job that completes no step in this long is declared dead.
+  std::chrono::milliseconds step_timeout{std::chrono::seconds(60)};
+  SchedulerOptions scheduler;
+};
+
+class Server {
+ public:
+  // Starts serving. METRICS (optional) receives the serving metrics; it must outlive the server.
+  static StatusOr<std::unique_ptr<Server>> Start(const ServerOptions& options, Metrics* metrics);
+  ~Server();
+
+  int port() const;
+  // Graceful stop: refuse new requests, let running ones finish for up to DRAIN,
+  // end the rest UNAVAILABLE, close the worker link and stop serving.
+  void Shutdown(std::chrono::milliseconds drain);
+
+  struct Impl;
+
+ private:
+  explicit Server(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace epic::coordinator

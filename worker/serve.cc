@@ -1,0 +1,343 @@
+#include "worker/serve.h"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+
+#include "worker/sampler.h"
+#include "worker_link.grpc.pb.h"
+
+namespace epic {
+
+v1::ModelSummary SummarizeModel(const ModelConfig& c) {
+  v1::ModelSummary m;
+  m.set_model_type(c.model_type);
+  m.set_vocab_size(c.vocab_size);
+  m.set_hidden_size(c.hidden_size);
+  m.set_num_hidden_layers(c.num_hidden_layers);
+  m.set_num_attention_heads(c.num_attention_heads);
+  m.set_n_routed_experts(c.n_routed_experts);
+  m.set_n_shared_experts(c.n_shared_experts);
+  m.set_num_experts_per_tok(c.num_experts_per_tok);
+  m.set_max_position_embeddings(c.max_position_embeddings);
+  m.set_topk_method(TopkMethodName(c.topk_method));
+  m.set_n_group(c.n_group);
+  m.set_topk_group(c.topk_group);
+  m.set_first_k_dense_replace(c.first_k_dense_replace);
+  for (int64_t id : c.eos_token_ids) m.add_eos_token_ids(static_cast<int32_t>(id));
+  return m;
+}
+
+void DescribePlacement(const parallel::ExpertPlacement& placement,
+                       google::protobuf::RepeatedPtrField<v1::LayerPlacement>* out) {
+  for (int64_t l = 0; l < placement.num_layers(); ++l) {
+    if (!placement.is_moe_layer(l)) continue;
+    v1::LayerPlacement* layer = out->Add();
+    layer->set_layer(static_cast<int32_t>(l));
+    for (int r = 0; r < placement.num_ranks(); ++r) {
+      const auto& slots = placement.slots(l, r);
+      layer->add_ranks()->mutable_experts()->Add(slots.begin(), slots.end());
+    }
+  }
+}
+
+Status RunStep(Model& model, LatentCache& cache, const v1::internal::Step& step, v1::internal::StepResult* result) {
+  const ModelConfig& c = model.config();
+  const int n = step.sequences_size();
+  std::vector<BlockTable> tables(static_cast<size_t>(n));
+  std::vector<SequenceStep> batch(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) {
+    const v1::internal::SequenceWork& w = step.sequences(i);
+    const std::string who = "step " + std::to_string(step.step_id()) + ", sequence " + std::to_string(w.sequence_id());
+    if (w.token_ids_size() == 0) return InvalidArgumentError(who + ": no tokens");
+    if (w.position() < 0 || w.position() + w.token_ids_size() > c.max_position_embeddings) {
+      return InvalidArgumentError(who + ": positions past the model's context");
+    }
+    for (int32_t b : w.blocks()) {
+      if (b < 0 || b >= cache.num_blocks()) {
+        return InvalidArgumentError(who + ": cache block " + std::to_string(b) + " outside [0, " +
+                                    std::to_string(cache.num_blocks()) + ")");
+      }
+    }
+    if (cache.BlocksFor(w.position() + w.token_ids_size()) > w.blocks_size()) {
+      return InvalidArgumentError(who + ": too few cache blocks for its positions");
+    }
+    tables[i].blocks.assign(w.blocks().begin(), w.blocks().end());
+    tables[i].num_tokens = w.position();
+    batch[i] = SequenceStep{&tables[i], {w.token_ids().data(), static_cast<size_t>(w.token_ids_size())}, false};
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<float> logits;
+  ExpertCounts counts;
+  EPIC_RETURN_IF_ERROR(model.Forward(batch, &cache, &logits, &counts));
+  EPIC_RETURN_IF_ERROR(model.ReduceExpertCounts(&counts));
+  if (model.comm().rank() != 0) return OkStatus();
+
+  result->Clear();
+  result->set_step_id(step.step_id());
+  for (int i = 0; i < n; ++i) {
+    const v1::internal::SequenceWork& w = step.sequences(i);
+    if (!w.sample()) continue;
+    const float* row = logits.data() + static_cast<size_t>(i) * static_cast<size_t>(c.vocab_size);
+    SamplingParams p;
+    p.temperature = w.sampling().temperature();
+    p.top_k = w.sampling().top_k();
+    p.top_p = w.sampling().has_top_p() ? w.sampling().top_p() : 1.0;
+    p.seed = w.sampling().seed();
+    EPIC_RETURN_IF_ERROR(ValidateSamplingParams(p));
+    v1::internal::Sampled* s = result->add_sampled();
+    s->set_sequence_id(w.sequence_id());
+    s->set_token_id(Sampler(p, w.draw()).Sample(row, c.vocab_size));
+    if (w.logprobs()) s->set_logprob(LogProbability(row, c.vocab_size, s->token_id()));
+  }
+  for (size_t l = 0; l < counts.tokens.size(); ++l) {
+    if (counts.tokens[l].empty()) continue;
+    v1::LayerLoad* load = result->add_expert_tokens();
+    load->set_layer(static_cast<int32_t>(l));
+    load->mutable_expert_tokens()->Add(counts.tokens[l].begin(), counts.tokens[l].end());
+  }
+  result->set_seconds(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  return OkStatus();
+}
+
+namespace {
+
+// What rank 0 tells the others before each broadcast payload.
+enum class Command : int64_t { kHeartbeat = 0, kWelcome = 1, kStep = 2, kStop = 3 };
+
+struct RankRecord {
+  char host[64];
+  int64_t pid;
+  int64_t weight_bytes;
+};
+
+// Rank 0's side of the link: a reader thread queues what the coordinator sends.
+class Link {
+ public:
+  Link(const WorkerOptions& options) : options_(options) {}
+  ~Link() {
+    if (reader_.joinable()) {
+      context_.TryCancel();
+      reader_.join();
+    }
+  }
+
+  Status Open(const v1::internal::Hello& hello, v1::internal::Welcome* welcome) {
+    std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
+    if (!options_.tls_ca.empty()) {
+      std::ifstream f(options_.tls_ca);
+      std::stringstream pem;
+      pem << f.rdbuf();
+      if (!f) return InvalidArgumentError("--tls-ca " + options_.tls_ca + ": cannot read it");
+      grpc::SslCredentialsOptions ssl;
+      ssl.pem_root_certs = pem.str();
+      creds = grpc::SslCredentials(ssl);
+    }
+    channel_ = grpc::CreateChannel(options_.coordinator, creds);
+    const auto deadline = std::chrono::system_clock::now() + options_.connect_timeout;
+    if (!channel_->WaitForConnected(deadline)) {
+      return UnavailableError("cannot reach the coordinator at " + options_.coordinator + " within " +
+                              std::to_string(options_.connect_timeout.count()) + " s");
+    }
+    stub_ = v1::internal::WorkerLink::NewStub(channel_);
+    stream_ = stub_->Attach(&context_);
+    v1::internal::WorkerMessage m;
+    *m.mutable_hello() = hello;
+    v1::internal::CoordinatorMessage reply;
+    if (!stream_->Write(m) || !stream_->Read(&reply) || !reply.has_welcome()) {
+      const grpc::Status s = stream_->Finish();
+      return UnavailableError("the coordinator at " + options_.coordinator + " refused the worker job: " +
+                              (s.ok() ? std::string("no welcome") : s.error_message()));
+    }
+    *welcome = reply.welcome();
+    reader_ = std::thread([this] { ReadLoop(); });
+    return OkStatus();
+  }
+
+  // The next step; false on timeout. UNAVAILABLE once the link has closed.
+  StatusOr<bool> Next(v1::internal::Step* step, std::chrono::milliseconds timeout) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, timeout, [&] { return !steps_.empty() || closed_; });
+    if (!steps_.empty()) {
+      *step = std::move(steps_.front());
+      steps_.pop_front();
+      return true;
+    }
+    if (closed_) return UnavailableError("the coordinator closed the link");
+    return false;
+  }
+
+  bool Send(const v1::internal::WorkerMessage& m) { return stream_->Write(m); }
+  void Done() { done_ = true; }
+
+ private:
+  void ReadLoop() {
+    v1::internal::CoordinatorMessage m;
+    while (stream_->Read(&m)) {
+      if (!m.has_step()) continue;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        steps_.push_back(std::move(*m.mutable_step()));
+      }
+      cv_.notify_all();
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      closed_ = true;
+    }
+    cv_.notify_all();
+    // The main thread may be inside a step that never ends (a hung collective): give
+    // it time to notice, then end this process so that mpirun ends the job.
+    for (int i = 0; i < 100 && !done_; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (!done_) {
+      std::fprintf(stderr, "epic-worker: rank 0: the coordinator link closed during a step; ending the job\n");
+      std::_Exit(4);
+    }
+  }
+
+  WorkerOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::internal::WorkerLink::Stub> stub_;
+  grpc::ClientContext context_;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::internal::WorkerMessage, v1::internal::CoordinatorMessage>> stream_;
+  std::thread reader_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<v1::internal::Step> steps_;
+  bool closed_ = false;
+  std::atomic<bool> done_{false};
+};
+
+// Rank 0 sends COMMAND and PAYLOAD to every rank; the others receive them.
+Status Exchange(parallel::Communicator& comm, Command* command, std::string* payload) {
+  int64_t header[2] = {static_cast<int64_t>(*command), static_cast<int64_t>(payload->size())};
+  EPIC_RETURN_IF_ERROR(comm.Broadcast(header, sizeof header, 0));
+  *command = static_cast<Command>(header[0]);
+  payload->resize(static_cast<size_t>(header[1]));
+  if (header[1] > 0) EPIC_RETURN_IF_ERROR(comm.Broadcast(payload->data(), header[1], 0));
+  return OkStatus();
+}
+
+}  // namespace
+
+Status ServeCoordinator(Model& model, const WorkerOptions& options, const std::string& device) {
+  parallel::Communicator& comm = model.comm();
+  const int rank = comm.rank();
+  const int ranks = comm.size();
+
+  RankRecord mine{};
+  gethostname(mine.host, sizeof mine.host - 1);
+  mine.pid = getpid();
+  mine.weight_bytes = model.weights().matrix_bytes;
+  std::vector<RankRecord> all(static_cast<size_t>(ranks));
+  std::vector<int64_t> sizes(static_cast<size_t>(ranks), sizeof(RankRecord));
+  EPIC_RETURN_IF_ERROR(comm.AllGather(&mine, all.data(), sizes));
+
+  std::unique_ptr<Link> link;
+  Command command = Command::kWelcome;
+  std::string payload;
+  Status failure;
+  if (rank == 0) {
+    v1::internal::Hello hello;
+    hello.set_secret(options.secret);
+    *hello.mutable_model() = SummarizeModel(model.config());
+    for (int r = 0; r < ranks; ++r) {
+      v1::RankInfo* info = hello.add_ranks();
+      info->set_rank(r);
+      info->set_host(all[r].host);
+      info->set_pid(all[r].pid);
+      info->set_weight_bytes(all[r].weight_bytes);
+      info->set_device(device);
+    }
+    DescribePlacement(model.placement(), hello.mutable_placement());
+    link = std::make_unique<Link>(options);
+    v1::internal::Welcome welcome;
+    failure = link->Open(hello, &welcome);
+    if (failure.ok()) {
+      welcome.SerializeToString(&payload);
+    } else {
+      command = Command::kStop;
+    }
+  }
+  EPIC_RETURN_IF_ERROR(Exchange(comm, &command, &payload));
+  if (command == Command::kStop) {
+    return rank == 0 ? failure : UnavailableError("rank 0 could not attach to the coordinator");
+  }
+  v1::internal::Welcome welcome;
+  if (!welcome.ParseFromString(payload) || welcome.block_size() < 1 || welcome.num_blocks() < 1) {
+    return InternalError("the coordinator's welcome is malformed");
+  }
+  std::unique_ptr<LatentCache> cache;
+  try {
+    cache = model.MakeCache(welcome.block_size(), welcome.num_blocks());
+  } catch (const std::bad_alloc&) {
+    return ResourceExhaustedError("cannot allocate a latent cache of " + std::to_string(welcome.num_blocks()) +
+                                  " blocks of " + std::to_string(welcome.block_size()) +
+                                  " tokens (lower the coordinator's --cache-blocks)");
+  }
+  if (rank == 0) {
+    std::fprintf(stderr, "epic-worker: attached to %s with %d rank%s; cache %lld blocks of %lld tokens\n",
+                 options.coordinator.c_str(), ranks, ranks == 1 ? "" : "s",
+                 static_cast<long long>(welcome.num_blocks()), static_cast<long long>(welcome.block_size()));
+  }
+
+  v1::internal::Step step;
+  v1::internal::StepResult result;
+  for (;;) {
+    if (rank == 0) {
+      payload.clear();
+      auto next = link->Next(&step, options.heartbeat);
+      if (!next.ok()) {
+        command = Command::kStop;
+        failure = next.status();
+      } else if (*next) {
+        command = Command::kStep;
+        step.SerializeToString(&payload);
+      } else {
+        command = Command::kHeartbeat;
+      }
+    }
+    EPIC_RETURN_IF_ERROR(Exchange(comm, &command, &payload));
+    if (command == Command::kHeartbeat) continue;
+    if (command == Command::kStop) {
+      if (link) link->Done();
+      return rank == 0 ? failure : UnavailableError("rank 0 lost the coordinator link");
+    }
+    if (rank != 0 && !step.ParseFromString(payload)) return InternalError("a step arrived malformed");
+    const Status s = RunStep(model, *cache, step, &result);
+    if (!s.ok()) {
+      // Every rank sees the same step, so every rank fails the same way.
+      if (rank == 0) {
+        v1::internal::WorkerMessage m;
+        m.set_error(s.ToString());
+        link->Send(m);
+        link->Done();
+      }
+      return s;
+    }
+    if (rank == 0) {
+      v1::internal::WorkerMessage m;
+      *m.mutable_result() = std::move(result);
+      if (!link->Send(m)) {
+        link->Done();
+        // Tell the others, then leave: the launcher relaunches the job.
+        command = Command::kStop;
+        payload.clear();
+        EPIC_RETURN_IF_ERROR(Exchange(comm, &command, &payload));
+        return UnavailableError("the coordinator link closed");
+      }
+    }
+  }
+}
+
+}  // namespace epic

@@ -1,0 +1,85 @@
+// epic-worker: one rank of a worker job, started by mpirun. Every rank loads its share
+// of the model; rank 0 attaches to the coordinator and every rank runs its steps.
+#include <omp.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "worker/device.h"
+#include "worker/job.h"
+#include "worker/model.h"
+#include "worker/progress.h"
+#include "worker/serve.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"epic-worker: one rank of an epic worker job. Start it under mpirun, one rank per GPU\n"
+               "or CPU process: `mpirun -np N epic-worker --model DIR --coordinator HOST:PORT`.\n"
+               "Each rank loads its share of the model (heads, vocabulary rows, experts); rank 0\n"
+               "attaches to the coordinator and the job runs the steps it sends. The job exits when\n"
+               "the coordinator link closes; launch/cluster.sh relaunches it."};
+  std::string model_dir;
+  epic::WorkerOptions options;
+  std::string secret_file;
+  std::string device = "cpu";
+  int threads = 0;
+  bool mapped = false;
+  int connect_timeout = 60;
+  app.add_option("--model", model_dir, "checkpoint directory (config.json + *.safetensors)")->required();
+  app.add_option("--coordinator", options.coordinator, "the coordinator's address, HOST:PORT")->required();
+  app.add_option("--secret-file", secret_file,
+                 "file holding the secret shared with the coordinator (default: $EPIC_WORKER_SECRET)");
+  app.add_option("--tls-ca", options.tls_ca, "PEM file of the CA that signed the coordinator's TLS certificate "
+                                             "(default: plaintext)");
+  app.add_option("--connect-timeout", connect_timeout, "seconds to wait for the coordinator")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--device", device, "compute device")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  app.add_option("--threads", threads, "CPU threads per rank (0: OpenMP's default)")->check(CLI::NonNegativeNumber);
+  app.add_flag("--mmap", mapped, "use the weights in place from the file mapping (see epic-run --help)");
+  CLI11_PARSE(app, argc, argv);
+  options.connect_timeout = std::chrono::seconds(connect_timeout);
+
+  auto job = epic::Job::Join(&argc, &argv);
+  if (!job.ok()) {
+    std::fprintf(stderr, "epic-worker: %s\n", job.status().ToString().c_str());
+    return 2;
+  }
+  const int rank = (*job)->rank();
+  const std::string who = "epic-worker: rank " + std::to_string(rank) + ": ";
+  auto fail = [&](const std::string& message, int code) {
+    std::fprintf(stderr, "%s%s\n", who.c_str(), message.c_str());
+    (*job)->Abort(code);
+  };
+  if (!secret_file.empty()) {
+    std::ifstream f(secret_file);
+    std::stringstream text;
+    text << f.rdbuf();
+    if (!f) fail("--secret-file " + secret_file + ": cannot read it", 2);
+    options.secret = text.str();
+    while (!options.secret.empty() && (options.secret.back() == '\n' || options.secret.back() == '\r')) {
+      options.secret.pop_back();
+    }
+  } else if (const char* env = std::getenv("EPIC_WORKER_SECRET")) {
+    options.secret = env;
+  }
+  if (options.secret.empty()) fail("no worker secret: pass --secret-file FILE or set EPIC_WORKER_SECRET", 2);
+  if (const epic::Status s = epic::CheckDevice(device); !s.ok()) fail(s.message(), 2);
+  if (threads > 0) omp_set_num_threads(threads);
+
+  epic::ProgressLine progress("loading " + model_dir);
+  auto model = epic::Model::Load(
+      model_dir, [&](int64_t d, int64_t t) { if (rank == 0) progress.Update(d, t); },
+      mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy, {(*job)->comm(), nullptr});
+  progress.Finish();
+  if (!model.ok()) fail(model.status().ToString(), 1);
+  std::fprintf(stderr, "%sholds %.1f MiB of weights\n", who.c_str(), (*model)->weights().matrix_bytes / 1048576.0);
+
+  const epic::Status s = epic::ServeCoordinator(**model, options, device);
+  // Rank 0 names the cause; the others only follow it.
+  if (rank == 0 || s.code() != epic::StatusCode::kUnavailable) fail(s.ToString(), 1);
+  return 1;
+}
