@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# Runs an epic cluster in the foreground: the coordinator, then the worker job under
+# mpirun, relaunched with back-off whenever it dies. Ctrl-C or SIGTERM stops everything.
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+
+usage() {
+  cat <<USAGE
+usage: launch/cluster.sh --model DIR [options] [-- EPIC_COORDINATOR_FLAGS...]
+
+Starts build/coordinator/epic-coordinator on --port, then
+  mpirun -np N build/worker/epic-worker --model DIR --coordinator HOST:PORT
+and relaunches that worker job (1 s, 2 s, 4 s ... up to 30 s apart) each time it exits,
+logging why. Prints "[epic] cluster ready" once the server reports SERVING. Call it with
+  build/coordinator/epic generate --server 127.0.0.1:PORT --tokens 5,17,300
+Builds epic first unless --no-build (installing missing Debian packages as root).
+
+  --model DIR            checkpoint directory (config.json + safetensors), on every host
+  --np N                 worker ranks (default 4); may exceed the cores (oversubscribed)
+  --port P               gRPC port of the coordinator (default 50051; 0: a free one)
+  --metrics-port P       Prometheus /metrics port (default 9400; 0: a free one)
+  --listen-host H        address the coordinator binds (default 0.0.0.0)
+  --coordinator-host H   address the workers dial (default 127.0.0.1; set it for multi-host)
+  --hostfile FILE        worker hosts and slots (mpirun --hostfile), for several hosts
+  --hosts LIST           or hosts inline: node1:8,node2:8 (mpirun -H)
+  --threads T            OpenMP threads per rank (default: cores / ranks, at least 1)
+  --device cpu|cuda      compute device of the workers (default cpu)
+  --tcp-if IFACE         network interface(s) for MPI traffic (see launch/distributed.sh)
+  --mpirun-arg ARG       pass ARG to mpirun as is (repeatable)
+  --ready-file FILE      also write {"port": P, "metrics_port": M} there once serving
+  --max-restarts N       give up after N relaunches in a row that did not attach (default: never)
+  --no-build             use the binaries in the build directory as they are
+  -- FLAGS               more epic-coordinator flags (see its --help), e.g. -- --cache-blocks 4096
+USAGE
+}
+
+model="" np=4 port=50051 metrics_port=9400 listen_host=0.0.0.0 coord_host=127.0.0.1
+hostfile="" hosts="" threads="" device=cpu tcp_if="" ready_file="" max_restarts=-1 build=1
+mpirun_extra=() coord_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --model) model="$2"; shift 2 ;;
+    --np) np="$2"; shift 2 ;;
+    --port) port="$2"; shift 2 ;;
+    --metrics-port) metrics_port="$2"; shift 2 ;;
+    --listen-host) listen_host="$2"; shift 2 ;;
+    --coordinator-host) coord_host="$2"; shift 2 ;;
+    --hostfile) hostfile="$2"; shift 2 ;;
+    --hosts) hosts="$2"; shift 2 ;;
+    --threads) threads="$2"; shift 2 ;;
+    --device) device="$2"; shift 2 ;;
+    --tcp-if) tcp_if="$2"; shift 2 ;;
+    --mpirun-arg) mpirun_extra+=("$2"); shift 2 ;;
+    --ready-file) ready_file="$2"; shift 2 ;;
+    --max-restarts) max_restarts="$2"; shift 2 ;;
+    --no-build) build=0; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; coord_args=("$@"); break ;;
+    *) epic_log "unknown flag $1 (see --help)"; exit 2 ;;
+  esac
+done
+[ -n "$model" ] || { usage >&2; exit 2; }
+[ "$np" -ge 1 ] 2>/dev/null || { epic_log "--np must be a positive integer, not '$np'"; exit 2; }
+[ -f "$model/config.json" ] || { epic_log "--model $model: no config.json there"; exit 2; }
+[ "$build" -eq 0 ] || epic_build
+
+bin="$EPIC_BUILD_DIR"
+state="$(mktemp -d "${TMPDIR:-/tmp}/epic-cluster.XXXXXX")"
+coord_pid="" worker_pid=""
+# PID's process, given up to SECONDS to exit after SIGTERM, then killed.
+stop_process() {
+  local pid="$1" seconds="$2"
+  [ -n "$pid" ] || return 0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 $((seconds * 10))); do
+    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+    sleep 0.1
+  done
+  epic_log "process $pid did not stop within $seconds s; killing it"
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+stop() {
+  trap - INT TERM EXIT
+  epic_log "stopping the cluster"
+  # The coordinator first: it drains what runs (--drain-timeout), then the job follows.
+  stop_process "$coord_pid" 60
+  stop_process "$worker_pid" 10
+  rm -rf "$state"
+}
+trap 'stop; exit 130' INT
+trap 'stop; exit 143' TERM
+trap stop EXIT
+
+# A fresh secret per cluster: only worker jobs started here can attach.
+(umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$state/secret")
+
+"$bin/coordinator/epic-coordinator" --listen "$listen_host:$port" \
+  --metrics-listen "$listen_host:$metrics_port" --worker-secret-file "$state/secret" \
+  --ready-file "$state/ready.json" ${coord_args[@]+"${coord_args[@]}"} &
+coord_pid=$!
+for _ in $(seq 1 100); do
+  [ -f "$state/ready.json" ] && break
+  kill -0 "$coord_pid" 2>/dev/null || { epic_log "the coordinator failed to start"; exit 1; }
+  sleep 0.1
+done
+[ -f "$state/ready.json" ] || { epic_log "the coordinator did not start within 10 s"; exit 1; }
+port="$(sed -E 's/.*"port": ([0-9]+).*/\1/' "$state/ready.json")"
+
+if [ -z "$threads" ]; then
+  threads=$(( $(nproc) / np )); [ "$threads" -ge 1 ] || threads=1
+fi
+mpirun_cmd=(mpirun -np "$np" --bind-to none -x "OMP_NUM_THREADS=$threads")
+[ "$(id -u)" -eq 0 ] && mpirun_cmd+=(--allow-run-as-root)
+[ "$np" -gt "$(nproc)" ] && mpirun_cmd+=(--oversubscribe)
+[ -n "$hostfile" ] && mpirun_cmd+=(--hostfile "$hostfile")
+[ -n "$hosts" ] && mpirun_cmd+=(-H "$hosts")
+[ -n "$tcp_if" ] && mpirun_cmd+=(--mca btl_tcp_if_include "$tcp_if" --mca oob_tcp_if_include "$tcp_if")
+mpirun_cmd+=(${mpirun_extra[@]+"${mpirun_extra[@]}"})
+worker_cmd=("$bin/worker/epic-worker" --model "$model" --coordinator "$coord_host:$port"
+  --secret-file "$state/secret" --device "$device")
+
+# Announces readiness once the server says SERVING (a background watcher, once).
+(
+  for _ in $(seq 1 6000); do
+    if "$bin/coordinator/epic" health --server "127.0.0.1:$port" >/dev/null 2>&1; then
+      [ -n "$ready_file" ] && cp "$state/ready.json" "$ready_file"
+      epic_log "cluster ready: gRPC on port $port ($np worker rank(s)); try: $bin/coordinator/epic generate --server 127.0.0.1:$port --tokens 5,17,300"
+      exit 0
+    fi
+    sleep 0.2
+  done
+) &
+
+backoff=1 failures=0
+while kill -0 "$coord_pid" 2>/dev/null; do
+  epic_log "starting the worker job: ${mpirun_cmd[*]} ${worker_cmd[*]}"
+  started=$(date +%s)
+  set +e
+  "${mpirun_cmd[@]}" "${worker_cmd[@]}" &
+  worker_pid=$!
+  wait "$worker_pid"
+  code=$?
+  set -e
+  worker_pid=""
+  kill -0 "$coord_pid" 2>/dev/null || break
+  # A job that ran a while was healthy: start the back-off afresh.
+  if [ $(( $(date +%s) - started )) -ge 60 ]; then backoff=1 failures=0; fi
+  failures=$((failures + 1))
+  if [ "$max_restarts" -ge 0 ] && [ "$failures" -gt "$max_restarts" ]; then
+    epic_log "the worker job failed $failures time(s) in a row; giving up"
+    exit 1
+  fi
+  epic_log "the worker job exited with code $code; relaunching in ${backoff} s"
+  sleep "$backoff"
+  backoff=$(( backoff * 2 > 30 ? 30 : backoff * 2 ))
+done
+epic_log "the coordinator exited"
+wait "$coord_pid" 2>/dev/null || true

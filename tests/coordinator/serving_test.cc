@@ -1,0 +1,607 @@
+// The serving stack end to end, as real processes: launch/cluster.sh starts
+// epic-coordinator and an mpirun job of epic-worker ranks, and the tests call it over
+// gRPC on 127.0.0.1. Outputs are compared with epic-run on the same checkpoint.
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <mutex>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include "epic.grpc.pb.h"
+#include "health.grpc.pb.h"
+
+extern char** environ;
+
+namespace epic {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+// A child process in its own process group, its output in LOG.
+class Process {
+ public:
+  Process(const std::vector<std::string>& argv, const fs::path& log, const std::vector<std::string>& env = {}) {
+    std::vector<char*> args;
+    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    std::vector<std::string> envs;
+    for (char** e = environ; *e != nullptr; ++e) envs.emplace_back(*e);
+    envs.insert(envs.end(), env.begin(), env.end());
+    std::vector<char*> envp;
+    for (auto& e : envs) envp.push_back(e.data());
+    envp.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    posix_spawn_file_actions_adddup2(&actions, 1, 2);
+    posix_spawnattr_t attr;
+    posix_spawnattr_init(&attr);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP);
+    posix_spawnattr_setpgroup(&attr, 0);
+    if (posix_spawn(&pid_, args[0], &actions, &attr, args.data(), envp.data()) != 0) pid_ = -1;
+    posix_spawn_file_actions_destroy(&actions);
+    posix_spawnattr_destroy(&attr);
+  }
+  ~Process() {
+    if (pid_ > 0 && !exited_) {
+      kill(-pid_, SIGKILL);
+      Wait(5s);
+    }
+  }
+  pid_t pid() const { return pid_; }
+  void Signal(int sig) { kill(pid_, sig); }
+  // The exit status (as waitpid reports it), or -1 if still running after TIMEOUT.
+  int Wait(std::chrono::milliseconds timeout) {
+    const auto end = std::chrono::steady_clock::now() + timeout;
+    while (!exited_) {
+      int status = 0;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        exited_ = true;
+        status_ = status;
+        break;
+      }
+      if (std::chrono::steady_clock::now() > end) return -1;
+      std::this_thread::sleep_for(20ms);
+    }
+    return status_;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  bool exited_ = false;
+  int status_ = 0;
+};
+
+std::string ReadAll(const fs::path& path) {
+  std::ifstream f(path);
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+// Runs COMMAND (a shell line) and returns its stdout.
+std::string Capture(const std::string& command) {
+  std::string out;
+  FILE* p = popen(command.c_str(), "r");
+  if (p == nullptr) return out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  pclose(p);
+  return out;
+}
+
+int JsonPort(const std::string& text, const std::string& key) {
+  const size_t at = text.find("\"" + key + "\": ");
+  return at == std::string::npos ? 0 : std::atoi(text.c_str() + at + key.size() + 4);
+}
+
+std::string HttpGet(int port, const std::string& path) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string out;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
+    const std::string request = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+    (void)!write(fd, request.data(), request.size());
+    char buf[4096];
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof buf)) > 0) out.append(buf, static_cast<size_t>(n));
+  }
+  close(fd);
+  return out;
+}
+
+// The value of a sample line "NAME VALUE" (no labels) in a Prometheus text page.
+double MetricValue(const std::string& page, const std::string& name) {
+  std::istringstream in(page);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(name + " ", 0) == 0) return std::atof(line.c_str() + name.size() + 1);
+  }
+  return -1;
+}
+
+struct Outcome {
+  grpc::Status status;
+  std::vector<int32_t> tokens;
+  int responses = 0;
+  v1::GenerateResponse last;
+};
+
+v1::GenerateRequest Request(std::vector<int32_t> prompt, uint32_t max_tokens) {
+  v1::GenerateRequest r;
+  r.mutable_prompt_token_ids()->Add(prompt.begin(), prompt.end());
+  r.set_max_tokens(max_tokens);
+  return r;
+}
+
+// Cancels the calls registered with it, from another thread.
+class Canceller {
+ public:
+  void Add(grpc::ClientContext* ctx) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (cancelled_) ctx->TryCancel();
+    live_.push_back(ctx);
+  }
+  void Remove(grpc::ClientContext* ctx) {
+    std::lock_guard<std::mutex> lock(mu_);
+    live_.erase(std::find(live_.begin(), live_.end(), ctx));
+  }
+  void CancelAll() {
+    std::lock_guard<std::mutex> lock(mu_);
+    cancelled_ = true;
+    for (auto* ctx : live_) ctx->TryCancel();
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<grpc::ClientContext*> live_;
+  bool cancelled_ = false;
+};
+
+class Client {
+ public:
+  explicit Client(int port)
+      : channel_(grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials())),
+        stub_(v1::Epic::NewStub(channel_)),
+        health_(grpc::health::v1::Health::NewStub(channel_)) {}
+
+  // STOP_AFTER > 0: cancel once that many tokens arrived. DEADLINE: of the call.
+  Outcome Generate(const v1::GenerateRequest& request, std::chrono::milliseconds deadline = 60s,
+                   int stop_after = 0, const std::string& token = "", Canceller* canceller = nullptr) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + deadline);
+    if (canceller) canceller->Add(&ctx);
+    if (!token.empty()) ctx.AddMetadata("authorization", "Bearer " + token);
+    Outcome out;
+    auto reader = stub_->Generate(&ctx, request);
+    v1::GenerateResponse r;
+    while (reader->Read(&r)) {
+      ++out.responses;
+      out.tokens.insert(out.tokens.end(), r.token_ids().begin(), r.token_ids().end());
+      out.last = r;
+      if (stop_after > 0 && static_cast<int>(out.tokens.size()) >= stop_after) ctx.TryCancel();
+    }
+    out.status = reader->Finish();
+    if (canceller) canceller->Remove(&ctx);
+    return out;
+  }
+
+  v1::ModelInfo Info() {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + 5s);
+    v1::ModelInfo info;
+    EXPECT_TRUE(stub_->GetModelInfo(&ctx, {}, &info).ok());
+    return info;
+  }
+
+  // SERVING, NOT_SERVING, or the RPC's error code name.
+  std::string Health() {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + 5s);
+    grpc::health::v1::HealthCheckRequest request;
+    grpc::health::v1::HealthCheckResponse response;
+    const grpc::Status s = health_->Check(&ctx, request, &response);
+    if (!s.ok()) return "error " + std::to_string(s.error_code());
+    return grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status());
+  }
+
+  // Until the cache budget is whole again (every block freed) or TIMEOUT.
+  bool WaitAllBlocksFree(std::chrono::milliseconds timeout) {
+    const auto end = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      const v1::ModelInfo info = Info();
+      if (info.cache().free_blocks() == info.cache().total_blocks() && info.requests_running() == 0 &&
+          info.requests_waiting() == 0) {
+        return true;
+      }
+      if (std::chrono::steady_clock::now() > end) return false;
+      std::this_thread::sleep_for(50ms);
+    }
+  }
+
+ private:
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::Epic::Stub> stub_;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+};
+
+constexpr int kCacheBlocks = 64;
+constexpr int kBlockSize = 16;
+constexpr int kMaxWaiting = 24;
+
+class ServingTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new fs::path(fs::temp_directory_path() / ("epic-serving-" + std::to_string(getpid())));
+    fs::create_directories(*dir_);
+    const std::string mk = std::string(EPIC_MKMODEL_BINARY) + " --preset v2-160 --seed 5 --out " +
+                           (*dir_ / "model").string() + " >/dev/null 2>&1";
+    ASSERT_EQ(std::system(mk.c_str()), 0);
+  }
+  static void TearDownTestSuite() {
+    fs::remove_all(*dir_);
+    delete dir_;
+  }
+
+  void TearDown() override {
+    if (cluster_) {
+      cluster_->Signal(SIGTERM);
+      EXPECT_NE(cluster_->Wait(30s), -1) << "launch/cluster.sh did not stop on SIGTERM";
+      cluster_.reset();
+    }
+    if (HasFailure()) {
+      for (const char* log : {"cluster.log", "coordinator.log", "worker.log"}) {
+        if (fs::exists(*dir_ / log)) std::fprintf(stderr, "--- %s ---\n%s\n", log, ReadAll(*dir_ / log).c_str());
+      }
+    }
+    for (const char* f : {"cluster.log", "coordinator.log", "worker.log", "ready.json"}) fs::remove(*dir_ / f);
+  }
+
+  // launch/cluster.sh with NP ranks; returns the gRPC port once it serves.
+  int StartCluster(int np) {
+    const fs::path ready = *dir_ / "ready.json";
+    cluster_ = std::make_unique<Process>(
+        std::vector<std::string>{EPIC_CLUSTER_SCRIPT, "--model", (*dir_ / "model").string(), "--np",
+                                 std::to_string(np), "--port", "0", "--metrics-port", "0", "--listen-host",
+                                 "127.0.0.1", "--threads", "1", "--no-build", "--ready-file", ready.string(), "--",
+                                 "--cache-blocks", std::to_string(kCacheBlocks), "--block-size",
+                                 std::to_string(kBlockSize), "--max-waiting", std::to_string(kMaxWaiting),
+                                 "--max-running", "16", "--max-step-tokens", "64", "--step-timeout", "20",
+                                 "--drain-timeout", "10"},
+        *dir_ / "cluster.log", std::vector<std::string>{"EPIC_BUILD_DIR=" + std::string(EPIC_BUILD_DIR)});
+    for (int i = 0; i < 600 && !fs::exists(ready); ++i) std::this_thread::sleep_for(100ms);
+    const std::string text = ReadAll(ready);
+    metrics_port_ = JsonPort(text, "metrics_port");
+    return JsonPort(text, "port");
+  }
+
+  // What epic-run prints for PROMPT, greedy, in one process.
+  std::vector<int32_t> EpicRun(const std::vector<int32_t>& prompt, int max_new) {
+    std::string tokens;
+    for (int32_t t : prompt) tokens += (tokens.empty() ? "" : ",") + std::to_string(t);
+    std::istringstream out(Capture(std::string(EPIC_RUN_BINARY) + " --model " + (*dir_ / "model").string() +
+                                   " --threads 1 --tokens " + tokens + " --max-new-tokens " +
+                                   std::to_string(max_new) + " 2>/dev/null"));
+    std::vector<int32_t> ids;
+    int32_t id;
+    while (out >> id) ids.push_back(id);
+    return ids;
+  }
+
+  static fs::path* dir_;
+  std::unique_ptr<Process> cluster_;
+  int metrics_port_ = 0;
+};
+
+fs::path* ServingTest::dir_ = nullptr;
+
+TEST_F(ServingTest, ConcurrentStreamsMatchEpicRun) {
+  const int port = StartCluster(3);
+  ASSERT_GT(port, 0);
+  Client client(port);
+  EXPECT_EQ(client.Health(), "SERVING");
+  constexpr int kRequests = 16;
+  constexpr int kMaxTokens = 10;
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < kRequests; ++i) {
+    // Lengths 1 to 40: some prompts span several steps (64-token budget shared by 16).
+    std::vector<int32_t> p;
+    for (int j = 0; j <= (i * 7) % 40; ++j) p.push_back((i * 131 + j * 17 + 2) % 1024);
+    prompts.push_back(p);
+  }
+  std::vector<Outcome> outcomes(kRequests);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kRequests; ++i) {
+    threads.emplace_back([&, i] { outcomes[i] = client.Generate(Request(prompts[i], kMaxTokens)); });
+  }
+  for (auto& t : threads) t.join();
+  int streamed = 0;
+  for (int i = 0; i < kRequests; ++i) {
+    ASSERT_TRUE(outcomes[i].status.ok()) << i << ": " << outcomes[i].status.error_message();
+    EXPECT_EQ(outcomes[i].tokens, EpicRun(prompts[i], kMaxTokens)) << "request " << i;
+    const v1::GenerateResponse& last = outcomes[i].last;
+    EXPECT_NE(last.finish_reason(), v1::FINISH_REASON_UNSPECIFIED);
+    EXPECT_EQ(last.usage().completion_tokens(), outcomes[i].tokens.size());
+    EXPECT_EQ(last.usage().prompt_tokens(), prompts[i].size());
+    if (last.finish_reason() == v1::FINISH_REASON_LENGTH) EXPECT_EQ(outcomes[i].tokens.size(), kMaxTokens);
+    streamed += outcomes[i].responses > 1;
+  }
+  EXPECT_GT(streamed, 0) << "no request received its tokens in more than one response";
+  EXPECT_TRUE(client.WaitAllBlocksFree(5s));
+
+  // The metrics saw it all.
+  const std::string page = HttpGet(metrics_port_, "/metrics");
+  EXPECT_GE(MetricValue(page, "epic:time_to_first_token_seconds_count"), kRequests) << page;
+  EXPECT_GT(MetricValue(page, "epic:inter_token_latency_seconds_count"), 0);
+  EXPECT_GE(MetricValue(page, "epic:e2e_request_latency_seconds_count"), kRequests);
+  EXPECT_GT(MetricValue(page, "epic:generation_tokens_total"), kRequests);
+  EXPECT_EQ(MetricValue(page, "epic:num_requests_running"), 0);
+  EXPECT_EQ(MetricValue(page, "epic:num_requests_waiting"), 0);
+  EXPECT_EQ(MetricValue(page, "epic:cache_usage_perc"), 0);
+  EXPECT_EQ(MetricValue(page, "epic:worker_attached"), 1);
+
+  // The job's ranks and placement are visible.
+  const v1::ModelInfo info = client.Info();
+  EXPECT_EQ(info.ranks_size(), 3);
+  EXPECT_EQ(info.model().n_routed_experts(), 160);
+  ASSERT_GT(info.placement_size(), 0);
+  int experts = 0;
+  for (const auto& rank : info.placement(0).ranks()) experts += rank.experts_size();
+  EXPECT_EQ(experts, 160);
+}
+
+TEST_F(ServingTest, BadRequestsAreRefusedNamingTheFieldAndServingGoesOn) {
+  const int port = StartCluster(2);
+  ASSERT_GT(port, 0);
+  Client client(port);
+  struct Case {
+    const char* what;
+    v1::GenerateRequest request;
+    grpc::StatusCode code;
+    const char* field;
+  };
+  std::vector<Case> cases;
+  auto add = [&](const char* what, v1::GenerateRequest r, const char* field,
+                 grpc::StatusCode code = grpc::StatusCode::INVALID_ARGUMENT) {
+    cases.push_back({what, std::move(r), code, field});
+  };
+  add("empty prompt", Request({}, 4), "prompt_token_ids");
+  add("prompt id past the vocabulary", Request({5, 1024}, 4), "prompt_token_ids[1]");
+  add("negative prompt id", Request({-3}, 4), "prompt_token_ids[0]");
+  v1::GenerateRequest r = Request({5}, 4);
+  r.add_stop_token_ids(99999);
+  add("stop id past the vocabulary", r, "stop_token_ids[0]");
+  add("max_tokens 0", Request({5}, 0), "max_tokens");
+  add("past the context", Request({5}, 200000), "max_tokens");
+  add("more blocks than the cache", Request({5}, kCacheBlocks * kBlockSize + 1), "max_tokens");
+  r = Request({5}, 4);
+  r.mutable_sampling()->set_temperature(-1);
+  add("negative temperature", r, "sampling.temperature");
+  r = Request({5}, 4);
+  r.mutable_sampling()->set_temperature(NAN);
+  add("NaN temperature", r, "sampling.temperature");
+  r = Request({5}, 4);
+  r.mutable_sampling()->set_top_p(0);
+  add("top_p 0", r, "sampling.top_p");
+  r = Request({5}, 4);
+  r.mutable_sampling()->set_top_p(1.5);
+  add("top_p above 1", r, "sampling.top_p");
+  r = Request({5}, 4);
+  r.mutable_sampling()->set_top_k(-1);
+  add("negative top_k", r, "sampling.top_k");
+  for (const Case& c : cases) {
+    const Outcome o = client.Generate(c.request);
+    EXPECT_EQ(o.status.error_code(), c.code) << c.what << ": " << o.status.error_message();
+    EXPECT_NE(o.status.error_message().find(c.field), std::string::npos) << c.what << ": " << o.status.error_message();
+    EXPECT_TRUE(o.tokens.empty()) << c.what;
+  }
+  // Still serving, with the whole budget.
+  const Outcome good = client.Generate(Request({5, 17, 300}, 4));
+  EXPECT_TRUE(good.status.ok()) << good.status.error_message();
+  EXPECT_FALSE(good.tokens.empty());
+  EXPECT_TRUE(client.WaitAllBlocksFree(5s));
+
+  // Seeded sampling through the server is repeatable, and equals epic-run's.
+  v1::GenerateRequest sampled = Request({9, 8, 7}, 12);
+  sampled.mutable_sampling()->set_temperature(1.0);
+  sampled.mutable_sampling()->set_seed(42);
+  sampled.set_logprobs(true);
+  const Outcome a = client.Generate(sampled), b = client.Generate(sampled);
+  ASSERT_TRUE(a.status.ok());
+  EXPECT_EQ(a.tokens, b.tokens);
+  const std::string run = Capture(std::string(EPIC_RUN_BINARY) + " --model " + (*dir_ / "model").string() +
+                                  " --tokens 9,8,7 --max-new-tokens 12 --temperature 1 --seed 42 2>/dev/null");
+  std::string expected;
+  for (int32_t t : a.tokens) expected += (expected.empty() ? "" : " ") + std::to_string(t);
+  EXPECT_EQ(run, expected + "\n");
+  EXPECT_LE(a.last.logprobs_size(), a.last.token_ids_size());
+}
+
+TEST_F(ServingTest, OverloadIsRefusedAndCancelledOrExpiredRequestsFreeTheirBlocks) {
+  const int port = StartCluster(2);
+  ASSERT_GT(port, 0);
+  Client client(port);
+  // Each needs 63 of the 64 blocks: one runs, kMaxWaiting queue, the rest are refused.
+  v1::GenerateRequest long_request = Request({5, 17, 300}, 1000);
+  long_request.set_ignore_eos(true);
+  Canceller canceller;
+  std::vector<Outcome> outcomes(1 + kMaxWaiting);
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < outcomes.size(); ++i) {
+    threads.emplace_back([&, i] { outcomes[i] = client.Generate(long_request, 60s, 0, "", &canceller); });
+  }
+  v1::ModelInfo info;
+  for (int i = 0; i < 500; ++i) {
+    info = client.Info();
+    if (info.requests_running() == 1 && info.requests_waiting() == kMaxWaiting) break;
+    std::this_thread::sleep_for(5ms);
+  }
+  EXPECT_EQ(info.requests_running(), 1);
+  ASSERT_EQ(info.requests_waiting(), kMaxWaiting);
+  EXPECT_EQ(info.cache().free_blocks(), 1);
+  for (int i = 0; i < 5; ++i) {
+    const Outcome o = client.Generate(Request({5}, 2));
+    EXPECT_EQ(o.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << o.status.error_message();
+    EXPECT_NE(o.status.error_message().find("queue is full"), std::string::npos);
+  }
+  canceller.CancelAll();
+  for (auto& t : threads) t.join();
+  for (const Outcome& o : outcomes) {
+    EXPECT_EQ(o.status.error_code(), grpc::StatusCode::CANCELLED) << o.status.error_message();
+  }
+  EXPECT_TRUE(client.WaitAllBlocksFree(10s)) << "cancelled requests kept cache blocks";
+
+  // A deadline ends a long request and frees its blocks.
+  // 1000 tokens take seconds here; the deadline is far shorter.
+  const Outcome expired = client.Generate(long_request, 150ms);
+  EXPECT_EQ(expired.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_TRUE(client.WaitAllBlocksFree(5s)) << "an expired request kept its cache blocks";
+
+  const std::string page = HttpGet(metrics_port_, "/metrics");
+  EXPECT_NE(page.find("epic:request_finished_total{outcome=\"cancelled\"}"), std::string::npos);
+  // And the cluster still serves.
+  EXPECT_TRUE(client.Generate(Request({5, 17, 300}, 3)).status.ok());
+}
+
+TEST_F(ServingTest, KilledWorkerRankEndsRequestsUnavailableAndTheRelaunchedJobServes) {
+  const int port = StartCluster(2);
+  ASSERT_GT(port, 0);
+  Client client(port);
+  v1::ModelInfo info = client.Info();
+  ASSERT_EQ(info.ranks_size(), 2);
+  EXPECT_EQ(info.worker_attachments(), 1);
+  const pid_t victim = static_cast<pid_t>(info.ranks(1).pid());
+
+  v1::GenerateRequest long_request = Request({5, 17, 300}, 1000);
+  long_request.set_ignore_eos(true);
+  Outcome outcome;
+  std::chrono::steady_clock::time_point ended;
+  std::thread caller([&] {
+    outcome = client.Generate(long_request);
+    ended = std::chrono::steady_clock::now();
+  });
+  // Mid-generation: wait for the first tokens.
+  for (int i = 0; i < 200 && client.Info().steps() < 5; ++i) std::this_thread::sleep_for(10ms);
+  ASSERT_EQ(kill(victim, SIGKILL), 0);
+  const auto killed = std::chrono::steady_clock::now();
+  caller.join();
+  EXPECT_EQ(outcome.status.error_code(), grpc::StatusCode::UNAVAILABLE) << outcome.status.error_message();
+  EXPECT_NE(outcome.status.error_message().find("worker job"), std::string::npos);
+  EXPECT_LT(outcome.tokens.size(), 1000u);
+  EXPECT_LT(std::chrono::duration<double>(ended - killed).count(), 10.0);
+
+  // The coordinator stays up; the launcher relaunches the job and serving resumes.
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  while (std::chrono::steady_clock::now() < deadline) {
+    info = client.Info();
+    if (info.worker_attached() && info.worker_attachments() >= 2) break;
+    std::this_thread::sleep_for(100ms);
+  }
+  ASSERT_TRUE(info.worker_attached()) << "the worker job was not relaunched";
+  EXPECT_EQ(client.Health(), "SERVING");
+  EXPECT_NE(info.ranks(1).pid(), victim);
+  const Outcome again = client.Generate(Request({5, 17, 300}, 6));
+  EXPECT_TRUE(again.status.ok()) << again.status.error_message();
+  EXPECT_EQ(again.tokens, EpicRun({5, 17, 300}, 6));
+}
+
+// A coordinator on its own (no worker job yet) for the checks that need no model.
+class CoordinatorTest : public ServingTest {
+ protected:
+  int StartCoordinator(const std::vector<std::string>& extra) {
+    std::ofstream(*dir_ / "secret") << "test-secret\n";
+    std::vector<std::string> argv = {EPIC_COORDINATOR_BINARY, "--listen", "127.0.0.1:0", "--metrics-listen", "off",
+                                     "--worker-secret-file", (*dir_ / "secret").string(), "--ready-file",
+                                     (*dir_ / "ready.json").string()};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    coordinator_ = std::make_unique<Process>(argv, *dir_ / "coordinator.log");
+    for (int i = 0; i < 100 && !fs::exists(*dir_ / "ready.json"); ++i) std::this_thread::sleep_for(50ms);
+    return JsonPort(ReadAll(*dir_ / "ready.json"), "port");
+  }
+  std::unique_ptr<Process> Worker(int port, const std::string& secret) {
+    std::ofstream(*dir_ / "worker-secret") << secret << "\n";
+    return std::make_unique<Process>(
+        std::vector<std::string>{EPIC_WORKER_BINARY, "--model", (*dir_ / "model").string(), "--coordinator",
+                                 "127.0.0.1:" + std::to_string(port), "--secret-file",
+                                 (*dir_ / "worker-secret").string(), "--threads", "1", "--connect-timeout", "10"},
+        *dir_ / "worker.log");
+  }
+  std::unique_ptr<Process> coordinator_;
+};
+
+TEST_F(CoordinatorTest, BearerTokenGuardsTheApiButNotHealth) {
+  std::ofstream(*dir_ / "token") << "open-sesame\n";
+  const int port = StartCoordinator({"--auth-token-file", (*dir_ / "token").string()});
+  ASSERT_GT(port, 0);
+  Client client(port);
+  EXPECT_EQ(client.Generate(Request({5}, 2)).status.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(client.Generate(Request({5}, 2), 5s, 0, "wrong").status.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  // With the token: past authentication, refused only for want of a worker job.
+  const Outcome o = client.Generate(Request({5}, 2), 5s, 0, "open-sesame");
+  EXPECT_EQ(o.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_NE(o.status.error_message().find("no worker job is attached"), std::string::npos);
+  EXPECT_EQ(client.Health(), "NOT_SERVING");
+  coordinator_->Signal(SIGTERM);
+  EXPECT_EQ(coordinator_->Wait(10s), 0);
+}
+
+TEST_F(CoordinatorTest, AWorkerWithTheWrongSecretIsRefused) {
+  const int port = StartCoordinator({});
+  ASSERT_GT(port, 0);
+  auto worker = Worker(port, "not-the-secret");
+  const int status = worker->Wait(60s);
+  ASSERT_NE(status, -1) << "the refused worker did not exit";
+  EXPECT_NE(status, 0);
+  EXPECT_NE(ReadAll(*dir_ / "worker.log").find("wrong worker secret"), std::string::npos);
+  EXPECT_EQ(Client(port).Health(), "NOT_SERVING");
+}
+
+TEST_F(CoordinatorTest, SigtermDrainsRunningRequestsAndRefusesNewOnes) {
+  const int port = StartCoordinator({"--drain-timeout", "60"});
+  ASSERT_GT(port, 0);
+  auto worker = Worker(port, "test-secret");
+  Client client(port);
+  for (int i = 0; i < 300 && client.Health() != "SERVING"; ++i) std::this_thread::sleep_for(100ms);
+  ASSERT_EQ(client.Health(), "SERVING");
+  v1::GenerateRequest long_request = Request({5, 17, 300}, 1500);
+  long_request.set_ignore_eos(true);
+  Outcome outcome;
+  std::thread caller([&] { outcome = client.Generate(long_request); });
+  for (int i = 0; i < 200 && client.Info().steps() < 3; ++i) std::this_thread::sleep_for(10ms);
+  coordinator_->Signal(SIGTERM);
+  std::this_thread::sleep_for(100ms);
+  const Outcome refused = client.Generate(Request({5}, 2));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  caller.join();
+  EXPECT_TRUE(outcome.status.ok()) << outcome.status.error_message();
+  EXPECT_EQ(outcome.tokens.size(), 1500u) << "the running request was not allowed to finish";
+  EXPECT_EQ(coordinator_->Wait(20s), 0);
+  // The worker job leaves when its coordinator does.
+  EXPECT_NE(worker->Wait(30s), -1);
+}
+
+}  // namespace
+}  // namespace epic
