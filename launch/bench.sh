@@ -15,7 +15,8 @@ while [ $# -gt 0 ]; do
       echo "usage: launch/bench.sh [--layers N (default 4)] [--models DIR (default models/)]"
       echo "Writes DIR/v2-lite-N (V2-Lite's real dimensions, N layers, BF16: ~1.1 GiB a layer"
       echo "plus 0.8 GiB of embeddings) and runs bench/matmul_bench, bench/model_bench,"
-      echo "bench/dispatch_bench at 2 and 4 ranks, and epic-run at 1, 2 and 4 ranks."
+      echo "bench/dispatch_bench at 2 and 4 ranks, epic-run at 1, 2 and 4 ranks, and bench/serving_bench"
+      echo "against a local cluster on the bundled default model."
       exit 0 ;;
     *) epic_log "unknown flag $1 (see --help)"; exit 2 ;;
   esac
@@ -44,3 +45,17 @@ for n in 1 2 4; do
   "${mpi[@]}" -np "$n" -x OMP_NUM_THREADS="$threads" "$EPIC_BUILD_DIR/worker/epic-run" --model "$model" \
     --tokens "$prompt" --max-new-tokens 33 --ignore-eos --threads "$threads" 2>&1 | grep -E "prefill|holds"
 done
+
+# Serving: a local cluster on the bundled default model, loaded by bench/serving_bench,
+# against the same batches offline in one process (one worker rank, all cores each side).
+small="$EPIC_ROOT/models/default"
+[ -f "$small/config.json" ] || "$EPIC_BUILD_DIR/worker/epic-mkmodel" --preset v2-160 --seed 0 --out "$small"
+ready="$(mktemp -u)"
+"$EPIC_ROOT/launch/cluster.sh" --model "$small" --np 1 --threads "$cores" --port 0 --metrics-port 0 \
+  --listen-host 127.0.0.1 --ready-file "$ready" --no-build >/dev/null 2>&1 &
+cluster=$!
+for _ in $(seq 1 300); do [ -f "$ready" ] && break; sleep 0.2; done
+port="$(sed -E 's/.*"port": ([0-9]+).*/\1/' "$ready")"
+OMP_NUM_THREADS="$cores" "$EPIC_BUILD_DIR/bench/serving_bench" --server "127.0.0.1:$port" --model "$small" \
+  --concurrency 1,4,16 --prompt-len 32 --output-len 32
+kill -TERM "$cluster"; wait "$cluster" || true; rm -f "$ready"

@@ -1,28 +1,37 @@
 #!/usr/bin/env bash
-# The main job: install, build, make the bundled default model and generate from it.
-#   launch/run.sh [--tokens 5,17,300] [--max-new-tokens 16] [-- more epic-run flags]
+# The main job: install, build, make the bundled default model, start a local cluster
+# (coordinator + an mpirun job of workers) and send it a real generation over gRPC.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
 tokens="5,17,300,42,7"
-max_new=16
-extra=()
+max_tokens=16
+np=4
+port=50051
+serve=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --tokens) tokens="$2"; shift 2 ;;
-    --max-new-tokens) max_new="$2"; shift 2 ;;
+    --max-tokens|--max-new-tokens) max_tokens="$2"; shift 2 ;;
+    --np) np="$2"; shift 2 ;;
+    --port) port="$2"; shift 2 ;;
+    --serve) serve=1; shift ;;
     -h|--help)
       cat <<USAGE
-usage: launch/run.sh [--tokens IDS] [--max-new-tokens N] [-- EPIC_RUN_FLAGS...]
+usage: launch/run.sh [--tokens IDS] [--max-tokens N] [--np N] [--port P] [--serve]
 Installs missing Debian packages (apt-get, as root), builds epic into build/, writes
 the bundled default model (preset v2-160: DeepSeek-V2 routing at small size, seed 0)
-to models/default if absent, and generates from it with epic-run.
-  --tokens IDS          prompt token ids, comma-separated (default $tokens)
-  --max-new-tokens N    tokens to generate (default $max_new)
-  -- FLAGS              passed to epic-run (see build/worker/epic-run --help)
+to models/default if absent, starts a local cluster on it with launch/cluster.sh
+(the coordinator and N CPU worker ranks under mpirun), sends one generation with
+\`epic generate\` and prints the generated ids. Then stops the cluster, or with
+--serve keeps it serving in the foreground until Ctrl-C.
+  --tokens IDS      prompt token ids, comma-separated (default $tokens)
+  --max-tokens N    tokens to generate (default $max_tokens)
+  --np N            worker ranks (default $np)
+  --port P          gRPC port (default $port; 0: a free one)
+  --serve           keep the cluster running after the generation
 USAGE
       exit 0 ;;
-    --) shift; extra=("$@"); break ;;
     *) epic_log "unknown flag $1 (see --help)"; exit 2 ;;
   esac
 done
@@ -34,8 +43,25 @@ if [ ! -f "$model/config.json" ]; then
 fi
 device=cpu
 if epic_have_gpu; then
-  epic_log "a GPU is visible, but this build has no CUDA backend yet: running on the CPU"
+  epic_log "a GPU is visible, but this build has no CUDA backend yet: the workers run on the CPU"
 fi
-epic_log "generating: epic-run --model $model --tokens $tokens --max-new-tokens $max_new"
-exec "$EPIC_BUILD_DIR/worker/epic-run" --model "$model" --tokens "$tokens" \
-  --max-new-tokens "$max_new" --device "$device" ${extra[@]+"${extra[@]}"}
+
+ready="$(mktemp -u "${TMPDIR:-/tmp}/epic-run-ready.XXXXXX")"
+"$EPIC_ROOT/launch/cluster.sh" --model "$model" --np "$np" --port "$port" --metrics-port 0 \
+  --listen-host 127.0.0.1 --device "$device" --ready-file "$ready" --max-restarts 3 --no-build &
+cluster=$!
+trap 'kill -TERM $cluster 2>/dev/null; wait $cluster 2>/dev/null; rm -f "$ready"' EXIT
+for _ in $(seq 1 600); do
+  [ -f "$ready" ] && break
+  kill -0 "$cluster" 2>/dev/null || { epic_log "the cluster failed to start"; exit 1; }
+  sleep 0.2
+done
+[ -f "$ready" ] || { epic_log "the cluster was not ready within 120 s"; exit 1; }
+port="$(sed -E 's/.*"port": ([0-9]+).*/\1/' "$ready")"
+
+epic_log "generating: epic generate --server 127.0.0.1:$port --tokens $tokens --max-tokens $max_tokens"
+"$EPIC_BUILD_DIR/coordinator/epic" generate --server "127.0.0.1:$port" --tokens "$tokens" --max-tokens "$max_tokens"
+if [ "$serve" -eq 1 ]; then
+  epic_log "serving on 127.0.0.1:$port until Ctrl-C"
+  wait "$cluster"
+fi

@@ -21,7 +21,7 @@ int main(int argc, char** argv) {
                "or CPU process: `mpirun -np N epic-worker --model DIR --coordinator HOST:PORT`.\n"
                "Each rank loads its share of the model (heads, vocabulary rows, experts); rank 0\n"
                "attaches to the coordinator and the job runs the steps it sends. The job exits when\n"
-               "the coordinator link closes; launch/cluster.sh relaunches it."};
+               "the coordinator link closes (exit code 3); launch/cluster.sh relaunches it."};
   std::string model_dir;
   epic::WorkerOptions options;
   std::string secret_file;
@@ -79,7 +79,11 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "%sholds %.1f MiB of weights\n", who.c_str(), (*model)->weights().matrix_bytes / 1048576.0);
 
   const epic::Status s = epic::ServeCoordinator(**model, options, device);
-  // Rank 0 names the cause; the others only follow it.
-  if (rank == 0 || s.code() != epic::StatusCode::kUnavailable) fail(s.ToString(), 1);
-  return 1;
+  // The link closed (every rank learnt it together): an orderly end, which the
+  // launcher answers by relaunching. Anything else may leave ranks mid-collective.
+  if (s.code() == epic::StatusCode::kUnavailable) {
+    if (rank == 0) std::fprintf(stderr, "%s%s; exiting\n", who.c_str(), s.message().c_str());
+    return 3;
+  }
+  fail(s.ToString(), 1);
 }
