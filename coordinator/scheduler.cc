@@ -78,7 +78,7 @@ void Scheduler::Drain() {
 
 int64_t Scheduler::BlocksFor(const v1::GenerateRequest& request) const {
   // Every row the request can write: the prompt and all but the last sampled token.
-  const int64_t rows = request.prompt_token_ids_size() + static_cast<int64_t>(request.max_tokens());
+  const int64_t rows = request.prompt_token_ids_size() + static_cast<int64_t>(request.max_tokens()) - 1;
   return (rows + options_.block_size - 1) / options_.block_size;
 }
 
@@ -103,7 +103,7 @@ Status Scheduler::Validate(const v1::GenerateRequest& request) const {
     return InvalidArgumentError("max_tokens: the prompt plus max_tokens needs " +
                                 std::to_string(BlocksFor(request)) + " cache blocks, more than the cluster's " +
                                 std::to_string(options_.num_blocks) + " (" +
-                                std::to_string(options_.num_blocks * options_.block_size) + " tokens)");
+                                std::to_string(options_.num_blocks * options_.block_size) + " cached tokens)");
   }
   const v1::SamplingParams& s = request.sampling();
   if (!std::isfinite(s.temperature()) || s.temperature() < 0) {
@@ -232,10 +232,16 @@ Status Scheduler::Complete(const v1::internal::StepResult& result) {
     return InternalError("the worker returned step " + std::to_string(result.step_id()) + ", expected " +
                          (in_flight_ ? std::to_string(in_flight_step_) : std::string("none")));
   }
-  in_flight_ = false;
-  ++steps_;
   std::map<uint64_t, const v1::internal::Sampled*> sampled;
   for (const auto& s : result.sampled()) sampled[s.sequence_id()] = &s;
+  // Checked before anything changes, so that a bad result leaves no request half-advanced.
+  for (const Planned& p : planned_) {
+    if (p.sample && !sampled.count(p.id)) {
+      return InternalError("the worker returned no token for sequence " + std::to_string(p.id));
+    }
+  }
+  in_flight_ = false;
+  ++steps_;
   const Clock::time_point now = Clock::now();
   for (const Planned& p : planned_) {
     auto it = requests_.find(p.id);
@@ -248,9 +254,6 @@ Status Scheduler::Complete(const v1::internal::StepResult& result) {
     r.cached += p.tokens;
     if (!p.sample) continue;
     auto s = sampled.find(p.id);
-    if (s == sampled.end()) {
-      return InternalError("the worker returned no token for sequence " + std::to_string(p.id));
-    }
     const int32_t token = s->second->token_id();
     r.output.push_back(token);
     if (r.output.size() == 1) {
