@@ -603,5 +603,45 @@ TEST_F(CoordinatorTest, SigtermDrainsRunningRequestsAndRefusesNewOnes) {
   EXPECT_NE(worker->Wait(30s), -1);
 }
 
+TEST_F(CoordinatorTest, AJobThatStopsCompletingStepsIsDeclaredDead) {
+  const int port = StartCoordinator({"--step-timeout", "2"});
+  ASSERT_GT(port, 0);
+  auto worker = Worker(port, "test-secret");
+  Client client(port);
+  for (int i = 0; i < 300 && client.Health() != "SERVING"; ++i) std::this_thread::sleep_for(100ms);
+  ASSERT_EQ(client.Health(), "SERVING");
+  v1::GenerateRequest long_request = Request({5, 17, 300}, 3000);
+  long_request.set_ignore_eos(true);
+  Outcome outcome;
+  std::thread caller([&] { outcome = client.Generate(long_request); });
+  for (int i = 0; i < 200 && client.Info().steps() < 3; ++i) std::this_thread::sleep_for(10ms);
+  // A live process that makes no progress, as a rank stuck in a collective would be.
+  worker->Signal(SIGSTOP);
+  const auto stopped = std::chrono::steady_clock::now();
+  caller.join();
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - stopped).count();
+  EXPECT_EQ(outcome.status.error_code(), grpc::StatusCode::UNAVAILABLE) << outcome.status.error_message();
+  EXPECT_NE(outcome.status.error_message().find("stuck"), std::string::npos) << outcome.status.error_message();
+  EXPECT_GT(waited, 1.5);
+  EXPECT_LT(waited, 10.0);
+  EXPECT_EQ(client.Health(), "NOT_SERVING");
+  EXPECT_TRUE(client.WaitAllBlocksFree(2s));
+  worker->Signal(SIGKILL);
+}
+
+TEST_F(CoordinatorTest, ServesTlsWhenGivenACertificate) {
+  const fs::path key = *dir_ / "key.pem", cert = *dir_ / "cert.pem";
+  const std::string openssl = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost "
+                              "-addext subjectAltName=DNS:localhost,IP:127.0.0.1 -keyout " +
+                              key.string() + " -out " + cert.string() + " >/dev/null 2>&1";
+  ASSERT_EQ(std::system(openssl.c_str()), 0) << "openssl could not make a test certificate";
+  const int port = StartCoordinator({"--tls-cert", cert.string(), "--tls-key", key.string()});
+  ASSERT_GT(port, 0);
+  const std::string epic = std::string(EPIC_BINARY) + " health --server 127.0.0.1:" + std::to_string(port);
+  // Over TLS the server answers (NOT_SERVING: no worker job yet); in plaintext it does not.
+  EXPECT_EQ(Capture(epic + " --tls-ca " + cert.string() + " 2>&1"), "NOT_SERVING\n");
+  EXPECT_NE(Capture(epic + " 2>&1").find("UNAVAILABLE"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace epic
