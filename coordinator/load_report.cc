@@ -1,0 +1,207 @@
+#include "coordinator/load_report.h"
+
+#include <algorithm>
+#include <numeric>
+
+namespace epic::coordinator {
+
+namespace {
+
+using nlohmann::json;
+
+// Per-rank load of RANKS under LOADS, a replicated expert's load shared by its replicas.
+std::vector<double> PredictedRankLoad(const std::vector<double>& loads, const std::vector<std::vector<int32_t>>& ranks) {
+  std::vector<int> replicas(loads.size(), 0);
+  for (const auto& experts : ranks) {
+    for (int32_t e : experts) ++replicas[static_cast<size_t>(e)];
+  }
+  std::vector<double> out;
+  for (const auto& experts : ranks) {
+    double sum = 0;
+    for (int32_t e : experts) sum += loads[static_cast<size_t>(e)] / replicas[static_cast<size_t>(e)];
+    out.push_back(sum);
+  }
+  return out;
+}
+
+struct Balance {
+  double max = 0, mean = 0;
+  double imbalance() const { return mean > 0 ? max / mean : 1.0; }
+  double balancedness() const { return max > 0 ? mean / max : 1.0; }
+};
+
+Balance Of(const std::vector<double>& rank_load) {
+  Balance b;
+  if (rank_load.empty()) return b;
+  b.max = *std::max_element(rank_load.begin(), rank_load.end());
+  b.mean = std::accumulate(rank_load.begin(), rank_load.end(), 0.0) / static_cast<double>(rank_load.size());
+  return b;
+}
+
+json Side(const std::vector<std::vector<int32_t>>& placement, const std::vector<double>& rank_load) {
+  const Balance b = Of(rank_load);
+  return {{"placement", placement}, {"rank_load", rank_load}, {"imbalance", b.imbalance()},
+          {"balancedness", b.balancedness()}};
+}
+
+}  // namespace
+
+StatusOr<json> BuildLoadReport(const ReportInput& in) {
+  const size_t layers = in.layers.size();
+  if (in.expert_tokens.size() != layers || in.placement.size() != layers) {
+    return InvalidArgumentError("load report: " + std::to_string(layers) + " layers, but loads for " +
+                                std::to_string(in.expert_tokens.size()) + " and placements for " +
+                                std::to_string(in.placement.size()));
+  }
+  if (!in.rank_tokens.empty() && in.rank_tokens.size() != layers) {
+    return InvalidArgumentError("load report: measured rank loads for " + std::to_string(in.rank_tokens.size()) +
+                                " layers, not " + std::to_string(layers));
+  }
+  if (in.num_ranks < 1) return InvalidArgumentError("load report: num_ranks must be >= 1");
+  size_t experts = layers > 0 ? in.expert_tokens[0].size() : 0;
+  size_t max_slots = 0;
+  for (size_t l = 0; l < layers; ++l) {
+    if (in.expert_tokens[l].size() != experts || in.placement[l].size() != static_cast<size_t>(in.num_ranks)) {
+      return InvalidArgumentError("load report: layer " + std::to_string(in.layers[l]) +
+                                  " has loads or a placement of the wrong size");
+    }
+    for (const auto& slots : in.placement[l]) {
+      max_slots = std::max(max_slots, slots.size());
+      for (int32_t e : slots) {
+        if (e < 0 || static_cast<size_t>(e) >= experts) {
+          return InvalidArgumentError("load report: layer " + std::to_string(in.layers[l]) + " places expert " +
+                                      std::to_string(e) + " of " + std::to_string(experts));
+        }
+      }
+    }
+  }
+
+  // The plan the coordinator would apply now, from the same loads.
+  PlannerInput plan_in;
+  plan_in.loads = in.expert_tokens;
+  plan_in.num_ranks = in.num_ranks;
+  const int base_slots = static_cast<int>((experts + static_cast<size_t>(in.num_ranks) - 1) / static_cast<size_t>(in.num_ranks));
+  plan_in.slots_per_rank = base_slots + std::max(0, in.redundant_slots_per_rank);
+  plan_in.num_nodes = in.num_nodes;
+  plan_in.num_groups = in.num_groups;
+  plan_in.current = &in.placement;
+  PlacementTable planned;
+  if (layers > 0) {
+    EPIC_ASSIGN_OR_RETURN(planned, PlanPlacement(plan_in));
+  }
+
+  json out;
+  out["schema"] = "epic.load_report/1";
+  out["model_type"] = in.model_type;
+  out["ranks"] = in.num_ranks;
+  out["experts"] = experts;
+  out["slots_per_rank"] = {{"current", max_slots}, {"planned", plan_in.slots_per_rank}};
+  out["window"] = {{"steps", in.window_steps},     {"first_step", in.first_step},
+                   {"last_step", in.last_step},    {"seconds", in.window_seconds},
+                   {"ema_alpha", in.ema_alpha},    {"measured", !in.rank_tokens.empty()}};
+  json layer_list = json::array();
+  Balance total_current, total_planned;
+  double total_tokens = 0;
+  for (size_t l = 0; l < layers; ++l) {
+    const std::vector<double>& tokens = in.expert_tokens[l];
+    const std::vector<double> current_load =
+        in.rank_tokens.empty() ? PredictedRankLoad(tokens, in.placement[l]) : in.rank_tokens[l];
+    const std::vector<double> planned_load = PredictedRankLoad(tokens, planned[l]);
+    const Balance c = Of(current_load), p = Of(planned_load);
+    total_current.max += c.max;
+    total_current.mean += c.mean;
+    total_planned.max += p.max;
+    total_planned.mean += p.mean;
+    const double sum = std::accumulate(tokens.begin(), tokens.end(), 0.0);
+    total_tokens += sum;
+    std::vector<size_t> order(tokens.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return tokens[a] > tokens[b]; });
+    json hottest = json::array();
+    for (size_t i = 0; i < std::min<size_t>(5, order.size()); ++i) {
+      hottest.push_back({{"expert", order[i]}, {"tokens", tokens[order[i]]},
+                         {"share", sum > 0 ? tokens[order[i]] / sum : 0.0}});
+    }
+    json layer = {{"layer", in.layers[l]},
+                  {"expert_tokens", tokens},
+                  {"current", Side(in.placement[l], current_load)},
+                  {"planned", Side(planned[l], planned_load)},
+                  {"hottest", hottest}};
+    if (l < in.expert_ema.size()) layer["expert_ema"] = in.expert_ema[l];
+    layer_list.push_back(std::move(layer));
+  }
+  out["layers"] = std::move(layer_list);
+  out["overall"] = {
+      {"tokens", total_tokens},
+      {"current", {{"imbalance", total_current.imbalance()}, {"balancedness", total_current.balancedness()}}},
+      {"planned", {{"imbalance", total_planned.imbalance()}, {"balancedness", total_planned.balancedness()}}},
+      {"experts_moved", layers > 0 ? ExpertsMoved(in.placement, planned) : 0}};
+  json a2a = json::array();
+  for (size_t r = 0; r < in.all_to_all.size(); ++r) {
+    const AllToAllTotals& t = in.all_to_all[r];
+    a2a.push_back({{"rank", r},
+                   {"dispatch_bytes_sent", t.dispatch_bytes_sent},
+                   {"dispatch_bytes_received", t.dispatch_bytes_received},
+                   {"combine_bytes_sent", t.combine_bytes_sent},
+                   {"combine_bytes_received", t.combine_bytes_received},
+                   {"dispatch_seconds", t.dispatch_seconds},
+                   {"combine_seconds", t.combine_seconds}});
+  }
+  out["all_to_all"] = std::move(a2a);
+  json history = json::array();
+  for (const HistoryPoint& h : in.history) history.push_back({{"step", h.step}, {"imbalance", h.imbalance}});
+  out["history"] = std::move(history);
+  json rebalances = json::array();
+  for (const RebalanceRecord& r : in.rebalances) {
+    rebalances.push_back({{"step", r.step},
+                          {"experts_moved", r.experts_moved},
+                          {"bytes_loaded", r.bytes_loaded},
+                          {"seconds", r.seconds},
+                          {"imbalance_before", r.imbalance_before},
+                          {"imbalance_after", r.imbalance_after}});
+  }
+  out["rebalances"] = std::move(rebalances);
+  return out;
+}
+
+StatusOr<ReportInput> ReportInputFromLoads(const json& j, int num_ranks, int redundant_slots_per_rank, int num_groups) {
+  if (!j.is_object() || !j.contains("loads") || !j["loads"].is_array()) {
+    return InvalidArgumentError("expected {\"loads\": [[tokens per expert] per layer]}");
+  }
+  if (num_ranks < 1) return InvalidArgumentError("--ranks must be >= 1");
+  ReportInput in;
+  in.num_ranks = num_ranks;
+  in.redundant_slots_per_rank = redundant_slots_per_rank;
+  in.num_groups = num_groups;
+  if (j.contains("model") && j["model"].is_string()) in.model_type = j["model"].get<std::string>();
+  size_t experts = 0;
+  for (size_t l = 0; l < j["loads"].size(); ++l) {
+    const json& row = j["loads"][l];
+    if (!row.is_array() || row.empty()) return InvalidArgumentError("loads[" + std::to_string(l) + "] is not a list of numbers");
+    std::vector<double> tokens;
+    for (const json& v : row) {
+      if (!v.is_number() || v.get<double>() < 0) {
+        return InvalidArgumentError("loads[" + std::to_string(l) + "] holds " + v.dump() + ", not a count >= 0");
+      }
+      tokens.push_back(v.get<double>());
+    }
+    if (l == 0) experts = tokens.size();
+    if (tokens.size() != experts) return InvalidArgumentError("loads: layers have different expert counts");
+    in.expert_tokens.push_back(std::move(tokens));
+    int32_t id = static_cast<int32_t>(l);
+    if (j.contains("layers") && j["layers"].is_array() && l < j["layers"].size() && j["layers"][l].is_number_integer()) {
+      id = j["layers"][l].get<int32_t>();
+    }
+    in.layers.push_back(id);
+  }
+  if (static_cast<size_t>(num_ranks) > experts && experts > 0) {
+    return InvalidArgumentError("--ranks " + std::to_string(num_ranks) + " is more than the " +
+                                std::to_string(experts) + " experts");
+  }
+  const PlacementTable contiguous = ContiguousPlacement(static_cast<int64_t>(in.layers.size()),
+                                                        static_cast<int64_t>(experts), num_ranks);
+  in.placement = contiguous;
+  return in;
+}
+
+}  // namespace epic::coordinator
