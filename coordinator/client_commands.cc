@@ -9,8 +9,11 @@
 
 #include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
+#include <nlohmann/json.hpp>
 
 #include "common/token_list.h"
+#include "coordinator/load_report.h"
+#include "coordinator/report_render.h"
 #include "epic.grpc.pb.h"
 #include "health.grpc.pb.h"
 
@@ -223,6 +226,119 @@ int Load(const Connection& c) {
   return PrintJson("load", report);
 }
 
+struct ReportFlags {
+  Connection connection;
+  std::string input;
+  int ranks = 0;
+  int redundant_slots = 0;
+  int groups = 1;
+  std::string format = "text";
+  std::string out;
+  CLI::App* command = nullptr;  // to tell which flags were given
+};
+
+// The report as the chosen format; json is checked against the schema too, so that a
+// saved report can be trusted by whatever reads it next.
+StatusOr<std::string> Render(const nlohmann::json& report, const std::string& format) {
+  if (format == "json") {
+    EPIC_RETURN_IF_ERROR(ValidateLoadReport(report));
+    return report.dump(1) + "\n";
+  }
+  return format == "html" ? RenderHtml(report) : RenderText(report);
+}
+
+StatusOr<nlohmann::json> ParseJson(const std::string& text, const std::string& what) {
+  try {
+    return nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    return InvalidArgumentError(what + ": not valid JSON: " + e.what());
+  }
+}
+
+// A saved report ("schema") as it is, or a loads file ("loads") built into one.
+StatusOr<nlohmann::json> ReportFromFile(const ReportFlags& f) {
+  std::string text;
+  if (!Connection::Read(f.input, &text)) return NotFoundError(f.input + ": cannot read it");
+  EPIC_ASSIGN_OR_RETURN(const nlohmann::json j, ParseJson(text, f.input));
+  if (j.is_object() && j.contains("schema")) {
+    if (f.command->count("--ranks") + f.command->count("--redundant-slots") + f.command->count("--groups") > 0) {
+      std::fprintf(stderr, "epic report: %s is a saved report; --ranks, --redundant-slots and --groups are ignored\n",
+                   f.input.c_str());
+    }
+    return j;
+  }
+  if (!j.is_object() || !j.contains("loads")) {
+    return InvalidArgumentError(f.input + ": neither a load report (\"schema\") nor a loads file (\"loads\")");
+  }
+  if (f.command->count("--ranks") == 0) return InvalidArgumentError(f.input + " is a loads file: give --ranks N");
+  auto in = ReportInputFromLoads(j, f.ranks, f.redundant_slots, f.groups);
+  if (!in.ok()) return InvalidArgumentError(f.input + ": " + in.status().message());
+  auto report = BuildLoadReport(*in);
+  if (!report.ok()) return Status(report.status().code(), f.input + ": " + report.status().message());
+  return report;
+}
+
+int Report(const ReportFlags& f) {
+  const bool from_server = f.command->count("--server") > 0;
+  if (from_server == !f.input.empty()) {
+    return Fail("report", InvalidArgumentError("give exactly one of --server ADDR and --input FILE"));
+  }
+  nlohmann::json report;
+  if (from_server) {
+    auto channel = f.connection.Channel();
+    if (!channel.ok()) return Fail("report", channel.status());
+    auto stub = v1::Epic::NewStub(*channel);
+    grpc::ClientContext ctx;
+    if (const Status s = f.connection.Prepare(&ctx); !s.ok()) return Fail("report", s);
+    v1::LoadReport response;
+    const grpc::Status s = stub->GetLoadReport(&ctx, v1::GetLoadReportRequest(), &response);
+    if (!s.ok()) return Fail("report", s);
+    if (response.json().empty()) {
+      return Fail("report",
+                  FailedPreconditionError(f.connection.server + " sent no report (LoadReport.json is empty)"));
+    }
+    auto j = ParseJson(response.json(), f.connection.server + "'s report");
+    if (!j.ok()) return Fail("report", j.status());
+    report = std::move(*j);
+  } else {
+    auto j = ReportFromFile(f);
+    if (!j.ok()) return Fail("report", j.status());
+    report = std::move(*j);
+  }
+  auto rendered = Render(report, f.format);
+  if (!rendered.ok()) return Fail("report", rendered.status());
+  if (f.out.empty()) {
+    std::fwrite(rendered->data(), 1, rendered->size(), stdout);
+    return 0;
+  }
+  std::ofstream file(f.out, std::ios::binary);
+  file << *rendered;
+  file.close();
+  if (!file) return Fail("report", DataLossError(f.out + ": write failed"));
+  return 0;
+}
+
+int Rebalance(const Connection& c, bool dry_run, int redundant_slots) {
+  auto channel = c.Channel();
+  if (!channel.ok()) return Fail("rebalance", channel.status());
+  auto stub = v1::Epic::NewStub(*channel);
+  grpc::ClientContext ctx;
+  if (const Status s = c.Prepare(&ctx); !s.ok()) return Fail("rebalance", s);
+  v1::RebalanceRequest request;
+  request.set_dry_run(dry_run);
+  request.set_redundant_slots_per_rank(redundant_slots);
+  v1::RebalanceResponse r;
+  const grpc::Status s = stub->Rebalance(&ctx, request, &r);
+  if (!s.ok()) return Fail("rebalance", s);
+  std::string what = r.applied() ? "applied" : "not applied";
+  if (!r.applied() && !r.reason().empty()) what += " (" + r.reason() + ")";
+  std::printf("%s: imbalance %.3f -> %.3f, %lld expert copies %s, %.1f MiB loaded, %.3f s, from %lld steps\n",
+              what.c_str(), r.imbalance_before(), r.imbalance_after(), static_cast<long long>(r.experts_moved()),
+              r.applied() ? "moved" : "to move", static_cast<double>(r.bytes_loaded()) / (1024.0 * 1024.0),
+              r.seconds(), static_cast<long long>(r.window_steps()));
+  return 0;
+}
+
 }  // namespace
 
 std::function<int()> AddClientCommands(CLI::App& app) {
@@ -259,11 +375,53 @@ std::function<int()> AddClientCommands(CLI::App& app) {
   CLI::App* load = app.add_subcommand("load", "print the expert loads measured since the worker job attached (JSON)");
   load_conn->AddFlags(load);
 
+  auto rep = std::make_shared<ReportFlags>();
+  CLI::App* report = app.add_subcommand(
+      "report", "the load-balance report (docs/load_balance.md): from a server's statistics window, or offline "
+                "from a loads file or a saved report; as a text table, JSON or one HTML page");
+  rep->command = report;
+  rep->connection.AddFlags(report);
+  // No default server here: a report comes from exactly one of --server and --input.
+  CLI::Option* server = report->get_option("--server")->default_str("")->description(
+      "the coordinator, HOST:PORT (or --input)");
+  CLI::Option* input = report->add_option(
+      "--input", rep->input,
+      "offline instead of --server: a saved report (JSON with \"schema\") to render again, or a loads file "
+      "({\"loads\": ...}, as epic-run --loads-out writes; needs --ranks) placed contiguously and planned");
+  input->excludes(server);
+  report->add_option("--ranks", rep->ranks, "ranks to spread a loads file's experts over")
+      ->check(CLI::PositiveNumber)->needs(input);
+  report->add_option("--redundant-slots", rep->redundant_slots,
+                     "replica slots per rank for the planned placement of a loads file")
+      ->check(CLI::NonNegativeNumber)->capture_default_str()->needs(input);
+  report->add_option("--groups", rep->groups,
+                     "routing groups (config.json n_group) of a loads file's experts; must divide them "
+                     "(groups shape a plan across nodes only, and an offline report plans for one node)")
+      ->check(CLI::PositiveNumber)->capture_default_str()->needs(input);
+  report->add_option("--format", rep->format, "text (a terminal table), json (the report itself) or html "
+                                              "(one self-contained page with charts)")
+      ->check(CLI::IsMember({"text", "json", "html"}))->capture_default_str();
+  report->add_option("--out", rep->out, "file to write (default: stdout)");
+
+  auto rebalance_conn = std::make_shared<Connection>();
+  auto dry_run = std::make_shared<bool>(false);
+  auto redundant_slots = std::make_shared<int>(-1);
+  CLI::App* rebalance = app.add_subcommand(
+      "rebalance", "plan an expert placement from the server's statistics window and switch the workers to it; "
+                   "prints whether it was applied, the imbalance before and after, and what moved");
+  rebalance_conn->AddFlags(rebalance);
+  rebalance->add_flag("--dry-run", *dry_run, "plan and report only; move nothing");
+  rebalance->add_option("--redundant-slots", *redundant_slots,
+                        "replica slots per rank in the new placement (-1: as many as now)")
+      ->check(CLI::Range(-1, 1 << 16))->capture_default_str();
+
   return [=]() -> int {
     if (generate->parsed()) return Generate(*gen);
     if (health->parsed()) return Health(*conn, *health_service);
     if (info->parsed()) return Info(*info_conn);
     if (load->parsed()) return Load(*load_conn);
+    if (report->parsed()) return Report(*rep);
+    if (rebalance->parsed()) return Rebalance(*rebalance_conn, *dry_run, *redundant_slots);
     return -1;
   };
 }

@@ -10,6 +10,81 @@
 #include "parallel/self_communicator.h"
 
 namespace epic {
+namespace {
+
+// INVALID_ARGUMENT unless P fits a job of RANKS ranks running CONFIG.
+Status CheckPlacement(const ModelConfig& config, int ranks, const parallel::ExpertPlacement& p) {
+  if (p.num_ranks() != ranks || p.num_layers() != config.num_hidden_layers ||
+      p.num_experts() != config.n_routed_experts) {
+    return InvalidArgumentError("expert placement is for " + std::to_string(p.num_ranks()) + " ranks, " +
+                                std::to_string(p.num_layers()) + " layers and " + std::to_string(p.num_experts()) +
+                                " experts; the job has " + std::to_string(ranks) + " ranks and the model " +
+                                std::to_string(config.num_hidden_layers) + " layers and " +
+                                std::to_string(config.n_routed_experts) + " experts");
+  }
+  for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
+    if (p.is_moe_layer(l) != config.IsMoeLayer(l)) {
+      return InvalidArgumentError("expert placement: layer " + std::to_string(l) +
+                                  (config.IsMoeLayer(l) ? " is" : " is not") + " an MoE layer of the model");
+    }
+  }
+  return OkStatus();
+}
+
+}  // namespace
+
+StatusOr<PlacementChange> Model::ApplyPlacement(const parallel::ExpertPlacement& next) {
+  const ModelConfig& c = config();
+  EPIC_RETURN_IF_ERROR(CheckPlacement(c, comm_->size(), next));
+  const int rank = comm_->rank();
+  PlacementChange change;
+  const size_t layers = static_cast<size_t>(c.num_hidden_layers);
+  std::vector<std::vector<MlpWeights>> experts(layers);
+  std::vector<std::vector<std::shared_ptr<WeightArena>>> memory(layers);
+  // Every load first: a failure leaves the model as it was.
+  for (size_t l = 0; l < layers; ++l) {
+    if (!next.is_moe_layer(static_cast<int64_t>(l))) continue;
+    const LayerWeights& L = weights_->layers[l];
+    const auto& held = placement_->slots(static_cast<int64_t>(l), rank);
+    for (int32_t e : next.slots(static_cast<int64_t>(l), rank)) {
+      const auto it = std::find(held.begin(), held.end(), e);
+      if (it != held.end()) {
+        const size_t s = static_cast<size_t>(it - held.begin());
+        experts[l].push_back(L.experts[s]);
+        memory[l].push_back(s < L.expert_memory.size() ? L.expert_memory[s] : nullptr);
+        continue;
+      }
+      EPIC_ASSIGN_OR_RETURN(BoundExpert bound, BindExpert(*checkpoint_, static_cast<int64_t>(l), e, residency_));
+      experts[l].push_back(bound.weights);
+      memory[l].push_back(std::move(bound.memory));
+      ++change.experts_loaded;
+      change.bytes_loaded += bound.bytes;
+    }
+  }
+  for (size_t l = 0; l < layers; ++l) {
+    if (!next.is_moe_layer(static_cast<int64_t>(l))) continue;
+    LayerWeights& L = weights_->layers[l];
+    const auto& kept = next.slots(static_cast<int64_t>(l), rank);
+    const auto& held = placement_->slots(static_cast<int64_t>(l), rank);
+    for (size_t s = 0; s < held.size(); ++s) {
+      if (std::find(kept.begin(), kept.end(), held[s]) != kept.end()) continue;
+      ++change.experts_dropped;
+      const MlpWeights& w = L.experts[s];
+      change.bytes_dropped += (w.gate.rows * w.gate.cols + w.up.rows * w.up.cols + w.down.rows * w.down.cols) *
+                              (w.gate.type == cpu::WeightType::kBF16 ? 2 : 4);
+      // Experts loaded later free their own memory below; those of the shared arena
+      // give their pages back here.
+      const bool own = s < L.expert_memory.size() && L.expert_memory[s] != nullptr;
+      if (!own && residency_ == WeightResidency::kCopy) ReleaseExpertPages(w);
+    }
+    L.experts = std::move(experts[l]);
+    L.expert_memory = std::move(memory[l]);
+  }
+  placement_ = std::make_unique<parallel::ExpertPlacement>(next);
+  weights_->matrix_bytes += change.bytes_loaded - change.bytes_dropped;
+  return change;
+}
+
 StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
                                              const ProgressFn& progress, WeightResidency residency,
                                              const ModelShard& shard) {
@@ -41,21 +116,7 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
   for (int64_t l = 0; l < config.num_hidden_layers; ++l) moe_layers[l] = config.IsMoeLayer(l);
   if (shard.placement != nullptr) {
     const parallel::ExpertPlacement& p = *shard.placement;
-    if (p.num_ranks() != ranks || p.num_layers() != config.num_hidden_layers ||
-        p.num_experts() != config.n_routed_experts) {
-      return InvalidArgumentError("expert placement is for " + std::to_string(p.num_ranks()) + " ranks, " +
-                                  std::to_string(p.num_layers()) + " layers and " +
-                                  std::to_string(p.num_experts()) + " experts; the job has " +
-                                  std::to_string(ranks) + " ranks and the model " +
-                                  std::to_string(config.num_hidden_layers) + " layers and " +
-                                  std::to_string(config.n_routed_experts) + " experts");
-    }
-    for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
-      if (p.is_moe_layer(l) != moe_layers[l]) {
-        return InvalidArgumentError("expert placement: layer " + std::to_string(l) +
-                                    (moe_layers[l] ? " is" : " is not") + " an MoE layer of the model");
-      }
-    }
+    EPIC_RETURN_IF_ERROR(CheckPlacement(config, ranks, p));
     model->placement_ = std::make_unique<parallel::ExpertPlacement>(p);
   } else {
     model->placement_ = std::make_unique<parallel::ExpertPlacement>(parallel::ExpertPlacement::Contiguous(
@@ -74,6 +135,7 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
   ws.mlp_parts = ranks;
   for (int64_t l = 0; l < config.num_hidden_layers; ++l) ws.expert_slots.push_back(model->placement_->slots(l, rank));
   EPIC_ASSIGN_OR_RETURN(model->weights_, ModelWeights::Bind(*model->checkpoint_, progress, residency, ws));
+  model->residency_ = residency;
   const ModelConfig& c = model->config();
   model->rope_ = MakeRopeTable(c);
   cpu::GateParams& g = model->gate_;

@@ -48,6 +48,14 @@ struct ModelShard {
   const parallel::ExpertPlacement* placement = nullptr;
 };
 
+// What a change of placement did on this rank.
+struct PlacementChange {
+  int64_t experts_loaded = 0;  // read from the checkpoint
+  int64_t bytes_loaded = 0;
+  int64_t experts_dropped = 0;
+  int64_t bytes_dropped = 0;
+};
+
 // Which form of MLA a step uses; kAuto picks the cheaper per sequence (prefill
 // expands K/V through kv_b_proj, decode absorbs it into the query and output).
 enum class AttentionForm { kAuto, kExpanded, kAbsorbed };
@@ -82,6 +90,12 @@ class Model {
   // Distributed: every rank passes the same batch and gets the same logits.
   Status Forward(std::span<SequenceStep> batch, LatentCache* cache, std::vector<float>* logits,
                  ExpertCounts* counts = nullptr);
+
+  // Switches to NEXT between steps (every rank together): the experts this rank newly
+  // holds are read from the checkpoint, those it keeps stay where they are, and the
+  // memory of those it drops goes back to the system. Outputs do not change. A load
+  // that fails leaves the model as it was.
+  StatusOr<PlacementChange> ApplyPlacement(const parallel::ExpertPlacement& next);
 
   // Sums COUNTS->tokens over the job's ranks, in place: once after the steps, rather
   // than a collective per layer per step. Every rank calls it.
@@ -119,6 +133,7 @@ class Model {
   RopeTable rope_;
   cpu::GateParams gate_;
   AttentionForm attention_form_ = AttentionForm::kAuto;
+  WeightResidency residency_ = WeightResidency::kCopy;
 };
 
 }  // namespace epic

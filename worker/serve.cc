@@ -81,6 +81,30 @@ Status RunStep(Model& model, LatentCache& cache, const v1::internal::Step& step,
   ExpertCounts counts;
   EPIC_RETURN_IF_ERROR(model.Forward(batch, &cache, &logits, &counts));
   EPIC_RETURN_IF_ERROR(model.ReduceExpertCounts(&counts));
+  // Each rank's share for the load reports: its slots' tokens per MoE layer, then its
+  // all-to-all totals. One gather a step.
+  std::vector<double> mine;
+  parallel::ExchangeStats dispatch, combine;
+  for (size_t l = 0; l < counts.tokens.size(); ++l) {
+    if (counts.tokens[l].empty()) continue;
+    double ran = 0;
+    for (int64_t t : counts.slot_tokens[l]) ran += static_cast<double>(t);
+    mine.push_back(ran);
+    dispatch.Add(counts.dispatch[l]);
+    combine.Add(counts.combine[l]);
+  }
+  const size_t moe_layers = mine.size();
+  mine.insert(mine.end(), {static_cast<double>(dispatch.bytes_sent), static_cast<double>(dispatch.bytes_received),
+                           static_cast<double>(combine.bytes_sent), static_cast<double>(combine.bytes_received),
+                           dispatch.seconds, combine.seconds});
+  const int ranks = model.comm().size();
+  std::vector<double> all(mine.size() * static_cast<size_t>(ranks));
+  if (ranks > 1) {
+    EPIC_RETURN_IF_ERROR(model.comm().AllGather(
+        mine.data(), all.data(), std::vector<int64_t>(ranks, static_cast<int64_t>(mine.size() * sizeof(double)))));
+  } else {
+    all = mine;
+  }
   if (model.comm().rank() != 0) return OkStatus();
 
   result->Clear();
@@ -105,6 +129,17 @@ Status RunStep(Model& model, LatentCache& cache, const v1::internal::Step& step,
     v1::LayerLoad* load = result->add_expert_tokens();
     load->set_layer(static_cast<int32_t>(l));
     load->mutable_expert_tokens()->Add(counts.tokens[l].begin(), counts.tokens[l].end());
+  }
+  for (int r = 0; r < ranks; ++r) {
+    const double* v = all.data() + static_cast<size_t>(r) * mine.size();
+    v1::internal::RankStepStats* stats = result->add_ranks();
+    for (size_t l = 0; l < moe_layers; ++l) stats->add_layer_tokens(static_cast<int64_t>(v[l]));
+    stats->set_dispatch_bytes_sent(v[moe_layers]);
+    stats->set_dispatch_bytes_received(v[moe_layers + 1]);
+    stats->set_combine_bytes_sent(v[moe_layers + 2]);
+    stats->set_combine_bytes_received(v[moe_layers + 3]);
+    stats->set_dispatch_seconds(v[moe_layers + 4]);
+    stats->set_combine_seconds(v[moe_layers + 5]);
   }
   result->set_seconds(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return OkStatus();

@@ -131,24 +131,65 @@ WeightArena::~WeightArena() {
 
 void* WeightArena::Allocate(int64_t bytes) {
   constexpr int64_t kHugePage = 2 << 20;
-  constexpr int64_t kChunk = 1ll << 30;
+  constexpr int64_t kPage = 4096;
   bytes = (bytes + 63) / 64 * 64;
   if (bytes > left_) {
-    const int64_t size = std::max(kChunk, (bytes + kHugePage - 1) / kHugePage * kHugePage);
+    // Small arenas (one small expert) stay in 4 KiB pages: a huge page each would
+    // multiply their memory.
+    const bool huge = std::max(chunk_bytes_, bytes) >= kHugePage;
+    const int64_t align = huge ? kHugePage : kPage;
+    const int64_t size = std::max(chunk_bytes_, (bytes + align - 1) / align * align);
     // One huge page more than needed, so the usable part can start on a 2 MiB boundary.
-    void* base = ::mmap(nullptr, static_cast<size_t>(size + kHugePage), PROT_READ | PROT_WRITE,
+    const int64_t extra = huge ? kHugePage : 0;
+    void* base = ::mmap(nullptr, static_cast<size_t>(size + extra), PROT_READ | PROT_WRITE,
                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (base == MAP_FAILED) return nullptr;
-    chunks_.push_back({base, size + kHugePage});
+    chunks_.push_back({base, size + extra});
     const auto addr = reinterpret_cast<uintptr_t>(base);
-    next_ = reinterpret_cast<char*>((addr + kHugePage - 1) / kHugePage * kHugePage);
+    next_ = reinterpret_cast<char*>((addr + align - 1) / align * align);
     left_ = size;
-    ::madvise(next_, static_cast<size_t>(size), MADV_HUGEPAGE);  // advice: fine if refused
+    if (huge) ::madvise(next_, static_cast<size_t>(size), MADV_HUGEPAGE);  // advice: fine if refused
   }
   void* p = next_;
   next_ += bytes;
   left_ -= bytes;
   return p;
+}
+
+StatusOr<BoundExpert> BindExpert(const Checkpoint& checkpoint, int64_t layer, int32_t expert,
+                                 WeightResidency residency) {
+  const std::string module = "mlp.experts." + std::to_string(expert);
+  int64_t bytes = 0;
+  for (const char* part : {".gate_proj", ".up_proj", ".down_proj"}) {
+    const TensorView* v = checkpoint.Find(LayerTensor(layer, module + part));
+    if (v == nullptr) return NotFoundError("checkpoint has no " + LayerTensor(layer, module + part));
+    bytes += v->numel() * (v->dtype == DType::kF16 ? 4 : DTypeSize(v->dtype));
+  }
+  // An arena of exactly this expert's size, shared by its three matrices.
+  auto holder = std::make_shared<ModelWeights>();
+  holder->arena.set_chunk_bytes(bytes + 3 * 64);
+  Binder b(checkpoint, holder.get(), residency, {}, 0);
+  BoundExpert out;
+  out.weights = b.Mlp(layer, module);
+  if (!b.failed().empty()) {
+    return ResourceExhaustedError("cannot allocate memory for expert " + std::to_string(expert) + " of layer " +
+                                  std::to_string(layer));
+  }
+  out.bytes = holder->matrix_bytes;
+  if (residency == WeightResidency::kCopy) out.memory = std::shared_ptr<WeightArena>(holder, &holder->arena);
+  return out;
+}
+
+void ReleaseExpertPages(const MlpWeights& w) {
+  constexpr uintptr_t kPage = 4096;
+  for (const cpu::WeightMatrix* m : {&w.gate, &w.up, &w.down}) {
+    const int64_t element = m->type == cpu::WeightType::kBF16 ? 2 : 4;
+    const auto begin = reinterpret_cast<uintptr_t>(m->data);
+    const auto end = begin + static_cast<uintptr_t>(m->rows * m->row_stride * element);
+    const uintptr_t first = (begin + kPage - 1) / kPage * kPage;
+    const uintptr_t last = end / kPage * kPage;
+    if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+  }
 }
 
 StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Bind(const Checkpoint& checkpoint,

@@ -42,6 +42,9 @@ struct LayerWeights {
   cpu::WeightMatrix router;                // [n_routed_experts, hidden]
   std::vector<float> choice_bias;          // [n_routed_experts], noaux_tc only
   std::vector<MlpWeights> experts;         // this rank's expert slots (all experts by default)
+  // Per slot: the memory of an expert loaded after start (by a rebalance), freed with
+  // it; nullptr for experts in ModelWeights::arena.
+  std::vector<std::shared_ptr<class WeightArena>> expert_memory;
   bool has_shared = false;
   MlpWeights shared;                       // intermediate = moe_intermediate * n_shared; this rank's part
 };
@@ -74,12 +77,15 @@ class WeightArena {
   // BYTES of 64-byte aligned memory, valid for the arena's life. nullptr when the
   // system refuses the memory.
   void* Allocate(int64_t bytes);
+  // Memory is reserved this much at a time (address space only, until touched).
+  void set_chunk_bytes(int64_t bytes) { chunk_bytes_ = bytes; }
 
  private:
   struct Chunk {
     void* base;
     int64_t size;
   };
+  int64_t chunk_bytes_ = int64_t{1} << 30;
   std::vector<Chunk> chunks_;
   char* next_ = nullptr;
   int64_t left_ = 0;
@@ -101,5 +107,19 @@ struct ModelWeights {
                                                       WeightResidency residency = WeightResidency::kCopy,
                                                       const WeightShard& shard = {});
 };
+
+// One routed expert bound on its own, for a rank that newly holds it: copied into
+// memory of its own (freed when MEMORY is), or used in place when kMapped.
+struct BoundExpert {
+  MlpWeights weights;
+  std::shared_ptr<WeightArena> memory;  // nullptr when kMapped
+  int64_t bytes = 0;
+};
+StatusOr<BoundExpert> BindExpert(const Checkpoint& checkpoint, int64_t layer, int32_t expert,
+                                 WeightResidency residency);
+
+// Gives back to the system the pages wholly inside W's matrices (an expert bound at
+// start, in the shared arena, that the rank no longer holds). W must not be read again.
+void ReleaseExpertPages(const MlpWeights& w);
 
 }  // namespace epic

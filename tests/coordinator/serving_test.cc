@@ -346,7 +346,9 @@ TEST_F(ServingTest, ConcurrentStreamsMatchEpicRun) {
     EXPECT_NE(last.finish_reason(), v1::FINISH_REASON_UNSPECIFIED);
     EXPECT_EQ(last.usage().completion_tokens(), outcomes[i].tokens.size());
     EXPECT_EQ(last.usage().prompt_tokens(), prompts[i].size());
-    if (last.finish_reason() == v1::FINISH_REASON_LENGTH) EXPECT_EQ(outcomes[i].tokens.size(), kMaxTokens);
+    if (last.finish_reason() == v1::FINISH_REASON_LENGTH) {
+      EXPECT_EQ(outcomes[i].tokens.size(), kMaxTokens);
+    }
     streamed += outcomes[i].responses > 1;
   }
   EXPECT_GT(streamed, 0) << "no request received its tokens in more than one response";

@@ -3,6 +3,7 @@
 // row, and identical greedy generations.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -124,6 +125,82 @@ TEST_F(DistributedModelTest, RedundantReplicasGiveTheSameLogits) {
   const auto placement = parallel::ExpertPlacement::Contiguous(config->num_hidden_layers, moe,
                                                                config->n_routed_experts, comm_->size(), 7);
   ExpectSameAsOneProcess(dir, &placement);
+}
+
+// A placement where rank r holds, in each MoE layer, the experts e with
+// (e * 7 + layer) % N == r (a scramble of the contiguous blocks) and SPARE replicas of
+// the experts after its last one.
+parallel::ExpertPlacement Scrambled(const ModelConfig& c, int ranks, int spare) {
+  parallel::ExpertPlacement::Table table(static_cast<size_t>(c.num_hidden_layers));
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    table[l].resize(static_cast<size_t>(ranks));
+    if (!c.IsMoeLayer(l)) continue;
+    for (int32_t e = 0; e < c.n_routed_experts; ++e) table[l][(e * 7 + l) % ranks].push_back(e);
+    for (int r = 0; r < ranks; ++r) {
+      // A rank can hold at most every expert once.
+      const int room = static_cast<int>(c.n_routed_experts) - static_cast<int>(table[l][r].size());
+      for (int k = 0; k < std::min(spare, room); ++k) {
+        int32_t e = (table[l][r].back() + 1 + k) % static_cast<int32_t>(c.n_routed_experts);
+        while (std::find(table[l][r].begin(), table[l][r].end(), e) != table[l][r].end()) {
+          e = (e + 1) % static_cast<int32_t>(c.n_routed_experts);
+        }
+        table[l][r].push_back(e);
+      }
+    }
+  }
+  auto p = parallel::ExpertPlacement::Create(table, c.n_routed_experts);
+  EXPECT_TRUE(p.ok()) << p.status().ToString();
+  return *p;
+}
+
+TEST_F(DistributedModelTest, ChangingThePlacementLiveKeepsTheOutputs) {
+  const std::filesystem::path dir = Write("v2-160", kEightHeads);
+  auto model = Model::Load(dir, {}, WeightResidency::kCopy, {comm_.get(), nullptr});
+  ASSERT_TRUE(model.ok()) << model.status().ToString();
+  const ModelConfig& c = (*model)->config();
+  const std::vector<int32_t> prompt = {3, 99, 250, 7, 42, 5, 77, 12, 31};
+  GenerateOptions o;
+  o.prompt_logits = true;
+  o.max_new_tokens = 5;
+  o.stop_at_eos = false;
+  o.block_size = 4;
+  auto before = Generate(**model, prompt, o);
+  ASSERT_TRUE(before.ok());
+  const int64_t bytes_before = (*model)->weights().matrix_bytes;
+
+  for (int spare : {3, 0}) {
+    auto change = (*model)->ApplyPlacement(Scrambled(c, comm_->size(), spare));
+    ASSERT_TRUE(change.ok()) << change.status().ToString();
+    if (comm_->size() > 1 && spare > 0) {
+      EXPECT_GT(change->experts_loaded, 0) << "rank " << comm_->rank();
+    }
+    EXPECT_EQ((*model)->placement().slots(1, comm_->rank()), Scrambled(c, comm_->size(), spare).slots(1, comm_->rank()));
+    auto after = Generate(**model, prompt, o);
+    ASSERT_TRUE(after.ok());
+    EXPECT_EQ(after->tokens, before->tokens) << "spare " << spare;
+    for (size_t i = 0; i < before->prompt_logits.size(); ++i) {
+      ASSERT_NEAR(after->prompt_logits[i], before->prompt_logits[i], 1e-5 * (1 + std::fabs(before->prompt_logits[i])))
+          << "logit " << i << " with spare " << spare;
+    }
+    for (size_t l = 0; l < before->expert_counts.tokens.size(); ++l) {
+      EXPECT_EQ(after->expert_counts.tokens[l], before->expert_counts.tokens[l]) << "layer " << l;
+    }
+  }
+  // And back: the experts dropped on the way were freed, the bytes held are as at start.
+  std::vector<bool> moe(static_cast<size_t>(c.num_hidden_layers));
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) moe[l] = c.IsMoeLayer(l);
+  auto back = (*model)->ApplyPlacement(
+      parallel::ExpertPlacement::Contiguous(c.num_hidden_layers, moe, c.n_routed_experts, comm_->size()));
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ((*model)->weights().matrix_bytes, bytes_before);
+  auto again = Generate(**model, prompt, o);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->tokens, before->tokens);
+
+  // A placement for another job size is refused, and the model keeps serving.
+  auto wrong = (*model)->ApplyPlacement(
+      parallel::ExpertPlacement::Contiguous(c.num_hidden_layers, moe, c.n_routed_experts, comm_->size() + 1));
+  EXPECT_EQ(wrong.status().code(), StatusCode::kInvalidArgument);
 }
 
 }  // namespace
