@@ -326,7 +326,7 @@ int Rebalance(const Connection& c, bool dry_run, int redundant_slots) {
   if (const Status s = c.Prepare(&ctx); !s.ok()) return Fail("rebalance", s);
   v1::RebalanceRequest request;
   request.set_dry_run(dry_run);
-  request.set_redundant_slots_per_rank(redundant_slots);
+  if (redundant_slots >= 0) request.set_redundant_slots_per_rank(redundant_slots);
   v1::RebalanceResponse r;
   const grpc::Status s = stub->Rebalance(&ctx, request, &r);
   if (!s.ok()) return Fail("rebalance", s);
@@ -412,7 +412,7 @@ std::function<int()> AddClientCommands(CLI::App& app) {
   rebalance_conn->AddFlags(rebalance);
   rebalance->add_flag("--dry-run", *dry_run, "plan and report only; move nothing");
   rebalance->add_option("--redundant-slots", *redundant_slots,
-                        "replica slots per rank in the new placement (-1: as many as now)")
+                        "replica slots per rank in the new placement (-1: the coordinator's --redundant-slots)")
       ->check(CLI::Range(-1, 1 << 16))->capture_default_str();
 
   return [=]() -> int {

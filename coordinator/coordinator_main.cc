@@ -69,6 +69,22 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--drain-timeout", drain_timeout, "seconds running requests get to finish on SIGTERM")
       ->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("--stats-window", options.stats.window_steps,
+                 "steps of expert statistics the load reports and rebalancing look at")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--stats-ema-alpha", options.stats.ema_alpha,
+                 "weight of the newest step in the moving average of expert loads, in (0, 1]")
+      ->check(CLI::Range(1e-6, 1.0))->capture_default_str();
+  app.add_option("--redundant-slots", options.redundant_slots_per_rank,
+                 "replica slots per rank in planned placements (reports, rebalancing): hot experts get copies")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("--rebalance-every", options.rebalance_every,
+                 "automatic rebalancing: look every this many steps (0: only on `epic rebalance`)")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("--rebalance-threshold", options.rebalance_threshold,
+                 "automatic rebalancing applies a plan only when the window's imbalance (max/mean rank "
+                 "load) is above this")
+      ->check(CLI::Range(1.0, 1e9))->capture_default_str();
   app.add_option("--ready-file", ready_file,
                  "write {\"port\": P, \"metrics_port\": M} here once serving (for scripts)");
   CLI11_PARSE(app, argc, argv);

@@ -321,7 +321,16 @@ SchedulerStats Scheduler::Stats() const {
 
 void Scheduler::WaitForWork(std::chrono::milliseconds timeout) {
   std::unique_lock<std::mutex> lock(mu_);
-  work_cv_.wait_for(lock, timeout, [&] { return !waiting_.empty() || !running_.empty(); });
+  work_cv_.wait_for(lock, timeout, [&] { return woken_ || !waiting_.empty() || !running_.empty(); });
+  woken_ = false;
+}
+
+void Scheduler::Wake() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    woken_ = true;
+  }
+  work_cv_.notify_all();
 }
 
 bool Scheduler::WaitIdle(std::chrono::milliseconds timeout) {

@@ -107,8 +107,10 @@ class Scheduler {
   // Applies the results of the step in flight. INTERNAL when they do not match it.
   Status Complete(const v1::internal::StepResult& result);
 
-  // Until a request waits or runs, or TIMEOUT passes.
+  // Until a request waits or runs, Wake is called, or TIMEOUT passes.
   void WaitForWork(std::chrono::milliseconds timeout);
+  // Ends a WaitForWork early (work for the link other than requests).
+  void Wake();
 
   SchedulerStats Stats() const;
   // Until the number of running and waiting requests is zero or TIMEOUT passes.
@@ -144,6 +146,7 @@ class Scheduler {
   mutable std::mutex mu_;
   std::condition_variable idle_cv_;
   std::condition_variable work_cv_;
+  bool woken_ = false;
   bool attached_ = false;
   bool draining_ = false;
   v1::ModelSummary model_;

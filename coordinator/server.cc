@@ -4,7 +4,9 @@
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
+#include <future>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
@@ -63,12 +65,70 @@ struct Server::Impl final : v1::Epic::Service, v1::internal::WorkerLink::Service
 
   std::mutex mu;  // guards what follows
   bool attached = false;
-  v1::internal::Hello worker;  // the attached job's hello (secret cleared)
+  v1::internal::Hello worker;  // the attached job's hello (secret cleared), placement kept current
   int64_t attachments = 0;
   int64_t load_steps = 0;
   std::vector<std::vector<int64_t>> loads;  // [layer][expert], since the job attached
+  LoadStats stats;
+  int64_t steps_since_rebalance = 0;
 
-  Impl(const ServerOptions& o, Metrics* m) : options(o), metrics(m), scheduler(o.scheduler, m) {}
+  // A rebalance waiting for the link thread, which applies it between steps.
+  struct Rebalancing {
+    PlacementTable table;  // [moe layer][rank][experts]
+    v1::RebalanceResponse response;
+    std::promise<grpc::Status> done;
+  };
+  std::mutex rebalance_mu;
+  std::shared_ptr<Rebalancing> pending;
+  uint64_t next_rebalance_id = 1;
+
+  Impl(const ServerOptions& o, Metrics* m) : options(o), metrics(m), scheduler(o.scheduler, m), stats(o.stats) {}
+
+  // The current placement as a table over the MoE layers, and those layers' ids.
+  PlacementTable CurrentPlacementLocked(std::vector<int32_t>* layers) const {
+    PlacementTable table;
+    for (const v1::LayerPlacement& lp : worker.placement()) {
+      if (layers) layers->push_back(lp.layer());
+      std::vector<std::vector<int32_t>> ranks;
+      for (const v1::RankSlots& r : lp.ranks()) ranks.emplace_back(r.experts().begin(), r.experts().end());
+      table.push_back(std::move(ranks));
+    }
+    return table;
+  }
+
+  // The load report of the window, planned with REDUNDANT replica slots per rank.
+  StatusOr<nlohmann::json> ReportLocked(int redundant) const {
+    ReportInput in;
+    stats.Fill(&in);
+    in.model_type = worker.model().model_type();
+    in.num_groups = static_cast<int>(std::max<int64_t>(1, worker.model().n_group()));
+    in.placement = CurrentPlacementLocked(nullptr);
+    in.redundant_slots_per_rank = redundant;
+    return BuildLoadReport(in);
+  }
+
+  // What a rebalance would do now. FAILED_PRECONDITION without statistics.
+  StatusOr<std::shared_ptr<Rebalancing>> PlanRebalance(int redundant) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!attached) return UnavailableError("no worker job is attached");
+    if (redundant < 0) return InvalidArgumentError("redundant_slots_per_rank must be >= 0");
+    if (stats.window_steps() == 0) {
+      return FailedPreconditionError("no expert statistics yet: the window is empty (serve some requests first)");
+    }
+    EPIC_ASSIGN_OR_RETURN(nlohmann::json report, ReportLocked(redundant));
+    if (report["overall"]["tokens"].get<double>() <= 0) {
+      return FailedPreconditionError("no expert statistics yet: no tokens in the window");
+    }
+    auto r = std::make_shared<Rebalancing>();
+    for (const nlohmann::json& layer : report["layers"]) {
+      r->table.push_back(layer["planned"]["placement"].get<std::vector<std::vector<int32_t>>>());
+    }
+    r->response.set_imbalance_before(report["overall"]["current"]["imbalance"].get<double>());
+    r->response.set_imbalance_after(report["overall"]["planned"]["imbalance"].get<double>());
+    r->response.set_experts_moved(report["overall"]["experts_moved"].get<int64_t>());
+    r->response.set_window_steps(stats.window_steps());
+    return r;
+  }
 
   void SetServing(bool serving) {
     auto* health = server->GetHealthCheckService();
@@ -158,6 +218,11 @@ struct Server::Impl final : v1::Epic::Service, v1::internal::WorkerLink::Service
                              v1::LoadReport* report) override {
     if (grpc::Status s = Authorize(ctx); !s.ok()) return s;
     std::lock_guard<std::mutex> lock(mu);
+    if (attached) {
+      auto full = ReportLocked(options.redundant_slots_per_rank);
+      if (!full.ok()) return ToGrpc(full.status());
+      report->set_json(full->dump());
+    }
     report->set_steps(load_steps);
     for (size_t l = 0; l < loads.size(); ++l) {
       if (loads[l].empty()) continue;
@@ -168,10 +233,35 @@ struct Server::Impl final : v1::Epic::Service, v1::internal::WorkerLink::Service
     return grpc::Status::OK;
   }
 
-  grpc::Status Rebalance(grpc::ServerContext* ctx, const v1::RebalanceRequest*, v1::RebalanceResponse*) override {
+  grpc::Status Rebalance(grpc::ServerContext* ctx, const v1::RebalanceRequest* request,
+                         v1::RebalanceResponse* response) override {
     if (grpc::Status s = Authorize(ctx); !s.ok()) return s;
-    return grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                        "live rebalancing is not built yet; `epic plan` computes placements offline");
+    auto plan = PlanRebalance(request->has_redundant_slots_per_rank() ? request->redundant_slots_per_rank()
+                                                                      : options.redundant_slots_per_rank);
+    if (!plan.ok()) return ToGrpc(plan.status());
+    std::shared_ptr<Rebalancing> r = *plan;
+    *response = r->response;
+    if (request->dry_run()) {
+      response->set_reason("dry run");
+      return grpc::Status::OK;
+    }
+    if (r->response.experts_moved() == 0) {
+      response->set_reason("the current placement is already the plan");
+      return grpc::Status::OK;
+    }
+    std::future<grpc::Status> done = r->done.get_future();
+    {
+      std::lock_guard<std::mutex> lock(rebalance_mu);
+      if (pending) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "a rebalance is already in progress");
+      pending = r;
+    }
+    scheduler.Wake();
+    if (done.wait_for(std::chrono::minutes(30)) != std::future_status::ready) {
+      return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the rebalance did not finish within 30 minutes");
+    }
+    const grpc::Status s = done.get();
+    if (s.ok()) *response = r->response;
+    return s;
   }
 
   // --- the worker link ---
@@ -201,6 +291,10 @@ struct Server::Impl final : v1::Epic::Service, v1::internal::WorkerLink::Service
       worker.clear_secret();
       load_steps = 0;
       loads.assign(static_cast<size_t>(model.num_hidden_layers()), {});
+      std::vector<int32_t> moe_layers;
+      for (const v1::LayerPlacement& lp : worker.placement()) moe_layers.push_back(lp.layer());
+      stats.Reset(moe_layers, model.n_routed_experts(), first.hello().ranks_size());
+      steps_since_rebalance = 0;
     }
     v1::internal::CoordinatorMessage welcome;
     welcome.mutable_welcome()->set_block_size(options.scheduler.block_size);
@@ -213,6 +307,13 @@ struct Server::Impl final : v1::Epic::Service, v1::internal::WorkerLink::Service
           " rank(s), " + model.model_type() + " with " + std::to_string(model.num_hidden_layers()) + " layers");
       why = RunSteps(ctx, stream);
       SetServing(false);
+      {
+        std::lock_guard<std::mutex> lock(rebalance_mu);
+        if (pending) {
+          pending->done.set_value(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the worker job left: " + why));
+          pending.reset();
+        }
+      }
       scheduler.Detach(why);
       Log("worker job detached: " + why);
     }
@@ -247,6 +348,67 @@ struct Server::Impl final : v1::Epic::Service, v1::internal::WorkerLink::Service
       reader.join();
       return why;
     };
+    // The worker's next message, or why none came within TIMEOUT.
+    std::string why;
+    auto await = [&](std::chrono::milliseconds timeout, const char* what) -> std::optional<v1::internal::WorkerMessage> {
+      std::unique_lock<std::mutex> lock(inbox_mu);
+      if (!inbox_cv.wait_for(lock, timeout, [&] { return !inbox.empty() || closed; })) {
+        why = std::string("no ") + what + " completed in " + std::to_string(timeout.count() / 1000.0) +
+              " s: the worker job is stuck";
+        return std::nullopt;
+      }
+      if (inbox.empty()) {
+        why = std::string("the worker link closed during a ") + what;
+        return std::nullopt;
+      }
+      v1::internal::WorkerMessage m = std::move(inbox.front());
+      inbox.pop_front();
+      return m;
+    };
+    // Sends R to the job and waits for the switch; false (WHY set) when the job failed.
+    auto rebalance = [&](Rebalancing& r) -> bool {
+      v1::internal::CoordinatorMessage m;
+      v1::internal::Rebalance* request = m.mutable_rebalance();
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        request->set_rebalance_id(next_rebalance_id++);
+        for (size_t l = 0; l < r.table.size(); ++l) {
+          v1::LayerPlacement* lp = request->add_placement();
+          lp->set_layer(worker.placement(static_cast<int>(l)).layer());
+          for (const auto& experts : r.table[l]) lp->add_ranks()->mutable_experts()->Add(experts.begin(), experts.end());
+        }
+      }
+      if (!stream->Write(m)) {
+        why = "the worker link closed";
+        r.done.set_value(grpc::Status(grpc::StatusCode::UNAVAILABLE, why));
+        return false;
+      }
+      // Reading experts from the checkpoint can take far longer than a step.
+      auto reply = await(options.step_timeout * 10, "rebalance");
+      if (!reply || !reply->has_rebalanced()) {
+        if (reply) why = reply->has_error() ? "the worker job failed: " + reply->error() : "unexpected reply to a rebalance";
+        r.done.set_value(grpc::Status(grpc::StatusCode::UNAVAILABLE, why));
+        return false;
+      }
+      const v1::internal::RebalanceResult& done = reply->rebalanced();
+      r.response.set_applied(true);
+      r.response.set_bytes_loaded(done.bytes_loaded());
+      r.response.set_seconds(done.seconds());
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        *worker.mutable_placement() = request->placement();
+        stats.ClearWindow();
+        stats.AddRebalance({load_steps, r.response.experts_moved(), done.bytes_loaded(), done.seconds(),
+                            r.response.imbalance_before(), r.response.imbalance_after()});
+        steps_since_rebalance = 0;
+      }
+      Log("rebalanced: " + std::to_string(r.response.experts_moved()) + " expert copies moved (" +
+          std::to_string(done.bytes_loaded() >> 10) + " KiB read) in " + std::to_string(done.seconds()) +
+          " s; imbalance " + std::to_string(r.response.imbalance_before()) + " -> " +
+          std::to_string(r.response.imbalance_after()) + " predicted");
+      r.done.set_value(grpc::Status::OK);
+      return true;
+    };
     v1::internal::CoordinatorMessage message;
     for (;;) {
       if (stopping) return finish("the coordinator is shutting down");
@@ -254,41 +416,50 @@ struct Server::Impl final : v1::Epic::Service, v1::internal::WorkerLink::Service
         std::lock_guard<std::mutex> lock(inbox_mu);
         if (closed) return finish("the worker link closed");
       }
+      std::shared_ptr<Rebalancing> asked;
+      {
+        std::lock_guard<std::mutex> lock(rebalance_mu);
+        asked = std::move(pending);
+        pending.reset();
+      }
+      if (asked && !rebalance(*asked)) return finish(why);
       if (!scheduler.NextStep(message.mutable_step())) {
         scheduler.WaitForWork(std::chrono::milliseconds(100));
         continue;
       }
       const auto sent = Clock::now();
       if (!stream->Write(message)) return finish("the worker link closed");
-      v1::internal::WorkerMessage reply;
-      {
-        std::unique_lock<std::mutex> lock(inbox_mu);
-        if (!inbox_cv.wait_for(lock, options.step_timeout, [&] { return !inbox.empty() || closed; })) {
-          lock.unlock();
-          return finish("no step completed in " + std::to_string(options.step_timeout.count() / 1000.0) +
-                        " s: the worker job is stuck");
-        }
-        if (inbox.empty()) {
-          lock.unlock();
-          return finish("the worker link closed during a step");
-        }
-        reply = std::move(inbox.front());
-        inbox.pop_front();
-      }
-      if (reply.has_error()) return finish("the worker job failed: " + reply.error());
-      if (!reply.has_result()) return finish("the worker sent something other than a step result");
-      if (const Status s = scheduler.Complete(reply.result()); !s.ok()) return finish(s.message());
+      auto reply = await(options.step_timeout, "step");
+      if (!reply) return finish(why);
+      if (reply->has_error()) return finish("the worker job failed: " + reply->error());
+      if (!reply->has_result()) return finish("the worker sent something other than a step result");
+      if (const Status s = scheduler.Complete(reply->result()); !s.ok()) return finish(s.message());
       if (metrics) {
         metrics->StepCompleted(std::chrono::duration<double>(Clock::now() - sent).count(),
                                message.step().sequences_size());
       }
-      std::lock_guard<std::mutex> lock(mu);
-      ++load_steps;
-      for (const v1::LayerLoad& layer : reply.result().expert_tokens()) {
-        if (layer.layer() < 0 || static_cast<size_t>(layer.layer()) >= loads.size()) continue;
-        auto& row = loads[static_cast<size_t>(layer.layer())];
-        row.resize(static_cast<size_t>(std::max<int64_t>(static_cast<int64_t>(row.size()), layer.expert_tokens_size())));
-        for (int e = 0; e < layer.expert_tokens_size(); ++e) row[static_cast<size_t>(e)] += layer.expert_tokens(e);
+      bool automatic = false;
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        ++load_steps;
+        for (const v1::LayerLoad& layer : reply->result().expert_tokens()) {
+          if (layer.layer() < 0 || static_cast<size_t>(layer.layer()) >= loads.size()) continue;
+          auto& row = loads[static_cast<size_t>(layer.layer())];
+          row.resize(std::max(row.size(), static_cast<size_t>(layer.expert_tokens_size())));
+          for (int e = 0; e < layer.expert_tokens_size(); ++e) row[static_cast<size_t>(e)] += layer.expert_tokens(e);
+        }
+        stats.Add(load_steps, reply->result());
+        automatic = options.rebalance_every > 0 && ++steps_since_rebalance >= options.rebalance_every;
+        if (automatic) steps_since_rebalance = 0;
+      }
+      if (automatic) {
+        auto plan = PlanRebalance(options.redundant_slots_per_rank);
+        if (plan.ok() && (*plan)->response.imbalance_before() > options.rebalance_threshold &&
+            (*plan)->response.experts_moved() > 0 &&
+            (*plan)->response.imbalance_after() < (*plan)->response.imbalance_before()) {
+          (*plan)->done.get_future();  // nobody waits on an automatic rebalance
+          if (!rebalance(**plan)) return finish(why);
+        }
       }
     }
   }

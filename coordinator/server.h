@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/status.h"
+#include "coordinator/load_stats.h"
 #include "coordinator/metrics.h"
 #include "coordinator/scheduler.h"
 
@@ -21,6 +22,14 @@ struct ServerOptions {
   // A worker job that completes no step in this long is declared dead.
   std::chrono::milliseconds step_timeout{std::chrono::seconds(60)};
   SchedulerOptions scheduler;
+  LoadStatsOptions stats;
+  // Replica slots per rank in planned placements (reports, `epic rebalance` by default,
+  // automatic rebalancing).
+  int redundant_slots_per_rank = 0;
+  // Automatic rebalancing: every this many steps (0: never), apply the plan when the
+  // window's imbalance is above the threshold and the plan predicts less.
+  int64_t rebalance_every = 0;
+  double rebalance_threshold = 1.1;
 };
 
 class Server {

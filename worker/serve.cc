@@ -148,7 +148,7 @@ Status RunStep(Model& model, LatentCache& cache, const v1::internal::Step& step,
 namespace {
 
 // What rank 0 tells the others before each broadcast payload.
-enum class Command : int64_t { kHeartbeat = 0, kWelcome = 1, kStep = 2, kStop = 3 };
+enum class Command : int64_t { kHeartbeat = 0, kWelcome = 1, kStep = 2, kStop = 3, kRebalance = 4 };
 
 struct RankRecord {
   char host[64];
@@ -199,12 +199,12 @@ class Link {
     return OkStatus();
   }
 
-  // The next step; false on timeout. UNAVAILABLE once the link has closed.
-  StatusOr<bool> Next(v1::internal::Step* step, std::chrono::milliseconds timeout) {
+  // The next step or rebalance; false on timeout. UNAVAILABLE once the link has closed.
+  StatusOr<bool> Next(v1::internal::CoordinatorMessage* message, std::chrono::milliseconds timeout) {
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait_for(lock, timeout, [&] { return !steps_.empty() || closed_; });
     if (!steps_.empty()) {
-      *step = std::move(steps_.front());
+      *message = std::move(steps_.front());
       steps_.pop_front();
       return true;
     }
@@ -219,10 +219,10 @@ class Link {
   void ReadLoop() {
     v1::internal::CoordinatorMessage m;
     while (stream_->Read(&m)) {
-      if (!m.has_step()) continue;
+      if (!m.has_step() && !m.has_rebalance()) continue;
       {
         std::lock_guard<std::mutex> lock(mu_);
-        steps_.push_back(std::move(*m.mutable_step()));
+        steps_.push_back(std::move(m));
       }
       cv_.notify_all();
     }
@@ -248,10 +248,46 @@ class Link {
   std::thread reader_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<v1::internal::Step> steps_;
+  std::deque<v1::internal::CoordinatorMessage> steps_;
   bool closed_ = false;
   std::atomic<bool> done_{false};
 };
+
+// Every rank switches to the placement in PAYLOAD (a serialized Rebalance) together;
+// on rank 0, RESULT gets what the job loaded.
+Status Rebalance(Model& model, const std::string& payload, v1::internal::RebalanceResult* result) {
+  const auto t0 = std::chrono::steady_clock::now();
+  v1::internal::Rebalance request;
+  if (!request.ParseFromString(payload)) return InternalError("a rebalance arrived malformed");
+  const ModelConfig& c = model.config();
+  const int ranks = model.comm().size();
+  parallel::ExpertPlacement::Table table(static_cast<size_t>(c.num_hidden_layers),
+                                         std::vector<std::vector<int32_t>>(static_cast<size_t>(ranks)));
+  for (const v1::LayerPlacement& layer : request.placement()) {
+    if (layer.layer() < 0 || layer.layer() >= c.num_hidden_layers || layer.ranks_size() != ranks) {
+      return InvalidArgumentError("rebalance: placement of layer " + std::to_string(layer.layer()) +
+                                  " does not fit this job");
+    }
+    for (int r = 0; r < ranks; ++r) {
+      table[layer.layer()][r].assign(layer.ranks(r).experts().begin(), layer.ranks(r).experts().end());
+    }
+  }
+  EPIC_ASSIGN_OR_RETURN(parallel::ExpertPlacement next, parallel::ExpertPlacement::Create(table, c.n_routed_experts));
+  EPIC_ASSIGN_OR_RETURN(PlacementChange change, model.ApplyPlacement(next));
+  int64_t mine[2] = {change.experts_loaded, change.bytes_loaded};
+  std::vector<int64_t> all(2 * static_cast<size_t>(ranks));
+  EPIC_RETURN_IF_ERROR(model.comm().AllGather(mine, all.data(), std::vector<int64_t>(ranks, sizeof mine)));
+  int64_t experts = 0, bytes = 0;
+  for (int r = 0; r < ranks; ++r) {
+    experts += all[2 * r];
+    bytes += all[2 * r + 1];
+  }
+  result->set_rebalance_id(request.rebalance_id());
+  result->set_experts_loaded(experts);
+  result->set_bytes_loaded(bytes);
+  result->set_seconds(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  return OkStatus();
+}
 
 // Rank 0 sends COMMAND and PAYLOAD to every rank; the others receive them.
 Status Exchange(parallel::Communicator& comm, Command* command, std::string* payload) {
@@ -326,20 +362,25 @@ Status ServeCoordinator(Model& model, const WorkerOptions& options, const std::s
                  static_cast<long long>(welcome.num_blocks()), static_cast<long long>(welcome.block_size()));
   }
 
+  v1::internal::CoordinatorMessage message;
   v1::internal::Step step;
   v1::internal::StepResult result;
   for (;;) {
     if (rank == 0) {
       payload.clear();
-      auto next = link->Next(&step, options.heartbeat);
+      auto next = link->Next(&message, options.heartbeat);
       if (!next.ok()) {
         command = Command::kStop;
         failure = next.status();
-      } else if (*next) {
-        command = Command::kStep;
-        step.SerializeToString(&payload);
-      } else {
+      } else if (!*next) {
         command = Command::kHeartbeat;
+      } else if (message.has_rebalance()) {
+        command = Command::kRebalance;
+        message.rebalance().SerializeToString(&payload);
+      } else {
+        command = Command::kStep;
+        step = std::move(*message.mutable_step());
+        step.SerializeToString(&payload);
       }
     }
     EPIC_RETURN_IF_ERROR(Exchange(comm, &command, &payload));
@@ -347,6 +388,26 @@ Status ServeCoordinator(Model& model, const WorkerOptions& options, const std::s
     if (command == Command::kStop) {
       if (link) link->Done();
       return rank == 0 ? failure : UnavailableError("rank 0 lost the coordinator link");
+    }
+    if (command == Command::kRebalance) {
+      v1::internal::WorkerMessage m;
+      const Status s = Rebalance(model, payload, m.mutable_rebalanced());
+      if (!s.ok()) {
+        if (rank == 0) {
+          m.set_error("rebalance failed: " + s.ToString());
+          link->Send(m);
+          link->Done();
+        }
+        return s;
+      }
+      if (rank == 0 && !link->Send(m)) {
+        link->Done();
+        command = Command::kStop;
+        payload.clear();
+        EPIC_RETURN_IF_ERROR(Exchange(comm, &command, &payload));
+        return UnavailableError("the coordinator link closed");
+      }
+      continue;
     }
     if (rank != 0 && !step.ParseFromString(payload)) return InternalError("a step arrived malformed");
     const Status s = RunStep(model, *cache, step, &result);

@@ -25,6 +25,8 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
+
 #include "epic.grpc.pb.h"
 #include "health.grpc.pb.h"
 
@@ -209,6 +211,20 @@ class Client {
     return out;
   }
 
+  nlohmann::json Report() {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + 10s);
+    v1::LoadReport report;
+    EXPECT_TRUE(stub_->GetLoadReport(&ctx, {}, &report).ok());
+    return report.json().empty() ? nlohmann::json() : nlohmann::json::parse(report.json());
+  }
+
+  grpc::Status Rebalance(const v1::RebalanceRequest& request, v1::RebalanceResponse* response) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + 60s);
+    return stub_->Rebalance(&ctx, request, response);
+  }
+
   v1::ModelInfo Info() {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + 5s);
@@ -281,17 +297,18 @@ class ServingTest : public ::testing::Test {
   }
 
   // launch/cluster.sh with NP ranks; returns the gRPC port once it serves.
-  int StartCluster(int np) {
+  int StartCluster(int np, const std::vector<std::string>& coordinator_flags = {}) {
     const fs::path ready = *dir_ / "ready.json";
-    cluster_ = std::make_unique<Process>(
-        std::vector<std::string>{EPIC_CLUSTER_SCRIPT, "--model", (*dir_ / "model").string(), "--np",
+    std::vector<std::string> argv{EPIC_CLUSTER_SCRIPT, "--model", (*dir_ / "model").string(), "--np",
                                  std::to_string(np), "--port", "0", "--metrics-port", "0", "--listen-host",
                                  "127.0.0.1", "--threads", "1", "--no-build", "--ready-file", ready.string(), "--",
                                  "--cache-blocks", std::to_string(kCacheBlocks), "--block-size",
                                  std::to_string(kBlockSize), "--max-waiting", std::to_string(kMaxWaiting),
                                  "--max-running", "16", "--max-step-tokens", "64", "--step-timeout", "20",
-                                 "--drain-timeout", "10"},
-        *dir_ / "cluster.log", std::vector<std::string>{"EPIC_BUILD_DIR=" + std::string(EPIC_BUILD_DIR)});
+                                 "--drain-timeout", "10"};
+    argv.insert(argv.end(), coordinator_flags.begin(), coordinator_flags.end());
+    cluster_ = std::make_unique<Process>(argv, *dir_ / "cluster.log",
+                                         std::vector<std::string>{"EPIC_BUILD_DIR=" + std::string(EPIC_BUILD_DIR)});
     for (int i = 0; i < 600 && !fs::exists(ready); ++i) std::this_thread::sleep_for(100ms);
     const std::string text = ReadAll(ready);
     metrics_port_ = JsonPort(text, "metrics_port");
@@ -299,12 +316,12 @@ class ServingTest : public ::testing::Test {
   }
 
   // What epic-run prints for PROMPT, greedy, in one process.
-  std::vector<int32_t> EpicRun(const std::vector<int32_t>& prompt, int max_new) {
+  std::vector<int32_t> EpicRun(const std::vector<int32_t>& prompt, int max_new, bool ignore_eos = false) {
     std::string tokens;
     for (int32_t t : prompt) tokens += (tokens.empty() ? "" : ",") + std::to_string(t);
     std::istringstream out(Capture(std::string(EPIC_RUN_BINARY) + " --model " + (*dir_ / "model").string() +
                                    " --threads 1 --tokens " + tokens + " --max-new-tokens " +
-                                   std::to_string(max_new) + " 2>/dev/null"));
+                                   std::to_string(max_new) + (ignore_eos ? " --ignore-eos" : "") + " 2>/dev/null"));
     std::vector<int32_t> ids;
     int32_t id;
     while (out >> id) ids.push_back(id);
@@ -528,6 +545,86 @@ TEST_F(ServingTest, KilledWorkerRankEndsRequestsUnavailableAndTheRelaunchedJobSe
   const Outcome again = client.Generate(Request({5, 17, 300}, 6));
   EXPECT_TRUE(again.status.ok()) << again.status.error_message();
   EXPECT_EQ(again.tokens, EpicRun({5, 17, 300}, 6));
+}
+
+// Skewed traffic: prompts that repeat a few tokens send most tokens to few experts.
+std::vector<std::vector<int32_t>> SkewedPrompts() {
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < 6; ++i) prompts.push_back({5, 5, 5, 17, 5, 5, static_cast<int32_t>(300 + i), 5, 5});
+  return prompts;
+}
+
+// Serves PROMPTS concurrently (batched as a server sees traffic), N tokens each.
+std::vector<std::vector<int32_t>> Serve(Client& client, const std::vector<std::vector<int32_t>>& prompts, int n) {
+  std::vector<std::vector<int32_t>> out(prompts.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    threads.emplace_back([&, i] {
+      v1::GenerateRequest r = Request(prompts[i], static_cast<uint32_t>(n));
+      r.set_ignore_eos(true);
+      const Outcome o = client.Generate(r);
+      EXPECT_TRUE(o.status.ok()) << o.status.error_message();
+      out[i] = o.tokens;
+    });
+  }
+  for (auto& t : threads) t.join();
+  return out;
+}
+
+TEST_F(ServingTest, RebalancingSkewedTrafficKeepsOutputsAndLowersImbalance) {
+  const int port = StartCluster(2, {"--redundant-slots", "2"});
+  ASSERT_GT(port, 0);
+  Client client(port);
+  v1::RebalanceRequest dry;
+  dry.set_dry_run(true);
+  v1::RebalanceResponse response;
+  EXPECT_EQ(client.Rebalance(dry, &response).error_code(), grpc::StatusCode::FAILED_PRECONDITION)
+      << "a plan without statistics";
+
+  const auto before = Serve(client, SkewedPrompts(), 30);
+  const nlohmann::json report = client.Report();
+  ASSERT_EQ(report.value("schema", ""), "epic.load_report/1") << report.dump();
+  EXPECT_TRUE(report["window"]["measured"].get<bool>());
+  EXPECT_GE(report["window"]["steps"].get<int64_t>(), 25);
+  const double imbalance = report["overall"]["current"]["imbalance"].get<double>();
+  EXPECT_GT(imbalance, 1.0);
+  EXPECT_EQ(report["all_to_all"].size(), 2u);
+  EXPECT_GT(report["all_to_all"][1]["dispatch_bytes_received"].get<double>(), 0);
+
+  ASSERT_TRUE(client.Rebalance(dry, &response).ok());
+  EXPECT_FALSE(response.applied());
+  EXPECT_EQ(client.Info().placement(0).ranks(0).experts_size(), 80) << "a dry run moved experts";
+
+  ASSERT_TRUE(client.Rebalance({}, &response).ok());
+  EXPECT_TRUE(response.applied()) << response.reason();
+  EXPECT_GT(response.experts_moved(), 0);
+  EXPECT_GT(response.bytes_loaded(), 0);
+  EXPECT_LT(response.imbalance_after(), response.imbalance_before());
+  // The new placement is in use: 80 + 2 replica slots a rank.
+  const v1::ModelInfo info = client.Info();
+  EXPECT_EQ(info.placement(0).ranks(0).experts_size(), 82);
+
+  // Placement is not math: the same outputs, and the same as one process.
+  const auto after = Serve(client, SkewedPrompts(), 30);
+  EXPECT_EQ(after, before);
+  EXPECT_EQ(after[0], EpicRun(SkewedPrompts()[0], 30, /*ignore_eos=*/true));
+  // Measured on the same traffic, the ranks are more even than before.
+  const nlohmann::json again = client.Report();
+  EXPECT_LT(again["overall"]["current"]["imbalance"].get<double>(), imbalance) << again["overall"].dump();
+  ASSERT_EQ(again["rebalances"].size(), 1u);
+  EXPECT_EQ(again["rebalances"][0]["experts_moved"].get<int64_t>(), response.experts_moved());
+}
+
+TEST_F(ServingTest, AutomaticRebalancingKicksInUnderSkew) {
+  const int port = StartCluster(2, {"--rebalance-every", "40", "--rebalance-threshold", "1.0001",
+                                    "--redundant-slots", "1"});
+  ASSERT_GT(port, 0);
+  Client client(port);
+  const auto outputs = Serve(client, SkewedPrompts(), 40);
+  const nlohmann::json report = client.Report();
+  ASSERT_GE(report["rebalances"].size(), 1u) << report["overall"].dump();
+  EXPECT_EQ(client.Info().placement(0).ranks(0).experts_size(), 81);
+  EXPECT_EQ(outputs, Serve(client, SkewedPrompts(), 40));
 }
 
 // A coordinator on its own (no worker job yet) for the checks that need no model.
