@@ -1,4 +1,4 @@
-// The `epic` client's gRPC subcommands: generate, health, info, load.
+// The `epic` client's gRPC subcommands: generate, health, info, load, report, rebalance.
 #pragma once
 
 #include <functional>

@@ -1,5 +1,5 @@
 // epic: the command-line client: `epic plan` (offline placement planner) and, when
-// built with serving, the gRPC commands (generate, health, info, load).
+// built with serving, the gRPC commands (generate, health, info, load, report, rebalance).
 #include <cstdio>
 #include <fstream>
 #include <sstream>

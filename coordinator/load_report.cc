@@ -59,8 +59,21 @@ StatusOr<json> BuildLoadReport(const ReportInput& in) {
   }
   if (in.num_ranks < 1) return InvalidArgumentError("load report: num_ranks must be >= 1");
   size_t experts = layers > 0 ? in.expert_tokens[0].size() : 0;
+  if (!in.expert_ema.empty() && in.expert_ema.size() != layers) {
+    return InvalidArgumentError("load report: moving averages for " + std::to_string(in.expert_ema.size()) +
+                                " layers, not " + std::to_string(layers));
+  }
   size_t max_slots = 0;
   for (size_t l = 0; l < layers; ++l) {
+    if (!in.rank_tokens.empty() && in.rank_tokens[l].size() != static_cast<size_t>(in.num_ranks)) {
+      return InvalidArgumentError("load report: layer " + std::to_string(in.layers[l]) + " has measured loads for " +
+                                  std::to_string(in.rank_tokens[l].size()) + " ranks, not " +
+                                  std::to_string(in.num_ranks));
+    }
+    if (!in.expert_ema.empty() && in.expert_ema[l].size() != experts) {
+      return InvalidArgumentError("load report: layer " + std::to_string(in.layers[l]) +
+                                  " has a moving average of the wrong size");
+    }
     if (in.expert_tokens[l].size() != experts || in.placement[l].size() != static_cast<size_t>(in.num_ranks)) {
       return InvalidArgumentError("load report: layer " + std::to_string(in.layers[l]) +
                                   " has loads or a placement of the wrong size");
@@ -173,7 +186,10 @@ StatusOr<ReportInput> ReportInputFromLoads(const json& j, int num_ranks, int red
   in.num_ranks = num_ranks;
   in.redundant_slots_per_rank = redundant_slots_per_rank;
   in.num_groups = num_groups;
-  if (j.contains("model") && j["model"].is_string()) in.model_type = j["model"].get<std::string>();
+  const bool named = j.contains("layers");
+  if (named && (!j["layers"].is_array() || j["layers"].size() != j["loads"].size())) {
+    return InvalidArgumentError("\"layers\" must list one layer id per row of \"loads\"");
+  }
   size_t experts = 0;
   for (size_t l = 0; l < j["loads"].size(); ++l) {
     const json& row = j["loads"][l];
@@ -189,7 +205,8 @@ StatusOr<ReportInput> ReportInputFromLoads(const json& j, int num_ranks, int red
     if (tokens.size() != experts) return InvalidArgumentError("loads: layers have different expert counts");
     in.expert_tokens.push_back(std::move(tokens));
     int32_t id = static_cast<int32_t>(l);
-    if (j.contains("layers") && j["layers"].is_array() && l < j["layers"].size() && j["layers"][l].is_number_integer()) {
+    if (named) {
+      if (!j["layers"][l].is_number_integer()) return InvalidArgumentError("layers[" + std::to_string(l) + "] is not an integer");
       id = j["layers"][l].get<int32_t>();
     }
     in.layers.push_back(id);

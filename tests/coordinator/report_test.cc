@@ -255,6 +255,12 @@ TEST(LoadReportTest, RejectsInputsWhoseShapesDisagree) {
   in.rank_tokens = {{1, 2}};
   expect_invalid(in, "measured loads for one layer of two");
   in = SmallInput();
+  in.rank_tokens.assign(in.layers.size(), std::vector<double>(static_cast<size_t>(in.num_ranks) + 1, 1.0));
+  expect_invalid(in, "measured loads for one rank too many");
+  in = SmallInput();
+  in.expert_ema.assign(in.layers.size(), std::vector<double>(1, 0.0));
+  expect_invalid(in, "a moving average of the wrong size");
+  in = SmallInput();
   in.num_ranks = 0;
   expect_invalid(in, "no ranks");
 }
@@ -268,7 +274,7 @@ TEST(LoadReportTest, InputFromLoadsFile) {
   EXPECT_EQ(in->placement, ContiguousPlacement(2, 4, 2));
   EXPECT_EQ(in->num_ranks, 2);
   EXPECT_EQ(in->redundant_slots_per_rank, 1);
-  EXPECT_EQ(in->model_type, "tiny");
+  EXPECT_EQ(in->model_type, "") << "\"model\" in a loads file is a directory, not a model type";
   EXPECT_TRUE(in->rank_tokens.empty());
   const json r = Build(*in);
   EXPECT_EQ(r["layers"][1]["layer"], 5);
@@ -288,6 +294,8 @@ TEST(LoadReportTest, InputFromLoadsFile) {
       {json{{"loads", {1, 2}}}, 2},
       {json{{"loads", {json::array()}}}, 2},
       {json{{"loads", {{1, -2}}}}, 2},
+      {json{{"layers", {1}}, {"loads", {{1, 2}, {3, 4}}}}, 2},
+      {json{{"layers", {1, "x"}}, {"loads", {{1, 2}, {3, 4}}}}, 2},
       {json{{"loads", {{1, "2"}}}}, 2},
       {json{{"loads", {{1, 2}, {1, 2, 3}}}}, 2},
       {json{{"loads", {{1, 2}}}}, 0},
