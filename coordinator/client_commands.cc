@@ -149,7 +149,8 @@ int Generate(const GenerateFlags& f) {
   while (reader->Read(&response)) {
     for (int i = 0; i < response.token_ids_size(); ++i) {
       const std::string id = std::to_string(response.token_ids(i));
-      all += (all.empty() ? "" : " ") + id;
+      if (!all.empty()) all += ' ';
+      all += id;
       if (!f.quiet) {
         std::string piece = id;
         if (f.logprobs && i < response.logprobs_size()) piece += "(" + std::to_string(response.logprobs(i)) + ")";

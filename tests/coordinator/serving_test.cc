@@ -29,6 +29,7 @@
 
 #include "epic.grpc.pb.h"
 #include "health.grpc.pb.h"
+#include "reflection.grpc.pb.h"
 
 extern char** environ;
 
@@ -318,7 +319,10 @@ class ServingTest : public ::testing::Test {
   // What epic-run prints for PROMPT, greedy, in one process.
   std::vector<int32_t> EpicRun(const std::vector<int32_t>& prompt, int max_new, bool ignore_eos = false) {
     std::string tokens;
-    for (int32_t t : prompt) tokens += (tokens.empty() ? "" : ",") + std::to_string(t);
+    for (int32_t t : prompt) {
+      if (!tokens.empty()) tokens += ',';
+      tokens += std::to_string(t);
+    }
     std::istringstream out(Capture(std::string(EPIC_RUN_BINARY) + " --model " + (*dir_ / "model").string() +
                                    " --threads 1 --tokens " + tokens + " --max-new-tokens " +
                                    std::to_string(max_new) + (ignore_eos ? " --ignore-eos" : "") + " 2>/dev/null"));
@@ -454,7 +458,10 @@ TEST_F(ServingTest, BadRequestsAreRefusedNamingTheFieldAndServingGoesOn) {
   const std::string run = Capture(std::string(EPIC_RUN_BINARY) + " --model " + (*dir_ / "model").string() +
                                   " --tokens 9,8,7 --max-new-tokens 12 --temperature 1 --seed 42 2>/dev/null");
   std::string expected;
-  for (int32_t t : a.tokens) expected += (expected.empty() ? "" : " ") + std::to_string(t);
+  for (int32_t t : a.tokens) {
+    if (!expected.empty()) expected += ' ';
+    expected += std::to_string(t);
+  }
   EXPECT_EQ(run, expected + "\n");
   EXPECT_LE(a.last.logprobs_size(), a.last.token_ids_size());
 }
@@ -665,6 +672,33 @@ TEST_F(CoordinatorTest, BearerTokenGuardsTheApiButNotHealth) {
   EXPECT_EQ(client.Health(), "NOT_SERVING");
   coordinator_->Signal(SIGTERM);
   EXPECT_EQ(coordinator_->Wait(10s), 0);
+}
+
+TEST_F(CoordinatorTest, ReflectionDescribesTheApi) {
+  const int port = StartCoordinator({});
+  ASSERT_GT(port, 0);
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials());
+  auto stub = grpc::reflection::v1alpha::ServerReflection::NewStub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + 10s);
+  auto stream = stub->ServerReflectionInfo(&ctx);
+  grpc::reflection::v1alpha::ServerReflectionRequest list;
+  list.set_list_services("");
+  ASSERT_TRUE(stream->Write(list));
+  grpc::reflection::v1alpha::ServerReflectionResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  std::vector<std::string> names;
+  for (const auto& s : response.list_services_response().service()) names.push_back(s.name());
+  EXPECT_NE(std::find(names.begin(), names.end(), "epic.v1.Epic"), names.end());
+  EXPECT_NE(std::find(names.begin(), names.end(), "grpc.health.v1.Health"), names.end());
+  // A generic tool can fetch the API's definition by a symbol in it.
+  grpc::reflection::v1alpha::ServerReflectionRequest symbol;
+  symbol.set_file_containing_symbol("epic.v1.GenerateRequest");
+  ASSERT_TRUE(stream->Write(symbol));
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_GT(response.file_descriptor_response().file_descriptor_proto_size(), 0);
+  EXPECT_NE(response.file_descriptor_response().file_descriptor_proto(0).find("epic.proto"), std::string::npos);
+  stream->WritesDone();
 }
 
 TEST_F(CoordinatorTest, AWorkerWithTheWrongSecretIsRefused) {
