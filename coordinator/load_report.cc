@@ -141,6 +141,9 @@ StatusOr<json> BuildLoadReport(const ReportInput& in) {
                   {"planned", Side(planned[l], planned_load)},
                   {"hottest", hottest}};
     if (l < in.expert_ema.size()) layer["expert_ema"] = in.expert_ema[l];
+    if (l < in.rank_ema.size() && in.rank_ema[l].size() == static_cast<size_t>(in.num_ranks)) {
+      layer["current"]["rank_load_ema"] = in.rank_ema[l];
+    }
     layer_list.push_back(std::move(layer));
   }
   out["layers"] = std::move(layer_list);

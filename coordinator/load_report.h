@@ -47,6 +47,7 @@ struct ReportInput {
   // [moe layer][rank] tokens the rank's slots ran, as measured; empty: predicted from
   // the placement (a replicated expert's tokens split evenly among its replicas).
   std::vector<std::vector<double>> rank_tokens;
+  std::vector<std::vector<double>> rank_ema;      // [moe layer][rank]: moving average; empty: none kept
   PlacementTable placement;                       // [moe layer][rank][experts]: current
   int redundant_slots_per_rank = 0;               // for the planned placement
   std::vector<AllToAllTotals> all_to_all;         // [rank]; empty: not measured

@@ -14,6 +14,7 @@ void LoadStats::Reset(const std::vector<int32_t>& moe_layers, int64_t experts, i
   ranks_ = ranks;
   buckets_.clear();
   ema_.assign(layers_.size(), std::vector<double>(static_cast<size_t>(experts), 0.0));
+  rank_ema_.assign(layers_.size(), std::vector<double>(static_cast<size_t>(ranks), 0.0));
   ema_started_ = false;
   history_.clear();
   rebalances_.clear();
@@ -56,6 +57,11 @@ void LoadStats::Add(int64_t step, const v1::internal::StepResult& result) {
   const double a = ema_started_ ? options_.ema_alpha : 1.0;
   for (size_t l = 0; l < layers_.size(); ++l) {
     for (size_t e = 0; e < ema_[l].size(); ++e) ema_[l][e] = (1 - a) * ema_[l][e] + a * step_tokens[l][e];
+    for (int r = 0; r < ranks_; ++r) {
+      const auto* tokens = r < result.ranks_size() ? &result.ranks(r).layer_tokens() : nullptr;
+      const double v = tokens && static_cast<int>(l) < tokens->size() ? static_cast<double>((*tokens)[static_cast<int>(l)]) : 0.0;
+      rank_ema_[l][static_cast<size_t>(r)] = (1 - a) * rank_ema_[l][static_cast<size_t>(r)] + a * v;
+    }
   }
   ema_started_ = true;
 
@@ -122,6 +128,7 @@ void LoadStats::Fill(ReportInput* in) const {
   in->rank_tokens = total.rank;
   in->all_to_all = total.a2a;
   in->expert_ema = ema_;
+  in->rank_ema = rank_ema_;
   in->history.assign(history_.begin(), history_.end());
   in->rebalances = rebalances_;
   in->window_steps = window_steps();

@@ -57,7 +57,8 @@ class LoadStats {
   int64_t experts_ = 0;
   int ranks_ = 0;
   std::deque<Bucket> buckets_;
-  std::vector<std::vector<double>> ema_;
+  std::vector<std::vector<double>> ema_;       // [moe layer][expert]
+  std::vector<std::vector<double>> rank_ema_;  // [moe layer][rank]
   bool ema_started_ = false;
   std::deque<HistoryPoint> history_;
   std::vector<RebalanceRecord> rebalances_;

@@ -184,6 +184,14 @@ Status LayerSide(const json& layer, const std::string& layer_path, const char* k
     return Problem(At(path, "rank_load"), Format("%zu ranks, not %lld", side->rank_load.size(),
                                                  static_cast<long long>(r.ranks)));
   }
+  if (obj->is_object() && obj->contains("rank_load_ema")) {  // measured only
+    std::vector<double> ema;
+    EPIC_RETURN_IF_ERROR(Numbers(*obj, path, "rank_load_ema", &ema));
+    if (static_cast<int64_t>(ema.size()) != r.ranks) {
+      return Problem(At(path, "rank_load_ema"), Format("%zu ranks, not %lld", ema.size(),
+                                                       static_cast<long long>(r.ranks)));
+    }
+  }
   return Balance(*obj, path, side);
 }
 

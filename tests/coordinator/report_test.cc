@@ -78,6 +78,7 @@ json Build(const ReportInput& in) {
 json FullReport() {
   ReportInput in = SmallInput();
   in.expert_ema = {{0.5, 1.5, 2, 1}, {0.25, 0.25, 0, 2.5}};
+  in.rank_ema = {{4.5, 5.5}, {2.5, 3.5}};
   in.rank_tokens = {{45, 55}, {25, 35}};
   in.all_to_all = {{1048576, 2097152, 1048576, 1048576, 0.25, 0.125}, {524288, 524288, 524288, 524288, 0.5, 0.375}};
   in.history = {{101, 1.62}, {102, 1.55}, {103, 1.48}, {104, 1.12}, {105, 1.10}};
@@ -333,6 +334,7 @@ const std::pair<const char*, Kind> kSchemaFields[] = {
     {"/layers/0/current/placement/0", Kind::kList},
     {"/layers/0/current/placement/0/0", Kind::kInteger},
     {"/layers/0/current/rank_load", Kind::kList},
+    {"/layers/0/current/rank_load_ema", Kind::kList},
     {"/layers/0/current/imbalance", Kind::kNumber},
     {"/layers/0/current/balancedness", Kind::kNumber},
     {"/layers/0/planned/placement/0/0", Kind::kInteger},
@@ -616,7 +618,7 @@ TEST(ReportRenderTest, NeverCrashesOnAnyMutation) {
     bool optional = false;
     if (parent.is_object()) {
       parent.erase(p.back());
-      optional = p.back() == "expert_ema";
+      optional = p.back() == "expert_ema" || p.back() == "rank_load_ema";
     } else {
       parent.erase(std::stoul(p.back()));
       const std::regex shorter_ok("/(layers|history|rebalances|all_to_all)|/layers/[0-9]+/hottest|"
