@@ -1,11 +1,15 @@
 // The expert placement planner: from measured per-layer expert loads, which logical
-// experts each rank's slots should hold. Replicates the hottest experts into the
-// redundant slots (N * S - E of them), then packs the replicas onto ranks, heaviest
-// first, each to the least loaded rank with a free slot that does not hold that expert
-// yet. With nodes and routing groups, groups are first packed onto nodes whole, so
-// that device-limited routing keeps each token's experts within few nodes. Given the
-// current placement, ties (within a small tolerance) go to the rank that already holds
-// the expert, so that a new plan moves few weights. Deterministic.
+// experts each rank's slots should hold. Replicates hot experts into the redundant
+// slots (N * S - E of them), trying several splits of those slots between the hottest
+// experts and the coldest, then packs the copies onto ranks, heaviest first, each to
+// the least loaded rank with a free slot that does not hold that expert yet, and swaps
+// copies off the most loaded rank while that helps. With nodes and routing groups,
+// groups are first packed onto nodes whole, so that device-limited routing keeps each
+// token's experts within few nodes, and replicas stay within their group's node.
+// Given the current placement, copies stay where they are and groups on their nodes
+// whenever the plan stays within 1% of the mean rank load of a fresh one, so that a new
+// plan moves few weights. Deterministic. coordinator/eplb_baseline.h holds DeepSeek's
+// published heuristics, against which planner_test and planner_bench measure it.
 #pragma once
 
 #include <cstdint>
