@@ -95,7 +95,7 @@ class Binder {
   const Checkpoint& ckpt_;
   ModelWeights* w_;
   WeightResidency residency_;
-  const ProgressFn& progress_;
+  ProgressFn progress_;  // a copy: callers may pass a temporary
   int64_t total_;
   bool count_only_;
   int64_t done_ = 0;
