@@ -14,21 +14,14 @@
 #include <gtest/gtest.h>
 
 #include "coordinator/eplb_baseline.h"
+#include "tests/coordinator/zipf_loads.h"
 
 namespace epic::coordinator {
 namespace {
 
 // Zipf-like loads: expert ranks shuffled per layer, load ~ 1 / rank^s.
 std::vector<std::vector<double>> Zipf(int layers, int experts, double s, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<std::vector<double>> loads(layers, std::vector<double>(experts));
-  for (auto& layer : loads) {
-    std::vector<int> order(experts);
-    for (int i = 0; i < experts; ++i) order[i] = i;
-    std::shuffle(order.begin(), order.end(), rng);
-    for (int i = 0; i < experts; ++i) layer[order[i]] = 10000.0 / std::pow(i + 1, s);
-  }
-  return loads;
+  return ZipfLoads(layers, experts, s, seed);
 }
 
 void ExpectValid(const PlacementTable& plan, int64_t experts, int ranks, int slots) {

@@ -13,6 +13,7 @@
 
 #include "coordinator/load_report.h"
 #include "coordinator/report_render.h"
+#include "tests/coordinator/zipf_loads.h"
 
 namespace epic::coordinator {
 namespace {
@@ -57,15 +58,7 @@ double Mean(const std::vector<double>& v) {
 }
 
 std::vector<std::vector<double>> Zipf(int layers, int experts, double s, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<std::vector<double>> loads(layers, std::vector<double>(experts));
-  for (auto& layer : loads) {
-    std::vector<int> order(experts);
-    for (int i = 0; i < experts; ++i) order[i] = i;
-    std::shuffle(order.begin(), order.end(), rng);
-    for (int i = 0; i < experts; ++i) layer[order[i]] = std::floor(20000.0 / std::pow(i + 1, s));
-  }
-  return loads;
+  return ZipfLoads(layers, experts, s, seed, 20000.0, /*whole=*/true);
 }
 
 json Build(const ReportInput& in) {
