@@ -80,28 +80,42 @@ Status RunStep(Model& model, LatentCache& cache, const v1::internal::Step& step,
   std::vector<float> logits;
   ExpertCounts counts;
   EPIC_RETURN_IF_ERROR(model.Forward(batch, &cache, &logits, &counts));
-  EPIC_RETURN_IF_ERROR(model.ReduceExpertCounts(&counts));
-  // Each rank's share for the load reports: its slots' tokens per MoE layer, then its
-  // all-to-all totals. One gather a step.
+  // One gather a step carries what the reports need: each rank's tokens per expert
+  // slot of every MoE layer (the job's per-expert counts follow from the placement),
+  // then its all-to-all totals.
+  const parallel::ExpertPlacement& placement = model.placement();
+  const int ranks = model.comm().size();
+  std::vector<int64_t> moe_layers;
+  for (int64_t l = 0; l < placement.num_layers(); ++l) {
+    if (placement.is_moe_layer(l)) moe_layers.push_back(l);
+  }
+  auto values_of = [&](int r) {
+    size_t n = 6;
+    for (int64_t l : moe_layers) n += placement.slots(l, r).size();
+    return n;
+  };
   std::vector<double> mine;
   parallel::ExchangeStats dispatch, combine;
-  for (size_t l = 0; l < counts.tokens.size(); ++l) {
-    if (counts.tokens[l].empty()) continue;
-    double ran = 0;
-    for (int64_t t : counts.slot_tokens[l]) ran += static_cast<double>(t);
-    mine.push_back(ran);
-    dispatch.Add(counts.dispatch[l]);
-    combine.Add(counts.combine[l]);
+  for (int64_t l : moe_layers) {
+    const auto& ran = counts.slot_tokens[static_cast<size_t>(l)];
+    for (size_t s = 0; s < placement.slots(l, model.comm().rank()).size(); ++s) {
+      mine.push_back(s < ran.size() ? static_cast<double>(ran[s]) : 0.0);
+    }
+    dispatch.Add(counts.dispatch[static_cast<size_t>(l)]);
+    combine.Add(counts.combine[static_cast<size_t>(l)]);
   }
-  const size_t moe_layers = mine.size();
   mine.insert(mine.end(), {static_cast<double>(dispatch.bytes_sent), static_cast<double>(dispatch.bytes_received),
                            static_cast<double>(combine.bytes_sent), static_cast<double>(combine.bytes_received),
                            dispatch.seconds, combine.seconds});
-  const int ranks = model.comm().size();
-  std::vector<double> all(mine.size() * static_cast<size_t>(ranks));
+  std::vector<int64_t> bytes(static_cast<size_t>(ranks));
+  std::vector<size_t> first(static_cast<size_t>(ranks) + 1, 0);
+  for (int r = 0; r < ranks; ++r) {
+    bytes[r] = static_cast<int64_t>(values_of(r) * sizeof(double));
+    first[r + 1] = first[r] + values_of(r);
+  }
+  std::vector<double> all(first.back());
   if (ranks > 1) {
-    EPIC_RETURN_IF_ERROR(model.comm().AllGather(
-        mine.data(), all.data(), std::vector<int64_t>(ranks, static_cast<int64_t>(mine.size() * sizeof(double)))));
+    EPIC_RETURN_IF_ERROR(model.comm().AllGather(mine.data(), all.data(), bytes));
   } else {
     all = mine;
   }
@@ -124,22 +138,31 @@ Status RunStep(Model& model, LatentCache& cache, const v1::internal::Step& step,
     s->set_token_id(Sampler(p, w.draw()).Sample(row, c.vocab_size));
     if (w.logprobs()) s->set_logprob(LogProbability(row, c.vocab_size, s->token_id()));
   }
-  for (size_t l = 0; l < counts.tokens.size(); ++l) {
-    if (counts.tokens[l].empty()) continue;
-    v1::LayerLoad* load = result->add_expert_tokens();
-    load->set_layer(static_cast<int32_t>(l));
-    load->mutable_expert_tokens()->Add(counts.tokens[l].begin(), counts.tokens[l].end());
-  }
+  std::vector<std::vector<int64_t>> expert_tokens(moe_layers.size(),
+                                                  std::vector<int64_t>(static_cast<size_t>(c.n_routed_experts), 0));
   for (int r = 0; r < ranks; ++r) {
-    const double* v = all.data() + static_cast<size_t>(r) * mine.size();
+    const double* v = all.data() + first[r];
     v1::internal::RankStepStats* stats = result->add_ranks();
-    for (size_t l = 0; l < moe_layers; ++l) stats->add_layer_tokens(static_cast<int64_t>(v[l]));
-    stats->set_dispatch_bytes_sent(v[moe_layers]);
-    stats->set_dispatch_bytes_received(v[moe_layers + 1]);
-    stats->set_combine_bytes_sent(v[moe_layers + 2]);
-    stats->set_combine_bytes_received(v[moe_layers + 3]);
-    stats->set_dispatch_seconds(v[moe_layers + 4]);
-    stats->set_combine_seconds(v[moe_layers + 5]);
+    for (size_t i = 0; i < moe_layers.size(); ++i) {
+      const auto& held = placement.slots(moe_layers[i], r);
+      double ran = 0;
+      for (size_t s = 0; s < held.size(); ++s, ++v) {
+        ran += *v;
+        expert_tokens[i][static_cast<size_t>(held[s])] += static_cast<int64_t>(*v);
+      }
+      stats->add_layer_tokens(static_cast<int64_t>(ran));
+    }
+    stats->set_dispatch_bytes_sent(v[0]);
+    stats->set_dispatch_bytes_received(v[1]);
+    stats->set_combine_bytes_sent(v[2]);
+    stats->set_combine_bytes_received(v[3]);
+    stats->set_dispatch_seconds(v[4]);
+    stats->set_combine_seconds(v[5]);
+  }
+  for (size_t i = 0; i < moe_layers.size(); ++i) {
+    v1::LayerLoad* load = result->add_expert_tokens();
+    load->set_layer(static_cast<int32_t>(moe_layers[i]));
+    load->mutable_expert_tokens()->Add(expert_tokens[i].begin(), expert_tokens[i].end());
   }
   result->set_seconds(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return OkStatus();

@@ -622,6 +622,36 @@ TEST_F(ServingTest, RebalancingSkewedTrafficKeepsOutputsAndLowersImbalance) {
   EXPECT_EQ(again["rebalances"][0]["experts_moved"].get<int64_t>(), response.experts_moved());
 }
 
+TEST_F(ServingTest, ServedExpertCountsMatchEpicRun) {
+  const int port = StartCluster(3);
+  ASSERT_GT(port, 0);
+  Client client(port);
+  const std::vector<int32_t> prompt = {7, 300, 12, 5, 99, 41};
+  v1::GenerateRequest r = Request(prompt, 9);
+  r.set_ignore_eos(true);
+  ASSERT_TRUE(client.Generate(r).status.ok());
+  const fs::path loads = *dir_ / "loads.json";
+  ASSERT_EQ(std::system((std::string(EPIC_RUN_BINARY) + " --model " + (*dir_ / "model").string() +
+                         " --tokens 7,300,12,5,99,41 --max-new-tokens 9 --ignore-eos --loads-out " + loads.string() +
+                         " >/dev/null 2>&1").c_str()),
+            0);
+  const nlohmann::json want = nlohmann::json::parse(ReadAll(loads));
+  const nlohmann::json got = client.Report();
+  ASSERT_EQ(got["layers"].size(), want["loads"].size());
+  for (size_t l = 0; l < want["loads"].size(); ++l) {
+    EXPECT_EQ(got["layers"][l]["layer"], want["layers"][l]);
+    EXPECT_EQ(got["layers"][l]["expert_tokens"].get<std::vector<double>>(),
+              want["loads"][l].get<std::vector<double>>())
+        << "layer " << want["layers"][l];
+    // What the ranks ran adds up to what was routed.
+    double routed = 0, ran = 0;
+    for (double v : got["layers"][l]["expert_tokens"]) routed += v;
+    for (double v : got["layers"][l]["current"]["rank_load"]) ran += v;
+    EXPECT_EQ(ran, routed);
+  }
+  fs::remove(loads);
+}
+
 TEST_F(ServingTest, AutomaticRebalancingKicksInUnderSkew) {
   const int port = StartCluster(2, {"--rebalance-every", "40", "--rebalance-threshold", "1.0001",
                                     "--redundant-slots", "1"});
