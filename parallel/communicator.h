@@ -48,6 +48,10 @@ class Communicator {
   // recv[r] = what rank r passed as send[rank()]: the counts step before AllToAllV.
   virtual Status ExchangeCounts(std::span<const int64_t> send, std::span<int64_t> recv) = 0;
   virtual Status Broadcast(void* data, int64_t bytes, int root) = 0;
+  // A Broadcast whose root may stay silent for long (a worker waiting for its next
+  // step): ranks wait without keeping a core busy. Every rank must call this form,
+  // not Broadcast, for the same message. For small messages.
+  virtual Status AwaitBroadcast(void* data, int64_t bytes, int root) { return Broadcast(data, bytes, root); }
   virtual Status Send(const void* data, int64_t bytes, int peer, int tag) = 0;
   virtual Status Recv(void* data, int64_t bytes, int peer, int tag) = 0;
   virtual Status Barrier() = 0;

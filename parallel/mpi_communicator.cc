@@ -281,6 +281,32 @@ class MpiCommunicator final : public Communicator {
     });
   }
 
+  Status AwaitBroadcast(void* data, int64_t bytes, int root) override {
+    constexpr const char* kOp = "AwaitBroadcast";
+    EPIC_RETURN_IF_ERROR(CheckCount(kOp, "bytes", bytes));
+    EPIC_RETURN_IF_ERROR(CheckRank(kOp, "root", root));
+    EPIC_RETURN_IF_ERROR(CheckBuffer(kOp, "data", data, bytes));
+    if (bytes > kMaxMpiCount) return Invalid(kOp, "is for small messages, not " + std::to_string(bytes) + " bytes");
+    // A blocking MPI_Bcast spins its core until the root speaks; polling a nonblocking
+    // one with growing sleeps after a while costs at most ~1 ms after a long silence.
+    return Call(kOp, "MPI_Ibcast", [&] {
+      MPI_Request request;
+      int rc = MPI_Ibcast(data, static_cast<int>(bytes), MPI_BYTE, root, comm_, &request);
+      if (rc != MPI_SUCCESS) return rc;
+      // While serving, the next step follows within a few milliseconds: spin that long.
+      const auto spin_until = std::chrono::steady_clock::now() + std::chrono::milliseconds(5);
+      auto sleep = std::chrono::microseconds(25);
+      for (;;) {
+        int done = 0;
+        rc = MPI_Test(&request, &done, MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS || done) return rc;
+        if (std::chrono::steady_clock::now() < spin_until) continue;
+        std::this_thread::sleep_for(sleep);
+        sleep = std::min(std::chrono::microseconds(1000), sleep * 2);
+      }
+    });
+  }
+
   Status Send(const void* data, int64_t bytes, int peer, int tag) override {
     constexpr const char* kOp = "Send";
     EPIC_RETURN_IF_ERROR(CheckPointToPoint(kOp, data, bytes, peer, tag));

@@ -315,7 +315,8 @@ Status Rebalance(Model& model, const std::string& payload, v1::internal::Rebalan
 // Rank 0 sends COMMAND and PAYLOAD to every rank; the others receive them.
 Status Exchange(parallel::Communicator& comm, Command* command, std::string* payload) {
   int64_t header[2] = {static_cast<int64_t>(*command), static_cast<int64_t>(payload->size())};
-  EPIC_RETURN_IF_ERROR(comm.Broadcast(header, sizeof header, 0));
+  // The header waits on the coordinator, possibly for long: idle ranks must not spin.
+  EPIC_RETURN_IF_ERROR(comm.AwaitBroadcast(header, sizeof header, 0));
   *command = static_cast<Command>(header[0]);
   payload->resize(static_cast<size_t>(header[1]));
   if (header[1] > 0) EPIC_RETURN_IF_ERROR(comm.Broadcast(payload->data(), header[1], 0));

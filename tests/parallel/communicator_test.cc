@@ -10,6 +10,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <ctime>
 #include <memory>
 #include <string>
 #include <thread>
@@ -318,6 +319,34 @@ TEST_F(CommunicatorTest, BroadcastFromEveryRoot) {
     EXPECT_TRUE(BlockMatches(data.data(), root, 255, bytes)) << "root " << root;
     EXPECT_TRUE(GuardIntact(data, bytes)) << "root " << root;
   }
+}
+
+TEST_F(CommunicatorTest, AwaitBroadcastWaitsForASilentRootWithoutSpinning) {
+  for (int root = 0; root < size_; ++root) {
+    const int64_t bytes = 16 + root;
+    std::vector<uint8_t> data = Guarded(bytes);
+    if (rank_ == root) {
+      for (int64_t i = 0; i < bytes; ++i) data[i] = Byte(root, 254, i);
+      // The others are already waiting, long enough to reach their sleeping polls.
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    const std::clock_t cpu0 = std::clock();
+    const auto wall0 = std::chrono::steady_clock::now();
+    const Status s = comm_->AwaitBroadcast(data.data(), bytes, root);
+    const double cpu = static_cast<double>(std::clock() - cpu0) / CLOCKS_PER_SEC;
+    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    EXPECT_TRUE(BlockMatches(data.data(), root, 254, bytes)) << "root " << root;
+    EXPECT_TRUE(GuardIntact(data, bytes));
+    // A waiting rank sleeps for most of the wait: well under the wall time in CPU.
+    if (rank_ != root && wall > 0.08) EXPECT_LT(cpu, 0.5 * wall) << "rank " << rank_ << " spun while waiting";
+    // It matches the blocking form's ordering: a plain Broadcast right after.
+    int64_t next = rank_ == root ? 42 + root : -1;
+    ASSERT_TRUE(comm_->Broadcast(&next, sizeof next, root).ok());
+    EXPECT_EQ(next, 42 + root);
+  }
+  uint8_t b[4];
+  EXPECT_TRUE(IsInvalid(comm_->AwaitBroadcast(b, 4, size_), "AwaitBroadcast", rank_));
 }
 
 TEST_F(CommunicatorTest, SendRecvAroundARing) {
