@@ -45,6 +45,13 @@ class Communicator {
   virtual Status AllToAllRows(const void* x, int64_t row_bytes, std::span<const int32_t> rows,
                               std::span<const int64_t> send_rows, void* recv,
                               std::span<const int64_t> recv_rows) = 0;
+  // AllToAllRows that also carries TAIL_BYTES of TAIL with each row: the i-th listed
+  // row's tail is TAIL + i * TAIL_BYTES, and the tails arrive contiguously in TAIL_RECV
+  // in the order of RECV's rows. One exchange instead of two (rows, then their tails).
+  virtual Status AllToAllRowsWithTail(const void* x, int64_t row_bytes, std::span<const int32_t> rows,
+                                      std::span<const int64_t> send_rows, void* recv,
+                                      std::span<const int64_t> recv_rows, const void* tail, int64_t tail_bytes,
+                                      void* tail_recv);
   // recv[r] = what rank r passed as send[rank()]: the counts step before AllToAllV.
   virtual Status ExchangeCounts(std::span<const int64_t> send, std::span<int64_t> recv) = 0;
   virtual Status Broadcast(void* data, int64_t bytes, int root) = 0;

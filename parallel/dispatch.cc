@@ -71,19 +71,18 @@ Status Dispatch(Communicator& comm, const DispatchPlan& plan, const float* x, in
   EPIC_RETURN_IF_ERROR(comm.ExchangeCounts(plan.send_rows, received->rows_from));
   const int64_t recv_total = received->rows();
 
-  // Rows go straight from X (no packed copy); the routes travel in a second exchange.
+  // Rows go straight from X (no packed copy), each with its routes in the same exchange.
   received->hidden.resize(static_cast<size_t>(recv_total * hidden_size));
   received->route.resize(static_cast<size_t>(recv_total * plan.top_k));
   const int64_t row_bytes = hidden_size * static_cast<int64_t>(sizeof(float));
   const int64_t route_bytes = plan.top_k * static_cast<int64_t>(sizeof(RouteEntry));
   const std::vector<int64_t> send_hidden = Scaled(plan.send_rows, row_bytes);
   const std::vector<int64_t> recv_hidden = Scaled(received->rows_from, row_bytes);
-  EPIC_RETURN_IF_ERROR(comm.AllToAllRows(x, row_bytes, plan.send_token, plan.send_rows,
-                                         received->hidden.data(), received->rows_from));
+  EPIC_RETURN_IF_ERROR(comm.AllToAllRowsWithTail(x, row_bytes, plan.send_token, plan.send_rows,
+                                                 received->hidden.data(), received->rows_from,
+                                                 plan.send_route.data(), route_bytes, received->route.data()));
   const std::vector<int64_t> send_route = Scaled(plan.send_rows, route_bytes);
   const std::vector<int64_t> recv_route = Scaled(received->rows_from, route_bytes);
-  EPIC_RETURN_IF_ERROR(
-      comm.AllToAllV(plan.send_route.data(), send_route, received->route.data(), recv_route));
   if (stats != nullptr) {
     stats->Add({Sum(send_hidden) + Sum(send_route), Sum(recv_hidden) + Sum(recv_route),
                 std::chrono::duration<double>(Clock::now() - start).count()});

@@ -303,6 +303,56 @@ TEST_F(CommunicatorTest, AllToAllRowsGathersRowsWhereTheyLie) {
                         "AllToAllRows", me));
 }
 
+TEST_F(CommunicatorTest, AllToAllRowsWithTailCarriesEachRowsTail) {
+  const int size = comm_->size(), me = comm_->rank();
+  const int64_t num_rows = 13, row_bytes = 4099, tail_bytes = 12;
+  std::vector<uint8_t> x(static_cast<size_t>(num_rows * row_bytes));
+  for (int64_t i = 0; i < num_rows * row_bytes; ++i) x[i] = Byte(me, -1, i);
+  std::vector<int32_t> rows;
+  std::vector<int64_t> send_rows(size), recv_rows(size);
+  for (int r = 0; r < size; ++r) {
+    const auto mine = RowsFor(me, r, size, num_rows);
+    rows.insert(rows.end(), mine.begin(), mine.end());
+    send_rows[r] = static_cast<int64_t>(mine.size());
+    recv_rows[r] = static_cast<int64_t>(RowsFor(r, me, size, num_rows).size());
+  }
+  // The i-th listed row's tail names the row and its destination.
+  std::vector<uint8_t> tail(rows.size() * static_cast<size_t>(tail_bytes));
+  {
+    size_t i = 0;
+    for (int r = 0; r < size; ++r) {
+      for (int64_t k = 0; k < send_rows[r]; ++k, ++i) {
+        for (int64_t j = 0; j < tail_bytes; ++j) tail[i * tail_bytes + j] = Byte(me, r, rows[i] * 100 + j);
+      }
+    }
+  }
+  int64_t total = 0;
+  for (int64_t n : recv_rows) total += n;
+  std::vector<uint8_t> recv = Guarded(total * row_bytes), tails = Guarded(total * tail_bytes);
+  const Status s = comm_->AllToAllRowsWithTail(x.data(), row_bytes, rows, send_rows, recv.data(), recv_rows,
+                                               tail.data(), tail_bytes, tails.data());
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  int64_t at = 0;
+  for (int r = 0; r < size; ++r) {
+    for (int32_t row : RowsFor(r, me, size, num_rows)) {
+      for (int64_t j = 0; j < row_bytes; ++j) {
+        ASSERT_EQ(recv[at * row_bytes + j], Byte(r, -1, row * row_bytes + j)) << "row from rank " << r;
+      }
+      for (int64_t j = 0; j < tail_bytes; ++j) {
+        ASSERT_EQ(tails[at * tail_bytes + j], Byte(r, me, row * 100 + j)) << "tail from rank " << r;
+      }
+      ++at;
+    }
+  }
+  EXPECT_TRUE(GuardIntact(recv, total * row_bytes));
+  EXPECT_TRUE(GuardIntact(tails, total * tail_bytes));
+  std::vector<int64_t> wrong = send_rows;
+  wrong[0] += 1;
+  EXPECT_TRUE(IsInvalid(comm_->AllToAllRowsWithTail(x.data(), row_bytes, rows, wrong, recv.data(), recv_rows,
+                                                    tail.data(), tail_bytes, tails.data()),
+                        "AllToAllRowsWithTail", me));
+}
+
 TEST_F(CommunicatorTest, BroadcastFromEveryRoot) {
   auto bytes_of = [](int root) -> int64_t {
     if (root == 1) return 0;
