@@ -8,26 +8,22 @@
 #include <string>
 
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/common.cuh"
 
 namespace epic::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr unsigned kFullMask = 0xffffffffu;
+using detail::BlockSum;
+using detail::CheckPointers;
+using detail::kFullMask;
+using detail::kThreads;
+using detail::kWarps;
+using detail::Str;
 // PermuteByExpert counts and places the choices in chunks of this many, one block each.
 constexpr int kChunk = kThreads;
 // The offsets scan gives each expert one thread of one block.
 static_assert(kMaxGateExperts <= 1024, "one thread per expert in the offsets scan");
 
-std::string Str(int64_t v) { return std::to_string(v); }
-
-Status CheckPointers(const char* op, std::initializer_list<const void*> pointers) {
-  for (const void* p : pointers) {
-    if (p == nullptr) return InvalidArgumentError(std::string(op) + ": null device pointer");
-  }
-  return OkStatus();
-}
 
 // The gate's sizes as the kernel reads them; the host pointer in GateParams stays behind.
 struct GateShape {
@@ -55,21 +51,6 @@ __device__ float BlockMax(float v, float* shared) {
   if (warp == 0) {
     v = lane < kWarps ? shared[lane] : shared[0];
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_down_sync(kFullMask, v, o));
-    if (lane == 0) shared[0] = v;
-  }
-  __syncthreads();
-  return shared[0];
-}
-
-__device__ double BlockSum(double v, double* shared) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(kFullMask, v, o);
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarps ? shared[lane] : 0.0;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(kFullMask, v, o);
     if (lane == 0) shared[0] = v;
   }
   __syncthreads();

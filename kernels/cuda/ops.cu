@@ -8,21 +8,23 @@
 #include <string>
 
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/common.cuh"
 
 namespace epic::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr unsigned kFullMask = 0xffffffffu;
+using detail::BlockSum;
+using detail::CheckPointers;
+using detail::kFullMask;
+using detail::kThreads;
+using detail::kWarps;
+using detail::Str;
 // Grid-stride kernels need no more blocks than this to fill any current GPU.
 constexpr int64_t kMaxStrideBlocks = 65536;
 
 int StrideBlocks(int64_t total) {
   return static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, kMaxStrideBlocks));
 }
-
-std::string Str(int64_t v) { return std::to_string(v); }
 
 // Rows of width N at stride LD, one block each.
 Status CheckRows(const char* op, int64_t rows, int64_t n, int64_t ld, const char* ld_name) {
@@ -32,28 +34,6 @@ Status CheckRows(const char* op, int64_t rows, int64_t n, int64_t ld, const char
   return OkStatus();
 }
 
-Status CheckPointers(const char* op, std::initializer_list<const void*> pointers) {
-  for (const void* p : pointers) {
-    if (p == nullptr) return InvalidArgumentError(std::string(op) + ": null device pointer");
-  }
-  return OkStatus();
-}
-
-// The sum of V over the block, returned to every thread. SHARED: [kWarps].
-__device__ double BlockSum(double v, double* shared) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(kFullMask, v, o);
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarps ? shared[lane] : 0.0;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(kFullMask, v, o);
-    if (lane == 0) shared[0] = v;
-  }
-  __syncthreads();
-  return shared[0];
-}
 
 __global__ void RmsNormKernel(const float* x, int64_t n, int64_t ldx, const float* weight, float eps, float* out,
                               int64_t ldo) {

@@ -18,27 +18,10 @@
 #include "kernels/cuda/buffer.h"
 #include "kernels/cuda/device.h"
 #include "parallel/dispatch.h"
+#include "tests/kernels/cuda_test_util.h"
 
 namespace epic::cuda {
 namespace {
-
-// Every device test starts here: without a GPU it reports SKIPPED, never passed.
-#define SKIP_WITHOUT_GPU()                                                                  \
-  do {                                                                                      \
-    const StatusOr<int> devices = DeviceCount();                                            \
-    if (!devices.ok()) GTEST_SKIP() << "no CUDA device: " << devices.status().ToString();  \
-  } while (0)
-
-#define ASSERT_OK_AND_ASSIGN(lhs, expr)                                                       \
-  auto EPIC_STATUS_CONCAT(result_, __LINE__) = (expr);                                        \
-  ASSERT_TRUE(EPIC_STATUS_CONCAT(result_, __LINE__).ok())                                     \
-      << EPIC_STATUS_CONCAT(result_, __LINE__).status().ToString();                           \
-  lhs = std::move(EPIC_STATUS_CONCAT(result_, __LINE__)).value()
-#define ASSERT_OK(expr)                               \
-  do {                                                \
-    const Status status_ = (expr);                    \
-    ASSERT_TRUE(status_.ok()) << status_.ToString();  \
-  } while (0)
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr int32_t kPoisonId = -7;

@@ -1,0 +1,44 @@
+// What the CUDA kernel files share: the block shape, block-wide reductions and the
+// host-side argument checks. Included by .cu files only.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+
+#include "common/status.h"
+
+namespace epic::cuda::detail {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+inline std::string Str(int64_t v) { return std::to_string(v); }
+
+inline Status CheckPointers(const char* op, std::initializer_list<const void*> pointers) {
+  for (const void* p : pointers) {
+    if (p == nullptr) return InvalidArgumentError(std::string(op) + ": null device pointer");
+  }
+  return OkStatus();
+}
+
+// The sum of V over the block, returned to every thread. SHARED: [kWarps].
+__device__ inline double BlockSum(double v, double* shared) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(kFullMask, v, o);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? shared[lane] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(kFullMask, v, o);
+    if (lane == 0) shared[0] = v;
+  }
+  __syncthreads();
+  return shared[0];
+}
+
+}  // namespace epic::cuda::detail
