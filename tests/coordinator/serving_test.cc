@@ -653,12 +653,17 @@ TEST_F(ServingTest, ServedExpertCountsMatchEpicRun) {
 }
 
 TEST_F(ServingTest, AutomaticRebalancingKicksInUnderSkew) {
-  const int port = StartCluster(2, {"--rebalance-every", "40", "--rebalance-threshold", "1.0001",
+  const int port = StartCluster(2, {"--rebalance-every", "15", "--rebalance-threshold", "1.0001",
                                     "--redundant-slots", "1"});
   ASSERT_GT(port, 0);
   Client client(port);
   const auto outputs = Serve(client, SkewedPrompts(), 40);
-  const nlohmann::json report = client.Report();
+  // The check runs after a step completes, possibly just after the last tokens went out.
+  nlohmann::json report = client.Report();
+  for (int i = 0; i < 50 && report["rebalances"].empty(); ++i) {
+    std::this_thread::sleep_for(100ms);
+    report = client.Report();
+  }
   ASSERT_GE(report["rebalances"].size(), 1u) << report["overall"].dump();
   EXPECT_EQ(client.Info().placement(0).ranks(0).experts_size(), 81);
   EXPECT_EQ(outputs, Serve(client, SkewedPrompts(), 40));
