@@ -206,156 +206,14 @@ class MpiCommunicator final : public Communicator {
   Status AllToAllRows(const void* x, int64_t row_bytes, std::span<const int32_t> rows,
                       std::span<const int64_t> send_rows, void* recv,
                       std::span<const int64_t> recv_rows) override {
-    constexpr const char* kOp = "AllToAllRows";
-    EPIC_RETURN_IF_ERROR(CheckPerRank(kOp, "send_rows", send_rows.size()));
-    EPIC_RETURN_IF_ERROR(CheckCount(kOp, "row_bytes", row_bytes));
-    if (row_bytes > kMaxMpiCount) return Invalid(kOp, "row_bytes passes MPI's int count limit");
-    int64_t listed = 0;
-    for (int r = 0; r < size_; ++r) {
-      EPIC_RETURN_IF_ERROR(CheckCount(kOp, "send_rows[" + std::to_string(r) + "]", send_rows[r]));
-      listed += send_rows[r];
-    }
-    if (listed != static_cast<int64_t>(rows.size())) {
-      return Invalid(kOp, "send_rows add up to " + std::to_string(listed) + " but " +
-                              std::to_string(rows.size()) + " rows are listed");
-    }
-    std::vector<int64_t> recv_bytes(static_cast<size_t>(size_));
-    EPIC_RETURN_IF_ERROR(CheckPerRank(kOp, "recv_rows", recv_rows.size()));
-    for (int r = 0; r < size_; ++r) recv_bytes[r] = recv_rows[r] * row_bytes;
-    std::vector<int> recv_counts, recv_displs;
-    int64_t recv_total = 0;
-    EPIC_RETURN_IF_ERROR(Layout(kOp, "recv_rows", recv_bytes, &recv_counts, &recv_displs, &recv_total));
-    EPIC_RETURN_IF_ERROR(CheckBuffer(kOp, "x", x, listed * row_bytes));
-    EPIC_RETURN_IF_ERROR(CheckBuffer(kOp, "recv", recv, recv_total));
-
-    // One datatype per destination: its rows, picked out of X where they lie.
-    std::vector<MPI_Datatype> send_types(static_cast<size_t>(size_), MPI_BYTE);
-    std::vector<int> send_counts(static_cast<size_t>(size_), 0), send_displs(static_cast<size_t>(size_), 0);
-    std::vector<MPI_Datatype> recv_types(static_cast<size_t>(size_), MPI_BYTE);
-    std::vector<MPI_Aint> offsets;
-    int64_t first = 0;
-    Status status;
-    for (int r = 0; r < size_ && status.ok(); ++r) {
-      const int64_t n = send_rows[r];
-      if (n > 0) {
-        offsets.resize(static_cast<size_t>(n));
-        for (int64_t i = 0; i < n; ++i) offsets[i] = static_cast<MPI_Aint>(rows[first + i]) * row_bytes;
-        status = Call(kOp, "MPI_Type_create_hindexed_block", [&] {
-          return MPI_Type_create_hindexed_block(static_cast<int>(n), static_cast<int>(row_bytes), offsets.data(),
-                                                MPI_BYTE, &send_types[r]);
-        });
-        if (status.ok()) status = Call(kOp, "MPI_Type_commit", [&] { return MPI_Type_commit(&send_types[r]); });
-        send_counts[r] = 1;
-      }
-      first += n;
-    }
-    if (status.ok()) {
-      status = Call(kOp, "MPI_Alltoallw", [&] {
-        return MPI_Alltoallw(x, send_counts.data(), send_displs.data(), send_types.data(), recv,
-                             recv_counts.data(), recv_displs.data(), recv_types.data(), comm_);
-      });
-    }
-    for (MPI_Datatype& t : send_types) {
-      if (t != MPI_BYTE) MPI_Type_free(&t);
-    }
-    return status;
+    return ExchangeRows("AllToAllRows", x, row_bytes, rows, send_rows, recv, recv_rows, nullptr, 0, nullptr);
   }
 
   Status AllToAllRowsWithTail(const void* x, int64_t row_bytes, std::span<const int32_t> rows,
                               std::span<const int64_t> send_rows, void* recv, std::span<const int64_t> recv_rows,
                               const void* tail, int64_t tail_bytes, void* tail_recv) override {
-    constexpr const char* kOp = "AllToAllRowsWithTail";
-    EPIC_RETURN_IF_ERROR(CheckPerRank(kOp, "send_rows", send_rows.size()));
-    EPIC_RETURN_IF_ERROR(CheckPerRank(kOp, "recv_rows", recv_rows.size()));
-    EPIC_RETURN_IF_ERROR(CheckCount(kOp, "row_bytes", row_bytes));
-    EPIC_RETURN_IF_ERROR(CheckCount(kOp, "tail_bytes", tail_bytes));
-    if (row_bytes > kMaxMpiCount || tail_bytes > kMaxMpiCount) {
-      return Invalid(kOp, "row_bytes or tail_bytes passes MPI's int count limit");
-    }
-    int64_t listed = 0, received = 0;
-    for (int r = 0; r < size_; ++r) {
-      EPIC_RETURN_IF_ERROR(CheckCount(kOp, "send_rows[" + std::to_string(r) + "]", send_rows[r]));
-      EPIC_RETURN_IF_ERROR(CheckCount(kOp, "recv_rows[" + std::to_string(r) + "]", recv_rows[r]));
-      listed += send_rows[r];
-      received += recv_rows[r];
-    }
-    if (listed != static_cast<int64_t>(rows.size())) {
-      return Invalid(kOp, "send_rows add up to " + std::to_string(listed) + " but " + std::to_string(rows.size()) +
-                              " rows are listed");
-    }
-    if (received * std::max(row_bytes, tail_bytes) > kMaxMpiCount) {
-      return Invalid(kOp, std::to_string(received) + " rows to receive pass MPI's int count limit");
-    }
-    EPIC_RETURN_IF_ERROR(CheckBuffer(kOp, "x", x, listed * row_bytes));
-    EPIC_RETURN_IF_ERROR(CheckBuffer(kOp, "tail", tail, listed * tail_bytes));
-    EPIC_RETURN_IF_ERROR(CheckBuffer(kOp, "recv", recv, received * row_bytes));
-    EPIC_RETURN_IF_ERROR(CheckBuffer(kOp, "tail_recv", tail_recv, received * tail_bytes));
-
-    // Absolute addresses (buffers at MPI_BOTTOM): to each peer one datatype naming its
-    // rows where they lie in X and then its run of tails; from each peer one naming
-    // where its rows and its tails land.
-    auto address = [](const void* p) {
-      MPI_Aint a;
-      MPI_Get_address(p, &a);
-      return a;
-    };
-    std::vector<MPI_Datatype> send_types(static_cast<size_t>(size_), MPI_BYTE);
-    std::vector<MPI_Datatype> recv_types(static_cast<size_t>(size_), MPI_BYTE);
-    std::vector<int> send_counts(static_cast<size_t>(size_), 0), recv_counts(static_cast<size_t>(size_), 0);
-    std::vector<int> zeros(static_cast<size_t>(size_), 0);
-    std::vector<int> lengths;
-    std::vector<MPI_Aint> where;
-    const char* xs = static_cast<const char*>(x);
-    const char* ts = static_cast<const char*>(tail);
-    char* rs = static_cast<char*>(recv);
-    char* trs = static_cast<char*>(tail_recv);
-    Status status;
-    auto make = [&](MPI_Datatype* type) {
-      status = Call(kOp, "MPI_Type_create_hindexed", [&] {
-        return MPI_Type_create_hindexed(static_cast<int>(lengths.size()), lengths.data(), where.data(), MPI_BYTE, type);
-      });
-      if (status.ok()) status = Call(kOp, "MPI_Type_commit", [&] { return MPI_Type_commit(type); });
-    };
-    int64_t first = 0, landed = 0;
-    for (int r = 0; r < size_ && status.ok(); ++r) {
-      const int64_t n = send_rows[r];
-      if (n > 0) {
-        lengths.assign(static_cast<size_t>(n), static_cast<int>(row_bytes));
-        where.resize(static_cast<size_t>(n));
-        for (int64_t i = 0; i < n; ++i) where[i] = address(xs + static_cast<int64_t>(rows[first + i]) * row_bytes);
-        if (tail_bytes > 0) {
-          lengths.push_back(static_cast<int>(n * tail_bytes));
-          where.push_back(address(ts + first * tail_bytes));
-        }
-        make(&send_types[r]);
-        send_counts[r] = 1;
-      }
-      first += n;
-      const int64_t m = recv_rows[r];
-      if (m > 0 && status.ok()) {
-        lengths = {static_cast<int>(m * row_bytes)};
-        where = {address(rs + landed * row_bytes)};
-        if (tail_bytes > 0) {
-          lengths.push_back(static_cast<int>(m * tail_bytes));
-          where.push_back(address(trs + landed * tail_bytes));
-        }
-        make(&recv_types[r]);
-        recv_counts[r] = 1;
-      }
-      landed += m;
-    }
-    if (status.ok()) {
-      status = Call(kOp, "MPI_Alltoallw", [&] {
-        return MPI_Alltoallw(MPI_BOTTOM, send_counts.data(), zeros.data(), send_types.data(), MPI_BOTTOM,
-                             recv_counts.data(), zeros.data(), recv_types.data(), comm_);
-      });
-    }
-    for (auto* types : {&send_types, &recv_types}) {
-      for (MPI_Datatype& t : *types) {
-        if (t != MPI_BYTE) MPI_Type_free(&t);
-      }
-    }
-    return status;
+    return ExchangeRows("AllToAllRowsWithTail", x, row_bytes, rows, send_rows, recv, recv_rows, tail, tail_bytes,
+                        tail_recv);
   }
 
   Status ExchangeCounts(std::span<const int64_t> send, std::span<int64_t> recv) override {
@@ -449,6 +307,104 @@ class MpiCommunicator final : public Communicator {
   }
   Status Invalid(const char* op, const std::string& what) const {
     return InvalidArgumentError(Prefix(op) + what);
+  }
+
+  // Both row exchanges: rows picked out of X where they lie and, when TAIL_BYTES > 0,
+  // each row's tail, in one MPI_Alltoallw.
+  Status ExchangeRows(const char* op, const void* x, int64_t row_bytes, std::span<const int32_t> rows,
+                      std::span<const int64_t> send_rows, void* recv, std::span<const int64_t> recv_rows,
+                      const void* tail, int64_t tail_bytes, void* tail_recv) {
+    EPIC_RETURN_IF_ERROR(CheckPerRank(op, "send_rows", send_rows.size()));
+    EPIC_RETURN_IF_ERROR(CheckPerRank(op, "recv_rows", recv_rows.size()));
+    EPIC_RETURN_IF_ERROR(CheckCount(op, "row_bytes", row_bytes));
+    EPIC_RETURN_IF_ERROR(CheckCount(op, "tail_bytes", tail_bytes));
+    if (row_bytes > kMaxMpiCount || tail_bytes > kMaxMpiCount) {
+      return Invalid(op, "row_bytes or tail_bytes passes MPI's int count limit");
+    }
+    int64_t listed = 0, received = 0;
+    for (int r = 0; r < size_; ++r) {
+      EPIC_RETURN_IF_ERROR(CheckCount(op, "send_rows[" + std::to_string(r) + "]", send_rows[r]));
+      EPIC_RETURN_IF_ERROR(CheckCount(op, "recv_rows[" + std::to_string(r) + "]", recv_rows[r]));
+      listed += send_rows[r];
+      received += recv_rows[r];
+    }
+    if (listed != static_cast<int64_t>(rows.size())) {
+      return Invalid(op, "send_rows add up to " + std::to_string(listed) + " but " + std::to_string(rows.size()) +
+                              " rows are listed");
+    }
+    if (received * std::max(row_bytes, tail_bytes) > kMaxMpiCount) {
+      return Invalid(op, std::to_string(received) + " rows to receive pass MPI's int count limit");
+    }
+    EPIC_RETURN_IF_ERROR(CheckBuffer(op, "x", x, listed * row_bytes));
+    EPIC_RETURN_IF_ERROR(CheckBuffer(op, "tail", tail, listed * tail_bytes));
+    EPIC_RETURN_IF_ERROR(CheckBuffer(op, "recv", recv, received * row_bytes));
+    EPIC_RETURN_IF_ERROR(CheckBuffer(op, "tail_recv", tail_recv, received * tail_bytes));
+
+    // Absolute addresses (buffers at MPI_BOTTOM): to each peer one datatype naming its
+    // rows where they lie in X and then its run of tails; from each peer one naming
+    // where its rows and its tails land.
+    auto address = [](const void* p) {
+      MPI_Aint a;
+      MPI_Get_address(p, &a);
+      return a;
+    };
+    std::vector<MPI_Datatype> send_types(static_cast<size_t>(size_), MPI_BYTE);
+    std::vector<MPI_Datatype> recv_types(static_cast<size_t>(size_), MPI_BYTE);
+    std::vector<int> send_counts(static_cast<size_t>(size_), 0), recv_counts(static_cast<size_t>(size_), 0);
+    std::vector<int> zeros(static_cast<size_t>(size_), 0);
+    std::vector<int> lengths;
+    std::vector<MPI_Aint> where;
+    const char* xs = static_cast<const char*>(x);
+    const char* ts = static_cast<const char*>(tail);
+    char* rs = static_cast<char*>(recv);
+    char* trs = static_cast<char*>(tail_recv);
+    Status status;
+    auto make = [&](MPI_Datatype* type) {
+      status = Call(op, "MPI_Type_create_hindexed", [&] {
+        return MPI_Type_create_hindexed(static_cast<int>(lengths.size()), lengths.data(), where.data(), MPI_BYTE, type);
+      });
+      if (status.ok()) status = Call(op, "MPI_Type_commit", [&] { return MPI_Type_commit(type); });
+    };
+    int64_t first = 0, landed = 0;
+    for (int r = 0; r < size_ && status.ok(); ++r) {
+      const int64_t n = send_rows[r];
+      if (n > 0) {
+        lengths.assign(static_cast<size_t>(n), static_cast<int>(row_bytes));
+        where.resize(static_cast<size_t>(n));
+        for (int64_t i = 0; i < n; ++i) where[i] = address(xs + static_cast<int64_t>(rows[first + i]) * row_bytes);
+        if (tail_bytes > 0) {
+          lengths.push_back(static_cast<int>(n * tail_bytes));
+          where.push_back(address(ts + first * tail_bytes));
+        }
+        make(&send_types[r]);
+        send_counts[r] = 1;
+      }
+      first += n;
+      const int64_t m = recv_rows[r];
+      if (m > 0 && status.ok()) {
+        lengths = {static_cast<int>(m * row_bytes)};
+        where = {address(rs + landed * row_bytes)};
+        if (tail_bytes > 0) {
+          lengths.push_back(static_cast<int>(m * tail_bytes));
+          where.push_back(address(trs + landed * tail_bytes));
+        }
+        make(&recv_types[r]);
+        recv_counts[r] = 1;
+      }
+      landed += m;
+    }
+    if (status.ok()) {
+      status = Call(op, "MPI_Alltoallw", [&] {
+        return MPI_Alltoallw(MPI_BOTTOM, send_counts.data(), zeros.data(), send_types.data(), MPI_BOTTOM,
+                             recv_counts.data(), zeros.data(), recv_types.data(), comm_);
+      });
+    }
+    for (auto* types : {&send_types, &recv_types}) {
+      for (MPI_Datatype& t : *types) {
+        if (t != MPI_BYTE) MPI_Type_free(&t);
+      }
+    }
+    return status;
   }
 
   // Runs one MPI call under the watchdog; a failure names the rank, the operation,

@@ -269,21 +269,32 @@ std::vector<int32_t> RowsFor(int sender, int receiver, int size, int64_t num_row
   return rows;
 }
 
+// One rank's side of a row exchange: X of NUM_ROWS rows, the rows it sends to each
+// rank (RowsFor) and the row counts it sends and receives.
+struct RowExchange {
+  std::vector<uint8_t> x;
+  std::vector<int32_t> rows;
+  std::vector<int64_t> send_rows, recv_rows;
+  int64_t total = 0;  // rows received
+
+  RowExchange(int me, int size, int64_t num_rows, int64_t row_bytes)
+      : x(static_cast<size_t>(num_rows * row_bytes)), send_rows(size), recv_rows(size) {
+    for (int64_t i = 0; i < num_rows * row_bytes; ++i) x[i] = Byte(me, -1, i);
+    for (int r = 0; r < size; ++r) {
+      const auto mine = RowsFor(me, r, size, num_rows);
+      rows.insert(rows.end(), mine.begin(), mine.end());
+      send_rows[r] = static_cast<int64_t>(mine.size());
+      recv_rows[r] = static_cast<int64_t>(RowsFor(r, me, size, num_rows).size());
+      total += recv_rows[r];
+    }
+  }
+};
+
 TEST_F(CommunicatorTest, AllToAllRowsGathersRowsWhereTheyLie) {
   const int size = comm_->size(), me = comm_->rank();
   const int64_t num_rows = 11, row_bytes = 4099;  // odd width, past the eager limit in all
-  std::vector<uint8_t> x(static_cast<size_t>(num_rows * row_bytes));
-  for (int64_t i = 0; i < num_rows * row_bytes; ++i) x[i] = Byte(me, -1, i);
-  std::vector<int32_t> rows;
-  std::vector<int64_t> send_rows(size), recv_rows(size);
-  for (int r = 0; r < size; ++r) {
-    const auto mine = RowsFor(me, r, size, num_rows);
-    rows.insert(rows.end(), mine.begin(), mine.end());
-    send_rows[r] = static_cast<int64_t>(mine.size());
-    recv_rows[r] = static_cast<int64_t>(RowsFor(r, me, size, num_rows).size());
-  }
-  int64_t total = 0;
-  for (int64_t n : recv_rows) total += n;
+  RowExchange e(me, size, num_rows, row_bytes);
+  auto& [x, rows, send_rows, recv_rows, total] = e;
   std::vector<uint8_t> recv = Guarded(total * row_bytes);
   ASSERT_TRUE(comm_->AllToAllRows(x.data(), row_bytes, rows, send_rows, recv.data(), recv_rows).ok());
   int64_t at = 0;
@@ -306,16 +317,8 @@ TEST_F(CommunicatorTest, AllToAllRowsGathersRowsWhereTheyLie) {
 TEST_F(CommunicatorTest, AllToAllRowsWithTailCarriesEachRowsTail) {
   const int size = comm_->size(), me = comm_->rank();
   const int64_t num_rows = 13, row_bytes = 4099, tail_bytes = 12;
-  std::vector<uint8_t> x(static_cast<size_t>(num_rows * row_bytes));
-  for (int64_t i = 0; i < num_rows * row_bytes; ++i) x[i] = Byte(me, -1, i);
-  std::vector<int32_t> rows;
-  std::vector<int64_t> send_rows(size), recv_rows(size);
-  for (int r = 0; r < size; ++r) {
-    const auto mine = RowsFor(me, r, size, num_rows);
-    rows.insert(rows.end(), mine.begin(), mine.end());
-    send_rows[r] = static_cast<int64_t>(mine.size());
-    recv_rows[r] = static_cast<int64_t>(RowsFor(r, me, size, num_rows).size());
-  }
+  RowExchange e(me, size, num_rows, row_bytes);
+  auto& [x, rows, send_rows, recv_rows, total] = e;
   // The i-th listed row's tail names the row and its destination.
   std::vector<uint8_t> tail(rows.size() * static_cast<size_t>(tail_bytes));
   {
@@ -326,8 +329,6 @@ TEST_F(CommunicatorTest, AllToAllRowsWithTailCarriesEachRowsTail) {
       }
     }
   }
-  int64_t total = 0;
-  for (int64_t n : recv_rows) total += n;
   std::vector<uint8_t> recv = Guarded(total * row_bytes), tails = Guarded(total * tail_bytes);
   const Status s = comm_->AllToAllRowsWithTail(x.data(), row_bytes, rows, send_rows, recv.data(), recv_rows,
                                                tail.data(), tail_bytes, tails.data());
@@ -389,7 +390,9 @@ TEST_F(CommunicatorTest, AwaitBroadcastWaitsForASilentRootWithoutSpinning) {
     EXPECT_TRUE(BlockMatches(data.data(), root, 254, bytes)) << "root " << root;
     EXPECT_TRUE(GuardIntact(data, bytes));
     // A waiting rank sleeps for most of the wait: well under the wall time in CPU.
-    if (rank_ != root && wall > 0.08) EXPECT_LT(cpu, 0.5 * wall) << "rank " << rank_ << " spun while waiting";
+    if (rank_ != root && wall > 0.08) {
+      EXPECT_LT(cpu, 0.5 * wall) << "rank " << rank_ << " spun while waiting";
+    }
     // It matches the blocking form's ordering: a plain Broadcast right after.
     int64_t next = rank_ == root ? 42 + root : -1;
     ASSERT_TRUE(comm_->Broadcast(&next, sizeof next, root).ok());
