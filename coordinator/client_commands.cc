@@ -4,13 +4,13 @@
 #include <cstdio>
 #include <fstream>
 #include <memory>
-#include <sstream>
 #include <string>
 
 #include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 #include <nlohmann/json.hpp>
 
+#include "common/text_file.h"
 #include "common/token_list.h"
 #include "coordinator/load_report.h"
 #include "coordinator/report_render.h"
@@ -39,10 +39,10 @@ struct Connection {
   StatusOr<std::shared_ptr<grpc::Channel>> Channel() const {
     std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
     if (!tls_ca.empty()) {
-      std::string pem;
-      if (!Read(tls_ca, &pem)) return InvalidArgumentError("--tls-ca " + tls_ca + ": cannot read it");
+      auto pem = ReadTextFile(tls_ca);
+      if (!pem.ok()) return InvalidArgumentError("--tls-ca " + pem.status().message());
       grpc::SslCredentialsOptions ssl;
-      ssl.pem_root_certs = pem;
+      ssl.pem_root_certs = std::move(pem).value();
       creds = grpc::SslCredentials(ssl);
     }
     return grpc::CreateChannel(server, creds);
@@ -54,20 +54,11 @@ struct Connection {
                         std::chrono::milliseconds(static_cast<int64_t>(timeout * 1000)));
     }
     if (!auth_token_file.empty()) {
-      std::string token;
-      if (!Read(auth_token_file, &token)) return InvalidArgumentError("--auth-token-file: cannot read " + auth_token_file);
-      while (!token.empty() && (token.back() == '\n' || token.back() == '\r')) token.pop_back();
-      ctx->AddMetadata("authorization", "Bearer " + token);
+      auto token = ReadSecretFile(auth_token_file);
+      if (!token.ok()) return InvalidArgumentError("--auth-token-file " + token.status().message());
+      ctx->AddMetadata("authorization", "Bearer " + *token);
     }
     return OkStatus();
-  }
-
-  static bool Read(const std::string& path, std::string* out) {
-    std::ifstream f(path);
-    std::stringstream text;
-    text << f.rdbuf();
-    *out = text.str();
-    return static_cast<bool>(f);
   }
 };
 
@@ -258,8 +249,7 @@ StatusOr<nlohmann::json> ParseJson(const std::string& text, const std::string& w
 
 // A saved report ("schema") as it is, or a loads file ("loads") built into one.
 StatusOr<nlohmann::json> ReportFromFile(const ReportFlags& f) {
-  std::string text;
-  if (!Connection::Read(f.input, &text)) return NotFoundError(f.input + ": cannot read it");
+  EPIC_ASSIGN_OR_RETURN(const std::string text, ReadTextFile(f.input));
   EPIC_ASSIGN_OR_RETURN(const nlohmann::json j, ParseJson(text, f.input));
   if (j.is_object() && j.contains("schema")) {
     if (f.command->count("--ranks") + f.command->count("--redundant-slots") + f.command->count("--groups") > 0) {

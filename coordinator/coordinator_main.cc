@@ -5,31 +5,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
-#include <sstream>
 #include <string>
 
 #include <CLI/CLI.hpp>
 
+#include "common/text_file.h"
 #include "coordinator/metrics.h"
 #include "coordinator/server.h"
-
-namespace {
-
-bool ReadFile(const std::string& path, std::string* out) {
-  std::ifstream f(path);
-  std::stringstream text;
-  text << f.rdbuf();
-  if (!f) return false;
-  *out = text.str();
-  return true;
-}
-
-std::string Trimmed(std::string s) {
-  while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ')) s.pop_back();
-  return s;
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"epic-coordinator: serves the epic.v1.Epic gRPC API (plus grpc.health.v1 and reflection),\n"
@@ -94,8 +76,9 @@ int main(int argc, char** argv) {
     return 2;
   };
   if (!secret_file.empty()) {
-    if (!ReadFile(secret_file, &options.worker_secret)) return fail("--worker-secret-file " + secret_file + ": cannot read it");
-    options.worker_secret = Trimmed(options.worker_secret);
+    auto secret = epic::ReadSecretFile(secret_file);
+    if (!secret.ok()) return fail("--worker-secret-file " + secret.status().message());
+    options.worker_secret = std::move(secret).value();
   } else if (const char* env = std::getenv("EPIC_WORKER_SECRET")) {
     options.worker_secret = env;
   }
@@ -103,14 +86,19 @@ int main(int argc, char** argv) {
     return fail("no worker secret: pass --worker-secret-file FILE or set EPIC_WORKER_SECRET");
   }
   if (!auth_token_file.empty()) {
-    if (!ReadFile(auth_token_file, &options.auth_token)) return fail("--auth-token-file: cannot read " + auth_token_file);
-    options.auth_token = Trimmed(options.auth_token);
+    auto token = epic::ReadSecretFile(auth_token_file);
+    if (!token.ok()) return fail("--auth-token-file " + token.status().message());
+    options.auth_token = std::move(token).value();
     if (options.auth_token.empty()) return fail("--auth-token-file " + auth_token_file + " is empty");
   }
   if (tls_cert.empty() != tls_key.empty()) return fail("--tls-cert and --tls-key go together");
   if (!tls_cert.empty()) {
-    if (!ReadFile(tls_cert, &options.tls_cert_pem)) return fail("--tls-cert: cannot read " + tls_cert);
-    if (!ReadFile(tls_key, &options.tls_key_pem)) return fail("--tls-key: cannot read " + tls_key);
+    auto cert = epic::ReadTextFile(tls_cert);
+    if (!cert.ok()) return fail("--tls-cert " + cert.status().message());
+    auto key = epic::ReadTextFile(tls_key);
+    if (!key.ok()) return fail("--tls-key " + key.status().message());
+    options.tls_cert_pem = std::move(cert).value();
+    options.tls_key_pem = std::move(key).value();
   }
   options.step_timeout = std::chrono::milliseconds(static_cast<int64_t>(step_timeout * 1000));
 

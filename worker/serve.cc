@@ -7,13 +7,12 @@
 #include <cstdio>
 #include <cstring>
 #include <deque>
-#include <fstream>
 #include <mutex>
-#include <sstream>
 #include <thread>
 
 #include <grpcpp/grpcpp.h>
 
+#include "common/text_file.h"
 #include "worker/sampler.h"
 #include "worker_link.grpc.pb.h"
 
@@ -193,12 +192,10 @@ class Link {
   Status Open(const v1::internal::Hello& hello, v1::internal::Welcome* welcome) {
     std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
     if (!options_.tls_ca.empty()) {
-      std::ifstream f(options_.tls_ca);
-      std::stringstream pem;
-      pem << f.rdbuf();
-      if (!f) return InvalidArgumentError("--tls-ca " + options_.tls_ca + ": cannot read it");
+      auto pem = ReadTextFile(options_.tls_ca);
+      if (!pem.ok()) return InvalidArgumentError("--tls-ca " + pem.status().message());
       grpc::SslCredentialsOptions ssl;
-      ssl.pem_root_certs = pem.str();
+      ssl.pem_root_certs = std::move(pem).value();
       creds = grpc::SslCredentials(ssl);
     }
     channel_ = grpc::CreateChannel(options_.coordinator, creds);

@@ -4,12 +4,11 @@
 
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
-#include <sstream>
 #include <string>
 
 #include <CLI/CLI.hpp>
 
+#include "common/text_file.h"
 #include "worker/device.h"
 #include "worker/job.h"
 #include "worker/model.h"
@@ -55,14 +54,9 @@ int main(int argc, char** argv) {
     (*job)->Abort(code);
   };
   if (!secret_file.empty()) {
-    std::ifstream f(secret_file);
-    std::stringstream text;
-    text << f.rdbuf();
-    if (!f) fail("--secret-file " + secret_file + ": cannot read it", 2);
-    options.secret = text.str();
-    while (!options.secret.empty() && (options.secret.back() == '\n' || options.secret.back() == '\r')) {
-      options.secret.pop_back();
-    }
+    auto secret = epic::ReadSecretFile(secret_file);
+    if (!secret.ok()) fail("--secret-file " + secret.status().message(), 2);
+    options.secret = std::move(secret).value();
   } else if (const char* env = std::getenv("EPIC_WORKER_SECRET")) {
     options.secret = env;
   }
