@@ -54,8 +54,7 @@ ready="$(mktemp -u)"
 "$EPIC_ROOT/launch/cluster.sh" --model "$small" --np 1 --threads "$cores" --port 0 --metrics-port 0 \
   --listen-host 127.0.0.1 --ready-file "$ready" --no-build >/dev/null 2>&1 &
 cluster=$!
-for _ in $(seq 1 300); do [ -f "$ready" ] && break; sleep 0.2; done
-port="$(sed -E 's/.*"port": ([0-9]+).*/\1/' "$ready")"
+port="$(epic_wait_ready "$ready" "$cluster" 120 "the cluster")" || exit 1
 OMP_NUM_THREADS="$cores" "$EPIC_BUILD_DIR/bench/serving_bench" --server "127.0.0.1:$port" --model "$small" \
   --concurrency 1,4,16 --prompt-len 32 --output-len 32
 kill -TERM "$cluster"; wait "$cluster" || true; rm -f "$ready"

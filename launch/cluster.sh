@@ -99,13 +99,7 @@ trap stop EXIT
   --metrics-listen "$listen_host:$metrics_port" --worker-secret-file "$state/secret" \
   --ready-file "$state/ready.json" ${coord_args[@]+"${coord_args[@]}"} &
 coord_pid=$!
-for _ in $(seq 1 100); do
-  [ -f "$state/ready.json" ] && break
-  kill -0 "$coord_pid" 2>/dev/null || { epic_log "the coordinator failed to start"; exit 1; }
-  sleep 0.1
-done
-[ -f "$state/ready.json" ] || { epic_log "the coordinator did not start within 10 s"; exit 1; }
-port="$(sed -E 's/.*"port": ([0-9]+).*/\1/' "$state/ready.json")"
+port="$(epic_wait_ready "$state/ready.json" "$coord_pid" 10 "the coordinator")" || exit 1
 
 if [ -z "$threads" ]; then
   threads=$(( $(nproc) / np )); [ "$threads" -ge 1 ] || threads=1

@@ -44,3 +44,20 @@ epic_build() {
 
 # Whether an NVIDIA GPU is visible.
 epic_have_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+# Waits up to SECONDS for FILE, the --ready-file of the process PID, and prints the gRPC
+# port written there. Fails (with WHAT named in the log) when PID exits first or time runs out.
+epic_wait_ready() {
+  local file="$1" pid="$2" seconds="$3" what="$4"
+  local tries=$((seconds * 10))
+  for _ in $(seq 1 "$tries"); do
+    if [ -f "$file" ]; then
+      sed -E 's/.*"port": ([0-9]+).*/\1/' "$file"
+      return 0
+    fi
+    kill -0 "$pid" 2>/dev/null || { epic_log "$what failed to start"; return 1; }
+    sleep 0.1
+  done
+  epic_log "$what was not ready within $seconds s"
+  return 1
+}

@@ -51,13 +51,7 @@ ready="$(mktemp -u "${TMPDIR:-/tmp}/epic-run-ready.XXXXXX")"
   --listen-host 127.0.0.1 --device "$device" --ready-file "$ready" --max-restarts 3 --no-build &
 cluster=$!
 trap 'kill -TERM $cluster 2>/dev/null; wait $cluster 2>/dev/null; rm -f "$ready"' EXIT
-for _ in $(seq 1 600); do
-  [ -f "$ready" ] && break
-  kill -0 "$cluster" 2>/dev/null || { epic_log "the cluster failed to start"; exit 1; }
-  sleep 0.2
-done
-[ -f "$ready" ] || { epic_log "the cluster was not ready within 120 s"; exit 1; }
-port="$(sed -E 's/.*"port": ([0-9]+).*/\1/' "$ready")"
+port="$(epic_wait_ready "$ready" "$cluster" 120 "the cluster")" || exit 1
 
 epic_log "generating: epic generate --server 127.0.0.1:$port --tokens $tokens --max-tokens $max_tokens"
 "$EPIC_BUILD_DIR/coordinator/epic" generate --server "127.0.0.1:$port" --tokens "$tokens" --max-tokens "$max_tokens"
