@@ -385,7 +385,6 @@ Status ServeCoordinator(Model& model, const WorkerOptions& options, const std::s
 
   v1::internal::CoordinatorMessage message;
   v1::internal::Step step;
-  v1::internal::StepResult result;
   for (;;) {
     if (rank == 0) {
       payload.clear();
@@ -410,49 +409,31 @@ Status ServeCoordinator(Model& model, const WorkerOptions& options, const std::s
       if (link) link->Done();
       return rank == 0 ? failure : UnavailableError("rank 0 lost the coordinator link");
     }
+    v1::internal::WorkerMessage m;
+    Status s;
     if (command == Command::kRebalance) {
-      v1::internal::WorkerMessage m;
-      const Status s = Rebalance(model, payload, m.mutable_rebalanced());
-      if (!s.ok()) {
-        if (rank == 0) {
-          m.set_error("rebalance failed: " + s.ToString());
-          link->Send(m);
-          link->Done();
-        }
-        return s;
-      }
-      if (rank == 0 && !link->Send(m)) {
-        link->Done();
-        command = Command::kStop;
-        payload.clear();
-        EPIC_RETURN_IF_ERROR(Exchange(comm, &command, &payload));
-        return UnavailableError("the coordinator link closed");
-      }
-      continue;
+      s = Rebalance(model, payload, m.mutable_rebalanced());
+    } else if (rank != 0 && !step.ParseFromString(payload)) {
+      return InternalError("a step arrived malformed");
+    } else {
+      s = RunStep(model, *cache, step, m.mutable_result());
     }
-    if (rank != 0 && !step.ParseFromString(payload)) return InternalError("a step arrived malformed");
-    const Status s = RunStep(model, *cache, step, &result);
     if (!s.ok()) {
-      // Every rank sees the same step, so every rank fails the same way.
+      // Every rank sees the same step or placement, so every rank fails the same way.
       if (rank == 0) {
-        v1::internal::WorkerMessage m;
-        m.set_error(s.ToString());
+        m.set_error((command == Command::kRebalance ? "rebalance failed: " : "") + s.ToString());
         link->Send(m);
         link->Done();
       }
       return s;
     }
-    if (rank == 0) {
-      v1::internal::WorkerMessage m;
-      *m.mutable_result() = std::move(result);
-      if (!link->Send(m)) {
-        link->Done();
-        // Tell the others, then leave: the launcher relaunches the job.
-        command = Command::kStop;
-        payload.clear();
-        EPIC_RETURN_IF_ERROR(Exchange(comm, &command, &payload));
-        return UnavailableError("the coordinator link closed");
-      }
+    if (rank == 0 && !link->Send(m)) {
+      link->Done();
+      // Tell the others, then leave: the launcher relaunches the job.
+      command = Command::kStop;
+      payload.clear();
+      EPIC_RETURN_IF_ERROR(Exchange(comm, &command, &payload));
+      return UnavailableError("the coordinator link closed");
     }
   }
 }
