@@ -29,7 +29,7 @@ struct Metrics::Impl {
   pm::Family<pm::Histogram>& step_family = pm::BuildHistogram()
       .Name("epic:step_duration_seconds").Help("Time the worker job took for one step")
       .Register(*registry);
-  pm::Family<pm::Gauge>& gauges = pm::BuildGauge().Name("epic:num_requests_running")
+  pm::Family<pm::Gauge>& running_family = pm::BuildGauge().Name("epic:num_requests_running")
       .Help("Requests in the running batch").Register(*registry);
   pm::Family<pm::Gauge>& waiting_family = pm::BuildGauge().Name("epic:num_requests_waiting")
       .Help("Requests queued for admission").Register(*registry);
@@ -55,7 +55,7 @@ struct Metrics::Impl {
   pm::Histogram& itl = itl_family.Add({}, Latency());
   pm::Histogram& e2e = e2e_family.Add({}, Latency());
   pm::Histogram& step = step_family.Add({}, Latency());
-  pm::Gauge& running = gauges.Add({});
+  pm::Gauge& running = running_family.Add({});
   pm::Gauge& waiting = waiting_family.Add({});
   pm::Gauge& cache = cache_family.Add({});
   pm::Gauge& throughput = throughput_family.Add({});
