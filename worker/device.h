@@ -8,9 +8,11 @@
 
 namespace epic {
 
-// OK for "cpu". For "cuda": FAILED_PRECONDITION saying why it cannot run here (no
-// CUDA in this build, no GPU visible, or the CUDA model backend not built yet).
-// INVALID_ARGUMENT for any other name.
-Status CheckDevice(const std::string& device);
+enum class ComputeDevice { kCpu, kCuda };
+
+// "cpu", or "cuda" when this build has CUDA and the machine a GPU; otherwise
+// FAILED_PRECONDITION saying why cuda cannot run here (no CUDA in this build, no GPU
+// visible). INVALID_ARGUMENT for any other name.
+StatusOr<ComputeDevice> ResolveDevice(const std::string& device);
 
 }  // namespace epic

@@ -5,10 +5,11 @@
 namespace epic {
 
 LatentCache::LatentCache(int64_t num_layers, int64_t row_width, int64_t block_size,
-                         int64_t num_blocks)
+                         int64_t num_blocks, bool host_rows)
     : num_layers_(num_layers), row_width_(row_width), block_size_(block_size),
       num_blocks_(num_blocks),
-      pool_(new float[static_cast<size_t>(num_layers * num_blocks * block_size * row_width)]) {
+      pool_(host_rows ? new float[static_cast<size_t>(num_layers * num_blocks * block_size * row_width)]
+                      : nullptr) {
   free_.reserve(static_cast<size_t>(num_blocks));
   // Hand out low block numbers first.
   for (int64_t b = num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));

@@ -20,12 +20,16 @@ struct BlockTable {
 
 class LatentCache {
  public:
-  LatentCache(int64_t num_layers, int64_t row_width, int64_t block_size, int64_t num_blocks);
+  // Without HOST_ROWS only the blocks are counted here: the rows live elsewhere (in the
+  // GPU's memory, for the CUDA step), and Row/Rows must not be called.
+  LatentCache(int64_t num_layers, int64_t row_width, int64_t block_size, int64_t num_blocks,
+              bool host_rows = true);
 
   int64_t block_size() const { return block_size_; }
   int64_t num_blocks() const { return num_blocks_; }
   int64_t free_blocks() const { return static_cast<int64_t>(free_.size()); }
   int64_t row_width() const { return row_width_; }
+  int64_t num_layers() const { return num_layers_; }
   // Blocks needed to hold NUM_TOKENS rows.
   int64_t BlocksFor(int64_t num_tokens) const { return (num_tokens + block_size_ - 1) / block_size_; }
 
@@ -38,6 +42,10 @@ class LatentCache {
   float* Row(int64_t layer, const BlockTable& table, int64_t t);
   cpu::LatentRows Rows(int64_t layer, const BlockTable& table) const;
 
+  // Rows kept by a device instead (the CUDA step's BF16 pool), owned with the cache so
+  // that they live and die with its block tables; empty until the step first needs them.
+  std::shared_ptr<void>& device_rows() { return device_rows_; }
+
  private:
   int64_t num_layers_;
   int64_t row_width_;
@@ -45,6 +53,7 @@ class LatentCache {
   int64_t num_blocks_;
   std::unique_ptr<float[]> pool_;  // [layers, blocks, block_size, row_width]
   std::vector<int32_t> free_;
+  std::shared_ptr<void> device_rows_;
 };
 
 }  // namespace epic

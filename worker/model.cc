@@ -9,6 +9,14 @@
 #include "kernels/cpu/ops.h"
 #include "parallel/self_communicator.h"
 
+#ifdef EPIC_HAVE_CUDA
+#include "worker/cuda_model.h"
+#else
+namespace epic {
+class CudaForward {};  // builds without CUDA never make one
+}  // namespace epic
+#endif
+
 namespace epic {
 namespace {
 
@@ -33,7 +41,10 @@ Status CheckPlacement(const ModelConfig& config, int ranks, const parallel::Expe
 
 }  // namespace
 
+Model::~Model() = default;
+
 StatusOr<PlacementChange> Model::ApplyPlacement(const parallel::ExpertPlacement& next) {
+  if (cuda_) return FailedPreconditionError("changing the expert placement is not written for the CUDA step");
   const ModelConfig& c = config();
   EPIC_RETURN_IF_ERROR(CheckPlacement(c, comm_->size(), next));
   const int rank = comm_->rank();
@@ -87,7 +98,7 @@ StatusOr<PlacementChange> Model::ApplyPlacement(const parallel::ExpertPlacement&
 
 StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
                                              const ProgressFn& progress, WeightResidency residency,
-                                             const ModelShard& shard) {
+                                             const ModelShard& shard, ComputeDevice device) {
   std::unique_ptr<Model> model(new Model());
   if (shard.comm == nullptr) {
     model->own_comm_ = parallel::MakeSelfCommunicator();
@@ -97,6 +108,13 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
   }
   const int rank = model->comm_->rank();
   const int ranks = model->comm_->size();
+  if (device == ComputeDevice::kCuda && ranks > 1) {
+    return FailedPreconditionError("--device cuda runs one rank per job (this job has " + std::to_string(ranks) +
+                                   "): the distributed CUDA step over NCCL is not written yet");
+  }
+#ifndef EPIC_HAVE_CUDA
+  if (device == ComputeDevice::kCuda) return FailedPreconditionError("this build has no CUDA support");
+#endif
   EPIC_ASSIGN_OR_RETURN(model->checkpoint_, Checkpoint::Open(dir));
   const ModelConfig& config = model->config();
   const int64_t shared_inter = config.moe_intermediate_size * config.n_shared_experts;
@@ -134,7 +152,11 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
   ws.mlp_part = rank;
   ws.mlp_parts = ranks;
   for (int64_t l = 0; l < config.num_hidden_layers; ++l) ws.expert_slots.push_back(model->placement_->slots(l, rank));
-  EPIC_ASSIGN_OR_RETURN(model->weights_, ModelWeights::Bind(*model->checkpoint_, progress, residency, ws));
+  // The CUDA step copies the weights to the GPU from the file's pages: no host copy.
+  const WeightResidency host = device == ComputeDevice::kCuda ? WeightResidency::kMapped : residency;
+  EPIC_ASSIGN_OR_RETURN(model->weights_,
+                        ModelWeights::Bind(*model->checkpoint_, device == ComputeDevice::kCuda ? ProgressFn{} : progress,
+                                           host, ws));
   model->residency_ = residency;
   const ModelConfig& c = model->config();
   model->rope_ = MakeRopeTable(c);
@@ -150,6 +172,12 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
   g.normalize = c.num_experts_per_tok > 1 && c.norm_topk_prob;
   const bool scaled = !g.normalize || c.ScalesAfterNormalising();
   g.scale = scaled ? static_cast<float>(c.routed_scaling_factor) : 1.0f;
+#ifdef EPIC_HAVE_CUDA
+  if (device == ComputeDevice::kCuda) {
+    EPIC_ASSIGN_OR_RETURN(model->cuda_, CudaForward::Create(c, *model->weights_, ws.expert_slots, model->rope_, g,
+                                                            progress));
+  }
+#endif
   return model;
 }
 
@@ -160,7 +188,31 @@ float* Model::Sized(std::vector<float>& v, int64_t n) {
 
 std::unique_ptr<LatentCache> Model::MakeCache(int64_t block_size, int64_t num_blocks) const {
   return std::make_unique<LatentCache>(config().num_hidden_layers, config().latent_dim(), block_size,
-                                       num_blocks);
+                                       num_blocks, /*host_rows=*/cuda_ == nullptr);
+}
+
+StatusOr<StepTokens> FlattenStep(std::span<const SequenceStep> batch, const LatentCache& cache, int64_t vocab_size) {
+  StepTokens step;
+  for (const SequenceStep& s : batch) {
+    if (s.tokens.empty()) return InvalidArgumentError("a sequence in the step has no tokens");
+    const int64_t start = s.cache->num_tokens;
+    if (cache.BlocksFor(start + static_cast<int64_t>(s.tokens.size())) >
+        static_cast<int64_t>(s.cache->blocks.size())) {
+      return FailedPreconditionError("latent cache: sequence holds too few blocks for its tokens");
+    }
+    for (size_t i = 0; i < s.tokens.size(); ++i) {
+      if (s.tokens[i] < 0 || s.tokens[i] >= vocab_size) {
+        return InvalidArgumentError("token id " + std::to_string(s.tokens[i]) +
+                                    " is outside the vocabulary [0, " + std::to_string(vocab_size) + ")");
+      }
+      if (s.all_logits || i + 1 == s.tokens.size()) {
+        step.logit_rows.push_back(static_cast<int64_t>(step.positions.size()));
+      }
+      step.positions.push_back(start + static_cast<int64_t>(i));
+      step.ids.push_back(s.tokens[i]);
+    }
+  }
+  return step;
 }
 
 Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::vector<float>* logits,
@@ -168,29 +220,7 @@ Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::ve
   const ModelConfig& c = config();
   const ModelWeights& w = *weights_;
   const int64_t hidden = c.hidden_size;
-
-  // Flatten the batch: token i of the step has a position and a sequence.
-  std::vector<int64_t> positions;
-  std::vector<int32_t> token_ids;
-  std::vector<int64_t> logit_rows;
-  for (const SequenceStep& s : batch) {
-    if (s.tokens.empty()) return InvalidArgumentError("a sequence in the step has no tokens");
-    const int64_t start = s.cache->num_tokens;
-    if (cache->BlocksFor(start + static_cast<int64_t>(s.tokens.size())) >
-        static_cast<int64_t>(s.cache->blocks.size())) {
-      return FailedPreconditionError("latent cache: sequence holds too few blocks for its tokens");
-    }
-    for (size_t i = 0; i < s.tokens.size(); ++i) {
-      if (s.tokens[i] < 0 || s.tokens[i] >= c.vocab_size) {
-        return InvalidArgumentError("token id " + std::to_string(s.tokens[i]) +
-                                    " is outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
-      }
-      if (s.all_logits || i + 1 == s.tokens.size()) logit_rows.push_back(static_cast<int64_t>(positions.size()));
-      positions.push_back(start + static_cast<int64_t>(i));
-      token_ids.push_back(s.tokens[i]);
-    }
-  }
-  const int64_t tokens = static_cast<int64_t>(positions.size());
+  EPIC_ASSIGN_OR_RETURN(StepTokens step, FlattenStep(batch, *cache, c.vocab_size));
   if (counts != nullptr && counts->tokens.size() != static_cast<size_t>(c.num_hidden_layers)) {
     const size_t layers = static_cast<size_t>(c.num_hidden_layers);
     counts->tokens.assign(layers, {});
@@ -198,6 +228,13 @@ Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::ve
     counts->dispatch.assign(layers, {});
     counts->combine.assign(layers, {});
   }
+#ifdef EPIC_HAVE_CUDA
+  if (cuda_) return cuda_->Forward(batch, step, cache, logits, counts);
+#endif
+  const std::vector<int64_t>& positions = step.positions;
+  const std::vector<int32_t>& token_ids = step.ids;
+  const std::vector<int64_t>& logit_rows = step.logit_rows;
+  const int64_t tokens = static_cast<int64_t>(positions.size());
   parallel::Communicator& comm = *comm_;
   const int rank = comm.rank();
   const int ranks = comm.size();

@@ -14,6 +14,7 @@
 #include "parallel/dispatch.h"
 #include "parallel/expert_placement.h"
 #include "worker/checkpoint.h"
+#include "worker/device.h"
 #include "worker/latent_cache.h"
 #include "worker/rope.h"
 #include "worker/weights.h"
@@ -26,6 +27,20 @@ struct SequenceStep {
   std::span<const int32_t> tokens;
   bool all_logits = false;  // logits for every token; otherwise for the last only
 };
+
+// A step's batch flattened: token i has a position in its sequence and an id; the
+// logits are wanted for the tokens of logit_rows, in order.
+struct StepTokens {
+  std::vector<int64_t> positions;
+  std::vector<int32_t> ids;
+  std::vector<int64_t> logit_rows;
+};
+
+// INVALID_ARGUMENT for a sequence without tokens or an id outside [0, vocab_size),
+// FAILED_PRECONDITION for a sequence holding too few cache blocks for its new tokens.
+StatusOr<StepTokens> FlattenStep(std::span<const SequenceStep> batch, const LatentCache& cache, int64_t vocab_size);
+
+class CudaForward;  // worker/cuda_model.h
 
 // What the MoE layers did, summed over the steps Forward is given it for; the raw
 // material of the load reports. Empty rows for dense layers.
@@ -65,10 +80,17 @@ class Model {
   // Opens and validates the checkpoint, binds its weights (PROGRESS: optional).
   // Distributed: every rank calls Load with its SHARD; sizes that cannot be split
   // (fewer heads or vocabulary rows than ranks) are refused.
+  // kCuda copies the weights to the GPU and runs every step there (worker/cuda_model.h);
+  // it holds the whole model, so it is refused in a job of several ranks (the
+  // distributed step over NCCL is not written yet).
   static StatusOr<std::unique_ptr<Model>> Load(const std::filesystem::path& dir,
                                                const ProgressFn& progress = {},
                                                WeightResidency residency = WeightResidency::kCopy,
-                                               const ModelShard& shard = {});
+                                               const ModelShard& shard = {},
+                                               ComputeDevice device = ComputeDevice::kCpu);
+  ~Model();
+
+  ComputeDevice device() const { return cuda_ ? ComputeDevice::kCuda : ComputeDevice::kCpu; }
 
   const ModelConfig& config() const { return checkpoint_->config(); }
   const ModelWeights& weights() const { return *weights_; }
@@ -80,7 +102,7 @@ class Model {
   // A cache sized for this model.
   std::unique_ptr<LatentCache> MakeCache(int64_t block_size, int64_t num_blocks) const;
 
-  // For tests and benchmarks: force one form of attention.
+  // For tests and benchmarks: force one form of attention (the CUDA step always absorbs).
   void set_attention_form(AttentionForm form) { attention_form_ = form; }
 
   // Runs one step. Each sequence's cache must already hold room for its new tokens
@@ -94,7 +116,7 @@ class Model {
   // Switches to NEXT between steps (every rank together): the experts this rank newly
   // holds are read from the checkpoint, those it keeps stay where they are, and the
   // memory of those it drops goes back to the system. Outputs do not change. A load
-  // that fails leaves the model as it was.
+  // that fails leaves the model as it was. FAILED_PRECONDITION on the CUDA step.
   StatusOr<PlacementChange> ApplyPlacement(const parallel::ExpertPlacement& next);
 
   // Sums COUNTS->tokens over the job's ranks, in place: once after the steps, rather
@@ -133,6 +155,7 @@ class Model {
   RopeTable rope_;
   cpu::GateParams gate_;
   AttentionForm attention_form_ = AttentionForm::kAuto;
+  std::unique_ptr<CudaForward> cuda_;  // set when the steps run on the GPU
   WeightResidency residency_ = WeightResidency::kCopy;
 };
 

@@ -52,7 +52,8 @@ int main(int argc, char** argv) {
   app.add_option("--seed", sampling.seed, "random seed for sampling")->capture_default_str();
   app.add_option("--dump-logits", dump_logits,
                  "write the logits at every prompt position to FILE.npy (float32 [prompt, vocab])");
-  app.add_option("--device", device, "compute device")
+  app.add_option("--device", device,
+                 "compute device: cpu, or cuda (the whole model on one GPU, so one rank per job)")
       ->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   app.add_option("--threads", threads, "CPU threads (0: OpenMP's default, one per core)")
       ->check(CLI::NonNegativeNumber);
@@ -82,8 +83,9 @@ int main(int argc, char** argv) {
   const bool lead = rank == 0;
   // Errors name the rank in a job of several.
   const std::string who = ranks > 1 ? "epic-run: rank " + std::to_string(rank) + ": " : "epic-run: ";
-  if (const epic::Status s = epic::CheckDevice(device); !s.ok()) {
-    std::fprintf(stderr, "%s%s\n", who.c_str(), s.message().c_str());
+  const auto compute = epic::ResolveDevice(device);
+  if (!compute.ok()) {
+    std::fprintf(stderr, "%s%s\n", who.c_str(), compute.status().message().c_str());
     (*job)->Abort(2);
   }
   if (threads > 0) omp_set_num_threads(threads);
@@ -98,7 +100,7 @@ int main(int argc, char** argv) {
   epic::ProgressLine progress("loading " + model_dir);
   auto model = epic::Model::Load(
       model_dir, [&](int64_t d, int64_t t) { if (lead) progress.Update(d, t); },
-      mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy, {(*job)->comm(), nullptr});
+      mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy, {(*job)->comm(), nullptr}, *compute);
   progress.Finish();
   if (!model.ok()) {
     std::fprintf(stderr, "%s%s\n", who.c_str(), model.status().ToString().c_str());

@@ -36,7 +36,8 @@ int main(int argc, char** argv) {
                                              "(default: plaintext)");
   app.add_option("--connect-timeout", connect_timeout, "seconds to wait for the coordinator")
       ->check(CLI::PositiveNumber)->capture_default_str();
-  app.add_option("--device", device, "compute device")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  app.add_option("--device", device,
+                 "compute device: cpu, or cuda (the whole model on one GPU, so one rank per job)")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   app.add_option("--threads", threads, "CPU threads per rank (0: OpenMP's default)")->check(CLI::NonNegativeNumber);
   app.add_flag("--mmap", mapped, "use the weights in place from the file mapping (see epic-run --help)");
   CLI11_PARSE(app, argc, argv);
@@ -61,13 +62,14 @@ int main(int argc, char** argv) {
     options.secret = env;
   }
   if (options.secret.empty()) fail("no worker secret: pass --secret-file FILE or set EPIC_WORKER_SECRET", 2);
-  if (const epic::Status s = epic::CheckDevice(device); !s.ok()) fail(s.message(), 2);
+  const auto compute = epic::ResolveDevice(device);
+  if (!compute.ok()) fail(compute.status().message(), 2);
   if (threads > 0) omp_set_num_threads(threads);
 
   epic::ProgressLine progress("loading " + model_dir);
   auto model = epic::Model::Load(
       model_dir, [&](int64_t d, int64_t t) { if (rank == 0) progress.Update(d, t); },
-      mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy, {(*job)->comm(), nullptr});
+      mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy, {(*job)->comm(), nullptr}, *compute);
   progress.Finish();
   if (!model.ok()) fail(model.status().ToString(), 1);
   std::fprintf(stderr, "%sholds %.1f MiB of weights\n", who.c_str(), (*model)->weights().matrix_bytes / 1048576.0);

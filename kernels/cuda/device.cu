@@ -4,6 +4,8 @@
 
 #include <cstdio>
 
+#include "kernels/cuda/check.h"
+
 namespace epic::cuda {
 
 StatusOr<int> DeviceCount() {
@@ -27,6 +29,21 @@ StatusOr<std::string> DeviceName(int index) {
   std::snprintf(text, sizeof text, "%s, sm_%d%d, %.1f GiB", prop.name, prop.major, prop.minor,
                 prop.totalGlobalMem / 1073741824.0);
   return std::string(text);
+}
+
+StatusOr<int> MultiprocessorCount() {
+  int device = 0, count = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) {
+    return FailedPreconditionError(std::string("CUDA multiprocessor count: ") + cudaGetErrorString(err));
+  }
+  return count;
+}
+
+Status Synchronize() {
+  EPIC_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize(), "a kernel of the step");
+  return OkStatus();
 }
 
 }  // namespace epic::cuda

@@ -14,4 +14,10 @@ StatusOr<int> DeviceCount();
 // "NVIDIA H100 80GB HBM3, sm_90, 79.1 GiB" for device INDEX.
 StatusOr<std::string> DeviceName(int index);
 
+// The streaming multiprocessors of the current device (how many blocks fill it).
+StatusOr<int> MultiprocessorCount();
+
+// Waits for every kernel launched so far and returns the first fault any of them raised.
+Status Synchronize();
+
 }  // namespace epic::cuda

@@ -67,7 +67,10 @@ TEST_F(CliTest, GeneratesTheSameTokensAsTheLibrary) {
   auto want = Generate(**model, std::vector<int32_t>{5, 17, 300}, o);
   ASSERT_TRUE(want.ok());
   std::string line;
-  for (size_t i = 0; i < want->tokens.size(); ++i) line += (i ? " " : "") + std::to_string(want->tokens[i]);
+  for (size_t i = 0; i < want->tokens.size(); ++i) {
+    if (i > 0) line += ' ';
+    line += std::to_string(want->tokens[i]);
+  }
   EXPECT_EQ(r.out, line + "\n");
   EXPECT_NE(r.err.find("expert tokens, layer 1:"), std::string::npos) << r.err;
 }

@@ -1,0 +1,525 @@
+#include "worker/cuda_model.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <utility>
+
+#include "common/half.h"
+#include "kernels/cuda/buffer.h"
+#include "kernels/cuda/device.h"
+#include "kernels/cuda/gemm.h"
+#include "kernels/cuda/mla.h"
+#include "kernels/cuda/moe.h"
+#include "kernels/cuda/ops.h"
+#include "worker/model.h"
+
+namespace epic {
+namespace {
+
+using cuda::DeviceBuffer;
+using cuda::DeviceMatrix;
+
+struct DeviceMlp {
+  DeviceMatrix gate_up;  // [2 * inter, hidden]: gate's rows, then up's
+  DeviceMatrix down;     // [hidden, inter]
+  int64_t inter = 0;
+};
+
+struct DeviceLayer {
+  DeviceBuffer<float> input_norm, post_attention_norm, q_a_norm, kv_a_norm, choice_bias;
+  DeviceMatrix q_proj, q_a_proj, q_b_proj, kv_a_proj, kv_b_proj, o_proj;
+  DeviceMatrix router;  // F32: routing decides on the CPU's values, not BF16-rounded ones
+  bool moe = false;
+  bool has_shared = false;
+  DeviceMlp dense, shared;
+  std::vector<DeviceMlp> experts;  // slot order
+  // Indexed by logical expert, for GroupedMatMul.
+  DeviceBuffer<const uint16_t*> gate_up_by_expert, down_by_expert;
+};
+
+// One device allocation for every matrix, filled matrix by matrix: each host matrix
+// (BF16 or F32, any row stride; several stacked by rows for a fused gate|up) becomes a
+// contiguous device matrix of the wanted type.
+class WeightUpload {
+ public:
+  void Add(std::vector<cpu::WeightMatrix> parts, cuda::DType type, DeviceMatrix* target) {
+    int64_t rows = 0;
+    for (const auto& p : parts) rows += p.rows;
+    const int64_t cols = parts.empty() ? 0 : parts[0].cols;
+    target->type = type;
+    target->rows = rows;
+    target->cols = cols;
+    target->ld = cols;
+    const int64_t bytes = rows * cols * (type == cuda::DType::kBF16 ? 2 : 4);
+    items_.push_back({std::move(parts), target, total_});
+    total_ += (bytes + 255) / 256 * 256;
+  }
+
+  // Allocates and copies, then points every target at its part of MEMORY.
+  Status Run(cuda::DeviceMemory* memory, const ProgressFn& progress) {
+    EPIC_ASSIGN_OR_RETURN(*memory, cuda::DeviceMemory::Allocate(static_cast<size_t>(total_)));
+    std::vector<uint8_t> staging;
+    for (const Item& item : items_) {
+      DeviceMatrix& t = *item.target;
+      const size_t row_bytes = static_cast<size_t>(t.cols * t.ElementBytes());
+      int64_t row = 0;
+      for (const cpu::WeightMatrix& p : item.parts) {
+        const size_t offset = static_cast<size_t>(item.offset) + static_cast<size_t>(row) * row_bytes;
+        const bool same = (p.type == cpu::WeightType::kBF16) == (t.type == cuda::DType::kBF16);
+        if (same && p.row_stride == p.cols) {
+          EPIC_RETURN_IF_ERROR(memory->CopyFromHost(p.data, static_cast<size_t>(p.rows) * row_bytes, offset));
+        } else {
+          staging.resize(static_cast<size_t>(p.rows) * row_bytes);
+          for (int64_t r = 0; r < p.rows; ++r) {
+            for (int64_t c = 0; c < p.cols; ++c) {
+              const float v = p.At(r, c);
+              if (t.type == cuda::DType::kBF16) {
+                const uint16_t h = FloatToBf16(v);
+                std::memcpy(staging.data() + (r * p.cols + c) * 2, &h, 2);
+              } else {
+                std::memcpy(staging.data() + (r * p.cols + c) * 4, &v, 4);
+              }
+            }
+          }
+          EPIC_RETURN_IF_ERROR(memory->CopyFromHost(staging.data(), staging.size(), offset));
+        }
+        row += p.rows;
+        done_ += static_cast<int64_t>(p.rows * row_bytes);
+        if (progress) progress(done_, total_);
+      }
+      t.data = static_cast<const char*>(memory->data()) + item.offset;
+    }
+    return OkStatus();
+  }
+
+  int64_t total_bytes() const { return total_; }
+
+ private:
+  struct Item {
+    std::vector<cpu::WeightMatrix> parts;
+    DeviceMatrix* target;
+    int64_t offset;
+  };
+  std::vector<Item> items_;
+  int64_t total_ = 0;
+  int64_t done_ = 0;
+};
+
+// Grows B to hold at least N values (never shrinks); contents are not kept.
+template <typename T>
+Status Grow(DeviceBuffer<T>& b, int64_t n) {
+  if (b.size() >= n) return OkStatus();
+  EPIC_ASSIGN_OR_RETURN(b, DeviceBuffer<T>::Allocate(std::max<int64_t>(n, 1)));
+  return OkStatus();
+}
+
+}  // namespace
+
+struct CudaForward::Impl {
+  ModelConfig config;
+  cpu::GateParams gate;
+  cuda::DeviceMemory weight_memory;
+  int64_t weight_bytes = 0;
+  DeviceMatrix embed, lm_head;
+  DeviceBuffer<float> final_norm;
+  std::vector<DeviceLayer> layers;
+  std::vector<std::vector<int32_t>> expert_slots;  // [layer][slot]: its logical expert
+  cuda::RopeFrequencies rope_freq;
+  std::unique_ptr<cuda::Blas> blas;
+  int sm_count = 1;
+  int64_t block_size = 0;  // of the cache of the current step
+
+  // Per-step buffers, grown to the largest step seen.
+  struct Workspace {
+    DeviceBuffer<int32_t> token_ids, context, table_start, block_tables, logit_rows, expert_ids, counts;
+    DeviceBuffer<int32_t> ex_offsets, ex_source, ex_grouped, ex_scratch, tiles;
+    DeviceBuffer<int64_t> positions, slots;
+    DeviceBuffer<float> x, normed, qa, q, latent, q_latent, o_latent, attn, gate_up, mid, router, gate_weights,
+        ex_weight, expert_out, mla, selected, logits;
+    DeviceBuffer<uint16_t> xb, wide_b, mid_b, rows_b;
+  } ws;
+
+  Status Mlp(const DeviceMlp& m, const uint16_t* xb, int64_t tokens);
+  Status Attention(int64_t layer, int64_t tokens, int64_t max_context, uint16_t* pool);
+  Status Moe(int64_t layer, int64_t tokens, int32_t* counts);
+};
+
+CudaForward::CudaForward(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+CudaForward::~CudaForward() = default;
+
+int64_t CudaForward::weight_bytes() const { return impl_->weight_bytes; }
+
+StatusOr<std::unique_ptr<CudaForward>> CudaForward::Create(const ModelConfig& c, const ModelWeights& w,
+                                                           const std::vector<std::vector<int32_t>>& expert_slots,
+                                                           const RopeTable& rope, const cpu::GateParams& gate,
+                                                           const ProgressFn& progress) {
+  auto impl = std::make_unique<Impl>();
+  impl->config = c;
+  impl->gate = gate;
+  impl->expert_slots = expert_slots;
+  EPIC_ASSIGN_OR_RETURN(impl->sm_count, cuda::MultiprocessorCount());
+  EPIC_ASSIGN_OR_RETURN(impl->blas, cuda::Blas::Create());
+  EPIC_ASSIGN_OR_RETURN(impl->rope_freq, cuda::RopeFrequencies::FromHost(rope.inv_freq, rope.mscale));
+  EPIC_ASSIGN_OR_RETURN(impl->final_norm, DeviceBuffer<float>::FromHost(w.final_norm));
+
+  WeightUpload upload;
+  upload.Add({w.embed}, cuda::DType::kBF16, &impl->embed);
+  upload.Add({w.lm_head}, cuda::DType::kBF16, &impl->lm_head);
+  impl->layers.resize(w.layers.size());
+  auto add_mlp = [&](const MlpWeights& m, DeviceMlp* d) {
+    d->inter = m.gate.rows;
+    upload.Add({m.gate, m.up}, cuda::DType::kBF16, &d->gate_up);
+    upload.Add({m.down}, cuda::DType::kBF16, &d->down);
+  };
+  for (size_t l = 0; l < w.layers.size(); ++l) {
+    const LayerWeights& L = w.layers[l];
+    DeviceLayer& D = impl->layers[l];
+    EPIC_ASSIGN_OR_RETURN(D.input_norm, DeviceBuffer<float>::FromHost(L.input_norm));
+    EPIC_ASSIGN_OR_RETURN(D.post_attention_norm, DeviceBuffer<float>::FromHost(L.post_attention_norm));
+    EPIC_ASSIGN_OR_RETURN(D.kv_a_norm, DeviceBuffer<float>::FromHost(L.kv_a_norm));
+    if (c.q_lora_rank > 0) {
+      EPIC_ASSIGN_OR_RETURN(D.q_a_norm, DeviceBuffer<float>::FromHost(L.q_a_norm));
+      upload.Add({L.q_a_proj}, cuda::DType::kBF16, &D.q_a_proj);
+      upload.Add({L.q_b_proj}, cuda::DType::kBF16, &D.q_b_proj);
+    } else {
+      upload.Add({L.q_proj}, cuda::DType::kBF16, &D.q_proj);
+    }
+    upload.Add({L.kv_a_proj}, cuda::DType::kBF16, &D.kv_a_proj);
+    upload.Add({L.kv_b_proj}, cuda::DType::kBF16, &D.kv_b_proj);
+    upload.Add({L.o_proj}, cuda::DType::kBF16, &D.o_proj);
+    D.moe = L.moe;
+    D.has_shared = L.has_shared;
+    if (!L.moe) {
+      add_mlp(L.dense, &D.dense);
+      continue;
+    }
+    upload.Add({L.router}, cuda::DType::kF32, &D.router);
+    if (!L.choice_bias.empty()) {
+      EPIC_ASSIGN_OR_RETURN(D.choice_bias, DeviceBuffer<float>::FromHost(L.choice_bias));
+    }
+    if (L.has_shared) add_mlp(L.shared, &D.shared);
+    D.experts.resize(L.experts.size());
+    for (size_t s = 0; s < L.experts.size(); ++s) add_mlp(L.experts[s], &D.experts[s]);
+  }
+  EPIC_RETURN_IF_ERROR(upload.Run(&impl->weight_memory, progress));
+  impl->weight_bytes = upload.total_bytes();
+
+  // Expert pointers by logical expert: the step routes by logical id.
+  for (size_t l = 0; l < w.layers.size(); ++l) {
+    DeviceLayer& D = impl->layers[l];
+    if (!D.moe) continue;
+    const int64_t experts = c.n_routed_experts;
+    std::vector<const uint16_t*> gate_up(static_cast<size_t>(experts), nullptr);
+    std::vector<const uint16_t*> down(static_cast<size_t>(experts), nullptr);
+    const std::vector<int32_t>& slots = expert_slots.at(l);
+    for (size_t s = 0; s < slots.size() && s < D.experts.size(); ++s) {
+      gate_up.at(static_cast<size_t>(slots[s])) = static_cast<const uint16_t*>(D.experts[s].gate_up.data);
+      down.at(static_cast<size_t>(slots[s])) = static_cast<const uint16_t*>(D.experts[s].down.data);
+    }
+    for (int64_t e = 0; e < experts; ++e) {
+      if (gate_up[e] == nullptr) {
+        return FailedPreconditionError("CUDA step: layer " + std::to_string(l) + " does not hold expert " +
+                                       std::to_string(e) + "; the CUDA step needs every expert on its one rank");
+      }
+    }
+    EPIC_ASSIGN_OR_RETURN(D.gate_up_by_expert, DeviceBuffer<const uint16_t*>::FromHost(gate_up));
+    EPIC_ASSIGN_OR_RETURN(D.down_by_expert, DeviceBuffer<const uint16_t*>::FromHost(down));
+  }
+  return std::unique_ptr<CudaForward>(new CudaForward(std::move(impl)));
+}
+
+// x += down(silu(gate(xb)) * up(xb)) for TOKENS rows.
+Status CudaForward::Impl::Mlp(const DeviceMlp& m, const uint16_t* xb, int64_t tokens) {
+  const int64_t hidden = config.hidden_size;
+  EPIC_RETURN_IF_ERROR(cuda::MatMul(*blas, xb, tokens, hidden, m.gate_up, ws.gate_up.data(), 2 * m.inter));
+  EPIC_RETURN_IF_ERROR(cuda::SiluMul(ws.gate_up.data(), ws.gate_up.data() + m.inter, tokens, m.inter, 2 * m.inter,
+                                     ws.mid.data(), m.inter));
+  EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.mid.data(), tokens, m.inter, m.inter, ws.mid_b.data(), m.inter));
+  return cuda::MatMul(*blas, ws.mid_b.data(), tokens, m.inter, m.down, ws.x.data(), hidden, /*accumulate=*/true);
+}
+
+// ws.attn = this layer's attention over ws.normed (and its BF16 copy ws.xb), the
+// new latent rows written to POOL first.
+Status CudaForward::Impl::Attention(int64_t layer, int64_t tokens, int64_t max_context, uint16_t* pool) {
+  const ModelConfig& c = config;
+  const DeviceLayer& L = layers[layer];
+  const int64_t hidden = c.hidden_size;
+  const int64_t heads = c.num_attention_heads;
+  const int64_t nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, lora = c.kv_lora_rank;
+  const int64_t qhd = c.q_head_dim(), vdim = c.v_head_dim, width = c.latent_dim();
+  const int64_t kv_head = nope + vdim;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+
+  float* q = ws.q.data();  // [tokens, heads * qhd]
+  if (c.q_lora_rank > 0) {
+    const int64_t r = c.q_lora_rank;
+    EPIC_RETURN_IF_ERROR(cuda::MatMul(*blas, ws.xb.data(), tokens, hidden, L.q_a_proj, ws.qa.data(), r));
+    EPIC_RETURN_IF_ERROR(cuda::RmsNorm(ws.qa.data(), tokens, r, r, L.q_a_norm.data(), eps, ws.qa.data(), r));
+    EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.qa.data(), tokens, r, r, ws.wide_b.data(), r));
+    EPIC_RETURN_IF_ERROR(cuda::MatMul(*blas, ws.wide_b.data(), tokens, r, L.q_b_proj, q, heads * qhd));
+  } else {
+    EPIC_RETURN_IF_ERROR(cuda::MatMul(*blas, ws.xb.data(), tokens, hidden, L.q_proj, q, heads * qhd));
+  }
+  float* latent = ws.latent.data();  // [tokens, width]: c_kv normalised, k_pe rotated
+  EPIC_RETURN_IF_ERROR(cuda::MatMul(*blas, ws.xb.data(), tokens, hidden, L.kv_a_proj, latent, width));
+  EPIC_RETURN_IF_ERROR(cuda::RmsNorm(latent, tokens, lora, width, L.kv_a_norm.data(), eps, latent, width));
+  EPIC_RETURN_IF_ERROR(cuda::ApplyRope({latent, tokens, width, lora, 1, 0}, ws.positions.data(), rope_freq));
+  EPIC_RETURN_IF_ERROR(
+      cuda::ApplyRope({q, tokens, heads * qhd, nope, heads, qhd}, ws.positions.data(), rope_freq));
+  EPIC_RETURN_IF_ERROR(cuda::WriteLatentRows(latent, tokens, width, width, ws.slots.data(), pool));
+
+  // q_latent[t, h] = q_nope[t, h] W_UK[h], W_UK[h] = kv_b_proj rows [h * kv_head, +nope).
+  EPIC_RETURN_IF_ERROR(cuda::ToBf16(q, tokens, heads * qhd, heads * qhd, ws.wide_b.data(), heads * qhd));
+  cuda::BatchedMatMulArgs fold;
+  fold.x = ws.wide_b.data();
+  fold.m = tokens;
+  fold.ldx = heads * qhd;
+  fold.x_stride = qhd;
+  fold.w = L.kv_b_proj.Rows(0, nope);
+  fold.w_stride = kv_head * lora;
+  fold.transpose_w = false;
+  fold.y = ws.q_latent.data();
+  fold.ldy = heads * lora;
+  fold.y_stride = lora;
+  fold.batches = heads;
+  EPIC_RETURN_IF_ERROR(cuda::BatchedMatMul(*blas, fold));
+
+  cuda::MlaAttentionParams p;
+  p.tokens = tokens;
+  p.num_heads = heads;
+  p.kv_lora_rank = lora;
+  p.rope_dim = rope;
+  p.scale = static_cast<float>(c.SoftmaxScale());
+  p.q_latent = ws.q_latent.data();
+  p.q_pe = q + nope;
+  p.q_pe_token_stride = heads * qhd;
+  p.q_pe_head_stride = qhd;
+  p.cache = {pool, block_size, ws.block_tables.data()};
+  p.table_start = ws.table_start.data();
+  p.context = ws.context.data();
+  p.max_context = max_context;
+  p.out_latent = ws.o_latent.data();
+  const cuda::MlaSplits splits = cuda::PlanMlaSplits(tokens, heads, max_context, sm_count);
+  const int64_t scratch = cuda::MlaWorkspaceFloats(tokens, heads, lora, splits);
+  EPIC_RETURN_IF_ERROR(Grow(ws.mla, scratch));
+  EPIC_RETURN_IF_ERROR(cuda::MlaAbsorbedAttention(p, splits, ws.mla.data(), ws.mla.size()));
+
+  // attn[t, h] = W_UV[h] o_latent[t, h], W_UV[h] = kv_b_proj rows [h * kv_head + nope, +vdim).
+  EPIC_RETURN_IF_ERROR(
+      cuda::ToBf16(ws.o_latent.data(), tokens, heads * lora, heads * lora, ws.wide_b.data(), heads * lora));
+  cuda::BatchedMatMulArgs unfold;
+  unfold.x = ws.wide_b.data();
+  unfold.m = tokens;
+  unfold.ldx = heads * lora;
+  unfold.x_stride = lora;
+  unfold.w = L.kv_b_proj.Rows(nope, vdim);
+  unfold.w_stride = kv_head * lora;
+  unfold.transpose_w = true;
+  unfold.y = ws.attn.data();
+  unfold.ldy = heads * vdim;
+  unfold.y_stride = vdim;
+  unfold.batches = heads;
+  return cuda::BatchedMatMul(*blas, unfold);
+}
+
+// x += the routed experts' weighted outputs for ws.normed; COUNTS [n_routed_experts]
+// receives the choices per expert.
+Status CudaForward::Impl::Moe(int64_t layer, int64_t tokens, int32_t* counts) {
+  const ModelConfig& c = config;
+  const DeviceLayer& L = layers[layer];
+  const int64_t hidden = c.hidden_size;
+  const int64_t experts = c.n_routed_experts;
+  const int64_t k = c.num_experts_per_tok;
+  const int64_t choices = tokens * k;
+  const int64_t inter = c.moe_intermediate_size;
+
+  EPIC_RETURN_IF_ERROR(cuda::MatMul(*blas, ws.normed.data(), tokens, hidden, L.router, ws.router.data(), experts));
+  // TopKGating reads the bias from its device copy; the host pointer only says there is one.
+  static const float kHasBias = 0.0f;
+  cpu::GateParams g = gate;
+  g.choice_bias = L.choice_bias.size() > 0 ? &kHasBias : nullptr;
+  const float* device_bias = L.choice_bias.size() > 0 ? L.choice_bias.data() : nullptr;
+  EPIC_RETURN_IF_ERROR(cuda::TopKGating(ws.router.data(), tokens, g, device_bias, ws.expert_ids.data(),
+                                        ws.gate_weights.data()));
+  cuda::ExpertRows rows;
+  rows.counts = counts;
+  rows.offsets = ws.ex_offsets.data();
+  rows.source_token = ws.ex_source.data();
+  rows.weight = ws.ex_weight.data();
+  rows.grouped_row = ws.ex_grouped.data();
+  rows.scratch = ws.ex_scratch.data();
+  EPIC_RETURN_IF_ERROR(cuda::PermuteByExpert(ws.expert_ids.data(), ws.gate_weights.data(), tokens, k, experts, rows));
+  const int32_t* routed = ws.ex_offsets.data() + experts;  // offsets[experts]: the rows routed
+  EPIC_RETURN_IF_ERROR(cuda::GatherRowsToBf16(ws.normed.data(), hidden, hidden, rows.source_token, routed, choices,
+                                              ws.rows_b.data(), hidden));
+  cuda::GroupedWeights gate_up{L.gate_up_by_expert.data(), experts, 2 * inter, hidden, hidden};
+  EPIC_RETURN_IF_ERROR(cuda::GroupedMatMul(ws.rows_b.data(), choices, hidden, ws.ex_offsets.data(), gate_up,
+                                           ws.gate_up.data(), 2 * inter, ws.tiles.data(), ws.tiles.size()));
+  // Rows past the routed ones hold stale values; nothing below reads them back.
+  EPIC_RETURN_IF_ERROR(cuda::SiluMul(ws.gate_up.data(), ws.gate_up.data() + inter, choices, inter, 2 * inter,
+                                     ws.mid.data(), inter));
+  EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.mid.data(), choices, inter, inter, ws.mid_b.data(), inter));
+  cuda::GroupedWeights down{L.down_by_expert.data(), experts, hidden, inter, inter};
+  EPIC_RETURN_IF_ERROR(cuda::GroupedMatMul(ws.mid_b.data(), choices, inter, ws.ex_offsets.data(), down,
+                                           ws.expert_out.data(), hidden, ws.tiles.data(), ws.tiles.size()));
+  return cuda::ScatterAddWeighted(ws.expert_out.data(), choices, hidden, hidden, rows.grouped_row,
+                                  ws.gate_weights.data(), tokens, k, ws.x.data(), hidden);
+}
+
+Status CudaForward::Forward(std::span<SequenceStep> batch, const StepTokens& steps, LatentCache* cache,
+                            std::vector<float>* logits, ExpertCounts* counts) {
+  Impl& m = *impl_;
+  const ModelConfig& c = m.config;
+  auto& ws = m.ws;
+  const int64_t hidden = c.hidden_size;
+  const int64_t heads = c.num_attention_heads;
+  const int64_t tokens = static_cast<int64_t>(steps.ids.size());
+  const int64_t layers = c.num_hidden_layers;
+  const int64_t width = c.latent_dim();
+  const int64_t experts = c.n_routed_experts;
+  const int64_t k = std::max<int64_t>(c.num_experts_per_tok, 1);
+  const int64_t bs = cache->block_size();
+  const float eps = static_cast<float>(c.rms_norm_eps);
+
+  // The cache's rows on the device: [layers, blocks, block_size, width] BF16.
+  const int64_t layer_rows = cache->num_blocks() * bs;
+  if (!cache->device_rows()) {
+    EPIC_ASSIGN_OR_RETURN(cuda::DeviceMemory rows, cuda::DeviceMemory::Allocate(
+                                                       static_cast<size_t>(layers * layer_rows * width * 2)));
+    cache->device_rows() = std::make_shared<cuda::DeviceMemory>(std::move(rows));
+  }
+  uint16_t* pool = static_cast<uint16_t*>(static_cast<cuda::DeviceMemory*>(cache->device_rows().get())->data());
+
+  // The step's layout for the kernels: per token its sequence's block table, context
+  // and cache slot.
+  std::vector<int32_t> context(static_cast<size_t>(tokens)), table_start(static_cast<size_t>(tokens));
+  std::vector<int64_t> slots(static_cast<size_t>(tokens));
+  std::vector<int32_t> tables;
+  int64_t max_context = 1;
+  {
+    size_t t = 0;
+    for (const SequenceStep& s : batch) {
+      const int32_t start = static_cast<int32_t>(tables.size());
+      tables.insert(tables.end(), s.cache->blocks.begin(), s.cache->blocks.end());
+      for (size_t i = 0; i < s.tokens.size(); ++i, ++t) {
+        const int64_t pos = steps.positions[t];
+        context[t] = static_cast<int32_t>(pos + 1);
+        table_start[t] = start;
+        slots[t] = static_cast<int64_t>(s.cache->blocks[static_cast<size_t>(pos / bs)]) * bs + pos % bs;
+        max_context = std::max(max_context, pos + 1);
+      }
+    }
+  }
+  std::vector<int32_t> logit_rows(steps.logit_rows.begin(), steps.logit_rows.end());
+  const int64_t rows = static_cast<int64_t>(logit_rows.size());
+
+  const int64_t choices = tokens * k;
+  const int64_t qhd = c.q_head_dim();
+  const int64_t lora = c.kv_lora_rank;
+  const int64_t wide = std::max({hidden, c.q_lora_rank, heads * qhd, heads * lora, heads * c.v_head_dim});
+  const int64_t inter = std::max({c.intermediate_size, c.moe_intermediate_size * std::max<int64_t>(c.n_shared_experts, 1),
+                                  c.moe_intermediate_size});
+  const int64_t mlp_rows = std::max(tokens, choices);
+  EPIC_RETURN_IF_ERROR(Grow(ws.token_ids, tokens));
+  EPIC_RETURN_IF_ERROR(Grow(ws.positions, tokens));
+  EPIC_RETURN_IF_ERROR(Grow(ws.context, tokens));
+  EPIC_RETURN_IF_ERROR(Grow(ws.table_start, tokens));
+  EPIC_RETURN_IF_ERROR(Grow(ws.slots, tokens));
+  EPIC_RETURN_IF_ERROR(Grow(ws.block_tables, static_cast<int64_t>(tables.size())));
+  EPIC_RETURN_IF_ERROR(Grow(ws.logit_rows, rows));
+  EPIC_RETURN_IF_ERROR(Grow(ws.x, tokens * hidden));
+  EPIC_RETURN_IF_ERROR(Grow(ws.normed, tokens * hidden));
+  EPIC_RETURN_IF_ERROR(Grow(ws.xb, tokens * hidden));
+  EPIC_RETURN_IF_ERROR(Grow(ws.qa, tokens * std::max<int64_t>(c.q_lora_rank, 1)));
+  EPIC_RETURN_IF_ERROR(Grow(ws.q, tokens * heads * qhd));
+  EPIC_RETURN_IF_ERROR(Grow(ws.latent, tokens * width));
+  EPIC_RETURN_IF_ERROR(Grow(ws.q_latent, tokens * heads * lora));
+  EPIC_RETURN_IF_ERROR(Grow(ws.o_latent, tokens * heads * lora));
+  EPIC_RETURN_IF_ERROR(Grow(ws.attn, tokens * heads * c.v_head_dim));
+  EPIC_RETURN_IF_ERROR(Grow(ws.wide_b, tokens * wide));
+  EPIC_RETURN_IF_ERROR(Grow(ws.gate_up, mlp_rows * 2 * inter));
+  EPIC_RETURN_IF_ERROR(Grow(ws.mid, mlp_rows * inter));
+  EPIC_RETURN_IF_ERROR(Grow(ws.mid_b, mlp_rows * inter));
+  EPIC_RETURN_IF_ERROR(Grow(ws.selected, rows * hidden));
+  EPIC_RETURN_IF_ERROR(Grow(ws.logits, rows * c.vocab_size));
+  if (experts > 0) {
+    EPIC_RETURN_IF_ERROR(Grow(ws.router, tokens * experts));
+    EPIC_RETURN_IF_ERROR(Grow(ws.expert_ids, choices));
+    EPIC_RETURN_IF_ERROR(Grow(ws.gate_weights, choices));
+    EPIC_RETURN_IF_ERROR(Grow(ws.ex_offsets, experts + 1));
+    EPIC_RETURN_IF_ERROR(Grow(ws.ex_source, choices));
+    EPIC_RETURN_IF_ERROR(Grow(ws.ex_weight, choices));
+    EPIC_RETURN_IF_ERROR(Grow(ws.ex_grouped, choices));
+    EPIC_RETURN_IF_ERROR(Grow(ws.ex_scratch, cuda::PermuteScratchCount(tokens, k, experts)));
+    EPIC_RETURN_IF_ERROR(Grow(ws.tiles, cuda::GroupedScratchCount(choices, experts)));
+    EPIC_RETURN_IF_ERROR(Grow(ws.rows_b, choices * hidden));
+    EPIC_RETURN_IF_ERROR(Grow(ws.expert_out, choices * hidden));
+    EPIC_RETURN_IF_ERROR(Grow(ws.counts, layers * experts));
+  }
+  EPIC_RETURN_IF_ERROR(ws.token_ids.CopyFromHost(steps.ids.data(), tokens));
+  EPIC_RETURN_IF_ERROR(ws.positions.CopyFromHost(steps.positions.data(), tokens));
+  EPIC_RETURN_IF_ERROR(ws.context.CopyFromHost(context.data(), tokens));
+  EPIC_RETURN_IF_ERROR(ws.table_start.CopyFromHost(table_start.data(), tokens));
+  EPIC_RETURN_IF_ERROR(ws.slots.CopyFromHost(slots.data(), tokens));
+  EPIC_RETURN_IF_ERROR(ws.block_tables.CopyFromHost(tables.data(), static_cast<int64_t>(tables.size())));
+  EPIC_RETURN_IF_ERROR(ws.logit_rows.CopyFromHost(logit_rows.data(), rows));
+
+  const DeviceMatrix& embed = m.embed;
+  EPIC_RETURN_IF_ERROR(cuda::GatherRowsBf16(ws.token_ids.data(), tokens, static_cast<const uint16_t*>(embed.data),
+                                            embed.rows, hidden, ws.x.data(), hidden));
+  m.block_size = bs;
+  for (int64_t l = 0; l < layers; ++l) {
+    const DeviceLayer& L = m.layers[l];
+    EPIC_RETURN_IF_ERROR(
+        cuda::RmsNorm(ws.x.data(), tokens, hidden, hidden, L.input_norm.data(), eps, ws.normed.data(), hidden));
+    EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.normed.data(), tokens, hidden, hidden, ws.xb.data(), hidden));
+    EPIC_RETURN_IF_ERROR(m.Attention(l, tokens, max_context, pool + l * layer_rows * width));
+    const int64_t attn_width = heads * c.v_head_dim;
+    EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.attn.data(), tokens, attn_width, attn_width, ws.wide_b.data(), attn_width));
+    EPIC_RETURN_IF_ERROR(cuda::MatMul(*m.blas, ws.wide_b.data(), tokens, attn_width, L.o_proj, ws.x.data(), hidden,
+                                      /*accumulate=*/true));
+
+    EPIC_RETURN_IF_ERROR(cuda::RmsNorm(ws.x.data(), tokens, hidden, hidden, L.post_attention_norm.data(), eps,
+                                       ws.normed.data(), hidden));
+    EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.normed.data(), tokens, hidden, hidden, ws.xb.data(), hidden));
+    if (L.moe) {
+      EPIC_RETURN_IF_ERROR(m.Moe(l, tokens, ws.counts.data() + l * experts));
+      if (L.has_shared) EPIC_RETURN_IF_ERROR(m.Mlp(L.shared, ws.xb.data(), tokens));
+    } else {
+      EPIC_RETURN_IF_ERROR(m.Mlp(L.dense, ws.xb.data(), tokens));
+    }
+  }
+
+  // Final norm on the rows that want logits, then lm_head.
+  EPIC_RETURN_IF_ERROR(cuda::GatherRows(ws.logit_rows.data(), rows, ws.x.data(), tokens, hidden, ws.selected.data(),
+                                        hidden));
+  EPIC_RETURN_IF_ERROR(cuda::RmsNorm(ws.selected.data(), rows, hidden, hidden, m.final_norm.data(), eps,
+                                     ws.selected.data(), hidden));
+  EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.selected.data(), rows, hidden, hidden, ws.xb.data(), hidden));
+  EPIC_RETURN_IF_ERROR(
+      cuda::MatMul(*m.blas, ws.xb.data(), rows, hidden, m.lm_head, ws.logits.data(), c.vocab_size));
+  logits->resize(static_cast<size_t>(rows * c.vocab_size));
+  // A synchronous copy: it waits for the step and returns any fault of its kernels.
+  EPIC_RETURN_IF_ERROR(ws.logits.CopyToHost(logits->data(), rows * c.vocab_size));
+
+  if (counts != nullptr && experts > 0) {
+    std::vector<int32_t> routed(static_cast<size_t>(layers * experts));
+    EPIC_RETURN_IF_ERROR(ws.counts.CopyToHost(routed.data(), layers * experts));
+    for (int64_t l = 0; l < layers; ++l) {
+      if (!m.layers[l].moe) continue;
+      auto& per_expert = counts->tokens[l];
+      per_expert.resize(static_cast<size_t>(experts), 0);
+      for (int64_t e = 0; e < experts; ++e) per_expert[e] += routed[l * experts + e];
+      // One rank: slot s ran every token routed to its expert.
+      const auto& held = m.expert_slots[l];
+      auto& per_slot = counts->slot_tokens[l];
+      per_slot.resize(held.size(), 0);
+      for (size_t s = 0; s < held.size(); ++s) per_slot[s] += routed[l * experts + held[s]];
+    }
+  }
+  for (SequenceStep& s : batch) s.cache->num_tokens += static_cast<int64_t>(s.tokens.size());
+  return OkStatus();
+}
+
+}  // namespace epic
