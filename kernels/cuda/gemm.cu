@@ -32,6 +32,12 @@ cublasHandle_t Handle(Blas& blas) { return static_cast<cublasHandle_t>(blas.hand
 
 cudaDataType_t CudaType(DType t) { return t == DType::kBF16 ? CUDA_R_16BF : CUDA_R_32F; }
 
+// BF16 products accumulate in F32 on tensor cores. F32 products stay F32: the pedantic
+// compute type rules out TF32 and emulated forms, so the router's scores are the CPU's.
+cublasComputeType_t ComputeType(DType t) {
+  return t == DType::kBF16 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_PEDANTIC;
+}
+
 bool FitsInt(std::initializer_list<int64_t> values) {
   for (int64_t v : values) {
     if (v < 0 || v > INT_MAX) return false;
@@ -175,8 +181,6 @@ StatusOr<std::unique_ptr<Blas>> Blas::Create(cudaStream_t stream) {
   blas->handle_ = handle;
   blas->stream_ = stream;
   EPIC_RETURN_IF_ERROR(BlasStatus(cublasSetStream(handle, stream), "cublasSetStream"));
-  // F32 products stay F32: no TF32 rounding behind the caller's back.
-  EPIC_RETURN_IF_ERROR(BlasStatus(cublasSetMathMode(handle, CUBLAS_PEDANTIC_MATH), "cublasSetMathMode"));
   return StatusOr<std::unique_ptr<Blas>>(std::move(blas));
 }
 
@@ -198,7 +202,7 @@ Status MatMul(Blas& blas, const void* x, int64_t m, int64_t ldx, const DeviceMat
   return BlasStatus(cublasGemmEx(Handle(blas), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(w.rows),
                                  static_cast<int>(m), static_cast<int>(w.cols), &alpha, w.data, type,
                                  static_cast<int>(w.ld), x, type, static_cast<int>(ldx), &beta, y, CUDA_R_32F,
-                                 static_cast<int>(ldy), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                                 static_cast<int>(ldy), ComputeType(w.type), CUBLAS_GEMM_DEFAULT),
                     kOp);
 }
 
