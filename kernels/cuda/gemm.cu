@@ -1,5 +1,6 @@
 #include "kernels/cuda/gemm.h"
 
+#include <cub/block/block_scan.cuh>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -53,17 +54,34 @@ constexpr int kTileK = 32;      // k per shared-memory stage
 constexpr int kTileLd = kTileK + 8;  // 80-byte rows: the fragment loads hit distinct banks
 constexpr int kGemmThreads = 128;    // 4 warps, each 32 x 32 of the tile
 
-// scratch[0] = the number of row tiles; then per tile its expert and first row.
-__global__ void TileMapKernel(const int32_t* offsets, int num_experts, int capacity, int32_t* scratch) {
-  int tiles = 0;
-  for (int e = 0; e < num_experts; ++e) {
-    for (int row = offsets[e]; row < offsets[e + 1] && tiles < capacity; row += kTileRows) {
-      scratch[1 + 2 * tiles] = e;
-      scratch[2 + 2 * tiles] = row;
-      ++tiles;
+constexpr int kMapThreads = 256;
+
+// scratch[0] = the number of row tiles; then per tile its expert and first row, experts
+// in order. One block: each thread counts one expert's tiles, a block scan places them.
+__global__ void __launch_bounds__(kMapThreads)
+    TileMapKernel(const int32_t* offsets, int num_experts, int capacity, int32_t* scratch) {
+  using Scan = cub::BlockScan<int, kMapThreads>;
+  __shared__ typename Scan::TempStorage temp;
+  __shared__ int base;
+  if (threadIdx.x == 0) base = 0;
+  __syncthreads();
+  for (int e0 = 0; e0 < num_experts; e0 += kMapThreads) {
+    const int e = e0 + static_cast<int>(threadIdx.x);
+    const int first_row = e < num_experts ? offsets[e] : 0;
+    const int rows = e < num_experts ? offsets[e + 1] - first_row : 0;
+    const int tiles = (rows + kTileRows - 1) / kTileRows;
+    int first = 0, total = 0;
+    Scan(temp).ExclusiveSum(tiles, first, total);
+    first += base;
+    for (int i = 0; i < tiles && first + i < capacity; ++i) {
+      scratch[1 + 2 * (first + i)] = e;
+      scratch[2 + 2 * (first + i)] = first_row + i * kTileRows;
     }
+    __syncthreads();  // every thread has read base, and the scan's storage is free again
+    if (threadIdx.x == 0) base += total;
+    __syncthreads();
   }
-  scratch[0] = tiles;
+  if (threadIdx.x == 0) scratch[0] = min(base, capacity);
 }
 
 // Copies a 64 x 32 tile of BF16 rows [row, row_end) x [k0, k0 + 32) of SRC (stride ld) to
@@ -281,7 +299,8 @@ Status GroupedMatMul(const uint16_t* x, int64_t max_rows, int64_t ldx, const int
   if (capacity > 65535 || col_tiles > INT_MAX || w.num_experts > INT_MAX) {
     return InvalidArgumentError(std::string(kOp) + ": " + Str(capacity) + " row tiles exceed one grid");
   }
-  TileMapKernel<<<1, 1, 0, stream>>>(offsets, static_cast<int>(w.num_experts), static_cast<int>(capacity), scratch);
+  TileMapKernel<<<1, kMapThreads, 0, stream>>>(offsets, static_cast<int>(w.num_experts), static_cast<int>(capacity),
+                                               scratch);
   EPIC_CUDA_RETURN_IF_LAUNCH_FAILED("TileMapKernel");
   const bool vector = w.k % 8 == 0 && ldx % 8 == 0 && w.ld % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(capacity));
