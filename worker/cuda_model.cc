@@ -165,7 +165,9 @@ StatusOr<std::unique_ptr<CudaForward>> CudaForward::Create(const ModelConfig& c,
 
   WeightUpload upload;
   upload.Add({w.embed}, cuda::DType::kBF16, &impl->embed);
-  upload.Add({w.lm_head}, cuda::DType::kBF16, &impl->lm_head);
+  // Tied embeddings: lm_head is embed's rows, so the device holds them once.
+  const bool tied = w.lm_head.data == w.embed.data && w.lm_head.rows == w.embed.rows;
+  if (!tied) upload.Add({w.lm_head}, cuda::DType::kBF16, &impl->lm_head);
   impl->layers.resize(w.layers.size());
   auto add_mlp = [&](const MlpWeights& m, DeviceMlp* d) {
     d->inter = m.gate.rows;
@@ -203,6 +205,7 @@ StatusOr<std::unique_ptr<CudaForward>> CudaForward::Create(const ModelConfig& c,
     for (size_t s = 0; s < L.experts.size(); ++s) add_mlp(L.experts[s], &D.experts[s]);
   }
   EPIC_RETURN_IF_ERROR(upload.Run(&impl->weight_memory, progress));
+  if (tied) impl->lm_head = impl->embed;
   impl->weight_bytes = upload.total_bytes();
 
   // Expert pointers by logical expert: the step routes by logical id.

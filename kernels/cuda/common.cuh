@@ -38,7 +38,9 @@ __device__ inline double BlockSum(double v, double* shared) {
     if (lane == 0) shared[0] = v;
   }
   __syncthreads();
-  return shared[0];
+  const double total = shared[0];
+  __syncthreads();  // every thread has read it before a later call writes SHARED again
+  return total;
 }
 
 }  // namespace epic::cuda::detail

@@ -52,11 +52,16 @@ size_t SharedBytes(const MlaShape& s) {
          kHeadsPerBlock * kProbLd * 2 + 3 * kHeadsPerBlock * 4;
 }
 
-// One block: heads [16 * blockIdx.x, +16) of token blockIdx.z over the rows of split
-// blockIdx.y. Writes the split's normalised output and log-sum-exp per head.
+// The most any shape needs (the widest latent and rope): 100,032 bytes.
+const size_t kMaxSharedBytes = SharedBytes(ShapeFor(kMaxMlaLatent, kMaxMlaRope));
+
+// One block: heads [16 * blockIdx.z, +16) of token blockIdx.x over the rows of split
+// blockIdx.y. Writes the split's normalised output and log-sum-exp per head, or, when
+// the context is not split (max_splits == 1), the output itself to DIRECT_OUT.
 template <bool kVectorRows>
 __global__ void __launch_bounds__(kThreads) MlaSplitKernel(MlaAttentionParams p, MlaShape shape, int split_rows,
-                                                           int max_splits, float* part_out, float* part_lse) {
+                                                           int max_splits, float* part_out, float* part_lse,
+                                                           float* direct_out) {
   extern __shared__ __align__(16) unsigned char smem[];
   __nv_bfloat16* q = reinterpret_cast<__nv_bfloat16*>(smem);
   __nv_bfloat16* kv = q + kHeadsPerBlock * shape.ld;
@@ -66,9 +71,9 @@ __global__ void __launch_bounds__(kThreads) MlaSplitKernel(MlaAttentionParams p,
   float* row_sum = row_max + kHeadsPerBlock;
   float* rescale = row_sum + kHeadsPerBlock;
 
-  const int token = blockIdx.z;
+  const int token = blockIdx.x;
   const int split = blockIdx.y;
-  const int h0 = blockIdx.x * kHeadsPerBlock;
+  const int h0 = blockIdx.z * kHeadsPerBlock;
   const int heads = static_cast<int>(p.num_heads);
   const int lora = static_cast<int>(p.kv_lora_rank);
   const int context = p.context[token];
@@ -161,6 +166,7 @@ __global__ void __launch_bounds__(kThreads) MlaSplitKernel(MlaAttentionParams p,
         probs[head * kProbLd + part * 4 + i] = __float2bfloat16_rn(e);
       }
       for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(kFullMask, sum, o);
+      __syncwarp();  // every lane has read old_max before part 0 replaces it
       if (part == 0) {
         const float alpha = __expf(old_max - new_max);  // 0 on the first chunk
         rescale[head] = alpha;
@@ -199,7 +205,7 @@ __global__ void __launch_bounds__(kThreads) MlaSplitKernel(MlaAttentionParams p,
     const int head = g + 8 * half;
     if (h0 + head >= heads) continue;
     const float inv = 1.0f / row_sum[head];
-    float* out = part_out + (base + h0 + head) * lora;
+    float* out = (direct_out != nullptr ? direct_out : part_out) + (base + h0 + head) * lora;
 #pragma unroll
     for (int t = 0; t < kMaxColumnTiles; ++t) {
       if (t >= shape.column_tiles) continue;
@@ -207,15 +213,17 @@ __global__ void __launch_bounds__(kThreads) MlaSplitKernel(MlaAttentionParams p,
       if (col < lora) out[col] = acc[t][2 * half] * inv;
       if (col + 1 < lora) out[col + 1] = acc[t][2 * half + 1] * inv;
     }
-    if (warp == 0 && c == 0) part_lse[base + h0 + head] = row_max[head] + logf(row_sum[head]);
+    if (direct_out == nullptr && warp == 0 && c == 0) {
+      part_lse[base + h0 + head] = row_max[head] + logf(row_sum[head]);
+    }
   }
 }
 
 // out[t, h] = the splits' outputs weighted by exp(lse - max lse), normalised.
 __global__ void MlaCombineKernel(const int32_t* context, int split_rows, int max_splits, int heads, int lora,
                                  const float* part_out, const float* part_lse, float* out) {
-  const int h = blockIdx.x;
-  const int token = blockIdx.y;
+  const int token = blockIdx.x;
+  const int h = blockIdx.y;
   const int splits = (context[token] + split_rows - 1) / split_rows;
   const int64_t base = static_cast<int64_t>(token) * max_splits * heads + h;
   float m = -INFINITY;
@@ -288,9 +296,9 @@ Status MlaAbsorbedAttention(const MlaAttentionParams& p, const MlaSplits& splits
   EPIC_RETURN_IF_ERROR(CheckPointers(kOp, {p.q_latent, p.q_pe, p.cache.pool, p.cache.block_tables, p.table_start,
                                            p.context, p.out_latent, workspace}));
   const int64_t groups = (p.num_heads + kHeadsPerBlock - 1) / kHeadsPerBlock;
-  if (p.tokens > 65535 || splits.max_splits > 65535 || groups > INT_MAX || p.max_context > INT_MAX) {
-    return InvalidArgumentError(std::string(kOp) + ": " + Str(p.tokens) + " tokens and " + Str(splits.max_splits) +
-                                " splits exceed one grid");
+  if (p.tokens > INT_MAX || splits.max_splits > 65535 || groups > 65535 || p.max_context > INT_MAX) {
+    return InvalidArgumentError(std::string(kOp) + ": " + Str(p.tokens) + " tokens, " + Str(splits.max_splits) +
+                                " splits and " + Str(groups) + " head groups exceed one grid");
   }
   const MlaShape shape = ShapeFor(p.kv_lora_rank, p.rope_dim);
   const size_t smem = SharedBytes(shape);
@@ -298,15 +306,22 @@ Status MlaAbsorbedAttention(const MlaAttentionParams& p, const MlaSplits& splits
   float* part_lse = workspace + p.tokens * splits.max_splits * p.num_heads * p.kv_lora_rank;
   const bool vector_rows = shape.width % 8 == 0 && reinterpret_cast<uintptr_t>(p.cache.pool) % 16 == 0;
   auto kernel = vector_rows ? MlaSplitKernel<true> : MlaSplitKernel<false>;
-  EPIC_CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-      std::string(kOp) + ": " + std::to_string(smem) + " bytes of shared memory");
-  const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(splits.max_splits),
-                  static_cast<unsigned>(p.tokens));
+  // Once per kernel and process: room for the widest shape, so every launch fits.
+  static const cudaError_t vector_attr = cudaFuncSetAttribute(
+      MlaSplitKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMaxSharedBytes));
+  static const cudaError_t scalar_attr = cudaFuncSetAttribute(
+      MlaSplitKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMaxSharedBytes));
+  EPIC_CUDA_RETURN_IF_ERROR(vector_rows ? vector_attr : scalar_attr,
+                            std::string(kOp) + ": " + std::to_string(kMaxSharedBytes) + " bytes of shared memory");
+  const bool direct = splits.max_splits == 1;  // nothing to combine: the one split writes the output
+  const dim3 grid(static_cast<unsigned>(p.tokens), static_cast<unsigned>(splits.max_splits),
+                  static_cast<unsigned>(groups));
   kernel<<<grid, kThreads, smem, stream>>>(p, shape, static_cast<int>(splits.split_rows),
-                                          static_cast<int>(splits.max_splits), part_out, part_lse);
+                                          static_cast<int>(splits.max_splits), part_out, part_lse,
+                                          direct ? p.out_latent : nullptr);
   EPIC_CUDA_RETURN_IF_LAUNCH_FAILED("MlaSplitKernel");
-  const dim3 combine_grid(static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.tokens));
+  if (direct) return OkStatus();
+  const dim3 combine_grid(static_cast<unsigned>(p.tokens), static_cast<unsigned>(p.num_heads));
   MlaCombineKernel<<<combine_grid, 128, 0, stream>>>(p.context, static_cast<int>(splits.split_rows),
                                                      static_cast<int>(splits.max_splits),
                                                      static_cast<int>(p.num_heads), static_cast<int>(p.kv_lora_rank),

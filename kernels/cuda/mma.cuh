@@ -13,6 +13,10 @@
 
 #include <cstdint>
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "epic's CUDA kernels need sm_80 or later (BF16 mma.sync): set CMAKE_CUDA_ARCHITECTURES to 80, 90a or newer"
+#endif
+
 namespace epic::cuda::detail {
 
 __device__ inline uint32_t PackBf16(__nv_bfloat16 lo, __nv_bfloat16 hi) {
@@ -28,15 +32,11 @@ __device__ inline uint32_t LoadPair(const __nv_bfloat16* p) { return *reinterpre
 
 // C += A * B for one 16 x 8 tile over k = 16.
 __device__ inline void MmaBf16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
       "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-  __trap();  // built for sm_80 and later only
-#endif
 }
 
 // The A fragment of rows [0, 16) and columns [k0, k0 + 16) of a row-major BF16 tile in

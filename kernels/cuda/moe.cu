@@ -54,7 +54,9 @@ __device__ float BlockMax(float v, float* shared) {
     if (lane == 0) shared[0] = v;
   }
   __syncthreads();
-  return shared[0];
+  const float result = shared[0];
+  __syncthreads();  // every thread has read it before a later call writes SHARED again
+  return result;
 }
 
 // How many of VALUES[0, n) rank before VALUES[i]: larger, or equal at a lower index.
