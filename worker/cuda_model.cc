@@ -1,6 +1,7 @@
 #include "worker/cuda_model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -12,6 +13,8 @@
 #include "kernels/cuda/mla.h"
 #include "kernels/cuda/moe.h"
 #include "kernels/cuda/ops.h"
+#include "parallel/dispatch.h"
+#include "parallel/exchange_layout.h"
 #include "worker/model.h"
 
 namespace epic {
@@ -34,8 +37,9 @@ struct DeviceLayer {
   bool has_shared = false;
   DeviceMlp dense, shared;
   std::vector<DeviceMlp> experts;  // slot order
-  // Indexed by logical expert, for GroupedMatMul.
-  DeviceBuffer<const uint16_t*> gate_up_by_expert, down_by_expert;
+  // For GroupedMatMul: by logical expert (one rank: routing groups by expert on the
+  // device) and by slot (several ranks: received rows are grouped by slot).
+  DeviceBuffer<const uint16_t*> gate_up_by_expert, down_by_expert, gate_up_by_slot, down_by_slot;
 };
 
 // One device allocation for every matrix, filled matrix by matrix: each host matrix
@@ -125,6 +129,10 @@ struct CudaForward::Impl {
   DeviceBuffer<float> final_norm;
   std::vector<DeviceLayer> layers;
   std::vector<std::vector<int32_t>> expert_slots;  // [layer][slot]: its logical expert
+  CudaShard shard;
+  int rank = 0, ranks = 1;
+  int64_t heads = 0;  // this rank's
+  int64_t vocab = 0;  // this rank's rows of lm_head
   cuda::RopeFrequencies rope_freq;
   std::unique_ptr<cuda::Blas> blas;
   int sm_count = 1;
@@ -138,11 +146,17 @@ struct CudaForward::Impl {
     DeviceBuffer<float> x, normed, qa, q, latent, q_latent, o_latent, attn, gate_up, mid, router, gate_weights,
         ex_weight, expert_out, mla, selected, logits;
     DeviceBuffer<uint16_t> xb, wide_b, mid_b, rows_b;
+    // Several ranks: this rank's token block, and the MoE exchange.
+    DeviceBuffer<float> partial, mine, normed_all, summed, received, out_rows, back, ones, gathered;
+    DeviceBuffer<int32_t> layout_offsets, layout_source, layout_grouped, token_source;
+    DeviceBuffer<float> layout_weight;
+    DeviceBuffer<parallel::RouteEntry> route_send, route_recv;
   } ws;
 
-  Status Mlp(const DeviceMlp& m, const uint16_t* xb, int64_t tokens);
+  Status Mlp(const DeviceMlp& m, const uint16_t* xb, int64_t tokens, float* y);
   Status Attention(int64_t layer, int64_t tokens, int64_t max_context, uint16_t* pool);
   Status Moe(int64_t layer, int64_t tokens, int32_t* counts);
+  Status MoeExchange(int64_t layer, int64_t tokens, int64_t first_token, float* y, ExpertCounts* counts);
 };
 
 CudaForward::CudaForward(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -153,11 +167,19 @@ int64_t CudaForward::weight_bytes() const { return impl_->weight_bytes; }
 StatusOr<std::unique_ptr<CudaForward>> CudaForward::Create(const ModelConfig& c, const ModelWeights& w,
                                                            const std::vector<std::vector<int32_t>>& expert_slots,
                                                            const RopeTable& rope, const cpu::GateParams& gate,
-                                                           const ProgressFn& progress) {
+                                                           const CudaShard& shard, const ProgressFn& progress) {
   auto impl = std::make_unique<Impl>();
   impl->config = c;
   impl->gate = gate;
   impl->expert_slots = expert_slots;
+  impl->shard = shard;
+  impl->rank = shard.comm != nullptr ? shard.comm->rank() : 0;
+  impl->ranks = shard.comm != nullptr ? shard.comm->size() : 1;
+  impl->heads = shard.head_end - shard.head_begin;
+  impl->vocab = shard.vocab_end - shard.vocab_begin;
+  if (impl->ranks > 1 && shard.placement == nullptr) {
+    return InvalidArgumentError("CUDA step of several ranks without an expert placement");
+  }
   EPIC_ASSIGN_OR_RETURN(impl->sm_count, cuda::MultiprocessorCount());
   EPIC_ASSIGN_OR_RETURN(impl->blas, cuda::Blas::Create());
   EPIC_ASSIGN_OR_RETURN(impl->rope_freq, cuda::RopeFrequencies::FromHost(rope.inv_freq, rope.mscale));
@@ -208,10 +230,18 @@ StatusOr<std::unique_ptr<CudaForward>> CudaForward::Create(const ModelConfig& c,
   if (tied) impl->lm_head = impl->embed;
   impl->weight_bytes = upload.total_bytes();
 
-  // Expert pointers by logical expert: the step routes by logical id.
   for (size_t l = 0; l < w.layers.size(); ++l) {
     DeviceLayer& D = impl->layers[l];
     if (!D.moe) continue;
+    std::vector<const uint16_t*> slot_gate_up, slot_down;
+    for (const DeviceMlp& e : D.experts) {
+      slot_gate_up.push_back(static_cast<const uint16_t*>(e.gate_up.data));
+      slot_down.push_back(static_cast<const uint16_t*>(e.down.data));
+    }
+    EPIC_ASSIGN_OR_RETURN(D.gate_up_by_slot, DeviceBuffer<const uint16_t*>::FromHost(slot_gate_up));
+    EPIC_ASSIGN_OR_RETURN(D.down_by_slot, DeviceBuffer<const uint16_t*>::FromHost(slot_down));
+    if (impl->ranks > 1) continue;
+    // One rank routes by logical expert on the device.
     const int64_t experts = c.n_routed_experts;
     std::vector<const uint16_t*> gate_up(static_cast<size_t>(experts), nullptr);
     std::vector<const uint16_t*> down(static_cast<size_t>(experts), nullptr);
@@ -232,14 +262,14 @@ StatusOr<std::unique_ptr<CudaForward>> CudaForward::Create(const ModelConfig& c,
   return std::unique_ptr<CudaForward>(new CudaForward(std::move(impl)));
 }
 
-// x += down(silu(gate(xb)) * up(xb)) for TOKENS rows.
-Status CudaForward::Impl::Mlp(const DeviceMlp& m, const uint16_t* xb, int64_t tokens) {
+// y += down(silu(gate(xb)) * up(xb)) for TOKENS rows.
+Status CudaForward::Impl::Mlp(const DeviceMlp& m, const uint16_t* xb, int64_t tokens, float* y) {
   const int64_t hidden = config.hidden_size;
   EPIC_RETURN_IF_ERROR(cuda::MatMul(*blas, xb, tokens, hidden, m.gate_up, ws.gate_up.data(), 2 * m.inter));
   EPIC_RETURN_IF_ERROR(cuda::SiluMul(ws.gate_up.data(), ws.gate_up.data() + m.inter, tokens, m.inter, 2 * m.inter,
                                      ws.mid.data(), m.inter));
   EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.mid.data(), tokens, m.inter, m.inter, ws.mid_b.data(), m.inter));
-  return cuda::MatMul(*blas, ws.mid_b.data(), tokens, m.inter, m.down, ws.x.data(), hidden, /*accumulate=*/true);
+  return cuda::MatMul(*blas, ws.mid_b.data(), tokens, m.inter, m.down, y, hidden, /*accumulate=*/true);
 }
 
 // ws.attn = this layer's attention over ws.normed (and its BF16 copy ws.xb), the
@@ -248,7 +278,7 @@ Status CudaForward::Impl::Attention(int64_t layer, int64_t tokens, int64_t max_c
   const ModelConfig& c = config;
   const DeviceLayer& L = layers[layer];
   const int64_t hidden = c.hidden_size;
-  const int64_t heads = c.num_attention_heads;
+  const int64_t heads = this->heads;  // this rank's
   const int64_t nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, lora = c.kv_lora_rank;
   const int64_t qhd = c.q_head_dim(), vdim = c.v_head_dim, width = c.latent_dim();
   const int64_t kv_head = nope + vdim;
@@ -370,13 +400,144 @@ Status CudaForward::Impl::Moe(int64_t layer, int64_t tokens, int32_t* counts) {
                                   ws.gate_weights.data(), tokens, k, ws.x.data(), hidden);
 }
 
+// Several ranks: y (this rank's block of TOKENS tokens, the first being FIRST_TOKEN of
+// the step) += the routed experts' outputs for ws.normed, the tokens sent to the ranks
+// holding their experts and the results sent back as parallel::Dispatch and Combine
+// do, with the rows on the device and only routes and counts on the host.
+Status CudaForward::Impl::MoeExchange(int64_t layer, int64_t tokens, int64_t first_token, float* y,
+                                      ExpertCounts* counts) {
+  using Clock = std::chrono::steady_clock;
+  const ModelConfig& c = config;
+  const DeviceLayer& L = layers[layer];
+  parallel::Communicator& comm = *shard.comm;
+  const int64_t hidden = c.hidden_size;
+  const int64_t experts = c.n_routed_experts;
+  const int64_t k = c.num_experts_per_tok;
+  const int64_t inter = c.moe_intermediate_size;
+  const int64_t slots = static_cast<int64_t>(L.experts.size());
+  const int64_t row_bytes = hidden * static_cast<int64_t>(sizeof(float));
+
+  // The gate on the device; the plan on the host.
+  std::vector<int32_t> ids(static_cast<size_t>(tokens * k));
+  std::vector<float> weights(static_cast<size_t>(tokens * k));
+  if (tokens > 0) {
+    EPIC_RETURN_IF_ERROR(cuda::MatMul(*blas, ws.normed.data(), tokens, hidden, L.router, ws.router.data(), experts));
+    static const float kHasBias = 0.0f;
+    cpu::GateParams g = gate;
+    g.choice_bias = L.choice_bias.size() > 0 ? &kHasBias : nullptr;
+    EPIC_RETURN_IF_ERROR(cuda::TopKGating(ws.router.data(), tokens, g,
+                                          L.choice_bias.size() > 0 ? L.choice_bias.data() : nullptr,
+                                          ws.expert_ids.data(), ws.gate_weights.data()));
+    EPIC_RETURN_IF_ERROR(ws.expert_ids.CopyToHost(ids.data(), tokens * k));  // waits for the gate
+    EPIC_RETURN_IF_ERROR(ws.gate_weights.CopyToHost(weights.data(), tokens * k));
+  }
+  const parallel::DispatchPlan plan = parallel::PlanDispatch(*shard.placement, layer, rank, ids.data(),
+                                                             weights.data(), tokens, k, first_token);
+
+  // Dispatch: each token's row once to every rank holding one of its experts, with its routes.
+  auto start = Clock::now();
+  std::vector<int64_t> rows_from(static_cast<size_t>(ranks), 0);
+  EPIC_RETURN_IF_ERROR(comm.ExchangeCounts(plan.send_rows, rows_from));
+  int64_t received = 0;
+  for (int64_t n : rows_from) received += n;
+  const int64_t sent = static_cast<int64_t>(plan.send_token.size());
+  EPIC_RETURN_IF_ERROR(Grow(ws.received, received * hidden));
+  EPIC_RETURN_IF_ERROR(Grow(ws.route_send, sent * k));
+  EPIC_RETURN_IF_ERROR(Grow(ws.route_recv, received * k));
+  EPIC_RETURN_IF_ERROR(ws.route_send.CopyFromHost(plan.send_route.data(), sent * k));
+  const int64_t route_bytes = k * static_cast<int64_t>(sizeof(parallel::RouteEntry));
+  EPIC_RETURN_IF_ERROR(cuda::Synchronize());  // NCCL's stream reads rows the default stream wrote
+  EPIC_RETURN_IF_ERROR(comm.AllToAllRowsWithTail(ws.normed.data(), row_bytes, plan.send_token, plan.send_rows,
+                                                 ws.received.data(), rows_from, ws.route_send.data(), route_bytes,
+                                                 ws.route_recv.data()));
+  std::vector<parallel::RouteEntry> routes(static_cast<size_t>(received * k));
+  EPIC_RETURN_IF_ERROR(ws.route_recv.CopyToHost(routes.data(), received * k));
+  parallel::ExchangeStats dispatch{sent * (row_bytes + route_bytes), received * (row_bytes + route_bytes),
+                                   std::chrono::duration<double>(Clock::now() - start).count()};
+
+  // The local experts on their rows, then each received row's weighted sum.
+  const parallel::ExpertLayout layout = parallel::MakeExpertLayout(routes, received, k, slots);
+  const int64_t grouped = layout.offsets[slots];
+  EPIC_RETURN_IF_ERROR(Grow(ws.layout_offsets, slots + 1));
+  EPIC_RETURN_IF_ERROR(Grow(ws.layout_source, grouped));
+  EPIC_RETURN_IF_ERROR(Grow(ws.layout_grouped, received * k));
+  EPIC_RETURN_IF_ERROR(Grow(ws.layout_weight, received * k));
+  EPIC_RETURN_IF_ERROR(Grow(ws.rows_b, grouped * hidden));
+  EPIC_RETURN_IF_ERROR(Grow(ws.gate_up, grouped * 2 * inter));
+  EPIC_RETURN_IF_ERROR(Grow(ws.mid, grouped * inter));
+  EPIC_RETURN_IF_ERROR(Grow(ws.mid_b, grouped * inter));
+  EPIC_RETURN_IF_ERROR(Grow(ws.expert_out, grouped * hidden));
+  EPIC_RETURN_IF_ERROR(Grow(ws.tiles, cuda::GroupedScratchCount(grouped, std::max<int64_t>(slots, 1))));
+  EPIC_RETURN_IF_ERROR(Grow(ws.out_rows, received * hidden));
+  EPIC_RETURN_IF_ERROR(ws.layout_offsets.CopyFromHost(layout.offsets.data(), slots + 1));
+  EPIC_RETURN_IF_ERROR(ws.layout_source.CopyFromHost(layout.grouped_source.data(), grouped));
+  EPIC_RETURN_IF_ERROR(ws.layout_grouped.CopyFromHost(layout.row_grouped.data(), received * k));
+  EPIC_RETURN_IF_ERROR(ws.layout_weight.CopyFromHost(layout.row_weight.data(), received * k));
+  EPIC_RETURN_IF_ERROR(cuda::ZeroOnDevice(ws.out_rows.data(), static_cast<size_t>(received * row_bytes)));
+  if (grouped > 0) {
+    EPIC_RETURN_IF_ERROR(cuda::GatherRowsToBf16(ws.received.data(), hidden, hidden, ws.layout_source.data(), nullptr,
+                                                grouped, ws.rows_b.data(), hidden));
+    cuda::GroupedWeights gate_up{L.gate_up_by_slot.data(), slots, 2 * inter, hidden, hidden};
+    EPIC_RETURN_IF_ERROR(cuda::GroupedMatMul(ws.rows_b.data(), grouped, hidden, ws.layout_offsets.data(), gate_up,
+                                             ws.gate_up.data(), 2 * inter, ws.tiles.data(), ws.tiles.size()));
+    EPIC_RETURN_IF_ERROR(cuda::SiluMul(ws.gate_up.data(), ws.gate_up.data() + inter, grouped, inter, 2 * inter,
+                                       ws.mid.data(), inter));
+    EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.mid.data(), grouped, inter, inter, ws.mid_b.data(), inter));
+    cuda::GroupedWeights down{L.down_by_slot.data(), slots, hidden, inter, inter};
+    EPIC_RETURN_IF_ERROR(cuda::GroupedMatMul(ws.mid_b.data(), grouped, inter, ws.layout_offsets.data(), down,
+                                             ws.expert_out.data(), hidden, ws.tiles.data(), ws.tiles.size()));
+    EPIC_RETURN_IF_ERROR(cuda::ScatterAddWeighted(ws.expert_out.data(), grouped, hidden, hidden,
+                                                  ws.layout_grouped.data(), ws.layout_weight.data(), received, k,
+                                                  ws.out_rows.data(), hidden));
+  }
+
+  // Combine: the rows go back; each token adds what its ranks returned, in rank order.
+  start = Clock::now();
+  const parallel::CombineLayout back = parallel::MakeCombineLayout(plan, rows_from, rank);
+  const int64_t back_rows = back.returned + back.self_rows;
+  EPIC_RETURN_IF_ERROR(Grow(ws.back, back_rows * hidden));
+  EPIC_RETURN_IF_ERROR(Grow(ws.token_source, tokens * back.sources));
+  EPIC_RETURN_IF_ERROR(Grow(ws.ones, tokens * back.sources));
+  EPIC_RETURN_IF_ERROR(cuda::Synchronize());  // the experts' rows are complete before NCCL reads them
+  EPIC_RETURN_IF_ERROR(comm.AllToAllRows(ws.out_rows.data(), row_bytes, back.send_index, back.send_rows,
+                                         ws.back.data(), back.recv_rows));
+  EPIC_RETURN_IF_ERROR(cuda::CopyOnDevice(ws.back.data() + back.returned * hidden,
+                                          ws.out_rows.data() + back.self_first * hidden,
+                                          static_cast<size_t>(back.self_rows * row_bytes)));
+  EPIC_RETURN_IF_ERROR(ws.token_source.CopyFromHost(back.token_source.data(), tokens * back.sources));
+  EPIC_RETURN_IF_ERROR(
+      ws.ones.CopyFromHost(std::vector<float>(static_cast<size_t>(tokens * back.sources), 1.0f).data(),
+                           tokens * back.sources));
+  EPIC_RETURN_IF_ERROR(cuda::ScatterAddWeighted(ws.back.data(), back_rows, hidden, hidden, ws.token_source.data(),
+                                                ws.ones.data(), tokens, back.sources, y, hidden));
+  const int64_t sent_back = static_cast<int64_t>(back.send_index.size());
+  parallel::ExchangeStats combine{sent_back * row_bytes, back.returned * row_bytes,
+                                  std::chrono::duration<double>(Clock::now() - start).count()};
+
+  if (counts != nullptr) {
+    // As the CPU step counts: this rank's tokens per logical expert, its slots' rows.
+    auto& routed = counts->tokens[layer];
+    routed.resize(static_cast<size_t>(experts), 0);
+    for (int r = 0; r < ranks; ++r) {
+      const auto& held = shard.placement->slots(layer, r);
+      for (size_t s = 0; s < held.size(); ++s) routed[held[s]] += plan.slot_tokens[r][s];
+    }
+    auto& mine = counts->slot_tokens[layer];
+    mine.resize(static_cast<size_t>(slots), 0);
+    for (int64_t s = 0; s < slots; ++s) mine[s] += layout.offsets[s + 1] - layout.offsets[s];
+    counts->dispatch[layer].Add(dispatch);
+    counts->combine[layer].Add(combine);
+  }
+  return OkStatus();
+}
+
 Status CudaForward::Forward(std::span<SequenceStep> batch, const StepTokens& steps, LatentCache* cache,
                             std::vector<float>* logits, ExpertCounts* counts) {
   Impl& m = *impl_;
   const ModelConfig& c = m.config;
   auto& ws = m.ws;
   const int64_t hidden = c.hidden_size;
-  const int64_t heads = c.num_attention_heads;
+  const int64_t heads = m.heads;
   const int64_t tokens = static_cast<int64_t>(steps.ids.size());
   const int64_t layers = c.num_hidden_layers;
   const int64_t width = c.latent_dim();
@@ -384,6 +545,7 @@ Status CudaForward::Forward(std::span<SequenceStep> batch, const StepTokens& ste
   const int64_t k = std::max<int64_t>(c.num_experts_per_tok, 1);
   const int64_t bs = cache->block_size();
   const float eps = static_cast<float>(c.rms_norm_eps);
+  const int rank = m.rank, ranks = m.ranks;
 
   // The cache's rows on the device: [layers, blocks, block_size, width] BF16.
   const int64_t layer_rows = cache->num_blocks() * bs;
@@ -417,6 +579,16 @@ Status CudaForward::Forward(std::span<SequenceStep> batch, const StepTokens& ste
   std::vector<int32_t> logit_rows(steps.logit_rows.begin(), steps.logit_rows.end());
   const int64_t rows = static_cast<int64_t>(logit_rows.size());
 
+  // Attention runs on every token for this rank's heads; the rest of the layer on this
+  // rank's block of tokens [first, first + local), as in Model::Forward.
+  std::vector<int64_t> block_values(static_cast<size_t>(ranks)), block_bytes(static_cast<size_t>(ranks));
+  for (int r = 0; r < ranks; ++r) {
+    block_values[r] = (tokens * (r + 1) / ranks - tokens * r / ranks) * hidden;
+    block_bytes[r] = block_values[r] * static_cast<int64_t>(sizeof(float));
+  }
+  const int64_t first = tokens * rank / ranks;
+  const int64_t local = tokens * (rank + 1) / ranks - first;
+
   const int64_t choices = tokens * k;
   const int64_t qhd = c.q_head_dim();
   const int64_t lora = c.kv_lora_rank;
@@ -445,7 +617,7 @@ Status CudaForward::Forward(std::span<SequenceStep> batch, const StepTokens& ste
   EPIC_RETURN_IF_ERROR(Grow(ws.mid, mlp_rows * inter));
   EPIC_RETURN_IF_ERROR(Grow(ws.mid_b, mlp_rows * inter));
   EPIC_RETURN_IF_ERROR(Grow(ws.selected, rows * hidden));
-  EPIC_RETURN_IF_ERROR(Grow(ws.logits, rows * c.vocab_size));
+  EPIC_RETURN_IF_ERROR(Grow(ws.logits, rows * std::max<int64_t>(m.vocab, 1)));
   if (experts > 0) {
     EPIC_RETURN_IF_ERROR(Grow(ws.router, tokens * experts));
     EPIC_RETURN_IF_ERROR(Grow(ws.expert_ids, choices));
@@ -460,6 +632,12 @@ Status CudaForward::Forward(std::span<SequenceStep> batch, const StepTokens& ste
     EPIC_RETURN_IF_ERROR(Grow(ws.expert_out, choices * hidden));
     EPIC_RETURN_IF_ERROR(Grow(ws.counts, layers * experts));
   }
+  if (ranks > 1) {
+    EPIC_RETURN_IF_ERROR(Grow(ws.partial, tokens * hidden));
+    EPIC_RETURN_IF_ERROR(Grow(ws.mine, std::max<int64_t>(local, 1) * hidden));
+    EPIC_RETURN_IF_ERROR(Grow(ws.normed_all, tokens * hidden));
+    EPIC_RETURN_IF_ERROR(Grow(ws.summed, std::max<int64_t>(local, 1) * hidden));
+  }
   EPIC_RETURN_IF_ERROR(ws.token_ids.CopyFromHost(steps.ids.data(), tokens));
   EPIC_RETURN_IF_ERROR(ws.positions.CopyFromHost(steps.positions.data(), tokens));
   EPIC_RETURN_IF_ERROR(ws.context.CopyFromHost(context.data(), tokens));
@@ -472,6 +650,15 @@ Status CudaForward::Forward(std::span<SequenceStep> batch, const StepTokens& ste
   EPIC_RETURN_IF_ERROR(cuda::GatherRowsBf16(ws.token_ids.data(), tokens, static_cast<const uint16_t*>(embed.data),
                                             embed.rows, hidden, ws.x.data(), hidden));
   m.block_size = bs;
+  parallel::Communicator* comm = m.shard.comm;
+  // NCCL runs on its own stream: the kernels that fill its inputs must finish first.
+  auto collective = [&](auto op) -> Status {
+    EPIC_RETURN_IF_ERROR(cuda::Synchronize());
+    return op();
+  };
+  // This rank's residual rows: all tokens on one rank, else its block.
+  float* mine = ranks == 1 ? ws.x.data() : ws.mine.data();
+  const int64_t mine_rows = ranks == 1 ? tokens : local;
   for (int64_t l = 0; l < layers; ++l) {
     const DeviceLayer& L = m.layers[l];
     EPIC_RETURN_IF_ERROR(
@@ -480,33 +667,82 @@ Status CudaForward::Forward(std::span<SequenceStep> batch, const StepTokens& ste
     EPIC_RETURN_IF_ERROR(m.Attention(l, tokens, max_context, pool + l * layer_rows * width));
     const int64_t attn_width = heads * c.v_head_dim;
     EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.attn.data(), tokens, attn_width, attn_width, ws.wide_b.data(), attn_width));
-    EPIC_RETURN_IF_ERROR(cuda::MatMul(*m.blas, ws.wide_b.data(), tokens, attn_width, L.o_proj, ws.x.data(), hidden,
-                                      /*accumulate=*/true));
-
-    EPIC_RETURN_IF_ERROR(cuda::RmsNorm(ws.x.data(), tokens, hidden, hidden, L.post_attention_norm.data(), eps,
-                                       ws.normed.data(), hidden));
-    EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.normed.data(), tokens, hidden, hidden, ws.xb.data(), hidden));
-    if (L.moe) {
-      EPIC_RETURN_IF_ERROR(m.Moe(l, tokens, ws.counts.data() + l * experts));
-      if (L.has_shared) EPIC_RETURN_IF_ERROR(m.Mlp(L.shared, ws.xb.data(), tokens));
+    if (ranks == 1) {
+      EPIC_RETURN_IF_ERROR(cuda::MatMul(*m.blas, ws.wide_b.data(), tokens, attn_width, L.o_proj, ws.x.data(), hidden,
+                                        /*accumulate=*/true));
     } else {
-      EPIC_RETURN_IF_ERROR(m.Mlp(L.dense, ws.xb.data(), tokens));
+      // Row-parallel o_proj: the heads' shares summed, each rank keeping its tokens.
+      EPIC_RETURN_IF_ERROR(
+          cuda::MatMul(*m.blas, ws.wide_b.data(), tokens, attn_width, L.o_proj, ws.partial.data(), hidden));
+      EPIC_RETURN_IF_ERROR(collective([&] { return comm->ReduceScatterSum(ws.partial.data(), mine, block_values); }));
+      EPIC_RETURN_IF_ERROR(cuda::AddInPlace(mine, ws.x.data() + first * hidden, local * hidden));
+    }
+
+    EPIC_RETURN_IF_ERROR(cuda::RmsNorm(mine, mine_rows, hidden, hidden, L.post_attention_norm.data(), eps,
+                                       ws.normed.data(), hidden));
+    if (L.moe) {
+      if (ranks == 1) {
+        EPIC_RETURN_IF_ERROR(m.Moe(l, tokens, ws.counts.data() + l * experts));
+      } else {
+        EPIC_RETURN_IF_ERROR(m.MoeExchange(l, local, first, mine, counts));
+      }
+    }
+    // The dense MLP, or the shared experts: on one rank directly; on several split by
+    // their intermediate dimension, every rank running its part on all tokens.
+    const DeviceMlp* split = L.moe ? (L.has_shared ? &L.shared : nullptr) : &L.dense;
+    if (split != nullptr && ranks == 1) {
+      EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.normed.data(), tokens, hidden, hidden, ws.xb.data(), hidden));
+      EPIC_RETURN_IF_ERROR(m.Mlp(*split, ws.xb.data(), tokens, ws.x.data()));
+    } else if (split != nullptr) {
+      EPIC_RETURN_IF_ERROR(
+          collective([&] { return comm->AllGather(ws.normed.data(), ws.normed_all.data(), block_bytes); }));
+      EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.normed_all.data(), tokens, hidden, hidden, ws.xb.data(), hidden));
+      EPIC_RETURN_IF_ERROR(cuda::ZeroOnDevice(ws.partial.data(), static_cast<size_t>(tokens * hidden) * sizeof(float)));
+      EPIC_RETURN_IF_ERROR(m.Mlp(*split, ws.xb.data(), tokens, ws.partial.data()));
+      EPIC_RETURN_IF_ERROR(
+          collective([&] { return comm->ReduceScatterSum(ws.partial.data(), ws.summed.data(), block_values); }));
+      EPIC_RETURN_IF_ERROR(cuda::AddInPlace(mine, ws.summed.data(), local * hidden));
+    }
+    if (ranks > 1) {
+      EPIC_RETURN_IF_ERROR(collective([&] { return comm->AllGather(mine, ws.x.data(), block_bytes); }));
     }
   }
 
-  // Final norm on the rows that want logits, then lm_head.
+  // Final norm on the rows that want logits, then this rank's vocabulary rows.
   EPIC_RETURN_IF_ERROR(cuda::GatherRows(ws.logit_rows.data(), rows, ws.x.data(), tokens, hidden, ws.selected.data(),
                                         hidden));
   EPIC_RETURN_IF_ERROR(cuda::RmsNorm(ws.selected.data(), rows, hidden, hidden, m.final_norm.data(), eps,
                                      ws.selected.data(), hidden));
   EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.selected.data(), rows, hidden, hidden, ws.xb.data(), hidden));
-  EPIC_RETURN_IF_ERROR(
-      cuda::MatMul(*m.blas, ws.xb.data(), rows, hidden, m.lm_head, ws.logits.data(), c.vocab_size));
+  EPIC_RETURN_IF_ERROR(cuda::MatMul(*m.blas, ws.xb.data(), rows, hidden, m.lm_head, ws.logits.data(), m.vocab));
   logits->resize(static_cast<size_t>(rows * c.vocab_size));
-  // A synchronous copy: it waits for the step and returns any fault of its kernels.
-  EPIC_RETURN_IF_ERROR(ws.logits.CopyToHost(logits->data(), rows * c.vocab_size));
+  if (ranks == 1) {
+    // A synchronous copy: it waits for the step and returns any fault of its kernels.
+    EPIC_RETURN_IF_ERROR(ws.logits.CopyToHost(logits->data(), rows * c.vocab_size));
+  } else {
+    // Gather the slices ([rows, vocab of rank r] from each rank r), then interleave.
+    std::vector<int64_t> slice_bytes(static_cast<size_t>(ranks));
+    for (int r = 0; r < ranks; ++r) {
+      const int64_t v = c.vocab_size * (r + 1) / ranks - c.vocab_size * r / ranks;
+      slice_bytes[r] = rows * v * static_cast<int64_t>(sizeof(float));
+    }
+    EPIC_RETURN_IF_ERROR(Grow(ws.gathered, rows * c.vocab_size));
+    EPIC_RETURN_IF_ERROR(
+        collective([&] { return comm->AllGather(ws.logits.data(), ws.gathered.data(), slice_bytes); }));
+    std::vector<float> gathered(static_cast<size_t>(rows * c.vocab_size));
+    EPIC_RETURN_IF_ERROR(ws.gathered.CopyToHost(gathered.data(), rows * c.vocab_size));
+    const float* block = gathered.data();
+    for (int r = 0; r < ranks; ++r) {
+      const int64_t v0 = c.vocab_size * r / ranks;
+      const int64_t v = c.vocab_size * (r + 1) / ranks - v0;
+      for (int64_t row = 0; row < rows; ++row) {
+        std::copy(block + row * v, block + (row + 1) * v, logits->data() + row * c.vocab_size + v0);
+      }
+      block += rows * v;
+    }
+  }
 
-  if (counts != nullptr && experts > 0) {
+  if (counts != nullptr && experts > 0 && ranks == 1) {
     std::vector<int32_t> routed(static_cast<size_t>(layers * experts));
     EPIC_RETURN_IF_ERROR(ws.counts.CopyToHost(routed.data(), layers * experts));
     for (int64_t l = 0; l < layers; ++l) {

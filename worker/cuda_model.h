@@ -11,6 +11,8 @@
 
 #include "common/status.h"
 #include "kernels/cpu/gating.h"
+#include "parallel/communicator.h"
+#include "parallel/expert_placement.h"
 #include "worker/checkpoint.h"
 #include "worker/latent_cache.h"
 #include "worker/model_config.h"
@@ -23,15 +25,25 @@ struct SequenceStep;
 struct StepTokens;
 struct ExpertCounts;
 
+// This rank's part of a job of several GPUs, as Model::Load split it.
+struct CudaShard {
+  parallel::Communicator* comm = nullptr;  // over device buffers (NCCL); nullptr: a one-rank job
+  const parallel::ExpertPlacement* placement = nullptr;  // routes the MoE exchange
+  int64_t head_begin = 0, head_end = 0;    // this rank's attention heads
+  int64_t vocab_begin = 0, vocab_end = 0;  // this rank's rows of lm_head
+};
+
 class CudaForward {
  public:
-  // Copies WEIGHTS (one rank's whole model: every head, every expert, in the slot order
-  // EXPERT_SLOTS gives per layer) to the device, reporting bytes with PROGRESS.
-  // RESOURCE_EXHAUSTED when the GPU cannot hold them.
+  // Copies WEIGHTS (this rank's part: its heads, its share of the dense MLPs, the
+  // experts of its slots in the order EXPERT_SLOTS gives per layer) to the device,
+  // reporting bytes with PROGRESS. RESOURCE_EXHAUSTED when the GPU cannot hold them.
+  // With several ranks the step follows Model::Forward's split: heads, token blocks,
+  // expert slots and vocabulary rows, exchanging device buffers over SHARD.comm.
   static StatusOr<std::unique_ptr<CudaForward>> Create(const ModelConfig& config, const ModelWeights& weights,
                                                        const std::vector<std::vector<int32_t>>& expert_slots,
                                                        const RopeTable& rope, const cpu::GateParams& gate,
-                                                       const ProgressFn& progress);
+                                                       const CudaShard& shard, const ProgressFn& progress);
   ~CudaForward();
 
   // One step, with Model::Forward's contract; TOKENS is the batch flattened and checked.

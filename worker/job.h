@@ -22,6 +22,12 @@ class Job {
   // Ends the whole job with CODE: a rank that fails must not leave its peers waiting
   // in a collective (MPI_Abort in an mpirun job; exit otherwise).
   [[noreturn]] virtual void Abort(int code) = 0;
+  // The communicator over device buffers that --device cuda uses in a job of several
+  // ranks: NCCL on the GPU numbered by this rank's place among the ranks of its host
+  // (modulo the GPUs it sees), made on first use. FAILED_PRECONDITION for a single
+  // process or a build without NCCL.
+  virtual StatusOr<parallel::Communicator*> DeviceComm();
+
   int rank() { return comm() ? comm()->rank() : 0; }
   int size() { return comm() ? comm()->size() : 1; }
 };

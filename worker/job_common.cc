@@ -4,6 +4,11 @@
 
 namespace epic {
 
+StatusOr<parallel::Communicator*> Job::DeviceComm() {
+  return FailedPreconditionError(size() > 1 ? "this build has no NCCL: the ranks cannot exchange device buffers"
+                                            : "a single process has no device communicator");
+}
+
 bool LaunchedAsMpiRank() {
   // Open MPI, MPICH/Hydra and PMIx launchers each set one of these.
   for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"}) {

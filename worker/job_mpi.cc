@@ -6,6 +6,11 @@
 #include "parallel/communicator.h"
 #include "worker/job.h"
 
+#ifdef EPIC_HAVE_NCCL
+#include "kernels/cuda/device.h"
+#include "parallel/nccl_communicator.h"
+#endif
+
 namespace epic {
 namespace {
 
@@ -17,6 +22,23 @@ class MpiJob final : public Job {
     return OkStatus();
   }
   parallel::Communicator* comm() override { return comm_.get(); }
+
+#ifdef EPIC_HAVE_NCCL
+  StatusOr<parallel::Communicator*> DeviceComm() override {
+    if (device_comm_) return device_comm_.get();
+    // This rank's place among the ranks sharing its host picks its GPU.
+    MPI_Comm node = MPI_COMM_NULL;
+    int local = 0;
+    if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) != MPI_SUCCESS ||
+        MPI_Comm_rank(node, &local) != MPI_SUCCESS) {
+      return InternalError("MPI could not tell this rank's place on its host");
+    }
+    MPI_Comm_free(&node);
+    EPIC_ASSIGN_OR_RETURN(const int devices, cuda::DeviceCount());
+    EPIC_ASSIGN_OR_RETURN(device_comm_, parallel::MakeNcclCommunicator(*comm_, local % devices));
+    return device_comm_.get();
+  }
+#endif
   [[noreturn]] void Abort(int code) override {
     std::fflush(stderr);
     MPI_Abort(MPI_COMM_WORLD, code);
@@ -26,6 +48,7 @@ class MpiJob final : public Job {
  private:
   parallel::MpiSession session_;  // outlives the communicator
   std::unique_ptr<parallel::Communicator> comm_;
+  std::unique_ptr<parallel::Communicator> device_comm_;  // destroyed before comm_, its bootstrap
 };
 
 class SingleJob final : public Job {

@@ -109,8 +109,13 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
   const int rank = model->comm_->rank();
   const int ranks = model->comm_->size();
   if (device == ComputeDevice::kCuda && ranks > 1) {
-    return FailedPreconditionError("--device cuda runs one rank per job (this job has " + std::to_string(ranks) +
-                                   "): the distributed CUDA step over NCCL is not written yet");
+    if (shard.device_comm == nullptr) {
+      return FailedPreconditionError("--device cuda in a job of " + std::to_string(ranks) +
+                                     " ranks needs a communicator over device buffers (NCCL)");
+    }
+    if (shard.device_comm->size() != ranks || shard.device_comm->rank() != rank) {
+      return InvalidArgumentError("the device communicator's ranks do not match the job's");
+    }
   }
 #ifndef EPIC_HAVE_CUDA
   if (device == ComputeDevice::kCuda) return FailedPreconditionError("this build has no CUDA support");
@@ -174,8 +179,15 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
   g.scale = scaled ? static_cast<float>(c.routed_scaling_factor) : 1.0f;
 #ifdef EPIC_HAVE_CUDA
   if (device == ComputeDevice::kCuda) {
+    CudaShard cs;
+    cs.comm = ranks > 1 ? shard.device_comm : nullptr;
+    cs.placement = model->placement_.get();
+    cs.head_begin = model->head_begin_;
+    cs.head_end = model->head_end_;
+    cs.vocab_begin = model->vocab_begin_;
+    cs.vocab_end = model->vocab_end_;
     EPIC_ASSIGN_OR_RETURN(model->cuda_, CudaForward::Create(c, *model->weights_, ws.expert_slots, model->rope_, g,
-                                                            progress));
+                                                            cs, progress));
   }
 #endif
   return model;

@@ -61,6 +61,9 @@ struct ModelShard {
   parallel::Communicator* comm = nullptr;  // nullptr: a single process (a one-rank job)
   // nullptr: the default placement (contiguous blocks of experts, no replicas).
   const parallel::ExpertPlacement* placement = nullptr;
+  // With ComputeDevice::kCuda in a job of several ranks: the communicator over device
+  // buffers (NCCL, Job::DeviceComm) that the GPU step exchanges activations with.
+  parallel::Communicator* device_comm = nullptr;
 };
 
 // What a change of placement did on this rank.
@@ -80,9 +83,8 @@ class Model {
   // Opens and validates the checkpoint, binds its weights (PROGRESS: optional).
   // Distributed: every rank calls Load with its SHARD; sizes that cannot be split
   // (fewer heads or vocabulary rows than ranks) are refused.
-  // kCuda copies the weights to the GPU and runs every step there (worker/cuda_model.h);
-  // it holds the whole model, so it is refused in a job of several ranks (the
-  // distributed step over NCCL is not written yet).
+  // kCuda copies this rank's weights to its GPU and runs every step there
+  // (worker/cuda_model.h); in a job of several ranks it needs SHARD.device_comm.
   static StatusOr<std::unique_ptr<Model>> Load(const std::filesystem::path& dir,
                                                const ProgressFn& progress = {},
                                                WeightResidency residency = WeightResidency::kCopy,

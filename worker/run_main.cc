@@ -97,10 +97,20 @@ int main(int argc, char** argv) {
   const std::vector<int32_t> prompt = std::move(parsed).value();
 
   const auto t0 = std::chrono::steady_clock::now();
+  epic::ModelShard shard{(*job)->comm(), nullptr};
+  if (*compute == epic::ComputeDevice::kCuda && (*job)->size() > 1) {
+    // Device buffers cross between the ranks' GPUs over NCCL.
+    auto device_comm = (*job)->DeviceComm();
+    if (!device_comm.ok()) {
+    std::fprintf(stderr, "%s%s\n", who.c_str(), device_comm.status().ToString().c_str());
+    (*job)->Abort(2);
+    }
+    shard.device_comm = *device_comm;
+  }
   epic::ProgressLine progress("loading " + model_dir);
   auto model = epic::Model::Load(
       model_dir, [&](int64_t d, int64_t t) { if (lead) progress.Update(d, t); },
-      mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy, {(*job)->comm(), nullptr}, *compute);
+      mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy, shard, *compute);
   progress.Finish();
   if (!model.ok()) {
     std::fprintf(stderr, "%s%s\n", who.c_str(), model.status().ToString().c_str());

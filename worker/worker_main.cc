@@ -66,10 +66,19 @@ int main(int argc, char** argv) {
   if (!compute.ok()) fail(compute.status().message(), 2);
   if (threads > 0) omp_set_num_threads(threads);
 
+  epic::ModelShard shard{(*job)->comm(), nullptr};
+  if (*compute == epic::ComputeDevice::kCuda && (*job)->size() > 1) {
+    // Device buffers cross between the ranks' GPUs over NCCL.
+    auto device_comm = (*job)->DeviceComm();
+    if (!device_comm.ok()) {
+    fail(device_comm.status().ToString(), 2);
+    }
+    shard.device_comm = *device_comm;
+  }
   epic::ProgressLine progress("loading " + model_dir);
   auto model = epic::Model::Load(
       model_dir, [&](int64_t d, int64_t t) { if (rank == 0) progress.Update(d, t); },
-      mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy, {(*job)->comm(), nullptr}, *compute);
+      mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy, shard, *compute);
   progress.Finish();
   if (!model.ok()) fail(model.status().ToString(), 1);
   std::fprintf(stderr, "%sholds %.1f MiB of weights\n", who.c_str(), (*model)->weights().matrix_bytes / 1048576.0);

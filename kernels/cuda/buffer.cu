@@ -40,6 +40,19 @@ Status CheckRange(size_t bytes, size_t offset, size_t size, const char* directio
 
 }  // namespace
 
+Status CopyOnDevice(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return OkStatus();
+  EPIC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, nullptr),
+                            "device copy of " + std::to_string(bytes) + " bytes");
+  return OkStatus();
+}
+
+Status ZeroOnDevice(void* dst, size_t bytes) {
+  if (bytes == 0) return OkStatus();
+  EPIC_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dst, 0, bytes, nullptr), "zeroing " + std::to_string(bytes) + " device bytes");
+  return OkStatus();
+}
+
 Status DeviceMemory::CopyFromHost(const void* src, size_t bytes, size_t offset) {
   EPIC_RETURN_IF_ERROR(CheckRange(bytes, offset, bytes_, "into"));
   if (bytes == 0) return OkStatus();

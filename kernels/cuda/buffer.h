@@ -49,6 +49,11 @@ class DeviceMemory {
   size_t bytes_ = 0;
 };
 
+// BYTES from SRC to DST, both device memory, and BYTES of zeros at DST: enqueued on the
+// default stream, in order with the kernels around them.
+Status CopyOnDevice(void* dst, const void* src, size_t bytes);
+Status ZeroOnDevice(void* dst, size_t bytes);
+
 // COUNT values of T on the device.
 template <typename T>
 class DeviceBuffer {

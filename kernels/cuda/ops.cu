@@ -196,6 +196,24 @@ Status ApplyRope(const RopeRows& rows, const int64_t* positions, const RopeFrequ
   return OkStatus();
 }
 
+namespace {
+
+__global__ void AddKernel(float* y, const float* x, int64_t n) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) y[i] += x[i];
+}
+
+}  // namespace
+
+Status AddInPlace(float* y, const float* x, int64_t n, cudaStream_t stream) {
+  if (n < 0) return InvalidArgumentError("AddInPlace: " + Str(n) + " values");
+  if (n == 0) return OkStatus();
+  EPIC_RETURN_IF_ERROR(CheckPointers("AddInPlace", {y, x}));
+  AddKernel<<<StrideBlocks(n), kThreads, 0, stream>>>(y, x, n);
+  EPIC_CUDA_RETURN_IF_LAUNCH_FAILED("AddKernel");
+  return OkStatus();
+}
+
 Status SiluMul(const float* gate, const float* up, int64_t rows, int64_t n, int64_t ld, float* out, int64_t ldo,
                cudaStream_t stream) {
   EPIC_RETURN_IF_ERROR(CheckRows("SiluMul", rows, n, ld, "ld"));

@@ -57,6 +57,9 @@ Status ApplyRope(const RopeRows& rows, const int64_t* positions, const RopeFrequ
 Status SiluMul(const float* gate, const float* up, int64_t rows, int64_t n, int64_t ld, float* out, int64_t ldo,
                cudaStream_t stream = nullptr);
 
+// y[i] += x[i] for i < n (F32): a residual add.
+Status AddInPlace(float* y, const float* x, int64_t n, cudaStream_t stream = nullptr);
+
 // out[t, :] = table[token_ids[t], :] as F32 for a [vocab, n] table (F32, or BF16 bits).
 // The ids live on the device, so they cannot be checked here: an id outside
 // [0, vocab) reads nothing and leaves a row of NaN, for the caller to have checked.

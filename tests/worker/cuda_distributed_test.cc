@@ -1,0 +1,132 @@
+// The GPU step spread over mpirun ranks, one GPU each (heads, token blocks, expert
+// slots and vocabulary split; activations exchanged over NCCL), against the CPU step in
+// one process: prompt logits within BF16 tolerance, and the expert counts of the job.
+// A job with fewer GPUs than ranks reports SKIPPED on every rank (NCCL needs a GPU per
+// rank), which is all a machine without GPUs can show.
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "kernels/cuda/device.h"
+#include "parallel/communicator.h"
+#include "parallel/nccl_communicator.h"
+#include "worker/generate.h"
+#include "worker/model.h"
+#include "worker/random_checkpoint.h"
+
+namespace epic {
+namespace {
+
+// As cuda_model_test: activations rounded to BF16 at every product.
+constexpr double kBf16Tolerance = 5e-2;
+
+class CudaDistributedTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto c = parallel::MakeMpiCommunicator();
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    comm_ = std::move(*c);
+    const StatusOr<int> gpus = cuda::DeviceCount();
+    // Every rank decides alike: the visible GPUs are the host's.
+    if (!gpus.ok() || *gpus < comm_->size()) {
+      GTEST_SKIP() << comm_->size() << " ranks need as many GPUs; "
+                   << (gpus.ok() ? std::to_string(*gpus) + " visible" : gpus.status().message());
+    }
+    auto nccl = parallel::MakeNcclCommunicator(*comm_, comm_->rank() % *gpus);
+    ASSERT_TRUE(nccl.ok()) << nccl.status().ToString();
+    nccl_ = std::move(*nccl);
+  }
+  void TearDown() override {
+    if (comm_) RemoveCheckpoint();
+  }
+  // Every rank together: rank 0 removes the directory once all are done with it.
+  void RemoveCheckpoint() {
+    (void)comm_->Barrier();
+    if (comm_->rank() == 0 && !dir_.empty()) std::filesystem::remove_all(dir_);
+    dir_.clear();
+  }
+
+  // Rank 0 writes the checkpoint; every rank gets its path.
+  std::filesystem::path Write(const std::string& preset) {
+    char path[256] = {};
+    if (comm_->rank() == 0) {
+      std::snprintf(path, sizeof path, "%s/epic-cuda-dist-%d", ::testing::TempDir().c_str(), ::getpid());
+      RandomCheckpointOptions o;
+      o.seed = 17;
+      const Status s = WriteRandomCheckpoint(PresetConfig(preset).value(), path, o);
+      EXPECT_TRUE(s.ok()) << s.ToString();
+    }
+    EXPECT_TRUE(comm_->Broadcast(path, sizeof path, 0).ok());
+    dir_ = path;
+    return dir_;
+  }
+
+  std::unique_ptr<parallel::Communicator> comm_, nccl_;
+  std::filesystem::path dir_;
+};
+
+TEST_F(CudaDistributedTest, PromptLogitsMatchOneCpuProcess) {
+  for (const char* preset : {"v2-160", "v3-tiny"}) {
+    SCOPED_TRACE(preset);
+    const std::filesystem::path dir = Write(preset);
+    auto cpu = Model::Load(dir);
+    ASSERT_TRUE(cpu.ok()) << cpu.status().ToString();
+    ModelShard shard{comm_.get(), nullptr};
+    shard.device_comm = nccl_.get();
+    auto gpu = Model::Load(dir, {}, WeightResidency::kCopy, shard, ComputeDevice::kCuda);
+    ASSERT_TRUE(gpu.ok()) << gpu.status().ToString();
+    const int64_t vocab = (*cpu)->config().vocab_size;
+    std::vector<int32_t> prompt;
+    for (int i = 0; i < 21; ++i) prompt.push_back(static_cast<int32_t>((i * 7919 + 5) % vocab));
+
+    GenerateOptions o;
+    o.prompt_logits = true;
+    o.max_new_tokens = 4;
+    o.stop_at_eos = false;
+    o.block_size = 8;
+    auto want = Generate(**cpu, prompt, o);
+    auto got = Generate(**gpu, prompt, o);
+    ASSERT_TRUE(want.ok()) << want.status().ToString();
+    ASSERT_TRUE(got.ok()) << got.status().ToString();
+    ASSERT_EQ(got->prompt_logits.size(), want->prompt_logits.size());
+    for (size_t row = 0; row < prompt.size(); ++row) {
+      double diff = 0, scale = 0;
+      for (int64_t i = 0; i < vocab; ++i) {
+        const double g = got->prompt_logits[row * vocab + i], w = want->prompt_logits[row * vocab + i];
+        ASSERT_TRUE(std::isfinite(g));
+        diff = std::max(diff, std::fabs(g - w));
+        scale = std::max(scale, std::fabs(w));
+      }
+      EXPECT_LE(diff / scale, kBf16Tolerance) << "row " << row;
+    }
+    // Job-wide counts: every token reaches top_k experts.
+    const int64_t k = (*cpu)->config().num_experts_per_tok;
+    const int64_t steps_tokens = static_cast<int64_t>(prompt.size()) + o.max_new_tokens - 1;
+    for (const auto& layer : got->expert_counts.tokens) {
+      if (layer.empty()) continue;
+      int64_t total = 0;
+      for (int64_t n : layer) total += n;
+      EXPECT_EQ(total, steps_tokens * k);
+    }
+    RemoveCheckpoint();
+  }
+}
+
+TEST_F(CudaDistributedTest, WithoutADeviceCommunicatorTheJobIsRefused) {
+  if (comm_->size() == 1) GTEST_SKIP() << "one rank needs no device communicator";
+  const std::filesystem::path dir = Write("tiny");
+  auto gpu = Model::Load(dir, {}, WeightResidency::kCopy, {comm_.get(), nullptr}, ComputeDevice::kCuda);
+  ASSERT_FALSE(gpu.ok());
+  EXPECT_EQ(gpu.status().code(), StatusCode::kFailedPrecondition) << gpu.status().ToString();
+  EXPECT_NE(gpu.status().message().find("NCCL"), std::string::npos) << gpu.status().message();
+}
+
+}  // namespace
+}  // namespace epic
