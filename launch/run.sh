@@ -43,8 +43,8 @@ if [ ! -f "$model/config.json" ]; then
 fi
 device=cpu
 if epic_have_gpu; then
-  epic_log "a GPU is visible, but the CUDA step runs one rank per job and has not been validated on a GPU" \
-    "(docs/cuda.md): the workers run on the CPU; try 'build/worker/epic-run --device cuda'"
+  epic_log "a GPU is visible, but the CUDA backend has not been validated on a GPU yet (docs/cuda.md):" \
+    "the workers run on the CPU; try 'build/worker/epic-run --device cuda' or launch/gpu_check.sh"
 fi
 
 ready="$(mktemp -u "${TMPDIR:-/tmp}/epic-run-ready.XXXXXX")"

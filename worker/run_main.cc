@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
   app.add_option("--dump-logits", dump_logits,
                  "write the logits at every prompt position to FILE.npy (float32 [prompt, vocab])");
   app.add_option("--device", device,
-                 "compute device: cpu, or cuda (the whole model on one GPU, so one rank per job)")
+                 "compute device: cpu, or cuda (each rank on its own GPU, the ranks of a host on GPUs 0, 1, ...)")
       ->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   app.add_option("--threads", threads, "CPU threads (0: OpenMP's default, one per core)")
       ->check(CLI::NonNegativeNumber);

@@ -37,7 +37,8 @@ int main(int argc, char** argv) {
   app.add_option("--connect-timeout", connect_timeout, "seconds to wait for the coordinator")
       ->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--device", device,
-                 "compute device: cpu, or cuda (the whole model on one GPU, so one rank per job)")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+                 "compute device: cpu, or cuda (each rank on its own GPU, the ranks of a host on GPUs 0, 1, ...)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   app.add_option("--threads", threads, "CPU threads per rank (0: OpenMP's default)")->check(CLI::NonNegativeNumber);
   app.add_flag("--mmap", mapped, "use the weights in place from the file mapping (see epic-run --help)");
   CLI11_PARSE(app, argc, argv);
