@@ -11,6 +11,7 @@
 #include <random>
 #include <vector>
 
+#include "bench/timing.h"
 #include "kernels/cpu/matmul.h"
 
 #ifdef EPIC_HAVE_CBLAS
@@ -19,10 +20,6 @@
 
 namespace epic::bench {
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 // Integer sums vectorise without reassociation flags; AVX-512 where present.
 __attribute__((target("avx512f"))) uint64_t SumWordsAvx512(const uint64_t* p, int64_t n) {

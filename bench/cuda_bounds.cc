@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "bench/timing.h"
 #include "common/half.h"
 #include "kernels/cuda/device.h"
 #include "kernels/cuda/gemm.h"
@@ -20,11 +21,6 @@ namespace {
 Status Check(cudaError_t err, const std::string& what) {
   if (err == cudaSuccess) return OkStatus();
   return InternalError(what + ": " + cudaGetErrorString(err));
-}
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
 }
 
 // CUDA events, destroyed with the object.

@@ -17,19 +17,17 @@
 #include <CLI/CLI.hpp>
 
 #include "bench/cuda_bounds.h"
+#include "bench/timing.h"
 #include "kernels/cuda/device.h"
 #include "worker/model.h"
 #include "worker/progress.h"
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+using epic::bench::Clock;
+using epic::bench::Median;
+using epic::bench::Since;
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-}
 
 // Bytes of M on the GPU: BF16, except the F32 router.
 int64_t Bf16Bytes(const epic::cpu::WeightMatrix& m) { return m.rows * m.cols * 2; }

@@ -14,19 +14,16 @@
 
 #include <CLI/CLI.hpp>
 
+#include "bench/timing.h"
 #include "parallel/communicator.h"
 #include "parallel/dispatch.h"
 #include "parallel/expert_placement.h"
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using epic::bench::Clock;
+using epic::bench::Median;
+using epic::bench::Since;
 
 }  // namespace
 

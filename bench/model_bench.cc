@@ -14,17 +14,15 @@
 #include <CLI/CLI.hpp>
 
 #include "bench/bounds.h"
+#include "bench/timing.h"
 #include "worker/model.h"
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+using epic::bench::Clock;
+using epic::bench::Median;
+using epic::bench::Since;
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-}
 
 int64_t Bytes(const epic::cpu::WeightMatrix& m) { return m.rows * m.cols * m.ElementBytes(); }
 int64_t Params(const epic::cpu::WeightMatrix& m) { return m.rows * m.cols; }

@@ -155,6 +155,9 @@ struct CudaForward::Impl {
 
   Status Mlp(const DeviceMlp& m, const uint16_t* xb, int64_t tokens, float* y);
   Status Attention(int64_t layer, int64_t tokens, int64_t max_context, uint16_t* pool);
+  Status GroupedExperts(const float* x, const int32_t* source, const int32_t* count, int64_t max_rows,
+                        const int32_t* offsets, const DeviceBuffer<const uint16_t*>& gate_up,
+                        const DeviceBuffer<const uint16_t*>& down);
   Status Moe(int64_t layer, int64_t tokens, int32_t* counts);
   Status MoeExchange(int64_t layer, int64_t tokens, int64_t first_token, float* y, ExpertCounts* counts);
 };
@@ -281,7 +284,6 @@ Status CudaForward::Impl::Attention(int64_t layer, int64_t tokens, int64_t max_c
   const int64_t heads = this->heads;  // this rank's
   const int64_t nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, lora = c.kv_lora_rank;
   const int64_t qhd = c.q_head_dim(), vdim = c.v_head_dim, width = c.latent_dim();
-  const int64_t kv_head = nope + vdim;
   const float eps = static_cast<float>(c.rms_norm_eps);
 
   float* q = ws.q.data();  // [tokens, heads * qhd]
@@ -302,21 +304,11 @@ Status CudaForward::Impl::Attention(int64_t layer, int64_t tokens, int64_t max_c
       cuda::ApplyRope({q, tokens, heads * qhd, nope, heads, qhd}, ws.positions.data(), rope_freq));
   EPIC_RETURN_IF_ERROR(cuda::WriteLatentRows(latent, tokens, width, width, ws.slots.data(), pool));
 
-  // q_latent[t, h] = q_nope[t, h] W_UK[h], W_UK[h] = kv_b_proj rows [h * kv_head, +nope).
+  // q_latent[t, h] = q_nope[t, h] W_UK[h] (gemm.h: MlaHeads).
   EPIC_RETURN_IF_ERROR(cuda::ToBf16(q, tokens, heads * qhd, heads * qhd, ws.wide_b.data(), heads * qhd));
-  cuda::BatchedMatMulArgs fold;
-  fold.x = ws.wide_b.data();
-  fold.m = tokens;
-  fold.ldx = heads * qhd;
-  fold.x_stride = qhd;
-  fold.w = L.kv_b_proj.Rows(0, nope);
-  fold.w_stride = kv_head * lora;
-  fold.transpose_w = false;
-  fold.y = ws.q_latent.data();
-  fold.ldy = heads * lora;
-  fold.y_stride = lora;
-  fold.batches = heads;
-  EPIC_RETURN_IF_ERROR(cuda::BatchedMatMul(*blas, fold));
+  const cuda::MlaHeads mla{L.kv_b_proj, heads, nope, vdim};
+  EPIC_RETURN_IF_ERROR(
+      cuda::FoldQuery(*blas, mla, ws.wide_b.data(), tokens, heads * qhd, qhd, ws.q_latent.data(), heads * lora));
 
   cuda::MlaAttentionParams p;
   p.tokens = tokens;
@@ -338,22 +330,32 @@ Status CudaForward::Impl::Attention(int64_t layer, int64_t tokens, int64_t max_c
   EPIC_RETURN_IF_ERROR(Grow(ws.mla, scratch));
   EPIC_RETURN_IF_ERROR(cuda::MlaAbsorbedAttention(p, splits, ws.mla.data(), ws.mla.size()));
 
-  // attn[t, h] = W_UV[h] o_latent[t, h], W_UV[h] = kv_b_proj rows [h * kv_head + nope, +vdim).
+  // attn[t, h] = W_UV[h] o_latent[t, h].
   EPIC_RETURN_IF_ERROR(
       cuda::ToBf16(ws.o_latent.data(), tokens, heads * lora, heads * lora, ws.wide_b.data(), heads * lora));
-  cuda::BatchedMatMulArgs unfold;
-  unfold.x = ws.wide_b.data();
-  unfold.m = tokens;
-  unfold.ldx = heads * lora;
-  unfold.x_stride = lora;
-  unfold.w = L.kv_b_proj.Rows(nope, vdim);
-  unfold.w_stride = kv_head * lora;
-  unfold.transpose_w = true;
-  unfold.y = ws.attn.data();
-  unfold.ldy = heads * vdim;
-  unfold.y_stride = vdim;
-  unfold.batches = heads;
-  return cuda::BatchedMatMul(*blas, unfold);
+  return cuda::UnfoldLatent(*blas, mla, ws.wide_b.data(), tokens, heads * lora, ws.attn.data(), heads * vdim);
+}
+
+// ws.expert_out[r] = the expert of grouped row r applied to x[source[r]], for the rows r
+// below *COUNT (all MAX_ROWS when COUNT is nullptr), grouped by OFFSETS over the experts
+// whose weights GATE_UP and DOWN point to. Rows past the count are left stale.
+Status CudaForward::Impl::GroupedExperts(const float* x, const int32_t* source, const int32_t* count,
+                                         int64_t max_rows, const int32_t* offsets,
+                                         const DeviceBuffer<const uint16_t*>& gate_up,
+                                         const DeviceBuffer<const uint16_t*>& down) {
+  const int64_t hidden = config.hidden_size;
+  const int64_t inter = config.moe_intermediate_size;
+  const int64_t experts = gate_up.size();
+  EPIC_RETURN_IF_ERROR(cuda::GatherRowsToBf16(x, hidden, hidden, source, count, max_rows, ws.rows_b.data(), hidden));
+  const cuda::GroupedWeights first{gate_up.data(), experts, 2 * inter, hidden, hidden};
+  EPIC_RETURN_IF_ERROR(cuda::GroupedMatMul(ws.rows_b.data(), max_rows, hidden, offsets, first, ws.gate_up.data(),
+                                           2 * inter, ws.tiles.data(), ws.tiles.size()));
+  EPIC_RETURN_IF_ERROR(cuda::SiluMul(ws.gate_up.data(), ws.gate_up.data() + inter, max_rows, inter, 2 * inter,
+                                     ws.mid.data(), inter));
+  EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.mid.data(), max_rows, inter, inter, ws.mid_b.data(), inter));
+  const cuda::GroupedWeights second{down.data(), experts, hidden, inter, inter};
+  return cuda::GroupedMatMul(ws.mid_b.data(), max_rows, inter, offsets, second, ws.expert_out.data(), hidden,
+                             ws.tiles.data(), ws.tiles.size());
 }
 
 // x += the routed experts' weighted outputs for ws.normed; COUNTS [n_routed_experts]
@@ -365,7 +367,6 @@ Status CudaForward::Impl::Moe(int64_t layer, int64_t tokens, int32_t* counts) {
   const int64_t experts = c.n_routed_experts;
   const int64_t k = c.num_experts_per_tok;
   const int64_t choices = tokens * k;
-  const int64_t inter = c.moe_intermediate_size;
 
   EPIC_RETURN_IF_ERROR(cuda::MatMul(*blas, ws.normed.data(), tokens, hidden, L.router, ws.router.data(), experts));
   // TopKGating reads the bias from its device copy; the host pointer only says there is one.
@@ -384,18 +385,8 @@ Status CudaForward::Impl::Moe(int64_t layer, int64_t tokens, int32_t* counts) {
   rows.scratch = ws.ex_scratch.data();
   EPIC_RETURN_IF_ERROR(cuda::PermuteByExpert(ws.expert_ids.data(), ws.gate_weights.data(), tokens, k, experts, rows));
   const int32_t* routed = ws.ex_offsets.data() + experts;  // offsets[experts]: the rows routed
-  EPIC_RETURN_IF_ERROR(cuda::GatherRowsToBf16(ws.normed.data(), hidden, hidden, rows.source_token, routed, choices,
-                                              ws.rows_b.data(), hidden));
-  cuda::GroupedWeights gate_up{L.gate_up_by_expert.data(), experts, 2 * inter, hidden, hidden};
-  EPIC_RETURN_IF_ERROR(cuda::GroupedMatMul(ws.rows_b.data(), choices, hidden, ws.ex_offsets.data(), gate_up,
-                                           ws.gate_up.data(), 2 * inter, ws.tiles.data(), ws.tiles.size()));
-  // Rows past the routed ones hold stale values; nothing below reads them back.
-  EPIC_RETURN_IF_ERROR(cuda::SiluMul(ws.gate_up.data(), ws.gate_up.data() + inter, choices, inter, 2 * inter,
-                                     ws.mid.data(), inter));
-  EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.mid.data(), choices, inter, inter, ws.mid_b.data(), inter));
-  cuda::GroupedWeights down{L.down_by_expert.data(), experts, hidden, inter, inter};
-  EPIC_RETURN_IF_ERROR(cuda::GroupedMatMul(ws.mid_b.data(), choices, inter, ws.ex_offsets.data(), down,
-                                           ws.expert_out.data(), hidden, ws.tiles.data(), ws.tiles.size()));
+  EPIC_RETURN_IF_ERROR(GroupedExperts(ws.normed.data(), rows.source_token, routed, choices, ws.ex_offsets.data(),
+                                      L.gate_up_by_expert, L.down_by_expert));
   return cuda::ScatterAddWeighted(ws.expert_out.data(), choices, hidden, hidden, rows.grouped_row,
                                   ws.gate_weights.data(), tokens, k, ws.x.data(), hidden);
 }
@@ -475,17 +466,8 @@ Status CudaForward::Impl::MoeExchange(int64_t layer, int64_t tokens, int64_t fir
   EPIC_RETURN_IF_ERROR(ws.layout_weight.CopyFromHost(layout.row_weight.data(), received * k));
   EPIC_RETURN_IF_ERROR(cuda::ZeroOnDevice(ws.out_rows.data(), static_cast<size_t>(received * row_bytes)));
   if (grouped > 0) {
-    EPIC_RETURN_IF_ERROR(cuda::GatherRowsToBf16(ws.received.data(), hidden, hidden, ws.layout_source.data(), nullptr,
-                                                grouped, ws.rows_b.data(), hidden));
-    cuda::GroupedWeights gate_up{L.gate_up_by_slot.data(), slots, 2 * inter, hidden, hidden};
-    EPIC_RETURN_IF_ERROR(cuda::GroupedMatMul(ws.rows_b.data(), grouped, hidden, ws.layout_offsets.data(), gate_up,
-                                             ws.gate_up.data(), 2 * inter, ws.tiles.data(), ws.tiles.size()));
-    EPIC_RETURN_IF_ERROR(cuda::SiluMul(ws.gate_up.data(), ws.gate_up.data() + inter, grouped, inter, 2 * inter,
-                                       ws.mid.data(), inter));
-    EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.mid.data(), grouped, inter, inter, ws.mid_b.data(), inter));
-    cuda::GroupedWeights down{L.down_by_slot.data(), slots, hidden, inter, inter};
-    EPIC_RETURN_IF_ERROR(cuda::GroupedMatMul(ws.mid_b.data(), grouped, inter, ws.layout_offsets.data(), down,
-                                             ws.expert_out.data(), hidden, ws.tiles.data(), ws.tiles.size()));
+    EPIC_RETURN_IF_ERROR(GroupedExperts(ws.received.data(), ws.layout_source.data(), nullptr, grouped,
+                                        ws.layout_offsets.data(), L.gate_up_by_slot, L.down_by_slot));
     EPIC_RETURN_IF_ERROR(cuda::ScatterAddWeighted(ws.expert_out.data(), grouped, hidden, hidden,
                                                   ws.layout_grouped.data(), ws.layout_weight.data(), received, k,
                                                   ws.out_rows.data(), hidden));

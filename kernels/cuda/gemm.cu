@@ -248,6 +248,41 @@ Status BatchedMatMul(Blas& blas, const BatchedMatMulArgs& a) {
       kOp);
 }
 
+Status FoldQuery(Blas& blas, const MlaHeads& mla, const uint16_t* q, int64_t tokens, int64_t ldq,
+                 int64_t q_head_stride, float* q_latent, int64_t ldy) {
+  const int64_t lora = mla.kv_b_proj.cols;
+  BatchedMatMulArgs a;
+  a.x = q;
+  a.m = tokens;
+  a.ldx = ldq;
+  a.x_stride = q_head_stride;
+  a.w = mla.kv_b_proj.Rows(0, mla.nope);
+  a.w_stride = (mla.nope + mla.v_dim) * mla.kv_b_proj.ld;
+  a.transpose_w = false;
+  a.y = q_latent;
+  a.ldy = ldy;
+  a.y_stride = lora;
+  a.batches = mla.heads;
+  return BatchedMatMul(blas, a);
+}
+
+Status UnfoldLatent(Blas& blas, const MlaHeads& mla, const uint16_t* o_latent, int64_t tokens, int64_t ldo,
+                    float* out, int64_t ldy) {
+  BatchedMatMulArgs a;
+  a.x = o_latent;
+  a.m = tokens;
+  a.ldx = ldo;
+  a.x_stride = mla.kv_b_proj.cols;
+  a.w = mla.kv_b_proj.Rows(mla.nope, mla.v_dim);
+  a.w_stride = (mla.nope + mla.v_dim) * mla.kv_b_proj.ld;
+  a.transpose_w = true;
+  a.y = out;
+  a.ldy = ldy;
+  a.y_stride = mla.v_dim;
+  a.batches = mla.heads;
+  return BatchedMatMul(blas, a);
+}
+
 Status ToBf16(const float* x, int64_t rows, int64_t n, int64_t ldx, uint16_t* out, int64_t ldo, cudaStream_t stream) {
   if (rows < 0 || n < 0 || ldx < n || ldo < n) {
     return InvalidArgumentError("ToBf16: " + Str(rows) + " rows of width " + Str(n) + ", strides " + Str(ldx) +

@@ -74,6 +74,22 @@ struct BatchedMatMulArgs {
 };
 Status BatchedMatMul(Blas& blas, const BatchedMatMulArgs& args);
 
+// MLA's absorbed form, one batch per head h over kv_b_proj [heads * (nope + v_dim), lora]
+// (BF16), whose rows [h * (nope + v_dim), +nope) are W_UK[h] and the next v_dim W_UV[h]:
+//   FoldQuery:    q_latent[t, h * lora + :] = q[t, h * q_head_stride + :nope] W_UK[h]
+//   UnfoldLatent: out[t, h * v_dim + :] = o_latent[t, h * lora + :lora] W_UV[h]^T
+// q is [tokens, ldq] and o_latent [tokens, ldo] (BF16); the outputs are F32 with row stride ldy.
+struct MlaHeads {
+  DeviceMatrix kv_b_proj;
+  int64_t heads = 0;
+  int64_t nope = 0;
+  int64_t v_dim = 0;
+};
+Status FoldQuery(Blas& blas, const MlaHeads& mla, const uint16_t* q, int64_t tokens, int64_t ldq,
+                 int64_t q_head_stride, float* q_latent, int64_t ldy);
+Status UnfoldLatent(Blas& blas, const MlaHeads& mla, const uint16_t* o_latent, int64_t tokens, int64_t ldo,
+                    float* out, int64_t ldy);
+
 // out[r, :n] = x[r, :n] rounded to BF16: x is F32 [rows, ldx], out [rows, ldo].
 Status ToBf16(const float* x, int64_t rows, int64_t n, int64_t ldx, uint16_t* out, int64_t ldo,
               cudaStream_t stream = nullptr);

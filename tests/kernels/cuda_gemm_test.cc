@@ -26,6 +26,7 @@
 #include "kernels/cuda/buffer.h"
 #include "kernels/cuda/device.h"
 #include "tests/kernels/cuda_test_util.h"
+#include "tests/testing/random_values.h"
 
 namespace epic::cuda {
 namespace {
@@ -43,13 +44,7 @@ constexpr double kAbsoluteFloor = 1e-6;
 // F32 products (the router): TF32's 10-bit mantissa would miss this by far.
 constexpr double kF32Relative = 1e-5;
 
-std::vector<float> Random(size_t n, uint64_t seed, float lo = -2.0f, float hi = 2.0f) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> d(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(rng);
-  return v;
-}
+using epic::testing::Random;
 
 float FromBits(uint32_t bits) {
   float f;
@@ -341,19 +336,7 @@ TEST(CudaGemmTest, BatchedMatMulRunsMlaPerHeadProducts) {
         ASSERT_OK_AND_ASSIGN(DeviceBuffer<uint16_t> dq, DeviceBuffer<uint16_t>::FromHost(q.bits));
         ASSERT_OK_AND_ASSIGN(DeviceBuffer<float> dy,
                              DeviceBuffer<float>::FromHost(std::vector<float>(tokens * ldy, kNaN)));
-        BatchedMatMulArgs fold;
-        fold.x = dq.data();
-        fold.m = tokens;
-        fold.ldx = ldq;
-        fold.x_stride = qhd;
-        fold.w = kv_b_proj.Rows(0, nope);
-        fold.w_stride = kv_head * lora;
-        fold.transpose_w = false;
-        fold.y = dy.data();
-        fold.ldy = ldy;
-        fold.y_stride = lora;
-        fold.batches = heads;
-        ASSERT_OK(BatchedMatMul(*blas, fold));
+        ASSERT_OK(FoldQuery(*blas, {kv_b_proj, heads, nope, vdim}, dq.data(), tokens, ldq, qhd, dy.data(), ldy));
         ASSERT_OK_AND_ASSIGN(std::vector<float> got, dy.ToHost());
         const std::string what = "fold through W_UK, " + shape;
         for (int64_t h = 0; h < heads; ++h) {
@@ -379,19 +362,8 @@ TEST(CudaGemmTest, BatchedMatMulRunsMlaPerHeadProducts) {
         ASSERT_OK_AND_ASSIGN(DeviceBuffer<uint16_t> dout_latent, DeviceBuffer<uint16_t>::FromHost(o.bits));
         ASSERT_OK_AND_ASSIGN(DeviceBuffer<float> dy,
                              DeviceBuffer<float>::FromHost(std::vector<float>(tokens * ldy, kNaN)));
-        BatchedMatMulArgs unfold;
-        unfold.x = dout_latent.data();
-        unfold.m = tokens;
-        unfold.ldx = ldo;
-        unfold.x_stride = lora;
-        unfold.w = kv_b_proj.Rows(nope, vdim);
-        unfold.w_stride = kv_head * lora;
-        unfold.transpose_w = true;
-        unfold.y = dy.data();
-        unfold.ldy = ldy;
-        unfold.y_stride = vdim;
-        unfold.batches = heads;
-        ASSERT_OK(BatchedMatMul(*blas, unfold));
+        ASSERT_OK(UnfoldLatent(*blas, {kv_b_proj, heads, nope, vdim}, dout_latent.data(), tokens, ldo, dy.data(),
+                               ldy));
         ASSERT_OK_AND_ASSIGN(std::vector<float> got, dy.ToHost());
         const std::string what = "unfold through W_UV, " + shape;
         for (int64_t h = 0; h < heads; ++h) {

@@ -19,6 +19,7 @@
 #include "kernels/cuda/device.h"
 #include "parallel/dispatch.h"
 #include "tests/kernels/cuda_test_util.h"
+#include "tests/testing/random_values.h"
 
 namespace epic::cuda {
 namespace {
@@ -31,13 +32,7 @@ constexpr double kRelative = 1e-6;
 
 const int64_t kTokens[] = {1, 5, 33};
 
-std::vector<float> Random(size_t n, uint64_t seed, float lo, float hi) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> d(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(rng);
-  return v;
-}
+using epic::testing::Random;
 
 // Values from a handful of levels, so that experts, and whole groups, tie.
 std::vector<float> Tied(size_t n, uint64_t seed, int levels, float step) {

@@ -18,6 +18,7 @@
 #include "kernels/cuda/buffer.h"
 #include "kernels/cuda/device.h"
 #include "tests/kernels/cuda_test_util.h"
+#include "tests/testing/random_values.h"
 #include "worker/model_config.h"
 #include "worker/rope.h"
 #include "worker/sampler.h"
@@ -36,13 +37,7 @@ constexpr double kAbsoluteFloor = 1e-12;
 const int64_t kRows[] = {0, 1, 3, 17};
 const int64_t kWidths[] = {1, 7, 129, 576};
 
-std::vector<float> Random(size_t n, uint64_t seed, float lo = -2.0f, float hi = 2.0f) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> d(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(rng);
-  return v;
-}
+using epic::testing::Random;
 
 void ExpectRelative(float got, float want, const char* what, int64_t row, int64_t col) {
   const double tolerance = std::max(kRelative * std::fabs(static_cast<double>(want)), kAbsoluteFloor);

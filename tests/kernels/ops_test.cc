@@ -7,16 +7,12 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/testing/random_values.h"
+
 namespace epic::cpu {
 namespace {
 
-std::vector<float> Random(size_t n, uint64_t seed, float lo = -2.0f, float hi = 2.0f) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> d(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(rng);
-  return v;
-}
+using epic::testing::Random;
 
 TEST(OpsTest, RmsNormMatchesFloat64) {
   const int64_t rows = 3, n = 37, ld = 40;

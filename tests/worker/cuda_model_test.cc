@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "tests/kernels/cuda_test_util.h"
+#include "tests/testing/random_values.h"
 #include "tests/testing/temp_dir.h"
 #include "worker/device.h"
 #include "worker/generate.h"
@@ -29,15 +30,7 @@ constexpr double kBf16Tolerance = 5e-2;
 // F32 sums (cuBLAS picks its kernel by shape; the attention splits by context).
 constexpr double kShapeTolerance = 2e-3;
 
-std::vector<int32_t> Prompt(int n, int64_t vocab, uint64_t seed) {
-  std::vector<int32_t> t;
-  uint64_t s = seed * 2654435761u + 11;
-  for (int i = 0; i < n; ++i) {
-    s = s * 6364136223846793005ull + 1442695040888963407ull;
-    t.push_back(static_cast<int32_t>((s >> 33) % static_cast<uint64_t>(vocab)));
-  }
-  return t;
-}
+using epic::testing::Prompt;
 
 // The worst row of A against B, each row's error relative to B's largest magnitude.
 double WorstRowError(const std::vector<float>& a, const std::vector<float>& b, int64_t vocab) {

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "tests/reference/reference_model.h"
+#include "tests/testing/random_values.h"
 #include "tests/testing/temp_dir.h"
 #include "worker/generate.h"
 #include "worker/random_checkpoint.h"
@@ -34,15 +35,7 @@ struct Case {
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
-std::vector<int32_t> Prompt(int n, int64_t vocab, uint64_t seed) {
-  std::vector<int32_t> t;
-  uint64_t s = seed * 2654435761u + 7;
-  for (int i = 0; i < n; ++i) {
-    s = s * 6364136223846793005ull + 1442695040888963407ull;
-    t.push_back(static_cast<int32_t>((s >> 33) % static_cast<uint64_t>(vocab)));
-  }
-  return t;
-}
+using epic::testing::Prompt;
 
 // max_i |a_i - b_i| / max_i |b_i| over one row.
 double RowError(const float* a, const std::vector<double>& b) {
