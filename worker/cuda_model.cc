@@ -37,6 +37,8 @@ struct DeviceLayer {
   bool has_shared = false;
   DeviceMlp dense, shared;
   std::vector<DeviceMlp> experts;  // slot order
+  // Each routed expert in memory of its own, so that a rank dropping it frees it.
+  std::vector<std::shared_ptr<cuda::DeviceMemory>> expert_memory;
   // For GroupedMatMul: by logical expert (one rank: routing groups by expert on the
   // device) and by slot (several ranks: received rows are grouped by slot).
   DeviceBuffer<const uint16_t*> gate_up_by_expert, down_by_expert, gate_up_by_slot, down_by_slot;
@@ -116,6 +118,72 @@ Status Grow(DeviceBuffer<T>& b, int64_t n) {
   if (b.size() >= n) return OkStatus();
   EPIC_ASSIGN_OR_RETURN(b, DeviceBuffer<T>::Allocate(std::max<int64_t>(n, 1)));
   return OkStatus();
+}
+
+// BF16 bytes of an MLP's three matrices.
+int64_t MlpBytes(const MlpWeights& w) {
+  return 2 * (w.gate.rows * w.gate.cols + w.up.rows * w.up.cols + w.down.rows * w.down.cols);
+}
+
+// One routed expert copied to memory of its own.
+struct DeviceExpert {
+  DeviceMlp mlp;
+  std::shared_ptr<cuda::DeviceMemory> memory;
+  int64_t bytes = 0;
+};
+
+StatusOr<DeviceExpert> UploadExpert(const MlpWeights& w, const ProgressFn& progress) {
+  DeviceExpert e;
+  WeightUpload upload;
+  e.mlp.inter = w.gate.rows;
+  upload.Add({w.gate, w.up}, cuda::DType::kBF16, &e.mlp.gate_up);
+  upload.Add({w.down}, cuda::DType::kBF16, &e.mlp.down);
+  e.memory = std::make_shared<cuda::DeviceMemory>();
+  EPIC_RETURN_IF_ERROR(upload.Run(e.memory.get(), progress));
+  e.bytes = upload.total_bytes();
+  return e;
+}
+
+// A layer's tables of expert pointers for GroupedMatMul: by slot (several ranks group
+// received rows by slot), and by logical expert (one rank routes on the device, and
+// then holds every expert once).
+struct ExpertTables {
+  DeviceBuffer<const uint16_t*> gate_up_by_slot, down_by_slot, gate_up_by_expert, down_by_expert;
+};
+
+StatusOr<ExpertTables> MakeExpertTables(const std::vector<DeviceMlp>& experts, const std::vector<int32_t>& slots,
+                                        bool by_expert, int64_t num_experts, int64_t layer) {
+  ExpertTables t;
+  std::vector<const uint16_t*> gate_up, down;
+  for (const DeviceMlp& e : experts) {
+    gate_up.push_back(static_cast<const uint16_t*>(e.gate_up.data));
+    down.push_back(static_cast<const uint16_t*>(e.down.data));
+  }
+  EPIC_ASSIGN_OR_RETURN(t.gate_up_by_slot, DeviceBuffer<const uint16_t*>::FromHost(gate_up));
+  EPIC_ASSIGN_OR_RETURN(t.down_by_slot, DeviceBuffer<const uint16_t*>::FromHost(down));
+  if (!by_expert) return t;
+  std::vector<const uint16_t*> gate_up_e(static_cast<size_t>(num_experts), nullptr);
+  std::vector<const uint16_t*> down_e(static_cast<size_t>(num_experts), nullptr);
+  for (size_t s = 0; s < slots.size() && s < experts.size(); ++s) {
+    gate_up_e.at(static_cast<size_t>(slots[s])) = gate_up[s];
+    down_e.at(static_cast<size_t>(slots[s])) = down[s];
+  }
+  for (int64_t e = 0; e < num_experts; ++e) {
+    if (gate_up_e[e] == nullptr) {
+      return FailedPreconditionError("CUDA step: layer " + std::to_string(layer) + " does not hold expert " +
+                                     std::to_string(e) + "; a one-rank job must hold every expert");
+    }
+  }
+  EPIC_ASSIGN_OR_RETURN(t.gate_up_by_expert, DeviceBuffer<const uint16_t*>::FromHost(gate_up_e));
+  EPIC_ASSIGN_OR_RETURN(t.down_by_expert, DeviceBuffer<const uint16_t*>::FromHost(down_e));
+  return t;
+}
+
+void Install(ExpertTables t, DeviceLayer* d) {
+  d->gate_up_by_slot = std::move(t.gate_up_by_slot);
+  d->down_by_slot = std::move(t.down_by_slot);
+  d->gate_up_by_expert = std::move(t.gate_up_by_expert);
+  d->down_by_expert = std::move(t.down_by_expert);
 }
 
 }  // namespace
@@ -226,44 +294,89 @@ StatusOr<std::unique_ptr<CudaForward>> CudaForward::Create(const ModelConfig& c,
       EPIC_ASSIGN_OR_RETURN(D.choice_bias, DeviceBuffer<float>::FromHost(L.choice_bias));
     }
     if (L.has_shared) add_mlp(L.shared, &D.shared);
-    D.experts.resize(L.experts.size());
-    for (size_t s = 0; s < L.experts.size(); ++s) add_mlp(L.experts[s], &D.experts[s]);
   }
-  EPIC_RETURN_IF_ERROR(upload.Run(&impl->weight_memory, progress));
+  // Progress over everything: the shared allocation, then expert by expert.
+  int64_t total = upload.total_bytes(), done = 0;
+  for (const LayerWeights& L : w.layers) {
+    for (const MlpWeights& e : L.experts) total += MlpBytes(e);
+  }
+  auto report = [&](int64_t d, int64_t) {
+    if (progress) progress(std::min(done + d, total), total);
+  };
+  EPIC_RETURN_IF_ERROR(upload.Run(&impl->weight_memory, report));
   if (tied) impl->lm_head = impl->embed;
   impl->weight_bytes = upload.total_bytes();
+  done = upload.total_bytes();
+  for (size_t l = 0; l < w.layers.size(); ++l) {
+    DeviceLayer& D = impl->layers[l];
+    for (const MlpWeights& e : w.layers[l].experts) {
+      EPIC_ASSIGN_OR_RETURN(DeviceExpert d, UploadExpert(e, report));
+      D.experts.push_back(d.mlp);
+      D.expert_memory.push_back(std::move(d.memory));
+      impl->weight_bytes += d.bytes;
+      done += MlpBytes(e);
+    }
+  }
 
   for (size_t l = 0; l < w.layers.size(); ++l) {
     DeviceLayer& D = impl->layers[l];
     if (!D.moe) continue;
-    std::vector<const uint16_t*> slot_gate_up, slot_down;
-    for (const DeviceMlp& e : D.experts) {
-      slot_gate_up.push_back(static_cast<const uint16_t*>(e.gate_up.data));
-      slot_down.push_back(static_cast<const uint16_t*>(e.down.data));
-    }
-    EPIC_ASSIGN_OR_RETURN(D.gate_up_by_slot, DeviceBuffer<const uint16_t*>::FromHost(slot_gate_up));
-    EPIC_ASSIGN_OR_RETURN(D.down_by_slot, DeviceBuffer<const uint16_t*>::FromHost(slot_down));
-    if (impl->ranks > 1) continue;
-    // One rank routes by logical expert on the device.
-    const int64_t experts = c.n_routed_experts;
-    std::vector<const uint16_t*> gate_up(static_cast<size_t>(experts), nullptr);
-    std::vector<const uint16_t*> down(static_cast<size_t>(experts), nullptr);
-    const std::vector<int32_t>& slots = expert_slots.at(l);
-    for (size_t s = 0; s < slots.size() && s < D.experts.size(); ++s) {
-      gate_up.at(static_cast<size_t>(slots[s])) = static_cast<const uint16_t*>(D.experts[s].gate_up.data);
-      down.at(static_cast<size_t>(slots[s])) = static_cast<const uint16_t*>(D.experts[s].down.data);
-    }
-    for (int64_t e = 0; e < experts; ++e) {
-      if (gate_up[e] == nullptr) {
-        return FailedPreconditionError("CUDA step: layer " + std::to_string(l) + " does not hold expert " +
-                                       std::to_string(e) + "; the CUDA step needs every expert on its one rank");
-      }
-    }
-    EPIC_ASSIGN_OR_RETURN(D.gate_up_by_expert, DeviceBuffer<const uint16_t*>::FromHost(gate_up));
-    EPIC_ASSIGN_OR_RETURN(D.down_by_expert, DeviceBuffer<const uint16_t*>::FromHost(down));
+    EPIC_ASSIGN_OR_RETURN(ExpertTables tables, MakeExpertTables(D.experts, expert_slots.at(l), impl->ranks == 1,
+                                                                c.n_routed_experts, static_cast<int64_t>(l)));
+    Install(std::move(tables), &D);
   }
   return std::unique_ptr<CudaForward>(new CudaForward(std::move(impl)));
 }
+
+Status CudaForward::ChangeExperts(const parallel::ExpertPlacement& next, const std::vector<std::vector<int>>& kept,
+                                 const std::vector<std::vector<MlpWeights>>& weights) {
+  Impl& m = *impl_;
+  struct Pending {
+    std::vector<DeviceMlp> experts;
+    std::vector<std::shared_ptr<cuda::DeviceMemory>> memory;
+    ExpertTables tables;
+    int64_t added = 0;
+  };
+  std::vector<Pending> pending(m.layers.size());
+  for (size_t l = 0; l < m.layers.size(); ++l) {
+    if (!next.is_moe_layer(static_cast<int64_t>(l))) continue;
+    const DeviceLayer& D = m.layers[l];
+    Pending& p = pending[l];
+    const std::vector<int32_t>& slots = next.slots(static_cast<int64_t>(l), m.rank);
+    for (size_t j = 0; j < slots.size(); ++j) {
+      const int old = kept.at(l).at(j);
+      if (old >= 0) {
+        p.experts.push_back(D.experts.at(static_cast<size_t>(old)));
+        p.memory.push_back(D.expert_memory.at(static_cast<size_t>(old)));
+        continue;
+      }
+      EPIC_ASSIGN_OR_RETURN(DeviceExpert e, UploadExpert(weights.at(l).at(j), {}));
+      p.experts.push_back(e.mlp);
+      p.memory.push_back(std::move(e.memory));
+      p.added += e.bytes;
+    }
+    EPIC_ASSIGN_OR_RETURN(p.tables, MakeExpertTables(p.experts, slots, m.ranks == 1, m.config.n_routed_experts,
+                                                     static_cast<int64_t>(l)));
+  }
+  EPIC_RETURN_IF_ERROR(cuda::Synchronize());  // no kernel still reads what is freed below
+  for (size_t l = 0; l < m.layers.size(); ++l) {
+    if (!next.is_moe_layer(static_cast<int64_t>(l))) continue;
+    DeviceLayer& D = m.layers[l];
+    Pending& p = pending[l];
+    for (size_t s = 0; s < D.expert_memory.size(); ++s) {
+      const bool stays = std::find(kept[l].begin(), kept[l].end(), static_cast<int>(s)) != kept[l].end();
+      if (!stays && D.expert_memory[s]) m.weight_bytes -= static_cast<int64_t>(D.expert_memory[s]->bytes());
+    }
+    m.weight_bytes += p.added;
+    D.experts = std::move(p.experts);
+    D.expert_memory = std::move(p.memory);
+    Install(std::move(p.tables), &D);
+    m.expert_slots[l] = next.slots(static_cast<int64_t>(l), m.rank);
+  }
+  return OkStatus();
+}
+
+void CudaForward::set_placement(const parallel::ExpertPlacement* placement) { impl_->shard.placement = placement; }
 
 // y += down(silu(gate(xb)) * up(xb)) for TOKENS rows.
 Status CudaForward::Impl::Mlp(const DeviceMlp& m, const uint16_t* xb, int64_t tokens, float* y) {

@@ -51,6 +51,15 @@ class CudaForward {
   Status Forward(std::span<SequenceStep> batch, const StepTokens& tokens, LatentCache* cache,
                  std::vector<float>* logits, ExpertCounts* counts);
 
+  // The experts of this rank's slots change (Model::ApplyPlacement, every rank together)
+  // to NEXT's. Per layer and new slot: KEPT is the old slot whose expert it keeps (-1 for
+  // a new one) and WEIGHTS the new one's host weights. New experts are copied to the
+  // device before anything changes, so a failure leaves the step as it was; the memory
+  // of dropped experts is freed. Then set_placement must name the model's copy of NEXT.
+  Status ChangeExperts(const parallel::ExpertPlacement& next, const std::vector<std::vector<int>>& kept,
+                       const std::vector<std::vector<MlpWeights>>& weights);
+  void set_placement(const parallel::ExpertPlacement* placement);
+
   // Device bytes of the weights.
   int64_t weight_bytes() const;
 

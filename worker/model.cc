@@ -44,7 +44,6 @@ Status CheckPlacement(const ModelConfig& config, int ranks, const parallel::Expe
 Model::~Model() = default;
 
 StatusOr<PlacementChange> Model::ApplyPlacement(const parallel::ExpertPlacement& next) {
-  if (cuda_) return FailedPreconditionError("changing the expert placement is not written for the CUDA step");
   const ModelConfig& c = config();
   EPIC_RETURN_IF_ERROR(CheckPlacement(c, comm_->size(), next));
   const int rank = comm_->rank();
@@ -52,6 +51,7 @@ StatusOr<PlacementChange> Model::ApplyPlacement(const parallel::ExpertPlacement&
   const size_t layers = static_cast<size_t>(c.num_hidden_layers);
   std::vector<std::vector<MlpWeights>> experts(layers);
   std::vector<std::vector<std::shared_ptr<WeightArena>>> memory(layers);
+  std::vector<std::vector<int>> kept(layers);  // per new slot, the old slot it keeps; -1: new
   // Every load first: a failure leaves the model as it was.
   for (size_t l = 0; l < layers; ++l) {
     if (!next.is_moe_layer(static_cast<int64_t>(l))) continue;
@@ -61,24 +61,30 @@ StatusOr<PlacementChange> Model::ApplyPlacement(const parallel::ExpertPlacement&
       const auto it = std::find(held.begin(), held.end(), e);
       if (it != held.end()) {
         const size_t s = static_cast<size_t>(it - held.begin());
+        kept[l].push_back(static_cast<int>(s));
         experts[l].push_back(L.experts[s]);
         memory[l].push_back(s < L.expert_memory.size() ? L.expert_memory[s] : nullptr);
         continue;
       }
       EPIC_ASSIGN_OR_RETURN(BoundExpert bound, BindExpert(*checkpoint_, static_cast<int64_t>(l), e, residency_));
+      kept[l].push_back(-1);
       experts[l].push_back(bound.weights);
       memory[l].push_back(std::move(bound.memory));
       ++change.experts_loaded;
       change.bytes_loaded += bound.bytes;
     }
   }
+#ifdef EPIC_HAVE_CUDA
+  // The GPU's copies first: the last step that can fail.
+  if (cuda_) EPIC_RETURN_IF_ERROR(cuda_->ChangeExperts(next, kept, experts));
+#endif
   for (size_t l = 0; l < layers; ++l) {
     if (!next.is_moe_layer(static_cast<int64_t>(l))) continue;
     LayerWeights& L = weights_->layers[l];
-    const auto& kept = next.slots(static_cast<int64_t>(l), rank);
+    const auto& kept_experts = next.slots(static_cast<int64_t>(l), rank);
     const auto& held = placement_->slots(static_cast<int64_t>(l), rank);
     for (size_t s = 0; s < held.size(); ++s) {
-      if (std::find(kept.begin(), kept.end(), held[s]) != kept.end()) continue;
+      if (std::find(kept_experts.begin(), kept_experts.end(), held[s]) != kept_experts.end()) continue;
       ++change.experts_dropped;
       const MlpWeights& w = L.experts[s];
       change.bytes_dropped += (w.gate.rows * w.gate.cols + w.up.rows * w.up.cols + w.down.rows * w.down.cols) *
@@ -92,6 +98,9 @@ StatusOr<PlacementChange> Model::ApplyPlacement(const parallel::ExpertPlacement&
     L.expert_memory = std::move(memory[l]);
   }
   placement_ = std::make_unique<parallel::ExpertPlacement>(next);
+#ifdef EPIC_HAVE_CUDA
+  if (cuda_) cuda_->set_placement(placement_.get());
+#endif
   weights_->matrix_bytes += change.bytes_loaded - change.bytes_dropped;
   return change;
 }
@@ -162,7 +171,7 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
   EPIC_ASSIGN_OR_RETURN(model->weights_,
                         ModelWeights::Bind(*model->checkpoint_, device == ComputeDevice::kCuda ? ProgressFn{} : progress,
                                            host, ws));
-  model->residency_ = residency;
+  model->residency_ = host;
   const ModelConfig& c = model->config();
   model->rope_ = MakeRopeTable(c);
   cpu::GateParams& g = model->gate_;

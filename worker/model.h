@@ -118,7 +118,8 @@ class Model {
   // Switches to NEXT between steps (every rank together): the experts this rank newly
   // holds are read from the checkpoint, those it keeps stay where they are, and the
   // memory of those it drops goes back to the system. Outputs do not change. A load
-  // that fails leaves the model as it was. FAILED_PRECONDITION on the CUDA step.
+  // that fails leaves the model as it was. On the CUDA step the new experts are copied to
+  // the GPU too, and the dropped ones' device memory freed.
   StatusOr<PlacementChange> ApplyPlacement(const parallel::ExpertPlacement& next);
 
   // Sums COUNTS->tokens over the job's ranks, in place: once after the steps, rather

@@ -16,6 +16,7 @@
 
 #include "kernels/cuda/device.h"
 #include "parallel/communicator.h"
+#include "parallel/expert_placement.h"
 #include "parallel/nccl_communicator.h"
 #include "worker/generate.h"
 #include "worker/model.h"
@@ -116,6 +117,49 @@ TEST_F(CudaDistributedTest, PromptLogitsMatchOneCpuProcess) {
       EXPECT_EQ(total, steps_tokens * k);
     }
     RemoveCheckpoint();
+  }
+}
+
+TEST_F(CudaDistributedTest, MovingEveryExpertKeepsTheLogits) {
+  const std::filesystem::path dir = Write("v2-160");
+  ModelShard shard{comm_.get(), nullptr};
+  shard.device_comm = nccl_.get();
+  auto gpu = Model::Load(dir, {}, WeightResidency::kCopy, shard, ComputeDevice::kCuda);
+  ASSERT_TRUE(gpu.ok()) << gpu.status().ToString();
+  const int64_t vocab = (*gpu)->config().vocab_size;
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 15; ++i) prompt.push_back(static_cast<int32_t>((i * 104729 + 3) % vocab));
+  GenerateOptions o;
+  o.prompt_logits = true;
+  o.max_new_tokens = 1;
+  o.block_size = 8;
+  auto before = Generate(**gpu, prompt, o);
+  ASSERT_TRUE(before.ok()) << before.status().ToString();
+  // Each rank takes over the next rank's experts: with several ranks every expert moves
+  // and is copied to another GPU.
+  parallel::ExpertPlacement::Table table = (*gpu)->placement().table();
+  for (auto& layer : table) {
+    if (!layer.empty()) std::rotate(layer.begin(), layer.begin() + 1, layer.end());
+  }
+  auto rotated = parallel::ExpertPlacement::Create(table, (*gpu)->config().n_routed_experts);
+  ASSERT_TRUE(rotated.ok()) << rotated.status().ToString();
+  auto change = (*gpu)->ApplyPlacement(*rotated);
+  ASSERT_TRUE(change.ok()) << change.status().ToString();
+  if (comm_->size() > 1) {
+    EXPECT_GT(change->experts_loaded, 0);
+  }
+  auto after = Generate(**gpu, prompt, o);
+  ASSERT_TRUE(after.ok()) << after.status().ToString();
+  ASSERT_EQ(after->prompt_logits.size(), before->prompt_logits.size());
+  for (size_t row = 0; row < prompt.size(); ++row) {
+    double diff = 0, scale = 0;
+    for (int64_t i = 0; i < vocab; ++i) {
+      const double a = after->prompt_logits[row * vocab + i], b = before->prompt_logits[row * vocab + i];
+      diff = std::max(diff, std::fabs(a - b));
+      scale = std::max(scale, std::fabs(b));
+    }
+    // The same products on other GPUs; only the order of the combine's sums may differ.
+    EXPECT_LE(diff / scale, 2e-3) << "row " << row;
   }
 }
 

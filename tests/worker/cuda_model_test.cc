@@ -15,6 +15,7 @@
 #include "tests/kernels/cuda_test_util.h"
 #include "tests/testing/random_values.h"
 #include "tests/testing/temp_dir.h"
+#include "parallel/expert_placement.h"
 #include "worker/device.h"
 #include "worker/generate.h"
 #include "worker/model.h"
@@ -148,9 +149,24 @@ TEST_P(CudaModel, RepeatedRunsAreIdentical) {
                            first.prompt_logits.size() * sizeof(float)));
 }
 
-TEST_P(CudaModel, RefusesWhatTheGpuStepDoesNotDo) {
-  // Moving experts is not written for the GPU step: refused, and the model still runs.
-  EXPECT_EQ(gpu_->ApplyPlacement(gpu_->placement()).status().code(), StatusCode::kFailedPrecondition);
+TEST_P(CudaModel, ChangingThePlacementKeepsTheLogits) {
+  const std::vector<int32_t> prompt = Prompt(13, vocab_, 6);
+  ASSERT_OK_AND_ASSIGN(auto before, PrefillLogits(*gpu_, prompt));
+  // One rank holds every expert; a new placement reorders its slots, so every expert
+  // moves to another slot (and is copied to the GPU again).
+  parallel::ExpertPlacement::Table table = gpu_->placement().table();
+  for (auto& layer : table) {
+    for (auto& slots : layer) std::reverse(slots.begin(), slots.end());
+  }
+  ASSERT_OK_AND_ASSIGN(auto reversed,
+                       parallel::ExpertPlacement::Create(table, gpu_->config().n_routed_experts));
+  ASSERT_OK_AND_ASSIGN(PlacementChange change, gpu_->ApplyPlacement(reversed));
+  EXPECT_EQ(change.experts_loaded, 0);  // reordered, not new: every expert stays on the rank
+  ASSERT_OK_AND_ASSIGN(auto after, PrefillLogits(*gpu_, prompt));
+  EXPECT_LE(WorstRowError(after, before, vocab_), kShapeTolerance);
+}
+
+TEST_P(CudaModel, BadTokensAreRefusedAndTheModelStillRuns) {
   const std::vector<int32_t> prompt = Prompt(3, vocab_, 6);
   auto cache = gpu_->MakeCache(16, 1);
   BlockTable table;
