@@ -214,6 +214,9 @@ struct CudaForward::Impl {
     DeviceBuffer<float> x, normed, qa, q, latent, q_latent, o_latent, attn, gate_up, mid, router, gate_weights,
         ex_weight, expert_out, mla, selected, logits;
     DeviceBuffer<uint16_t> xb, wide_b, mid_b, rows_b;
+    // The expanded form: one sequence's rows, keys and values, one chunk's scores.
+    DeviceBuffer<uint16_t> latent_rows, kv_b, probs;
+    DeviceBuffer<float> kv, scores;
     // Several ranks: this rank's token block, and the MoE exchange.
     DeviceBuffer<float> partial, mine, normed_all, summed, received, out_rows, back, ones, gathered;
     DeviceBuffer<int32_t> layout_offsets, layout_source, layout_grouped, token_source;
@@ -222,7 +225,16 @@ struct CudaForward::Impl {
   } ws;
 
   Status Mlp(const DeviceMlp& m, const uint16_t* xb, int64_t tokens, float* y);
-  Status Attention(int64_t layer, int64_t tokens, int64_t max_context, uint16_t* pool);
+  // A sequence of the step, for the expanded form.
+  struct Span {
+    int64_t first = 0;        // its first token in the step
+    int64_t n = 0;            // its new tokens
+    int64_t start = 0;        // rows cached before the step
+    int64_t table_start = 0;  // where its block ids start in ws.block_tables
+  };
+  Status Attention(int64_t layer, int64_t tokens, int64_t max_context, uint16_t* pool, bool expanded,
+                   const std::vector<Span>& spans);
+  Status ExpandedAttention(const DeviceLayer& L, const uint16_t* pool, const std::vector<Span>& spans);
   Status GroupedExperts(const float* x, const int32_t* source, const int32_t* count, int64_t max_rows,
                         const int32_t* offsets, const DeviceBuffer<const uint16_t*>& gate_up,
                         const DeviceBuffer<const uint16_t*>& down);
@@ -390,7 +402,8 @@ Status CudaForward::Impl::Mlp(const DeviceMlp& m, const uint16_t* xb, int64_t to
 
 // ws.attn = this layer's attention over ws.normed (and its BF16 copy ws.xb), the
 // new latent rows written to POOL first.
-Status CudaForward::Impl::Attention(int64_t layer, int64_t tokens, int64_t max_context, uint16_t* pool) {
+Status CudaForward::Impl::Attention(int64_t layer, int64_t tokens, int64_t max_context, uint16_t* pool,
+                                    bool expanded, const std::vector<Span>& spans) {
   const ModelConfig& c = config;
   const DeviceLayer& L = layers[layer];
   const int64_t hidden = c.hidden_size;
@@ -417,8 +430,10 @@ Status CudaForward::Impl::Attention(int64_t layer, int64_t tokens, int64_t max_c
       cuda::ApplyRope({q, tokens, heads * qhd, nope, heads, qhd}, ws.positions.data(), rope_freq));
   EPIC_RETURN_IF_ERROR(cuda::WriteLatentRows(latent, tokens, width, width, ws.slots.data(), pool));
 
-  // q_latent[t, h] = q_nope[t, h] W_UK[h] (gemm.h: MlaHeads).
   EPIC_RETURN_IF_ERROR(cuda::ToBf16(q, tokens, heads * qhd, heads * qhd, ws.wide_b.data(), heads * qhd));
+  if (expanded) return ExpandedAttention(L, pool, spans);
+
+  // q_latent[t, h] = q_nope[t, h] W_UK[h] (gemm.h: MlaHeads).
   const cuda::MlaHeads mla{L.kv_b_proj, heads, nope, vdim};
   EPIC_RETURN_IF_ERROR(
       cuda::FoldQuery(*blas, mla, ws.wide_b.data(), tokens, heads * qhd, qhd, ws.q_latent.data(), heads * lora));
@@ -447,6 +462,79 @@ Status CudaForward::Impl::Attention(int64_t layer, int64_t tokens, int64_t max_c
   EPIC_RETURN_IF_ERROR(
       cuda::ToBf16(ws.o_latent.data(), tokens, heads * lora, heads * lora, ws.wide_b.data(), heads * lora));
   return cuda::UnfoldLatent(*blas, mla, ws.wide_b.data(), tokens, heads * lora, ws.attn.data(), heads * vdim);
+}
+
+// The expanded form, sequence by sequence: its cached rows (the new ones written) up-
+// projected through kv_b_proj into per-head keys and values, then causal attention per
+// head as cuBLAS products around CausalSoftmax, over chunks of queries that bound the
+// score matrix. Reads ws.wide_b (q in BF16); writes ws.attn.
+Status CudaForward::Impl::ExpandedAttention(const DeviceLayer& L, const uint16_t* pool,
+                                            const std::vector<Span>& spans) {
+  const ModelConfig& c = config;
+  const int64_t nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, lora = c.kv_lora_rank;
+  const int64_t qhd = c.q_head_dim(), vdim = c.v_head_dim, width = c.latent_dim();
+  const int64_t kv_head = nope + vdim;
+  const int64_t ldq = heads * qhd;
+  const float scale = static_cast<float>(c.SoftmaxScale());
+  constexpr int64_t kScoreBudget = int64_t{64} << 20;  // score values at a time (256 MiB of F32)
+  for (const Span& sp : spans) {
+    const int64_t context = sp.start + sp.n;
+    EPIC_RETURN_IF_ERROR(Grow(ws.latent_rows, context * width));
+    EPIC_RETURN_IF_ERROR(Grow(ws.kv, context * heads * kv_head));
+    EPIC_RETURN_IF_ERROR(Grow(ws.kv_b, context * heads * kv_head));
+    EPIC_RETURN_IF_ERROR(cuda::GatherLatentRows(pool, block_size, ws.block_tables.data() + sp.table_start, context,
+                                                width, ws.latent_rows.data()));
+    // kv[t] = kv_b_proj c_kv[t]: per head [k_nope | v].
+    EPIC_RETURN_IF_ERROR(
+        cuda::MatMul(*blas, ws.latent_rows.data(), context, width, L.kv_b_proj, ws.kv.data(), heads * kv_head));
+    EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.kv.data(), context, heads * kv_head, heads * kv_head, ws.kv_b.data(),
+                                      heads * kv_head));
+    const int64_t chunk = std::clamp<int64_t>(kScoreBudget / std::max<int64_t>(heads * context, 1), 1, sp.n);
+    for (int64_t i0 = 0; i0 < sp.n; i0 += chunk) {
+      const int64_t nq = std::min(chunk, sp.n - i0);
+      EPIC_RETURN_IF_ERROR(Grow(ws.scores, heads * nq * context));
+      EPIC_RETURN_IF_ERROR(Grow(ws.probs, heads * nq * context));
+      const uint16_t* q = ws.wide_b.data() + (sp.first + i0) * ldq;
+      // scores[h] = q_nope[h] k_nope[h]^T + q_pe[h] k_pe^T, k_pe shared by the heads.
+      cuda::BatchedMatMulArgs qk;
+      qk.x = q;
+      qk.m = nq;
+      qk.ldx = ldq;
+      qk.x_stride = qhd;
+      qk.w = {cuda::DType::kBF16, ws.kv_b.data(), context, nope, heads * kv_head};
+      qk.w_stride = kv_head;
+      qk.y = ws.scores.data();
+      qk.ldy = context;
+      qk.y_stride = nq * context;
+      qk.batches = heads;
+      EPIC_RETURN_IF_ERROR(cuda::BatchedMatMul(*blas, qk));
+      if (rope > 0) {
+        cuda::BatchedMatMulArgs pe = qk;
+        pe.x = q + nope;
+        pe.w = {cuda::DType::kBF16, ws.latent_rows.data() + lora, context, rope, width};
+        pe.w_stride = 0;
+        pe.accumulate = true;
+        EPIC_RETURN_IF_ERROR(cuda::BatchedMatMul(*blas, pe));
+      }
+      EPIC_RETURN_IF_ERROR(cuda::CausalSoftmax(ws.scores.data(), heads, nq, context, sp.start + i0, scale,
+                                               ws.probs.data()));
+      // attn[i, h] = probs[h, i] v[h].
+      cuda::BatchedMatMulArgs pv;
+      pv.x = ws.probs.data();
+      pv.m = nq;
+      pv.ldx = context;
+      pv.x_stride = nq * context;
+      pv.w = {cuda::DType::kBF16, ws.kv_b.data() + nope, context, vdim, heads * kv_head};
+      pv.w_stride = kv_head;
+      pv.transpose_w = false;
+      pv.y = ws.attn.data() + (sp.first + i0) * heads * vdim;
+      pv.ldy = heads * vdim;
+      pv.y_stride = vdim;
+      pv.batches = heads;
+      EPIC_RETURN_IF_ERROR(cuda::BatchedMatMul(*blas, pv));
+    }
+  }
+  return OkStatus();
 }
 
 // ws.expert_out[r] = the expert of grouped row r applied to x[source[r]], for the rows r
@@ -627,7 +715,7 @@ Status CudaForward::Impl::MoeExchange(int64_t layer, int64_t tokens, int64_t fir
 }
 
 Status CudaForward::Forward(std::span<SequenceStep> batch, const StepTokens& steps, LatentCache* cache,
-                            std::vector<float>* logits, ExpertCounts* counts) {
+                            std::vector<float>* logits, ExpertCounts* counts, AttentionForm form) {
   Impl& m = *impl_;
   const ModelConfig& c = m.config;
   auto& ws = m.ws;
@@ -657,10 +745,12 @@ Status CudaForward::Forward(std::span<SequenceStep> batch, const StepTokens& ste
   std::vector<int64_t> slots(static_cast<size_t>(tokens));
   std::vector<int32_t> tables;
   int64_t max_context = 1;
+  std::vector<Impl::Span> spans;
   {
     size_t t = 0;
     for (const SequenceStep& s : batch) {
       const int32_t start = static_cast<int32_t>(tables.size());
+      spans.push_back({static_cast<int64_t>(t), static_cast<int64_t>(s.tokens.size()), s.cache->num_tokens, start});
       tables.insert(tables.end(), s.cache->blocks.begin(), s.cache->blocks.end());
       for (size_t i = 0; i < s.tokens.size(); ++i, ++t) {
         const int64_t pos = steps.positions[t];
@@ -669,6 +759,21 @@ Status CudaForward::Forward(std::span<SequenceStep> batch, const StepTokens& ste
         slots[t] = static_cast<int64_t>(s.cache->blocks[static_cast<size_t>(pos / bs)]) * bs + pos % bs;
         max_context = std::max(max_context, pos + 1);
       }
+    }
+  }
+  // Expand only when every sequence is cheaper so (Model::Attention's count of
+  // multiply-adds); one launch of the absorbed kernel serves any mix.
+  bool expanded = form == AttentionForm::kExpanded;
+  if (form == AttentionForm::kAuto) {
+    const double h = static_cast<double>(heads), lora_d = static_cast<double>(c.kv_lora_rank);
+    const double nope = static_cast<double>(c.qk_nope_head_dim), rope = static_cast<double>(c.qk_rope_head_dim);
+    const double vdim = static_cast<double>(c.v_head_dim), qhd = static_cast<double>(c.q_head_dim());
+    expanded = !spans.empty();
+    for (const Impl::Span& sp : spans) {
+      const double n = static_cast<double>(sp.n), ctx = static_cast<double>(sp.start + sp.n);
+      const double expand_cost = ctx * lora_d * h * (nope + vdim) + n * ctx * h * (qhd + vdim);
+      const double absorb_cost = n * h * (nope * lora_d + ctx * (2 * lora_d + rope) + lora_d * vdim);
+      expanded = expanded && expand_cost < absorb_cost;
     }
   }
   std::vector<int32_t> logit_rows(steps.logit_rows.begin(), steps.logit_rows.end());
@@ -759,7 +864,7 @@ Status CudaForward::Forward(std::span<SequenceStep> batch, const StepTokens& ste
     EPIC_RETURN_IF_ERROR(
         cuda::RmsNorm(ws.x.data(), tokens, hidden, hidden, L.input_norm.data(), eps, ws.normed.data(), hidden));
     EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.normed.data(), tokens, hidden, hidden, ws.xb.data(), hidden));
-    EPIC_RETURN_IF_ERROR(m.Attention(l, tokens, max_context, pool + l * layer_rows * width));
+    EPIC_RETURN_IF_ERROR(m.Attention(l, tokens, max_context, pool + l * layer_rows * width, expanded, spans));
     const int64_t attn_width = heads * c.v_head_dim;
     EPIC_RETURN_IF_ERROR(cuda::ToBf16(ws.attn.data(), tokens, attn_width, attn_width, ws.wide_b.data(), attn_width));
     if (ranks == 1) {

@@ -24,6 +24,7 @@ namespace epic {
 struct SequenceStep;
 struct StepTokens;
 struct ExpertCounts;
+enum class AttentionForm;  // worker/model.h
 
 // This rank's part of a job of several GPUs, as Model::Load split it.
 struct CudaShard {
@@ -47,9 +48,11 @@ class CudaForward {
   ~CudaForward();
 
   // One step, with Model::Forward's contract; TOKENS is the batch flattened and checked.
-  // The cache's rows are allocated on the device at its first step.
+  // The cache's rows are allocated on the device at its first step. FORM: kAuto expands
+  // K/V (the expanded MLA form) when that costs fewer multiply-adds for every sequence
+  // of the step, as a prefill does, and otherwise absorbs.
   Status Forward(std::span<SequenceStep> batch, const StepTokens& tokens, LatentCache* cache,
-                 std::vector<float>* logits, ExpertCounts* counts);
+                 std::vector<float>* logits, ExpertCounts* counts, AttentionForm form);
 
   // The experts of this rank's slots change (Model::ApplyPlacement, every rank together)
   // to NEXT's. Per layer and new slot: KEPT is the old slot whose expert it keeps (-1 for

@@ -250,7 +250,7 @@ Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::ve
     counts->combine.assign(layers, {});
   }
 #ifdef EPIC_HAVE_CUDA
-  if (cuda_) return cuda_->Forward(batch, step, cache, logits, counts);
+  if (cuda_) return cuda_->Forward(batch, step, cache, logits, counts, attention_form_);
 #endif
   const std::vector<int64_t>& positions = step.positions;
   const std::vector<int32_t>& token_ids = step.ids;

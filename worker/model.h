@@ -104,7 +104,7 @@ class Model {
   // A cache sized for this model.
   std::unique_ptr<LatentCache> MakeCache(int64_t block_size, int64_t num_blocks) const;
 
-  // For tests and benchmarks: force one form of attention (the CUDA step always absorbs).
+  // For tests and benchmarks: force one form of attention.
   void set_attention_form(AttentionForm form) { attention_form_ = form; }
 
   // Runs one step. Each sequence's cache must already hold room for its new tokens

@@ -237,7 +237,7 @@ Status BatchedMatMul(Blas& blas, const BatchedMatMulArgs& a) {
   }
   if (a.m == 0 || a.batches == 0 || out == 0) return OkStatus();
   EPIC_RETURN_IF_ERROR(CheckPointers(kOp, {a.x, w.data, a.y}));
-  const float alpha = 1.0f, beta = 0.0f;
+  const float alpha = 1.0f, beta = a.accumulate ? 1.0f : 0.0f;
   // Column-major view: y^T = op(w^T-as-stored) x^T.
   return BlasStatus(
       cublasGemmStridedBatchedEx(Handle(blas), a.transpose_w ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N,

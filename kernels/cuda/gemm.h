@@ -71,6 +71,7 @@ struct BatchedMatMulArgs {
   int64_t ldy = 0;
   int64_t y_stride = 0;
   int64_t batches = 0;
+  bool accumulate = false;  // y += instead of y =
 };
 Status BatchedMatMul(Blas& blas, const BatchedMatMulArgs& args);
 

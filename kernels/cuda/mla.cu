@@ -252,7 +252,74 @@ __global__ void WriteLatentKernel(const float* latent, int64_t tokens, int64_t w
   }
 }
 
+// One block per row: the row's block looked up once, its values copied.
+__global__ void GatherLatentKernel(const uint16_t* pool, int64_t block_size, const int32_t* table, int64_t width,
+                                   uint16_t* out) {
+  const int64_t row = blockIdx.x;
+  const uint16_t* src = pool + (static_cast<int64_t>(table[row / block_size]) * block_size + row % block_size) * width;
+  for (int64_t i = threadIdx.x; i < width; i += blockDim.x) out[row * width + i] = src[i];
+}
+
+// One block per (batch, query) row.
+__global__ void CausalSoftmaxKernel(const float* scores, int64_t queries, int64_t keys, int64_t first_pos,
+                                    float scale, uint16_t* probs) {
+  __shared__ float partial[kWarps];
+  const int64_t row = blockIdx.x;
+  const int64_t visible = first_pos + row % queries + 1;
+  const float* s = scores + row * keys;
+  uint16_t* p = probs + row * keys;
+  float m = -INFINITY;
+  for (int64_t t = threadIdx.x; t < visible; t += blockDim.x) m = fmaxf(m, s[t] * scale);
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, o));
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = m;
+  __syncthreads();
+  m = partial[0];
+  for (int w = 1; w < kWarps; ++w) m = fmaxf(m, partial[w]);
+  __syncthreads();  // every thread has read the maxima before the sums reuse PARTIAL
+  float sum = 0.0f;
+  for (int64_t t = threadIdx.x; t < visible; t += blockDim.x) sum += __expf(s[t] * scale - m);
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(kFullMask, sum, o);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
+  __syncthreads();
+  sum = 0.0f;
+  for (int w = 0; w < kWarps; ++w) sum += partial[w];
+  const float inv = 1.0f / sum;
+  for (int64_t t = threadIdx.x; t < keys; t += blockDim.x) {
+    const float v = t < visible ? __expf(s[t] * scale - m) * inv : 0.0f;
+    p[t] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  }
+}
+
 }  // namespace
+
+Status GatherLatentRows(const uint16_t* pool, int64_t block_size, const int32_t* table, int64_t rows, int64_t width,
+                        uint16_t* out, cudaStream_t stream) {
+  constexpr const char* kOp = "GatherLatentRows";
+  if (rows < 0 || width < 1 || block_size < 1 || rows > INT_MAX) {
+    return InvalidArgumentError(std::string(kOp) + ": " + Str(rows) + " rows of width " + Str(width) +
+                                ", block size " + Str(block_size));
+  }
+  if (rows == 0) return OkStatus();
+  EPIC_RETURN_IF_ERROR(CheckPointers(kOp, {pool, table, out}));
+  GatherLatentKernel<<<static_cast<unsigned>(rows), 128, 0, stream>>>(pool, block_size, table, width, out);
+  EPIC_CUDA_RETURN_IF_LAUNCH_FAILED("GatherLatentKernel");
+  return OkStatus();
+}
+
+Status CausalSoftmax(const float* scores, int64_t batches, int64_t queries, int64_t keys, int64_t first_pos,
+                     float scale, uint16_t* probs, cudaStream_t stream) {
+  constexpr const char* kOp = "CausalSoftmax";
+  if (batches < 0 || queries < 0 || first_pos < 0 || first_pos + queries > keys || batches * queries > INT_MAX) {
+    return InvalidArgumentError(std::string(kOp) + ": " + Str(batches) + " x " + Str(queries) + " queries from " +
+                                "position " + Str(first_pos) + " over " + Str(keys) + " keys");
+  }
+  if (batches == 0 || queries == 0) return OkStatus();
+  EPIC_RETURN_IF_ERROR(CheckPointers(kOp, {scores, probs}));
+  CausalSoftmaxKernel<<<static_cast<unsigned>(batches * queries), kThreads, 0, stream>>>(scores, queries, keys,
+                                                                                         first_pos, scale, probs);
+  EPIC_CUDA_RETURN_IF_LAUNCH_FAILED("CausalSoftmaxKernel");
+  return OkStatus();
+}
 
 MlaSplits PlanMlaSplits(int64_t tokens, int64_t num_heads, int64_t max_context, int sm_count) {
   MlaSplits s;

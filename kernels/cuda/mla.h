@@ -73,6 +73,21 @@ int64_t MlaWorkspaceFloats(int64_t tokens, int64_t num_heads, int64_t kv_lora_ra
 Status MlaAbsorbedAttention(const MlaAttentionParams& params, const MlaSplits& splits, float* workspace,
                             int64_t workspace_floats, cudaStream_t stream = nullptr);
 
+// The expanded form (prefill: K and V up-projected through kv_b_proj, then plain causal
+// attention per head through cuBLAS) needs two pieces of its own:
+//
+// OUT [rows, width] = a sequence's first ROWS cached rows, contiguous (BF16 bits);
+// TABLE is that sequence's block ids.
+Status GatherLatentRows(const uint16_t* pool, int64_t block_size, const int32_t* table, int64_t rows, int64_t width,
+                        uint16_t* out, cudaStream_t stream = nullptr);
+
+// PROBS[b, i, :] = softmax over t <= first_pos + i of SCALE * SCORES[b, i, t], as BF16,
+// and 0 for the masked keys t > first_pos + i: SCORES and PROBS are [batches, queries,
+// keys] (F32 and BF16 bits). The sum is F32 over the unrounded weights.
+// REQUIRES: first_pos + queries <= keys.
+Status CausalSoftmax(const float* scores, int64_t batches, int64_t queries, int64_t keys, int64_t first_pos,
+                     float scale, uint16_t* probs, cudaStream_t stream = nullptr);
+
 // The cache write of a step: row slots[t] of POOL (row width WIDTH, BF16) =
 // latent[t, :WIDTH] (F32 [tokens, ld]) rounded to BF16. A slot is a block id times the
 // block size plus the row within the block.

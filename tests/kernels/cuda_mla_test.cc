@@ -229,6 +229,56 @@ TEST(MlaLatentWrite, RoundsRowsIntoTheirSlotsAndLeavesTheRestAlone) {
   EXPECT_EQ(got, want);
 }
 
+TEST(MlaExpanded, GatherLatentRowsCopiesASequencesRowsInOrder) {
+  SKIP_WITHOUT_GPU();
+  const int64_t block = 5, width = 19, rows = 23, blocks = 9;
+  std::vector<uint16_t> pool(static_cast<size_t>(blocks * block * width));
+  for (size_t i = 0; i < pool.size(); ++i) pool[i] = static_cast<uint16_t>(i * 7 + 1);
+  const std::vector<int32_t> table = {6, 2, 8, 0, 4};  // 23 rows need 5 blocks
+  ASSERT_OK_AND_ASSIGN(auto dpool, DeviceBuffer<uint16_t>::FromHost(pool));
+  ASSERT_OK_AND_ASSIGN(auto dtable, DeviceBuffer<int32_t>::FromHost(table));
+  ASSERT_OK_AND_ASSIGN(auto out, DeviceBuffer<uint16_t>::FromHost(std::vector<uint16_t>(rows * width + 3, 0xffff)));
+  ASSERT_OK(GatherLatentRows(dpool.data(), block, dtable.data(), rows, width, out.data()));
+  ASSERT_OK_AND_ASSIGN(auto got, out.ToHost());
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < width; ++i) {
+      ASSERT_EQ(got[r * width + i], pool[(table[r / block] * block + r % block) * width + i]) << r << ", " << i;
+    }
+  }
+  for (int64_t i = rows * width; i < rows * width + 3; ++i) EXPECT_EQ(got[i], 0xffff);  // nothing past the rows
+}
+
+TEST(MlaExpanded, CausalSoftmaxMatchesFloat64AndMasksTheFuture) {
+  SKIP_WITHOUT_GPU();
+  for (int64_t keys : {1, 7, 300, 1100}) {
+    const int64_t batches = 3, queries = std::min<int64_t>(keys, 5), first = keys - queries;
+    std::mt19937_64 rng(keys);
+    std::vector<float> scores(static_cast<size_t>(batches * queries * keys));
+    std::uniform_real_distribution<float> d(-20.0f, 20.0f);
+    for (float& v : scores) v = d(rng);
+    ASSERT_OK_AND_ASSIGN(auto ds, DeviceBuffer<float>::FromHost(scores));
+    ASSERT_OK_AND_ASSIGN(auto dp, DeviceBuffer<uint16_t>::FromHost(std::vector<uint16_t>(scores.size(), 0x7fc1)));
+    const float scale = 0.37f;
+    ASSERT_OK(CausalSoftmax(ds.data(), batches, queries, keys, first, scale, dp.data()));
+    ASSERT_OK_AND_ASSIGN(auto got, dp.ToHost());
+    for (int64_t row = 0; row < batches * queries; ++row) {
+      const int64_t visible = first + row % queries + 1;
+      double m = -1e300, sum = 0;
+      for (int64_t t = 0; t < visible; ++t) m = std::max(m, 0.37 * scores[row * keys + t]);
+      for (int64_t t = 0; t < visible; ++t) sum += std::exp(0.37 * scores[row * keys + t] - m);
+      for (int64_t t = 0; t < keys; ++t) {
+        const double p = Bf16ToFloat(got[row * keys + t]);
+        if (t >= visible) {
+          ASSERT_EQ(got[row * keys + t], 0) << "future key " << t << " of row " << row;
+          continue;
+        }
+        const double want = std::exp(0.37 * scores[row * keys + t] - m) / sum;
+        ASSERT_NEAR(p, want, 4e-3 * want + 1e-7) << "keys " << keys << ", row " << row << ", key " << t;
+      }
+    }
+  }
+}
+
 // --- On the host: split planning and argument checks --------------------------
 
 TEST(MlaSplitPlan, CoversEveryContextInWholeChunksWithoutEmptySplits) {
@@ -298,6 +348,14 @@ TEST(MlaArguments, RefusesBadShapesBeforeTouchingTheDevice) {
   EXPECT_EQ(WriteLatentRows(&dummy, -1, 80, 80, &slot, &cache).code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(WriteLatentRows(nullptr, 1, 80, 80, &slot, &cache).code(), StatusCode::kInvalidArgument);
   EXPECT_TRUE(WriteLatentRows(&dummy, 0, 80, 80, &slot, &cache).ok());
+
+  EXPECT_EQ(GatherLatentRows(&cache, 0, &ids, 3, 80, &cache).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(GatherLatentRows(nullptr, 16, &ids, 3, 80, &cache).code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(GatherLatentRows(&cache, 16, &ids, 0, 80, &cache).ok());
+  uint16_t probs = 0;
+  EXPECT_EQ(CausalSoftmax(&dummy, 2, 5, 10, 6, 1.0f, &probs).code(), StatusCode::kInvalidArgument);  // 6 + 5 > 10
+  EXPECT_EQ(CausalSoftmax(nullptr, 2, 5, 10, 5, 1.0f, &probs).code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(CausalSoftmax(&dummy, 0, 5, 10, 5, 1.0f, &probs).ok());
 }
 
 }  // namespace

@@ -104,6 +104,23 @@ TEST_P(CudaModel, PrefillLogitsMatchTheCpuWithinBf16) {
   }
 }
 
+TEST_P(CudaModel, BothAttentionFormsMatchTheCpu) {
+  const std::vector<int32_t> prompt = Prompt(29, vocab_, 7);
+  ASSERT_OK_AND_ASSIGN(auto want, PrefillLogits(*cpu_, prompt));
+  std::vector<std::vector<float>> got;
+  for (AttentionForm form : {AttentionForm::kAbsorbed, AttentionForm::kExpanded}) {
+    gpu_->set_attention_form(form);
+    ASSERT_OK_AND_ASSIGN(auto logits, PrefillLogits(*gpu_, prompt));
+    EXPECT_LE(WorstRowError(logits, want, vocab_), kBf16Tolerance)
+        << (form == AttentionForm::kAbsorbed ? "absorbed" : "expanded");
+    got.push_back(std::move(logits));
+  }
+  gpu_->set_attention_form(AttentionForm::kAuto);
+  // The two forms round different intermediates to BF16; they agree as closely as either
+  // agrees with the CPU.
+  EXPECT_LE(WorstRowError(got[1], got[0], vocab_), kBf16Tolerance);
+}
+
 TEST_P(CudaModel, DecodeEqualsPrefill) {
   const std::vector<int32_t> prompt = Prompt(19, vocab_, 2);
   ASSERT_OK_AND_ASSIGN(auto prefill, PrefillLogits(*gpu_, prompt));
