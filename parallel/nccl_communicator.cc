@@ -23,7 +23,7 @@ class NcclCommunicator final : public Communicator {
     if (comm_ != nullptr && !aborted_) {  // an aborted communicator is already torn down
       ncclCommFinalize(comm_);
       (void)WaitForComm("ncclCommFinalize");
-      ncclCommDestroy(comm_);
+      if (!aborted_) ncclCommDestroy(comm_);  // a finalize that timed out aborted it
     }
     if (scratch_ != nullptr) cudaFree(scratch_);
     if (staging_ != nullptr) cudaFree(staging_);
@@ -205,6 +205,20 @@ class NcclCommunicator final : public Communicator {
   // Waits for the stream, polling NCCL's asynchronous error, under the timeout.
   Status Wait(const char* op) {
     const auto start = Clock::now();
+    // A non-blocking communicator may return from the call while it is still setting up
+    // (ncclInProgress): until that ends, the work is not on the stream yet, and an empty
+    // stream would look finished.
+    while (true) {
+      ncclResult_t state = ncclSuccess;
+      ncclCommGetAsyncError(comm_, &state);
+      if (state == ncclSuccess) break;
+      if (state != ncclInProgress) {
+        Abort();
+        return Nccl(op, "asynchronous error", state);
+      }
+      if (Clock::now() - start > timeout_) return TimedOut(op);
+      std::this_thread::yield();
+    }
     while (true) {
       const cudaError_t q = cudaStreamQuery(stream_);
       if (q == cudaSuccess) return OkStatus();
@@ -215,14 +229,16 @@ class NcclCommunicator final : public Communicator {
         Abort();
         return Nccl(op, "asynchronous error", async);
       }
-      if (Clock::now() - start > timeout_) {
-        Abort();
-        return InternalError(Prefix(op) + "not completed after " +
-                             std::to_string(std::chrono::duration<double>(timeout_).count()) +
-                             " s; a peer is dead or stuck; the NCCL communicator was aborted");
-      }
+      if (Clock::now() - start > timeout_) return TimedOut(op);
       std::this_thread::sleep_for(std::chrono::microseconds(20));
     }
+  }
+
+  Status TimedOut(const char* op) {
+    Abort();
+    return InternalError(Prefix(op) + "not completed after " +
+                         std::to_string(std::chrono::duration<double>(timeout_).count()) +
+                         " s; a peer is dead or stuck; the NCCL communicator was aborted");
   }
 
   Status WaitForComm(const char* what) {

@@ -205,6 +205,7 @@ struct CudaForward::Impl {
   std::unique_ptr<cuda::Blas> blas;
   int sm_count = 1;
   int64_t block_size = 0;  // of the cache of the current step
+  parallel::ExchangeStats exchange_totals;  // all MoE exchanges since load
 
   // Per-step buffers, grown to the largest step seen.
   struct Workspace {
@@ -246,6 +247,7 @@ CudaForward::CudaForward(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 CudaForward::~CudaForward() = default;
 
 int64_t CudaForward::weight_bytes() const { return impl_->weight_bytes; }
+const parallel::ExchangeStats& CudaForward::exchange_stats() const { return impl_->exchange_totals; }
 
 StatusOr<std::unique_ptr<CudaForward>> CudaForward::Create(const ModelConfig& c, const ModelWeights& w,
                                                            const std::vector<std::vector<int32_t>>& expert_slots,
@@ -675,13 +677,13 @@ Status CudaForward::Impl::MoeExchange(int64_t layer, int64_t tokens, int64_t fir
   }
 
   // Combine: the rows go back; each token adds what its ranks returned, in rank order.
-  start = Clock::now();
   const parallel::CombineLayout back = parallel::MakeCombineLayout(plan, rows_from, rank);
   const int64_t back_rows = back.returned + back.self_rows;
   EPIC_RETURN_IF_ERROR(Grow(ws.back, back_rows * hidden));
   EPIC_RETURN_IF_ERROR(Grow(ws.token_source, tokens * back.sources));
   EPIC_RETURN_IF_ERROR(Grow(ws.ones, tokens * back.sources));
   EPIC_RETURN_IF_ERROR(cuda::Synchronize());  // the experts' rows are complete before NCCL reads them
+  start = Clock::now();  // the exchange and the adds, as the CPU's Combine times
   EPIC_RETURN_IF_ERROR(comm.AllToAllRows(ws.out_rows.data(), row_bytes, back.send_index, back.send_rows,
                                          ws.back.data(), back.recv_rows));
   EPIC_RETURN_IF_ERROR(cuda::CopyOnDevice(ws.back.data() + back.returned * hidden,
@@ -697,6 +699,8 @@ Status CudaForward::Impl::MoeExchange(int64_t layer, int64_t tokens, int64_t fir
   parallel::ExchangeStats combine{sent_back * row_bytes, back.returned * row_bytes,
                                   std::chrono::duration<double>(Clock::now() - start).count()};
 
+  exchange_totals.Add(dispatch);
+  exchange_totals.Add(combine);
   if (counts != nullptr) {
     // As the CPU step counts: this rank's tokens per logical expert, its slots' rows.
     auto& routed = counts->tokens[layer];
@@ -763,6 +767,7 @@ Status CudaForward::Forward(std::span<SequenceStep> batch, const StepTokens& ste
   }
   // Expand only when every sequence is cheaper so (Model::Attention's count of
   // multiply-adds); one launch of the absorbed kernel serves any mix.
+  constexpr double kExpandedKvBytes = 1 << 30;
   bool expanded = form == AttentionForm::kExpanded;
   if (form == AttentionForm::kAuto) {
     const double h = static_cast<double>(heads), lora_d = static_cast<double>(c.kv_lora_rank);
@@ -773,7 +778,10 @@ Status CudaForward::Forward(std::span<SequenceStep> batch, const StepTokens& ste
       const double n = static_cast<double>(sp.n), ctx = static_cast<double>(sp.start + sp.n);
       const double expand_cost = ctx * lora_d * h * (nope + vdim) + n * ctx * h * (qhd + vdim);
       const double absorb_cost = n * h * (nope * lora_d + ctx * (2 * lora_d + rope) + lora_d * vdim);
-      expanded = expanded && expand_cost < absorb_cost;
+      // Its keys and values, F32 and BF16, must also fit a budget: the absorbed form
+      // needs no such memory, and every rank must choose alike (no rank may run out).
+      const double kv_bytes = ctx * h * (nope + vdim) * 6;
+      expanded = expanded && expand_cost < absorb_cost && kv_bytes <= kExpandedKvBytes;
     }
   }
   std::vector<int32_t> logit_rows(steps.logit_rows.begin(), steps.logit_rows.end());

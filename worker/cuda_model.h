@@ -12,6 +12,7 @@
 #include "common/status.h"
 #include "kernels/cpu/gating.h"
 #include "parallel/communicator.h"
+#include "parallel/dispatch.h"
 #include "parallel/expert_placement.h"
 #include "worker/checkpoint.h"
 #include "worker/latent_cache.h"
@@ -65,6 +66,8 @@ class CudaForward {
 
   // Device bytes of the weights.
   int64_t weight_bytes() const;
+  // The MoE exchanges' bytes and seconds since load (several ranks).
+  const parallel::ExchangeStats& exchange_stats() const;
 
  private:
   struct Impl;

@@ -27,15 +27,20 @@ class MpiJob final : public Job {
   StatusOr<parallel::Communicator*> DeviceComm() override {
     if (device_comm_) return device_comm_.get();
     // This rank's place among the ranks sharing its host picks its GPU.
+    // (MPI_COMM_WORLD's default error handler ends the job on a failing call.)
     MPI_Comm node = MPI_COMM_NULL;
-    int local = 0;
-    if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) != MPI_SUCCESS ||
-        MPI_Comm_rank(node, &local) != MPI_SUCCESS) {
-      return InternalError("MPI could not tell this rank's place on its host");
-    }
+    int local = 0, on_host = 0;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
+    MPI_Comm_rank(node, &local);
+    MPI_Comm_size(node, &on_host);
     MPI_Comm_free(&node);
     EPIC_ASSIGN_OR_RETURN(const int devices, cuda::DeviceCount());
-    EPIC_ASSIGN_OR_RETURN(device_comm_, parallel::MakeNcclCommunicator(*comm_, local % devices));
+    // NCCL needs a GPU of its own for every rank.
+    if (on_host > devices) {
+      return FailedPreconditionError(std::to_string(on_host) + " ranks on this host but " + std::to_string(devices) +
+                                     " GPU(s) visible: --device cuda needs one GPU per rank");
+    }
+    EPIC_ASSIGN_OR_RETURN(device_comm_, parallel::MakeNcclCommunicator(*comm_, local));
     return device_comm_.get();
   }
 #endif

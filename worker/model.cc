@@ -43,6 +43,13 @@ Status CheckPlacement(const ModelConfig& config, int ranks, const parallel::Expe
 
 Model::~Model() = default;
 
+const parallel::ExchangeStats& Model::exchange_stats() const {
+#ifdef EPIC_HAVE_CUDA
+  if (cuda_) return cuda_->exchange_stats();
+#endif
+  return exchange_stats_;
+}
+
 StatusOr<PlacementChange> Model::ApplyPlacement(const parallel::ExpertPlacement& next) {
   const ModelConfig& c = config();
   EPIC_RETURN_IF_ERROR(CheckPlacement(c, comm_->size(), next));

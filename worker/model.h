@@ -99,7 +99,7 @@ class Model {
   parallel::Communicator& comm() const { return *comm_; }
   const parallel::ExpertPlacement& placement() const { return *placement_; }
   // All-to-all traffic of the MoE layers since load, for the load reports.
-  const parallel::ExchangeStats& exchange_stats() const { return exchange_stats_; }
+  const parallel::ExchangeStats& exchange_stats() const;
 
   // A cache sized for this model.
   std::unique_ptr<LatentCache> MakeCache(int64_t block_size, int64_t num_blocks) const;
