@@ -9,6 +9,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels/cuda/ops.h"
+
 namespace epic::parallel {
 namespace {
 
@@ -27,6 +29,7 @@ class NcclCommunicator final : public Communicator {
     }
     if (scratch_ != nullptr) cudaFree(scratch_);
     if (staging_ != nullptr) cudaFree(staging_);
+    if (indices_ != nullptr) cudaFree(indices_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
 
@@ -87,7 +90,7 @@ class NcclCommunicator final : public Communicator {
     return Run("AllToAllV", [&] { return SendRecvAll(send, send_bytes, recv, recv_bytes); });
   }
 
-  // Rows are gathered on the device into a staging buffer first (one copy each).
+  // Rows are gathered on the device into a staging buffer first (one kernel).
   Status AllToAllRows(const void* x, int64_t row_bytes, std::span<const int32_t> rows,
                       std::span<const int64_t> send_rows, void* recv,
                       std::span<const int64_t> recv_rows) override {
@@ -95,11 +98,21 @@ class NcclCommunicator final : public Communicator {
     EPIC_RETURN_IF_ERROR(CheckPerRank("AllToAllRows", recv_rows.size()));
     const int64_t bytes = static_cast<int64_t>(rows.size()) * row_bytes;
     EPIC_RETURN_IF_ERROR(Staging("AllToAllRows", bytes));
-    for (size_t i = 0; i < rows.size(); ++i) {
+    // The row indices to the device, then one gather kernel on the communicator's stream.
+    const int64_t index_bytes = static_cast<int64_t>(rows.size() * sizeof(int32_t));
+    if (index_bytes > index_bytes_) {
+      if (indices_ != nullptr) cudaFree(indices_);
+      indices_ = nullptr;
+      index_bytes_ = 0;
+      EPIC_RETURN_IF_ERROR(Cuda("AllToAllRows", "cudaMalloc", cudaMalloc(&indices_, static_cast<size_t>(index_bytes))));
+      index_bytes_ = index_bytes;
+    }
+    if (!rows.empty()) {
       EPIC_RETURN_IF_ERROR(Cuda("AllToAllRows", "cudaMemcpyAsync",
-                                cudaMemcpyAsync(staging_ + static_cast<int64_t>(i) * row_bytes,
-                                                static_cast<const char*>(x) + rows[i] * row_bytes,
-                                                static_cast<size_t>(row_bytes), cudaMemcpyDeviceToDevice, stream_)));
+                                cudaMemcpyAsync(indices_, rows.data(), static_cast<size_t>(index_bytes),
+                                                cudaMemcpyHostToDevice, stream_)));
+      EPIC_RETURN_IF_ERROR(
+          cuda::GatherRowBytes(x, row_bytes, indices_, static_cast<int64_t>(rows.size()), staging_, stream_));
     }
     std::vector<int64_t> send_bytes(static_cast<size_t>(size_)), recv_bytes(static_cast<size_t>(size_));
     for (int r = 0; r < size_; ++r) {
@@ -279,6 +292,8 @@ class NcclCommunicator final : public Communicator {
   int64_t* scratch_ = nullptr;
   char* staging_ = nullptr;
   int64_t staging_bytes_ = 0;
+  int32_t* indices_ = nullptr;  // AllToAllRows' row indices on the device
+  int64_t index_bytes_ = 0;
   bool aborted_ = false;
 };
 

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <initializer_list>
 #include <string>
 
@@ -198,12 +199,47 @@ Status ApplyRope(const RopeRows& rows, const int64_t* positions, const RopeFrequ
 
 namespace {
 
+// One block per gathered row; T is the width of each copy.
+template <typename T>
+__global__ void GatherRowBytesKernel(const char* x, int64_t row_bytes, const int32_t* rows, char* out) {
+  const int64_t i = blockIdx.x;
+  const T* src = reinterpret_cast<const T*>(x + static_cast<int64_t>(rows[i]) * row_bytes);
+  T* dst = reinterpret_cast<T*>(out + i * row_bytes);
+  const int64_t words = row_bytes / static_cast<int64_t>(sizeof(T));
+  for (int64_t w = threadIdx.x; w < words; w += blockDim.x) dst[w] = src[w];
+}
+
 __global__ void AddKernel(float* y, const float* x, int64_t n) {
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) y[i] += x[i];
 }
 
 }  // namespace
+
+Status GatherRowBytes(const void* x, int64_t row_bytes, const int32_t* rows, int64_t n, void* out,
+                      cudaStream_t stream) {
+  if (row_bytes < 0 || n < 0 || n > INT_MAX) {
+    return InvalidArgumentError("GatherRowBytes: " + Str(n) + " rows of " + Str(row_bytes) + " bytes");
+  }
+  if (n == 0 || row_bytes == 0) return OkStatus();
+  EPIC_RETURN_IF_ERROR(CheckPointers("GatherRowBytes", {x, rows, out}));
+  const auto aligned = [&](uintptr_t a) {
+    return row_bytes % static_cast<int64_t>(a) == 0 && reinterpret_cast<uintptr_t>(x) % a == 0 &&
+           reinterpret_cast<uintptr_t>(out) % a == 0;
+  };
+  const auto* src = static_cast<const char*>(x);
+  auto* dst = static_cast<char*>(out);
+  const unsigned blocks = static_cast<unsigned>(n);
+  if (aligned(16)) {
+    GatherRowBytesKernel<uint4><<<blocks, kThreads, 0, stream>>>(src, row_bytes, rows, dst);
+  } else if (aligned(4)) {
+    GatherRowBytesKernel<uint32_t><<<blocks, kThreads, 0, stream>>>(src, row_bytes, rows, dst);
+  } else {
+    GatherRowBytesKernel<char><<<blocks, kThreads, 0, stream>>>(src, row_bytes, rows, dst);
+  }
+  EPIC_CUDA_RETURN_IF_LAUNCH_FAILED("GatherRowBytesKernel");
+  return OkStatus();
+}
 
 Status AddInPlace(float* y, const float* x, int64_t n, cudaStream_t stream) {
   if (n < 0) return InvalidArgumentError("AddInPlace: " + Str(n) + " values");

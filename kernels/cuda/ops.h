@@ -57,6 +57,11 @@ Status ApplyRope(const RopeRows& rows, const int64_t* positions, const RopeFrequ
 Status SiluMul(const float* gate, const float* up, int64_t rows, int64_t n, int64_t ld, float* out, int64_t ldo,
                cudaStream_t stream = nullptr);
 
+// out row i = x row rows[i] for i < n, rows of ROW_BYTES bytes (16 bytes at a time when
+// the rows and pointers allow): whole rows gathered for an exchange. ROWS is on the device.
+Status GatherRowBytes(const void* x, int64_t row_bytes, const int32_t* rows, int64_t n, void* out,
+                      cudaStream_t stream = nullptr);
+
 // y[i] += x[i] for i < n (F32): a residual add.
 Status AddInPlace(float* y, const float* x, int64_t n, cudaStream_t stream = nullptr);
 

@@ -307,6 +307,43 @@ TEST(CudaOpsTest, ArgMaxRowsPicksTheLowestOfTiesAcrossAVocabulary) {
   EXPECT_EQ(got, (std::vector<int32_t>{5, static_cast<int32_t>(n - 1), 0}));
 }
 
+TEST(CudaOpsTest, GatherRowBytesCopiesWholeRowsAtEveryAlignment) {
+  SKIP_WITHOUT_GPU();
+  // 64-byte rows take 16-byte copies, 12-byte rows 4-byte ones, 7-byte rows single bytes;
+  // an offset source takes the narrower copy its alignment allows.
+  for (int64_t row_bytes : {64, 12, 7}) {
+    for (int64_t offset : {0, 4, 1}) {
+      const int64_t source_rows = 11;
+      std::vector<uint8_t> x(static_cast<size_t>(source_rows * row_bytes + offset));
+      for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<uint8_t>(i * 31 + 7);
+      const std::vector<int32_t> rows = {10, 0, 3, 3, 7};  // any order, repeats allowed
+      ASSERT_OK_AND_ASSIGN(auto dx, DeviceBuffer<uint8_t>::FromHost(x));
+      ASSERT_OK_AND_ASSIGN(auto drows, DeviceBuffer<int32_t>::FromHost(rows));
+      const size_t out_bytes = rows.size() * static_cast<size_t>(row_bytes);
+      ASSERT_OK_AND_ASSIGN(auto dout, DeviceBuffer<uint8_t>::FromHost(std::vector<uint8_t>(out_bytes + 5, 0xAB)));
+      ASSERT_OK(GatherRowBytes(dx.data() + offset, row_bytes, drows.data(), static_cast<int64_t>(rows.size()),
+                               dout.data()));
+      ASSERT_OK_AND_ASSIGN(auto got, dout.ToHost());
+      for (size_t i = 0; i < rows.size(); ++i) {
+        for (int64_t b = 0; b < row_bytes; ++b) {
+          ASSERT_EQ(got[i * row_bytes + b], x[offset + rows[i] * row_bytes + b])
+              << "row " << i << " byte " << b << " (rows of " << row_bytes << ", offset " << offset << ")";
+        }
+      }
+      for (size_t i = out_bytes; i < got.size(); ++i) EXPECT_EQ(got[i], 0xAB) << "written past the rows";
+    }
+  }
+}
+
+TEST(CudaOpsTest, GatherRowBytesChecksSizesOnTheHost) {
+  int32_t rows = 0;
+  char x = 0, out = 0;
+  EXPECT_EQ(GatherRowBytes(&x, -1, &rows, 1, &out).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(GatherRowBytes(&x, 4, &rows, -1, &out).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(GatherRowBytes(nullptr, 4, &rows, 1, &out).code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(GatherRowBytes(nullptr, 4, nullptr, 0, nullptr).ok());  // nothing to gather
+}
+
 TEST(CudaOpsTest, BadSizesAreInvalidArguments) {
   SKIP_WITHOUT_GPU();
   ASSERT_OK_AND_ASSIGN(DeviceBuffer<float> d, DeviceBuffer<float>::Allocate(64));
