@@ -18,6 +18,7 @@
 #include "parallel/communicator.h"
 #include "parallel/expert_placement.h"
 #include "parallel/nccl_communicator.h"
+#include "tests/testing/job_checkpoint.h"
 #include "worker/generate.h"
 #include "worker/model.h"
 #include "worker/random_checkpoint.h"
@@ -44,39 +45,14 @@ class CudaDistributedTest : public ::testing::Test {
     ASSERT_TRUE(nccl.ok()) << nccl.status().ToString();
     nccl_ = std::move(*nccl);
   }
-  void TearDown() override {
-    if (comm_) RemoveCheckpoint();
-  }
-  // Every rank together: rank 0 removes the directory once all are done with it.
-  void RemoveCheckpoint() {
-    (void)comm_->Barrier();
-    if (comm_->rank() == 0 && !dir_.empty()) std::filesystem::remove_all(dir_);
-    dir_.clear();
-  }
-
-  // Rank 0 writes the checkpoint; every rank gets its path.
-  std::filesystem::path Write(const std::string& preset) {
-    char path[256] = {};
-    if (comm_->rank() == 0) {
-      std::snprintf(path, sizeof path, "%s/epic-cuda-dist-%d", ::testing::TempDir().c_str(), ::getpid());
-      RandomCheckpointOptions o;
-      o.seed = 17;
-      const Status s = WriteRandomCheckpoint(PresetConfig(preset).value(), path, o);
-      EXPECT_TRUE(s.ok()) << s.ToString();
-    }
-    EXPECT_TRUE(comm_->Broadcast(path, sizeof path, 0).ok());
-    dir_ = path;
-    return dir_;
-  }
-
   std::unique_ptr<parallel::Communicator> comm_, nccl_;
-  std::filesystem::path dir_;
 };
 
 TEST_F(CudaDistributedTest, PromptLogitsMatchOneCpuProcess) {
   for (const char* preset : {"v2-160", "v3-tiny"}) {
     SCOPED_TRACE(preset);
-    const std::filesystem::path dir = Write(preset);
+    const testing::JobCheckpoint checkpoint(*comm_, preset, {}, 17);
+    const std::filesystem::path& dir = checkpoint.path();
     auto cpu = Model::Load(dir);
     ASSERT_TRUE(cpu.ok()) << cpu.status().ToString();
     ModelShard shard{comm_.get(), nullptr};
@@ -116,12 +92,12 @@ TEST_F(CudaDistributedTest, PromptLogitsMatchOneCpuProcess) {
       for (int64_t n : layer) total += n;
       EXPECT_EQ(total, steps_tokens * k);
     }
-    RemoveCheckpoint();
   }
 }
 
 TEST_F(CudaDistributedTest, MovingEveryExpertKeepsTheLogits) {
-  const std::filesystem::path dir = Write("v2-160");
+  const testing::JobCheckpoint checkpoint(*comm_, "v2-160", {}, 17);
+  const std::filesystem::path& dir = checkpoint.path();
   ModelShard shard{comm_.get(), nullptr};
   shard.device_comm = nccl_.get();
   auto gpu = Model::Load(dir, {}, WeightResidency::kCopy, shard, ComputeDevice::kCuda);
@@ -165,7 +141,8 @@ TEST_F(CudaDistributedTest, MovingEveryExpertKeepsTheLogits) {
 
 TEST_F(CudaDistributedTest, WithoutADeviceCommunicatorTheJobIsRefused) {
   if (comm_->size() == 1) GTEST_SKIP() << "one rank needs no device communicator";
-  const std::filesystem::path dir = Write("tiny");
+  const testing::JobCheckpoint checkpoint(*comm_, "tiny", {}, 17);
+  const std::filesystem::path& dir = checkpoint.path();
   auto gpu = Model::Load(dir, {}, WeightResidency::kCopy, {comm_.get(), nullptr}, ComputeDevice::kCuda);
   ASSERT_FALSE(gpu.ok());
   EXPECT_EQ(gpu.status().code(), StatusCode::kFailedPrecondition) << gpu.status().ToString();

@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "parallel/communicator.h"
+#include "tests/testing/job_checkpoint.h"
 #include "worker/generate.h"
 #include "worker/model.h"
 #include "worker/random_checkpoint.h"
@@ -32,30 +33,6 @@ class DistributedModelTest : public ::testing::Test {
     ASSERT_TRUE(c.ok()) << c.status().ToString();
     comm_ = std::move(*c);
   }
-  void TearDown() override {
-    (void)comm_->Barrier();
-    if (comm_->rank() == 0 && !dir_.empty()) std::filesystem::remove_all(dir_);
-  }
-
-  // Rank 0 writes the checkpoint; every rank gets its path.
-  std::filesystem::path Write(const std::string& preset, const json& overrides) {
-    char path[256] = {};
-    if (comm_->rank() == 0) {
-      std::snprintf(path, sizeof path, "%s/epic-dist-%d-%d", ::testing::TempDir().c_str(), ::getpid(),
-                    counter_++);
-      auto config = PresetConfig(preset);
-      EXPECT_TRUE(config.ok());
-      config->update(overrides);
-      RandomCheckpointOptions o;
-      o.seed = 11;
-      const Status s = WriteRandomCheckpoint(*config, path, o);
-      EXPECT_TRUE(s.ok()) << s.ToString();
-    }
-    EXPECT_TRUE(comm_->Broadcast(path, sizeof path, 0).ok());
-    dir_ = path;
-    return dir_;
-  }
-
   void ExpectSameAsOneProcess(const std::filesystem::path& dir, const parallel::ExpertPlacement* placement) {
     auto single = Model::Load(dir);
     ASSERT_TRUE(single.ok()) << single.status().ToString();
@@ -93,31 +70,33 @@ class DistributedModelTest : public ::testing::Test {
   }
 
   std::unique_ptr<parallel::Communicator> comm_;
-  std::filesystem::path dir_;
-  static inline int counter_ = 0;
 };
 
 // 8 heads so that 8 ranks each hold one.
 const json kEightHeads = {{"num_attention_heads", 8}};
 
 TEST_F(DistributedModelTest, V2GroupLimitedWithQLora) {
-  ExpectSameAsOneProcess(Write("v2-160", kEightHeads), nullptr);
+  const testing::JobCheckpoint checkpoint(*comm_, "v2-160", kEightHeads);
+  ExpectSameAsOneProcess(checkpoint.path(), nullptr);
 }
 
 TEST_F(DistributedModelTest, V2GreedyWithoutQLora) {
   json o = kEightHeads;
   o.update(json{{"q_lora_rank", nullptr}, {"topk_method", "greedy"}, {"n_group", 1}, {"topk_group", 1}});
-  ExpectSameAsOneProcess(Write("v2-160", o), nullptr);
+  const testing::JobCheckpoint checkpoint(*comm_, "v2-160", o);
+  ExpectSameAsOneProcess(checkpoint.path(), nullptr);
 }
 
 TEST_F(DistributedModelTest, V3NoauxTc) {
   json o = kEightHeads;
   o.update(json{{"n_routed_experts", 160}, {"n_group", 8}, {"topk_group", 3}, {"num_experts_per_tok", 6}});
-  ExpectSameAsOneProcess(Write("v3-tiny", o), nullptr);
+  const testing::JobCheckpoint checkpoint(*comm_, "v3-tiny", o);
+  ExpectSameAsOneProcess(checkpoint.path(), nullptr);
 }
 
 TEST_F(DistributedModelTest, RedundantReplicasGiveTheSameLogits) {
-  const std::filesystem::path dir = Write("v2-160", kEightHeads);
+  const testing::JobCheckpoint checkpoint(*comm_, "v2-160", kEightHeads);
+  const std::filesystem::path& dir = checkpoint.path();
   auto config = LoadModelConfig(dir);
   ASSERT_TRUE(config.ok());
   std::vector<bool> moe(static_cast<size_t>(config->num_hidden_layers));
@@ -154,7 +133,8 @@ parallel::ExpertPlacement Scrambled(const ModelConfig& c, int ranks, int spare) 
 }
 
 TEST_F(DistributedModelTest, ChangingThePlacementLiveKeepsTheOutputs) {
-  const std::filesystem::path dir = Write("v2-160", kEightHeads);
+  const testing::JobCheckpoint checkpoint(*comm_, "v2-160", kEightHeads);
+  const std::filesystem::path& dir = checkpoint.path();
   auto model = Model::Load(dir, {}, WeightResidency::kCopy, {comm_.get(), nullptr});
   ASSERT_TRUE(model.ok()) << model.status().ToString();
   const ModelConfig& c = (*model)->config();
