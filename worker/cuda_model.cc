@@ -681,7 +681,11 @@ Status CudaForward::Impl::MoeExchange(int64_t layer, int64_t tokens, int64_t fir
   const int64_t back_rows = back.returned + back.self_rows;
   EPIC_RETURN_IF_ERROR(Grow(ws.back, back_rows * hidden));
   EPIC_RETURN_IF_ERROR(Grow(ws.token_source, tokens * back.sources));
-  EPIC_RETURN_IF_ERROR(Grow(ws.ones, tokens * back.sources));
+  if (ws.ones.size() < tokens * back.sources) {  // the combine's unit weights, filled once
+    EPIC_RETURN_IF_ERROR(Grow(ws.ones, tokens * back.sources));
+    EPIC_RETURN_IF_ERROR(ws.ones.CopyFromHost(std::vector<float>(static_cast<size_t>(ws.ones.size()), 1.0f).data(),
+                                              ws.ones.size()));
+  }
   EPIC_RETURN_IF_ERROR(cuda::Synchronize());  // the experts' rows are complete before NCCL reads them
   start = Clock::now();  // the exchange and the adds, as the CPU's Combine times
   EPIC_RETURN_IF_ERROR(comm.AllToAllRows(ws.out_rows.data(), row_bytes, back.send_index, back.send_rows,
@@ -690,9 +694,6 @@ Status CudaForward::Impl::MoeExchange(int64_t layer, int64_t tokens, int64_t fir
                                           ws.out_rows.data() + back.self_first * hidden,
                                           static_cast<size_t>(back.self_rows * row_bytes)));
   EPIC_RETURN_IF_ERROR(ws.token_source.CopyFromHost(back.token_source.data(), tokens * back.sources));
-  EPIC_RETURN_IF_ERROR(
-      ws.ones.CopyFromHost(std::vector<float>(static_cast<size_t>(tokens * back.sources), 1.0f).data(),
-                           tokens * back.sources));
   EPIC_RETURN_IF_ERROR(cuda::ScatterAddWeighted(ws.back.data(), back_rows, hidden, hidden, ws.token_source.data(),
                                                 ws.ones.data(), tokens, back.sources, y, hidden));
   const int64_t sent_back = static_cast<int64_t>(back.send_index.size());
