@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
@@ -17,6 +18,12 @@ constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 inline std::string Str(int64_t v) { return std::to_string(v); }
+
+// Blocks for a grid-stride kernel over TOTAL elements: no more than fill any current GPU.
+inline int StrideBlocks(int64_t total) {
+  constexpr int64_t kMaxStrideBlocks = 65536;
+  return static_cast<int>(std::clamp<int64_t>((total + kThreads - 1) / kThreads, 1, kMaxStrideBlocks));
+}
 
 inline Status CheckPointers(const char* op, std::initializer_list<const void*> pointers) {
   for (const void* p : pointers) {

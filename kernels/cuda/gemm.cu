@@ -20,6 +20,7 @@ namespace {
 using detail::CheckPointers;
 using detail::kThreads;
 using detail::Str;
+using detail::StrideBlocks;
 
 Status BlasStatus(cublasStatus_t s, const std::string& what) {
   if (s == CUBLAS_STATUS_SUCCESS) return OkStatus();
@@ -179,9 +180,6 @@ __global__ void GatherRowsToBf16Kernel(const float* x, int64_t ldx, int64_t n, c
   }
 }
 
-int StrideBlocks(int64_t total) {
-  return static_cast<int>(std::clamp<int64_t>((total + kThreads - 1) / kThreads, 1, 65536));
-}
 
 }  // namespace
 

@@ -406,8 +406,8 @@ Status WriteLatentRows(const float* latent, int64_t tokens, int64_t width, int64
   }
   if (tokens == 0) return OkStatus();
   EPIC_RETURN_IF_ERROR(CheckPointers(kOp, {latent, slots, pool}));
-  const int blocks = static_cast<int>(std::min<int64_t>((tokens * width + kThreads - 1) / kThreads, 65536));
-  WriteLatentKernel<<<blocks, kThreads, 0, stream>>>(latent, tokens, width, ld, slots, pool);
+  WriteLatentKernel<<<detail::StrideBlocks(tokens * width), kThreads, 0, stream>>>(latent, tokens, width, ld, slots,
+                                                                                 pool);
   EPIC_CUDA_RETURN_IF_LAUNCH_FAILED("WriteLatentKernel");
   return OkStatus();
 }

@@ -20,12 +20,7 @@ using detail::kFullMask;
 using detail::kThreads;
 using detail::kWarps;
 using detail::Str;
-// Grid-stride kernels need no more blocks than this to fill any current GPU.
-constexpr int64_t kMaxStrideBlocks = 65536;
-
-int StrideBlocks(int64_t total) {
-  return static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, kMaxStrideBlocks));
-}
+using detail::StrideBlocks;
 
 // Rows of width N at stride LD, one block each.
 Status CheckRows(const char* op, int64_t rows, int64_t n, int64_t ld, const char* ld_name) {
