@@ -239,6 +239,7 @@ struct CudaForward::Impl {
   Status GroupedExperts(const float* x, const int32_t* source, const int32_t* count, int64_t max_rows,
                         const int32_t* offsets, const DeviceBuffer<const uint16_t*>& gate_up,
                         const DeviceBuffer<const uint16_t*>& down);
+  Status Gate(const DeviceLayer& L, int64_t tokens);
   Status Moe(int64_t layer, int64_t tokens, int32_t* counts);
   Status MoeExchange(int64_t layer, int64_t tokens, int64_t first_token, float* y, ExpertCounts* counts);
 };
@@ -539,6 +540,19 @@ Status CudaForward::Impl::ExpandedAttention(const DeviceLayer& L, const uint16_t
   return OkStatus();
 }
 
+// ws.expert_ids and ws.gate_weights [tokens, top_k] = the router's choices for ws.normed.
+Status CudaForward::Impl::Gate(const DeviceLayer& L, int64_t tokens) {
+  EPIC_RETURN_IF_ERROR(cuda::MatMul(*blas, ws.normed.data(), tokens, config.hidden_size, L.router, ws.router.data(),
+                                    config.n_routed_experts));
+  // TopKGating reads the bias from its device copy; the host pointer only says there is one.
+  static const float kHasBias = 0.0f;
+  cpu::GateParams g = gate;
+  const bool biased = L.choice_bias.size() > 0;
+  g.choice_bias = biased ? &kHasBias : nullptr;
+  return cuda::TopKGating(ws.router.data(), tokens, g, biased ? L.choice_bias.data() : nullptr, ws.expert_ids.data(),
+                          ws.gate_weights.data());
+}
+
 // ws.expert_out[r] = the expert of grouped row r applied to x[source[r]], for the rows r
 // below *COUNT (all MAX_ROWS when COUNT is nullptr), grouped by OFFSETS over the experts
 // whose weights GATE_UP and DOWN point to. Rows past the count are left stale.
@@ -571,14 +585,7 @@ Status CudaForward::Impl::Moe(int64_t layer, int64_t tokens, int32_t* counts) {
   const int64_t k = c.num_experts_per_tok;
   const int64_t choices = tokens * k;
 
-  EPIC_RETURN_IF_ERROR(cuda::MatMul(*blas, ws.normed.data(), tokens, hidden, L.router, ws.router.data(), experts));
-  // TopKGating reads the bias from its device copy; the host pointer only says there is one.
-  static const float kHasBias = 0.0f;
-  cpu::GateParams g = gate;
-  g.choice_bias = L.choice_bias.size() > 0 ? &kHasBias : nullptr;
-  const float* device_bias = L.choice_bias.size() > 0 ? L.choice_bias.data() : nullptr;
-  EPIC_RETURN_IF_ERROR(cuda::TopKGating(ws.router.data(), tokens, g, device_bias, ws.expert_ids.data(),
-                                        ws.gate_weights.data()));
+  EPIC_RETURN_IF_ERROR(Gate(L, tokens));
   cuda::ExpertRows rows;
   rows.counts = counts;
   rows.offsets = ws.ex_offsets.data();
@@ -615,13 +622,7 @@ Status CudaForward::Impl::MoeExchange(int64_t layer, int64_t tokens, int64_t fir
   std::vector<int32_t> ids(static_cast<size_t>(tokens * k));
   std::vector<float> weights(static_cast<size_t>(tokens * k));
   if (tokens > 0) {
-    EPIC_RETURN_IF_ERROR(cuda::MatMul(*blas, ws.normed.data(), tokens, hidden, L.router, ws.router.data(), experts));
-    static const float kHasBias = 0.0f;
-    cpu::GateParams g = gate;
-    g.choice_bias = L.choice_bias.size() > 0 ? &kHasBias : nullptr;
-    EPIC_RETURN_IF_ERROR(cuda::TopKGating(ws.router.data(), tokens, g,
-                                          L.choice_bias.size() > 0 ? L.choice_bias.data() : nullptr,
-                                          ws.expert_ids.data(), ws.gate_weights.data()));
+    EPIC_RETURN_IF_ERROR(Gate(L, tokens));
     EPIC_RETURN_IF_ERROR(ws.expert_ids.CopyToHost(ids.data(), tokens * k));  // waits for the gate
     EPIC_RETURN_IF_ERROR(ws.gate_weights.CopyToHost(weights.data(), tokens * k));
   }
@@ -703,18 +704,9 @@ Status CudaForward::Impl::MoeExchange(int64_t layer, int64_t tokens, int64_t fir
   exchange_totals.Add(dispatch);
   exchange_totals.Add(combine);
   if (counts != nullptr) {
-    // As the CPU step counts: this rank's tokens per logical expert, its slots' rows.
-    auto& routed = counts->tokens[layer];
-    routed.resize(static_cast<size_t>(experts), 0);
-    for (int r = 0; r < ranks; ++r) {
-      const auto& held = shard.placement->slots(layer, r);
-      for (size_t s = 0; s < held.size(); ++s) routed[held[s]] += plan.slot_tokens[r][s];
-    }
-    auto& mine = counts->slot_tokens[layer];
-    mine.resize(static_cast<size_t>(slots), 0);
-    for (int64_t s = 0; s < slots; ++s) mine[s] += layout.offsets[s + 1] - layout.offsets[s];
-    counts->dispatch[layer].Add(dispatch);
-    counts->combine[layer].Add(combine);
+    std::vector<int64_t> slot_rows(static_cast<size_t>(slots));
+    for (int64_t s = 0; s < slots; ++s) slot_rows[s] = layout.offsets[s + 1] - layout.offsets[s];
+    AddExchangeCounts(*shard.placement, layer, experts, plan, slot_rows, dispatch, combine, counts);
   }
   return OkStatus();
 }
@@ -771,18 +763,13 @@ Status CudaForward::Forward(std::span<SequenceStep> batch, const StepTokens& ste
   constexpr double kExpandedKvBytes = 1 << 30;
   bool expanded = form == AttentionForm::kExpanded;
   if (form == AttentionForm::kAuto) {
-    const double h = static_cast<double>(heads), lora_d = static_cast<double>(c.kv_lora_rank);
-    const double nope = static_cast<double>(c.qk_nope_head_dim), rope = static_cast<double>(c.qk_rope_head_dim);
-    const double vdim = static_cast<double>(c.v_head_dim), qhd = static_cast<double>(c.q_head_dim());
     expanded = !spans.empty();
     for (const Impl::Span& sp : spans) {
-      const double n = static_cast<double>(sp.n), ctx = static_cast<double>(sp.start + sp.n);
-      const double expand_cost = ctx * lora_d * h * (nope + vdim) + n * ctx * h * (qhd + vdim);
-      const double absorb_cost = n * h * (nope * lora_d + ctx * (2 * lora_d + rope) + lora_d * vdim);
       // Its keys and values, F32 and BF16, must also fit a budget: the absorbed form
       // needs no such memory, and every rank must choose alike (no rank may run out).
-      const double kv_bytes = ctx * h * (nope + vdim) * 6;
-      expanded = expanded && expand_cost < absorb_cost && kv_bytes <= kExpandedKvBytes;
+      const int64_t context = sp.start + sp.n;
+      const double kv_bytes = static_cast<double>(context) * heads * (c.qk_nope_head_dim + c.v_head_dim) * 6;
+      expanded = expanded && ExpandIsCheaper(c, heads, sp.n, context) && kv_bytes <= kExpandedKvBytes;
     }
   }
   std::vector<int32_t> logit_rows(steps.logit_rows.begin(), steps.logit_rows.end());
@@ -790,13 +777,11 @@ Status CudaForward::Forward(std::span<SequenceStep> batch, const StepTokens& ste
 
   // Attention runs on every token for this rank's heads; the rest of the layer on this
   // rank's block of tokens [first, first + local), as in Model::Forward.
-  std::vector<int64_t> block_values(static_cast<size_t>(ranks)), block_bytes(static_cast<size_t>(ranks));
-  for (int r = 0; r < ranks; ++r) {
-    block_values[r] = (tokens * (r + 1) / ranks - tokens * r / ranks) * hidden;
-    block_bytes[r] = block_values[r] * static_cast<int64_t>(sizeof(float));
-  }
-  const int64_t first = tokens * rank / ranks;
-  const int64_t local = tokens * (rank + 1) / ranks - first;
+  const TokenBlocks blocks = SplitTokens(tokens, hidden, rank, ranks);
+  const int64_t first = blocks.first;
+  const int64_t local = blocks.local;
+  const std::vector<int64_t>& block_values = blocks.values;
+  const std::vector<int64_t>& block_bytes = blocks.bytes;
 
   const int64_t choices = tokens * k;
   const int64_t qhd = c.q_head_dim();
@@ -930,25 +915,13 @@ Status CudaForward::Forward(std::span<SequenceStep> batch, const StepTokens& ste
     EPIC_RETURN_IF_ERROR(ws.logits.CopyToHost(logits->data(), rows * c.vocab_size));
   } else {
     // Gather the slices ([rows, vocab of rank r] from each rank r), then interleave.
-    std::vector<int64_t> slice_bytes(static_cast<size_t>(ranks));
-    for (int r = 0; r < ranks; ++r) {
-      const int64_t v = c.vocab_size * (r + 1) / ranks - c.vocab_size * r / ranks;
-      slice_bytes[r] = rows * v * static_cast<int64_t>(sizeof(float));
-    }
     EPIC_RETURN_IF_ERROR(Grow(ws.gathered, rows * c.vocab_size));
+    const std::vector<int64_t> slice_bytes = VocabSliceBytes(rows, c.vocab_size, ranks);
     EPIC_RETURN_IF_ERROR(
         collective([&] { return comm->AllGather(ws.logits.data(), ws.gathered.data(), slice_bytes); }));
     std::vector<float> gathered(static_cast<size_t>(rows * c.vocab_size));
     EPIC_RETURN_IF_ERROR(ws.gathered.CopyToHost(gathered.data(), rows * c.vocab_size));
-    const float* block = gathered.data();
-    for (int r = 0; r < ranks; ++r) {
-      const int64_t v0 = c.vocab_size * r / ranks;
-      const int64_t v = c.vocab_size * (r + 1) / ranks - v0;
-      for (int64_t row = 0; row < rows; ++row) {
-        std::copy(block + row * v, block + (row + 1) * v, logits->data() + row * c.vocab_size + v0);
-      }
-      block += rows * v;
-    }
+    InterleaveVocabSlices(gathered.data(), rows, c.vocab_size, ranks, logits->data());
   }
 
   if (counts != nullptr && experts > 0 && ranks == 1) {

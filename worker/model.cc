@@ -243,6 +243,65 @@ StatusOr<StepTokens> FlattenStep(std::span<const SequenceStep> batch, const Late
   return step;
 }
 
+TokenBlocks SplitTokens(int64_t tokens, int64_t hidden, int rank, int ranks) {
+  TokenBlocks b;
+  b.first = tokens * rank / ranks;
+  b.local = tokens * (rank + 1) / ranks - b.first;
+  for (int r = 0; r < ranks; ++r) {
+    b.values.push_back((tokens * (r + 1) / ranks - tokens * r / ranks) * hidden);
+    b.bytes.push_back(b.values.back() * static_cast<int64_t>(sizeof(float)));
+  }
+  return b;
+}
+
+std::vector<int64_t> VocabSliceBytes(int64_t rows, int64_t vocab, int ranks) {
+  std::vector<int64_t> bytes(static_cast<size_t>(ranks));
+  for (int r = 0; r < ranks; ++r) {
+    bytes[r] = rows * (vocab * (r + 1) / ranks - vocab * r / ranks) * static_cast<int64_t>(sizeof(float));
+  }
+  return bytes;
+}
+
+void InterleaveVocabSlices(const float* gathered, int64_t rows, int64_t vocab, int ranks, float* logits) {
+  const float* block = gathered;
+  for (int r = 0; r < ranks; ++r) {
+    const int64_t v0 = vocab * r / ranks;
+    const int64_t v = vocab * (r + 1) / ranks - v0;
+    for (int64_t row = 0; row < rows; ++row) {
+      std::memcpy(logits + row * vocab + v0, block + row * v, static_cast<size_t>(v) * sizeof(float));
+    }
+    block += rows * v;
+  }
+}
+
+bool ExpandIsCheaper(const ModelConfig& c, int64_t heads, int64_t n, int64_t context) {
+  const int64_t nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, lora = c.kv_lora_rank;
+  const int64_t vdim = c.v_head_dim, qhd = c.q_head_dim();
+  // Expanding every context row through kv_b_proj against folding W_UK/W_UV into each query.
+  const double expanded = static_cast<double>(context) * lora * heads * (nope + vdim) +
+                          static_cast<double>(n) * context * heads * (qhd + vdim);
+  const double absorbed = static_cast<double>(n) * heads * (nope * lora + context * (2 * lora + rope) + lora * vdim);
+  return expanded < absorbed;
+}
+
+void AddExchangeCounts(const parallel::ExpertPlacement& placement, int64_t layer, int64_t num_experts,
+                       const parallel::DispatchPlan& plan, std::span<const int64_t> slot_rows,
+                       const parallel::ExchangeStats& dispatch, const parallel::ExchangeStats& combine,
+                       ExpertCounts* counts) {
+  // This rank's tokens per logical expert; ReduceExpertCounts sums over the job.
+  auto& routed = counts->tokens[layer];
+  routed.resize(static_cast<size_t>(num_experts), 0);
+  for (int r = 0; r < plan.num_ranks; ++r) {
+    const auto& held = placement.slots(layer, r);
+    for (size_t s = 0; s < held.size(); ++s) routed[held[s]] += plan.slot_tokens[r][s];
+  }
+  auto& mine = counts->slot_tokens[layer];
+  mine.resize(slot_rows.size(), 0);
+  for (size_t s = 0; s < slot_rows.size(); ++s) mine[s] += slot_rows[s];
+  counts->dispatch[layer].Add(dispatch);
+  counts->combine[layer].Add(combine);
+}
+
 Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::vector<float>* logits,
                       ExpertCounts* counts) {
   const ModelConfig& c = config();
@@ -268,14 +327,11 @@ Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::ve
   const int ranks = comm.size();
   // Attention runs on every token for this rank's heads; the rest of the layer runs on
   // this rank's block of tokens [first, first + local).
-  std::vector<int64_t> block_rows(static_cast<size_t>(ranks));
-  for (int r = 0; r < ranks; ++r) block_rows[r] = tokens * (r + 1) / ranks - tokens * r / ranks;
-  const int64_t first = tokens * rank / ranks;
-  const int64_t local = block_rows[rank];
-  std::vector<int64_t> block_values(block_rows.size());
-  for (int r = 0; r < ranks; ++r) block_values[r] = block_rows[r] * hidden;
-  std::vector<int64_t> block_bytes(block_rows.size());
-  for (int r = 0; r < ranks; ++r) block_bytes[r] = block_values[r] * static_cast<int64_t>(sizeof(float));
+  const TokenBlocks blocks = SplitTokens(tokens, hidden, rank, ranks);
+  const int64_t first = blocks.first;
+  const int64_t local = blocks.local;
+  const std::vector<int64_t>& block_values = blocks.values;
+  const std::vector<int64_t>& block_bytes = blocks.bytes;
 
   float* x = Sized(ws_.x, tokens * hidden);            // [tokens, hidden] residual, all tokens
   float* normed = Sized(ws_.normed, tokens * hidden);  // [tokens, hidden]
@@ -329,23 +385,9 @@ Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::ve
   float* slice = Sized(ws_.logits, rows * my_vocab);  // [rows, my_vocab]
   cpu::MatMul(normed, rows, hidden, w.lm_head, slice, my_vocab);
   // Gather the slices ([rows, vocab of rank r] from each rank r), then interleave.
-  std::vector<int64_t> slice_bytes(static_cast<size_t>(ranks));
-  for (int r = 0; r < ranks; ++r) {
-    const int64_t v = c.vocab_size * (r + 1) / ranks - c.vocab_size * r / ranks;
-    slice_bytes[r] = rows * v * static_cast<int64_t>(sizeof(float));
-  }
   std::vector<float> gathered(static_cast<size_t>(rows * c.vocab_size));
-  EPIC_RETURN_IF_ERROR(comm.AllGather(slice, gathered.data(), slice_bytes));
-  const float* block = gathered.data();
-  for (int r = 0; r < ranks; ++r) {
-    const int64_t v0 = c.vocab_size * r / ranks;
-    const int64_t v = c.vocab_size * (r + 1) / ranks - v0;
-    for (int64_t row = 0; row < rows; ++row) {
-      std::memcpy(logits->data() + row * c.vocab_size + v0, block + row * v,
-                  static_cast<size_t>(v) * sizeof(float));
-    }
-    block += rows * v;
-  }
+  EPIC_RETURN_IF_ERROR(comm.AllGather(slice, gathered.data(), VocabSliceBytes(rows, c.vocab_size, ranks)));
+  InterleaveVocabSlices(gathered.data(), rows, c.vocab_size, ranks, logits->data());
   return OkStatus();
 }
 
@@ -401,13 +443,7 @@ void Model::Attention(int64_t layer, std::span<SequenceStep> batch, LatentCache*
     const float* qs = q + first * heads * qhd;
     float* os = out + first * heads * vdim;
 
-    // Multiply-adds of each form: expanding every context row through kv_b_proj
-    // against folding W_UK/W_UV into each query. Prefill expands; decode absorbs.
-    const double expanded = static_cast<double>(context) * lora * heads * kv_head +
-                            static_cast<double>(n) * context * heads * (qhd + vdim);
-    const double absorbed = static_cast<double>(n) * heads *
-                            (nope * lora + context * (2 * lora + rope) + lora * vdim);
-    const bool expand = attention_form_ == AttentionForm::kAuto ? expanded < absorbed
+    const bool expand = attention_form_ == AttentionForm::kAuto ? ExpandIsCheaper(c, heads, n, context)
                                                                 : attention_form_ == AttentionForm::kExpanded;
     if (expand) {
       float* c_kv = Sized(ws_.c_kv, context * lora);
@@ -536,18 +572,9 @@ Status Model::MoeBlock(int64_t layer, const float* x, int64_t tokens, int64_t fi
   exchange_stats_.Add(combine);
 
   if (counts != nullptr) {
-    // This rank's tokens per logical expert; ReduceExpertCounts sums over the job.
-    auto& routed = counts->tokens[layer];
-    routed.resize(static_cast<size_t>(experts), 0);
-    for (int r = 0; r < comm.size(); ++r) {
-      const auto& held = placement_->slots(layer, r);
-      for (size_t s = 0; s < held.size(); ++s) routed[held[s]] += plan.slot_tokens[r][s];
-    }
-    auto& mine = counts->slot_tokens[layer];
-    mine.resize(static_cast<size_t>(slots), 0);
-    for (int64_t s = 0; s < slots; ++s) mine[s] += batches.offsets[s + 1] - batches.offsets[s];
-    counts->dispatch[layer].Add(dispatch);
-    counts->combine[layer].Add(combine);
+    std::vector<int64_t> slot_rows(static_cast<size_t>(slots));
+    for (int64_t s = 0; s < slots; ++s) slot_rows[s] = batches.offsets[s + 1] - batches.offsets[s];
+    AddExchangeCounts(*placement_, layer, experts, plan, slot_rows, dispatch, combine, counts);
   }
   return OkStatus();
 }

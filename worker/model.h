@@ -40,6 +40,39 @@ struct StepTokens {
 // FAILED_PRECONDITION for a sequence holding too few cache blocks for its new tokens.
 StatusOr<StepTokens> FlattenStep(std::span<const SequenceStep> batch, const LatentCache& cache, int64_t vocab_size);
 
+// The split of a distributed step that the CPU and GPU steps share.
+//
+// After attention, rank r of RANKS works on its block of the step's TOKENS,
+// [tokens * r / ranks, tokens * (r + 1) / ranks): this rank's FIRST and LOCAL, and every
+// block's F32 VALUES and BYTES at HIDDEN values a token (the counts of the collectives).
+struct TokenBlocks {
+  int64_t first = 0;
+  int64_t local = 0;
+  std::vector<int64_t> values;
+  std::vector<int64_t> bytes;
+};
+TokenBlocks SplitTokens(int64_t tokens, int64_t hidden, int rank, int ranks);
+
+// Rank r holds vocabulary rows [vocab * r / ranks, vocab * (r + 1) / ranks) of lm_head:
+// the bytes of every rank's [rows, its vocabulary] F32 slice of logits, and the gathered
+// slices (one after another) interleaved into LOGITS [rows, vocab].
+std::vector<int64_t> VocabSliceBytes(int64_t rows, int64_t vocab, int ranks);
+void InterleaveVocabSlices(const float* gathered, int64_t rows, int64_t vocab, int ranks, float* logits);
+
+// Whether MLA's expanded form (every context row up-projected through kv_b_proj) costs
+// fewer multiply-adds than the absorbed form for N new tokens over CONTEXT rows on HEADS
+// heads: true for prefill, false for decode.
+bool ExpandIsCheaper(const ModelConfig& c, int64_t heads, int64_t n, int64_t context);
+
+struct ExpertCounts;
+
+// Adds one MoE layer's exchange to COUNTS: this rank's tokens per logical expert from
+// PLAN, the rows each of its slots ran (SLOT_ROWS), and the exchanges' bytes and time.
+void AddExchangeCounts(const parallel::ExpertPlacement& placement, int64_t layer, int64_t num_experts,
+                       const parallel::DispatchPlan& plan, std::span<const int64_t> slot_rows,
+                       const parallel::ExchangeStats& dispatch, const parallel::ExchangeStats& combine,
+                       ExpertCounts* counts);
+
 class CudaForward;  // worker/cuda_model.h
 
 // What the MoE layers did, summed over the steps Forward is given it for; the raw
