@@ -51,7 +51,7 @@ ready="$(mktemp -u "${TMPDIR:-/tmp}/epic-run-ready.XXXXXX")"
 "$EPIC_ROOT/launch/cluster.sh" --model "$model" --np "$np" --port "$port" --metrics-port 0 \
   --listen-host 127.0.0.1 --device "$device" --ready-file "$ready" --max-restarts 3 --no-build &
 cluster=$!
-trap 'kill -TERM $cluster 2>/dev/null; wait $cluster 2>/dev/null; rm -f "$ready"' EXIT
+trap 'kill -TERM $cluster 2>/dev/null; wait $cluster 2>/dev/null || true; rm -f "$ready"' EXIT
 port="$(epic_wait_ready "$ready" "$cluster" 120 "the cluster")" || exit 1
 
 epic_log "generating: epic generate --server 127.0.0.1:$port --tokens $tokens --max-tokens $max_tokens"
