@@ -7,9 +7,9 @@ EPIC_BUILD_DIR="${EPIC_BUILD_DIR:-$EPIC_ROOT/build}"
 # Debian packages the build needs (the model core needs only a compiler, CMake and
 # two header-only libraries; serving needs MPI, gRPC, Protobuf and prometheus-cpp;
 # the tests need GoogleTest and openssl, for a TLS certificate).
-EPIC_PACKAGES=(build-essential cmake nlohmann-json3-dev libcli11-dev libgtest-dev
+EPIC_PACKAGES=(build-essential cmake pkg-config nlohmann-json3-dev libcli11-dev libpcre2-dev libgtest-dev python3-jinja2 python3-regex
   libopenmpi-dev openmpi-bin libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  prometheus-cpp-dev openssl)
+  prometheus-cpp-dev libcpp-httplib-dev openssl)
 
 epic_log() { printf '[epic] %s\n' "$*" >&2; }
 
