@@ -1,6 +1,10 @@
 #include "coordinator/client_commands.h"
 
+#include <unistd.h>
+
 #include <chrono>
+#include <functional>
+#include <iostream>
 #include <cstdio>
 #include <fstream>
 #include <memory>
@@ -98,7 +102,10 @@ int Fail(const char* command, const Status& s) {
 struct GenerateFlags {
   Connection connection;
   std::string tokens;
+  std::string prompt;
+  bool text = false;  // --prompt given: print text
   std::string stop;
+  std::vector<std::string> stop_text;
   uint32_t max_tokens = 16;
   float temperature = 0;
   float top_p = 1;
@@ -110,57 +117,136 @@ struct GenerateFlags {
   std::string request_id;
 };
 
+// Streams REQUEST's generation. Text deltas go to ON_TEXT as they arrive; ids are
+// gathered into IDS. Returns the last response (finish reason, usage) or the gRPC error.
+grpc::Status Stream(const Connection& c, const v1::GenerateRequest& request,
+                    const std::function<void(const v1::GenerateResponse&)>& on_response, v1::GenerateResponse* last) {
+  auto channel = c.Channel();
+  if (!channel.ok()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, channel.status().message());
+  auto stub = v1::Epic::NewStub(*channel);
+  grpc::ClientContext ctx;
+  if (const Status s = c.Prepare(&ctx); !s.ok()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, s.message());
+  auto reader = stub->Generate(&ctx, request);
+  v1::GenerateResponse response;
+  while (reader->Read(&response)) {
+    on_response(response);
+    if (response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) *last = response;
+  }
+  return reader->Finish();
+}
+
+void FillSampling(const GenerateFlags& f, v1::GenerateRequest* request) {
+  request->set_max_tokens(f.max_tokens);
+  request->mutable_sampling()->set_temperature(f.temperature);
+  request->mutable_sampling()->set_top_p(f.top_p);
+  request->mutable_sampling()->set_top_k(f.top_k);
+  request->mutable_sampling()->set_seed(f.seed);
+  request->set_ignore_eos(f.ignore_eos);
+  request->set_logprobs(f.logprobs);
+  request->set_request_id(f.request_id);
+  for (const std::string& s : f.stop_text) request->add_stop(s);
+}
+
 int Generate(const GenerateFlags& f) {
-  auto prompt = ParseTokenList("--tokens", f.tokens);
-  if (!prompt.ok()) return Fail("generate", prompt.status());
   v1::GenerateRequest request;
-  request.mutable_prompt_token_ids()->Add(prompt->begin(), prompt->end());
-  request.set_max_tokens(f.max_tokens);
-  request.mutable_sampling()->set_temperature(f.temperature);
-  request.mutable_sampling()->set_top_p(f.top_p);
-  request.mutable_sampling()->set_top_k(f.top_k);
-  request.mutable_sampling()->set_seed(f.seed);
-  request.set_ignore_eos(f.ignore_eos);
-  request.set_logprobs(f.logprobs);
-  request.set_request_id(f.request_id);
+  if (f.text) {
+    request.set_prompt(f.prompt);
+  } else {
+    auto prompt = ParseTokenList("--tokens", f.tokens);
+    if (!prompt.ok()) return Fail("generate", prompt.status());
+    request.mutable_prompt_token_ids()->Add(prompt->begin(), prompt->end());
+  }
+  FillSampling(f, &request);
   if (!f.stop.empty()) {
     auto stop = ParseTokenList("--stop", f.stop);
     if (!stop.ok()) return Fail("generate", stop.status());
     request.mutable_stop_token_ids()->Add(stop->begin(), stop->end());
   }
-  auto channel = f.connection.Channel();
-  if (!channel.ok()) return Fail("generate", channel.status());
-  auto stub = v1::Epic::NewStub(*channel);
-  grpc::ClientContext ctx;
-  if (const Status s = f.connection.Prepare(&ctx); !s.ok()) return Fail("generate", s);
-  auto reader = stub->Generate(&ctx, request);
-  v1::GenerateResponse response;
-  std::string all, line;
+  std::string all;
   v1::GenerateResponse last;
-  while (reader->Read(&response)) {
+  const grpc::Status s = Stream(f.connection, request, [&](const v1::GenerateResponse& response) {
+    if (f.text) {
+      // The text streams on stdout as it comes.
+      std::fwrite(response.text().data(), 1, response.text().size(), stdout);
+      std::fflush(stdout);
+    }
     for (int i = 0; i < response.token_ids_size(); ++i) {
       const std::string id = std::to_string(response.token_ids(i));
       if (!all.empty()) all += ' ';
       all += id;
-      if (!f.quiet) {
+      if (!f.quiet && !f.text) {
         std::string piece = id;
         if (f.logprobs && i < response.logprobs_size()) piece += "(" + std::to_string(response.logprobs(i)) + ")";
         std::fprintf(stderr, "%s ", piece.c_str());
         std::fflush(stderr);
       }
     }
-    if (response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) last = response;
+  }, &last);
+  if (f.text) {
+    std::fputc('\n', stdout);
+    std::fflush(stdout);
   }
-  const grpc::Status s = reader->Finish();
-  if (!f.quiet && !all.empty()) std::fputc('\n', stderr);
+  if (!f.quiet && !f.text && !all.empty()) std::fputc('\n', stderr);
   if (!s.ok()) return Fail("generate", s);
   if (!f.quiet) {
-    std::fprintf(stderr, "epic generate: %s after %u tokens (prompt %u); first token %.3f s\n",
-                 last.finish_reason() == v1::FINISH_REASON_STOP ? "stopped" : "reached max_tokens",
+    const std::string stop = last.stop().empty() ? "" : " at stop string \"" + last.stop() + "\"";
+    std::fprintf(stderr, "epic generate: %s%s after %u tokens (prompt %u); first token %.3f s\n",
+                 last.finish_reason() == v1::FINISH_REASON_STOP ? "stopped" : "reached max_tokens", stop.c_str(),
                  last.usage().completion_tokens(), last.usage().prompt_tokens(),
                  last.usage().time_to_first_token_seconds());
   }
-  std::printf("%s\n", all.c_str());
+  if (!f.text) std::printf("%s\n", all.c_str());
+  return 0;
+}
+
+// An interactive chat in the terminal: each line is a user turn; the answer streams
+// back and joins the conversation. /reset starts over; Ctrl-D quits.
+int Chat(const GenerateFlags& f, const std::string& system) {
+  const bool terminal = isatty(STDIN_FILENO);
+  std::vector<std::pair<std::string, std::string>> turns;  // (role, content)
+  auto reset = [&] {
+    turns.clear();
+    if (!system.empty()) turns.emplace_back("system", system);
+  };
+  reset();
+  if (terminal) std::fprintf(stderr, "epic chat: %s; /reset starts over, Ctrl-D quits\n", f.connection.server.c_str());
+  std::string line;
+  for (;;) {
+    if (terminal) {
+      std::fputs("you> ", stderr);
+      std::fflush(stderr);
+    }
+    if (!std::getline(std::cin, line)) break;
+    if (line == "/reset") {
+      reset();
+      if (terminal) std::fputs("(conversation cleared)\n", stderr);
+      continue;
+    }
+    if (line.empty()) continue;
+    turns.emplace_back("user", line);
+    v1::GenerateRequest request;
+    for (const auto& [role, content] : turns) {
+      v1::ChatMessage* m = request.add_messages();
+      m->set_role(role);
+      m->set_content(content);
+    }
+    FillSampling(f, &request);
+    std::string answer;
+    v1::GenerateResponse last;
+    const grpc::Status s = Stream(f.connection, request, [&](const v1::GenerateResponse& response) {
+      answer += response.text();
+      std::fwrite(response.text().data(), 1, response.text().size(), stdout);
+      std::fflush(stdout);
+    }, &last);
+    std::fputc('\n', stdout);
+    std::fflush(stdout);
+    if (!s.ok()) {
+      Fail("chat", s);
+      turns.pop_back();  // the turn did not happen; the user may send it again
+      continue;
+    }
+    turns.emplace_back("assistant", answer);
+  }
   return 0;
 }
 
@@ -337,19 +423,39 @@ std::function<int()> AddClientCommands(CLI::App& app) {
   auto gen = std::make_shared<GenerateFlags>();
   CLI::App* generate = app.add_subcommand(
       "generate", "stream a generation from a server; prints the generated ids on one line (stdout), "
-                  "streaming them on stderr as they arrive. On error: exits 1 printing the gRPC status code");
+                  "streaming them on stderr as they arrive, or with --prompt streams the text on stdout. "
+                  "On error: exits 1 printing the gRPC status code");
   gen->connection.AddFlags(generate);
-  generate->add_option("--tokens", gen->tokens, "prompt token ids, comma-separated, e.g. 5,17,300")->required();
+  auto* tokens = generate->add_option("--tokens", gen->tokens, "prompt token ids, comma-separated, e.g. 5,17,300");
+  auto* prompt = generate->add_option("--prompt", gen->prompt,
+                                      "the prompt as text (the server tokenizes it); the text streams on stdout");
+  tokens->excludes(prompt);
   generate->add_option("--max-tokens", gen->max_tokens, "tokens to generate at most")->capture_default_str();
   generate->add_option("--temperature", gen->temperature, "0 is greedy; > 0 samples")->capture_default_str();
   generate->add_option("--top-p", gen->top_p, "sample within this probability mass, in (0, 1]")->capture_default_str();
   generate->add_option("--top-k", gen->top_k, "sample among the k most likely tokens (0: all)")->capture_default_str();
   generate->add_option("--seed", gen->seed, "random seed for sampling")->capture_default_str();
   generate->add_option("--stop", gen->stop, "stop token ids, comma-separated");
+  generate->add_option("--stop-text", gen->stop_text, "a stop string: the text ends where it begins (repeatable)");
   generate->add_flag("--ignore-eos", gen->ignore_eos, "keep generating past the model's eos tokens");
   generate->add_flag("--logprobs", gen->logprobs, "show each token's log-probability (stderr)");
   generate->add_flag("--quiet", gen->quiet, "print only the final line");
   generate->add_option("--request-id", gen->request_id, "an id for the server's logs");
+
+  auto chat_flags = std::make_shared<GenerateFlags>();
+  auto system = std::make_shared<std::string>();
+  chat_flags->max_tokens = 512;
+  CLI::App* chat = app.add_subcommand(
+      "chat", "an interactive chat with the model in the terminal: type a turn, the answer streams back; the "
+              "conversation goes on through the checkpoint's chat template. /reset starts over, Ctrl-D quits");
+  chat_flags->connection.AddFlags(chat);
+  chat->add_option("--system", *system, "a system prompt for the conversation");
+  chat->add_option("--max-tokens", chat_flags->max_tokens, "tokens per answer at most")->capture_default_str();
+  chat->add_option("--temperature", chat_flags->temperature, "0 is greedy; > 0 samples")->capture_default_str();
+  chat->add_option("--top-p", chat_flags->top_p, "sample within this probability mass, in (0, 1]")->capture_default_str();
+  chat->add_option("--top-k", chat_flags->top_k, "sample among the k most likely tokens (0: all)")->capture_default_str();
+  chat->add_option("--seed", chat_flags->seed, "random seed for sampling")->capture_default_str();
+  chat->add_option("--stop-text", chat_flags->stop_text, "a stop string (repeatable)");
 
   auto conn = std::make_shared<Connection>();
   auto health_service = std::make_shared<std::string>();
@@ -407,7 +513,14 @@ std::function<int()> AddClientCommands(CLI::App& app) {
       ->check(CLI::Range(-1, 1 << 16))->capture_default_str();
 
   return [=]() -> int {
-    if (generate->parsed()) return Generate(*gen);
+    if (generate->parsed()) {
+      if (gen->tokens.empty() && generate->count("--prompt") == 0) {
+        return Fail("generate", InvalidArgumentError("give the prompt as --tokens or --prompt"));
+      }
+      gen->text = generate->count("--prompt") > 0;
+      return Generate(*gen);
+    }
+    if (chat->parsed()) return Chat(*chat_flags, *system);
     if (health->parsed()) return Health(*conn, *health_service);
     if (info->parsed()) return Info(*info_conn);
     if (load->parsed()) return Load(*load_conn);

@@ -1,4 +1,4 @@
-// The `epic` client's gRPC subcommands: generate, health, info, load, report, rebalance.
+// The `epic` client's gRPC subcommands: generate, chat, health, info, load, report, rebalance.
 #pragma once
 
 #include <functional>

@@ -34,6 +34,20 @@ int main(int argc, char** argv) {
                  "file holding a bearer token clients must send (health stays open); default: none");
   app.add_option("--tls-cert", tls_cert, "PEM certificate chain: serve TLS (with --tls-key)");
   app.add_option("--tls-key", tls_key, "PEM private key of --tls-cert");
+  std::string tokenizer_dir;
+  std::string http_listen = "0.0.0.0:8000";
+  app.add_option("--tokenizer", tokenizer_dir,
+                 "checkpoint directory (or one holding tokenizer.json + tokenizer_config.json): text prompts, "
+                 "chats and text deltas; without it the coordinator takes token ids only");
+  app.add_option("--http-listen", http_listen,
+                 "HOST:PORT of the OpenAI-compatible HTTP API (port 0: pick a free one; 'off': none)")
+      ->capture_default_str();
+  app.add_option("--http-threads", options.http_threads,
+                 "HTTP connections served at once (each streaming request holds one)")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--served-model-name", options.model_name,
+                 "the model's name in the HTTP API (/v1/models; requests naming another get 404); "
+                 "default: the --tokenizer directory's name, else 'epic'");
   app.add_option("--block-size", s.block_size, "tokens per latent-cache block")
       ->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--cache-blocks", s.num_blocks,
@@ -101,6 +115,17 @@ int main(int argc, char** argv) {
     options.tls_key_pem = std::move(key).value();
   }
   options.step_timeout = std::chrono::milliseconds(static_cast<int64_t>(step_timeout * 1000));
+  if (!tokenizer_dir.empty()) {
+    auto text = epic::coordinator::TextCodec::Load(tokenizer_dir);
+    if (!text.ok()) return fail("--tokenizer " + text.status().message());
+    options.text = std::move(text).value();
+    if (options.model_name == "epic") {
+      std::string name = tokenizer_dir;
+      while (name.size() > 1 && name.back() == '/') name.pop_back();
+      options.model_name = name.substr(name.rfind('/') == std::string::npos ? 0 : name.rfind('/') + 1);
+    }
+  }
+  if (http_listen != "off") options.http_listen = http_listen;
 
   // Signals are taken by sigwait below, never by a handler in a random thread.
   sigset_t stop_signals;
@@ -120,12 +145,16 @@ int main(int argc, char** argv) {
   if (!server.ok()) return fail(server.status().message());
   const int port = (*server)->port();
   const int metrics_port = metrics ? metrics->port() : 0;
-  std::fprintf(stderr, "epic-coordinator: serving gRPC on port %d%s; metrics %s; waiting for a worker job\n", port,
-               options.tls_cert_pem.empty() ? "" : " (TLS)",
-               metrics ? ("on http port " + std::to_string(metrics_port) + " /metrics").c_str() : "off");
+  const int http_port = (*server)->http_port();
+  std::fprintf(stderr, "epic-coordinator: serving gRPC on port %d%s; OpenAI HTTP %s; metrics %s; text %s; waiting for a worker job\n",
+               port, options.tls_cert_pem.empty() ? "" : " (TLS)",
+               http_port ? ("on port " + std::to_string(http_port)).c_str() : "off",
+               metrics ? ("on http port " + std::to_string(metrics_port) + " /metrics").c_str() : "off",
+               options.text ? ("from " + tokenizer_dir).c_str() : "off (ids only; --tokenizer DIR)");
   if (!ready_file.empty()) {
     const std::string tmp = ready_file + ".tmp";
-    std::ofstream(tmp) << "{\"port\": " << port << ", \"metrics_port\": " << metrics_port << "}\n";
+    std::ofstream(tmp) << "{\"port\": " << port << ", \"metrics_port\": " << metrics_port
+                       << ", \"http_port\": " << http_port << "}\n";
     std::rename(tmp.c_str(), ready_file.c_str());
   }
 

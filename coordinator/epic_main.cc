@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "coordinator/placement_planner.h"
+#include "coordinator/text_commands.h"
 #ifdef EPIC_WITH_SERVING
 #include "coordinator/client_commands.h"
 #endif
@@ -133,11 +134,13 @@ int main(int argc, char** argv) {
                    "experts where they are when that costs little balance");
   plan->add_option("--out", out_path, "PLAN.json to write: \"placement\" [layer][rank][experts], imbalance "
                                       "before and after, expert copies to move")->required();
+  auto text = epic::coordinator::AddTextCommands(app);
 #ifdef EPIC_WITH_SERVING
   auto client = epic::coordinator::AddClientCommands(app);
 #endif
   CLI11_PARSE(app, argc, argv);
   if (plan->parsed()) return Plan(loads_path, current_path, out_path, input);
+  if (const int code = text(); code >= 0) return code;
 #ifdef EPIC_WITH_SERVING
   if (const int code = client(); code >= 0) return code;
 #endif

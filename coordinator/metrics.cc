@@ -45,6 +45,11 @@ struct Metrics::Impl {
       .Help("Prompt tokens of finished requests").Register(*registry);
   pm::Family<pm::Counter>& requests_family = pm::BuildCounter().Name("epic:request_finished_total")
       .Help("Requests ended, by outcome (stop, length, cancelled, unavailable)").Register(*registry);
+  pm::Family<pm::Counter>& http_family = pm::BuildCounter().Name("epic:http_requests_total")
+      .Help("HTTP API calls, by route and status code").Register(*registry);
+  pm::Family<pm::Histogram>& tokenize_family = pm::BuildHistogram()
+      .Name("epic:tokenization_seconds").Help("Time to tokenize a request's prompt or chat")
+      .Register(*registry);
   pm::Family<pm::Counter>& steps_family = pm::BuildCounter().Name("epic:steps_total")
       .Help("Steps completed by the worker job").Register(*registry);
 
@@ -55,6 +60,8 @@ struct Metrics::Impl {
   pm::Histogram& itl = itl_family.Add({}, Latency());
   pm::Histogram& e2e = e2e_family.Add({}, Latency());
   pm::Histogram& step = step_family.Add({}, Latency());
+  pm::Histogram& tokenize = tokenize_family.Add(
+      {}, pm::Histogram::BucketBoundaries{1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1});
   pm::Gauge& running = running_family.Add({});
   pm::Gauge& waiting = waiting_family.Add({});
   pm::Gauge& cache = cache_family.Add({});
@@ -119,6 +126,12 @@ void Metrics::Load(int64_t running, int64_t waiting, double cache_usage) {
   impl_->waiting.Set(static_cast<double>(waiting));
   impl_->cache.Set(cache_usage);
 }
+
+void Metrics::HttpRequest(const std::string& route, int code) {
+  impl_->http_family.Add({{"route", route}, {"code", std::to_string(code)}}).Increment();
+}
+
+void Metrics::Tokenized(double seconds) { impl_->tokenize.Observe(seconds); }
 
 void Metrics::WorkerAttached(bool attached) { impl_->attached.Set(attached ? 1.0 : 0.0); }
 

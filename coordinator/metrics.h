@@ -25,6 +25,10 @@ class Metrics final : public SchedulerObserver {
   void Load(int64_t running, int64_t waiting, double cache_usage) override;
   void WorkerAttached(bool attached);
   void StepCompleted(double seconds, int64_t tokens);
+  // An HTTP API call answered with CODE on ROUTE (unknown routes count as "other").
+  void HttpRequest(const std::string& route, int code);
+  // Time spent turning a request's text (prompt or rendered chat) into ids.
+  void Tokenized(double seconds);
 
  private:
   struct Impl;

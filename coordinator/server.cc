@@ -13,6 +13,7 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include "coordinator/http_server.h"
 #include "epic.grpc.pb.h"
 #include "worker_link.grpc.pb.h"
 
@@ -60,6 +61,7 @@ struct Server::Impl final : v1::Epic::Service, v1::internal::WorkerLink::Service
   Metrics* metrics = nullptr;
   Scheduler scheduler;
   std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<HttpServer> http;
   int port = 0;
   std::atomic<bool> stopping{false};
 
@@ -154,41 +156,26 @@ struct Server::Impl final : v1::Epic::Service, v1::internal::WorkerLink::Service
   grpc::Status Generate(grpc::ServerContext* ctx, const v1::GenerateRequest* request,
                         grpc::ServerWriter<v1::GenerateResponse>* writer) override {
     if (grpc::Status s = Authorize(ctx); !s.ok()) return s;
-    auto stream = std::make_shared<RequestStream>();
-    auto id = scheduler.Submit(*request, stream);
-    if (!id.ok()) return ToGrpc(id.status());
-    std::vector<RequestEvent> events;
-    for (;;) {
-      events.clear();
-      stream->Wait(&events, std::chrono::milliseconds(50));
-      v1::GenerateResponse response;
-      response.set_request_id(request->request_id());
-      const RequestEvent* last = nullptr;
-      for (const RequestEvent& e : events) {
-        response.mutable_token_ids()->Add(e.tokens.begin(), e.tokens.end());
-        response.mutable_logprobs()->Add(e.logprobs.begin(), e.logprobs.end());
-        if (e.final) last = &e;
-      }
-      if (last != nullptr && last->error.ok()) {
-        response.set_finish_reason(last->finish_reason);
-        v1::Usage* usage = response.mutable_usage();
-        usage->set_prompt_tokens(static_cast<uint32_t>(last->prompt_tokens));
-        usage->set_completion_tokens(static_cast<uint32_t>(last->completion_tokens));
-        usage->set_time_to_first_token_seconds(last->time_to_first_token);
-      }
-      if ((response.token_ids_size() > 0 || (last && last->error.ok())) && !writer->Write(response)) {
-        scheduler.Cancel(*id);
+    auto generation = Generation::Start(&scheduler, options.text, *request, metrics);
+    if (!generation.ok()) return ToGrpc(generation.status());
+    Generation& g = **generation;
+    while (!g.finished()) {
+      std::optional<v1::GenerateResponse> response = g.Next(std::chrono::milliseconds(50));
+      if (response && (response->token_ids_size() > 0 || !response->text().empty() || g.finished()) &&
+          (g.status().ok() || response->token_ids_size() > 0) && !writer->Write(*response)) {
+        g.Cancel();
         return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
       }
-      if (last != nullptr) return ToGrpc(last->error);
+      if (g.finished()) return ToGrpc(g.status());
       if (ctx->IsCancelled()) {
-        scheduler.Cancel(*id);
+        g.Cancel();
         if (std::chrono::system_clock::now() >= ctx->deadline()) {
           return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the request's deadline passed");
         }
         return grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the request");
       }
     }
+    return ToGrpc(g.status());
   }
 
   grpc::Status GetModelInfo(grpc::ServerContext* ctx, const v1::GetModelInfoRequest*, v1::ModelInfo* info) override {
@@ -491,10 +478,34 @@ StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& options, Me
     return UnavailableError("cannot listen on " + options.listen + " (address in use, or not an address)");
   }
   impl->SetServing(false);
+  if (!options.http_listen.empty()) {
+    HttpOptions http;
+    http.listen = options.http_listen;
+    http.threads = options.http_threads;
+    http.auth_token = options.auth_token;
+    http.model_name = options.model_name;
+    HttpBackend backend;
+    backend.scheduler = &impl->scheduler;
+    backend.text = options.text;
+    backend.metrics = metrics;
+    Impl* self = impl.get();
+    backend.model = [self]() -> std::optional<v1::ModelSummary> {
+      std::lock_guard<std::mutex> lock(self->mu);
+      if (!self->attached) return std::nullopt;
+      return self->worker.model();
+    };
+    auto started = HttpServer::Start(http, std::move(backend));
+    if (!started.ok()) {
+      impl->server->Shutdown();
+      return started.status();
+    }
+    impl->http = std::move(started).value();
+  }
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }
 
 int Server::port() const { return impl_->port; }
+int Server::http_port() const { return impl_->http ? impl_->http->port() : 0; }
 
 void Server::Shutdown(std::chrono::milliseconds drain) {
   if (!impl_->server) return;
@@ -503,6 +514,7 @@ void Server::Shutdown(std::chrono::milliseconds drain) {
   if (!impl_->scheduler.WaitIdle(drain)) Log("drain timed out; ending the requests still running");
   impl_->stopping = true;
   impl_->scheduler.Detach("the coordinator is shutting down");
+  if (impl_->http) impl_->http->Stop();
   impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   impl_->server->Wait();
   impl_->server.reset();

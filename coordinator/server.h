@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/status.h"
+#include "coordinator/generation.h"
 #include "coordinator/load_stats.h"
 #include "coordinator/metrics.h"
 #include "coordinator/scheduler.h"
@@ -19,6 +20,13 @@ struct ServerOptions {
   std::string worker_secret;              // a worker job must present it to attach
   std::string auth_token;                 // clients must send "authorization: Bearer <it>"; empty: open
   std::string tls_cert_pem, tls_key_pem;  // both set: TLS; else plaintext
+  // The checkpoint's tokenizer and chat template: text prompts, chats and text deltas.
+  // Null: token ids only.
+  std::shared_ptr<const TextCodec> text;
+  // The OpenAI-compatible HTTP API: HOST:PORT (port 0 picks a free one), or empty for none.
+  std::string http_listen;
+  int http_threads = 64;  // connections served at once (each stream holds one)
+  std::string model_name = "epic";  // the model's name in the HTTP API
   // A worker job that completes no step in this long is declared dead.
   std::chrono::milliseconds step_timeout{std::chrono::seconds(60)};
   SchedulerOptions scheduler;
@@ -39,6 +47,7 @@ class Server {
   ~Server();
 
   int port() const;
+  int http_port() const;  // 0 without HTTP
   // Graceful stop: refuse new requests, let running ones finish for up to DRAIN,
   // end the rest UNAVAILABLE, close the worker link and stop serving.
   void Shutdown(std::chrono::milliseconds drain);

@@ -8,16 +8,19 @@ usage() {
   cat <<USAGE
 usage: launch/cluster.sh --model DIR [options] [-- EPIC_COORDINATOR_FLAGS...]
 
-Starts build/coordinator/epic-coordinator on --port, then
+Starts build/coordinator/epic-coordinator on --port (gRPC) and --http-port (the
+OpenAI-compatible HTTP API, tokenizing with the model's tokenizer.json), then
   mpirun -np N build/worker/epic-worker --model DIR --coordinator HOST:PORT
 and relaunches that worker job (1 s, 2 s, 4 s ... up to 30 s apart) each time it exits,
 logging why. Prints "[epic] cluster ready" once the server reports SERVING. Call it with
-  build/coordinator/epic generate --server 127.0.0.1:PORT --tokens 5,17,300
+  build/coordinator/epic generate --server 127.0.0.1:PORT --prompt "Hello"
+  curl http://127.0.0.1:HTTP_PORT/v1/completions -d '{"prompt": "Hello", "max_tokens": 16}'
 Builds epic first unless --no-build (installing missing Debian packages as root).
 
   --model DIR            checkpoint directory (config.json + safetensors), on every host
   --np N                 worker ranks (default 4); may exceed the cores (oversubscribed)
   --port P               gRPC port of the coordinator (default 50051; 0: a free one)
+  --http-port P          OpenAI-compatible HTTP port (default 8000; 0: a free one; off: none)
   --metrics-port P       Prometheus /metrics port (default 9400; 0: a free one)
   --listen-host H        address the coordinator binds (default 0.0.0.0)
   --coordinator-host H   address the workers dial (default 127.0.0.1; set it for multi-host)
@@ -27,14 +30,14 @@ Builds epic first unless --no-build (installing missing Debian packages as root)
   --device cpu|cuda      compute device of the workers (default cpu)
   --tcp-if IFACE         network interface(s) for MPI traffic (see launch/distributed.sh)
   --mpirun-arg ARG       pass ARG to mpirun as is (repeatable)
-  --ready-file FILE      also write {"port": P, "metrics_port": M} there once serving
+  --ready-file FILE      also write {"port": P, "metrics_port": M, "http_port": H} there once serving
   --max-restarts N       give up after N relaunches in a row that did not attach (default: never)
   --no-build             use the binaries in the build directory as they are
   -- FLAGS               more epic-coordinator flags (see its --help), e.g. -- --cache-blocks 4096
 USAGE
 }
 
-model="" np=4 port=50051 metrics_port=9400 listen_host=0.0.0.0 coord_host=127.0.0.1
+model="" np=4 port=50051 http_port=8000 metrics_port=9400 listen_host=0.0.0.0 coord_host=127.0.0.1
 hostfile="" hosts="" threads="" device=cpu tcp_if="" ready_file="" max_restarts=-1 build=1
 mpirun_extra=() coord_args=()
 while [ $# -gt 0 ]; do
@@ -43,6 +46,7 @@ while [ $# -gt 0 ]; do
     --np) np="$2"; shift 2 ;;
     --port) port="$2"; shift 2 ;;
     --metrics-port) metrics_port="$2"; shift 2 ;;
+    --http-port) http_port="$2"; shift 2 ;;
     --listen-host) listen_host="$2"; shift 2 ;;
     --coordinator-host) coord_host="$2"; shift 2 ;;
     --hostfile) hostfile="$2"; shift 2 ;;
@@ -62,7 +66,7 @@ done
 [ -n "$model" ] || { usage >&2; exit 2; }
 [ "$np" -ge 1 ] 2>/dev/null || { epic_log "--np must be a positive integer, not '$np'"; exit 2; }
 [ -f "$model/config.json" ] || { epic_log "--model $model: no config.json there"; exit 2; }
-[ "$build" -eq 0 ] || epic_build
+[ "$build" -eq 0 ] || epic_build epic-coordinator epic-worker epic
 
 bin="$EPIC_BUILD_DIR"
 state="$(mktemp -d "${TMPDIR:-/tmp}/epic-cluster.XXXXXX")"
@@ -95,9 +99,18 @@ trap stop EXIT
 # A fresh secret per cluster: only worker jobs started here can attach.
 (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$state/secret")
 
-"$bin/coordinator/epic-coordinator" --listen "$listen_host:$port" \
+# Text in and out when the checkpoint carries its tokenizer; token ids only otherwise.
+text_args=()
+if [ -f "$model/tokenizer.json" ]; then
+  text_args=(--tokenizer "$model")
+else
+  epic_log "--model $model has no tokenizer.json: the cluster takes token ids only"
+fi
+http_listen="$listen_host:$http_port"
+[ "$http_port" = "off" ] && http_listen=off
+"$bin/coordinator/epic-coordinator" --listen "$listen_host:$port" --http-listen "$http_listen" \
   --metrics-listen "$listen_host:$metrics_port" --worker-secret-file "$state/secret" \
-  --ready-file "$state/ready.json" ${coord_args[@]+"${coord_args[@]}"} &
+  --ready-file "$state/ready.json" ${text_args[@]+"${text_args[@]}"} ${coord_args[@]+"${coord_args[@]}"} &
 coord_pid=$!
 port="$(epic_wait_ready "$state/ready.json" "$coord_pid" 10 "the coordinator")" || exit 1
 
@@ -119,7 +132,8 @@ worker_cmd=("$bin/worker/epic-worker" --model "$model" --coordinator "$coord_hos
   for _ in $(seq 1 6000); do
     if "$bin/coordinator/epic" health --server "127.0.0.1:$port" >/dev/null 2>&1; then
       [ -n "$ready_file" ] && cp "$state/ready.json" "$ready_file"
-      epic_log "cluster ready: gRPC on port $port ($np worker rank(s)); try: $bin/coordinator/epic generate --server 127.0.0.1:$port --tokens 5,17,300"
+      http="$(sed -E 's/.*"http_port": ([0-9]+).*/\1/' "$state/ready.json")"
+      epic_log "cluster ready: gRPC on port $port, HTTP on port $http ($np worker rank(s)); try: $bin/coordinator/epic generate --server 127.0.0.1:$port --prompt Hello"
       exit 0
     fi
     sleep 0.2

@@ -6,10 +6,11 @@ EPIC_BUILD_DIR="${EPIC_BUILD_DIR:-$EPIC_ROOT/build}"
 
 # Debian packages the build needs (the model core needs only a compiler, CMake and
 # two header-only libraries; serving needs MPI, gRPC, Protobuf and prometheus-cpp;
-# the tests need GoogleTest and openssl, for a TLS certificate).
+# text needs PCRE2 and, for serving, cpp-httplib; the tests need GoogleTest, openssl for a
+# TLS certificate, curl, and Debian's python3 with jinja2 and regex as independent peers).
 EPIC_PACKAGES=(build-essential cmake pkg-config nlohmann-json3-dev libcli11-dev libpcre2-dev libgtest-dev python3-jinja2 python3-regex
   libopenmpi-dev openmpi-bin libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  prometheus-cpp-dev libcpp-httplib-dev openssl)
+  prometheus-cpp-dev libcpp-httplib-dev openssl curl)
 
 epic_log() { printf '[epic] %s\n' "$*" >&2; }
 
@@ -30,8 +31,11 @@ epic_install_packages() {
     || { epic_log "apt-get install failed for: ${missing[*]}"; return 1; }
 }
 
+# epic_build [TARGET...]: configure, then build the targets named (everything without any).
 epic_build() {
   epic_install_packages || return 1
+  local targets=()
+  for t in "$@"; do targets+=(--target "$t"); done
   local jobs
   jobs="$(nproc 2>/dev/null || echo 2)"
   epic_log "configuring and building in $EPIC_BUILD_DIR (-j$jobs)"
@@ -39,7 +43,7 @@ epic_build() {
   cmake -S "$EPIC_ROOT" -B "$EPIC_BUILD_DIR" -DCMAKE_BUILD_TYPE=Release \
     ${EPIC_CMAKE_ARGS:-} >"$EPIC_BUILD_DIR.configure.log" 2>&1 \
     || { cat "$EPIC_BUILD_DIR.configure.log" >&2; epic_log "configure failed"; return 1; }
-  cmake --build "$EPIC_BUILD_DIR" -j"$jobs" || { epic_log "build failed"; return 1; }
+  cmake --build "$EPIC_BUILD_DIR" -j"$jobs" ${targets[@]+"${targets[@]}"} || { epic_log "build failed"; return 1; }
 }
 
 # Whether an NVIDIA GPU is visible.

@@ -109,6 +109,7 @@ struct Value {
   enum class Type { kUndefined, kNone, kBool, kInt, kFloat, kString, kList, kDict, kNamespace };
   Type type = Type::kUndefined;
   bool b = false;
+  bool tuple = false;  // a list that Python would print as a tuple, e.g. from dict.items()
   int64_t i = 0;
   double f = 0;
   std::string s;  // the string, or for an undefined value the name that was looked up
@@ -121,8 +122,8 @@ struct Value {
   static Value Int(int64_t i) { Value v; v.type = Type::kInt; v.i = i; return v; }
   static Value Float(double f) { Value v; v.type = Type::kFloat; v.f = f; return v; }
   static Value Str(std::string s) { Value v; v.type = Type::kString; v.s = std::move(s); return v; }
-  static Value MakeList(List l) {
-    Value v; v.type = Type::kList; v.list = std::make_shared<const List>(std::move(l)); return v;
+  static Value MakeList(List l, bool tuple = false) {
+    Value v; v.type = Type::kList; v.tuple = tuple; v.list = std::make_shared<const List>(std::move(l)); return v;
   }
   static Value MakeDict(Dict d, Type type = Type::kDict) {
     Value v; v.type = type; v.dict = std::make_shared<Dict>(std::move(d)); return v;
@@ -209,9 +210,8 @@ std::string FloatRepr(double f) {
   if (exp < -4 || exp >= 16) {
     out += digits.substr(0, 1);
     if (digits.size() > 1) out += "." + digits.substr(1);
-    char e[8];
-    std::snprintf(e, sizeof e, "e%c%02d", exp < 0 ? '-' : '+', std::abs(exp));
-    return out + e;
+    std::string e = std::to_string(std::abs(exp));
+    return out + (exp < 0 ? "e-" : "e+") + (e.size() < 2 ? "0" : "") + e;
   }
   if (exp < 0) return out + "0." + std::string(-exp - 1, '0') + digits;
   if (static_cast<int>(digits.size()) <= exp + 1) return out + digits + std::string(exp + 1 - digits.size(), '0') + ".0";
@@ -249,9 +249,9 @@ std::string Str(const Value& v, bool repr) {
     case Type::kFloat: return FloatRepr(v.f);
     case Type::kString: return repr ? StrRepr(v.s) : v.s;
     case Type::kList: {
-      std::string out = "[";
+      std::string out = v.tuple ? "(" : "[";
       for (size_t k = 0; k < v.list->size(); ++k) out += (k ? ", " : "") + Str((*v.list)[k], true);
-      return out + "]";
+      return out + (!v.tuple ? "]" : v.list->size() == 1 ? ",)" : ")");
     }
     case Type::kDict: {
       std::string out = "{";
@@ -362,7 +362,7 @@ bool Equal(const Value& a, const Value& b) {
     case Type::kUndefined: case Type::kNone: return true;
     case Type::kString: return a.s == b.s;
     case Type::kList:
-      return a.list->size() == b.list->size() &&
+      return a.tuple == b.tuple && a.list->size() == b.list->size() &&
              std::equal(a.list->begin(), a.list->end(), b.list->begin(), Equal);
     case Type::kDict:
       if (a.dict->size() != b.dict->size()) return false;
@@ -993,7 +993,7 @@ class Parser {
           if (AcceptOp(")")) Fail(t.line, "unsupported construct: empty tuple");
           ExprPtr e = ParseExpression();
           if (IsOp(",")) {
-            auto list = Make(Expr::Kind::kList, t.line);  // a tuple behaves as a list here
+            auto list = Make(Expr::Kind::kList, t.line, "tuple");
             list->args.push_back(std::move(e));
             while (AcceptOp(",") && !IsOp(")")) list->args.push_back(ParseExpression());
             e = std::move(list);
@@ -1443,7 +1443,7 @@ class Renderer {
       for (const auto& [k, v] : *obj.dict) {
         if (m == "keys") l.push_back(Value::Str(k));
         else if (m == "values") l.push_back(v);
-        else if (m == "items") l.push_back(Value::MakeList({Value::Str(k), v}));
+        else if (m == "items") l.push_back(Value::MakeList({Value::Str(k), v}, /*tuple=*/true));
         else Fail(e.line, "'dict' object has no method '" + m + "'");
       }
       return Value::MakeList(std::move(l));
@@ -1652,7 +1652,7 @@ class Renderer {
       if (v.undefined()) return Value::MakeList({});
       if (v.type != Type::kDict) Fail(e.line, "'items' expects a mapping");
       List l;
-      for (const auto& [k, x] : *v.dict) l.push_back(Value::MakeList({Value::Str(k), x}));
+      for (const auto& [k, x] : *v.dict) l.push_back(Value::MakeList({Value::Str(k), x}, /*tuple=*/true));
       return Value::MakeList(std::move(l));
     }
     if (f == "abs") {
@@ -1769,7 +1769,7 @@ class Renderer {
       case Expr::Kind::kList: {
         List l;
         for (const auto& arg : e.args) l.push_back(Eval(*arg));
-        return Value::MakeList(std::move(l));
+        return Value::MakeList(std::move(l), e.name == "tuple");
       }
       case Expr::Kind::kDict: {
         Dict d;

@@ -200,9 +200,9 @@ struct Tokenizer::Impl {
   std::optional<int32_t> bos_id, eos_id;
 
 
-  void SplitAdded(std::string_view text, const TokenTrie& trie, std::vector<Piece>* out) const;
+  void SplitAdded(std::string_view text, const TokenTrie& trie, bool parse_special, std::vector<Piece>* out) const;
   // TEXT (checked to be UTF-8) split at every added token, both passes.
-  StatusOr<std::vector<Piece>> SplitAllAdded(std::string_view text) const;
+  StatusOr<std::vector<Piece>> SplitAllAdded(std::string_view text, bool parse_special = true) const;
   Status PreTokenize(std::string_view text, std::vector<std::string_view>* out) const;
   Status Bpe(std::string_view word, bool prefix_space, std::vector<int32_t>* out) const;
 };
@@ -413,7 +413,8 @@ Status ParseModel(const json& model, Tokenizer::Impl* impl) {
 
 }  // namespace
 
-void Tokenizer::Impl::SplitAdded(std::string_view text, const TokenTrie& trie, std::vector<Piece>* out) const {
+void Tokenizer::Impl::SplitAdded(std::string_view text, const TokenTrie& trie, bool parse_special,
+                                 std::vector<Piece>* out) const {
   if (trie.empty()) {
     if (!text.empty()) out->push_back({text, -1});
     return;
@@ -434,6 +435,7 @@ void Tokenizer::Impl::SplitAdded(std::string_view text, const TokenTrie& trie, s
     const AddedToken& token = added[index];
     size_t start = i, stop = i + length;
     i = stop;  // the next match starts after this one, taken or not (leftmost-longest, non-overlapping)
+    if (token.special && !parse_special) continue;
     if (token.single_word) {
       const bool word_before = start > 0 && classes.IsWord(text.substr(LastCharStart(text.substr(0, start))));
       const bool word_after = stop < text.size() && classes.IsWord(text.substr(stop, 4));
@@ -709,18 +711,18 @@ StatusOr<Tokenizer> Tokenizer::FromJson(std::string_view tokenizer_json, std::st
   return Tokenizer(std::move(impl));
 }
 
-StatusOr<std::vector<Piece>> Tokenizer::Impl::SplitAllAdded(std::string_view text) const {
+StatusOr<std::vector<Piece>> Tokenizer::Impl::SplitAllAdded(std::string_view text, bool parse_special) const {
   size_t bad = 0;
   if (!IsValidUtf8(text, &bad)) {
     return InvalidArgumentError("text is not valid UTF-8 (at byte " + std::to_string(bad) + ")");
   }
   std::vector<Piece> raw, pieces;
-  SplitAdded(text, raw_trie, &raw);
+  SplitAdded(text, raw_trie, parse_special, &raw);
   for (const Piece& p : raw) {
     if (p.added_id >= 0) {
       pieces.push_back(p);
     } else {
-      SplitAdded(p.text, normalized_trie, &pieces);
+      SplitAdded(p.text, normalized_trie, parse_special, &pieces);
     }
   }
   return pieces;
@@ -744,9 +746,10 @@ StatusOr<std::vector<std::string>> Tokenizer::Pieces(std::string_view text) cons
   return out;
 }
 
-StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text, bool add_special_tokens) const {
+StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text, bool add_special_tokens,
+                                                 bool parse_special) const {
   const Impl& impl = *impl_;
-  EPIC_ASSIGN_OR_RETURN(const std::vector<Piece> pieces, impl.SplitAllAdded(text));
+  EPIC_ASSIGN_OR_RETURN(const std::vector<Piece> pieces, impl.SplitAllAdded(text, parse_special));
   std::vector<int32_t> ids;
   if (add_special_tokens) ids = impl.prefix_ids;
   std::vector<std::string_view> words;

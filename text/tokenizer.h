@@ -32,8 +32,10 @@ class Tokenizer {
 
   // TEXT (valid UTF-8, else INVALID_ARGUMENT) to ids. ADD_SPECIAL_TOKENS adds what the
   // post-processor adds (DeepSeek: the BOS token), as HF's encode(add_special_tokens=...).
-  // Added tokens in TEXT (special or not) are always recognised.
-  StatusOr<std::vector<int32_t>> Encode(std::string_view text, bool add_special_tokens = true) const;
+  // Added tokens in TEXT are recognised; with PARSE_SPECIAL false the special ones are
+  // encoded as plain text (HF's split_special_tokens), so user text cannot forge them.
+  StatusOr<std::vector<int32_t>> Encode(std::string_view text, bool add_special_tokens = true,
+                                        bool parse_special = true) const;
 
   // The pieces the model sees for TEXT: added tokens (whole) and the pre-tokenizer's
   // words, before BPE (HF's pre_tokenize_str, after the added-token split).

@@ -5,6 +5,7 @@
 #include <fstream>
 
 #include "common/half.h"
+#include "text/tokenizer_writer.h"
 
 namespace epic {
 namespace {
@@ -172,6 +173,14 @@ Status WriteRandomCheckpoint(const json& config, const std::filesystem::path& ou
     std::ofstream f(out / "config.json");
     f << written.dump(2) << "\n";
     if (!f) return DataLossError((out / "config.json").string() + ": write failed");
+  }
+
+  // A tokenizer sized to the vocabulary, so that the model takes text end to end; a
+  // vocabulary too small for byte-level BPE (under 250 ids) gets none.
+  const int64_t bos = config.value("bos_token_id", int64_t{0});
+  const int64_t eos = parsed.eos_token_ids.empty() ? config.value("eos_token_id", int64_t{1}) : parsed.eos_token_ids[0];
+  if (auto tokenizer = text::MakeByteLevelTokenizer(parsed.vocab_size, bos, eos); tokenizer.ok()) {
+    EPIC_RETURN_IF_ERROR(text::WriteTokenizerFiles(*tokenizer, out));
   }
 
   std::vector<TensorSpec> all;

@@ -3,8 +3,9 @@
 #include <omp.h>
 
 #include <chrono>
-#include <fstream>
 #include <cstdio>
+#include <fstream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -13,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/token_list.h"
+#include "text/tokenizer.h"
 #include "worker/device.h"
 #include "worker/generate.h"
 #include "worker/job.h"
@@ -25,9 +27,12 @@ int main(int argc, char** argv) {
   CLI::App app{"epic-run: run a DeepSeek-V2/V3 checkpoint in one process, or spread over the ranks\n"
                "of an mpirun job (`mpirun -np N epic-run ...`: attention heads, vocabulary and experts\n"
                "split across ranks; rank 0 writes the outputs).\n"
-               "Prints generated token ids on stdout (one line, space-separated); logs on stderr."};
+               "Prints generated token ids on stdout (one line, space-separated), or with --prompt the\n"
+               "generated text; logs on stderr."};
   std::string model_dir;
   std::string tokens_text;
+  std::string prompt_text;
+  std::string tokenizer_dir;
   int64_t max_new_tokens = 0;
   epic::SamplingParams sampling;
   std::string dump_logits;
@@ -40,7 +45,13 @@ int main(int argc, char** argv) {
   std::string loads_out;
   int64_t block_size = 16;
   app.add_option("--model", model_dir, "checkpoint directory (config.json + *.safetensors)")->required();
-  app.add_option("--tokens", tokens_text, "prompt token ids, comma-separated, e.g. 5,17,300")->required();
+  auto* tokens_flag = app.add_option("--tokens", tokens_text, "prompt token ids, comma-separated, e.g. 5,17,300");
+  auto* prompt_flag = app.add_option("--prompt", prompt_text,
+                                     "prompt text, tokenized with the checkpoint's tokenizer (BOS added as it says); "
+                                     "the generated text is printed instead of ids");
+  tokens_flag->excludes(prompt_flag);
+  app.add_option("--tokenizer", tokenizer_dir,
+                 "directory of tokenizer.json (+ tokenizer_config.json) for --prompt (default: --model)");
   app.add_option("--max-new-tokens", max_new_tokens, "tokens to generate after the prompt")
       ->check(CLI::NonNegativeNumber)->capture_default_str();
   app.add_option("--temperature", sampling.temperature, "0 is greedy; > 0 samples")
@@ -72,6 +83,10 @@ int main(int argc, char** argv) {
   app.add_option("--block-size", block_size, "latent cache block size in tokens")
       ->check(CLI::PositiveNumber)->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  if (tokens_flag->count() + prompt_flag->count() != 1) {
+    std::fprintf(stderr, "epic-run: give the prompt as --tokens or --prompt\n");
+    return 2;
+  }
 
   auto job = epic::Job::Join(&argc, &argv);
   if (!job.ok()) {
@@ -89,12 +104,30 @@ int main(int argc, char** argv) {
     (*job)->Abort(2);
   }
   if (threads > 0) omp_set_num_threads(threads);
-  auto parsed = epic::ParseTokenList("--tokens", tokens_text);
-  if (!parsed.ok()) {
-    std::fprintf(stderr, "%s%s\n", who.c_str(), parsed.status().message().c_str());
-    (*job)->Abort(2);
+  // Every rank tokenizes the same text alike: the prompt needs no broadcast.
+  std::optional<epic::text::Tokenizer> tokenizer;
+  std::vector<int32_t> prompt;
+  if (prompt_flag->count() > 0) {
+    auto loaded = epic::text::Tokenizer::Load(tokenizer_dir.empty() ? model_dir : tokenizer_dir);
+    auto ids = loaded.ok() ? loaded->Encode(prompt_text) : epic::StatusOr<std::vector<int32_t>>(loaded.status());
+    if (!ids.ok()) {
+      std::fprintf(stderr, "%s%s\n", who.c_str(), ids.status().ToString().c_str());
+      (*job)->Abort(2);
+    }
+    if (ids->empty()) {
+      std::fprintf(stderr, "%s--prompt: the text gives no tokens\n", who.c_str());
+      (*job)->Abort(2);
+    }
+    tokenizer = std::move(loaded).value();
+    prompt = std::move(ids).value();
+  } else {
+    auto parsed = epic::ParseTokenList("--tokens", tokens_text);
+    if (!parsed.ok()) {
+      std::fprintf(stderr, "%s%s\n", who.c_str(), parsed.status().message().c_str());
+      (*job)->Abort(2);
+    }
+    prompt = std::move(parsed).value();
   }
-  const std::vector<int32_t> prompt = std::move(parsed).value();
 
   const auto t0 = std::chrono::steady_clock::now();
   epic::ModelShard shard{(*job)->comm(), nullptr};
@@ -221,7 +254,10 @@ int main(int argc, char** argv) {
       }
     }
   }
-  if (max_new_tokens > 0) {
+  if (max_new_tokens > 0 && tokenizer) {
+    // As OpenAI-style servers return it: special tokens (the EOS that ended it) left out.
+    std::printf("%s\n", tokenizer->Decode(result->tokens, /*skip_special_tokens=*/true).c_str());
+  } else if (max_new_tokens > 0) {
     std::string line;
     for (size_t i = 0; i < result->tokens.size(); ++i) {
       line += (i ? " " : "") + std::to_string(result->tokens[i]);

@@ -163,9 +163,105 @@ TEST_F(CliTest, HelpNamesEveryFlag) {
   EXPECT_EQ(r.exit_code, 0);
   for (const char* flag : {"--model", "--tokens", "--max-new-tokens", "--temperature", "--top-k", "--top-p",
                            "--seed", "--dump-logits", "--device", "--threads", "--expert-counts",
-                           "--ignore-eos", "--block-size", "--mmap", "--exchange-stats", "--loads-out"}) {
+                           "--ignore-eos", "--block-size", "--mmap", "--exchange-stats", "--loads-out",
+                           "--prompt", "--tokenizer"}) {
     EXPECT_NE(r.out.find(flag), std::string::npos) << flag;
   }
+}
+
+// The checkpoint's tokenizer on its own: epic tokenize and detokenize, whole text and
+// --jsonl, from the checkpoint and from a folder holding only the two tokenizer files.
+TEST_F(CliTest, TokenizeAndDetokenizeRoundTripText) {
+  const std::string epic = EPIC_BINARY;
+  {
+    std::ofstream in((dir_ / "text.txt").string());
+    in << "Hello, world! 你好 😀 1234567\n  code: x = a[i];";
+  }
+  const Result ids = RunCommand(epic + " tokenize --tokenizer " + model_.string() + " < " +
+                                    (dir_ / "text.txt").string(), dir_);
+  ASSERT_EQ(ids.exit_code, 0) << ids.err;
+  EXPECT_EQ(ids.out.rfind("0,", 0), 0u) << "the BOS token (id 0) comes first: " << ids.out;
+  {
+    std::ofstream out((dir_ / "ids.txt").string());
+    out << ids.out;
+  }
+  const Result back = RunCommand(epic + " detokenize --no-special --tokenizer " + model_.string() + " < " +
+                                     (dir_ / "ids.txt").string(), dir_);
+  ASSERT_EQ(back.exit_code, 0) << back.err;
+  EXPECT_EQ(back.out, "Hello, world! 你好 😀 1234567\n  code: x = a[i];\n");
+
+  // A folder holding only the tokenizer files serves as well; --jsonl, line by line.
+  std::filesystem::create_directories(dir_ / "tok");
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) {
+    std::filesystem::copy_file(model_ / f, dir_ / "tok" / f);
+  }
+  {
+    std::ofstream in((dir_ / "lines.jsonl").string());
+    in << "\"a\"\n\"<｜User｜>hi\"\n\"\"\n";
+  }
+  const Result lines = RunCommand(epic + " tokenize --jsonl --no-special --tokenizer " + (dir_ / "tok").string() +
+                                      " < " + (dir_ / "lines.jsonl").string(), dir_);
+  ASSERT_EQ(lines.exit_code, 0) << lines.err;
+  std::istringstream rows(lines.out);
+  std::string row;
+  std::vector<nlohmann::json> parsed;
+  while (std::getline(rows, row)) parsed.push_back(nlohmann::json::parse(row));
+  ASSERT_EQ(parsed.size(), 3u);
+  EXPECT_EQ(parsed[2], nlohmann::json::array());
+  // --no-special: the special token written in the text is plain text, not its id.
+  for (const auto& id : parsed[1]) EXPECT_GT(id.get<int>(), 6);
+  {
+    std::ofstream out((dir_ / "rows.jsonl").string());
+    out << lines.out;
+  }
+  const Result texts = RunCommand(epic + " detokenize --jsonl --tokenizer " + (dir_ / "tok").string() + " < " +
+                                      (dir_ / "rows.jsonl").string(), dir_);
+  ASSERT_EQ(texts.exit_code, 0) << texts.err;
+  EXPECT_EQ(texts.out, "\"a\"\n\"<｜User｜>hi\"\n\"\"\n");
+
+  // Bad input: a clear error, exit 2.
+  const Result bad = RunCommand("echo 5,abc | " + epic + " detokenize --tokenizer " + model_.string(), dir_);
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_NE(bad.err.find("'abc' is not a token id"), std::string::npos) << bad.err;
+  const Result far = RunCommand("echo 99999 | " + epic + " detokenize --tokenizer " + model_.string(), dir_);
+  EXPECT_EQ(far.exit_code, 2);
+  EXPECT_NE(far.err.find("99999"), std::string::npos) << far.err;
+  const Result missing = RunCommand("echo hi | " + epic + " tokenize --tokenizer " + dir_.path().string(), dir_);
+  EXPECT_EQ(missing.exit_code, 2);
+  EXPECT_NE(missing.err.find("tokenizer.json"), std::string::npos) << missing.err;
+}
+
+// epic-run --prompt takes text and prints the text of the ids --tokens would print.
+TEST_F(CliTest, PromptTextGivesTheTextOfTheSameIds) {
+  const std::string epic = EPIC_BINARY;
+  const Result ids = RunCommand("printf 'The capital of France is' | " + epic + " tokenize --tokenizer " +
+                                    model_.string(), dir_);
+  ASSERT_EQ(ids.exit_code, 0) << ids.err;
+  std::string prompt_ids = ids.out;
+  prompt_ids.pop_back();  // the newline
+  const Result by_ids = RunCommand(kRun + " --model " + model_.string() + " --tokens " + prompt_ids +
+                                       " --max-new-tokens 12 --ignore-eos", dir_);
+  ASSERT_EQ(by_ids.exit_code, 0) << by_ids.err;
+  const Result by_text = RunCommand(kRun + " --model " + model_.string() +
+                                        " --prompt 'The capital of France is' --max-new-tokens 12 --ignore-eos",
+                                    dir_);
+  ASSERT_EQ(by_text.exit_code, 0) << by_text.err;
+  std::string spaced = by_ids.out;
+  spaced.pop_back();
+  for (char& c : spaced) c = c == ' ' ? ',' : c;
+  {
+    std::ofstream out((dir_ / "gen.txt").string());
+    out << spaced;
+  }
+  const Result text = RunCommand(epic + " detokenize --no-special --tokenizer " + model_.string() + " < " +
+                                     (dir_ / "gen.txt").string(), dir_);
+  ASSERT_EQ(text.exit_code, 0) << text.err;
+  EXPECT_EQ(by_text.out, text.out);
+  const Result both = RunCommand(kRun + " --model " + model_.string() + " --prompt x --tokens 1", dir_);
+  EXPECT_NE(both.exit_code, 0);
+  const Result neither = RunCommand(kRun + " --model " + model_.string() + " --max-new-tokens 2", dir_);
+  EXPECT_NE(neither.exit_code, 0);
+  EXPECT_NE(neither.err.find("--tokens or --prompt"), std::string::npos) << neither.err;
 }
 
 }  // namespace
