@@ -135,7 +135,7 @@ std::optional<v1::GenerateResponse> Generation::Next(std::chrono::milliseconds t
   finished_ = true;
   if (stopped) {
     // A stop string ended it before the scheduler did: free its blocks now.
-    if (!last) scheduler_->Cancel(id_);
+    if (!last) scheduler_->Cancel(id_, "stop");
     response.set_finish_reason(v1::FINISH_REASON_STOP);
     response.set_stop(stops_->matched());
   } else if (last->error.ok()) {

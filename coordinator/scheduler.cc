@@ -141,7 +141,7 @@ StatusOr<uint64_t> Scheduler::Submit(const v1::GenerateRequest& request, std::sh
   return id;
 }
 
-void Scheduler::Cancel(uint64_t id) {
+void Scheduler::Cancel(uint64_t id, const std::string& outcome) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = requests_.find(id);
   if (it == requests_.end() || it->second.cancelled) return;
@@ -149,7 +149,7 @@ void Scheduler::Cancel(uint64_t id) {
   r.cancelled = true;
   if (observer_) {
     observer_->Finished(Seconds(Clock::now() - r.arrival), r.spec.prompt_token_ids_size(),
-                        static_cast<int64_t>(r.output.size()), "cancelled");
+                        static_cast<int64_t>(r.output.size()), outcome);
   }
   // A request in the step in flight keeps its blocks until the step returns.
   const bool in_step = in_flight_ && std::any_of(planned_.begin(), planned_.end(),

@@ -96,9 +96,10 @@ class Scheduler {
   // go to STREAM. RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE when no
   // worker job is attached or the server is draining. Returns the request's id.
   StatusOr<uint64_t> Submit(const v1::GenerateRequest& request, std::shared_ptr<RequestStream> stream);
-  // Ends a request (cancelled by its caller or past its deadline) and frees its blocks;
-  // no further events reach its stream. Unknown ids are ignored.
-  void Cancel(uint64_t id);
+  // Ends a request (cancelled by its caller or past its deadline, or done: a stop string
+  // ended it) and frees its blocks; no further events reach its stream. OUTCOME is what
+  // the observer counts. Unknown ids are ignored.
+  void Cancel(uint64_t id, const std::string& outcome = "cancelled");
 
   // Builds the next step into STEP: admits waiting requests whose blocks fit, then
   // one token for every decoding sequence and prefill chunks up to the token budget.

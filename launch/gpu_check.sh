@@ -3,7 +3,7 @@
 # Debian packages (the lent device machines).
 #
 #   launch/gpu_check.sh --prepare
-#       here, on a Debian machine: fetches GoogleTest, nlohmann-json and CLI11 as .debs
+#       here, on a Debian machine: fetches GoogleTest, nlohmann-json, CLI11 and PCRE2 as .debs
 #       and unpacks them into .gpu-deps/ (git ignores it; carry it to the GPU machine).
 #   launch/gpu_check.sh [--arch 90a] [--layers N] [--quick]
 #       on the GPU machine: builds with EPIC_WITH_SERVING=OFF into build-gpu/, runs the
@@ -25,7 +25,7 @@ usage() {
 if [ "${1:-}" = "--prepare" ]; then
   set -e
   work="$(mktemp -d)"
-  (cd "$work" && apt-get download libgtest-dev libgmock-dev nlohmann-json3-dev libcli11-dev)
+  (cd "$work" && apt-get download libgtest-dev libgmock-dev nlohmann-json3-dev libcli11-dev libpcre2-dev)
   rm -rf "$deps" && mkdir -p "$deps"
   for deb in "$work"/*.deb; do dpkg -x "$deb" "$deps"; done
   rm -rf "$work"
@@ -66,7 +66,8 @@ generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
 step configure cmake -S "$root" -B "$build" "${generator[@]}" -DEPIC_WITH_SERVING=OFF \
   -DCMAKE_CUDA_ARCHITECTURES="$arch" -DGTest_DIR="$lib/cmake/GTest" \
-  -DCLI11_DIR="$deps/usr/share/cmake/CLI11" -Dnlohmann_json_DIR="$deps/usr/share/cmake/nlohmann_json"
+  -DCLI11_DIR="$deps/usr/share/cmake/CLI11" -Dnlohmann_json_DIR="$deps/usr/share/cmake/nlohmann_json" \
+  -DEPIC_PCRE2_INCLUDE_DIR="$deps/usr/include" -DEPIC_PCRE2_LIBRARY="$lib/libpcre2-8.a"
 step build cmake --build "$build" -j"$(nproc)"
 nvidia-smi >"$logs/nvidia-smi.log" 2>&1
 

@@ -65,6 +65,7 @@ TEST(StreamDecoderTest, AMultiByteCharacterWaitsForItsLastByte) {
 }
 
 TEST(Utf8Test, LossyReadingMatchesPython) {
+  if (std::string(EPIC_PYTHON).empty()) GTEST_SKIP() << "no /usr/bin/python3 to compare with";
   std::mt19937 rng(11);
   std::vector<std::string> inputs = {"", "plain", "\xff", "\xC3", "\xE4\xBD", "\xF0\x9F\x98", "\xED\xA0\x80",
                                      "\xC0\xAF", "\xE0\x80\x80", "\xF4\x90\x80\x80", "a\x80\x80" "b",

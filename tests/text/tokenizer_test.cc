@@ -3,6 +3,7 @@
 // tokenizer against an independent Python encoder (tests/text/bpe_peer.py).
 #include "text/tokenizer.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <random>
@@ -126,6 +127,12 @@ TEST(TokenizerTest, AddedTokensAreMatchedLongestFirstBeforePreTokenization) {
   auto ids = t.Encode("a  [L] b[R] <|s|>x", false);
   ASSERT_TRUE(ids.ok());
   EXPECT_EQ(*ids, (std::vector<int32_t>{'a', 402, ' ', 'b', 403, 401}));
+  // With special tokens not parsed, user text cannot forge them; other added tokens stay.
+  auto plain = t.Encode("<|s|><n>", false, /*parse_special=*/false);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ(plain->back(), 405);
+  EXPECT_EQ(std::count(plain->begin(), plain->end(), 400), 0);
+  EXPECT_EQ(t.Decode(*plain), "<|s|><n>");
   EXPECT_TRUE(t.IsSpecial(400));
   EXPECT_FALSE(t.IsSpecial(404));
   // Special tokens are left out of a decode only when asked.
@@ -207,7 +214,7 @@ TEST(TokenizerTest, RandomUtf8RoundTrips) {
 
 TEST(TokenizerTest, InvalidUtf8IsRefusedWithItsOffset) {
   const Tokenizer t = Bundled();
-  for (const std::string bad : {std::string("ok\xff"), std::string("ab\xC3"), std::string("\xED\xA0\x80"),
+  for (const std::string& bad : {std::string("ok\xff"), std::string("ab\xC3"), std::string("\xED\xA0\x80"),
                                 std::string("\xC0\xAF")}) {
     auto ids = t.Encode(bad);
     ASSERT_FALSE(ids.ok());
@@ -273,6 +280,7 @@ std::string RandomMixed(std::mt19937& rng) {
 }
 
 TEST(TokenizerTest, BundledTokenizerMatchesAnIndependentPythonEncoder) {
+  if (std::string(EPIC_PYTHON).empty()) GTEST_SKIP() << "no /usr/bin/python3 (with python3-regex) to compare with";
   testing::TempDir dir("tokenizer-peer");
   for (const auto& [vocab, bos, eos] : {std::tuple{1024, 0, 1}, std::tuple{512, 0, 1}, std::tuple{256, 0, 1}}) {
     auto files = MakeByteLevelTokenizer(vocab, bos, eos);
