@@ -43,7 +43,8 @@ epic_build() {
   cmake -S "$EPIC_ROOT" -B "$EPIC_BUILD_DIR" -DCMAKE_BUILD_TYPE=Release \
     ${EPIC_CMAKE_ARGS:-} >"$EPIC_BUILD_DIR.configure.log" 2>&1 \
     || { cat "$EPIC_BUILD_DIR.configure.log" >&2; epic_log "configure failed"; return 1; }
-  cmake --build "$EPIC_BUILD_DIR" -j"$jobs" ${targets[@]+"${targets[@]}"} || { epic_log "build failed"; return 1; }
+  # Build output goes to stderr: stdout is for what the scripts produce (generated text).
+  cmake --build "$EPIC_BUILD_DIR" -j"$jobs" ${targets[@]+"${targets[@]}"} >&2 || { epic_log "build failed"; return 1; }
 }
 
 # Whether an NVIDIA GPU is visible.

@@ -740,7 +740,9 @@ StatusOr<std::vector<std::string>> Tokenizer::Pieces(std::string_view text) cons
     EPIC_RETURN_IF_ERROR(impl_->PreTokenize(p.text, &words));
     for (const std::string_view word : words) {
       const bool prefix = impl_->byte_level_prefix_space && !word.starts_with(' ');
-      out.push_back((prefix ? " " : "") + std::string(word));
+      std::string piece(prefix ? " " : "");
+      piece += word;
+      out.push_back(std::move(piece));
     }
   }
   return out;

@@ -13,6 +13,7 @@
 
 #include "tests/testing/temp_dir.h"
 #include "text/tokenizer_writer.h"
+#include "text/utf8.h"
 
 namespace epic::text {
 namespace {
@@ -182,21 +183,7 @@ std::string RandomUtf8(std::mt19937& rng, size_t chars) {
       default: cp = 0x10000 + rng() % 0x100000; break;
     }
     if (cp >= 0xD800 && cp <= 0xDFFF) cp = 'x';
-    if (cp < 0x80) {
-      s += static_cast<char>(cp);
-    } else if (cp < 0x800) {
-      s += static_cast<char>(0xC0 | (cp >> 6));
-      s += static_cast<char>(0x80 | (cp & 0x3F));
-    } else if (cp < 0x10000) {
-      s += static_cast<char>(0xE0 | (cp >> 12));
-      s += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-      s += static_cast<char>(0x80 | (cp & 0x3F));
-    } else {
-      s += static_cast<char>(0xF0 | (cp >> 18));
-      s += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-      s += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-      s += static_cast<char>(0x80 | (cp & 0x3F));
-    }
+    AppendUtf8(s, cp);
   }
   return s;
 }
