@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -430,6 +431,42 @@ TEST_F(TextServingTest, AClientThatDisconnectsMidStreamFreesItsBlocks) {
   EXPECT_LT(busy.cache().free_blocks(), busy.cache().total_blocks());
   close(fd);
   EXPECT_TRUE(WaitAllBlocksFree(10s)) << "the cancelled stream kept its cache blocks";
+}
+
+// `epic chat` as a user types into it: each line a turn, /reset starts over; every answer
+// equals the gRPC chat with the same messages.
+TEST_F(TextServingTest, EpicChatKeepsTheConversationAndResets) {
+  {
+    std::ofstream in(*dir_ / "chat.txt");
+    in << "Hello!\nWhat next?\n/reset\nHello!\n";
+  }
+  const std::string out = Capture(std::string(EPIC_BINARY) + " chat --server 127.0.0.1:" + std::to_string(grpc_port_) +
+                                  " --max-tokens 6 --system 'Be brief.' < " + (*dir_ / "chat.txt").string() +
+                                  " 2>/dev/null");
+  // The answer to each turn, by the chat API directly.
+  auto answer = [&](const std::vector<std::pair<std::string, std::string>>& turns) {
+    auto stub = v1::Epic::NewStub(
+        grpc::CreateChannel("127.0.0.1:" + std::to_string(grpc_port_), grpc::InsecureChannelCredentials()));
+    v1::GenerateRequest request;
+    for (const auto& [role, content] : turns) {
+      v1::ChatMessage* m = request.add_messages();
+      m->set_role(role);
+      m->set_content(content);
+    }
+    request.set_max_tokens(6);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + 60s);
+    auto reader = stub->Generate(&ctx, request);
+    std::string text;
+    for (v1::GenerateResponse r; reader->Read(&r);) text += r.text();
+    EXPECT_TRUE(reader->Finish().ok());
+    return text;
+  };
+  const std::string first = answer({{"system", "Be brief."}, {"user", "Hello!"}});
+  const std::string second =
+      answer({{"system", "Be brief."}, {"user", "Hello!"}, {"assistant", first}, {"user", "What next?"}});
+  // After /reset the conversation starts over: the same answer as the first turn.
+  EXPECT_EQ(out, first + "\n" + second + "\n" + first + "\n");
 }
 
 TEST_F(TextServingTest, MetricsCountHttpCallsAndTokenization) {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # epic-run under real mpirun jobs, as a user runs it:
 #  1. `mpirun -np N epic-run` prints the same greedy tokens as one process, N = 2, 3, 4, 8;
-#  2. a rank that cannot load its checkpoint ends the whole job quickly, non-zero, with
+#  2. `mpirun -np 3 epic-run --prompt TEXT` prints the same text as one process;
+#  3. a rank that cannot load its checkpoint ends the whole job quickly, non-zero, with
 #     that rank's error.
 # Usage: mpirun_cli_test.sh EPIC_RUN EPIC_MKMODEL MPIRUN
 set -euo pipefail
@@ -22,6 +23,13 @@ for n in 2 3 4 8; do
   echo "ok: mpirun -np $n: $got"
 done
 
+text_args=(--model "$dir/model" --prompt "Hello, 世界!" --max-new-tokens 10 --ignore-eos)
+want_text="$("$run" "${text_args[@]}" 2>/dev/null)"
+got_text="$(OMP_NUM_THREADS=1 "${mpi[@]}" -np 3 "$run" "${text_args[@]}" 2>"$dir/err.text")" \
+  || { echo "FAIL: mpirun -np 3 --prompt exited non-zero"; cat "$dir/err.text"; exit 1; }
+[ "$got_text" = "$want_text" ] || { echo "FAIL: -np 3 --prompt printed '$got_text', one process '$want_text'"; exit 1; }
+echo "ok: mpirun -np 3 --prompt: the same text as one process"
+
 start=$(date +%s)
 set +e
 OMP_NUM_THREADS=1 "${mpi[@]}" -np 1 "$run" "${args[@]}" : -np 1 "$run" --model "$dir/missing" \
@@ -34,4 +42,4 @@ grep -q "rank 1: NOT_FOUND: .*missing/config.json" "$dir/fail.err" \
   || { echo "FAIL: the failing rank's error is missing:"; cat "$dir/fail.err"; exit 1; }
 [ "$took" -lt 30 ] || { echo "FAIL: the failing job took ${took}s to end"; exit 1; }
 echo "ok: a failing rank ended the job in ${took}s with exit code $code"
-echo "2 passed, 0 failed"
+echo "3 passed, 0 failed"
