@@ -614,12 +614,25 @@ StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const HttpOptions& optio
                      "service_unavailable", ""});
   });
   s->server.Get("/v1/models", [s](const httplib::Request&, httplib::Response& res) { s->Models(res); });
+  // A body field of an unexpected JSON type that slipped past the checks is still the
+  // caller's mistake: 400, not 500.
+  auto guarded = [](auto handler) {
+    return [handler](const httplib::Request& req, httplib::Response& res) {
+      try {
+        handler(req, res);
+      } catch (const json::exception& e) {
+        ReplyError(res, {400, std::string("a field has the wrong type: ") + e.what(), "invalid_request_error", ""});
+      }
+    };
+  };
   s->server.Post("/v1/completions",
-                 [s](const httplib::Request& req, httplib::Response& res) { s->Generate(req, res, false); });
+                 guarded([s](const httplib::Request& req, httplib::Response& res) { s->Generate(req, res, false); }));
   s->server.Post("/v1/chat/completions",
-                 [s](const httplib::Request& req, httplib::Response& res) { s->Generate(req, res, true); });
-  s->server.Post("/tokenize", [s](const httplib::Request& req, httplib::Response& res) { s->Tokenize(req, res); });
-  s->server.Post("/detokenize", [s](const httplib::Request& req, httplib::Response& res) { s->Detokenize(req, res); });
+                 guarded([s](const httplib::Request& req, httplib::Response& res) { s->Generate(req, res, true); }));
+  s->server.Post("/tokenize",
+                 guarded([s](const httplib::Request& req, httplib::Response& res) { s->Tokenize(req, res); }));
+  s->server.Post("/detokenize",
+                 guarded([s](const httplib::Request& req, httplib::Response& res) { s->Detokenize(req, res); }));
   s->server.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
     if (!res.body.empty()) return;
     if (res.status == 404) {

@@ -579,6 +579,15 @@ StatusOr<Tokenizer> Tokenizer::Load(const std::string& dir) {
 }
 
 StatusOr<Tokenizer> Tokenizer::FromJson(std::string_view tokenizer_json, std::string_view config_json) {
+  // A field of the wrong JSON type surfaces as nlohmann's exception: a clear error too.
+  try {
+    return FromJsonChecked(tokenizer_json, config_json);
+  } catch (const json::exception& e) {
+    return InvalidArgumentError(std::string("tokenizer files: a field has the wrong type: ") + e.what());
+  }
+}
+
+StatusOr<Tokenizer> Tokenizer::FromJsonChecked(std::string_view tokenizer_json, std::string_view config_json) {
   const json root = json::parse(tokenizer_json, nullptr, false);
   if (root.is_discarded() || !root.is_object()) return InvalidArgumentError("tokenizer.json is not a JSON object");
   json config = json::object();

@@ -66,6 +66,7 @@ class Tokenizer {
 
  private:
   explicit Tokenizer(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
+  static StatusOr<Tokenizer> FromJsonChecked(std::string_view tokenizer_json, std::string_view config_json);
   std::shared_ptr<const Impl> impl_;
 };
 

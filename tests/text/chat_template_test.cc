@@ -8,6 +8,7 @@
 #include <fstream>
 #include <iostream>
 #include <optional>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -275,6 +276,41 @@ TEST(ChatTemplateTest, CopiesShareTheParsedTemplate) {
   ChatTemplate moved = std::move(*parsed);
   EXPECT_EQ(*copy.Render({{"greeting", "Hi"}}), "Hi, you");
   EXPECT_EQ(*moved.Render({{"greeting", "Yo"}, {"name", "Bo"}}), "Yo, Bo");
+}
+
+// Damaged templates and odd contexts give errors or text, never a crash (ASan checks the
+// memory side in the sanitizer build).
+TEST(ChatTemplateTest, DamagedTemplatesAndOddContextsNeverCrash) {
+  const std::string good(DefaultDeepSeekChatTemplate());
+  const json contexts[] = {
+      {{"messages", json::array({{{"role", "user"}, {"content", "hi"}}})}, {"add_generation_prompt", true},
+       {"bos_token", "<s>"}},
+      {{"messages", json::array({{{"role", "user"}, {"content", 5}}, {{"role", 3}}})}},
+      {{"messages", "not a list"}},
+      json::object(),
+  };
+  std::mt19937 rng(17);
+  int parsed = 0;
+  for (int i = 0; i < 3000; ++i) {
+    std::string damaged = good;
+    for (int k = 1 + rng() % 3; k > 0; --k) {
+      const size_t at = rng() % damaged.size();
+      switch (rng() % 3) {
+        case 0: damaged[at] = "{}%#-+()[]'\" .|~=!x"[rng() % 20]; break;
+        case 1: damaged.erase(at, 1 + rng() % 8); break;
+        default: damaged.insert(at, std::string(1, "{}%#'\"|"[rng() % 8])); break;
+      }
+    }
+    auto t = ChatTemplate::Parse(damaged);
+    if (!t.ok()) {
+      ASSERT_EQ(t.status().code(), StatusCode::kInvalidArgument);
+      ASSERT_NE(t.status().message().find("line"), std::string::npos) << t.status().message();
+      continue;
+    }
+    ++parsed;
+    for (const json& context : contexts) (void)t->Render(context);
+  }
+  EXPECT_GT(parsed, 0);
 }
 
 }  // namespace

@@ -251,6 +251,37 @@ TEST(TokenizerTest, WhatCannotBeHonouredIsRefusedNamingTheJsonPath) {
   EXPECT_NE(bad_bos.status().message().find("bos_token"), std::string::npos);
 }
 
+// Whatever bytes arrive, Encode answers with ids or INVALID_ARGUMENT, and damaged
+// tokenizer files give errors, never a crash.
+TEST(TokenizerTest, RandomBytesAndDamagedFilesNeverCrash) {
+  const Tokenizer t = Bundled();
+  std::mt19937 rng(13);
+  for (int i = 0; i < 2000; ++i) {
+    std::string bytes(rng() % 40, '\0');
+    for (char& c : bytes) c = static_cast<char>(rng());
+    auto ids = t.Encode(bytes);
+    if (!ids.ok()) {
+      ASSERT_EQ(ids.status().code(), StatusCode::kInvalidArgument);
+    } else {
+      ASSERT_EQ(t.Decode(*ids, true), bytes);
+    }
+  }
+  const std::string good = HandMade({"a b"}).dump();
+  const json config = {{"tokenizer_class", "LlamaTokenizerFast"}, {"add_bos_token", "yes"}, {"bos_token", 7}};
+  EXPECT_FALSE(Tokenizer::FromJson(good, config.dump()).ok());
+  for (int i = 0; i < 500; ++i) {
+    std::string damaged = good;
+    for (int k = 1 + rng() % 4; k > 0; --k) damaged[rng() % damaged.size()] = "{}[]\":,0a "[rng() % 11];
+    (void)Tokenizer::FromJson(damaged, "");
+    json typed = HandMade({"a b"});
+    const char* fields[] = {"/model/vocab", "/model/merges", "/added_tokens", "/pre_tokenizer", "/decoder",
+                            "/normalizer", "/post_processor", "/model/ignore_merges"};
+    const json values[] = {1, "x", json::array({1, 2}), json::object(), nullptr, true, json::array({json::object()})};
+    typed[json::json_pointer(fields[rng() % std::size(fields)])] = values[rng() % std::size(values)];
+    (void)Tokenizer::FromJson(typed.dump(), "");
+  }
+}
+
 // Mixed text as users send it: words, numbers, CJK, emoji, code, whitespace runs and
 // DeepSeek's special tokens in the middle of things.
 std::string RandomMixed(std::mt19937& rng) {
