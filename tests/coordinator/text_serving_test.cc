@@ -239,7 +239,9 @@ TEST_F(TextServingTest, StreamedDeltasAddUpToTheWholeAnswer) {
   for (size_t i = 0; i + 1 < chunks.size(); ++i) {
     const json chunk = json::parse(chunks[i]);
     EXPECT_EQ(chunk["object"], "chat.completion.chunk");
-    if (i == 0) EXPECT_EQ(chunk["choices"][0]["delta"]["role"], "assistant");
+    if (i == 0) {
+      EXPECT_EQ(chunk["choices"][0]["delta"]["role"], "assistant");
+    }
     content += chunk["choices"][0]["delta"].value("content", "");
   }
   EXPECT_EQ(content, whole.Json()["choices"][0]["message"]["content"]);
