@@ -9,6 +9,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "coordinator/rpc.h"
+
 namespace epic::coordinator {
 namespace {
 
@@ -138,13 +140,8 @@ struct HttpServer::Impl {
   int port = 0;
 
   bool Authorized(const httplib::Request& req) const {
-    if (options.auth_token.empty()) return true;
-    const std::string given = req.get_header_value("Authorization");
-    const std::string want = "Bearer " + options.auth_token;
-    if (given.size() != want.size()) return false;
-    unsigned char diff = 0;
-    for (size_t i = 0; i < want.size(); ++i) diff |= static_cast<unsigned char>(given[i] ^ want[i]);
-    return diff == 0;
+    return options.auth_token.empty() ||
+           SecretsMatch(req.get_header_value("Authorization"), "Bearer " + options.auth_token);
   }
 
   // The body as a JSON object, or the error to send.

@@ -46,7 +46,7 @@ json Side(const std::vector<std::vector<int32_t>>& placement, const std::vector<
 
 }  // namespace
 
-StatusOr<json> BuildLoadReport(const ReportInput& in) {
+StatusOr<PlannedPlacement> PlanFromReport(const ReportInput& in) {
   const size_t layers = in.layers.size();
   if (in.expert_tokens.size() != layers || in.placement.size() != layers) {
     return InvalidArgumentError("load report: " + std::to_string(layers) + " layers, but loads for " +
@@ -63,7 +63,6 @@ StatusOr<json> BuildLoadReport(const ReportInput& in) {
     return InvalidArgumentError("load report: moving averages for " + std::to_string(in.expert_ema.size()) +
                                 " layers, not " + std::to_string(layers));
   }
-  size_t max_slots = 0;
   for (size_t l = 0; l < layers; ++l) {
     if (!in.rank_tokens.empty() && in.rank_tokens[l].size() != static_cast<size_t>(in.num_ranks)) {
       return InvalidArgumentError("load report: layer " + std::to_string(in.layers[l]) + " has measured loads for " +
@@ -79,7 +78,6 @@ StatusOr<json> BuildLoadReport(const ReportInput& in) {
                                   " has loads or a placement of the wrong size");
     }
     for (const auto& slots : in.placement[l]) {
-      max_slots = std::max(max_slots, slots.size());
       for (int32_t e : slots) {
         if (e < 0 || static_cast<size_t>(e) >= experts) {
           return InvalidArgumentError("load report: layer " + std::to_string(in.layers[l]) + " places expert " +
@@ -98,9 +96,38 @@ StatusOr<json> BuildLoadReport(const ReportInput& in) {
   plan_in.num_nodes = in.num_nodes;
   plan_in.num_groups = in.num_groups;
   plan_in.current = &in.placement;
-  PlacementTable planned;
+  PlannedPlacement out;
+  out.slots_per_rank = plan_in.slots_per_rank;
   if (layers > 0) {
-    EPIC_ASSIGN_OR_RETURN(planned, PlanPlacement(plan_in));
+    EPIC_ASSIGN_OR_RETURN(out.placement, PlanPlacement(plan_in));
+  }
+  Balance current, planned;
+  for (size_t l = 0; l < layers; ++l) {
+    const std::vector<double>& tokens = in.expert_tokens[l];
+    out.current_load.push_back(in.rank_tokens.empty() ? PredictedRankLoad(tokens, in.placement[l]) : in.rank_tokens[l]);
+    out.planned_load.push_back(PredictedRankLoad(tokens, out.placement[l]));
+    const Balance c = Of(out.current_load.back()), p = Of(out.planned_load.back());
+    current.max += c.max;
+    current.mean += c.mean;
+    planned.max += p.max;
+    planned.mean += p.mean;
+    out.tokens += std::accumulate(tokens.begin(), tokens.end(), 0.0);
+  }
+  out.imbalance_before = current.imbalance();
+  out.imbalance_after = planned.imbalance();
+  out.balancedness_before = current.balancedness();
+  out.balancedness_after = planned.balancedness();
+  out.experts_moved = layers > 0 ? ExpertsMoved(in.placement, out.placement) : 0;
+  return out;
+}
+
+StatusOr<json> BuildLoadReport(const ReportInput& in) {
+  EPIC_ASSIGN_OR_RETURN(const PlannedPlacement plan, PlanFromReport(in));
+  const size_t layers = in.layers.size();
+  const size_t experts = layers > 0 ? in.expert_tokens[0].size() : 0;
+  size_t max_slots = 0;
+  for (const auto& layer : in.placement) {
+    for (const auto& slots : layer) max_slots = std::max(max_slots, slots.size());
   }
 
   json out;
@@ -108,25 +135,14 @@ StatusOr<json> BuildLoadReport(const ReportInput& in) {
   out["model_type"] = in.model_type;
   out["ranks"] = in.num_ranks;
   out["experts"] = experts;
-  out["slots_per_rank"] = {{"current", max_slots}, {"planned", plan_in.slots_per_rank}};
+  out["slots_per_rank"] = {{"current", max_slots}, {"planned", plan.slots_per_rank}};
   out["window"] = {{"steps", in.window_steps},     {"first_step", in.first_step},
                    {"last_step", in.last_step},    {"seconds", in.window_seconds},
                    {"ema_alpha", in.ema_alpha},    {"measured", !in.rank_tokens.empty()}};
   json layer_list = json::array();
-  Balance total_current, total_planned;
-  double total_tokens = 0;
   for (size_t l = 0; l < layers; ++l) {
     const std::vector<double>& tokens = in.expert_tokens[l];
-    const std::vector<double> current_load =
-        in.rank_tokens.empty() ? PredictedRankLoad(tokens, in.placement[l]) : in.rank_tokens[l];
-    const std::vector<double> planned_load = PredictedRankLoad(tokens, planned[l]);
-    const Balance c = Of(current_load), p = Of(planned_load);
-    total_current.max += c.max;
-    total_current.mean += c.mean;
-    total_planned.max += p.max;
-    total_planned.mean += p.mean;
     const double sum = std::accumulate(tokens.begin(), tokens.end(), 0.0);
-    total_tokens += sum;
     std::vector<size_t> order(tokens.size());
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return tokens[a] > tokens[b]; });
@@ -137,8 +153,8 @@ StatusOr<json> BuildLoadReport(const ReportInput& in) {
     }
     json layer = {{"layer", in.layers[l]},
                   {"expert_tokens", tokens},
-                  {"current", Side(in.placement[l], current_load)},
-                  {"planned", Side(planned[l], planned_load)},
+                  {"current", Side(in.placement[l], plan.current_load[l])},
+                  {"planned", Side(plan.placement[l], plan.planned_load[l])},
                   {"hottest", hottest}};
     if (l < in.expert_ema.size()) layer["expert_ema"] = in.expert_ema[l];
     if (l < in.rank_ema.size() && in.rank_ema[l].size() == static_cast<size_t>(in.num_ranks)) {
@@ -148,10 +164,10 @@ StatusOr<json> BuildLoadReport(const ReportInput& in) {
   }
   out["layers"] = std::move(layer_list);
   out["overall"] = {
-      {"tokens", total_tokens},
-      {"current", {{"imbalance", total_current.imbalance()}, {"balancedness", total_current.balancedness()}}},
-      {"planned", {{"imbalance", total_planned.imbalance()}, {"balancedness", total_planned.balancedness()}}},
-      {"experts_moved", layers > 0 ? ExpertsMoved(in.placement, planned) : 0}};
+      {"tokens", plan.tokens},
+      {"current", {{"imbalance", plan.imbalance_before}, {"balancedness", plan.balancedness_before}}},
+      {"planned", {{"imbalance", plan.imbalance_after}, {"balancedness", plan.balancedness_after}}},
+      {"experts_moved", plan.experts_moved}};
   json a2a = json::array();
   for (size_t r = 0; r < in.all_to_all.size(); ++r) {
     const AllToAllTotals& t = in.all_to_all[r];

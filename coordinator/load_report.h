@@ -2,7 +2,7 @@
 // uneven it was, and what the planner would do about it. One JSON document (schema
 // "epic.load_report/1", docs/load_balance.md), built here from measured statistics
 // (the coordinator) or from a loads file (offline); rendered as text or HTML by
-// coordinator/report_render.h.
+// client/report_render.h.
 #pragma once
 
 #include <cstdint>
@@ -57,6 +57,21 @@ struct ReportInput {
   double window_seconds = 0;
   double ema_alpha = 0;
 };
+
+// What the planner would do now with a report's input, and what it predicts: the one
+// computation behind the report's "planned" side and the coordinator's rebalancing.
+struct PlannedPlacement {
+  PlacementTable placement;                      // [moe layer][rank][experts]
+  int slots_per_rank = 0;
+  std::vector<std::vector<double>> current_load;  // [moe layer][rank]: measured, or predicted
+  std::vector<std::vector<double>> planned_load;  // [moe layer][rank]: predicted
+  double tokens = 0;                              // over the window, all MoE layers
+  double imbalance_before = 1, imbalance_after = 1;        // Σ max / Σ mean rank load
+  double balancedness_before = 1, balancedness_after = 1;  // Σ mean / Σ max
+  int64_t experts_moved = 0;                      // expert copies ranks newly hold
+};
+// INVALID_ARGUMENT when the input's shapes disagree.
+StatusOr<PlannedPlacement> PlanFromReport(const ReportInput& input);
 
 // The report. INVALID_ARGUMENT when the input's shapes disagree.
 StatusOr<nlohmann::json> BuildLoadReport(const ReportInput& input);

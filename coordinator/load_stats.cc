@@ -13,6 +13,8 @@ void LoadStats::Reset(const std::vector<int32_t>& moe_layers, int64_t experts, i
   experts_ = experts;
   ranks_ = ranks;
   buckets_.clear();
+  steps_ = 0;
+  totals_.assign(layers_.size(), std::vector<int64_t>(static_cast<size_t>(experts), 0));
   ema_.assign(layers_.size(), std::vector<double>(static_cast<size_t>(experts), 0.0));
   rank_ema_.assign(layers_.size(), std::vector<double>(static_cast<size_t>(ranks), 0.0));
   ema_started_ = false;
@@ -30,7 +32,8 @@ LoadStats::Bucket LoadStats::EmptyBucket() const {
   return b;
 }
 
-void LoadStats::Add(int64_t step, const v1::internal::StepResult& result) {
+void LoadStats::Add(const v1::internal::StepResult& result) {
+  const int64_t step = ++steps_;
   if (layers_.empty()) return;
   if (buckets_.empty() || buckets_.back().steps >= bucket_steps_) {
     buckets_.push_back(EmptyBucket());
@@ -51,6 +54,7 @@ void LoadStats::Add(int64_t step, const v1::internal::StepResult& result) {
     const size_t l = static_cast<size_t>(it - layers_.begin());
     for (int e = 0; e < load.expert_tokens_size() && e < experts_; ++e) {
       step_tokens[l][static_cast<size_t>(e)] = static_cast<double>(load.expert_tokens(e));
+      totals_[l][static_cast<size_t>(e)] += load.expert_tokens(e);
       b.expert[l][static_cast<size_t>(e)] += step_tokens[l][static_cast<size_t>(e)];
     }
   }

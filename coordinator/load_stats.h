@@ -30,10 +30,16 @@ class LoadStats {
   // Forgets the window (loads per rank measured under a placement no longer in use);
   // the moving average, history and rebalances stay.
   void ClearWindow();
-  void Add(int64_t step, const v1::internal::StepResult& result);
+  // One step's result: the step after the last one added.
+  void Add(const v1::internal::StepResult& result);
   void AddRebalance(const RebalanceRecord& record) { rebalances_.push_back(record); }
 
   int64_t window_steps() const;
+  // Steps added since Reset, and the tokens routed to each expert over them:
+  // [moe layer][expert], the MoE layers being layers().
+  int64_t steps() const { return steps_; }
+  const std::vector<int32_t>& layers() const { return layers_; }
+  const std::vector<std::vector<int64_t>>& totals() const { return totals_; }
   // Σ over layers of the busiest rank's tokens / Σ of the mean, over the window (1 when empty).
   double WindowImbalance() const;
   // Fills the statistics part of IN (layers, loads, ranks' loads, all-to-all, history, window).
@@ -54,6 +60,8 @@ class LoadStats {
   LoadStatsOptions options_;
   int64_t bucket_steps_;
   std::vector<int32_t> layers_;
+  int64_t steps_ = 0;
+  std::vector<std::vector<int64_t>> totals_;  // [moe layer][expert], since Reset
   int64_t experts_ = 0;
   int ranks_ = 0;
   std::deque<Bucket> buckets_;

@@ -13,7 +13,7 @@ OpenAI-compatible HTTP API, tokenizing with the model's tokenizer.json), then
   mpirun -np N build/worker/epic-worker --model DIR --coordinator HOST:PORT
 and relaunches that worker job (1 s, 2 s, 4 s ... up to 30 s apart) each time it exits,
 logging why. Prints "[epic] cluster ready" once the server reports SERVING. Call it with
-  build/coordinator/epic generate --server 127.0.0.1:PORT --prompt "Hello"
+  build/client/epic generate --server 127.0.0.1:PORT --prompt "Hello"
   curl http://127.0.0.1:HTTP_PORT/v1/completions -d '{"prompt": "Hello", "max_tokens": 16}'
 Builds epic first unless --no-build (installing missing Debian packages as root).
 
@@ -130,10 +130,10 @@ worker_cmd=("$bin/worker/epic-worker" --model "$model" --coordinator "$coord_hos
 # Announces readiness once the server says SERVING (a background watcher, once).
 (
   for _ in $(seq 1 6000); do
-    if "$bin/coordinator/epic" health --server "127.0.0.1:$port" >/dev/null 2>&1; then
+    if "$bin/client/epic" health --server "127.0.0.1:$port" >/dev/null 2>&1; then
       [ -n "$ready_file" ] && cp "$state/ready.json" "$ready_file"
       http="$(sed -E 's/.*"http_port": ([0-9]+).*/\1/' "$state/ready.json")"
-      epic_log "cluster ready: gRPC on port $port, HTTP on port $http ($np worker rank(s)); try: $bin/coordinator/epic generate --server 127.0.0.1:$port --prompt Hello"
+      epic_log "cluster ready: gRPC on port $port, HTTP on port $http ($np worker rank(s)); try: $bin/client/epic generate --server 127.0.0.1:$port --prompt Hello"
       exit 0
     fi
     sleep 0.2

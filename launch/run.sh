@@ -69,10 +69,10 @@ port="$(epic_wait_ready "$ready" "$cluster" 120 "the cluster")" || exit 1
 
 if [ "$ids" -eq 1 ]; then
   epic_log "generating: epic generate --server 127.0.0.1:$port --tokens $tokens --max-tokens $max_tokens"
-  "$EPIC_BUILD_DIR/coordinator/epic" generate --server "127.0.0.1:$port" --tokens "$tokens" --max-tokens "$max_tokens"
+  "$EPIC_BUILD_DIR/client/epic" generate --server "127.0.0.1:$port" --tokens "$tokens" --max-tokens "$max_tokens"
 else
   epic_log "generating: epic generate --server 127.0.0.1:$port --prompt \"$prompt\" --max-tokens $max_tokens"
-  "$EPIC_BUILD_DIR/coordinator/epic" generate --server "127.0.0.1:$port" --prompt "$prompt" --max-tokens "$max_tokens"
+  "$EPIC_BUILD_DIR/client/epic" generate --server "127.0.0.1:$port" --prompt "$prompt" --max-tokens "$max_tokens"
 fi
 if [ "$serve" -eq 1 ]; then
   epic_log "serving on 127.0.0.1:$port until Ctrl-C"

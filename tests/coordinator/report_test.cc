@@ -12,7 +12,7 @@
 #include <gtest/gtest.h>
 
 #include "coordinator/load_report.h"
-#include "coordinator/report_render.h"
+#include "client/report_render.h"
 #include "tests/coordinator/zipf_loads.h"
 
 namespace epic::coordinator {

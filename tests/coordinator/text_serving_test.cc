@@ -119,7 +119,10 @@ class TextServingTest : public ::testing::Test {
   }
   static std::vector<int32_t> EpicRunIds(const std::vector<int32_t>& prompt, int max_new) {
     std::string ids;
-    for (const int32_t t : prompt) ids += (ids.empty() ? "" : ",") + std::to_string(t);
+    for (const int32_t t : prompt) {
+      if (!ids.empty()) ids += ',';
+      ids += std::to_string(t);
+    }
     std::istringstream out(Capture(std::string(EPIC_RUN_BINARY) + " --model " + Model() + " --threads 1 --tokens " +
                                    ids + " --max-new-tokens " + std::to_string(max_new) + " --ignore-eos 2>/dev/null"));
     std::vector<int32_t> result;

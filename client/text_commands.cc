@@ -1,4 +1,4 @@
-#include "coordinator/text_commands.h"
+#include "client/text_commands.h"
 
 #include <cstdio>
 #include <iostream>

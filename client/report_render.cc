@@ -1,4 +1,4 @@
-#include "coordinator/report_render.h"
+#include "client/report_render.h"
 
 #include <algorithm>
 #include <cmath>

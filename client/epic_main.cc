@@ -9,9 +9,9 @@
 #include <nlohmann/json.hpp>
 
 #include "coordinator/placement_planner.h"
-#include "coordinator/text_commands.h"
+#include "client/text_commands.h"
 #ifdef EPIC_WITH_SERVING
-#include "coordinator/client_commands.h"
+#include "client/client_commands.h"
 #endif
 
 namespace {

@@ -1,4 +1,4 @@
-#include "coordinator/client_commands.h"
+#include "client/client_commands.h"
 
 #include <unistd.h>
 
@@ -17,7 +17,7 @@
 #include "common/text_file.h"
 #include "common/token_list.h"
 #include "coordinator/load_report.h"
-#include "coordinator/report_render.h"
+#include "client/report_render.h"
 #include "epic.grpc.pb.h"
 #include "health.grpc.pb.h"
 

@@ -1,0 +1,309 @@
+#include "coordinator/worker_session.h"
+
+#include <condition_variable>
+#include <deque>
+#include <thread>
+
+#include "coordinator/rpc.h"
+
+namespace epic::coordinator {
+
+WorkerSession::WorkerSession(const ServerOptions& options, Scheduler* scheduler, Metrics* metrics,
+                             std::function<void(bool)> on_serving)
+    : options_(options), scheduler_(scheduler), metrics_(metrics), on_serving_(std::move(on_serving)),
+      stats_(options.stats) {}
+
+std::optional<v1::ModelSummary> WorkerSession::Model() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!attached_) return std::nullopt;
+  return worker_.model();
+}
+
+void WorkerSession::FillModelInfo(v1::ModelInfo* info) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  info->set_worker_attached(attached_);
+  info->set_worker_attachments(attachments_);
+  if (attached_) {
+    *info->mutable_model() = worker_.model();
+    *info->mutable_ranks() = worker_.ranks();
+    *info->mutable_placement() = worker_.placement();
+  }
+}
+
+PlacementTable WorkerSession::CurrentPlacementLocked(std::vector<int32_t>* layers) const {
+  PlacementTable table;
+  for (const v1::LayerPlacement& lp : worker_.placement()) {
+    if (layers) layers->push_back(lp.layer());
+    std::vector<std::vector<int32_t>> ranks;
+    for (const v1::RankSlots& r : lp.ranks()) ranks.emplace_back(r.experts().begin(), r.experts().end());
+    table.push_back(std::move(ranks));
+  }
+  return table;
+}
+
+ReportInput WorkerSession::ReportInputLocked(int redundant) const {
+  ReportInput in;
+  stats_.Fill(&in);
+  in.model_type = worker_.model().model_type();
+  in.num_groups = static_cast<int>(std::max<int64_t>(1, worker_.model().n_group()));
+  in.placement = CurrentPlacementLocked(nullptr);
+  in.redundant_slots_per_rank = redundant;
+  return in;
+}
+
+StatusOr<std::shared_ptr<WorkerSession::Rebalancing>> WorkerSession::PlanRebalance(int redundant) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!attached_) return UnavailableError("no worker job is attached");
+  if (redundant < 0) return InvalidArgumentError("redundant_slots_per_rank must be >= 0");
+  if (stats_.window_steps() == 0) {
+    return FailedPreconditionError("no expert statistics yet: the window is empty (serve some requests first)");
+  }
+  EPIC_ASSIGN_OR_RETURN(PlannedPlacement plan, PlanFromReport(ReportInputLocked(redundant)));
+  if (plan.tokens <= 0) return FailedPreconditionError("no expert statistics yet: no tokens in the window");
+  auto r = std::make_shared<Rebalancing>();
+  r->table = std::move(plan.placement);
+  r->response.set_imbalance_before(plan.imbalance_before);
+  r->response.set_imbalance_after(plan.imbalance_after);
+  r->response.set_experts_moved(plan.experts_moved);
+  r->response.set_window_steps(stats_.window_steps());
+  return r;
+}
+
+
+grpc::Status WorkerSession::Rebalance(const v1::RebalanceRequest* request, v1::RebalanceResponse* response) {
+  auto plan = PlanRebalance(request->has_redundant_slots_per_rank() ? request->redundant_slots_per_rank()
+                                                                    : options_.redundant_slots_per_rank);
+  if (!plan.ok()) return ToGrpc(plan.status());
+  std::shared_ptr<Rebalancing> r = *plan;
+  *response = r->response;
+  if (request->dry_run()) {
+    response->set_reason("dry run");
+    return grpc::Status::OK;
+  }
+  if (r->response.experts_moved() == 0) {
+    response->set_reason("the current placement is already the plan");
+    return grpc::Status::OK;
+  }
+  std::future<grpc::Status> done = r->done.get_future();
+  {
+    std::lock_guard<std::mutex> lock(rebalance_mu_);
+    if (pending_) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "a rebalance is already in progress");
+    pending_ = r;
+  }
+  scheduler_->Wake();
+  if (done.wait_for(std::chrono::minutes(30)) != std::future_status::ready) {
+    return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the rebalance did not finish within 30 minutes");
+  }
+  const grpc::Status s = done.get();
+  if (s.ok()) *response = r->response;
+  return s;
+}
+
+
+grpc::Status WorkerSession::FillLoadReport(v1::LoadReport* report) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (attached_) {
+    auto full = BuildLoadReport(ReportInputLocked(options_.redundant_slots_per_rank));
+    if (!full.ok()) return ToGrpc(full.status());
+    report->set_json(full->dump());
+  }
+  report->set_steps(stats_.steps());
+  const std::vector<std::vector<int64_t>>& totals = stats_.totals();
+  for (size_t l = 0; l < totals.size(); ++l) {
+    v1::LayerLoad* layer = report->add_layers();
+    layer->set_layer(stats_.layers()[l]);
+    layer->mutable_expert_tokens()->Add(totals[l].begin(), totals[l].end());
+  }
+  return grpc::Status::OK;
+}
+
+
+grpc::Status WorkerSession::Attach(
+  grpc::ServerContext* ctx,
+  grpc::ServerReaderWriter<v1::internal::CoordinatorMessage, v1::internal::WorkerMessage>* stream) {
+  v1::internal::WorkerMessage first;
+  if (!stream->Read(&first) || !first.has_hello()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "a worker must begin with its hello");
+  }
+  if (!SecretsMatch(first.hello().secret(), options_.worker_secret)) {
+    Log("refused a worker job from " + ctx->peer() + ": wrong worker secret");
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "wrong worker secret");
+  }
+  if (stopping_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the coordinator is shutting down");
+  const v1::ModelSummary& model = first.hello().model();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (attached_) {
+      Log("refused a second worker job from " + ctx->peer());
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "a worker job is already attached");
+    }
+    attached_ = true;
+    ++attachments_;
+    worker_ = first.hello();
+    worker_.clear_secret();
+    std::vector<int32_t> moe_layers;
+    for (const v1::LayerPlacement& lp : worker_.placement()) moe_layers.push_back(lp.layer());
+    stats_.Reset(moe_layers, model.n_routed_experts(), first.hello().ranks_size());
+    steps_since_rebalance_ = 0;
+  }
+  v1::internal::CoordinatorMessage welcome;
+  welcome.mutable_welcome()->set_block_size(options_.scheduler.block_size);
+  welcome.mutable_welcome()->set_num_blocks(options_.scheduler.num_blocks);
+  std::string why = "the worker link closed";
+  if (stream->Write(welcome)) {
+    scheduler_->Attach(model);
+    on_serving_(true);
+    Log("worker job attached from " + ctx->peer() + ": " + std::to_string(first.hello().ranks_size()) +
+        " rank(s), " + model.model_type() + " with " + std::to_string(model.num_hidden_layers()) + " layers");
+    why = RunSteps(ctx, stream);
+    on_serving_(false);
+    {
+      std::lock_guard<std::mutex> lock(rebalance_mu_);
+      if (pending_) {
+        pending_->done.set_value(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the worker job left: " + why));
+        pending_.reset();
+      }
+    }
+    scheduler_->Detach(why);
+    Log("worker job detached: " + why);
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    attached_ = false;
+  }
+  return grpc::Status(grpc::StatusCode::UNAVAILABLE, why);
+}
+
+std::string WorkerSession::RunSteps(
+  grpc::ServerContext* ctx,
+  grpc::ServerReaderWriter<v1::internal::CoordinatorMessage, v1::internal::WorkerMessage>* stream) {
+  std::mutex inbox_mu;
+  std::condition_variable inbox_cv;
+  std::deque<v1::internal::WorkerMessage> inbox;
+  bool closed = false;
+  std::thread reader([&] {
+    v1::internal::WorkerMessage m;
+    while (stream->Read(&m)) {
+      std::lock_guard<std::mutex> lock(inbox_mu);
+      inbox.push_back(std::move(m));
+      inbox_cv.notify_all();
+    }
+    std::lock_guard<std::mutex> lock(inbox_mu);
+    closed = true;
+    inbox_cv.notify_all();
+  });
+  auto finish = [&](std::string why) {
+    ctx->TryCancel();
+    reader.join();
+    return why;
+  };
+  // The worker's next message, or why none came within TIMEOUT.
+  std::string why;
+  auto await = [&](std::chrono::milliseconds timeout, const char* what) -> std::optional<v1::internal::WorkerMessage> {
+    std::unique_lock<std::mutex> lock(inbox_mu);
+    if (!inbox_cv.wait_for(lock, timeout, [&] { return !inbox.empty() || closed; })) {
+      why = std::string("no ") + what + " completed in " + std::to_string(timeout.count() / 1000.0) +
+            " s: the worker job is stuck";
+      return std::nullopt;
+    }
+    if (inbox.empty()) {
+      why = std::string("the worker link closed during a ") + what;
+      return std::nullopt;
+    }
+    v1::internal::WorkerMessage m = std::move(inbox.front());
+    inbox.pop_front();
+    return m;
+  };
+  // Sends R to the job and waits for the switch; false (WHY set) when the job failed.
+  auto rebalance = [&](Rebalancing& r) -> bool {
+    v1::internal::CoordinatorMessage m;
+    v1::internal::Rebalance* request = m.mutable_rebalance();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      request->set_rebalance_id(next_rebalance_id_++);
+      for (size_t l = 0; l < r.table.size(); ++l) {
+        v1::LayerPlacement* lp = request->add_placement();
+        lp->set_layer(worker_.placement(static_cast<int>(l)).layer());
+        for (const auto& experts : r.table[l]) lp->add_ranks()->mutable_experts()->Add(experts.begin(), experts.end());
+      }
+    }
+    if (!stream->Write(m)) {
+      why = "the worker link closed";
+      r.done.set_value(grpc::Status(grpc::StatusCode::UNAVAILABLE, why));
+      return false;
+    }
+    // Reading experts from the checkpoint can take far longer than a step.
+    auto reply = await(options_.step_timeout * 10, "rebalance");
+    if (!reply || !reply->has_rebalanced()) {
+      if (reply) why = reply->has_error() ? "the worker job failed: " + reply->error() : "unexpected reply to a rebalance";
+      r.done.set_value(grpc::Status(grpc::StatusCode::UNAVAILABLE, why));
+      return false;
+    }
+    const v1::internal::RebalanceResult& done = reply->rebalanced();
+    r.response.set_applied(true);
+    r.response.set_bytes_loaded(done.bytes_loaded());
+    r.response.set_seconds(done.seconds());
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      *worker_.mutable_placement() = request->placement();
+      stats_.ClearWindow();
+      stats_.AddRebalance({stats_.steps(), r.response.experts_moved(), done.bytes_loaded(), done.seconds(),
+                          r.response.imbalance_before(), r.response.imbalance_after()});
+      steps_since_rebalance_ = 0;
+    }
+    Log("rebalanced: " + std::to_string(r.response.experts_moved()) + " expert copies moved (" +
+        std::to_string(done.bytes_loaded() >> 10) + " KiB read) in " + std::to_string(done.seconds()) +
+        " s; imbalance " + std::to_string(r.response.imbalance_before()) + " -> " +
+        std::to_string(r.response.imbalance_after()) + " predicted");
+    r.done.set_value(grpc::Status::OK);
+    return true;
+  };
+  v1::internal::CoordinatorMessage message;
+  for (;;) {
+    if (stopping_) return finish("the coordinator is shutting down");
+    {
+      std::lock_guard<std::mutex> lock(inbox_mu);
+      if (closed) return finish("the worker link closed");
+    }
+    std::shared_ptr<Rebalancing> asked;
+    {
+      std::lock_guard<std::mutex> lock(rebalance_mu_);
+      asked = std::move(pending_);
+      pending_.reset();
+    }
+    if (asked && !rebalance(*asked)) return finish(why);
+    if (!scheduler_->NextStep(message.mutable_step())) {
+      scheduler_->WaitForWork(std::chrono::milliseconds(100));
+      continue;
+    }
+    const auto sent = Clock::now();
+    if (!stream->Write(message)) return finish("the worker link closed");
+    auto reply = await(options_.step_timeout, "step");
+    if (!reply) return finish(why);
+    if (reply->has_error()) return finish("the worker job failed: " + reply->error());
+    if (!reply->has_result()) return finish("the worker sent something other than a step result");
+    if (const Status s = scheduler_->Complete(reply->result()); !s.ok()) return finish(s.message());
+    if (metrics_) {
+      metrics_->StepCompleted(std::chrono::duration<double>(Clock::now() - sent).count(),
+                             message.step().sequences_size());
+    }
+    bool automatic = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.Add(reply->result());
+      automatic = options_.rebalance_every > 0 && ++steps_since_rebalance_ >= options_.rebalance_every;
+      if (automatic) steps_since_rebalance_ = 0;
+    }
+    if (automatic) {
+      auto plan = PlanRebalance(options_.redundant_slots_per_rank);
+      if (plan.ok() && (*plan)->response.imbalance_before() > options_.rebalance_threshold &&
+          (*plan)->response.experts_moved() > 0 &&
+          (*plan)->response.imbalance_after() < (*plan)->response.imbalance_before()) {
+        (*plan)->done.get_future();  // nobody waits on an automatic rebalance
+        if (!rebalance(**plan)) return finish(why);
+      }
+    }
+  }
+}
+
+}  // namespace epic::coordinator
