@@ -1,5 +1,5 @@
 // Placement planner: balance and planning time across sizes, next to DeepSeek's
-// published EPLB heuristics (coordinator/eplb_baseline.h) and a lower bound; then the
+// published EPLB heuristics (placement/eplb_baseline.h) and a lower bound; then the
 // experts moved when loads drift and each window is re-planned from the last plan.
 //
 // Loads: Zipf(s) per layer (s = 1.1 unless --zipf), experts shuffled per layer, 60
@@ -31,13 +31,13 @@
 #include <string>
 #include <vector>
 
-#include "coordinator/eplb_baseline.h"
-#include "coordinator/placement_planner.h"
+#include "placement/eplb_baseline.h"
+#include "placement/placement_planner.h"
 
 namespace {
 
-using epic::coordinator::PlacementTable;
-using epic::coordinator::PlannerInput;
+using epic::placement::PlacementTable;
+using epic::placement::PlannerInput;
 using Loads = std::vector<std::vector<double>>;
 using Clock = std::chrono::steady_clock;
 
@@ -61,7 +61,7 @@ Loads Zipf(double s, uint64_t seed) {
 // Sum over layers of the busiest rank's load.
 double MaxSum(const Loads& loads, const PlacementTable& plan) {
   double sum = 0;
-  for (size_t l = 0; l < loads.size(); ++l) sum += epic::coordinator::PlacementStats(loads[l], plan[l]).max_rank_load;
+  for (size_t l = 0; l < loads.size(); ++l) sum += epic::placement::PlacementStats(loads[l], plan[l]).max_rank_load;
   return sum;
 }
 
@@ -84,7 +84,7 @@ double BoundSum(const Loads& loads, int ranks, int spare, int slots) {
 }
 
 PlacementTable Plan(const PlannerInput& in) {
-  auto plan = epic::coordinator::PlanPlacement(in);
+  auto plan = epic::placement::PlanPlacement(in);
   if (!plan.ok()) {
     std::fprintf(stderr, "plan failed: %s\n", plan.status().ToString().c_str());
     std::exit(1);
@@ -131,9 +131,9 @@ std::vector<Row> BalanceTable(const Loads& loads) {
       in.num_groups = kGroups;
       row.epic_nodes_ms = TimePlan(in, &plan);
       row.epic_nodes = MaxSum(loads, plan) / mean;
-      row.global = MaxSum(loads, epic::coordinator::EplbGlobal(loads, ranks, row.slots)) / mean;
+      row.global = MaxSum(loads, epic::placement::EplbGlobal(loads, ranks, row.slots)) / mean;
       row.hierarchical =
-          MaxSum(loads, epic::coordinator::EplbHierarchical(loads, ranks, row.slots, row.nodes, kGroups)) / mean;
+          MaxSum(loads, epic::placement::EplbHierarchical(loads, ranks, row.slots, row.nodes, kGroups)) / mean;
       row.bound = BoundSum(loads, ranks, spare, row.slots) / mean;
       rows.push_back(row);
     }
@@ -180,8 +180,8 @@ void DriftTable() {
     in.num_nodes = sh.nodes;
     in.num_groups = sh.nodes > 1 ? kGroups : 1;
     auto eplb = [&](const Loads& loads) {
-      return sh.nodes > 1 ? epic::coordinator::EplbHierarchical(loads, sh.ranks, slots, sh.nodes, kGroups)
-                          : epic::coordinator::EplbGlobal(loads, sh.ranks, slots);
+      return sh.nodes > 1 ? epic::placement::EplbHierarchical(loads, sh.ranks, slots, sh.nodes, kGroups)
+                          : epic::placement::EplbGlobal(loads, sh.ranks, slots);
     };
     in.loads = Drifting(rings, 0);
     PlacementTable kept = Plan(in), base = eplb(in.loads);
@@ -194,9 +194,9 @@ void DriftTable() {
       in.current = nullptr;
       const PlacementTable fresh = Plan(in);
       const PlacementTable next_base = eplb(in.loads);
-      kept_moves += epic::coordinator::ExpertsMoved(kept, next);
-      fresh_moves += epic::coordinator::ExpertsMoved(kept, fresh);
-      base_moves += epic::coordinator::ExpertsMoved(base, next_base);
+      kept_moves += epic::placement::ExpertsMoved(kept, next);
+      fresh_moves += epic::placement::ExpertsMoved(kept, fresh);
+      base_moves += epic::placement::ExpertsMoved(base, next_base);
       kept_max += MaxSum(in.loads, next);
       fresh_max += MaxSum(in.loads, fresh);
       base_max += MaxSum(in.loads, next_base);

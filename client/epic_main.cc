@@ -8,7 +8,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
-#include "coordinator/placement_planner.h"
+#include "placement/placement_planner.h"
 #include "client/text_commands.h"
 #ifdef EPIC_WITH_SERVING
 #include "client/client_commands.h"
@@ -17,7 +17,7 @@
 namespace {
 
 using nlohmann::json;
-using epic::coordinator::PlacementTable;
+using epic::placement::PlacementTable;
 
 epic::StatusOr<json> ReadJson(const std::string& path) {
   std::ifstream in(path);
@@ -61,14 +61,14 @@ int Fail(const epic::Status& s) {
 }
 
 int Plan(const std::string& loads_path, const std::string& current_path, const std::string& out_path,
-         epic::coordinator::PlannerInput input) {
+         epic::placement::PlannerInput input) {
   auto loads_json = ReadJson(loads_path);
   if (!loads_json.ok()) return Fail(loads_json.status());
   auto loads = ParseLoads(*loads_json, loads_path);
   if (!loads.ok()) return Fail(loads.status());
   input.loads = *loads;
   const int64_t experts = input.loads.empty() ? 0 : static_cast<int64_t>(input.loads[0].size());
-  PlacementTable before = epic::coordinator::ContiguousPlacement(static_cast<int64_t>(input.loads.size()),
+  PlacementTable before = epic::placement::ContiguousPlacement(static_cast<int64_t>(input.loads.size()),
                                                                   experts, input.num_ranks);
   if (!current_path.empty()) {
     auto current_json = ReadJson(current_path);
@@ -78,14 +78,14 @@ int Plan(const std::string& loads_path, const std::string& current_path, const s
     before = *current;
     input.current = &before;
   }
-  auto plan = epic::coordinator::PlanPlacement(input);
+  auto plan = epic::placement::PlanPlacement(input);
   if (!plan.ok()) return Fail(plan.status());
 
   json layers = json::array();
   double max_before = 0, max_after = 0, mean_sum = 0;
   for (size_t l = 0; l < plan->size(); ++l) {
-    const auto b = epic::coordinator::PlacementStats(input.loads[l], before[l]);
-    const auto a = epic::coordinator::PlacementStats(input.loads[l], (*plan)[l]);
+    const auto b = epic::placement::PlacementStats(input.loads[l], before[l]);
+    const auto a = epic::placement::PlacementStats(input.loads[l], (*plan)[l]);
     layers.push_back({{"imbalance_before", b.imbalance()}, {"imbalance_after", a.imbalance()},
                       {"balancedness_before", b.balancedness()}, {"balancedness_after", a.balancedness()}});
     max_before += b.max_rank_load;
@@ -100,7 +100,7 @@ int Plan(const std::string& loads_path, const std::string& current_path, const s
               // Over all layers: summed max rank load over summed mean rank load.
               {"imbalance_before", mean_sum > 0 ? max_before / mean_sum : 1.0},
               {"imbalance_after", mean_sum > 0 ? max_after / mean_sum : 1.0},
-              {"experts_moved", epic::coordinator::ExpertsMoved(before, *plan)},
+              {"experts_moved", epic::placement::ExpertsMoved(before, *plan)},
               {"layers", layers}};
   std::ofstream f(out_path);
   f << out.dump(1) << "\n";
@@ -119,7 +119,7 @@ int main(int argc, char** argv) {
   CLI::App* plan = app.add_subcommand(
       "plan", "plan an expert placement offline from measured loads (balance ranks, replicate hot experts)");
   std::string loads_path, current_path, out_path;
-  epic::coordinator::PlannerInput input;
+  epic::placement::PlannerInput input;
   plan->add_option("--loads", loads_path, "LOADS.json: {\"loads\": [[tokens per expert] per layer]}")->required();
   plan->add_option("--ranks", input.num_ranks, "ranks (workers)")->required()->check(CLI::PositiveNumber);
   plan->add_option("--slots-per-rank", input.slots_per_rank,

@@ -9,37 +9,8 @@ namespace {
 
 using nlohmann::json;
 
-// Per-rank load of RANKS under LOADS, a replicated expert's load shared by its replicas.
-std::vector<double> PredictedRankLoad(const std::vector<double>& loads, const std::vector<std::vector<int32_t>>& ranks) {
-  std::vector<int> replicas(loads.size(), 0);
-  for (const auto& experts : ranks) {
-    for (int32_t e : experts) ++replicas[static_cast<size_t>(e)];
-  }
-  std::vector<double> out;
-  for (const auto& experts : ranks) {
-    double sum = 0;
-    for (int32_t e : experts) sum += loads[static_cast<size_t>(e)] / replicas[static_cast<size_t>(e)];
-    out.push_back(sum);
-  }
-  return out;
-}
-
-struct Balance {
-  double max = 0, mean = 0;
-  double imbalance() const { return mean > 0 ? max / mean : 1.0; }
-  double balancedness() const { return max > 0 ? mean / max : 1.0; }
-};
-
-Balance Of(const std::vector<double>& rank_load) {
-  Balance b;
-  if (rank_load.empty()) return b;
-  b.max = *std::max_element(rank_load.begin(), rank_load.end());
-  b.mean = std::accumulate(rank_load.begin(), rank_load.end(), 0.0) / static_cast<double>(rank_load.size());
-  return b;
-}
-
 json Side(const std::vector<std::vector<int32_t>>& placement, const std::vector<double>& rank_load) {
-  const Balance b = Of(rank_load);
+  const placement::LayerStats b = placement::StatsOfRankLoads(rank_load);
   return {{"placement", placement}, {"rank_load", rank_load}, {"imbalance", b.imbalance()},
           {"balancedness", b.balancedness()}};
 }
@@ -88,7 +59,7 @@ StatusOr<PlannedPlacement> PlanFromReport(const ReportInput& in) {
   }
 
   // The plan the coordinator would apply now, from the same loads.
-  PlannerInput plan_in;
+  placement::PlannerInput plan_in;
   plan_in.loads = in.expert_tokens;
   plan_in.num_ranks = in.num_ranks;
   const int base_slots = static_cast<int>((experts + static_cast<size_t>(in.num_ranks) - 1) / static_cast<size_t>(in.num_ranks));
@@ -99,25 +70,26 @@ StatusOr<PlannedPlacement> PlanFromReport(const ReportInput& in) {
   PlannedPlacement out;
   out.slots_per_rank = plan_in.slots_per_rank;
   if (layers > 0) {
-    EPIC_ASSIGN_OR_RETURN(out.placement, PlanPlacement(plan_in));
+    EPIC_ASSIGN_OR_RETURN(out.placement, placement::PlanPlacement(plan_in));
   }
-  Balance current, planned;
+  placement::LayerStats current, planned;
   for (size_t l = 0; l < layers; ++l) {
     const std::vector<double>& tokens = in.expert_tokens[l];
-    out.current_load.push_back(in.rank_tokens.empty() ? PredictedRankLoad(tokens, in.placement[l]) : in.rank_tokens[l]);
-    out.planned_load.push_back(PredictedRankLoad(tokens, out.placement[l]));
-    const Balance c = Of(out.current_load.back()), p = Of(out.planned_load.back());
-    current.max += c.max;
-    current.mean += c.mean;
-    planned.max += p.max;
-    planned.mean += p.mean;
+    out.current_load.push_back(in.rank_tokens.empty() ? placement::RankLoads(tokens, in.placement[l]) : in.rank_tokens[l]);
+    out.planned_load.push_back(placement::RankLoads(tokens, out.placement[l]));
+    const placement::LayerStats c = placement::StatsOfRankLoads(out.current_load.back());
+    const placement::LayerStats p = placement::StatsOfRankLoads(out.planned_load.back());
+    current.max_rank_load += c.max_rank_load;
+    current.mean_rank_load += c.mean_rank_load;
+    planned.max_rank_load += p.max_rank_load;
+    planned.mean_rank_load += p.mean_rank_load;
     out.tokens += std::accumulate(tokens.begin(), tokens.end(), 0.0);
   }
   out.imbalance_before = current.imbalance();
   out.imbalance_after = planned.imbalance();
   out.balancedness_before = current.balancedness();
   out.balancedness_after = planned.balancedness();
-  out.experts_moved = layers > 0 ? ExpertsMoved(in.placement, out.placement) : 0;
+  out.experts_moved = layers > 0 ? placement::ExpertsMoved(in.placement, out.placement) : 0;
   return out;
 }
 
@@ -234,7 +206,7 @@ StatusOr<ReportInput> ReportInputFromLoads(const json& j, int num_ranks, int red
     return InvalidArgumentError("--ranks " + std::to_string(num_ranks) + " is more than the " +
                                 std::to_string(experts) + " experts");
   }
-  const PlacementTable contiguous = ContiguousPlacement(static_cast<int64_t>(in.layers.size()),
+  const placement::PlacementTable contiguous = placement::ContiguousPlacement(static_cast<int64_t>(in.layers.size()),
                                                         static_cast<int64_t>(experts), num_ranks);
   in.placement = contiguous;
   return in;

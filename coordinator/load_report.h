@@ -12,7 +12,8 @@
 #include <nlohmann/json.hpp>
 
 #include "common/status.h"
-#include "coordinator/placement_planner.h"
+#include "placement/placement_planner.h"
+#include "placement/placement_table.h"
 
 namespace epic::coordinator {
 
@@ -48,7 +49,7 @@ struct ReportInput {
   // the placement (a replicated expert's tokens split evenly among its replicas).
   std::vector<std::vector<double>> rank_tokens;
   std::vector<std::vector<double>> rank_ema;      // [moe layer][rank]: moving average; empty: none kept
-  PlacementTable placement;                       // [moe layer][rank][experts]: current
+  placement::PlacementTable placement;                       // [moe layer][rank][experts]: current
   int redundant_slots_per_rank = 0;               // for the planned placement
   std::vector<AllToAllTotals> all_to_all;         // [rank]; empty: not measured
   std::vector<HistoryPoint> history;
@@ -61,7 +62,7 @@ struct ReportInput {
 // What the planner would do now with a report's input, and what it predicts: the one
 // computation behind the report's "planned" side and the coordinator's rebalancing.
 struct PlannedPlacement {
-  PlacementTable placement;                      // [moe layer][rank][experts]
+  placement::PlacementTable placement;                      // [moe layer][rank][experts]
   int slots_per_rank = 0;
   std::vector<std::vector<double>> current_load;  // [moe layer][rank]: measured, or predicted
   std::vector<std::vector<double>> planned_load;  // [moe layer][rank]: predicted

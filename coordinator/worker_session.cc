@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "coordinator/rpc.h"
+#include "placement/placement_proto.h"
 
 namespace epic::coordinator {
 
@@ -30,15 +31,11 @@ void WorkerSession::FillModelInfo(v1::ModelInfo* info) const {
   }
 }
 
-PlacementTable WorkerSession::CurrentPlacementLocked(std::vector<int32_t>* layers) const {
-  PlacementTable table;
-  for (const v1::LayerPlacement& lp : worker_.placement()) {
-    if (layers) layers->push_back(lp.layer());
-    std::vector<std::vector<int32_t>> ranks;
-    for (const v1::RankSlots& r : lp.ranks()) ranks.emplace_back(r.experts().begin(), r.experts().end());
-    table.push_back(std::move(ranks));
-  }
-  return table;
+placement::PlacementTable WorkerSession::CurrentPlacementLocked(std::vector<int32_t>* layers) const {
+  auto full = placement::PlacementFromProto(worker_.placement(), worker_.model().num_hidden_layers(),
+                                            worker_.ranks_size());
+  // The job described its own placement when it attached, and only plans that fit it replace it.
+  return full.ok() ? placement::MoeLayers(*full, layers) : placement::PlacementTable();
 }
 
 ReportInput WorkerSession::ReportInputLocked(int redundant) const {
@@ -221,11 +218,10 @@ std::string WorkerSession::RunSteps(
     {
       std::lock_guard<std::mutex> lock(mu_);
       request->set_rebalance_id(next_rebalance_id_++);
-      for (size_t l = 0; l < r.table.size(); ++l) {
-        v1::LayerPlacement* lp = request->add_placement();
-        lp->set_layer(worker_.placement(static_cast<int>(l)).layer());
-        for (const auto& experts : r.table[l]) lp->add_ranks()->mutable_experts()->Add(experts.begin(), experts.end());
-      }
+      std::vector<int32_t> layers;
+      CurrentPlacementLocked(&layers);
+      placement::PlacementToProto(placement::WithAllLayers(r.table, layers, worker_.model().num_hidden_layers()),
+                                  request->mutable_placement());
     }
     if (!stream->Write(m)) {
       why = "the worker link closed";

@@ -50,13 +50,13 @@ class WorkerSession final : public v1::internal::WorkerLink::Service {
  private:
   // A rebalance waiting for the link thread, which applies it between steps.
   struct Rebalancing {
-    PlacementTable table;  // [moe layer][rank][experts]
+    placement::PlacementTable table;  // [moe layer][rank][experts]
     v1::RebalanceResponse response;
     std::promise<grpc::Status> done;
   };
 
   // The current placement as a table over the MoE layers, and those layers' ids.
-  PlacementTable CurrentPlacementLocked(std::vector<int32_t>* layers) const;
+  placement::PlacementTable CurrentPlacementLocked(std::vector<int32_t>* layers) const;
   // The statistics window as the report and the planner read it, planned with REDUNDANT
   // replica slots per rank.
   ReportInput ReportInputLocked(int redundant) const;

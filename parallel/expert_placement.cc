@@ -49,18 +49,9 @@ StatusOr<ExpertPlacement> ExpertPlacement::Create(Table table, int64_t num_exper
 
 ExpertPlacement ExpertPlacement::Contiguous(int64_t num_layers, const std::vector<bool>& moe_layers,
                                             int64_t num_experts, int num_ranks, int redundant_per_rank) {
-  Table table(static_cast<size_t>(num_layers), std::vector<std::vector<int32_t>>(num_ranks));
+  Table table = placement::ContiguousPlacement(num_layers, num_experts, num_ranks, redundant_per_rank);
   for (int64_t l = 0; l < num_layers; ++l) {
-    if (!moe_layers[l]) continue;
-    for (int r = 0; r < num_ranks; ++r) {
-      const int64_t begin = num_experts * r / num_ranks;
-      const int64_t end = num_experts * (r + 1) / num_ranks;
-      for (int64_t e = begin; e < end; ++e) table[l][r].push_back(static_cast<int32_t>(e));
-      // Replicas of the experts after this block, skipping any the rank already holds.
-      for (int64_t i = 0; i < redundant_per_rank && i < num_experts - (end - begin); ++i) {
-        table[l][r].push_back(static_cast<int32_t>((end + i) % num_experts));
-      }
-    }
+    if (!moe_layers[l]) table[l].assign(static_cast<size_t>(num_ranks), {});
   }
   return *Create(std::move(table), num_experts);
 }

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "placement/placement_table.h"
 
 namespace epic::parallel {
 
@@ -23,17 +24,14 @@ class ExpertPlacement {
  public:
   // [layer][rank] -> the logical expert held by each of the rank's slots. A layer
   // whose ranks hold no slots is not an MoE layer.
-  using Table = std::vector<std::vector<std::vector<int32_t>>>;
+  using Table = placement::PlacementTable;
 
   // Validates TABLE: ids in [0, num_experts), every expert of an MoE layer held at
   // least once, no expert twice on one rank; INVALID_ARGUMENT naming layer, rank and
   // expert otherwise.
   static StatusOr<ExpertPlacement> Create(Table table, int64_t num_experts);
 
-  // The default: on each layer in MOE_LAYERS, rank r holds the contiguous block of
-  // experts [r*E/N, (r+1)*E/N), so that contiguous routing groups stay together (8
-  // groups on 8 ranks: group g on rank g). With REDUNDANT_PER_RANK > 0 each rank
-  // also holds that many replicas of the experts that follow its block (cyclically).
+  // The default (placement::ContiguousPlacement) on each layer in MOE_LAYERS.
   static ExpertPlacement Contiguous(int64_t num_layers, const std::vector<bool>& moe_layers,
                                     int64_t num_experts, int num_ranks, int redundant_per_rank = 0);
 

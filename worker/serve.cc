@@ -13,6 +13,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "common/text_file.h"
+#include "placement/placement_proto.h"
 #include "worker/sampler.h"
 #include "worker_link.grpc.pb.h"
 
@@ -35,19 +36,6 @@ v1::ModelSummary SummarizeModel(const ModelConfig& c) {
   m.set_first_k_dense_replace(c.first_k_dense_replace);
   for (int64_t id : c.eos_token_ids) m.add_eos_token_ids(static_cast<int32_t>(id));
   return m;
-}
-
-void DescribePlacement(const parallel::ExpertPlacement& placement,
-                       google::protobuf::RepeatedPtrField<v1::LayerPlacement>* out) {
-  for (int64_t l = 0; l < placement.num_layers(); ++l) {
-    if (!placement.is_moe_layer(l)) continue;
-    v1::LayerPlacement* layer = out->Add();
-    layer->set_layer(static_cast<int32_t>(l));
-    for (int r = 0; r < placement.num_ranks(); ++r) {
-      const auto& slots = placement.slots(l, r);
-      layer->add_ranks()->mutable_experts()->Add(slots.begin(), slots.end());
-    }
-  }
 }
 
 Status RunStep(Model& model, LatentCache& cache, const v1::internal::Step& step, v1::internal::StepResult* result) {
@@ -281,18 +269,9 @@ Status Rebalance(Model& model, const std::string& payload, v1::internal::Rebalan
   if (!request.ParseFromString(payload)) return InternalError("a rebalance arrived malformed");
   const ModelConfig& c = model.config();
   const int ranks = model.comm().size();
-  parallel::ExpertPlacement::Table table(static_cast<size_t>(c.num_hidden_layers),
-                                         std::vector<std::vector<int32_t>>(static_cast<size_t>(ranks)));
-  for (const v1::LayerPlacement& layer : request.placement()) {
-    if (layer.layer() < 0 || layer.layer() >= c.num_hidden_layers || layer.ranks_size() != ranks) {
-      return InvalidArgumentError("rebalance: placement of layer " + std::to_string(layer.layer()) +
-                                  " does not fit this job");
-    }
-    for (int r = 0; r < ranks; ++r) {
-      table[layer.layer()][r].assign(layer.ranks(r).experts().begin(), layer.ranks(r).experts().end());
-    }
-  }
-  EPIC_ASSIGN_OR_RETURN(parallel::ExpertPlacement next, parallel::ExpertPlacement::Create(table, c.n_routed_experts));
+  auto table = placement::PlacementFromProto(request.placement(), c.num_hidden_layers, ranks);
+  if (!table.ok()) return InvalidArgumentError("rebalance: " + table.status().message() + " (this job's shape)");
+  EPIC_ASSIGN_OR_RETURN(parallel::ExpertPlacement next, parallel::ExpertPlacement::Create(std::move(table).value(), c.n_routed_experts));
   EPIC_ASSIGN_OR_RETURN(PlacementChange change, model.ApplyPlacement(next));
   int64_t mine[2] = {change.experts_loaded, change.bytes_loaded};
   std::vector<int64_t> all(2 * static_cast<size_t>(ranks));
@@ -351,7 +330,7 @@ Status ServeCoordinator(Model& model, const WorkerOptions& options, const std::s
       info->set_weight_bytes(all[r].weight_bytes);
       info->set_device(device);
     }
-    DescribePlacement(model.placement(), hello.mutable_placement());
+    placement::PlacementToProto(model.placement().table(), hello.mutable_placement());
     link = std::make_unique<Link>(options);
     v1::internal::Welcome welcome;
     failure = link->Open(hello, &welcome);

@@ -13,10 +13,13 @@
 
 #include "coordinator/load_report.h"
 #include "client/report_render.h"
-#include "tests/coordinator/zipf_loads.h"
+#include "tests/placement/zipf_loads.h"
 
 namespace epic::coordinator {
 namespace {
+
+using placement::ContiguousPlacement;
+using placement::ZipfLoads;
 
 using nlohmann::json;
 

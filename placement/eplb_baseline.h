@@ -29,9 +29,9 @@
 
 #include <vector>
 
-#include "coordinator/placement_planner.h"
+#include "placement/placement_planner.h"
 
-namespace epic::coordinator {
+namespace epic::placement {
 
 // LOADS: [layer][expert]. REQUIRES: num_ranks >= 1, num_ranks * slots_per_rank >= experts.
 PlacementTable EplbGlobal(const std::vector<std::vector<double>>& loads, int num_ranks, int slots_per_rank);
@@ -41,4 +41,4 @@ PlacementTable EplbGlobal(const std::vector<std::vector<double>>& loads, int num
 PlacementTable EplbHierarchical(const std::vector<std::vector<double>>& loads, int num_ranks, int slots_per_rank,
                                 int num_nodes, int num_groups);
 
-}  // namespace epic::coordinator
+}  // namespace epic::placement

@@ -8,7 +8,7 @@
 // token's experts within few nodes, and replicas stay within their group's node.
 // Given the current placement, copies stay where they are and groups on their nodes
 // whenever the plan stays within 1% of the mean rank load of a fresh one, so that a new
-// plan moves few weights. Deterministic. coordinator/eplb_baseline.h holds DeepSeek's
+// plan moves few weights. Deterministic. placement/eplb_baseline.h holds DeepSeek's
 // published heuristics, against which planner_test and planner_bench measure it.
 #pragma once
 
@@ -16,11 +16,9 @@
 #include <vector>
 
 #include "common/status.h"
+#include "placement/placement_table.h"
 
-namespace epic::coordinator {
-
-// [layer][rank] -> logical experts in the rank's slots (as parallel::ExpertPlacement).
-using PlacementTable = std::vector<std::vector<std::vector<int32_t>>>;
+namespace epic::placement {
 
 struct PlannerInput {
   std::vector<std::vector<double>> loads;  // [layer][expert] tokens (or any load measure)
@@ -31,24 +29,7 @@ struct PlannerInput {
   const PlacementTable* current = nullptr;  // optional: prefer keeping experts in place
 };
 
-struct LayerStats {
-  double max_rank_load = 0;
-  double mean_rank_load = 0;
-  double imbalance() const { return mean_rank_load > 0 ? max_rank_load / mean_rank_load : 1.0; }
-  double balancedness() const { return max_rank_load > 0 ? mean_rank_load / max_rank_load : 1.0; }
-};
-
-// Per-rank load of TABLE under LOADS: a replicated expert's load is shared equally by
-// its replicas.
-LayerStats PlacementStats(const std::vector<double>& loads, const std::vector<std::vector<int32_t>>& ranks);
-
-// The placement without replicas: rank r holds experts [E*r/N, E*(r+1)/N).
-PlacementTable ContiguousPlacement(int64_t layers, int64_t experts, int num_ranks);
-
 // INVALID_ARGUMENT naming the field for inputs that cannot be planned.
 StatusOr<PlacementTable> PlanPlacement(const PlannerInput& input);
 
-// Weights that move from CURRENT to NEXT, in expert copies (a rank gaining an expert).
-int64_t ExpertsMoved(const PlacementTable& current, const PlacementTable& next);
-
-}  // namespace epic::coordinator
+}  // namespace epic::placement

@@ -1,6 +1,6 @@
 // The placement planner: properties every plan must have, balance on skewed loads
 // against DeepSeek's published EPLB heuristics, and few moves under drifting loads.
-#include "coordinator/placement_planner.h"
+#include "placement/placement_planner.h"
 
 #include <algorithm>
 #include <cmath>
@@ -13,10 +13,10 @@
 
 #include <gtest/gtest.h>
 
-#include "coordinator/eplb_baseline.h"
-#include "tests/coordinator/zipf_loads.h"
+#include "placement/eplb_baseline.h"
+#include "tests/placement/zipf_loads.h"
 
-namespace epic::coordinator {
+namespace epic::placement {
 namespace {
 
 // Zipf-like loads: expert ranks shuffled per layer, load ~ 1 / rank^s.
@@ -357,4 +357,4 @@ TEST(PlannerTest, FollowsDriftingLoadsWithFewMoves) {
 }
 
 }  // namespace
-}  // namespace epic::coordinator
+}  // namespace epic::placement

@@ -1,10 +1,10 @@
-#include "coordinator/eplb_baseline.h"
+#include "placement/eplb_baseline.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
 
-namespace epic::coordinator {
+namespace epic::placement {
 namespace {
 
 // Bin of each item: heaviest first onto the lightest bin with room, BINS bins of
@@ -87,4 +87,4 @@ PlacementTable EplbHierarchical(const std::vector<std::vector<double>>& loads, i
   return plan;
 }
 
-}  // namespace epic::coordinator
+}  // namespace epic::placement

@@ -8,7 +8,7 @@
 #include <random>
 #include <vector>
 
-namespace epic::coordinator {
+namespace epic::placement {
 
 inline std::vector<std::vector<double>> ZipfLoads(int layers, int experts, double s, uint64_t seed,
                                                   double peak = 10000.0, bool whole = false) {
@@ -26,4 +26,4 @@ inline std::vector<std::vector<double>> ZipfLoads(int layers, int experts, doubl
   return loads;
 }
 
-}  // namespace epic::coordinator
+}  // namespace epic::placement

@@ -1,4 +1,4 @@
-#include "coordinator/placement_planner.h"
+#include "placement/placement_planner.h"
 
 #include <algorithm>
 #include <functional>
@@ -6,7 +6,7 @@
 #include <optional>
 #include <string>
 
-namespace epic::coordinator {
+namespace epic::placement {
 namespace {
 
 // Within this share of the mean rank load, a plan that keeps experts where they are
@@ -541,35 +541,6 @@ std::vector<int> GroupsToNodes(const std::vector<double>& loads, int num_groups,
 
 }  // namespace
 
-LayerStats PlacementStats(const std::vector<double>& loads, const std::vector<std::vector<int32_t>>& ranks) {
-  std::vector<int> copies(loads.size(), 0);
-  for (const auto& r : ranks) {
-    for (int32_t e : r) ++copies[e];
-  }
-  LayerStats s;
-  double total = 0;
-  for (const auto& r : ranks) {
-    double load = 0;
-    for (int32_t e : r) load += loads[e] / copies[e];
-    s.max_rank_load = std::max(s.max_rank_load, load);
-    total += load;
-  }
-  s.mean_rank_load = ranks.empty() ? 0 : total / static_cast<double>(ranks.size());
-  return s;
-}
-
-PlacementTable ContiguousPlacement(int64_t layers, int64_t experts, int num_ranks) {
-  PlacementTable t(static_cast<size_t>(layers), std::vector<std::vector<int32_t>>(num_ranks));
-  for (auto& layer : t) {
-    for (int r = 0; r < num_ranks; ++r) {
-      for (int64_t e = experts * r / num_ranks; e < experts * (r + 1) / num_ranks; ++e) {
-        layer[r].push_back(static_cast<int32_t>(e));
-      }
-    }
-  }
-  return t;
-}
-
 StatusOr<PlacementTable> PlanPlacement(const PlannerInput& in) {
   if (in.loads.empty()) return InvalidArgumentError("loads: no layers");
   const int64_t experts = static_cast<int64_t>(in.loads[0].size());
@@ -638,17 +609,4 @@ StatusOr<PlacementTable> PlanPlacement(const PlannerInput& in) {
   return plan;
 }
 
-int64_t ExpertsMoved(const PlacementTable& current, const PlacementTable& next) {
-  int64_t moved = 0;
-  for (size_t l = 0; l < next.size(); ++l) {
-    for (size_t r = 0; r < next[l].size(); ++r) {
-      const auto& now = current[l][r];
-      for (int32_t e : next[l][r]) {
-        if (std::find(now.begin(), now.end(), e) == now.end()) ++moved;
-      }
-    }
-  }
-  return moved;
-}
-
-}  // namespace epic::coordinator
+}  // namespace epic::placement
