@@ -21,6 +21,7 @@
 #include "worker/model.h"
 #include "worker/npy.h"
 #include "worker/progress.h"
+#include "worker/step_stats.h"
 
 
 int main(int argc, char** argv) {
@@ -169,28 +170,15 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "%s%s\n", who.c_str(), result.status().ToString().c_str());
     (*job)->Abort(1);
   }
-  // Per layer and rank: dispatch and combine bytes out, bytes in, seconds.
-  std::vector<double> exchange;  // [rank][layer][6], on rank 0
+  // Every rank's exchanges, per MoE layer, gathered in the one record the server uses too.
+  std::optional<epic::JobStepStats> exchange;
   if (exchange_stats) {
-    const auto& d = result->expert_counts.dispatch;
-    const auto& c = result->expert_counts.combine;
-    std::vector<double> mine;
-    for (size_t l = 0; l < d.size(); ++l) {
-      for (const auto* x : {&d[l], &c[l]}) {
-        mine.insert(mine.end(), {double(x->bytes_sent), double(x->bytes_received), x->seconds});
-      }
+    auto gathered = epic::GatherStepStats(**model, result->expert_counts);
+    if (!gathered.ok()) {
+      std::fprintf(stderr, "%s%s\n", who.c_str(), gathered.status().ToString().c_str());
+      (*job)->Abort(1);
     }
-    exchange.resize(mine.size() * static_cast<size_t>(ranks));
-    std::vector<int64_t> bytes(static_cast<size_t>(ranks), static_cast<int64_t>(mine.size() * sizeof(double)));
-    if ((*job)->comm() != nullptr) {
-      const epic::Status s = (*job)->comm()->AllGather(mine.data(), exchange.data(), bytes);
-      if (!s.ok()) {
-        std::fprintf(stderr, "%s%s\n", who.c_str(), s.ToString().c_str());
-        (*job)->Abort(1);
-      }
-    } else {
-      exchange = mine;
-    }
+    exchange = std::move(gathered).value();
   }
   if (!lead) return 0;
   const int64_t vocab = (*model)->config().vocab_size;
@@ -241,16 +229,17 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "%s\n", line.c_str());
     }
   }
-  if (exchange_stats) {
-    const size_t layers = result->expert_counts.dispatch.size();
-    for (size_t l = 0; l < layers; ++l) {
-      if (result->expert_counts.tokens[l].empty()) continue;
+  if (exchange) {
+    for (size_t i = 0; i < exchange->moe_layers.size(); ++i) {
       for (int r = 0; r < ranks; ++r) {
-        const double* v = exchange.data() + (static_cast<size_t>(r) * layers + l) * 6;
+        const epic::parallel::ExchangeStats& d = exchange->dispatch[r][i];
+        const epic::parallel::ExchangeStats& c = exchange->combine[r][i];
         std::fprintf(stderr,
-                     "all-to-all, layer %zu, rank %d: dispatch %.1f KiB out, %.1f KiB in, %.2f ms; "
+                     "all-to-all, layer %lld, rank %d: dispatch %.1f KiB out, %.1f KiB in, %.2f ms; "
                      "combine %.1f KiB out, %.1f KiB in, %.2f ms\n",
-                     l, r, v[0] / 1024, v[1] / 1024, v[2] * 1e3, v[3] / 1024, v[4] / 1024, v[5] * 1e3);
+                     static_cast<long long>(exchange->moe_layers[i]), r, d.bytes_sent / 1024.0,
+                     d.bytes_received / 1024.0, d.seconds * 1e3, c.bytes_sent / 1024.0, c.bytes_received / 1024.0,
+                     c.seconds * 1e3);
       }
     }
   }

@@ -15,6 +15,7 @@
 #include "common/text_file.h"
 #include "placement/placement_proto.h"
 #include "worker/sampler.h"
+#include "worker/step_stats.h"
 #include "worker_link.grpc.pb.h"
 
 namespace epic {
@@ -67,45 +68,8 @@ Status RunStep(Model& model, LatentCache& cache, const v1::internal::Step& step,
   std::vector<float> logits;
   ExpertCounts counts;
   EPIC_RETURN_IF_ERROR(model.Forward(batch, &cache, &logits, &counts));
-  // One gather a step carries what the reports need: each rank's tokens per expert
-  // slot of every MoE layer (the job's per-expert counts follow from the placement),
-  // then its all-to-all totals.
-  const parallel::ExpertPlacement& placement = model.placement();
-  const int ranks = model.comm().size();
-  std::vector<int64_t> moe_layers;
-  for (int64_t l = 0; l < placement.num_layers(); ++l) {
-    if (placement.is_moe_layer(l)) moe_layers.push_back(l);
-  }
-  auto values_of = [&](int r) {
-    size_t n = 6;
-    for (int64_t l : moe_layers) n += placement.slots(l, r).size();
-    return n;
-  };
-  std::vector<double> mine;
-  parallel::ExchangeStats dispatch, combine;
-  for (int64_t l : moe_layers) {
-    const auto& ran = counts.slot_tokens[static_cast<size_t>(l)];
-    for (size_t s = 0; s < placement.slots(l, model.comm().rank()).size(); ++s) {
-      mine.push_back(s < ran.size() ? static_cast<double>(ran[s]) : 0.0);
-    }
-    dispatch.Add(counts.dispatch[static_cast<size_t>(l)]);
-    combine.Add(counts.combine[static_cast<size_t>(l)]);
-  }
-  mine.insert(mine.end(), {static_cast<double>(dispatch.bytes_sent), static_cast<double>(dispatch.bytes_received),
-                           static_cast<double>(combine.bytes_sent), static_cast<double>(combine.bytes_received),
-                           dispatch.seconds, combine.seconds});
-  std::vector<int64_t> bytes(static_cast<size_t>(ranks));
-  std::vector<size_t> first(static_cast<size_t>(ranks) + 1, 0);
-  for (int r = 0; r < ranks; ++r) {
-    bytes[r] = static_cast<int64_t>(values_of(r) * sizeof(double));
-    first[r + 1] = first[r] + values_of(r);
-  }
-  std::vector<double> all(first.back());
-  if (ranks > 1) {
-    EPIC_RETURN_IF_ERROR(model.comm().AllGather(mine.data(), all.data(), bytes));
-  } else {
-    all = mine;
-  }
+  // One gather a step carries what the reports need (worker/step_stats.h).
+  EPIC_ASSIGN_OR_RETURN(const JobStepStats stats, GatherStepStats(model, counts));
   if (model.comm().rank() != 0) return OkStatus();
 
   result->Clear();
@@ -125,30 +89,27 @@ Status RunStep(Model& model, LatentCache& cache, const v1::internal::Step& step,
     s->set_token_id(Sampler(p, w.draw()).Sample(row, c.vocab_size));
     if (w.logprobs()) s->set_logprob(LogProbability(row, c.vocab_size, s->token_id()));
   }
-  std::vector<std::vector<int64_t>> expert_tokens(moe_layers.size(),
-                                                  std::vector<int64_t>(static_cast<size_t>(c.n_routed_experts), 0));
-  for (int r = 0; r < ranks; ++r) {
-    const double* v = all.data() + first[r];
-    v1::internal::RankStepStats* stats = result->add_ranks();
-    for (size_t i = 0; i < moe_layers.size(); ++i) {
-      const auto& held = placement.slots(moe_layers[i], r);
-      double ran = 0;
-      for (size_t s = 0; s < held.size(); ++s, ++v) {
-        ran += *v;
-        expert_tokens[i][static_cast<size_t>(held[s])] += static_cast<int64_t>(*v);
-      }
-      stats->add_layer_tokens(static_cast<int64_t>(ran));
+  for (size_t r = 0; r < stats.slot_tokens.size(); ++r) {
+    v1::internal::RankStepStats* rank = result->add_ranks();
+    parallel::ExchangeStats dispatch, combine;
+    for (size_t i = 0; i < stats.moe_layers.size(); ++i) {
+      int64_t ran = 0;
+      for (const int64_t t : stats.slot_tokens[r][i]) ran += t;
+      rank->add_layer_tokens(ran);
+      dispatch.Add(stats.dispatch[r][i]);
+      combine.Add(stats.combine[r][i]);
     }
-    stats->set_dispatch_bytes_sent(v[0]);
-    stats->set_dispatch_bytes_received(v[1]);
-    stats->set_combine_bytes_sent(v[2]);
-    stats->set_combine_bytes_received(v[3]);
-    stats->set_dispatch_seconds(v[4]);
-    stats->set_combine_seconds(v[5]);
+    rank->set_dispatch_bytes_sent(static_cast<double>(dispatch.bytes_sent));
+    rank->set_dispatch_bytes_received(static_cast<double>(dispatch.bytes_received));
+    rank->set_combine_bytes_sent(static_cast<double>(combine.bytes_sent));
+    rank->set_combine_bytes_received(static_cast<double>(combine.bytes_received));
+    rank->set_dispatch_seconds(dispatch.seconds);
+    rank->set_combine_seconds(combine.seconds);
   }
-  for (size_t i = 0; i < moe_layers.size(); ++i) {
+  const auto expert_tokens = stats.ExpertTokens(model.placement(), c.n_routed_experts);
+  for (size_t i = 0; i < stats.moe_layers.size(); ++i) {
     v1::LayerLoad* load = result->add_expert_tokens();
-    load->set_layer(static_cast<int32_t>(moe_layers[i]));
+    load->set_layer(static_cast<int32_t>(stats.moe_layers[i]));
     load->mutable_expert_tokens()->Add(expert_tokens[i].begin(), expert_tokens[i].end());
   }
   result->set_seconds(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());

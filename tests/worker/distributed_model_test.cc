@@ -18,6 +18,7 @@
 #include "worker/generate.h"
 #include "worker/model.h"
 #include "worker/random_checkpoint.h"
+#include "worker/step_stats.h"
 
 namespace epic {
 namespace {
@@ -62,6 +63,24 @@ class DistributedModelTest : public ::testing::Test {
     // Expert counts are the job's, not this rank's.
     for (size_t l = 0; l < want->expert_counts.tokens.size(); ++l) {
       EXPECT_EQ(got->expert_counts.tokens[l], want->expert_counts.tokens[l]) << "layer " << l;
+    }
+    // The one gathered record of the job's MoE work: its slots' tokens add up to the
+    // job's tokens per expert, and every byte sent is a byte received.
+    auto stats = GatherStepStats(**dist, got->expert_counts);
+    ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+    ASSERT_EQ(stats->slot_tokens.size(), static_cast<size_t>(comm_->size()));
+    const auto per_expert = stats->ExpertTokens((*dist)->placement(), (*dist)->config().n_routed_experts);
+    for (size_t i = 0; i < stats->moe_layers.size(); ++i) {
+      EXPECT_EQ(per_expert[i], want->expert_counts.tokens[static_cast<size_t>(stats->moe_layers[i])]) << "layer " << i;
+      int64_t sent = 0, received = 0, back = 0, returned = 0;
+      for (int r = 0; r < comm_->size(); ++r) {
+        sent += stats->dispatch[r][i].bytes_sent;
+        received += stats->dispatch[r][i].bytes_received;
+        back += stats->combine[r][i].bytes_sent;
+        returned += stats->combine[r][i].bytes_received;
+      }
+      EXPECT_EQ(sent, received);
+      EXPECT_EQ(back, returned);
     }
     // Each rank holds its share of the experts: fewer bytes than the whole model.
     if (comm_->size() > 1) {
