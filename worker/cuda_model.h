@@ -15,6 +15,7 @@
 #include "parallel/dispatch.h"
 #include "parallel/expert_placement.h"
 #include "worker/checkpoint.h"
+#include "worker/device_step.h"
 #include "worker/latent_cache.h"
 #include "worker/model_config.h"
 #include "worker/rope.h"
@@ -22,20 +23,9 @@
 
 namespace epic {
 
-struct SequenceStep;
-struct StepTokens;
-struct ExpertCounts;
-enum class AttentionForm;  // worker/model.h
+using CudaShard = DeviceShard;
 
-// This rank's part of a job of several GPUs, as Model::Load split it.
-struct CudaShard {
-  parallel::Communicator* comm = nullptr;  // over device buffers (NCCL); nullptr: a one-rank job
-  const parallel::ExpertPlacement* placement = nullptr;  // routes the MoE exchange
-  int64_t head_begin = 0, head_end = 0;    // this rank's attention heads
-  int64_t vocab_begin = 0, vocab_end = 0;  // this rank's rows of lm_head
-};
-
-class CudaForward {
+class CudaForward final : public DeviceStep {
  public:
   // Copies WEIGHTS (this rank's part: its heads, its share of the dense MLPs, the
   // experts of its slots in the order EXPERT_SLOTS gives per layer) to the device,
@@ -46,14 +36,14 @@ class CudaForward {
                                                        const std::vector<std::vector<int32_t>>& expert_slots,
                                                        const RopeTable& rope, const cpu::GateParams& gate,
                                                        const CudaShard& shard, const ProgressFn& progress);
-  ~CudaForward();
+  ~CudaForward() override;
 
   // One step, with Model::Forward's contract; TOKENS is the batch flattened and checked.
   // The cache's rows are allocated on the device at its first step. FORM: kAuto expands
   // K/V (the expanded MLA form) when that costs fewer multiply-adds for every sequence
   // of the step, as a prefill does, and otherwise absorbs.
   Status Forward(std::span<SequenceStep> batch, const StepTokens& tokens, LatentCache* cache,
-                 std::vector<float>* logits, ExpertCounts* counts, AttentionForm form);
+                 std::vector<float>* logits, ExpertCounts* counts, AttentionForm form) override;
 
   // The experts of this rank's slots change (Model::ApplyPlacement, every rank together)
   // to NEXT's. Per layer and new slot: KEPT is the old slot whose expert it keeps (-1 for
@@ -61,13 +51,13 @@ class CudaForward {
   // device before anything changes, so a failure leaves the step as it was; the memory
   // of dropped experts is freed. Then set_placement must name the model's copy of NEXT.
   Status ChangeExperts(const parallel::ExpertPlacement& next, const std::vector<std::vector<int>>& kept,
-                       const std::vector<std::vector<MlpWeights>>& weights);
-  void set_placement(const parallel::ExpertPlacement* placement);
+                       const std::vector<std::vector<MlpWeights>>& weights) override;
+  void set_placement(const parallel::ExpertPlacement* placement) override;
 
   // Device bytes of the weights.
   int64_t weight_bytes() const;
   // The MoE exchanges' bytes and seconds since load (several ranks).
-  const parallel::ExchangeStats& exchange_stats() const;
+  const parallel::ExchangeStats& exchange_stats() const override;
 
  private:
   struct Impl;

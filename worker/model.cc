@@ -9,13 +9,7 @@
 #include "kernels/cpu/ops.h"
 #include "parallel/self_communicator.h"
 
-#ifdef EPIC_HAVE_CUDA
-#include "worker/cuda_model.h"
-#else
-namespace epic {
-class CudaForward {};  // builds without CUDA never make one
-}  // namespace epic
-#endif
+#include "worker/device_step.h"
 
 namespace epic {
 namespace {
@@ -44,9 +38,7 @@ Status CheckPlacement(const ModelConfig& config, int ranks, const parallel::Expe
 Model::~Model() = default;
 
 const parallel::ExchangeStats& Model::exchange_stats() const {
-#ifdef EPIC_HAVE_CUDA
-  if (cuda_) return cuda_->exchange_stats();
-#endif
+  if (device_step_) return device_step_->exchange_stats();
   return exchange_stats_;
 }
 
@@ -81,10 +73,8 @@ StatusOr<PlacementChange> Model::ApplyPlacement(const parallel::ExpertPlacement&
       change.bytes_loaded += bound.bytes;
     }
   }
-#ifdef EPIC_HAVE_CUDA
-  // The GPU's copies first: the last step that can fail.
-  if (cuda_) EPIC_RETURN_IF_ERROR(cuda_->ChangeExperts(next, kept, experts));
-#endif
+  // The device's copies first: the last step that can fail.
+  if (device_step_) EPIC_RETURN_IF_ERROR(device_step_->ChangeExperts(next, kept, experts));
   for (size_t l = 0; l < layers; ++l) {
     if (!next.is_moe_layer(static_cast<int64_t>(l))) continue;
     LayerWeights& L = weights_->layers[l];
@@ -105,9 +95,7 @@ StatusOr<PlacementChange> Model::ApplyPlacement(const parallel::ExpertPlacement&
     L.expert_memory = std::move(memory[l]);
   }
   placement_ = std::make_unique<parallel::ExpertPlacement>(next);
-#ifdef EPIC_HAVE_CUDA
-  if (cuda_) cuda_->set_placement(placement_.get());
-#endif
+  if (device_step_) device_step_->set_placement(placement_.get());
   weights_->matrix_bytes += change.bytes_loaded - change.bytes_dropped;
   return change;
 }
@@ -133,9 +121,8 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
       return InvalidArgumentError("the device communicator's ranks do not match the job's");
     }
   }
-#ifndef EPIC_HAVE_CUDA
-  if (device == ComputeDevice::kCuda) return FailedPreconditionError("this build has no CUDA support");
-#endif
+  if (!DeviceBuilt(device)) return FailedPreconditionError("this build has no CUDA support");
+  model->device_ = device;
   EPIC_ASSIGN_OR_RETURN(model->checkpoint_, Checkpoint::Open(dir));
   const ModelConfig& config = model->config();
   const int64_t shared_inter = config.moe_intermediate_size * config.n_shared_experts;
@@ -193,19 +180,17 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
   g.normalize = c.num_experts_per_tok > 1 && c.norm_topk_prob;
   const bool scaled = !g.normalize || c.ScalesAfterNormalising();
   g.scale = scaled ? static_cast<float>(c.routed_scaling_factor) : 1.0f;
-#ifdef EPIC_HAVE_CUDA
-  if (device == ComputeDevice::kCuda) {
-    CudaShard cs;
+  if (device != ComputeDevice::kCpu) {
+    DeviceShard cs;
     cs.comm = ranks > 1 ? shard.device_comm : nullptr;
     cs.placement = model->placement_.get();
     cs.head_begin = model->head_begin_;
     cs.head_end = model->head_end_;
     cs.vocab_begin = model->vocab_begin_;
     cs.vocab_end = model->vocab_end_;
-    EPIC_ASSIGN_OR_RETURN(model->cuda_, CudaForward::Create(c, *model->weights_, ws.expert_slots, model->rope_, g,
-                                                            cs, progress));
+    EPIC_ASSIGN_OR_RETURN(model->device_step_, MakeDeviceStep(device, c, *model->weights_, ws.expert_slots,
+                                                              model->rope_, g, cs, progress));
   }
-#endif
   return model;
 }
 
@@ -216,7 +201,7 @@ float* Model::Sized(std::vector<float>& v, int64_t n) {
 
 std::unique_ptr<LatentCache> Model::MakeCache(int64_t block_size, int64_t num_blocks) const {
   return std::make_unique<LatentCache>(config().num_hidden_layers, config().latent_dim(), block_size,
-                                       num_blocks, /*host_rows=*/cuda_ == nullptr);
+                                       num_blocks, /*host_rows=*/device_step_ == nullptr);
 }
 
 StatusOr<StepTokens> FlattenStep(std::span<const SequenceStep> batch, const LatentCache& cache, int64_t vocab_size) {
@@ -315,9 +300,7 @@ Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::ve
     counts->dispatch.assign(layers, {});
     counts->combine.assign(layers, {});
   }
-#ifdef EPIC_HAVE_CUDA
-  if (cuda_) return cuda_->Forward(batch, step, cache, logits, counts, attention_form_);
-#endif
+  if (device_step_) return device_step_->Forward(batch, step, cache, logits, counts, attention_form_);
   const std::vector<int64_t>& positions = step.positions;
   const std::vector<int32_t>& token_ids = step.ids;
   const std::vector<int64_t>& logit_rows = step.logit_rows;

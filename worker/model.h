@@ -73,7 +73,7 @@ void AddExchangeCounts(const parallel::ExpertPlacement& placement, int64_t layer
                        const parallel::ExchangeStats& dispatch, const parallel::ExchangeStats& combine,
                        ExpertCounts* counts);
 
-class CudaForward;  // worker/cuda_model.h
+class DeviceStep;  // worker/device_step.h
 
 // What the MoE layers did, summed over the steps Forward is given it for; the raw
 // material of the load reports. Empty rows for dense layers.
@@ -117,7 +117,7 @@ class Model {
   // Distributed: every rank calls Load with its SHARD; sizes that cannot be split
   // (fewer heads or vocabulary rows than ranks) are refused.
   // kCuda copies this rank's weights to its GPU and runs every step there
-  // (worker/cuda_model.h); in a job of several ranks it needs SHARD.device_comm.
+  // (worker/device_step.h); in a job of several ranks it needs SHARD.device_comm.
   static StatusOr<std::unique_ptr<Model>> Load(const std::filesystem::path& dir,
                                                const ProgressFn& progress = {},
                                                WeightResidency residency = WeightResidency::kCopy,
@@ -125,7 +125,7 @@ class Model {
                                                ComputeDevice device = ComputeDevice::kCpu);
   ~Model();
 
-  ComputeDevice device() const { return cuda_ ? ComputeDevice::kCuda : ComputeDevice::kCpu; }
+  ComputeDevice device() const { return device_; }
 
   const ModelConfig& config() const { return checkpoint_->config(); }
   const ModelWeights& weights() const { return *weights_; }
@@ -191,7 +191,8 @@ class Model {
   RopeTable rope_;
   cpu::GateParams gate_;
   AttentionForm attention_form_ = AttentionForm::kAuto;
-  std::unique_ptr<CudaForward> cuda_;  // set when the steps run on the GPU
+  std::unique_ptr<DeviceStep> device_step_;  // set when the steps run on a device
+  ComputeDevice device_ = ComputeDevice::kCpu;
   WeightResidency residency_ = WeightResidency::kCopy;
 };
 
