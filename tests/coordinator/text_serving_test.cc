@@ -71,6 +71,27 @@ std::vector<std::string> SseData(const std::string& body) {
   return out;
 }
 
+// POSTs BODY to PATH as a raw HTTP/1.1 request and reads until the first server-sent
+// event has arrived; returns the socket (the stream goes on) and what was read in GOT.
+int OpenStream(int port, const std::string& path, const std::string& body, std::string* got) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return -1;
+  const std::string request = "POST " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                              "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+  if (write(fd, request.data(), request.size()) != static_cast<ssize_t>(request.size())) return -1;
+  char buf[4096];
+  while (got->find("data: ") == std::string::npos) {
+    const ssize_t n = read(fd, buf, sizeof buf);
+    if (n <= 0) return -1;
+    got->append(buf, static_cast<size_t>(n));
+  }
+  return fd;
+}
+
 constexpr int kCacheBlocks = 64;
 constexpr int kBlockSize = 16;
 
@@ -415,27 +436,44 @@ TEST_F(TextServingTest, AFullQueueGets429) {
 
 TEST_F(TextServingTest, AClientThatDisconnectsMidStreamFreesItsBlocks) {
   const std::string body = json{{"prompt", kPrompt}, {"max_tokens", 900}, {"ignore_eos", true}, {"stream", true}}.dump();
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(http_port_));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-  const std::string request = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                              "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
-  ASSERT_EQ(write(fd, request.data(), request.size()), static_cast<ssize_t>(request.size()));
-  // Read until the stream has begun and blocks are held, then hang up.
   std::string got;
-  char buf[4096];
-  while (got.find("data: ") == std::string::npos) {
-    const ssize_t n = read(fd, buf, sizeof buf);
-    ASSERT_GT(n, 0);
-    got.append(buf, static_cast<size_t>(n));
-  }
+  const int fd = OpenStream(http_port_, "/v1/completions", body, &got);
+  ASSERT_GE(fd, 0);
+  // The stream has begun and holds blocks; hang up.
   const v1::ModelInfo busy = Info();
   EXPECT_LT(busy.cache().free_blocks(), busy.cache().total_blocks());
   close(fd);
   EXPECT_TRUE(WaitAllBlocksFree(10s)) << "the cancelled stream kept its cache blocks";
+}
+
+// The worker job dies mid-stream: the stream ends with an error event (503, the reason)
+// and [DONE], not a silent hang-up; the relaunched job serves again.
+TEST_F(TextServingTest, AJobThatDiesMidStreamEndsTheStreamWithAnError) {
+  const std::string body = json{{"prompt", kPrompt}, {"max_tokens", 900}, {"ignore_eos", true}, {"stream", true}}.dump();
+  std::string got;
+  const int fd = OpenStream(http_port_, "/v1/completions", body, &got);
+  ASSERT_GE(fd, 0);
+  // The bracket keeps pkill from matching the shell that runs it.
+  ASSERT_EQ(std::system(("pkill -9 -f '[e]pic-worker --model " + Model() + "'").c_str()), 0);
+  char buf[4096];
+  for (ssize_t n; (n = read(fd, buf, sizeof buf)) > 0;) {
+    got.append(buf, static_cast<size_t>(n));
+    if (got.find("data: [DONE]") != std::string::npos) break;
+  }
+  close(fd);
+  const std::vector<std::string> events = SseData(got);
+  ASSERT_GE(events.size(), 2u) << got;
+  EXPECT_EQ(events.back(), "[DONE]");
+  const json error = json::parse(events[events.size() - 2], nullptr, false);
+  ASSERT_TRUE(error.is_object() && error.contains("error")) << events[events.size() - 2];
+  EXPECT_EQ(error["error"]["code"], 503);
+  // cluster.sh relaunches the job; serving resumes.
+  bool served = false;
+  for (int i = 0; i < 150 && !served; ++i) {
+    served = Curl(http_port_, "POST", "/v1/completions", R"({"prompt": "hi", "max_tokens": 2})").status == 200;
+    if (!served) std::this_thread::sleep_for(200ms);
+  }
+  EXPECT_TRUE(served);
 }
 
 // `epic chat` as a user types into it: each line a turn, /reset starts over; every answer
