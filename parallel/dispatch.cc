@@ -90,27 +90,6 @@ Status Dispatch(Communicator& comm, const DispatchPlan& plan, const float* x, in
   return OkStatus();
 }
 
-SlotBatches GroupBySlot(const ReceivedTokens& received, int64_t top_k, int64_t num_slots) {
-  SlotBatches b;
-  b.offsets.assign(static_cast<size_t>(num_slots + 1), 0);
-  const int64_t entries = received.rows() * top_k;
-  for (int64_t i = 0; i < entries; ++i) {
-    if (received.route[i].slot >= 0) ++b.offsets[received.route[i].slot + 1];
-  }
-  for (int64_t s = 0; s < num_slots; ++s) b.offsets[s + 1] += b.offsets[s];
-  b.row.resize(static_cast<size_t>(b.offsets[num_slots]));
-  b.weight.resize(b.row.size());
-  std::vector<int64_t> fill(b.offsets.begin(), b.offsets.end() - 1);
-  for (int64_t i = 0; i < entries; ++i) {
-    const RouteEntry& e = received.route[i];
-    if (e.slot < 0) continue;
-    const int64_t at = fill[e.slot]++;
-    b.row[at] = static_cast<int32_t>(i / top_k);
-    b.weight[at] = e.weight;
-  }
-  return b;
-}
-
 Status Combine(Communicator& comm, const DispatchPlan& plan, ReceivedTokens& received,
                const float* output, int64_t hidden_size, float* y, ExchangeStats* stats) {
   const auto start = Clock::now();

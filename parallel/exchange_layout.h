@@ -1,7 +1,8 @@
 // The index lists a device step needs around an MoE exchange, worked out on the host
 // from the dispatch plan and the routes that arrived: what GroupBySlot and Combine do
 // with host rows, expressed as gathers and per-row weighted sums, so that the rows
-// themselves stay on the GPU and no two threads ever add into one row.
+// themselves stay on the GPU and no two threads ever add into one row. GroupBySlot and
+// MakeExpertLayout share one grouping (exchange_layout.cc).
 #pragma once
 
 #include <cstdint>
