@@ -26,15 +26,19 @@ class FieldReader {
     return root_.contains(field) && !root_.at(field).is_null();
   }
 
-  // A required integer >= min_value.
-  Status Int(const std::string& field, int64_t min_value, int64_t* out) const {
+  // Sizes and counts past this are refused before anything is sized from them: a typo
+  // like 1e9 layers would otherwise allocate until memory runs out.
+  static constexpr int64_t kMaxSize = int64_t{1} << 24;
+
+  // A required integer in [min_value, max_value].
+  Status Int(const std::string& field, int64_t min_value, int64_t* out, int64_t max_value = kMaxSize) const {
     if (!root_.contains(field)) return Error(field, "is missing");
-    return IntValue(field, root_.at(field), min_value, out);
+    return IntValue(field, root_.at(field), min_value, max_value, out);
   }
   // An optional integer: absent or null leaves *out unchanged.
-  Status OptionalInt(const std::string& field, int64_t min_value, int64_t* out) const {
+  Status OptionalInt(const std::string& field, int64_t min_value, int64_t* out, int64_t max_value = kMaxSize) const {
     if (!Has(field)) return OkStatus();
-    return IntValue(field, root_.at(field), min_value, out);
+    return IntValue(field, root_.at(field), min_value, max_value, out);
   }
   Status OptionalDouble(const std::string& field, double* out) const {
     if (!Has(field)) return OkStatus();
@@ -60,12 +64,17 @@ class FieldReader {
   }
 
  private:
-  Status IntValue(const std::string& field, const json& v, int64_t min_value, int64_t* out) const {
-    if (!v.is_number_integer()) return Error(field, "must be an integer, not " + v.dump());
+  Status IntValue(const std::string& field, const json& v, int64_t min_value, int64_t max_value, int64_t* out) const {
+    if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t{INT64_MAX})) {
+      return Error(field, "must be an integer, not " + v.dump());
+    }
     const int64_t value = v.get<int64_t>();
     if (value < min_value) {
       return Error(field, "must be at least " + std::to_string(min_value) + ", not " +
                               std::to_string(value));
+    }
+    if (value > max_value) {
+      return Error(field, "is " + std::to_string(value) + ", more than epic accepts (" + std::to_string(max_value) + ")");
     }
     *out = value;
     return OkStatus();
@@ -157,7 +166,7 @@ StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const std::
   json root;
   try {
     root = json::parse(json_text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse errors, and numbers past a double (1e400)
     return InvalidArgumentError(source + ": not valid JSON: " + e.what());
   }
   if (!root.is_object()) return InvalidArgumentError(source + ": expected a JSON object");
@@ -183,7 +192,7 @@ StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const std::
   EPIC_RETURN_IF_ERROR(r.Int("vocab_size", 1, &c.vocab_size));
   EPIC_RETURN_IF_ERROR(r.Int("hidden_size", 1, &c.hidden_size));
   EPIC_RETURN_IF_ERROR(r.Int("intermediate_size", 1, &c.intermediate_size));
-  EPIC_RETURN_IF_ERROR(r.Int("num_hidden_layers", 1, &c.num_hidden_layers));
+  EPIC_RETURN_IF_ERROR(r.Int("num_hidden_layers", 1, &c.num_hidden_layers, /*max_value=*/4096));
   EPIC_RETURN_IF_ERROR(r.Int("num_attention_heads", 1, &c.num_attention_heads));
   EPIC_RETURN_IF_ERROR(r.Int("kv_lora_rank", 1, &c.kv_lora_rank));
   EPIC_RETURN_IF_ERROR(r.Int("qk_nope_head_dim", 1, &c.qk_nope_head_dim));
@@ -207,7 +216,7 @@ StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const std::
     method = "noaux_tc";
     scoring = "sigmoid";
   }
-  EPIC_RETURN_IF_ERROR(r.OptionalInt("n_routed_experts", 1, &c.n_routed_experts));
+  EPIC_RETURN_IF_ERROR(r.OptionalInt("n_routed_experts", 1, &c.n_routed_experts, /*max_value=*/65536));
   if (c.n_routed_experts > 0) {
     EPIC_RETURN_IF_ERROR(r.Int("moe_intermediate_size", 1, &c.moe_intermediate_size));
     EPIC_RETURN_IF_ERROR(r.Int("num_experts_per_tok", 1, &c.num_experts_per_tok));

@@ -1,10 +1,13 @@
 #include "worker/safetensors.h"
 
+#include <algorithm>
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -133,11 +136,12 @@ StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::file
   try {
     header = nlohmann::json::parse(reinterpret_cast<const char*>(base + 8),
                                    reinterpret_cast<const char*>(base + data_start));
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {  // parse errors, and numbers past a double
     return DataLossError(p + ": header is not valid JSON: " + e.what());
   }
   if (!header.is_object()) return DataLossError(p + ": header is not a JSON object");
 
+  std::vector<std::pair<uint64_t, uint64_t>> spans;  // every tensor's [begin, end)
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") continue;
     auto bad = [&](const std::string& what) {
@@ -187,6 +191,24 @@ StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::file
     }
     view.data = base + data_start + begin;
     file->tensors_.emplace(name, std::move(view));
+    spans.emplace_back(begin, end);
+  }
+  // The format's data section is the tensors back to back, nothing between, nothing
+  // shared: a header length a few bytes short (into the padding) shifts every tensor,
+  // and only this check notices.
+  std::sort(spans.begin(), spans.end());
+  uint64_t covered = 0;
+  for (const auto& [begin, end] : spans) {
+    if (begin != covered) {
+      return DataLossError(p + ": tensor data " + (begin < covered ? "overlaps" : "has a gap") + " at byte " +
+                           std::to_string(std::min(begin, covered)) +
+                           " of the data section (data_offsets must cover it exactly, back to back)");
+    }
+    covered = end;
+  }
+  if (covered != static_cast<uint64_t>(data_size)) {
+    return DataLossError(p + ": the tensors cover " + std::to_string(covered) + " of the " +
+                         std::to_string(data_size) + " data bytes (header length wrong, or the file damaged)");
   }
   return file;
 }

@@ -333,6 +333,42 @@ TEST_F(DamagedCheckpointTest, ByteCountDisagreesWithShape) {
   ExpectOpenFails(dir_.path(), StatusCode::kDataLoss, {model_name(), "'" + victim + "'", "bytes"});
 }
 
+// Found by trying: a header length a few bytes short, into the header's padding, parses,
+// and every tensor would then be read shifted. The data section must be covered exactly.
+TEST_F(DamagedCheckpointTest, HeaderLengthShortIntoThePadding) {
+  PatchHeader(model(), [](json&) {});  // now padded to a multiple of 8 with spaces
+  std::string bytes = ReadBytes(model());
+  uint64_t len = 0;
+  std::memcpy(&len, bytes.data(), 8);
+  // Four more spaces of padding, but the length stays: it now ends 4 bytes short.
+  const std::string header = bytes.substr(8, len) + "    ";
+  WriteBytes(model(), bytes.substr(0, 8) + header + bytes.substr(8 + len));
+  ExpectOpenFails(dir_.path(), StatusCode::kDataLoss, {model_name(), "data bytes"});
+}
+
+TEST_F(DamagedCheckpointTest, OverlappingOffsets) {
+  PatchHeader(model(), [&](json& h) {
+    // Two norms of one size: the second now aliases the first's bytes.
+    h[LayerTensor(1, "input_layernorm")]["data_offsets"] = h[LayerTensor(0, "input_layernorm")]["data_offsets"];
+  });
+  ExpectOpenFails(dir_.path(), StatusCode::kDataLoss, {model_name(), "data section"});
+}
+
+TEST_F(DamagedCheckpointTest, NumberPastADoubleInTheHeader) {
+  std::string bytes = ReadBytes(model());
+  uint64_t len = 0;
+  std::memcpy(&len, bytes.data(), 8);
+  std::string header = bytes.substr(8, len);
+  const size_t at = header.find("\"shape\":[");
+  ASSERT_NE(at, std::string::npos);
+  header.insert(at + 9, "1e400,");
+  const uint64_t new_len = header.size();
+  std::string out(8, '\0');
+  std::memcpy(out.data(), &new_len, 8);
+  WriteBytes(model(), out + header + bytes.substr(8 + len));
+  ExpectOpenFails(dir_.path(), StatusCode::kDataLoss, {model_name(), "JSON"});
+}
+
 TEST_F(DamagedCheckpointTest, HeaderEntryWithoutShape) {
   const std::string victim = "model.norm.weight";
   PatchHeader(model(), [&](json& h) { h[victim].erase("shape"); });

@@ -115,6 +115,21 @@ TEST(ModelConfigTest, RefusesMissingOrMistypedSizes) {
   ExpectRefused(TinyWith("qk_rope_head_dim", 7), StatusCode::kInvalidArgument, {"'qk_rope_head_dim'", "even"});
 }
 
+// Found by trying: numbers past a double, and sizes so large that sizing anything from
+// them would exhaust memory, are refused by name before anything is allocated.
+TEST(ModelConfigTest, RefusesNumbersPastADoubleAndAbsurdSizes) {
+  std::string text = Preset("tiny").dump();
+  const size_t at = text.find("\"rope_theta\":");
+  ASSERT_NE(at, std::string::npos);
+  text.insert(at, "\"initializer_range\": 1e400, ");
+  ExpectTextRefused(text, StatusCode::kInvalidArgument, {"JSON"});
+  ExpectRefused(TinyWith("num_hidden_layers", 1000000000), StatusCode::kInvalidArgument,
+                {"'num_hidden_layers'", "1000000000", "more than epic accepts"});
+  ExpectRefused(TinyWith("n_routed_experts", int64_t{1} << 40), StatusCode::kInvalidArgument,
+                {"'n_routed_experts'", "more than epic accepts"});
+  ExpectRefused(TinyWith("hidden_size", uint64_t{1} << 63), StatusCode::kInvalidArgument, {"'hidden_size'"});
+}
+
 TEST(ModelConfigTest, RefusesUnknownModelType) {
   ExpectRefused(TinyWith("model_type", "llama"), StatusCode::kUnimplemented, {"'model_type'", "llama"});
   json missing = Preset("tiny");
