@@ -21,7 +21,7 @@ int main(int argc, char** argv) {
   epic::coordinator::ServerOptions options;
   std::string metrics_listen = "0.0.0.0:9400";
   std::string secret_file, auth_token_file, tls_cert, tls_key, ready_file;
-  double step_timeout = 60, drain_timeout = 30;
+  double step_timeout = 60, drain_timeout = 30, hello_timeout = 10;
   auto& s = options.scheduler;
   app.add_option("--listen", options.listen, "gRPC address HOST:PORT (port 0: pick a free one)")
       ->capture_default_str();
@@ -62,6 +62,9 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--step-timeout", step_timeout,
                  "seconds without a completed step after which the worker job is declared dead")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--hello-timeout", hello_timeout,
+                 "seconds a worker link may take to present its hello before it is closed")
       ->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--drain-timeout", drain_timeout, "seconds running requests get to finish on SIGTERM")
       ->check(CLI::NonNegativeNumber)->capture_default_str();
@@ -115,6 +118,7 @@ int main(int argc, char** argv) {
     options.tls_key_pem = std::move(key).value();
   }
   options.step_timeout = std::chrono::milliseconds(static_cast<int64_t>(step_timeout * 1000));
+  options.hello_timeout = std::chrono::milliseconds(static_cast<int64_t>(hello_timeout * 1000));
   if (!tokenizer_dir.empty()) {
     auto text = epic::coordinator::TextCodec::Load(tokenizer_dir);
     if (!text.ok()) return fail("--tokenizer " + text.status().message());

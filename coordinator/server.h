@@ -27,6 +27,8 @@ struct ServerOptions {
   std::string http_listen;
   int http_threads = 64;  // connections served at once (each stream holds one)
   std::string model_name = "epic";  // the model's name in the HTTP API
+  // A worker link that sends no hello in this long is closed.
+  std::chrono::milliseconds hello_timeout{std::chrono::seconds(10)};
   // A worker job that completes no step in this long is declared dead.
   std::chrono::milliseconds step_timeout{std::chrono::seconds(60)};
   SchedulerOptions scheduler;

@@ -115,11 +115,69 @@ grpc::Status WorkerSession::FillLoadReport(v1::LoadReport* report) const {
 }
 
 
+namespace {
+
+// Everything a job's hello says that the coordinator will size or index things by, checked
+// before any state changes: nothing a peer sends may wedge the session.
+Status ValidateHello(const v1::internal::Hello& hello) {
+  const v1::ModelSummary& m = hello.model();
+  auto range = [](const char* field, int64_t v, int64_t lo, int64_t hi) -> Status {
+    if (v < lo || v > hi) {
+      return InvalidArgumentError(std::string("hello: model.") + field + " is " + std::to_string(v) + ", not in [" +
+                                  std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    }
+    return OkStatus();
+  };
+  EPIC_RETURN_IF_ERROR(range("vocab_size", m.vocab_size(), 1, int64_t{1} << 24));
+  EPIC_RETURN_IF_ERROR(range("num_hidden_layers", m.num_hidden_layers(), 1, 4096));
+  EPIC_RETURN_IF_ERROR(range("n_routed_experts", m.n_routed_experts(), 0, 65536));
+  EPIC_RETURN_IF_ERROR(range("num_experts_per_tok", m.num_experts_per_tok(), 0, 65536));
+  EPIC_RETURN_IF_ERROR(range("max_position_embeddings", m.max_position_embeddings(), 1, int64_t{1} << 32));
+  EPIC_RETURN_IF_ERROR(range("n_group", m.n_group(), 0, 65536));
+  for (const int32_t eos : m.eos_token_ids()) EPIC_RETURN_IF_ERROR(range("eos_token_ids[]", eos, 0, m.vocab_size() - 1));
+  if (hello.ranks_size() < 1 || hello.ranks_size() > 65536) {
+    return InvalidArgumentError("hello: " + std::to_string(hello.ranks_size()) + " ranks");
+  }
+  auto table = placement::PlacementFromProto(hello.placement(), m.num_hidden_layers(), hello.ranks_size());
+  if (!table.ok()) return InvalidArgumentError("hello: " + table.status().message());
+  std::vector<bool> seen(static_cast<size_t>(m.num_hidden_layers()), false);
+  for (const v1::LayerPlacement& lp : hello.placement()) {
+    if (seen[static_cast<size_t>(lp.layer())]) {
+      return InvalidArgumentError("hello: layer " + std::to_string(lp.layer()) + " is placed twice");
+    }
+    seen[static_cast<size_t>(lp.layer())] = true;
+    for (const v1::RankSlots& r : lp.ranks()) {
+      for (const int32_t e : r.experts()) {
+        EPIC_RETURN_IF_ERROR(range("placement expert", e, 0, m.n_routed_experts() - 1));
+      }
+    }
+  }
+  return OkStatus();
+}
+
+}  // namespace
+
 grpc::Status WorkerSession::Attach(
   grpc::ServerContext* ctx,
   grpc::ServerReaderWriter<v1::internal::CoordinatorMessage, v1::internal::WorkerMessage>* stream) {
   v1::internal::WorkerMessage first;
-  if (!stream->Read(&first) || !first.has_hello()) {
+  // A peer that never says hello must not hold a server thread: the link is cancelled
+  // when no hello came within --hello-timeout.
+  std::mutex hello_mu;
+  std::condition_variable hello_cv;
+  bool heard = false;
+  std::thread guard([&] {
+    std::unique_lock<std::mutex> lock(hello_mu);
+    if (!hello_cv.wait_for(lock, options_.hello_timeout, [&] { return heard; })) ctx->TryCancel();
+  });
+  const bool read = stream->Read(&first);
+  {
+    std::lock_guard<std::mutex> lock(hello_mu);
+    heard = true;
+  }
+  hello_cv.notify_all();
+  guard.join();
+  if (!read || !first.has_hello()) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "a worker must begin with its hello");
   }
   if (!SecretsMatch(first.hello().secret(), options_.worker_secret)) {
@@ -127,6 +185,10 @@ grpc::Status WorkerSession::Attach(
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "wrong worker secret");
   }
   if (stopping_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the coordinator is shutting down");
+  if (const Status s = ValidateHello(first.hello()); !s.ok()) {
+    Log("refused a worker job from " + ctx->peer() + ": " + s.message());
+    return ToGrpc(s);
+  }
   const v1::ModelSummary& model = first.hello().model();
   {
     std::lock_guard<std::mutex> lock(mu_);
