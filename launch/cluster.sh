@@ -152,6 +152,10 @@ while kill -0 "$coord_pid" 2>/dev/null; do
   set -e
   worker_pid=""
   kill -0 "$coord_pid" 2>/dev/null || break
+  if [ "$code" -eq 4 ]; then
+    epic_log "the coordinator refused the worker job (wrong secret, or a model it cannot serve): not relaunching"
+    exit 1
+  fi
   # A job that ran a while was healthy: start the back-off afresh.
   if [ $(( $(date +%s) - started )) -ge 60 ]; then backoff=1 failures=0; fi
   failures=$((failures + 1))

@@ -160,8 +160,12 @@ class Link {
     v1::internal::CoordinatorMessage reply;
     if (!stream_->Write(m) || !stream_->Read(&reply) || !reply.has_welcome()) {
       const grpc::Status s = stream_->Finish();
-      return UnavailableError("the coordinator at " + options_.coordinator + " refused the worker job: " +
-                              (s.ok() ? std::string("no welcome") : s.error_message()));
+      const std::string why = "the coordinator at " + options_.coordinator + " refused the worker job: " +
+                              (s.ok() ? std::string("no welcome") : s.error_message());
+      // A wrong secret or a model it cannot serve: starting the job again cannot help.
+      if (s.error_code() == grpc::StatusCode::UNAUTHENTICATED) return UnauthenticatedError(why);
+      if (s.error_code() == grpc::StatusCode::INVALID_ARGUMENT) return InvalidArgumentError(why);
+      return UnavailableError(why);
     }
     *welcome = reply.welcome();
     reader_ = std::thread([this] { ReadLoop(); });
@@ -299,11 +303,14 @@ Status ServeCoordinator(Model& model, const WorkerOptions& options, const std::s
       welcome.SerializeToString(&payload);
     } else {
       command = Command::kStop;
+      payload = std::to_string(static_cast<int>(failure.code()));  // every rank ends alike
     }
   }
   EPIC_RETURN_IF_ERROR(Exchange(comm, &command, &payload));
   if (command == Command::kStop) {
-    return rank == 0 ? failure : UnavailableError("rank 0 could not attach to the coordinator");
+    if (rank == 0) return failure;
+    const auto code = static_cast<StatusCode>(std::atoi(payload.c_str()));
+    return Status(code == StatusCode::kOk ? StatusCode::kUnavailable : code, "rank 0 could not attach to the coordinator");
   }
   v1::internal::Welcome welcome;
   if (!welcome.ParseFromString(payload) || welcome.block_size() < 1 || welcome.num_blocks() < 1) {

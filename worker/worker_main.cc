@@ -20,7 +20,9 @@ int main(int argc, char** argv) {
                "or CPU process: `mpirun -np N epic-worker --model DIR --coordinator HOST:PORT`.\n"
                "Each rank loads its share of the model (heads, vocabulary rows, experts); rank 0\n"
                "attaches to the coordinator and the job runs the steps it sends. The job exits when\n"
-               "the coordinator link closes (exit code 3); launch/cluster.sh relaunches it."};
+               "the coordinator link closes (exit code 3); launch/cluster.sh relaunches it. Exit code 4:\n"
+               "the coordinator refused the job (wrong secret, or a model it cannot serve): a relaunch\n"
+               "cannot help."};
   std::string model_dir;
   epic::WorkerOptions options;
   std::string secret_file;
@@ -90,6 +92,10 @@ int main(int argc, char** argv) {
   if (s.code() == epic::StatusCode::kUnavailable) {
     if (rank == 0) std::fprintf(stderr, "%s%s; exiting\n", who.c_str(), s.message().c_str());
     return 3;
+  }
+  if (s.code() == epic::StatusCode::kUnauthenticated || s.code() == epic::StatusCode::kInvalidArgument) {
+    if (rank == 0) std::fprintf(stderr, "%s%s; exiting\n", who.c_str(), s.message().c_str());
+    return 4;
   }
   fail(s.ToString(), 1);
 }

@@ -650,6 +650,8 @@ TEST_F(CoordinatorTest, AWorkerWithTheWrongSecretIsRefused) {
   const int status = worker->Wait(60s);
   ASSERT_NE(status, -1) << "the refused worker did not exit";
   EXPECT_NE(status, 0);
+  // Exit code 4: a refusal a relaunch cannot fix (launch/cluster.sh stops there).
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 4) << "status " << status;
   EXPECT_NE(ReadAll(*dir_ / "worker.log").find("wrong worker secret"), std::string::npos);
   EXPECT_EQ(Client(port).Health(), "NOT_SERVING");
 }
