@@ -1,6 +1,9 @@
 #include "coordinator/http_server.h"
 
 #include <httplib.h>
+#include <netdb.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -15,6 +18,31 @@ namespace epic::coordinator {
 namespace {
 
 using nlohmann::json;
+
+// Whether HOST:PORT is free. cpp-httplib binds with SO_REUSEPORT, so a second server on
+// a busy port would silently share it (and its callers) with the first: ask first,
+// without that option.
+bool PortIsFree(const std::string& host, int port) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  addrinfo* found = nullptr;
+  if (getaddrinfo(host.empty() ? nullptr : host.c_str(), std::to_string(port).c_str(), &hints, &found) != 0) {
+    return true;  // let the real bind report it
+  }
+  bool free = true;
+  for (addrinfo* a = found; a != nullptr && free; a = a->ai_next) {
+    const int fd = socket(a->ai_family, a->ai_socktype, a->ai_protocol);
+    if (fd < 0) continue;
+    const int yes = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);  // TIME_WAIT is no owner
+    free = bind(fd, a->ai_addr, a->ai_addrlen) == 0;
+    close(fd);
+  }
+  freeaddrinfo(found);
+  return free;
+}
 
 // An error as OpenAI sends it, with the HTTP status it goes with.
 struct HttpError {
@@ -661,7 +689,7 @@ StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const HttpOptions& optio
 
   if (port == 0) {
     s->port = s->server.bind_to_any_port(host);
-  } else if (s->server.bind_to_port(host, port)) {
+  } else if (PortIsFree(host, port) && s->server.bind_to_port(host, port)) {
     s->port = port;
   }
   if (s->port <= 0) return UnavailableError("--http-listen " + options.listen + ": cannot listen there (address in use, or not an address)");

@@ -208,7 +208,7 @@ class ServingTest : public ::testing::Test {
   int StartCluster(int np, const std::vector<std::string>& coordinator_flags = {}) {
     const fs::path ready = *dir_ / "ready.json";
     std::vector<std::string> argv{EPIC_CLUSTER_SCRIPT, "--model", (*dir_ / "model").string(), "--np",
-                                 std::to_string(np), "--port", "0", "--metrics-port", "0", "--listen-host",
+                                 std::to_string(np), "--port", "0", "--http-port", "off", "--metrics-port", "0", "--listen-host",
                                  "127.0.0.1", "--threads", "1", "--no-build", "--ready-file", ready.string(), "--",
                                  "--cache-blocks", std::to_string(kCacheBlocks), "--block-size",
                                  std::to_string(kBlockSize), "--max-waiting", std::to_string(kMaxWaiting),
@@ -582,6 +582,7 @@ class CoordinatorTest : public ServingTest {
   int StartCoordinator(const std::vector<std::string>& extra) {
     std::ofstream(*dir_ / "secret") << "test-secret\n";
     std::vector<std::string> argv = {EPIC_COORDINATOR_BINARY, "--listen", "127.0.0.1:0", "--metrics-listen", "off",
+                                     "--http-listen", "off",
                                      "--worker-secret-file", (*dir_ / "secret").string(), "--ready-file",
                                      (*dir_ / "ready.json").string()};
     argv.insert(argv.end(), extra.begin(), extra.end());

@@ -548,6 +548,12 @@ TEST(TextServingAloneTest, NoTokenIs401AndNoWorkerJobIs503) {
     // The tokenizer needs no worker job.
     const HttpAnswer tokens = Curl(http, "POST", "/tokenize", R"({"prompt": "hi"})", "let-me-in");
     EXPECT_EQ(tokens.status, 200) << tokens.body;
+    // A second coordinator on the same HTTP port is refused at start-up, not let to share it.
+    const std::string second = Capture(std::string(EPIC_COORDINATOR_BINARY) + " --worker-secret-file " +
+                                       (dir / "secret").string() + " --listen 127.0.0.1:0 --metrics-listen off " +
+                                       "--http-listen 127.0.0.1:" + std::to_string(http) + " 2>&1; echo rc=$?");
+    EXPECT_NE(second.find("address in use"), std::string::npos) << second;
+    EXPECT_NE(second.find("rc=2"), std::string::npos) << second;
     coordinator.Signal(SIGTERM);
     EXPECT_NE(coordinator.Wait(20s), -1);
   }
