@@ -21,7 +21,7 @@ int main(int argc, char** argv) {
   epic::coordinator::ServerOptions options;
   std::string metrics_listen = "0.0.0.0:9400";
   std::string secret_file, auth_token_file, tls_cert, tls_key, ready_file;
-  double step_timeout = 60, drain_timeout = 30, hello_timeout = 10;
+  double step_timeout = 60, drain_timeout = 30, hello_timeout = 10, resume_timeout = 30;
   auto& s = options.scheduler;
   app.add_option("--listen", options.listen, "gRPC address HOST:PORT (port 0: pick a free one)")
       ->capture_default_str();
@@ -63,6 +63,10 @@ int main(int argc, char** argv) {
   app.add_option("--step-timeout", step_timeout,
                  "seconds without a completed step after which the worker job is declared dead")
       ->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--resume-timeout", resume_timeout,
+                 "seconds requests wait for a new worker job when theirs dies; the next job prefills what "
+                 "each has so far and its stream goes on unchanged (0: they end UNAVAILABLE at once)")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
   app.add_option("--hello-timeout", hello_timeout,
                  "seconds a worker link may take to present its hello before it is closed")
       ->check(CLI::PositiveNumber)->capture_default_str();
@@ -119,6 +123,7 @@ int main(int argc, char** argv) {
   }
   options.step_timeout = std::chrono::milliseconds(static_cast<int64_t>(step_timeout * 1000));
   options.hello_timeout = std::chrono::milliseconds(static_cast<int64_t>(hello_timeout * 1000));
+  s.resume_timeout = std::chrono::milliseconds(static_cast<int64_t>(resume_timeout * 1000));
   if (!tokenizer_dir.empty()) {
     auto text = epic::coordinator::TextCodec::Load(tokenizer_dir);
     if (!text.ok()) return fail("--tokenizer " + text.status().message());

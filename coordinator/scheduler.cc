@@ -35,7 +35,26 @@ Status TokenInVocabulary(const char* field, int index, int32_t id, int64_t vocab
 }  // namespace
 
 Scheduler::Scheduler(const SchedulerOptions& options, SchedulerObserver* observer)
-    : options_(options), observer_(observer) {}
+    : options_(options), observer_(observer) {
+  expirer_ = std::thread([this] {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!stopping_) {
+      work_cv_.wait_for(lock, std::chrono::milliseconds(200));
+      if (!attached_ && !requests_.empty() && Clock::now() - detached_at_ >= options_.resume_timeout) {
+        FailAll("no worker job attached within the resume timeout after the last one left (" + detached_why_ + ")");
+      }
+    }
+  });
+}
+
+Scheduler::~Scheduler() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  work_cv_.notify_all();
+  expirer_.join();
+}
 
 void Scheduler::Attach(const v1::ModelSummary& model) {
   std::lock_guard<std::mutex> lock(mu_);
@@ -49,11 +68,7 @@ void Scheduler::Attach(const v1::ModelSummary& model) {
   ReportLoad();
 }
 
-void Scheduler::Detach(const std::string& why) {
-  std::lock_guard<std::mutex> lock(mu_);
-  attached_ = false;
-  in_flight_ = false;
-  planned_.clear();
+void Scheduler::FailAll(const std::string& why) {
   for (auto& [id, r] : requests_) {
     if (r.cancelled) continue;
     RequestEvent e;
@@ -66,14 +81,65 @@ void Scheduler::Detach(const std::string& why) {
   requests_.clear();
   waiting_.clear();
   running_.clear();
-  free_blocks_.clear();
   ReportLoad();
   idle_cv_.notify_all();
+}
+
+void Scheduler::Detach(const std::string& why, bool resume) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<uint64_t> in_step;
+  if (in_flight_) {
+    for (const Planned& p : planned_) in_step.push_back(p.id);
+  }
+  attached_ = false;
+  in_flight_ = false;
+  planned_.clear();
+  free_blocks_.clear();
+  detached_at_ = Clock::now();
+  detached_why_ = why;
+  if (!resume || options_.resume_timeout.count() <= 0 || draining_) {
+    FailAll(why);
+    return;
+  }
+  // Requests keep their place: those running first, in admission order, then the queue.
+  std::deque<uint64_t> order(running_.begin(), running_.end());
+  order.insert(order.end(), waiting_.begin(), waiting_.end());
+  running_.clear();
+  waiting_.clear();
+  for (const uint64_t id : order) {
+    Request& r = requests_.at(id);
+    r.blocks.clear();
+    r.cached = 0;
+    if (r.cancelled) {
+      requests_.erase(id);
+      continue;
+    }
+    if (std::find(in_step.begin(), in_step.end(), id) != in_step.end() && ++r.failed_steps >= 2) {
+      // The same request in the failing step twice: it may be the cause. Not again.
+      RequestEvent e;
+      e.final = true;
+      e.error = UnavailableError("the worker job failed twice while running this request (last: " + why +
+                                 "); it is not resumed again");
+      r.stream->Push(std::move(e));
+      if (observer_) observer_->Finished(Seconds(Clock::now() - r.arrival), r.spec.prompt_token_ids_size(),
+                                         static_cast<int64_t>(r.output.size()), "unavailable");
+      requests_.erase(id);
+      continue;
+    }
+    waiting_.push_back(id);
+  }
+  ReportLoad();
+  if (requests_.empty()) idle_cv_.notify_all();
 }
 
 void Scheduler::Drain() {
   std::lock_guard<std::mutex> lock(mu_);
   draining_ = true;
+  if (!attached_ && !requests_.empty()) FailAll("the server is shutting down while " + detached_why_);
+}
+
+int64_t Scheduler::ContextToPrefill(const Request& r) {
+  return r.spec.prompt_token_ids_size() + std::max<int64_t>(0, static_cast<int64_t>(r.output.size()) - 1);
 }
 
 int64_t Scheduler::BlocksFor(const v1::GenerateRequest& request) const {
@@ -209,15 +275,24 @@ bool Scheduler::NextStep(v1::internal::Step* step) {
   // Decodes first, so that a long prefill never stalls the running streams.
   for (uint64_t id : running_) {
     Request& r = requests_.at(id);
-    if (r.cancelled || r.output.empty() || budget < 1) continue;
+    if (r.cancelled || r.output.empty() || r.cached < ContextToPrefill(r) || budget < 1) continue;
     add(r, &r.output.back(), 1, true);
   }
+  // Prefill chunks: the prompt, and for a request resumed on a new job the tokens it had
+  // generated too; the chunk that completes a prompt samples, a replay's does not (its
+  // next token comes from the decode of its last generated token).
+  std::vector<int32_t> chunk;
   for (uint64_t id : running_) {
     Request& r = requests_.at(id);
+    const int64_t context = ContextToPrefill(r);
+    if (r.cancelled || r.cached >= context || budget < 1) continue;
+    const int64_t n = std::min(context - r.cached, budget);
     const int64_t prompt = r.spec.prompt_token_ids_size();
-    if (r.cancelled || r.cached >= prompt || budget < 1) continue;
-    const int64_t n = std::min(prompt - r.cached, budget);
-    add(r, r.spec.prompt_token_ids().data() + r.cached, n, r.cached + n == prompt);
+    chunk.clear();
+    for (int64_t i = r.cached; i < r.cached + n; ++i) {
+      chunk.push_back(i < prompt ? r.spec.prompt_token_ids(static_cast<int>(i)) : r.output[static_cast<size_t>(i - prompt)]);
+    }
+    add(r, chunk.data(), n, r.output.empty() && r.cached + n == prompt);
   }
   if (planned_.empty()) return false;
   step->set_step_id(next_step_++);

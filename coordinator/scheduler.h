@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/status.h"
@@ -66,6 +67,9 @@ struct SchedulerOptions {
   int64_t max_waiting = 256;      // queued requests beyond which Submit says RESOURCE_EXHAUSTED
   int64_t max_running = 64;       // sequences in one step
   int64_t max_step_tokens = 256;  // tokens in one step (decodes first, then prefill chunks)
+  // When the worker job dies, requests wait this long for the next job, which prefills
+  // their prompt and what they have generated again and goes on; 0: they end UNAVAILABLE.
+  std::chrono::milliseconds resume_timeout{std::chrono::seconds(30)};
 };
 
 struct SchedulerStats {
@@ -81,15 +85,21 @@ struct SchedulerStats {
 class Scheduler {
  public:
   explicit Scheduler(const SchedulerOptions& options, SchedulerObserver* observer = nullptr);
+  ~Scheduler();
 
   const SchedulerOptions& options() const { return options_; }
 
   // A worker job serving MODEL attached: requests are accepted from now on.
   void Attach(const v1::ModelSummary& model);
-  // The worker job left: every request ends UNAVAILABLE with WHY, the cache budget
-  // is reset, and new requests are refused until a job attaches again.
-  void Detach(const std::string& why);
-  // Stops admitting new requests (graceful shutdown); running ones go on.
+  // The worker job left, for WHY: the cache budget is reset, and new requests are
+  // refused until a job attaches again. With RESUME (and a resume_timeout), requests
+  // in flight and queued wait for the next job, which prefills what each has so far and
+  // goes on with its next draw, so that its stream is what an undisturbed run gives;
+  // a request in the failed step for the second time, and every request still waiting
+  // after resume_timeout, ends UNAVAILABLE. Without RESUME every request ends so now.
+  void Detach(const std::string& why, bool resume = false);
+  // Stops admitting new requests (graceful shutdown); running ones go on, and those
+  // waiting for a job that is gone end UNAVAILABLE.
   void Drain();
 
   // Validates REQUEST (INVALID_ARGUMENT naming the field), then queues it; its events
@@ -128,6 +138,7 @@ class Scheduler {
     Clock::time_point arrival, last_token;
     double time_to_first_token = 0.0;
     bool cancelled = false;
+    int failed_steps = 0;  // steps in flight when a worker job died
   };
   struct Planned {
     uint64_t id;
@@ -138,6 +149,11 @@ class Scheduler {
   Status Validate(const v1::GenerateRequest& request) const;
   int64_t BlocksFor(const v1::GenerateRequest& request) const;
   void Finish(Request& r, v1::FinishReason reason);
+  // Ends every request UNAVAILABLE with WHY. REQUIRES: mu_ held.
+  void FailAll(const std::string& why);
+  // Tokens whose rows the cache must hold before R samples again: its prompt and all but
+  // the last token it generated (that one is the next step's input).
+  static int64_t ContextToPrefill(const Request& r);
   void Remove(uint64_t id);
   void Admit();
   void ReportLoad();
@@ -161,6 +177,10 @@ class Scheduler {
   bool in_flight_ = false;
   uint64_t in_flight_step_ = 0;
   std::vector<Planned> planned_;
+  Clock::time_point detached_at_;
+  std::string detached_why_;
+  bool stopping_ = false;
+  std::thread expirer_;  // ends requests that waited past resume_timeout
 };
 
 }  // namespace epic::coordinator

@@ -223,7 +223,8 @@ grpc::Status WorkerSession::Attach(
         pending_.reset();
       }
     }
-    scheduler_->Detach(why);
+    // A job that died leaves its requests waiting for the next; a stopping coordinator ends them.
+    scheduler_->Detach(why, /*resume=*/!stopping_);
     Log("worker job detached: " + why);
   }
   {

@@ -940,5 +940,106 @@ TEST(SchedulerThreads, WorkerLoopServesRequestsSubmittedFromOtherThreads) {
   EXPECT_EQ(s.Stats().free_blocks, 32);
 }
 
+// A worker job dies mid-generation: its requests wait for the next job, which prefills
+// each one's prompt and generated tokens again (without sampling) and goes on with the
+// next draw, so the stream goes on exactly where it stopped.
+TEST(SchedulerResumeTest, RequestsResumeOnTheNextJobWithTheirNextDraw) {
+  Scheduler s(Options(4, 32));
+  s.Attach(Model());
+  const std::vector<int32_t> prompt = Prompt(5);
+  Client a = Submit(s, Request(prompt, 6));
+  std::vector<int32_t> sampled = {21, 22, 23};
+  for (int32_t t : sampled) RunStep(s, t);  // prefill + 2 decodes: 3 tokens
+  v1::internal::Step in_flight;
+  ASSERT_TRUE(s.NextStep(&in_flight));  // the job dies with this step in flight
+  s.Detach("the worker link closed", /*resume=*/true);
+  EXPECT_EQ(Tokens(Events(a)), sampled);
+  EXPECT_EQ(s.Stats().running + s.Stats().waiting, 1);
+  EXPECT_FALSE(s.NextStep(&in_flight));  // no job: nothing runs
+
+  s.Attach(Model());
+  v1::internal::Step replay;
+  ASSERT_TRUE(s.NextStep(&replay));
+  const v1::internal::SequenceWork* w = Find(replay, a.id);
+  ASSERT_NE(w, nullptr);
+  // The prompt and all but the last generated token, from position 0, sampling nothing.
+  std::vector<int32_t> context = prompt;
+  context.insert(context.end(), sampled.begin(), sampled.end() - 1);
+  EXPECT_EQ(std::vector<int32_t>(w->token_ids().begin(), w->token_ids().end()), context);
+  EXPECT_EQ(w->position(), 0);
+  EXPECT_FALSE(w->sample());
+  ASSERT_TRUE(s.Complete(Answer(replay)).ok());
+  // Then the last generated token decodes with the next draw.
+  v1::internal::Step next;
+  ASSERT_TRUE(s.NextStep(&next));
+  w = Find(next, a.id);
+  ASSERT_NE(w, nullptr);
+  EXPECT_EQ(std::vector<int32_t>(w->token_ids().begin(), w->token_ids().end()), std::vector<int32_t>{23});
+  EXPECT_EQ(w->position(), static_cast<int64_t>(context.size()));
+  EXPECT_TRUE(w->sample());
+  EXPECT_EQ(w->draw(), 3u);
+  ASSERT_TRUE(s.Complete(Answer(next, [](uint64_t) { return 24; })).ok());
+  RunStep(s, 25);
+  RunStep(s, 26);
+  const std::vector<RequestEvent> rest = Events(a);
+  EXPECT_EQ(Tokens(rest), (std::vector<int32_t>{24, 25, 26}));
+  ASSERT_FALSE(rest.empty());
+  EXPECT_TRUE(rest.back().final);
+  EXPECT_TRUE(rest.back().error.ok());
+  EXPECT_EQ(rest.back().completion_tokens, 6);
+  EXPECT_TRUE(s.WaitIdle(milliseconds(100)));
+}
+
+TEST(SchedulerResumeTest, ARequestInTheFailingStepTwiceEndsAndOthersResume) {
+  Scheduler s(Options(4, 32));
+  s.Attach(Model());
+  Client a = Submit(s, Request(Prompt(3), 8));
+  for (int round = 0; round < 2; ++round) {
+    v1::internal::Step step;
+    ASSERT_TRUE(s.NextStep(&step));
+    s.Detach("a step failed", /*resume=*/true);
+    s.Attach(Model());
+  }
+  const std::vector<RequestEvent> events = Events(a);
+  ASSERT_FALSE(events.empty());
+  EXPECT_TRUE(events.back().final);
+  EXPECT_EQ(events.back().error.code(), StatusCode::kUnavailable);
+  EXPECT_NE(events.back().error.message().find("failed twice"), std::string::npos) << events.back().error.message();
+  // A request that was only queued when the job died resumes however often it dies.
+  Client b = Submit(s, Request(Prompt(3), 2));
+  s.Detach("the worker link closed", /*resume=*/true);
+  s.Attach(Model());
+  s.Detach("the worker link closed", /*resume=*/true);
+  s.Attach(Model());
+  RunStep(s);
+  RunStep(s);
+  EXPECT_EQ(Tokens(Events(b)), (std::vector<int32_t>{kToken, kToken}));
+}
+
+TEST(SchedulerResumeTest, RequestsEndUnavailableAfterTheResumeTimeoutOrOnDrain) {
+  SchedulerOptions o = Options(4, 32);
+  o.resume_timeout = milliseconds(300);
+  Scheduler s(o);
+  s.Attach(Model());
+  Client a = Submit(s, Request(Prompt(3), 8));
+  RunStep(s);
+  s.Detach("the worker link closed", /*resume=*/true);
+  EXPECT_EQ(Tokens(Events(a)), std::vector<int32_t>{kToken});
+  const std::vector<RequestEvent> ended = Events(a, milliseconds(3000));
+  ASSERT_FALSE(ended.empty());
+  EXPECT_EQ(ended.back().error.code(), StatusCode::kUnavailable);
+  EXPECT_NE(ended.back().error.message().find("resume timeout"), std::string::npos) << ended.back().error.message();
+
+  Scheduler d(Options(4, 32));
+  d.Attach(Model());
+  Client b = Submit(d, Request(Prompt(3), 8));
+  d.Detach("the worker link closed", /*resume=*/true);
+  d.Drain();
+  const std::vector<RequestEvent> drained = Events(b);
+  ASSERT_FALSE(drained.empty());
+  EXPECT_EQ(drained.back().error.code(), StatusCode::kUnavailable);
+  EXPECT_TRUE(d.WaitIdle(milliseconds(100)));
+}
+
 }  // namespace
 }  // namespace epic::coordinator

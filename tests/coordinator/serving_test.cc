@@ -420,7 +420,7 @@ TEST_F(ServingTest, OverloadIsRefusedAndCancelledOrExpiredRequestsFreeTheirBlock
 }
 
 TEST_F(ServingTest, KilledWorkerRankEndsRequestsUnavailableAndTheRelaunchedJobServes) {
-  const int port = StartCluster(2);
+  const int port = StartCluster(2, {"--resume-timeout", "0"});  // fail at once, not resume
   ASSERT_GT(port, 0);
   Client client(port);
   v1::ModelInfo info = client.Info();
@@ -459,6 +459,52 @@ TEST_F(ServingTest, KilledWorkerRankEndsRequestsUnavailableAndTheRelaunchedJobSe
   const Outcome again = client.Generate(Request({5, 17, 300}, 6));
   EXPECT_TRUE(again.status.ok()) << again.status.error_message();
   EXPECT_EQ(again.tokens, EpicRun({5, 17, 300}, 6));
+}
+
+// The same kill, with resuming on (the default): every request in flight or queued
+// waits for the relaunched job and ends exactly as an undisturbed run would, greedy and
+// seeded sampling alike.
+TEST_F(ServingTest, RequestsInFlightWhenARankDiesResumeUnchanged) {
+  const int port = StartCluster(2);
+  ASSERT_GT(port, 0);
+  Client client(port);
+  const pid_t victim = static_cast<pid_t>(client.Info().ranks(1).pid());
+  constexpr int kGreedy = 4;
+  constexpr uint32_t kTokens = 60;
+  std::vector<v1::GenerateRequest> requests;
+  for (int i = 0; i < kGreedy + 2; ++i) {
+    v1::GenerateRequest r = Request({static_cast<int32_t>(5 + i), 17, 300, static_cast<int32_t>(40 + 3 * i)}, kTokens);
+    r.set_ignore_eos(true);
+    if (i >= kGreedy) {  // sampled, seeded
+      r.mutable_sampling()->set_temperature(0.9f);
+      r.mutable_sampling()->set_seed(100 + i);
+    }
+    requests.push_back(r);
+  }
+  std::vector<Outcome> outcomes(requests.size());
+  std::vector<std::thread> callers;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    callers.emplace_back([&, i] { outcomes[i] = client.Generate(requests[i], 120s); });
+  }
+  for (int i = 0; i < 400 && client.Info().steps() < 8; ++i) std::this_thread::sleep_for(10ms);
+  ASSERT_EQ(kill(victim, SIGKILL), 0);
+  for (auto& t : callers) t.join();
+  for (size_t i = 0; i < requests.size(); ++i) {
+    ASSERT_TRUE(outcomes[i].status.ok()) << i << ": " << outcomes[i].status.error_message();
+    ASSERT_EQ(outcomes[i].tokens.size(), kTokens) << i;
+  }
+  EXPECT_GE(client.Info().worker_attachments(), 2) << "the job was never killed and relaunched";
+  for (int i = 0; i < kGreedy; ++i) {
+    const std::vector<int32_t> prompt(requests[i].prompt_token_ids().begin(), requests[i].prompt_token_ids().end());
+    EXPECT_EQ(outcomes[i].tokens, EpicRun(prompt, kTokens, /*ignore_eos=*/true)) << "greedy request " << i;
+  }
+  // The sampled ones again on the undisturbed relaunched job: the same draws, the same tokens.
+  for (size_t i = kGreedy; i < requests.size(); ++i) {
+    const Outcome again = client.Generate(requests[i]);
+    ASSERT_TRUE(again.status.ok()) << again.status.error_message();
+    EXPECT_EQ(outcomes[i].tokens, again.tokens) << "sampled request " << i;
+  }
+  EXPECT_TRUE(client.WaitAllBlocksFree(5s));
 }
 
 // Skewed traffic: prompts that repeat a few tokens send most tokens to few experts.
@@ -682,7 +728,8 @@ TEST_F(CoordinatorTest, SigtermDrainsRunningRequestsAndRefusesNewOnes) {
 }
 
 TEST_F(CoordinatorTest, AJobThatStopsCompletingStepsIsDeclaredDead) {
-  const int port = StartCoordinator({"--step-timeout", "2"});
+  // No job follows this one: the request ends at once instead of waiting to resume.
+  const int port = StartCoordinator({"--step-timeout", "2", "--resume-timeout", "0"});
   ASSERT_GT(port, 0);
   auto worker = Worker(port, "test-secret");
   Client client(port);
