@@ -156,12 +156,18 @@ while kill -0 "$coord_pid" 2>/dev/null; do
     epic_log "the coordinator refused the worker job (wrong secret, or a model it cannot serve): not relaunching"
     exit 1
   fi
-  # A job that ran a while was healthy: start the back-off afresh.
-  if [ $(( $(date +%s) - started )) -ge 60 ]; then backoff=1 failures=0; fi
+  # A job that ran a while was healthy: relaunch at once, and start the back-off afresh;
+  # only quick successive failures wait longer and longer.
+  healthy=0
+  if [ $(( $(date +%s) - started )) -ge 10 ]; then backoff=1 failures=0 healthy=1; fi
   failures=$((failures + 1))
   if [ "$max_restarts" -ge 0 ] && [ "$failures" -gt "$max_restarts" ]; then
     epic_log "the worker job failed $failures time(s) in a row; giving up"
     exit 1
+  fi
+  if [ "$healthy" -eq 1 ]; then
+    epic_log "the worker job exited with code $code; relaunching now"
+    continue
   fi
   epic_log "the worker job exited with code $code; relaunching in ${backoff} s"
   sleep "$backoff"
