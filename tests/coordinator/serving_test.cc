@@ -179,11 +179,8 @@ constexpr int kMaxWaiting = 24;
 class ServingTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    dir_ = new fs::path(fs::temp_directory_path() / ("epic-serving-" + std::to_string(getpid())));
-    fs::create_directories(*dir_);
-    const std::string mk = std::string(EPIC_MKMODEL_BINARY) + " --preset v2-160 --seed 5 --out " +
-                           (*dir_ / "model").string() + " >/dev/null 2>&1";
-    ASSERT_EQ(std::system(mk.c_str()), 0);
+    dir_ = new fs::path(testing::DirWithModel("serving", EPIC_MKMODEL_BINARY, "v2-160", 5));
+    ASSERT_FALSE(dir_->empty()) << "epic-mkmodel failed";
   }
   static void TearDownTestSuite() {
     fs::remove_all(*dir_);

@@ -98,11 +98,8 @@ constexpr int kBlockSize = 16;
 class TextServingTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    dir_ = new fs::path(fs::temp_directory_path() / ("epic-text-serving-" + std::to_string(getpid())));
-    fs::create_directories(*dir_);
-    const std::string mk = std::string(EPIC_MKMODEL_BINARY) + " --preset v2-160 --seed 5 --out " +
-                           (*dir_ / "model").string() + " >/dev/null 2>&1";
-    ASSERT_EQ(std::system(mk.c_str()), 0);
+    dir_ = new fs::path(testing::DirWithModel("text-serving", EPIC_MKMODEL_BINARY, "v2-160", 5));
+    ASSERT_FALSE(dir_->empty()) << "epic-mkmodel failed";
     const fs::path ready = *dir_ / "ready.json";
     cluster_ = new Process(
         {EPIC_CLUSTER_SCRIPT, "--model", (*dir_ / "model").string(), "--np", "2", "--port", "0", "--http-port", "0",

@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -121,6 +122,18 @@ inline std::string HttpExchange(int port, const std::string& request) {
   }
   close(fd);
   return out;
+}
+
+// A fresh directory under the temp dir (named after TAG and this process) holding a
+// random checkpoint of PRESET, written by MKMODEL (the epic-mkmodel binary), in model/.
+inline fs::path DirWithModel(const std::string& tag, const std::string& mkmodel, const std::string& preset,
+                             int seed) {
+  const fs::path dir = fs::temp_directory_path() / ("epic-" + tag + "-" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  const std::string command = mkmodel + " --preset " + preset + " --seed " + std::to_string(seed) + " --out " +
+                              (dir / "model").string() + " >/dev/null 2>&1";
+  if (std::system(command.c_str()) != 0) return {};
+  return dir;
 }
 
 inline std::string HttpGet(int port, const std::string& path) {
