@@ -140,10 +140,17 @@ worker_cmd=("$bin/worker/epic-worker" --model "$model" --coordinator "$coord_hos
   done
 ) &
 
+# How many worker jobs have attached so far ("" when the coordinator cannot be asked).
+attachments() {
+  "$bin/client/epic" info --server "127.0.0.1:$port" --timeout 2 2>/dev/null |
+    sed -nE 's/.*"worker_attachments": "?([0-9]+)"?.*/\1/p'
+}
+
 backoff=1 failures=0
 while kill -0 "$coord_pid" 2>/dev/null; do
   epic_log "starting the worker job: ${mpirun_cmd[*]} ${worker_cmd[*]}"
   started=$(date +%s)
+  attached_before="$(attachments)"
   set +e
   "${mpirun_cmd[@]}" "${worker_cmd[@]}" &
   worker_pid=$!
@@ -156,10 +163,14 @@ while kill -0 "$coord_pid" 2>/dev/null; do
     epic_log "the coordinator refused the worker job (wrong secret, or a model it cannot serve): not relaunching"
     exit 1
   fi
-  # A job that ran a while was healthy: relaunch at once, and start the back-off afresh;
-  # only quick successive failures wait longer and longer.
+  # A job that attached (it served), or ran a while, was healthy: relaunch at once, and
+  # start the back-off afresh; only jobs that fail before serving wait longer and longer.
   healthy=0
-  if [ $(( $(date +%s) - started )) -ge 10 ]; then backoff=1 failures=0 healthy=1; fi
+  attached_after="$(attachments)"
+  if [ $(( $(date +%s) - started )) -ge 10 ] ||
+     { [ -n "$attached_after" ] && [ "$attached_after" -gt "${attached_before:-0}" ]; }; then
+    backoff=1 failures=0 healthy=1
+  fi
   failures=$((failures + 1))
   if [ "$max_restarts" -ge 0 ] && [ "$failures" -gt "$max_restarts" ]; then
     epic_log "the worker job failed $failures time(s) in a row; giving up"
