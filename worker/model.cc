@@ -1,6 +1,7 @@
 #include "worker/model.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <string>
 
@@ -287,8 +288,41 @@ void AddExchangeCounts(const parallel::ExpertPlacement& placement, int64_t layer
   counts->combine[layer].Add(combine);
 }
 
+namespace {
+
+bool AllFinite(const float* v, int64_t n) {
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) finite &= std::isfinite(v[i]);
+  return finite;
+}
+
+std::string StepName(std::span<const SequenceStep> batch) {
+  int64_t tokens = 0;
+  for (const SequenceStep& s : batch) tokens += static_cast<int64_t>(s.tokens.size());
+  return "the step of " + std::to_string(batch.size()) + " sequence(s), " + std::to_string(tokens) +
+         " token(s), the first at position " + std::to_string(batch.empty() ? 0 : batch[0].cache->num_tokens);
+}
+
+}  // namespace
+
 Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::vector<float>* logits,
                       ExpertCounts* counts) {
+  EPIC_RETURN_IF_ERROR(Step(batch, cache, logits, counts, /*check_layers=*/false));
+  if (AllFinite(logits->data(), static_cast<int64_t>(logits->size()))) return OkStatus();
+  // Only now look for the layer: the same step again, checked after every layer. It
+  // writes the same cache rows; every rank sees the same logits, so all run it.
+  for (SequenceStep& s : batch) s.cache->num_tokens -= static_cast<int64_t>(s.tokens.size());
+  const std::string step = StepName(batch);
+  if (device_step_) {
+    return InternalError(step + " gave non-finite logits (NaN or Inf): the checkpoint's weights or config "
+                         "are broken (run it with --device cpu to find the layer)");
+  }
+  // The checked run always ends in an error: at a layer, or at the final norm and lm_head.
+  return InternalError(step + ": " + Step(batch, cache, logits, nullptr, /*check_layers=*/true).message());
+}
+
+Status Model::Step(std::span<SequenceStep> batch, LatentCache* cache, std::vector<float>* logits,
+                   ExpertCounts* counts, bool check_layers) {
   const ModelConfig& c = config();
   const ModelWeights& w = *weights_;
   const int64_t hidden = c.hidden_size;
@@ -350,6 +384,14 @@ Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::ve
       for (int64_t i = 0; i < local * hidden; ++i) mine[i] += summed[i];
     }
     EPIC_RETURN_IF_ERROR(comm.AllGather(mine, x, block_bytes));
+    if (check_layers && !AllFinite(x, tokens * hidden)) {
+      return InternalError("non-finite activations (NaN or Inf) first appear in layer " + std::to_string(l) +
+                           (L.moe ? " (MoE)" : " (dense)") + ": the checkpoint's weights or config are broken there");
+    }
+  }
+  if (check_layers) {
+    // Finite through the layers: the final norm or lm_head is where it breaks.
+    return InternalError("non-finite values (NaN or Inf) first appear in the final norm or lm_head");
   }
   for (SequenceStep& s : batch) s.cache->num_tokens += static_cast<int64_t>(s.tokens.size());
 

@@ -145,6 +145,9 @@ class Model {
   // [rows, vocab], rows in sequence order (all tokens or the last, per all_logits).
   // COUNTS (optional) accumulates what the MoE layers did (see ExpertCounts).
   // Distributed: every rank passes the same batch and gets the same logits.
+  // Non-finite logits (broken weights or config) are an INTERNAL error naming the layer
+  // where NaN or Inf first appears (found by running the step again with a check after
+  // every layer, only then); the step then leaves num_tokens where it was.
   Status Forward(std::span<SequenceStep> batch, LatentCache* cache, std::vector<float>* logits,
                  ExpertCounts* counts = nullptr);
 
@@ -161,6 +164,10 @@ class Model {
 
  private:
   Model() = default;
+  // Forward's work; with CHECK_LAYERS an error at the first layer whose activations are
+  // not all finite.
+  Status Step(std::span<SequenceStep> batch, LatentCache* cache, std::vector<float>* logits, ExpertCounts* counts,
+              bool check_layers);
   void Attention(int64_t layer, std::span<SequenceStep> batch, LatentCache* cache,
                  const std::vector<int64_t>& positions, const float* x, float* out);
   Status MoeBlock(int64_t layer, const float* x, int64_t tokens, int64_t first_token, float* residual,

@@ -5,6 +5,8 @@
 #include "worker/model.h"
 
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -234,6 +236,53 @@ TEST_F(ModelSteps, BadInputIsRefusedWithoutTouchingTheCache) {
   EXPECT_EQ(Generate(*model_, prompt, o).status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(Generate(*model_, std::vector<int32_t>{}, GenerateOptions{}).status().code(),
             StatusCode::kInvalidArgument);
+}
+
+// Overwrites tensor NAME of the single-file checkpoint in DIR with BF16 NaNs.
+void PoisonWithNaN(const std::filesystem::path& dir, const std::string& name) {
+  const std::filesystem::path file = dir / "model.safetensors";
+  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+  uint64_t len = 0;
+  f.read(reinterpret_cast<char*>(&len), 8);
+  std::string header(len, '\0');
+  f.read(header.data(), static_cast<std::streamsize>(len));
+  const json h = json::parse(header);
+  ASSERT_TRUE(h.contains(name)) << name;
+  ASSERT_EQ(h[name]["dtype"], "BF16");
+  const uint64_t begin = h[name]["data_offsets"][0], end = h[name]["data_offsets"][1];
+  std::string nans;
+  for (uint64_t b = begin; b < end; b += 2) nans += std::string("\xC0\x7F", 2);  // 0x7FC0, little-endian
+  f.seekp(static_cast<std::streamoff>(8 + len + begin));
+  f.write(nans.data(), static_cast<std::streamsize>(nans.size()));
+  ASSERT_TRUE(f.good());
+}
+
+// Broken weights give non-finite logits: an error naming the layer where NaN first
+// appears, and the step leaves the cache as it was (no token 0 emitted as if all were well).
+TEST(ModelNonFinite, NaNWeightsAreAnErrorNamingTheLayer) {
+  for (const auto& [tensor, where] : {std::pair<std::string, std::string>{"model.layers.1.self_attn.o_proj.weight",
+                                                                          "layer 1 (MoE)"},
+                                      {"lm_head.weight", "final norm or lm_head"}}) {
+    SCOPED_TRACE(tensor);
+    testing::TempDir dir("nan");
+    auto config = PresetConfig("v2-160");
+    ASSERT_TRUE(config.ok());
+    ASSERT_TRUE(WriteRandomCheckpoint(*config, dir.path(), RandomCheckpointOptions{}).ok());
+    PoisonWithNaN(dir.path(), tensor);
+    auto model = Model::Load(dir.path());
+    ASSERT_TRUE(model.ok()) << model.status().ToString();
+    auto cache = (*model)->MakeCache(4, 8);
+    BlockTable table;
+    ASSERT_TRUE(cache->Reserve(&table, 6).ok());
+    const int32_t tokens[] = {5, 17, 300, 42};
+    SequenceStep step{&table, {tokens, 4}, false};
+    std::vector<float> logits;
+    const Status s = (*model)->Forward({&step, 1}, cache.get(), &logits);
+    EXPECT_EQ(s.code(), StatusCode::kInternal);
+    EXPECT_NE(s.message().find(where), std::string::npos) << s.message();
+    EXPECT_NE(s.message().find("4 token(s)"), std::string::npos) << s.message();
+    EXPECT_EQ(table.num_tokens, 0);
+  }
 }
 
 }  // namespace
