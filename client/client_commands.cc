@@ -117,15 +117,24 @@ struct GenerateFlags {
   std::string request_id;
 };
 
-// Streams REQUEST's generation. Text deltas go to ON_TEXT as they arrive; ids are
-// gathered into IDS. Returns the last response (finish reason, usage) or the gRPC error.
+// Streams REQUEST's generation, each response to ON_RESPONSE as it arrives; LAST gets
+// the final one (finish reason, usage). Returns the call's status. A problem here
+// before any call (a bad --tls-ca or --auth-token-file) goes to LOCAL instead, so that
+// callers report it as every subcommand does (exit 2).
 grpc::Status Stream(const Connection& c, const v1::GenerateRequest& request,
-                    const std::function<void(const v1::GenerateResponse&)>& on_response, v1::GenerateResponse* last) {
+                    const std::function<void(const v1::GenerateResponse&)>& on_response, v1::GenerateResponse* last,
+                    Status* local) {
   auto channel = c.Channel();
-  if (!channel.ok()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, channel.status().message());
+  if (!channel.ok()) {
+    *local = channel.status();
+    return grpc::Status::OK;
+  }
   auto stub = v1::Epic::NewStub(*channel);
   grpc::ClientContext ctx;
-  if (const Status s = c.Prepare(&ctx); !s.ok()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, s.message());
+  if (const Status s = c.Prepare(&ctx); !s.ok()) {
+    *local = s;
+    return grpc::Status::OK;
+  }
   auto reader = stub->Generate(&ctx, request);
   v1::GenerateResponse response;
   while (reader->Read(&response)) {
@@ -164,6 +173,7 @@ int Generate(const GenerateFlags& f) {
   }
   std::string all;
   v1::GenerateResponse last;
+  Status local;
   const grpc::Status s = Stream(f.connection, request, [&](const v1::GenerateResponse& response) {
     if (f.text) {
       // The text streams on stdout as it comes.
@@ -181,7 +191,8 @@ int Generate(const GenerateFlags& f) {
         std::fflush(stderr);
       }
     }
-  }, &last);
+  }, &last, &local);
+  if (!local.ok()) return Fail("generate", local);
   if (f.text) {
     std::fputc('\n', stdout);
     std::fflush(stdout);
@@ -233,11 +244,13 @@ int Chat(const GenerateFlags& f, const std::string& system) {
     FillSampling(f, &request);
     std::string answer;
     v1::GenerateResponse last;
+    Status local;
     const grpc::Status s = Stream(f.connection, request, [&](const v1::GenerateResponse& response) {
       answer += response.text();
       std::fwrite(response.text().data(), 1, response.text().size(), stdout);
       std::fflush(stdout);
-    }, &last);
+    }, &last, &local);
+    if (!local.ok()) return Fail("chat", local);
     std::fputc('\n', stdout);
     std::fflush(stdout);
     if (!s.ok()) {

@@ -29,6 +29,14 @@ StatusOr<std::string> TextCodec::RenderChat(const nlohmann::json& messages, bool
   return rendered;
 }
 
+StatusOr<std::vector<int32_t>> TextCodec::EncodeChat(const nlohmann::json& messages, bool add_generation_prompt,
+                                                    bool add_special_tokens) const {
+  EPIC_ASSIGN_OR_RETURN(const std::string rendered, RenderChat(messages, add_generation_prompt));
+  auto ids = tokenizer_.Encode(rendered, add_special_tokens);
+  if (!ids.ok()) return InvalidArgumentError("messages: " + ids.status().message());
+  return ids;
+}
+
 Status CheckPromptForm(const v1::GenerateRequest& request) {
   const int forms = (request.prompt_token_ids_size() > 0) + request.has_prompt() + (request.messages_size() > 0);
   if (forms == 0) return InvalidArgumentError("give the prompt as prompt_token_ids, prompt or messages");
@@ -50,11 +58,7 @@ StatusOr<double> TextCodec::Tokenize(v1::GenerateRequest* request) const {
       if (m.role().empty()) return InvalidArgumentError("messages[" + std::to_string(i) + "].role is empty");
       messages.push_back({{"role", m.role()}, {"content", m.content()}});
     }
-    EPIC_ASSIGN_OR_RETURN(const std::string rendered, RenderChat(messages, /*add_generation_prompt=*/true));
-    // The template writes the BOS token itself, as vLLM encodes a rendered chat.
-    auto encoded = tokenizer_.Encode(rendered, /*add_special_tokens=*/false);
-    if (!encoded.ok()) return InvalidArgumentError("messages: " + encoded.status().message());
-    ids = std::move(encoded).value();
+    EPIC_ASSIGN_OR_RETURN(ids, EncodeChat(messages, /*add_generation_prompt=*/true));
   } else {
     return 0.0;
   }
@@ -85,7 +89,6 @@ StatusOr<std::unique_ptr<Generation>> Generation::Start(Scheduler* scheduler, st
   g->scheduler_ = scheduler;
   g->text_ = text;
   g->request_ = std::move(request);
-  g->prompt_tokens_ = g->request_.prompt_token_ids_size();
   g->start_ = Clock::now();
   if (text) {
     g->decoder_.emplace(text->tokenizer(), /*skip_special_tokens=*/true);
@@ -145,7 +148,7 @@ std::optional<v1::GenerateResponse> Generation::Next(std::chrono::milliseconds t
     return response;
   }
   v1::Usage* usage = response.mutable_usage();
-  usage->set_prompt_tokens(static_cast<uint32_t>(prompt_tokens_));
+  usage->set_prompt_tokens(static_cast<uint32_t>(request_.prompt_token_ids_size()));
   usage->set_completion_tokens(static_cast<uint32_t>(completion_tokens_));
   usage->set_time_to_first_token_seconds(last ? last->time_to_first_token : first_token_seconds_);
   usage->set_total_seconds(std::chrono::duration<double>(Clock::now() - start_).count());

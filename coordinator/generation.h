@@ -32,8 +32,11 @@ class TextCodec {
   bool has_chat_template() const { return chat_template_.has_value(); }
 
   // MESSAGES ([{"role": ..., "content": ...}]) through the chat template, with the
-  // generation prompt appended when asked. INVALID_ARGUMENT for what the template refuses.
-  StatusOr<std::string> RenderChat(const nlohmann::json& messages, bool add_generation_prompt) const;
+  // generation prompt appended when asked, then to ids. The template writes the BOS
+  // token itself, so ADD_SPECIAL_TOKENS is false but where a caller asks otherwise (as
+  // vLLM encodes a rendered chat). INVALID_ARGUMENT for what the template refuses.
+  StatusOr<std::vector<int32_t>> EncodeChat(const nlohmann::json& messages, bool add_generation_prompt,
+                                            bool add_special_tokens = false) const;
   // Fills REQUEST's prompt_token_ids from its prompt text or messages and clears those.
   // A request with ids is left as it is. Returns the seconds tokenizing took.
   StatusOr<double> Tokenize(v1::GenerateRequest* request) const;
@@ -41,6 +44,8 @@ class TextCodec {
  private:
   TextCodec(text::Tokenizer tokenizer, std::optional<text::ChatTemplate> chat_template)
       : tokenizer_(std::move(tokenizer)), chat_template_(std::move(chat_template)) {}
+  StatusOr<std::string> RenderChat(const nlohmann::json& messages, bool add_generation_prompt) const;
+
   text::Tokenizer tokenizer_;
   std::optional<text::ChatTemplate> chat_template_;
 };
@@ -68,8 +73,6 @@ class Generation {
   // The caller went away or gave up.
   void Cancel();
 
-  int64_t prompt_tokens() const { return prompt_tokens_; }
-
  private:
   Generation() = default;
 
@@ -80,7 +83,6 @@ class Generation {
   std::shared_ptr<RequestStream> stream_;
   std::optional<text::StreamDecoder> decoder_;
   std::optional<text::StopStrings> stops_;
-  int64_t prompt_tokens_ = 0;
   int64_t completion_tokens_ = 0;
   Clock::time_point start_;
   double first_token_seconds_ = 0.0;

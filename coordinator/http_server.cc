@@ -237,7 +237,7 @@ struct HttpServer::Impl {
   }
 
   // The sampling and stopping fields shared by completions and chats, into REQUEST.
-  std::optional<HttpError> ReadSampling(const Fields& f, const json& body, bool chat, v1::GenerateRequest* request,
+  std::optional<HttpError> ReadSampling(const Fields& f, bool chat, v1::GenerateRequest* request,
                                         CallSpec* spec) const {
     double temperature = 1.0, top_p = 1.0;
     int64_t top_k = -1, seed = 0, n = 1;
@@ -312,7 +312,6 @@ struct HttpServer::Impl {
       spec->logprobs = true;
     }
     request->set_logprobs(spec->logprobs);
-    (void)body;
     return std::nullopt;
   }
 
@@ -420,7 +419,7 @@ struct HttpServer::Impl {
       return ReplyError(res, BadField("best_of", "only 1 is supported"));
     }
     if (const json* suffix = f.Get("suffix"); suffix && *suffix != "") return ReplyError(res, BadField("suffix", "is not supported"));
-    if (auto e = ReadSampling(f, body, chat, &request, &spec)) return ReplyError(res, *e);
+    if (auto e = ReadSampling(f, chat, &request, &spec)) return ReplyError(res, *e);
     if (chat) {
       if (auto e = NeedText()) return ReplyError(res, *e);
       json messages;
@@ -428,10 +427,8 @@ struct HttpServer::Impl {
       bool add_generation_prompt = true;
       if (auto e = f.Bool("add_generation_prompt", &add_generation_prompt)) return ReplyError(res, *e);
       const auto start = Clock::now();
-      auto rendered = backend.text->RenderChat(messages, add_generation_prompt);
-      if (!rendered.ok()) return ReplyError(res, FromStatus(rendered.status()));
-      auto ids = backend.text->tokenizer().Encode(*rendered, /*add_special_tokens=*/false);
-      if (!ids.ok()) return ReplyError(res, BadField("messages", ids.status().message()));
+      auto ids = backend.text->EncodeChat(messages, add_generation_prompt);
+      if (!ids.ok()) return ReplyError(res, FromStatus(ids.status()));
       if (backend.metrics) backend.metrics->Tokenized(std::chrono::duration<double>(Clock::now() - start).count());
       request.mutable_prompt_token_ids()->Add(ids->begin(), ids->end());
     } else {
@@ -543,21 +540,19 @@ struct HttpServer::Impl {
     bool add_special = true, add_generation_prompt = true;
     if (auto e = f.Bool("add_special_tokens", &add_special)) return ReplyError(res, *e);
     if (auto e = f.Bool("add_generation_prompt", &add_generation_prompt)) return ReplyError(res, *e);
-    std::string text;
+    StatusOr<std::vector<int32_t>> ids = InvalidArgumentError("unset");
     if (f.Get("messages")) {
       json messages;
       if (auto e = ReadMessages(body, &messages)) return ReplyError(res, *e);
-      auto rendered = backend.text->RenderChat(messages, add_generation_prompt);
-      if (!rendered.ok()) return ReplyError(res, FromStatus(rendered.status()));
-      text = *rendered;
-      if (!f.Get("add_special_tokens")) add_special = false;  // the template wrote them
+      // The template wrote the special tokens unless the caller asks for them again.
+      ids = backend.text->EncodeChat(messages, add_generation_prompt, f.Get("add_special_tokens") && add_special);
+      if (!ids.ok()) return ReplyError(res, FromStatus(ids.status()));
     } else if (const json* prompt = f.Get("prompt"); prompt && prompt->is_string()) {
-      text = prompt->get<std::string>();
+      ids = backend.text->tokenizer().Encode(prompt->get<std::string>(), add_special);
+      if (!ids.ok()) return ReplyError(res, BadField("prompt", ids.status().message()));
     } else {
       return ReplyError(res, BadField("prompt", "must be a string (or give messages)"));
     }
-    auto ids = backend.text->tokenizer().Encode(text, add_special);
-    if (!ids.ok()) return ReplyError(res, BadField(f.Get("messages") ? "messages" : "prompt", ids.status().message()));
     json answer = {{"count", ids->size()}, {"tokens", *ids}};
     if (const auto model = backend.model ? backend.model() : std::nullopt) {
       answer["max_model_len"] = model->max_position_embeddings();

@@ -31,11 +31,11 @@ void WorkerSession::FillModelInfo(v1::ModelInfo* info) const {
   }
 }
 
-placement::PlacementTable WorkerSession::CurrentPlacementLocked(std::vector<int32_t>* layers) const {
+placement::PlacementTable WorkerSession::CurrentPlacementLocked() const {
   auto full = placement::PlacementFromProto(worker_.placement(), worker_.model().num_hidden_layers(),
                                             worker_.ranks_size());
   // The job described its own placement when it attached, and only plans that fit it replace it.
-  return full.ok() ? placement::MoeLayers(*full, layers) : placement::PlacementTable();
+  return full.ok() ? placement::MoeLayers(*full, nullptr) : placement::PlacementTable();
 }
 
 ReportInput WorkerSession::ReportInputLocked(int redundant) const {
@@ -43,7 +43,7 @@ ReportInput WorkerSession::ReportInputLocked(int redundant) const {
   stats_.Fill(&in);
   in.model_type = worker_.model().model_type();
   in.num_groups = static_cast<int>(std::max<int64_t>(1, worker_.model().n_group()));
-  in.placement = CurrentPlacementLocked(nullptr);
+  in.placement = CurrentPlacementLocked();
   in.redundant_slots_per_rank = redundant;
   return in;
 }
@@ -281,10 +281,10 @@ std::string WorkerSession::RunSteps(
     {
       std::lock_guard<std::mutex> lock(mu_);
       request->set_rebalance_id(next_rebalance_id_++);
-      std::vector<int32_t> layers;
-      CurrentPlacementLocked(&layers);
-      placement::PlacementToProto(placement::WithAllLayers(r.table, layers, worker_.model().num_hidden_layers()),
-                                  request->mutable_placement());
+      // The plan's rows are the MoE layers the statistics keep, in order.
+      placement::PlacementToProto(
+          placement::WithAllLayers(r.table, stats_.layers(), worker_.model().num_hidden_layers()),
+          request->mutable_placement());
     }
     if (!stream->Write(m)) {
       why = "the worker link closed";

@@ -55,8 +55,8 @@ class WorkerSession final : public v1::internal::WorkerLink::Service {
     std::promise<grpc::Status> done;
   };
 
-  // The current placement as a table over the MoE layers, and those layers' ids.
-  placement::PlacementTable CurrentPlacementLocked(std::vector<int32_t>* layers) const;
+  // The current placement as a table over the MoE layers.
+  placement::PlacementTable CurrentPlacementLocked() const;
   // The statistics window as the report and the planner read it, planned with REDUNDANT
   // replica slots per rank.
   ReportInput ReportInputLocked(int redundant) const;

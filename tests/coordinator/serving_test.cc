@@ -28,6 +28,7 @@
 #include <nlohmann/json.hpp>
 
 #include "epic.grpc.pb.h"
+#include "tests/testing/cache_wait.h"
 #include "tests/testing/process.h"
 #include "health.grpc.pb.h"
 #include "reflection.grpc.pb.h"
@@ -154,16 +155,7 @@ class Client {
 
   // Until the cache budget is whole again (every block freed) or TIMEOUT.
   bool WaitAllBlocksFree(std::chrono::milliseconds timeout) {
-    const auto end = std::chrono::steady_clock::now() + timeout;
-    for (;;) {
-      const v1::ModelInfo info = Info();
-      if (info.cache().free_blocks() == info.cache().total_blocks() && info.requests_running() == 0 &&
-          info.requests_waiting() == 0) {
-        return true;
-      }
-      if (std::chrono::steady_clock::now() > end) return false;
-      std::this_thread::sleep_for(50ms);
-    }
+    return testing::WaitAllBlocksFree([&] { return Info(); }, timeout);
   }
 
  private:
