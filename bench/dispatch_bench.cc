@@ -18,6 +18,7 @@
 #include "parallel/communicator.h"
 #include "parallel/dispatch.h"
 #include "parallel/expert_placement.h"
+#include "parallel/moe_exchange.h"
 
 namespace {
 
@@ -65,7 +66,8 @@ int main(int argc, char** argv) {
 
   std::vector<double> epic_s, mpi_s, dispatch_s, combine_s, first_s, second_s;
   std::vector<float> out, send, recv, back;
-  epic::parallel::ReceivedTokens received;  // reused, as the model does
+  epic::parallel::HostRowSpace space;  // reused, as the model does
+  epic::parallel::MoeExchange exchange(&comm, &space, rank);
   for (int r = 0; r < repeats + 2; ++r) {
     // epic: plan, dispatch, (experts skipped: the output is the input), combine.
     MPI_Barrier(MPI_COMM_WORLD);
@@ -73,8 +75,10 @@ int main(int argc, char** argv) {
     const auto plan = epic::parallel::PlanDispatch(placement, 0, rank, ids.data(), weights.data(), tokens,
                                                    top_k, rank * tokens);
     epic::parallel::ExchangeStats ds, cs;
-    if (!epic::parallel::Dispatch(comm, plan, x.data(), hidden, &received, &ds).ok()) return 1;
-    if (!epic::parallel::Combine(comm, plan, received, received.hidden.data(), hidden, y.data(), &cs).ok()) return 1;
+    auto handle = exchange.Dispatch(plan, x.data(), hidden);
+    if (!handle.ok()) return 1;
+    ds = (*handle)->stats;
+    if (!exchange.Combine(**handle, (*handle)->rows, hidden, y.data(), &cs).ok()) return 1;
     if (r >= 2) {
       dispatch_s.push_back(ds.seconds);
       combine_s.push_back(cs.seconds);

@@ -52,17 +52,16 @@ struct ExchangeStats {
 };
 
 // What a rank received: rows of hidden states and their routes, in source-rank order.
-// Keep one from step to step: its buffers are reused (a fresh multi-MiB allocation
-// per exchange cost more in page faults than the exchange itself).
 struct ReceivedTokens {
   std::vector<int64_t> rows_from;  // [rank] rows received from each rank
   std::vector<float> hidden;       // [rows, hidden_size]
   std::vector<RouteEntry> route;   // [rows, top_k]
-  std::vector<float> staging;      // Combine's landing space for returned rows
   int64_t rows() const;
 };
 
-// Sends every planned row of X [tokens, hidden_size] with its routes.
+// The exchange on host rows kept in a ReceivedTokens, for tests and tools; the model
+// keeps its rows in its backend's memory through MoeExchange (moe_exchange.h), which
+// these call. Sends every planned row of X [tokens, hidden_size] with its routes.
 Status Dispatch(Communicator& comm, const DispatchPlan& plan, const float* x, int64_t hidden_size,
                 ReceivedTokens* received, ExchangeStats* stats = nullptr);
 
@@ -78,7 +77,6 @@ SlotBatches GroupBySlot(const ReceivedTokens& received, int64_t top_k, int64_t n
 // Returns OUTPUT [received rows, hidden_size] (each row the weighted sum of its local
 // experts' outputs) to the senders, and adds each returned row into Y [tokens,
 // hidden_size] at the token it came from.
-// RECEIVED's staging buffer is reused; OUTPUT must not point into it.
 Status Combine(Communicator& comm, const DispatchPlan& plan, ReceivedTokens& received,
                const float* output, int64_t hidden_size, float* y, ExchangeStats* stats = nullptr);
 

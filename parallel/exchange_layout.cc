@@ -4,52 +4,39 @@
 
 namespace epic::parallel {
 
-namespace {
-
-// The one grouping of received route entries by local slot (a counting sort: by slot,
-// then received row, then entry), for the host's products and the device's alike.
-// PLACE(entry, grouped row) is called for every entry that names a slot.
-template <typename Offset, typename Place>
-void GroupEntriesBySlot(std::span<const RouteEntry> routes, int64_t rows, int64_t top_k, int64_t num_slots,
-                        std::vector<Offset>* offsets, std::vector<int32_t>* source, Place place) {
-  offsets->assign(static_cast<size_t>(num_slots + 1), 0);
-  const int64_t entries = rows * top_k;
-  for (int64_t i = 0; i < entries; ++i) {
-    if (routes[i].slot >= 0) ++(*offsets)[routes[i].slot + 1];
-  }
-  for (int64_t s = 0; s < num_slots; ++s) (*offsets)[s + 1] += (*offsets)[s];
-  source->resize(static_cast<size_t>((*offsets)[num_slots]));
-  std::vector<Offset> fill(offsets->begin(), offsets->end() - 1);
-  for (int64_t i = 0; i < entries; ++i) {
-    const RouteEntry& e = routes[i];
-    if (e.slot < 0) continue;
-    const Offset at = fill[e.slot]++;
-    (*source)[at] = static_cast<int32_t>(i / top_k);
-    place(i, at);
-  }
-}
-
-}  // namespace
-
 SlotBatches GroupBySlot(const ReceivedTokens& received, int64_t top_k, int64_t num_slots) {
+  ExpertLayout layout = MakeExpertLayout(received.route, received.rows(), top_k, num_slots);
   SlotBatches b;
-  const std::span<const RouteEntry> routes = received.route;
-  GroupEntriesBySlot(routes, received.rows(), top_k, num_slots, &b.offsets, &b.row, [&](int64_t entry, int64_t at) {
-    if (b.weight.size() != b.row.size()) b.weight.resize(b.row.size());
-    b.weight[at] = routes[entry].weight;
-  });
+  b.offsets.assign(layout.offsets.begin(), layout.offsets.end());
+  b.row = std::move(layout.grouped_source);
+  b.weight = std::move(layout.grouped_weight);
   return b;
 }
 
+// A counting sort of the route entries by local slot: by slot, then received row, then entry.
 ExpertLayout MakeExpertLayout(std::span<const RouteEntry> routes, int64_t rows, int64_t top_k, int64_t num_slots) {
   ExpertLayout layout;
   layout.row_grouped.assign(static_cast<size_t>(rows * top_k), -1);
   layout.row_weight.assign(static_cast<size_t>(rows * top_k), 0.0f);
-  GroupEntriesBySlot(routes, rows, top_k, num_slots, &layout.offsets, &layout.grouped_source,
-                     [&](int64_t entry, int32_t at) {
-                       layout.row_grouped[entry] = at;
-                       layout.row_weight[entry] = routes[entry].weight;
-                     });
+  std::vector<int32_t>& offsets = layout.offsets;
+  offsets.assign(static_cast<size_t>(num_slots + 1), 0);
+  const int64_t entries = rows * top_k;
+  for (int64_t i = 0; i < entries; ++i) {
+    if (routes[i].slot >= 0) ++offsets[routes[i].slot + 1];
+  }
+  for (int64_t s = 0; s < num_slots; ++s) offsets[s + 1] += offsets[s];
+  layout.grouped_source.resize(static_cast<size_t>(offsets[num_slots]));
+  layout.grouped_weight.resize(static_cast<size_t>(offsets[num_slots]));
+  std::vector<int32_t> fill(offsets.begin(), offsets.end() - 1);
+  for (int64_t i = 0; i < entries; ++i) {
+    const RouteEntry& e = routes[i];
+    if (e.slot < 0) continue;
+    const int32_t at = fill[e.slot]++;
+    layout.grouped_source[at] = static_cast<int32_t>(i / top_k);
+    layout.grouped_weight[at] = e.weight;
+    layout.row_grouped[i] = at;
+    layout.row_weight[i] = e.weight;
+  }
   return layout;
 }
 

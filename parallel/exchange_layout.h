@@ -17,6 +17,7 @@ namespace epic::parallel {
 struct ExpertLayout {
   std::vector<int32_t> offsets;         // [slots + 1] grouped rows of each slot (GroupBySlot's offsets)
   std::vector<int32_t> grouped_source;  // [grouped rows] the received row each grouped row copies
+  std::vector<float> grouped_weight;    // [grouped rows] its gate weight
   std::vector<int32_t> row_grouped;     // [rows, top_k] each route entry's grouped row; -1 for pads
   std::vector<float> row_weight;        // [rows, top_k] each route entry's gate weight; 0 for pads
 };

@@ -1,6 +1,6 @@
 #include "worker/device.h"
 
-#include "worker/device_step.h"
+#include "worker/compute.h"
 
 namespace epic {
 

@@ -1,9 +1,12 @@
-// Devices in a build with CUDA: the CPU and the CUDA step (worker/cuda_model.h).
+// Devices in a build with CUDA: the CPU and the CUDA backend (compute_cuda.cc).
 #include "kernels/cuda/device.h"
-#include "worker/cuda_model.h"
-#include "worker/device_step.h"
+#include "worker/compute.h"
 
 namespace epic {
+
+StatusOr<std::unique_ptr<ComputeBackend>> MakeCudaBackend(const ModelConfig& config, const ModelWeights& weights,
+                                                          const RopeTable& rope, const cpu::GateParams& gate,
+                                                          const ComputeShard& shard, const ProgressFn& progress);
 
 bool DeviceBuilt(ComputeDevice) { return true; }
 
@@ -14,15 +17,12 @@ Status DeviceAvailable(ComputeDevice device) {
   return OkStatus();
 }
 
-StatusOr<std::unique_ptr<DeviceStep>> MakeDeviceStep(ComputeDevice device, const ModelConfig& config,
-                                                     const ModelWeights& weights,
-                                                     const std::vector<std::vector<int32_t>>& expert_slots,
-                                                     const RopeTable& rope, const cpu::GateParams& gate,
-                                                     const DeviceShard& shard, const ProgressFn& progress) {
-  if (device != ComputeDevice::kCuda) return InvalidArgumentError("the CPU step is the model's own");
-  EPIC_ASSIGN_OR_RETURN(std::unique_ptr<CudaForward> step,
-                        CudaForward::Create(config, weights, expert_slots, rope, gate, shard, progress));
-  return std::unique_ptr<DeviceStep>(std::move(step));
+StatusOr<std::unique_ptr<ComputeBackend>> MakeDeviceBackend(ComputeDevice device, const ModelConfig& config,
+                                                            const ModelWeights& weights, const RopeTable& rope,
+                                                            const cpu::GateParams& gate, const ComputeShard& shard,
+                                                            const ProgressFn& progress) {
+  if (device != ComputeDevice::kCuda) return InvalidArgumentError("the CPU backend is MakeCpuBackend's");
+  return MakeCudaBackend(config, weights, rope, gate, shard, progress);
 }
 
 }  // namespace epic

@@ -1,5 +1,5 @@
 // Devices in a build without CUDA: only the CPU.
-#include "worker/device_step.h"
+#include "worker/compute.h"
 
 namespace epic {
 
@@ -10,9 +10,9 @@ Status DeviceAvailable(ComputeDevice device) {
   return FailedPreconditionError("this build has no CUDA support (nvcc was not found when it was configured)");
 }
 
-StatusOr<std::unique_ptr<DeviceStep>> MakeDeviceStep(ComputeDevice, const ModelConfig&, const ModelWeights&,
-                                                     const std::vector<std::vector<int32_t>>&, const RopeTable&,
-                                                     const cpu::GateParams&, const DeviceShard&, const ProgressFn&) {
+StatusOr<std::unique_ptr<ComputeBackend>> MakeDeviceBackend(ComputeDevice, const ModelConfig&, const ModelWeights&,
+                                                            const RopeTable&, const cpu::GateParams&,
+                                                            const ComputeShard&, const ProgressFn&) {
   return FailedPreconditionError("this build has no CUDA support");
 }
 

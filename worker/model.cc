@@ -5,12 +5,9 @@
 #include <cstring>
 #include <string>
 
-#include "kernels/cpu/matmul.h"
-#include "kernels/cpu/mla_attention.h"
-#include "kernels/cpu/ops.h"
 #include "parallel/self_communicator.h"
 
-#include "worker/device_step.h"
+#include "worker/compute.h"
 
 namespace epic {
 namespace {
@@ -38,10 +35,7 @@ Status CheckPlacement(const ModelConfig& config, int ranks, const parallel::Expe
 
 Model::~Model() = default;
 
-const parallel::ExchangeStats& Model::exchange_stats() const {
-  if (device_step_) return device_step_->exchange_stats();
-  return exchange_stats_;
-}
+const parallel::ExchangeStats& Model::exchange_stats() const { return exchange_stats_; }
 
 StatusOr<PlacementChange> Model::ApplyPlacement(const parallel::ExpertPlacement& next) {
   const ModelConfig& c = config();
@@ -75,7 +69,7 @@ StatusOr<PlacementChange> Model::ApplyPlacement(const parallel::ExpertPlacement&
     }
   }
   // The device's copies first: the last step that can fail.
-  if (device_step_) EPIC_RETURN_IF_ERROR(device_step_->ChangeExperts(next, kept, experts));
+  EPIC_RETURN_IF_ERROR(backend_->ChangeExperts(next, rank, kept, experts));
   for (size_t l = 0; l < layers; ++l) {
     if (!next.is_moe_layer(static_cast<int64_t>(l))) continue;
     LayerWeights& L = weights_->layers[l];
@@ -96,7 +90,6 @@ StatusOr<PlacementChange> Model::ApplyPlacement(const parallel::ExpertPlacement&
     L.expert_memory = std::move(memory[l]);
   }
   placement_ = std::make_unique<parallel::ExpertPlacement>(next);
-  if (device_step_) device_step_->set_placement(placement_.get());
   weights_->matrix_bytes += change.bytes_loaded - change.bytes_dropped;
   return change;
 }
@@ -181,28 +174,25 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
   g.normalize = c.num_experts_per_tok > 1 && c.norm_topk_prob;
   const bool scaled = !g.normalize || c.ScalesAfterNormalising();
   g.scale = scaled ? static_cast<float>(c.routed_scaling_factor) : 1.0f;
-  if (device != ComputeDevice::kCpu) {
-    DeviceShard cs;
-    cs.comm = ranks > 1 ? shard.device_comm : nullptr;
-    cs.placement = model->placement_.get();
-    cs.head_begin = model->head_begin_;
-    cs.head_end = model->head_end_;
-    cs.vocab_begin = model->vocab_begin_;
-    cs.vocab_end = model->vocab_end_;
-    EPIC_ASSIGN_OR_RETURN(model->device_step_, MakeDeviceStep(device, c, *model->weights_, ws.expert_slots,
-                                                              model->rope_, g, cs, progress));
+  ComputeShard cs;
+  cs.head_begin = model->head_begin_;
+  cs.head_end = model->head_end_;
+  cs.vocab_begin = model->vocab_begin_;
+  cs.vocab_end = model->vocab_end_;
+  if (device == ComputeDevice::kCpu) {
+    model->backend_ = MakeCpuBackend(c, *model->weights_, model->rope_, g, cs, model->comm_);
+  } else {
+    cs.device_comm = ranks > 1 ? shard.device_comm : nullptr;
+    EPIC_ASSIGN_OR_RETURN(model->backend_, MakeDeviceBackend(device, c, *model->weights_, model->rope_, g, cs,
+                                                             progress));
   }
+  model->exchange_ = std::make_unique<parallel::MoeExchange>(model->backend_->comm(), &model->backend_->rows(), rank);
   return model;
-}
-
-float* Model::Sized(std::vector<float>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
-  return v.data();
 }
 
 std::unique_ptr<LatentCache> Model::MakeCache(int64_t block_size, int64_t num_blocks) const {
   return std::make_unique<LatentCache>(config().num_hidden_layers, config().latent_dim(), block_size,
-                                       num_blocks, /*host_rows=*/device_step_ == nullptr);
+                                       num_blocks, /*host_rows=*/!backend_->on_device());
 }
 
 StatusOr<StepTokens> FlattenStep(std::span<const SequenceStep> batch, const LatentCache& cache, int64_t vocab_size) {
@@ -313,18 +303,16 @@ Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::ve
   // writes the same cache rows; every rank sees the same logits, so all run it.
   for (SequenceStep& s : batch) s.cache->num_tokens -= static_cast<int64_t>(s.tokens.size());
   const std::string step = StepName(batch);
-  if (device_step_) {
-    return InternalError(step + " gave non-finite logits (NaN or Inf): the checkpoint's weights or config "
-                         "are broken (run it with --device cpu to find the layer)");
-  }
   // The checked run always ends in an error: at a layer, or at the final norm and lm_head.
   return InternalError(step + ": " + Step(batch, cache, logits, nullptr, /*check_layers=*/true).message());
 }
 
+// The activations the schedule keeps in the backend's memory (ComputeBackend::Activations).
+enum : int { kX, kNormed, kAttn, kPartial, kMine, kNormedAll, kSummed, kExpertOut, kLogits, kGathered };
+
 Status Model::Step(std::span<SequenceStep> batch, LatentCache* cache, std::vector<float>* logits,
                    ExpertCounts* counts, bool check_layers) {
   const ModelConfig& c = config();
-  const ModelWeights& w = *weights_;
   const int64_t hidden = c.hidden_size;
   EPIC_ASSIGN_OR_RETURN(StepTokens step, FlattenStep(batch, *cache, c.vocab_size));
   if (counts != nullptr && counts->tokens.size() != static_cast<size_t>(c.num_hidden_layers)) {
@@ -334,272 +322,139 @@ Status Model::Step(std::span<SequenceStep> batch, LatentCache* cache, std::vecto
     counts->dispatch.assign(layers, {});
     counts->combine.assign(layers, {});
   }
-  if (device_step_) return device_step_->Forward(batch, step, cache, logits, counts, attention_form_);
-  const std::vector<int64_t>& positions = step.positions;
-  const std::vector<int32_t>& token_ids = step.ids;
-  const std::vector<int64_t>& logit_rows = step.logit_rows;
-  const int64_t tokens = static_cast<int64_t>(positions.size());
-  parallel::Communicator& comm = *comm_;
-  const int rank = comm.rank();
-  const int ranks = comm.size();
+  ComputeBackend& b = *backend_;
+  parallel::Communicator* comm = b.comm();
+  const int64_t tokens = static_cast<int64_t>(step.ids.size());
+  const int rank = comm_->rank();
+  const int ranks = comm_->size();
+  const int64_t heads = head_end_ - head_begin_;
+  EPIC_RETURN_IF_ERROR(b.BeginStep(batch, step, cache));
+
+  // Each sequence's form of attention, chosen alike on every rank.
+  std::vector<AttentionSpan> spans;
+  for (int64_t first = 0; const SequenceStep& s : batch) {
+    AttentionSpan sp{first, static_cast<int64_t>(s.tokens.size()), s.cache->num_tokens, false};
+    const int64_t context = sp.start + sp.n;
+    const double kv_bytes = static_cast<double>(context) * heads * (c.qk_nope_head_dim + c.v_head_dim) * 6;
+    sp.expanded = attention_form_ == AttentionForm::kAuto
+                      ? ExpandIsCheaper(c, heads, sp.n, context) && kv_bytes <= b.expanded_kv_budget()
+                      : attention_form_ == AttentionForm::kExpanded;
+    spans.push_back(sp);
+    first += sp.n;
+  }
+
   // Attention runs on every token for this rank's heads; the rest of the layer runs on
-  // this rank's block of tokens [first, first + local).
+  // this rank's block of tokens [first, first + local): all of them on one rank.
   const TokenBlocks blocks = SplitTokens(tokens, hidden, rank, ranks);
   const int64_t first = blocks.first;
   const int64_t local = blocks.local;
-  const std::vector<int64_t>& block_values = blocks.values;
-  const std::vector<int64_t>& block_bytes = blocks.bytes;
-
-  float* x = Sized(ws_.x, tokens * hidden);            // [tokens, hidden] residual, all tokens
-  float* normed = Sized(ws_.normed, tokens * hidden);  // [tokens, hidden]
-  float* attn = Sized(ws_.attn, tokens * (head_end_ - head_begin_) * c.v_head_dim);
-  float* partial = Sized(ws_.partial, tokens * hidden);     // this rank's heads' share of o_proj
-  float* mine = Sized(ws_.local, std::max<int64_t>(local, 1) * hidden);  // [local, hidden]
-  for (int64_t t = 0; t < tokens; ++t) {
-    for (int64_t i = 0; i < hidden; ++i) x[t * hidden + i] = w.embed.At(token_ids[t], i);
+  EPIC_ASSIGN_OR_RETURN(float* x, b.Activations(kX, tokens * hidden));  // the residual, all tokens
+  EPIC_ASSIGN_OR_RETURN(float* normed, b.Activations(kNormed, tokens * hidden));
+  EPIC_ASSIGN_OR_RETURN(float* attn, b.Activations(kAttn, tokens * heads * c.v_head_dim));
+  float* partial = nullptr;  // this rank's share of a row-parallel product, all tokens
+  float* mine = x;           // this rank's block of the residual
+  if (ranks > 1) {
+    EPIC_ASSIGN_OR_RETURN(partial, b.Activations(kPartial, tokens * hidden));
+    EPIC_ASSIGN_OR_RETURN(mine, b.Activations(kMine, std::max<int64_t>(local, 1) * hidden));
   }
+  EPIC_RETURN_IF_ERROR(b.Embed(x));
 
-  const float eps = static_cast<float>(c.rms_norm_eps);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const LayerWeights& L = w.layers[l];
-    cpu::RmsNorm(x, tokens, hidden, hidden, L.input_norm.data(), eps, normed, hidden);
-    Attention(l, batch, cache, positions, normed, attn);
-    // Row-parallel o_proj: sum the heads' shares, each rank keeping its tokens.
-    cpu::MatMul(attn, tokens, L.o_proj.cols, L.o_proj, partial, hidden);
-    EPIC_RETURN_IF_ERROR(comm.ReduceScatterSum(partial, mine, block_values));
-    for (int64_t i = 0; i < local * hidden; ++i) mine[i] += x[first * hidden + i];
+    const LayerWeights& L = weights_->layers[l];
+    EPIC_RETURN_IF_ERROR(b.Norm(NormWeight::kInput, l, x, tokens, normed));
+    EPIC_RETURN_IF_ERROR(b.Attention(l, normed, spans, attn));
+    // Row-parallel o_proj: the heads' shares summed, each rank keeping its tokens.
+    if (ranks == 1) {
+      EPIC_RETURN_IF_ERROR(b.OutputProjection(l, attn, tokens, x, /*accumulate=*/true));
+    } else {
+      EPIC_RETURN_IF_ERROR(b.OutputProjection(l, attn, tokens, partial, /*accumulate=*/false));
+      EPIC_RETURN_IF_ERROR(comm->ReduceScatterSum(partial, mine, blocks.values));
+      EPIC_RETURN_IF_ERROR(b.Add(mine, x + first * hidden, local * hidden));
+    }
 
-    cpu::RmsNorm(mine, local, hidden, hidden, L.post_attention_norm.data(), eps, normed, hidden);
+    EPIC_RETURN_IF_ERROR(b.Norm(NormWeight::kPostAttention, l, mine, local, normed));
     if (L.moe) EPIC_RETURN_IF_ERROR(MoeBlock(l, normed, local, first, mine, counts));
     // The dense MLP, or the shared experts, split by their intermediate dimension: every
     // rank runs its part on all tokens, and the parts are summed into the token blocks.
-    const MlpWeights* split = L.moe ? (L.has_shared ? &L.shared : nullptr) : &L.dense;
-    if (split != nullptr) {
-      float* all = Sized(ws_.normed_all, tokens * hidden);
-      EPIC_RETURN_IF_ERROR(comm.AllGather(normed, all, block_bytes));
-      std::fill(partial, partial + tokens * hidden, 0.0f);
-      Mlp(*split, all, tokens, partial, nullptr, nullptr);
-      float* summed = Sized(ws_.summed, std::max<int64_t>(local, 1) * hidden);
-      EPIC_RETURN_IF_ERROR(comm.ReduceScatterSum(partial, summed, block_values));
-      for (int64_t i = 0; i < local * hidden; ++i) mine[i] += summed[i];
+    if (!L.moe || L.has_shared) {
+      if (ranks == 1) {
+        EPIC_RETURN_IF_ERROR(b.Mlp(l, normed, tokens, x));
+      } else {
+        EPIC_ASSIGN_OR_RETURN(float* all, b.Activations(kNormedAll, tokens * hidden));
+        EPIC_ASSIGN_OR_RETURN(float* summed, b.Activations(kSummed, std::max<int64_t>(local, 1) * hidden));
+        EPIC_RETURN_IF_ERROR(comm->AllGather(normed, all, blocks.bytes));
+        EPIC_RETURN_IF_ERROR(b.Zero(partial, tokens * hidden));
+        EPIC_RETURN_IF_ERROR(b.Mlp(l, all, tokens, partial));
+        EPIC_RETURN_IF_ERROR(comm->ReduceScatterSum(partial, summed, blocks.values));
+        EPIC_RETURN_IF_ERROR(b.Add(mine, summed, local * hidden));
+      }
     }
-    EPIC_RETURN_IF_ERROR(comm.AllGather(mine, x, block_bytes));
-    if (check_layers && !AllFinite(x, tokens * hidden)) {
-      return InternalError("non-finite activations (NaN or Inf) first appear in layer " + std::to_string(l) +
-                           (L.moe ? " (MoE)" : " (dense)") + ": the checkpoint's weights or config are broken there");
+    if (ranks > 1) EPIC_RETURN_IF_ERROR(comm->AllGather(mine, x, blocks.bytes));
+    if (check_layers) {
+      std::vector<float> host(static_cast<size_t>(tokens * hidden));
+      EPIC_RETURN_IF_ERROR(b.CopyToHost(x, tokens * hidden, host.data()));
+      if (!AllFinite(host.data(), tokens * hidden)) {
+        return InternalError("non-finite activations (NaN or Inf) first appear in layer " + std::to_string(l) +
+                             (L.moe ? " (MoE)" : " (dense)") +
+                             ": the checkpoint's weights or config are broken there");
+      }
     }
   }
   if (check_layers) {
     // Finite through the layers: the final norm or lm_head is where it breaks.
     return InternalError("non-finite values (NaN or Inf) first appear in the final norm or lm_head");
   }
-  for (SequenceStep& s : batch) s.cache->num_tokens += static_cast<int64_t>(s.tokens.size());
 
   // Final norm on the rows that want logits; each rank computes its vocabulary rows.
-  const int64_t rows = static_cast<int64_t>(logit_rows.size());
-  for (int64_t r = 0; r < rows; ++r) {
-    cpu::RmsNorm(x + logit_rows[r] * hidden, 1, hidden, hidden, w.final_norm.data(), eps,
-                 normed + r * hidden, hidden);
-  }
+  const int64_t rows = static_cast<int64_t>(step.logit_rows.size());
+  const int64_t my_vocab = vocab_end_ - vocab_begin_;
+  EPIC_ASSIGN_OR_RETURN(float* slice, b.Activations(kLogits, std::max<int64_t>(rows * my_vocab, 1)));
+  EPIC_RETURN_IF_ERROR(b.LmHead(x, step.logit_rows, slice));
   logits->resize(static_cast<size_t>(rows * c.vocab_size));
   if (ranks == 1) {
-    cpu::MatMul(normed, rows, hidden, w.lm_head, logits->data(), c.vocab_size);
-    return OkStatus();
+    EPIC_RETURN_IF_ERROR(b.CopyToHost(slice, rows * c.vocab_size, logits->data()));
+  } else {
+    // Gather the slices ([rows, vocab of rank r] from each rank r), then interleave.
+    EPIC_ASSIGN_OR_RETURN(float* gathered, b.Activations(kGathered, rows * c.vocab_size));
+    EPIC_RETURN_IF_ERROR(comm->AllGather(slice, gathered, VocabSliceBytes(rows, c.vocab_size, ranks)));
+    std::vector<float> host(static_cast<size_t>(rows * c.vocab_size));
+    EPIC_RETURN_IF_ERROR(b.CopyToHost(gathered, rows * c.vocab_size, host.data()));
+    InterleaveVocabSlices(host.data(), rows, c.vocab_size, ranks, logits->data());
   }
-  const int64_t my_vocab = vocab_end_ - vocab_begin_;
-  float* slice = Sized(ws_.logits, rows * my_vocab);  // [rows, my_vocab]
-  cpu::MatMul(normed, rows, hidden, w.lm_head, slice, my_vocab);
-  // Gather the slices ([rows, vocab of rank r] from each rank r), then interleave.
-  std::vector<float> gathered(static_cast<size_t>(rows * c.vocab_size));
-  EPIC_RETURN_IF_ERROR(comm.AllGather(slice, gathered.data(), VocabSliceBytes(rows, c.vocab_size, ranks)));
-  InterleaveVocabSlices(gathered.data(), rows, c.vocab_size, ranks, logits->data());
+  for (SequenceStep& s : batch) s.cache->num_tokens += static_cast<int64_t>(s.tokens.size());
   return OkStatus();
 }
 
-void Model::Attention(int64_t layer, std::span<SequenceStep> batch, LatentCache* cache,
-                      const std::vector<int64_t>& positions, const float* x, float* out) {
-  const ModelConfig& c = config();
-  const LayerWeights& L = weights_->layers[layer];
-  const int64_t tokens = static_cast<int64_t>(positions.size());
-  const int64_t heads = head_end_ - head_begin_;  // this rank's heads
-  const int64_t nope = c.qk_nope_head_dim;
-  const int64_t rope = c.qk_rope_head_dim;
-  const int64_t lora = c.kv_lora_rank;
-  const int64_t qhd = c.q_head_dim();
-  const int64_t vdim = c.v_head_dim;
-  const int64_t kv_head = nope + vdim;  // rows of kv_b_proj per head
-  const float eps = static_cast<float>(c.rms_norm_eps);
-  const float scale = static_cast<float>(c.SoftmaxScale());
-
-  // Queries [tokens, heads, q_head_dim].
-  float* q = Sized(ws_.q, tokens * heads * qhd);
-  if (c.q_lora_rank > 0) {
-    float* qa = Sized(ws_.qa, tokens * c.q_lora_rank);
-    cpu::MatMul(x, tokens, c.hidden_size, L.q_a_proj, qa, c.q_lora_rank);
-    cpu::RmsNorm(qa, tokens, c.q_lora_rank, c.q_lora_rank, L.q_a_norm.data(), eps, qa,
-                 c.q_lora_rank);
-    cpu::MatMul(qa, tokens, c.q_lora_rank, L.q_b_proj, q, heads * qhd);
-  } else {
-    cpu::MatMul(x, tokens, c.hidden_size, L.q_proj, q, heads * qhd);
-  }
-  // Latent rows [tokens, kv_lora + rope]: normalise c_kv, rotate k_pe, then cache.
-  const int64_t width = c.latent_dim();
-  float* latent = Sized(ws_.latent, tokens * width);
-  cpu::MatMul(x, tokens, c.hidden_size, L.kv_a_proj, latent, width);
-  cpu::RmsNorm(latent, tokens, lora, width, L.kv_a_norm.data(), eps, latent, width);
-  for (int64_t t = 0; t < tokens; ++t) {
-    cpu::ApplyRope(latent + t * width + lora, positions[t], rope_.inv_freq.data(),
-                   rope / 2, rope_.mscale);
-    for (int64_t h = 0; h < heads; ++h) {
-      cpu::ApplyRope(q + (t * heads + h) * qhd + nope, positions[t], rope_.inv_freq.data(),
-                     rope / 2, rope_.mscale);
-    }
-  }
-
-  int64_t first = 0;  // the sequence's first token in the step
-  for (SequenceStep& s : batch) {
-    const int64_t n = static_cast<int64_t>(s.tokens.size());
-    const int64_t start = s.cache->num_tokens;
-    const int64_t context = start + n;
-    for (int64_t i = 0; i < n; ++i) {
-      std::memcpy(cache->Row(layer, *s.cache, start + i), latent + (first + i) * width,
-                  static_cast<size_t>(width) * sizeof(float));
-    }
-    const float* qs = q + first * heads * qhd;
-    float* os = out + first * heads * vdim;
-
-    const bool expand = attention_form_ == AttentionForm::kAuto ? ExpandIsCheaper(c, heads, n, context)
-                                                                : attention_form_ == AttentionForm::kExpanded;
-    if (expand) {
-      float* c_kv = Sized(ws_.c_kv, context * lora);
-      float* k_pe = Sized(ws_.k_pe, context * rope);
-      const cpu::LatentRows rows = cache->Rows(layer, *s.cache);
-      for (int64_t t = 0; t < context; ++t) {
-        const float* row = rows.Row(t);
-        std::memcpy(c_kv + t * lora, row, static_cast<size_t>(lora) * sizeof(float));
-        std::memcpy(k_pe + t * rope, row + lora, static_cast<size_t>(rope) * sizeof(float));
-      }
-      float* kv = Sized(ws_.kv, context * heads * kv_head);
-      cpu::MatMul(c_kv, context, lora, L.kv_b_proj, kv, heads * kv_head);
-      cpu::MlaExpandedParams p;
-      p.num_queries = n;
-      p.start = start;
-      p.num_heads = heads;
-      p.nope_dim = nope;
-      p.rope_dim = rope;
-      p.v_dim = vdim;
-      p.scale = scale;
-      p.q = qs;
-      p.kv = kv;
-      p.k_pe = k_pe;
-      p.out = os;
-      cpu::MlaExpandedAttention(p);
-    } else {
-      // q_latent[i, h] = q_nope[i, h] W_UK[h], with W_UK[h] = kv_b_proj rows [h*kv_head, +nope).
-      float* q_latent = Sized(ws_.q_latent, n * heads * lora);
-      float* q_pe = Sized(ws_.q_pe, n * heads * rope);
-      for (int64_t h = 0; h < heads; ++h) {
-        cpu::MatMulNoTrans(qs + h * qhd, n, heads * qhd, L.kv_b_proj.Rows(h * kv_head, nope),
-                           q_latent + h * lora, heads * lora);
-      }
-      for (int64_t i = 0; i < n * heads; ++i) {
-        std::memcpy(q_pe + i * rope, qs + i * qhd + nope, static_cast<size_t>(rope) * sizeof(float));
-      }
-      float* o_latent = Sized(ws_.o_latent, n * heads * lora);
-      cpu::MlaAbsorbedParams p;
-      p.num_queries = n;
-      p.start = start;
-      p.num_heads = heads;
-      p.kv_lora_rank = lora;
-      p.rope_dim = rope;
-      p.scale = scale;
-      p.q_latent = q_latent;
-      p.q_pe = q_pe;
-      p.cache = cache->Rows(layer, *s.cache);
-      p.out_latent = o_latent;
-      cpu::MlaAbsorbedAttention(p);
-      // out[i, h] = W_UV[h] o_latent[i, h], with W_UV[h] = rows [h*kv_head + nope, +vdim).
-      for (int64_t h = 0; h < heads; ++h) {
-        cpu::MatMul(o_latent + h * lora, n, heads * lora, L.kv_b_proj.Rows(h * kv_head + nope, vdim),
-                    os + h * vdim, heads * vdim);
-      }
-    }
-    first += n;
-  }
-}
-
-void Model::Mlp(const MlpWeights& w, const float* x, int64_t tokens, float* residual,
-                const float* row_scale, const int32_t* rows) {
-  const int64_t hidden = config().hidden_size;
-  const int64_t inter = w.gate.rows;
-  float* gate = Sized(ws_.gate, tokens * inter);
-  float* up = Sized(ws_.up, tokens * inter);
-  cpu::MatMul(x, tokens, hidden, w.gate, gate, inter);
-  cpu::MatMul(x, tokens, hidden, w.up, up, inter);
-  cpu::SiluMul(gate, up, tokens * inter, gate);
-  if (rows == nullptr) {
-    cpu::MatMul(gate, tokens, inter, w.down, residual, hidden, /*accumulate=*/true);
-    return;
-  }
-  // Routed expert: scale each token's output by its gate weight, add to its row.
-  float* y = Sized(ws_.y, tokens * hidden);
-  cpu::MatMul(gate, tokens, inter, w.down, y, hidden);
-  for (int64_t t = 0; t < tokens; ++t) {
-    cpu::Axpy(row_scale[t], y + t * hidden, hidden, residual + rows[t] * hidden);
-  }
-}
-
+// The routed experts of LAYER for this rank's TOKENS tokens X (normalised; the first is
+// FIRST_TOKEN of the step), added into RESIDUAL: the gate, the plan, each token sent
+// once to every rank holding one of its experts, the experts run on the rows grouped by
+// slot (each expert's weights read once for all its tokens), and the rows sent back.
 Status Model::MoeBlock(int64_t layer, const float* x, int64_t tokens, int64_t first_token, float* residual,
                        ExpertCounts* counts) {
   const ModelConfig& c = config();
-  const LayerWeights& L = weights_->layers[layer];
   const int64_t hidden = c.hidden_size;
-  const int64_t experts = c.n_routed_experts;
   const int64_t k = c.num_experts_per_tok;
-  parallel::Communicator& comm = *comm_;
-
-  float* router = Sized(ws_.router, std::max<int64_t>(tokens, 1) * experts);
-  std::vector<int32_t> ids(static_cast<size_t>(tokens * k));
-  float* weights = Sized(ws_.weights, std::max<int64_t>(tokens, 1) * k);
-  if (tokens > 0) {
-    cpu::MatMul(x, tokens, hidden, L.router, router, experts);
-    cpu::GateParams gate = gate_;
-    gate.choice_bias = L.choice_bias.empty() ? nullptr : L.choice_bias.data();
-    cpu::SelectExperts(router, tokens, gate, ids.data(), weights);
-  }
-
-  // Each token goes once to every rank holding one of its experts; the rows a rank
-  // receives are grouped by its slots, so each expert's weights are read once for all
-  // of its tokens.
+  ComputeBackend& b = *backend_;
+  std::vector<int32_t>& ids = gate_ids_;
+  std::vector<float>& weights = gate_weights_;
+  ids.resize(static_cast<size_t>(tokens * k));
+  weights.resize(static_cast<size_t>(tokens * k));
+  EPIC_RETURN_IF_ERROR(b.Gate(layer, x, tokens, ids.data(), weights.data()));
   const parallel::DispatchPlan plan =
-      parallel::PlanDispatch(*placement_, layer, comm.rank(), ids.data(), weights, tokens, k, first_token);
-  parallel::ReceivedTokens& received = received_;
-  parallel::ExchangeStats dispatch, combine;
-  EPIC_RETURN_IF_ERROR(parallel::Dispatch(comm, plan, x, hidden, &received, &dispatch));
-  const int64_t slots = static_cast<int64_t>(L.experts.size());
-  const parallel::SlotBatches batches = parallel::GroupBySlot(received, k, slots);
-  const int64_t rows = received.rows();
-  float* out = Sized(ws_.expert_out, std::max<int64_t>(rows, 1) * hidden);
-  std::fill(out, out + rows * hidden, 0.0f);
-  for (int64_t s = 0; s < slots; ++s) {
-    const int64_t n = batches.offsets[s + 1] - batches.offsets[s];
-    if (n == 0) continue;
-    float* gathered = Sized(ws_.gathered, n * hidden);
-    for (int64_t i = 0; i < n; ++i) {
-      std::memcpy(gathered + i * hidden, received.hidden.data() + batches.row[batches.offsets[s] + i] * hidden,
-                  static_cast<size_t>(hidden) * sizeof(float));
-    }
-    Mlp(L.experts[s], gathered, n, out, batches.weight.data() + batches.offsets[s],
-        batches.row.data() + batches.offsets[s]);
-  }
-  EPIC_RETURN_IF_ERROR(parallel::Combine(comm, plan, received, out, hidden, residual, &combine));
-  exchange_stats_.Add(dispatch);
+      parallel::PlanDispatch(*placement_, layer, comm_->rank(), ids.data(), weights.data(), tokens, k, first_token);
+  const int64_t slots = static_cast<int64_t>(placement_->slots(layer, comm_->rank()).size());
+  EPIC_ASSIGN_OR_RETURN(const parallel::MoeHandle* handle, exchange_->Dispatch(plan, x, hidden));
+  EPIC_ASSIGN_OR_RETURN(float* out, b.Activations(kExpertOut, std::max<int64_t>(handle->received, 1) * hidden));
+  EPIC_RETURN_IF_ERROR(b.Experts(layer, handle->rows, handle->received, handle->layout, out));
+  parallel::ExchangeStats combine;
+  EPIC_RETURN_IF_ERROR(exchange_->Combine(*handle, out, hidden, residual, &combine));
+  exchange_stats_.Add(handle->stats);
   exchange_stats_.Add(combine);
-
   if (counts != nullptr) {
+    const std::vector<int32_t>& offsets = handle->layout.offsets;
     std::vector<int64_t> slot_rows(static_cast<size_t>(slots));
-    for (int64_t s = 0; s < slots; ++s) slot_rows[s] = batches.offsets[s + 1] - batches.offsets[s];
-    AddExchangeCounts(*placement_, layer, experts, plan, slot_rows, dispatch, combine, counts);
+    for (int64_t s = 0; s < slots; ++s) slot_rows[s] = offsets[s + 1] - offsets[s];
+    AddExchangeCounts(*placement_, layer, c.n_routed_experts, plan, slot_rows, handle->stats, combine, counts);
   }
   return OkStatus();
 }

@@ -13,6 +13,7 @@
 #include "parallel/communicator.h"
 #include "parallel/dispatch.h"
 #include "parallel/expert_placement.h"
+#include "parallel/moe_exchange.h"
 #include "worker/checkpoint.h"
 #include "worker/device.h"
 #include "worker/latent_cache.h"
@@ -73,7 +74,7 @@ void AddExchangeCounts(const parallel::ExpertPlacement& placement, int64_t layer
                        const parallel::ExchangeStats& dispatch, const parallel::ExchangeStats& combine,
                        ExpertCounts* counts);
 
-class DeviceStep;  // worker/device_step.h
+class ComputeBackend;  // worker/compute.h
 
 // What the MoE layers did, summed over the steps Forward is given it for; the raw
 // material of the load reports. Empty rows for dense layers.
@@ -116,8 +117,8 @@ class Model {
   // Opens and validates the checkpoint, binds its weights (PROGRESS: optional).
   // Distributed: every rank calls Load with its SHARD; sizes that cannot be split
   // (fewer heads or vocabulary rows than ranks) are refused.
-  // kCuda copies this rank's weights to its GPU and runs every step there
-  // (worker/device_step.h); in a job of several ranks it needs SHARD.device_comm.
+  // kCuda copies this rank's weights to its GPU and runs every step there (the CUDA
+  // backend, worker/compute.h); in a job of several ranks it needs SHARD.device_comm.
   static StatusOr<std::unique_ptr<Model>> Load(const std::filesystem::path& dir,
                                                const ProgressFn& progress = {},
                                                WeightResidency residency = WeightResidency::kCopy,
@@ -168,37 +169,24 @@ class Model {
   // not all finite.
   Status Step(std::span<SequenceStep> batch, LatentCache* cache, std::vector<float>* logits, ExpertCounts* counts,
               bool check_layers);
-  void Attention(int64_t layer, std::span<SequenceStep> batch, LatentCache* cache,
-                 const std::vector<int64_t>& positions, const float* x, float* out);
   Status MoeBlock(int64_t layer, const float* x, int64_t tokens, int64_t first_token, float* residual,
                   ExpertCounts* counts);
-  void Mlp(const MlpWeights& w, const float* x, int64_t tokens, float* residual, const float* row_scale,
-           const int32_t* rows);
 
-  // Activations reused from step to step. A fresh allocation of this size in every
-  // step costs a page clear per 4 KiB, which showed as 15% of decode time.
-  struct Workspace {
-    std::vector<float> x, normed, attn, q, qa, latent, c_kv, k_pe, kv, q_latent, q_pe, o_latent,
-        gate, up, y, router, weights, scales, gathered, partial, local, expert_out, logits, normed_all,
-        summed;
-  };
-  // V grown to hold at least N values (never shrunk); its data.
-  static float* Sized(std::vector<float>& v, int64_t n);
-
-  Workspace ws_;
   std::unique_ptr<parallel::Communicator> own_comm_;  // the one-rank job of a single process
   parallel::Communicator* comm_ = nullptr;
   std::unique_ptr<parallel::ExpertPlacement> placement_;
   int64_t head_begin_ = 0, head_end_ = 0;
   int64_t vocab_begin_ = 0, vocab_end_ = 0;
   parallel::ExchangeStats exchange_stats_;
-  parallel::ReceivedTokens received_;  // reused from layer to layer and step to step
+  std::unique_ptr<parallel::MoeExchange> exchange_;
+  std::vector<int32_t> gate_ids_;  // the gate's choices, reused from layer to layer
+  std::vector<float> gate_weights_;
   std::unique_ptr<Checkpoint> checkpoint_;
   std::unique_ptr<ModelWeights> weights_;
   RopeTable rope_;
   cpu::GateParams gate_;
   AttentionForm attention_form_ = AttentionForm::kAuto;
-  std::unique_ptr<DeviceStep> device_step_;  // set when the steps run on a device
+  std::unique_ptr<ComputeBackend> backend_;  // where the steps run
   ComputeDevice device_ = ComputeDevice::kCpu;
   WeightResidency residency_ = WeightResidency::kCopy;
 };

@@ -53,6 +53,13 @@ Status ZeroOnDevice(void* dst, size_t bytes) {
   return OkStatus();
 }
 
+Status CopyToHost(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return OkStatus();
+  EPIC_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost),
+                            "copy of " + std::to_string(bytes) + " bytes from the device");
+  return OkStatus();
+}
+
 Status DeviceMemory::CopyFromHost(const void* src, size_t bytes, size_t offset) {
   EPIC_RETURN_IF_ERROR(CheckRange(bytes, offset, bytes_, "into"));
   if (bytes == 0) return OkStatus();

@@ -53,6 +53,8 @@ class DeviceMemory {
 // default stream, in order with the kernels around them.
 Status CopyOnDevice(void* dst, const void* src, size_t bytes);
 Status ZeroOnDevice(void* dst, size_t bytes);
+// BYTES from device memory SRC to host memory DST, once the work before it has finished.
+Status CopyToHost(void* dst, const void* src, size_t bytes);
 
 // COUNT values of T on the device.
 template <typename T>

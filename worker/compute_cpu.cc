@@ -1,0 +1,295 @@
+// The CPU backend: kernels/cpu over the weights in host memory, exact (F32 products of
+// BF16 or F32 weights), the reference every other backend is tested against.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "kernels/cpu/matmul.h"
+#include "kernels/cpu/mla_attention.h"
+#include "kernels/cpu/ops.h"
+#include "worker/compute.h"
+#include "worker/model.h"
+
+namespace epic {
+namespace {
+
+class CpuBackend final : public ComputeBackend {
+ public:
+  CpuBackend(const ModelConfig& config, const ModelWeights& weights, const RopeTable& rope,
+             const cpu::GateParams& gate, const ComputeShard& shard, parallel::Communicator* comm)
+      : c_(config), w_(weights), rope_(rope), gate_(gate), shard_(shard), comm_(comm) {}
+
+  bool on_device() const override { return false; }
+  StatusOr<float*> Activations(int id, int64_t values) override { return Sized(activations_, id, values); }
+  parallel::RowSpace& rows() override { return rows_; }
+  parallel::Communicator* comm() override { return comm_; }
+
+  Status BeginStep(std::span<const SequenceStep> batch, const StepTokens& tokens, LatentCache* cache) override {
+    batch_ = batch;
+    tokens_ = &tokens;
+    cache_ = cache;
+    return OkStatus();
+  }
+
+  Status Embed(float* x) override {
+    const int64_t hidden = c_.hidden_size;
+    const std::vector<int32_t>& ids = tokens_->ids;
+    for (size_t t = 0; t < ids.size(); ++t) {
+      for (int64_t i = 0; i < hidden; ++i) x[t * hidden + i] = w_.embed.At(ids[t], i);
+    }
+    return OkStatus();
+  }
+
+  Status Norm(NormWeight norm, int64_t layer, const float* x, int64_t rows, float* out) override {
+    const int64_t hidden = c_.hidden_size;
+    const float* weight = norm == NormWeight::kFinal           ? w_.final_norm.data()
+                          : norm == NormWeight::kInput         ? w_.layers[layer].input_norm.data()
+                                                               : w_.layers[layer].post_attention_norm.data();
+    cpu::RmsNorm(x, rows, hidden, hidden, weight, static_cast<float>(c_.rms_norm_eps), out, hidden);
+    return OkStatus();
+  }
+
+  Status Attention(int64_t layer, const float* x, std::span<const AttentionSpan> spans, float* out) override;
+
+  Status OutputProjection(int64_t layer, const float* attn, int64_t rows, float* y, bool accumulate) override {
+    const cpu::WeightMatrix& o = w_.layers[layer].o_proj;
+    cpu::MatMul(attn, rows, o.cols, o, y, c_.hidden_size, accumulate);
+    return OkStatus();
+  }
+
+  Status Mlp(int64_t layer, const float* x, int64_t rows, float* y) override {
+    const LayerWeights& L = w_.layers[layer];
+    RunMlp(L.moe ? L.shared : L.dense, x, rows, y, nullptr, nullptr);
+    return OkStatus();
+  }
+
+  Status Gate(int64_t layer, const float* x, int64_t rows, int32_t* ids, float* weights) override {
+    if (rows == 0) return OkStatus();
+    const LayerWeights& L = w_.layers[layer];
+    float* router = Scratch(kRouter, rows * c_.n_routed_experts);
+    cpu::MatMul(x, rows, c_.hidden_size, L.router, router, c_.n_routed_experts);
+    cpu::GateParams gate = gate_;
+    gate.choice_bias = L.choice_bias.empty() ? nullptr : L.choice_bias.data();
+    cpu::SelectExperts(router, rows, gate, ids, weights);
+    return OkStatus();
+  }
+
+  // Each slot's rows gathered and run together, so its weights are read once for all.
+  Status Experts(int64_t layer, const float* rows, int64_t received, const parallel::ExpertLayout& layout,
+                 float* out) override {
+    const LayerWeights& L = w_.layers[layer];
+    const int64_t hidden = c_.hidden_size;
+    std::fill(out, out + received * hidden, 0.0f);
+    for (size_t s = 0; s + 1 < layout.offsets.size(); ++s) {
+      const int64_t begin = layout.offsets[s];
+      const int64_t n = layout.offsets[s + 1] - begin;
+      if (n == 0) continue;
+      float* gathered = Scratch(kGathered, n * hidden);
+      for (int64_t i = 0; i < n; ++i) {
+        std::memcpy(gathered + i * hidden, rows + layout.grouped_source[begin + i] * hidden,
+                    static_cast<size_t>(hidden) * sizeof(float));
+      }
+      RunMlp(L.experts[s], gathered, n, out, layout.grouped_weight.data() + begin,
+             layout.grouped_source.data() + begin);
+    }
+    return OkStatus();
+  }
+
+  Status LmHead(const float* x, std::span<const int64_t> rows, float* logits) override {
+    const int64_t hidden = c_.hidden_size;
+    const int64_t n = static_cast<int64_t>(rows.size());
+    float* normed = Scratch(kSelected, std::max<int64_t>(n, 1) * hidden);
+    for (int64_t r = 0; r < n; ++r) {
+      cpu::RmsNorm(x + rows[r] * hidden, 1, hidden, hidden, w_.final_norm.data(),
+                   static_cast<float>(c_.rms_norm_eps), normed + r * hidden, hidden);
+    }
+    cpu::MatMul(normed, n, hidden, w_.lm_head, logits, shard_.vocab_end - shard_.vocab_begin);
+    return OkStatus();
+  }
+
+  Status Add(float* y, const float* x, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+    return OkStatus();
+  }
+  Status Zero(float* y, int64_t n) override {
+    std::fill(y, y + n, 0.0f);
+    return OkStatus();
+  }
+  Status CopyToHost(const float* x, int64_t n, float* host) override {
+    if (host != x) std::memcpy(host, x, static_cast<size_t>(n) * sizeof(float));
+    return OkStatus();
+  }
+
+  double expanded_kv_budget() const override { return HUGE_VAL; }
+
+  Status ChangeExperts(const parallel::ExpertPlacement&, int, const std::vector<std::vector<int>>&,
+                       const std::vector<std::vector<MlpWeights>>&) override {
+    return OkStatus();  // the model's host weights are these
+  }
+
+ private:
+  // The backend's own scratch, beside the schedule's activations.
+  enum : int { kQ, kQa, kLatent, kCKv, kKPe, kKv, kQLatent, kQPe, kOLatent, kRouter, kGathered, kGate, kUp, kY,
+               kSelected, kScratchCount };
+
+  // BUFFERS[ID] grown to hold at least N values (never shrunk); its data. A fresh
+  // allocation of this size in every step costs a page clear per 4 KiB, which showed as
+  // 15% of decode time.
+  static float* Sized(std::vector<std::vector<float>>& buffers, int id, int64_t n) {
+    if (static_cast<size_t>(id) >= buffers.size()) buffers.resize(static_cast<size_t>(id) + 1);
+    std::vector<float>& v = buffers[static_cast<size_t>(id)];
+    if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+    return v.data();
+  }
+  float* Scratch(int id, int64_t n) { return Sized(scratch_, id, n); }
+
+  // y += down(silu(gate(x)) * up(x)); a routed expert's rows scaled by ROW_SCALE and
+  // added to the rows ROWS names.
+  void RunMlp(const MlpWeights& w, const float* x, int64_t tokens, float* y, const float* row_scale,
+              const int32_t* rows) {
+    const int64_t hidden = c_.hidden_size;
+    const int64_t inter = w.gate.rows;
+    float* gate = Scratch(kGate, tokens * inter);
+    float* up = Scratch(kUp, tokens * inter);
+    cpu::MatMul(x, tokens, hidden, w.gate, gate, inter);
+    cpu::MatMul(x, tokens, hidden, w.up, up, inter);
+    cpu::SiluMul(gate, up, tokens * inter, gate);
+    if (rows == nullptr) {
+      cpu::MatMul(gate, tokens, inter, w.down, y, hidden, /*accumulate=*/true);
+      return;
+    }
+    float* out = Scratch(kY, tokens * hidden);
+    cpu::MatMul(gate, tokens, inter, w.down, out, hidden);
+    for (int64_t t = 0; t < tokens; ++t) cpu::Axpy(row_scale[t], out + t * hidden, hidden, y + rows[t] * hidden);
+  }
+
+  const ModelConfig& c_;
+  const ModelWeights& w_;
+  const RopeTable& rope_;
+  cpu::GateParams gate_;
+  ComputeShard shard_;
+  parallel::Communicator* comm_;
+  parallel::HostRowSpace rows_;
+  std::vector<std::vector<float>> activations_, scratch_;
+  std::span<const SequenceStep> batch_;
+  const StepTokens* tokens_ = nullptr;
+  LatentCache* cache_ = nullptr;
+};
+
+Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const AttentionSpan> spans, float* out) {
+  const ModelConfig& c = c_;
+  const LayerWeights& L = w_.layers[layer];
+  const std::vector<int64_t>& positions = tokens_->positions;
+  const int64_t tokens = static_cast<int64_t>(positions.size());
+  const int64_t heads = shard_.head_end - shard_.head_begin;
+  const int64_t nope = c.qk_nope_head_dim;
+  const int64_t rope = c.qk_rope_head_dim;
+  const int64_t lora = c.kv_lora_rank;
+  const int64_t qhd = c.q_head_dim();
+  const int64_t vdim = c.v_head_dim;
+  const int64_t kv_head = nope + vdim;  // rows of kv_b_proj per head
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const float scale = static_cast<float>(c.SoftmaxScale());
+
+  // Queries [tokens, heads, q_head_dim].
+  float* q = Scratch(kQ, tokens * heads * qhd);
+  if (c.q_lora_rank > 0) {
+    float* qa = Scratch(kQa, tokens * c.q_lora_rank);
+    cpu::MatMul(x, tokens, c.hidden_size, L.q_a_proj, qa, c.q_lora_rank);
+    cpu::RmsNorm(qa, tokens, c.q_lora_rank, c.q_lora_rank, L.q_a_norm.data(), eps, qa, c.q_lora_rank);
+    cpu::MatMul(qa, tokens, c.q_lora_rank, L.q_b_proj, q, heads * qhd);
+  } else {
+    cpu::MatMul(x, tokens, c.hidden_size, L.q_proj, q, heads * qhd);
+  }
+  // Latent rows [tokens, kv_lora + rope]: normalise c_kv, rotate k_pe, then cache.
+  const int64_t width = c.latent_dim();
+  float* latent = Scratch(kLatent, tokens * width);
+  cpu::MatMul(x, tokens, c.hidden_size, L.kv_a_proj, latent, width);
+  cpu::RmsNorm(latent, tokens, lora, width, L.kv_a_norm.data(), eps, latent, width);
+  for (int64_t t = 0; t < tokens; ++t) {
+    cpu::ApplyRope(latent + t * width + lora, positions[t], rope_.inv_freq.data(), rope / 2, rope_.mscale);
+    for (int64_t h = 0; h < heads; ++h) {
+      cpu::ApplyRope(q + (t * heads + h) * qhd + nope, positions[t], rope_.inv_freq.data(), rope / 2,
+                     rope_.mscale);
+    }
+  }
+
+  for (size_t i = 0; i < spans.size(); ++i) {
+    const AttentionSpan& sp = spans[i];
+    const BlockTable& table = *batch_[i].cache;
+    const int64_t n = sp.n;
+    const int64_t start = sp.start;
+    const int64_t context = start + n;
+    for (int64_t j = 0; j < n; ++j) {
+      std::memcpy(cache_->Row(layer, table, start + j), latent + (sp.first + j) * width,
+                  static_cast<size_t>(width) * sizeof(float));
+    }
+    const float* qs = q + sp.first * heads * qhd;
+    float* os = out + sp.first * heads * vdim;
+    if (sp.expanded) {
+      float* c_kv = Scratch(kCKv, context * lora);
+      float* k_pe = Scratch(kKPe, context * rope);
+      const cpu::LatentRows rows = cache_->Rows(layer, table);
+      for (int64_t t = 0; t < context; ++t) {
+        const float* row = rows.Row(t);
+        std::memcpy(c_kv + t * lora, row, static_cast<size_t>(lora) * sizeof(float));
+        std::memcpy(k_pe + t * rope, row + lora, static_cast<size_t>(rope) * sizeof(float));
+      }
+      float* kv = Scratch(kKv, context * heads * kv_head);
+      cpu::MatMul(c_kv, context, lora, L.kv_b_proj, kv, heads * kv_head);
+      cpu::MlaExpandedParams p;
+      p.num_queries = n;
+      p.start = start;
+      p.num_heads = heads;
+      p.nope_dim = nope;
+      p.rope_dim = rope;
+      p.v_dim = vdim;
+      p.scale = scale;
+      p.q = qs;
+      p.kv = kv;
+      p.k_pe = k_pe;
+      p.out = os;
+      cpu::MlaExpandedAttention(p);
+      continue;
+    }
+    // q_latent[i, h] = q_nope[i, h] W_UK[h], with W_UK[h] = kv_b_proj rows [h*kv_head, +nope).
+    float* q_latent = Scratch(kQLatent, n * heads * lora);
+    float* q_pe = Scratch(kQPe, n * heads * rope);
+    for (int64_t h = 0; h < heads; ++h) {
+      cpu::MatMulNoTrans(qs + h * qhd, n, heads * qhd, L.kv_b_proj.Rows(h * kv_head, nope), q_latent + h * lora,
+                         heads * lora);
+    }
+    for (int64_t j = 0; j < n * heads; ++j) {
+      std::memcpy(q_pe + j * rope, qs + j * qhd + nope, static_cast<size_t>(rope) * sizeof(float));
+    }
+    float* o_latent = Scratch(kOLatent, n * heads * lora);
+    cpu::MlaAbsorbedParams p;
+    p.num_queries = n;
+    p.start = start;
+    p.num_heads = heads;
+    p.kv_lora_rank = lora;
+    p.rope_dim = rope;
+    p.scale = scale;
+    p.q_latent = q_latent;
+    p.q_pe = q_pe;
+    p.cache = cache_->Rows(layer, table);
+    p.out_latent = o_latent;
+    cpu::MlaAbsorbedAttention(p);
+    // out[i, h] = W_UV[h] o_latent[i, h], with W_UV[h] = rows [h*kv_head + nope, +vdim).
+    for (int64_t h = 0; h < heads; ++h) {
+      cpu::MatMul(o_latent + h * lora, n, heads * lora, L.kv_b_proj.Rows(h * kv_head + nope, vdim), os + h * vdim,
+                  heads * vdim);
+    }
+  }
+  return OkStatus();
+}
+
+}  // namespace
+
+std::unique_ptr<ComputeBackend> MakeCpuBackend(const ModelConfig& config, const ModelWeights& weights,
+                                               const RopeTable& rope, const cpu::GateParams& gate,
+                                               const ComputeShard& shard, parallel::Communicator* comm) {
+  return std::make_unique<CpuBackend>(config, weights, rope, gate, shard, comm);
+}
+
+}  // namespace epic
