@@ -3,11 +3,17 @@
 // rank can compute the expected output of any token on its own.
 #include "parallel/dispatch.h"
 
+#include <cstring>
+#include <limits>
+#include <map>
+
 #include <cmath>
 #include <random>
 #include <set>
 
 #include <gtest/gtest.h>
+
+#include "parallel/moe_exchange.h"
 
 namespace epic::parallel {
 namespace {
@@ -129,6 +135,86 @@ TEST_F(DispatchTest, EveryTokenToOneRank) {
   RunMoe(*comm_, *placement, t, count, top_k, &y, &plan);
   ExpectMatchesLocal(t, count, top_k, y);
   EXPECT_EQ(plan.send_rows[comm_->size() - 1], count);  // each token once, not top_k times
+}
+
+// Memory apart from the host's, as a device's is: staged data is a copy, fetched data
+// comes back through a copy, fresh buffers hold NaN, and the adds read one contiguous
+// buffer (the self block copied after the returned rows, into the room the exchange
+// must have left). What the exchange does right here, it does right over NCCL.
+class SeparateRowSpace final : public RowSpace {
+ public:
+  StatusOr<void*> Buffer(int id, int64_t bytes) override {
+    std::vector<float>& b = buffers_[id];
+    const size_t n = static_cast<size_t>((bytes + 3) / 4);
+    if (b.size() < n) b.assign(n, std::numeric_limits<float>::quiet_NaN());
+    return static_cast<void*>(b.data());
+  }
+  StatusOr<const void*> Stage(const void* host, int64_t bytes, int id) override {
+    EPIC_ASSIGN_OR_RETURN(void* d, Buffer(id + 100, bytes));
+    if (bytes > 0) std::memcpy(d, host, static_cast<size_t>(bytes));
+    ++staged;
+    return static_cast<const void*>(d);
+  }
+  StatusOr<const void*> Fetch(const void* src, int64_t bytes, void* host) override {
+    if (bytes > 0) std::memcpy(host, src, static_cast<size_t>(bytes));
+    ++fetched;
+    return static_cast<const void*>(host);
+  }
+  Status AddRows(float* back, int64_t returned, const float* self, int64_t self_rows, int64_t width,
+                 const int32_t* source, int64_t tokens, int64_t sources, float* y) override {
+    const float* rows = self;
+    if (returned > 0) {
+      std::memcpy(back + returned * width, self, static_cast<size_t>(self_rows * width) * sizeof(float));
+      rows = back;
+    }
+    for (int64_t t = 0; t < tokens; ++t) {
+      for (int64_t j = 0; j < sources; ++j) {
+        const int32_t i = source[t * sources + j];
+        if (i < 0) continue;
+        for (int64_t c = 0; c < width; ++c) y[t * width + c] += rows[i * width + c];
+      }
+    }
+    return OkStatus();
+  }
+  int staged = 0, fetched = 0;
+
+ private:
+  std::map<int, std::vector<float>> buffers_;
+};
+
+TEST_F(DispatchTest, AnExchangeOverSeparateMemoryGivesTheSameSums) {
+  const int64_t experts = 24, top_k = 3;
+  const int64_t count = 4 + 3 * comm_->rank();
+  const Tokens t = MakeTokens(comm_->rank(), count, experts, top_k);
+  const auto placement = ExpertPlacement::Contiguous(1, {true}, experts, comm_->size(), 2);
+  SeparateRowSpace space;
+  MoeExchange exchange(comm_.get(), &space, comm_->rank());
+  const auto& slots = placement.slots(0, comm_->rank());
+  for (int round = 0; round < 2; ++round) {  // the second reuses every buffer
+    const DispatchPlan plan = PlanDispatch(placement, 0, comm_->rank(), t.ids.data(), t.weights.data(), count,
+                                           top_k, comm_->rank() * 1000);
+    auto handle = exchange.Dispatch(plan, t.x.data(), kHidden);
+    ASSERT_TRUE(handle.ok()) << handle.status().ToString();
+    const MoeHandle& h = **handle;
+    // The experts over the handle's layout: per slot its grouped rows and their weights.
+    std::vector<float> out(static_cast<size_t>(std::max<int64_t>(h.received, 1) * kHidden), 0.0f);
+    ASSERT_EQ(h.layout.offsets.size(), slots.size() + 1);
+    for (size_t s = 0; s < slots.size(); ++s) {
+      const float e = static_cast<float>(slots[s]);
+      for (int32_t i = h.layout.offsets[s]; i < h.layout.offsets[s + 1]; ++i) {
+        const int64_t row = h.layout.grouped_source[i];
+        for (int64_t j = 0; j < kHidden; ++j) {
+          out[row * kHidden + j] += h.layout.grouped_weight[i] * ((e + 1) * h.rows[row * kHidden + j] + e);
+        }
+      }
+    }
+    std::vector<float> y(static_cast<size_t>(count * kHidden), 0.0f);
+    ExchangeStats stats;
+    ASSERT_TRUE(exchange.Combine(h, out.data(), kHidden, y.data(), &stats).ok());
+    ExpectMatchesLocal(t, count, top_k, y);
+  }
+  // One rank's rows stay where they are; several ranks' routes go out and come back.
+  EXPECT_EQ(space.fetched > 0, comm_->size() > 1);
 }
 
 }  // namespace
