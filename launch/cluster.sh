@@ -12,7 +12,8 @@ Starts build/coordinator/epic-coordinator on --port (gRPC) and --http-port (the
 OpenAI-compatible HTTP API, tokenizing with the model's tokenizer.json), then
   mpirun -np N build/worker/epic-worker --model DIR --coordinator HOST:PORT
 and relaunches that worker job (1 s, 2 s, 4 s ... up to 30 s apart) each time it exits,
-logging why. Prints "[epic] cluster ready" once the server reports SERVING. Call it with
+logging why. A job the coordinator has dropped (a step ran past --step-timeout: a rank
+stuck or stopped) is ended 2 s later, so that a hung rank cannot hold the cluster down. Prints "[epic] cluster ready" once the server reports SERVING. Call it with
   build/client/epic generate --server 127.0.0.1:PORT --prompt "Hello"
   curl http://127.0.0.1:HTTP_PORT/v1/completions -d '{"prompt": "Hello", "max_tokens": 16}'
 Builds epic first unless --no-build (installing missing Debian packages as root).
@@ -81,7 +82,7 @@ stop_process() {
     sleep 0.1
   done
   epic_log "process $pid did not stop within $seconds s; killing it"
-  kill -KILL "$pid" 2>/dev/null || true
+  kill_job "$pid"
   wait "$pid" 2>/dev/null || true
 }
 stop() {
@@ -140,10 +141,45 @@ worker_cmd=("$bin/worker/epic-worker" --model "$model" --coordinator "$coord_hos
   done
 ) &
 
-# How many worker jobs have attached so far ("" when the coordinator cannot be asked).
-attachments() {
-  "$bin/client/epic" info --server "127.0.0.1:$port" --timeout 2 2>/dev/null |
-    sed -nE 's/.*"worker_attachments": "?([0-9]+)"?.*/\1/p'
+# What the coordinator says of the worker job: "ATTACHED ATTACHMENTS" (1 or 0, and how
+# many jobs have attached so far), or "" when it cannot be asked.
+job_state() {
+  local info
+  info="$("$bin/client/epic" info --server "127.0.0.1:$port" --timeout 2 2>/dev/null)" || return 0
+  local n
+  n="$(printf '%s' "$info" | tr -d '\n' | sed -nE 's/.*"worker_attachments": "?([0-9]+)"?.*/\1/p')"
+  if printf '%s' "$info" | grep -q '"worker_attached": true'; then echo "1 ${n:-0}"; else echo "0 ${n:-0}"; fi
+}
+attachments() { job_state | cut -d' ' -f2; }
+
+# Ends the worker job at once: its local processes first (a stopped rank ignores
+# SIGTERM, and mpirun waits for it), then mpirun, whose daemons end the remote ranks.
+kill_job() {
+  pkill -KILL -P "$1" 2>/dev/null || true
+  kill -KILL "$1" 2>/dev/null || true
+}
+
+# Waits for the job PID; ends it when the coordinator has dropped it (a step timed out:
+# a rank stuck or stopped) and it is still there 2 s later. Sets CODE.
+wait_job() {
+  local pid="$1" attached=0 dropped=0 state
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    state="$(job_state)"
+    if [ "${state%% *}" = "1" ]; then
+      attached=1 dropped=0
+    elif [ "$attached" -eq 1 ] && [ "${state%% *}" = "0" ]; then
+      dropped=$((dropped + 1))
+      if [ "$dropped" -ge 2 ]; then
+        epic_log "the coordinator dropped the worker job (a step timed out) and it is still running: ending it"
+        kill_job "$pid"
+      fi
+    fi
+  done
+  set +e
+  wait "$pid"
+  code=$?
+  set -e
 }
 
 backoff=1 failures=0
@@ -151,12 +187,9 @@ while kill -0 "$coord_pid" 2>/dev/null; do
   epic_log "starting the worker job: ${mpirun_cmd[*]} ${worker_cmd[*]}"
   started=$(date +%s)
   attached_before="$(attachments)"
-  set +e
   "${mpirun_cmd[@]}" "${worker_cmd[@]}" &
   worker_pid=$!
-  wait "$worker_pid"
-  code=$?
-  set -e
+  wait_job "$worker_pid"
   worker_pid=""
   kill -0 "$coord_pid" 2>/dev/null || break
   if [ "$code" -eq 4 ]; then

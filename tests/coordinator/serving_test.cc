@@ -17,6 +17,8 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <functional>
+#include <random>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -194,14 +196,15 @@ class ServingTest : public ::testing::Test {
   }
 
   // launch/cluster.sh with NP ranks; returns the gRPC port once it serves.
-  int StartCluster(int np, const std::vector<std::string>& coordinator_flags = {}) {
+  int StartCluster(int np, const std::vector<std::string>& coordinator_flags = {}, int max_waiting = kMaxWaiting,
+                   int step_timeout = 20) {
     const fs::path ready = *dir_ / "ready.json";
     std::vector<std::string> argv{EPIC_CLUSTER_SCRIPT, "--model", (*dir_ / "model").string(), "--np",
                                  std::to_string(np), "--port", "0", "--http-port", "off", "--metrics-port", "0", "--listen-host",
                                  "127.0.0.1", "--threads", "1", "--no-build", "--ready-file", ready.string(), "--",
                                  "--cache-blocks", std::to_string(kCacheBlocks), "--block-size",
-                                 std::to_string(kBlockSize), "--max-waiting", std::to_string(kMaxWaiting),
-                                 "--max-running", "16", "--max-step-tokens", "64", "--step-timeout", "20",
+                                 std::to_string(kBlockSize), "--max-waiting", std::to_string(max_waiting),
+                                 "--max-running", "16", "--max-step-tokens", "64", "--step-timeout", std::to_string(step_timeout),
                                  "--drain-timeout", "10"};
     argv.insert(argv.end(), coordinator_flags.begin(), coordinator_flags.end());
     cluster_ = std::make_unique<Process>(argv, *dir_ / "cluster.log",
@@ -495,6 +498,94 @@ TEST_F(ServingTest, RequestsInFlightWhenARankDiesResumeUnchanged) {
   }
   EXPECT_TRUE(client.WaitAllBlocksFree(5s));
 }
+
+// A fault while 56 requests are in flight or queued (prompts of 8 to 40 tokens, greedy
+// and seeded sampling): every request ends exactly as it did on the undisturbed cluster
+// just before, and none is lost.
+enum class Fault { kKillInPrefill, kKillInDecode, kStopRankZero };
+
+class FaultTest : public ServingTest, public ::testing::WithParamInterface<Fault> {};
+
+TEST_P(FaultTest, FiftySixRequestsSurviveAndEndAsUndisturbed) {
+  const Fault fault = GetParam();
+  constexpr double kStepTimeout = 3;
+  const int port = StartCluster(2, {}, /*max_waiting=*/64, static_cast<int>(kStepTimeout));
+  ASSERT_GT(port, 0);
+  Client client(port);
+  std::vector<v1::GenerateRequest> requests;
+  for (int i = 0; i < 56; ++i) {
+    std::vector<int32_t> prompt;
+    for (int j = 0; j < 8 + (i * 13) % 33; ++j) prompt.push_back(static_cast<int32_t>(3 + (i * 31 + j * 7) % 500));
+    v1::GenerateRequest r = Request(prompt, 12);
+    r.set_ignore_eos(true);
+    if (i % 7 == 6) {
+      r.mutable_sampling()->set_temperature(0.8f);
+      r.mutable_sampling()->set_seed(1000 + i);
+    }
+    requests.push_back(r);
+  }
+  auto serve = [&](const std::function<void()>& disturb) {
+    std::vector<Outcome> out(requests.size());
+    std::vector<std::thread> callers;
+    for (size_t i = 0; i < requests.size(); ++i) {
+      callers.emplace_back([&, i] { out[i] = client.Generate(requests[i], 180s); });
+    }
+    if (disturb) disturb();
+    for (auto& t : callers) t.join();
+    return out;
+  };
+  const std::vector<Outcome> undisturbed = serve({});
+  for (size_t i = 0; i < undisturbed.size(); ++i) {
+    ASSERT_TRUE(undisturbed[i].status.ok()) << i << ": " << undisturbed[i].status.error_message();
+  }
+
+  const int64_t steps = client.Info().steps();
+  const int64_t attachments = client.Info().worker_attachments();
+  std::mt19937 rng(std::random_device{}());
+  const int rank = fault == Fault::kStopRankZero ? 0 : static_cast<int>(rng() % 2);
+  const pid_t victim = static_cast<pid_t>(client.Info().ranks(rank).pid());
+  std::chrono::steady_clock::time_point hit;
+  const std::vector<Outcome> disturbed = serve([&] {
+    // Prefill: the burst's first steps are its prompts' chunks; decode: later, when
+    // the first requests stream tokens while others still wait.
+    const int64_t at = steps + (fault == Fault::kKillInPrefill ? 2 : 30);
+    for (int i = 0; i < 3000 && client.Info().steps() < at; ++i) std::this_thread::sleep_for(5ms);
+    const v1::ModelInfo now = client.Info();
+    hit = std::chrono::steady_clock::now();
+    ASSERT_EQ(kill(victim, fault == Fault::kStopRankZero ? SIGSTOP : SIGKILL), 0) << "rank " << rank;
+    std::printf("fault at step %lld of the burst: %lld requests running, %lld waiting\n",
+                static_cast<long long>(now.steps() - steps), static_cast<long long>(now.requests_running()),
+                static_cast<long long>(now.requests_waiting()));
+    // The fault lands while the work is there: prefill before any request could end.
+    EXPECT_GT(now.requests_running(), 0);
+    if (fault == Fault::kKillInPrefill) EXPECT_GE(now.requests_running() + now.requests_waiting(), 50);
+  });
+  const double recovered = std::chrono::duration<double>(std::chrono::steady_clock::now() - hit).count();
+  std::printf("fault on rank %d: every request done %.1f s after it\n", rank, recovered);
+  for (size_t i = 0; i < requests.size(); ++i) {
+    ASSERT_TRUE(disturbed[i].status.ok()) << i << ": " << disturbed[i].status.error_message();
+    EXPECT_EQ(disturbed[i].tokens, undisturbed[i].tokens) << "request " << i;
+  }
+  EXPECT_GT(client.Info().worker_attachments(), attachments) << "the job was never ended and relaunched";
+  if (fault == Fault::kStopRankZero) {
+    // Within the step timeout, the job ended 2 s after the coordinator dropped it, a
+    // relaunch, and the rest of the work: not the MPI watchdog's 5 minutes.
+    EXPECT_LT(recovered, kStepTimeout + 40) << "a stopped rank held the cluster down";
+    bool gone = false;  // nothing is left of the stopped rank
+    for (int i = 0; i < 50 && !gone; ++i, std::this_thread::sleep_for(100ms)) gone = kill(victim, 0) != 0;
+    EXPECT_TRUE(gone) << "the stopped rank " << victim << " is still there";
+    if (!gone) kill(victim, SIGKILL);
+  }
+  EXPECT_TRUE(client.WaitAllBlocksFree(5s));
+}
+
+INSTANTIATE_TEST_SUITE_P(Faults, FaultTest,
+                         ::testing::Values(Fault::kKillInPrefill, Fault::kKillInDecode, Fault::kStopRankZero),
+                         [](const ::testing::TestParamInfo<Fault>& info) {
+                           return std::string(info.param == Fault::kKillInPrefill  ? "KillInPrefill"
+                                              : info.param == Fault::kKillInDecode ? "KillInDecode"
+                                                                                   : "StopRankZero");
+                         });
 
 // Skewed traffic: prompts that repeat a few tokens send most tokens to few experts.
 std::vector<std::vector<int32_t>> SkewedPrompts() {
