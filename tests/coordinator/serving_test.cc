@@ -365,6 +365,79 @@ TEST_F(ServingTest, BadRequestsAreRefusedNamingTheFieldAndServingGoesOn) {
   EXPECT_LE(a.last.logprobs_size(), a.last.token_ids_size());
 }
 
+// The resident memory of the process named NAME (as /proc/PID/comm has it) among the
+// children of PARENT, in KiB; -1 when there is none.
+int64_t ChildRssKib(pid_t parent, const std::string& name) {
+  for (const auto& entry : fs::directory_iterator("/proc")) {
+    const std::string pid = entry.path().filename().string();
+    if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
+    const std::string status = ReadAll(entry.path() / "status");
+    const auto field = [&](const std::string& key) {
+      const size_t at = status.find("\n" + key + ":");
+      return at == std::string::npos ? std::string() : status.substr(at + key.size() + 2, status.find('\n', at + 1) - at - key.size() - 2);
+    };
+    if (std::atoi(field("PPid").c_str()) != parent) continue;
+    std::string comm = ReadAll(entry.path() / "comm");
+    while (!comm.empty() && comm.back() == '\n') comm.pop_back();
+    if (comm == name) return std::atoll(field("VmRSS").c_str());
+  }
+  return -1;
+}
+
+// Thousands of requests beyond a full queue: each refused at once, RESOURCE_EXHAUSTED,
+// and the coordinator's memory stays where it was.
+TEST_F(ServingTest, ABurstFarBeyondTheQueueIsRefusedQuicklyInBoundedMemory) {
+  const int port = StartCluster(2);
+  ASSERT_GT(port, 0);
+  Client client(port);
+  v1::GenerateRequest long_request = Request({5, 17, 300}, 1000);  // 63 of the 64 blocks
+  long_request.set_ignore_eos(true);
+  Canceller canceller;
+  std::vector<std::thread> holders;
+  for (int i = 0; i < 1 + kMaxWaiting; ++i) {
+    holders.emplace_back([&] { client.Generate(long_request, 120s, 0, "", &canceller); });
+  }
+  for (int i = 0; i < 500 && client.Info().requests_waiting() < kMaxWaiting; ++i) std::this_thread::sleep_for(5ms);
+  ASSERT_EQ(client.Info().requests_waiting(), kMaxWaiting);
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 200; ++i) prompt.push_back(3 + i);
+  const v1::GenerateRequest small = Request(prompt, 8);
+  auto burst = [&](int threads, int each) {
+    std::atomic<int> refused{0};
+    std::vector<double> seconds(static_cast<size_t>(threads * each));
+    std::vector<std::thread> callers;
+    for (int t = 0; t < threads; ++t) {
+      callers.emplace_back([&, t] {
+        for (int i = 0; i < each; ++i) {
+          const auto start = std::chrono::steady_clock::now();
+          const Outcome o = client.Generate(small, 10s);
+          seconds[t * each + i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+          if (o.status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) ++refused;
+        }
+      });
+    }
+    for (auto& c : callers) c.join();
+    std::sort(seconds.begin(), seconds.end());
+    EXPECT_EQ(refused.load(), threads * each);
+    return seconds[seconds.size() / 2];
+  };
+  const pid_t cluster = cluster_->pid();
+  burst(32, 16);  // the server's threads and buffers grown once
+  const int64_t before = ChildRssKib(cluster, "epic-coordinato");
+  ASSERT_GT(before, 0);
+  const double median = burst(32, 128);
+  const int64_t after = ChildRssKib(cluster, "epic-coordinato");
+  std::printf("4096 refused requests: median %.1f ms each; coordinator RSS %lld -> %lld KiB\n", median * 1e3,
+              static_cast<long long>(before), static_cast<long long>(after));
+  EXPECT_LT(median, 0.1) << "refusals are slow";
+  // 4 MiB over 4096 requests: a leak of 1 KiB a request (less than one request's prompt) shows.
+  EXPECT_LT(after - before, 4 * 1024) << "the coordinator's memory grew with refused requests";
+  canceller.CancelAll();
+  for (auto& h : holders) h.join();
+  EXPECT_TRUE(client.WaitAllBlocksFree(10s));
+  EXPECT_TRUE(client.Generate(Request({5, 17, 300}, 3)).status.ok());
+}
+
 TEST_F(ServingTest, OverloadIsRefusedAndCancelledOrExpiredRequestsFreeTheirBlocks) {
   const int port = StartCluster(2);
   ASSERT_GT(port, 0);
