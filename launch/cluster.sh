@@ -27,6 +27,12 @@ Builds epic first unless --no-build (installing missing Debian packages as root)
   --coordinator-host H   address the workers dial (default 127.0.0.1; set it for multi-host)
   --hostfile FILE        worker hosts and slots (mpirun --hostfile), for several hosts
   --hosts LIST           or hosts inline: node1:8,node2:8 (mpirun -H)
+  --host-check CMD       how a host is asked whether it answers before each launch:
+                         'CMD HOST true' within 10 s (default: ssh -o BatchMode=yes
+                         -o ConnectTimeout=5); hosts that do not answer are left out and
+                         the job runs on the slots that remain (fewer ranks than --np if
+                         need be); they rejoin when they answer again. This machine's own
+                         names are never asked
   --threads T            OpenMP threads per rank (default: cores / ranks, at least 1)
   --device cpu|cuda      compute device of the workers (default cpu)
   --tcp-if IFACE         network interface(s) for MPI traffic (see launch/distributed.sh)
@@ -39,7 +45,7 @@ USAGE
 }
 
 model="" np=4 port=50051 http_port=8000 metrics_port=9400 listen_host=0.0.0.0 coord_host=127.0.0.1
-hostfile="" hosts="" threads="" device=cpu tcp_if="" ready_file="" max_restarts=-1 build=1
+hostfile="" hosts="" host_check="ssh -o BatchMode=yes -o ConnectTimeout=5" threads="" device=cpu tcp_if="" ready_file="" max_restarts=-1 build=1
 mpirun_extra=() coord_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -52,6 +58,7 @@ while [ $# -gt 0 ]; do
     --coordinator-host) coord_host="$2"; shift 2 ;;
     --hostfile) hostfile="$2"; shift 2 ;;
     --hosts) hosts="$2"; shift 2 ;;
+    --host-check) host_check="$2"; shift 2 ;;
     --threads) threads="$2"; shift 2 ;;
     --device) device="$2"; shift 2 ;;
     --tcp-if) tcp_if="$2"; shift 2 ;;
@@ -118,11 +125,9 @@ port="$(epic_wait_ready "$state/ready.json" "$coord_pid" 10 "the coordinator")" 
 if [ -z "$threads" ]; then
   threads=$(( $(nproc) / np )); [ "$threads" -ge 1 ] || threads=1
 fi
-mpirun_cmd=(mpirun -np "$np" --bind-to none -x "OMP_NUM_THREADS=$threads")
+mpirun_cmd=(mpirun --bind-to none -x "OMP_NUM_THREADS=$threads")
 [ "$(id -u)" -eq 0 ] && mpirun_cmd+=(--allow-run-as-root)
 [ "$np" -gt "$(nproc)" ] && mpirun_cmd+=(--oversubscribe)
-[ -n "$hostfile" ] && mpirun_cmd+=(--hostfile "$hostfile")
-[ -n "$hosts" ] && mpirun_cmd+=(-H "$hosts")
 [ -n "$tcp_if" ] && mpirun_cmd+=(--mca btl_tcp_if_include "$tcp_if" --mca oob_tcp_if_include "$tcp_if")
 mpirun_cmd+=(${mpirun_extra[@]+"${mpirun_extra[@]}"})
 worker_cmd=("$bin/worker/epic-worker" --model "$model" --coordinator "$coord_host:$port"
@@ -182,12 +187,58 @@ wait_job() {
   set -e
 }
 
+# The worker hosts as "HOST SLOTS" lines, from --hostfile or --hosts (a host without a
+# slot count has one slot).
+host_list() {
+  if [ -n "$hostfile" ]; then
+    sed -e 's/#.*//' "$hostfile" | awk 'NF { slots = 1; for (i = 2; i <= NF; i++) if ($i ~ /^(max_)?slots=/) { split($i, kv, "="); slots = kv[2] } print $1, slots }'
+  else
+    tr ',' '\n' <<<"$hosts" | awk -F: 'NF { print $1, ($2 == "" ? 1 : $2) }'
+  fi
+}
+is_local_host() {
+  case "$1" in localhost|127.*|::1|"$(hostname)"|"$(hostname -f 2>/dev/null)") return 0 ;; esac
+  return 1
+}
+# Chooses this launch's hosts: those that answer (this machine always does), written to
+# $state/hosts; sets RANKS to --np or the slots that remain, whichever is fewer (0: none).
+choose_hosts() {
+  : >"$state/hosts"
+  local host slots total=0
+  while read -r host slots; do
+    if ! is_local_host "$host" && ! timeout 10 $host_check "$host" true </dev/null >/dev/null 2>&1; then
+      epic_log "host $host does not answer ($host_check $host true): leaving it out of this launch"
+      continue
+    fi
+    echo "$host slots=$slots" >>"$state/hosts"
+    total=$((total + slots))
+  done < <(host_list)
+  ranks=$np
+  if [ "$total" -lt "$np" ]; then
+    ranks=$total
+    [ "$ranks" -gt 0 ] && epic_log "launching $ranks rank(s), not $np: only $total slot(s) on the hosts that answer"
+  fi
+}
+
 backoff=1 failures=0
 while kill -0 "$coord_pid" 2>/dev/null; do
-  epic_log "starting the worker job: ${mpirun_cmd[*]} ${worker_cmd[*]}"
+  ranks=$np
+  host_args=()
+  if [ -n "$hostfile$hosts" ]; then
+    choose_hosts
+    host_args=(--hostfile "$state/hosts")
+  fi
+  if [ "$ranks" -lt 1 ]; then
+    epic_log "no worker host answers; asking again in ${backoff} s"
+    sleep "$backoff"
+    backoff=$(( backoff * 2 > 30 ? 30 : backoff * 2 ))
+    continue
+  fi
+  launch=("${mpirun_cmd[@]}" -np "$ranks" ${host_args[@]+"${host_args[@]}"})
+  epic_log "starting the worker job: ${launch[*]} ${worker_cmd[*]}"
   started=$(date +%s)
   attached_before="$(attachments)"
-  "${mpirun_cmd[@]}" "${worker_cmd[@]}" &
+  "${launch[@]}" "${worker_cmd[@]}" &
   worker_pid=$!
   wait_job "$worker_pid"
   worker_pid=""

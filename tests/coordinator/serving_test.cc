@@ -196,19 +196,23 @@ class ServingTest : public ::testing::Test {
   }
 
   // launch/cluster.sh with NP ranks; returns the gRPC port once it serves.
+  // CLUSTER_FLAGS go to launch/cluster.sh, ENV to its environment.
   int StartCluster(int np, const std::vector<std::string>& coordinator_flags = {}, int max_waiting = kMaxWaiting,
-                   int step_timeout = 20) {
+                   int step_timeout = 20, const std::vector<std::string>& cluster_flags = {},
+                   std::vector<std::string> env = {}) {
     const fs::path ready = *dir_ / "ready.json";
     std::vector<std::string> argv{EPIC_CLUSTER_SCRIPT, "--model", (*dir_ / "model").string(), "--np",
                                  std::to_string(np), "--port", "0", "--http-port", "off", "--metrics-port", "0", "--listen-host",
-                                 "127.0.0.1", "--threads", "1", "--no-build", "--ready-file", ready.string(), "--",
+                                 "127.0.0.1", "--threads", "1", "--no-build", "--ready-file", ready.string()};
+    argv.insert(argv.end(), cluster_flags.begin(), cluster_flags.end());
+    argv.insert(argv.end(), {"--",
                                  "--cache-blocks", std::to_string(kCacheBlocks), "--block-size",
                                  std::to_string(kBlockSize), "--max-waiting", std::to_string(max_waiting),
                                  "--max-running", "16", "--max-step-tokens", "64", "--step-timeout", std::to_string(step_timeout),
-                                 "--drain-timeout", "10"};
+                                 "--drain-timeout", "10"});
     argv.insert(argv.end(), coordinator_flags.begin(), coordinator_flags.end());
-    cluster_ = std::make_unique<Process>(argv, *dir_ / "cluster.log",
-                                         std::vector<std::string>{"EPIC_BUILD_DIR=" + std::string(EPIC_BUILD_DIR)});
+    env.push_back("EPIC_BUILD_DIR=" + std::string(EPIC_BUILD_DIR));
+    cluster_ = std::make_unique<Process>(argv, *dir_ / "cluster.log", env);
     for (int i = 0; i < 600 && !fs::exists(ready); ++i) std::this_thread::sleep_for(100ms);
     const std::string text = ReadAll(ready);
     metrics_port_ = JsonPort(text, "metrics_port");
@@ -365,23 +369,33 @@ TEST_F(ServingTest, BadRequestsAreRefusedNamingTheFieldAndServingGoesOn) {
   EXPECT_LE(a.last.logprobs_size(), a.last.token_ids_size());
 }
 
-// The resident memory of the process named NAME (as /proc/PID/comm has it) among the
-// children of PARENT, in KiB; -1 when there is none.
-int64_t ChildRssKib(pid_t parent, const std::string& name) {
+// A field of /proc/PID/status ("" when there is none).
+std::string ProcStatus(pid_t pid, const std::string& key) {
+  const std::string status = ReadAll(fs::path("/proc") / std::to_string(pid) / "status");
+  const size_t at = status.find("\n" + key + ":");
+  if (at == std::string::npos) return "";
+  const size_t begin = at + key.size() + 2;
+  return status.substr(begin, status.find('\n', begin) - begin);
+}
+
+// The children of PARENT, only those whose /proc/PID/comm is NAME when one is given.
+std::vector<pid_t> ChildrenOf(pid_t parent, const std::string& name = "") {
+  std::vector<pid_t> children;
   for (const auto& entry : fs::directory_iterator("/proc")) {
     const std::string pid = entry.path().filename().string();
     if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
-    const std::string status = ReadAll(entry.path() / "status");
-    const auto field = [&](const std::string& key) {
-      const size_t at = status.find("\n" + key + ":");
-      return at == std::string::npos ? std::string() : status.substr(at + key.size() + 2, status.find('\n', at + 1) - at - key.size() - 2);
-    };
-    if (std::atoi(field("PPid").c_str()) != parent) continue;
+    if (std::atoi(ProcStatus(std::atoi(pid.c_str()), "PPid").c_str()) != parent) continue;
     std::string comm = ReadAll(entry.path() / "comm");
     while (!comm.empty() && comm.back() == '\n') comm.pop_back();
-    if (comm == name) return std::atoll(field("VmRSS").c_str());
+    if (name.empty() || comm == name) children.push_back(std::atoi(pid.c_str()));
   }
-  return -1;
+  return children;
+}
+
+// The resident memory of the child of PARENT named NAME, in KiB; -1 when there is none.
+int64_t ChildRssKib(pid_t parent, const std::string& name) {
+  const std::vector<pid_t> children = ChildrenOf(parent, name);
+  return children.empty() ? -1 : std::atoll(ProcStatus(children[0], "VmRSS").c_str());
 }
 
 // Thousands of requests beyond a full queue: each refused at once, RESOURCE_EXHAUSTED,
@@ -659,6 +673,59 @@ INSTANTIATE_TEST_SUITE_P(Faults, FaultTest,
                                               : info.param == Fault::kKillInDecode ? "KillInDecode"
                                                                                    : "StopRankZero");
                          });
+
+// A worker host vanishes (its MPI daemon and ranks killed, and it no longer answers):
+// the job is relaunched on the host that remains, with fewer ranks, the coordinator
+// takes the smaller job, and requests in flight end as they would have.
+TEST_F(ServingTest, AJobLosingAHostIsRelaunchedOnTheHostsThatRemain) {
+  const fs::path hostfile = *dir_ / "hosts";
+  const fs::path down = *dir_ / "hosts-down";
+  {
+    std::ofstream(hostfile) << "localhost slots=2\nghost slots=2\n";
+    std::ofstream(down) << "";
+  }
+  // "ghost" is this machine too, reached through a stand-in for ssh.
+  const int port = StartCluster(4, {}, kMaxWaiting, 20,
+                                {"--hostfile", hostfile.string(), "--host-check", EPIC_FAKE_RSH, "--mpirun-arg",
+                                 "--mca", "--mpirun-arg", "plm_rsh_agent", "--mpirun-arg", EPIC_FAKE_RSH},
+                                {"EPIC_FAKE_HOSTS_DOWN=" + down.string()});
+  ASSERT_GT(port, 0);
+  Client client(port);
+  ASSERT_EQ(client.Info().ranks_size(), 4);
+  const std::vector<int32_t> prompt{5, 17, 300, 41};
+  v1::GenerateRequest request = Request(prompt, 40);
+  request.set_ignore_eos(true);
+  const Outcome undisturbed = client.Generate(request);
+  ASSERT_TRUE(undisturbed.status.ok()) << undisturbed.status.error_message();
+
+  Outcome in_flight;
+  std::thread caller([&] { in_flight = client.Generate(request, 120s); });
+  const int64_t steps = client.Info().steps();
+  for (int i = 0; i < 1000 && client.Info().steps() < steps + 5; ++i) std::this_thread::sleep_for(5ms);
+  // The ghost host goes: it stops answering, and its daemon and ranks die.
+  std::ofstream(down) << "ghost\n";
+  std::vector<pid_t> mpirun = ChildrenOf(cluster_->pid(), "mpirun");
+  ASSERT_EQ(mpirun.size(), 1u);
+  const std::vector<pid_t> daemons = ChildrenOf(mpirun[0], "orted");
+  ASSERT_EQ(daemons.size(), 1u) << "no MPI daemon of the ghost host";
+  for (pid_t rank : ChildrenOf(daemons[0])) kill(rank, SIGKILL);
+  kill(daemons[0], SIGKILL);
+  const auto killed = std::chrono::steady_clock::now();
+  const Outcome first = client.Generate(Request({7, 8}, 1), 60s);  // waits for the next job
+  const double recovery = std::chrono::duration<double>(std::chrono::steady_clock::now() - killed).count();
+  caller.join();
+  ASSERT_TRUE(first.status.ok()) << first.status.error_message();
+  std::printf("a host lost: first token served again %.1f s after its ranks died\n", recovery);
+  EXPECT_LT(recovery, 20.0);
+  ASSERT_TRUE(in_flight.status.ok()) << in_flight.status.error_message();
+  EXPECT_EQ(in_flight.tokens, undisturbed.tokens);
+  const v1::ModelInfo info = client.Info();
+  EXPECT_EQ(info.ranks_size(), 2) << "the job was not relaunched on the remaining host";
+  EXPECT_NE(ReadAll(*dir_ / "cluster.log").find("host ghost does not answer"), std::string::npos);
+  const Outcome after = client.Generate(request);
+  ASSERT_TRUE(after.status.ok()) << after.status.error_message();
+  EXPECT_EQ(after.tokens, undisturbed.tokens);
+}
 
 // Skewed traffic: prompts that repeat a few tokens send most tokens to few experts.
 std::vector<std::vector<int32_t>> SkewedPrompts() {
