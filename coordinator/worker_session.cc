@@ -67,6 +67,37 @@ StatusOr<std::shared_ptr<WorkerSession::Rebalancing>> WorkerSession::PlanRebalan
 }
 
 
+std::shared_ptr<WorkerSession::Rebalancing> WorkerSession::PlanForNewSizeLocked(const ReportInput& last,
+                                                                                int last_ranks) {
+  const int ranks = worker_.ranks_size();
+  if (last_ranks == 0 || last_ranks == ranks || last.window_steps == 0 || last.layers != stats_.layers()) {
+    return nullptr;
+  }
+  ReportInput in;
+  in.layers = last.layers;
+  in.expert_tokens = last.expert_tokens;
+  in.num_ranks = ranks;
+  in.num_groups = static_cast<int>(std::max<int64_t>(1, worker_.model().n_group()));
+  in.placement = CurrentPlacementLocked();
+  in.redundant_slots_per_rank = options_.redundant_slots_per_rank;
+  auto plan = PlanFromReport(in);
+  if (!plan.ok() || plan->tokens <= 0 || plan->experts_moved == 0 || plan->imbalance_after >= plan->imbalance_before) {
+    return nullptr;
+  }
+  auto r = std::make_shared<Rebalancing>();
+  r->table = std::move(plan->placement);
+  r->response.set_imbalance_before(plan->imbalance_before);
+  r->response.set_imbalance_after(plan->imbalance_after);
+  r->response.set_experts_moved(plan->experts_moved);
+  r->response.set_window_steps(last.window_steps);
+  r->done.get_future();  // nobody waits on it
+  Log("a job of " + std::to_string(ranks) + " rank(s) after one of " + std::to_string(last_ranks) +
+      ": planned its placement from the last job's loads over " + std::to_string(last.window_steps) +
+      " steps (imbalance " + std::to_string(plan->imbalance_before) + " -> " +
+      std::to_string(plan->imbalance_after) + " predicted)");
+  return r;
+}
+
 grpc::Status WorkerSession::Rebalance(const v1::RebalanceRequest* request, v1::RebalanceResponse* response) {
   auto plan = PlanRebalance(request->has_redundant_slots_per_rank() ? request->redundant_slots_per_rank()
                                                                     : options_.redundant_slots_per_rank);
@@ -115,8 +146,6 @@ grpc::Status WorkerSession::FillLoadReport(v1::LoadReport* report) const {
 }
 
 
-namespace {
-
 // Everything a job's hello says that the coordinator will size or index things by, checked
 // before any state changes: nothing a peer sends may wedge the session.
 Status ValidateHello(const v1::internal::Hello& hello) {
@@ -154,8 +183,6 @@ Status ValidateHello(const v1::internal::Hello& hello) {
   }
   return OkStatus();
 }
-
-}  // namespace
 
 grpc::Status WorkerSession::Attach(
   grpc::ServerContext* ctx,
@@ -197,6 +224,10 @@ grpc::Status WorkerSession::Attach(
       return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "a worker job is already attached");
     }
     attached_ = true;
+    // What the last job measured, for a job of another size (elastic restarts).
+    ReportInput last;
+    const int last_ranks = attachments_ > 0 ? worker_.ranks_size() : 0;
+    if (last_ranks > 0) stats_.Fill(&last);
     ++attachments_;
     worker_ = first.hello();
     worker_.clear_secret();
@@ -204,6 +235,10 @@ grpc::Status WorkerSession::Attach(
     for (const v1::LayerPlacement& lp : worker_.placement()) moe_layers.push_back(lp.layer());
     stats_.Reset(moe_layers, model.n_routed_experts(), first.hello().ranks_size());
     steps_since_rebalance_ = 0;
+    if (std::shared_ptr<Rebalancing> r = PlanForNewSizeLocked(last, last_ranks)) {
+      std::lock_guard<std::mutex> pending(rebalance_mu_);
+      if (!pending_) pending_ = std::move(r);  // applied before the job's first step
+    }
   }
   v1::internal::CoordinatorMessage welcome;
   welcome.mutable_welcome()->set_block_size(options_.scheduler.block_size);
@@ -216,16 +251,16 @@ grpc::Status WorkerSession::Attach(
         " rank(s), " + model.model_type() + " with " + std::to_string(model.num_hidden_layers()) + " layers");
     why = RunSteps(ctx, stream);
     on_serving_(false);
-    {
-      std::lock_guard<std::mutex> lock(rebalance_mu_);
-      if (pending_) {
-        pending_->done.set_value(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the worker job left: " + why));
-        pending_.reset();
-      }
-    }
     // A job that died leaves its requests waiting for the next; a stopping coordinator ends them.
     scheduler_->Detach(why, /*resume=*/!stopping_);
     Log("worker job detached: " + why);
+  }
+  {
+    std::lock_guard<std::mutex> lock(rebalance_mu_);
+    if (pending_) {
+      pending_->done.set_value(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the worker job left: " + why));
+      pending_.reset();
+    }
   }
   {
     std::lock_guard<std::mutex> lock(mu_);

@@ -25,6 +25,11 @@
 
 namespace epic::coordinator {
 
+// The checks a job's hello passes before it may attach: every size and index the session
+// and its reports are built from (model fields, ranks, the placement's layers and experts).
+// INVALID_ARGUMENT naming the field. Attach calls it; exposed for fuzz/worker_hello.cc.
+Status ValidateHello(const v1::internal::Hello& hello);
+
 class WorkerSession final : public v1::internal::WorkerLink::Service {
  public:
   // ON_SERVING hears true when a job attaches and false when it leaves.
@@ -62,6 +67,10 @@ class WorkerSession final : public v1::internal::WorkerLink::Service {
   ReportInput ReportInputLocked(int redundant) const;
   // What a rebalance would do now. FAILED_PRECONDITION without statistics.
   StatusOr<std::shared_ptr<Rebalancing>> PlanRebalance(int redundant);
+  // A job of another size than the last one: a placement for it planned from the last
+  // job's expert loads (IN, its statistics window), or nullptr when there is nothing to
+  // plan from or nothing to move.
+  std::shared_ptr<Rebalancing> PlanForNewSizeLocked(const ReportInput& last, int last_ranks);
   // Feeds steps to the attached job until it leaves or fails; returns why it ended.
   std::string RunSteps(grpc::ServerContext* ctx,
                        grpc::ServerReaderWriter<v1::internal::CoordinatorMessage, v1::internal::WorkerMessage>* stream);

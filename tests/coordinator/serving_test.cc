@@ -721,7 +721,11 @@ TEST_F(ServingTest, AJobLosingAHostIsRelaunchedOnTheHostsThatRemain) {
   EXPECT_EQ(in_flight.tokens, undisturbed.tokens);
   const v1::ModelInfo info = client.Info();
   EXPECT_EQ(info.ranks_size(), 2) << "the job was not relaunched on the remaining host";
-  EXPECT_NE(ReadAll(*dir_ / "cluster.log").find("host ghost does not answer"), std::string::npos);
+  const std::string log = ReadAll(*dir_ / "cluster.log");
+  EXPECT_NE(log.find("host ghost does not answer"), std::string::npos);
+  // The smaller job's placement is planned from what the larger one measured.
+  EXPECT_NE(log.find("a job of 2 rank(s) after one of 4: planned its placement"), std::string::npos);
+  EXPECT_NE(log.find("rebalanced:"), std::string::npos);
   const Outcome after = client.Generate(request);
   ASSERT_TRUE(after.status.ok()) << after.status.error_message();
   EXPECT_EQ(after.tokens, undisturbed.tokens);
