@@ -78,7 +78,7 @@ done
 
 bin="$EPIC_BUILD_DIR"
 state="$(mktemp -d "${TMPDIR:-/tmp}/epic-cluster.XXXXXX")"
-coord_pid="" worker_pid=""
+coord_pid="" worker_pid="" watcher_pid=""
 # PID's process, given up to SECONDS to exit after SIGTERM, then killed.
 stop_process() {
   local pid="$1" seconds="$2"
@@ -96,6 +96,7 @@ stop() {
   trap - INT TERM EXIT
   epic_log "stopping the cluster"
   # The coordinator first: it drains what runs (--drain-timeout), then the job follows.
+  kill "$watcher_pid" 2>/dev/null || true
   stop_process "$coord_pid" 60
   stop_process "$worker_pid" 10
   rm -rf "$state"
@@ -136,6 +137,7 @@ worker_cmd=("$bin/worker/epic-worker" --model "$model" --coordinator "$coord_hos
 # Announces readiness once the server says SERVING (a background watcher, once).
 (
   for _ in $(seq 1 6000); do
+    kill -0 "$coord_pid" 2>/dev/null || exit 0
     if "$bin/client/epic" health --server "127.0.0.1:$port" >/dev/null 2>&1; then
       [ -n "$ready_file" ] && cp "$state/ready.json" "$ready_file"
       http="$(sed -E 's/.*"http_port": ([0-9]+).*/\1/' "$state/ready.json")"
@@ -145,6 +147,7 @@ worker_cmd=("$bin/worker/epic-worker" --model "$model" --coordinator "$coord_hos
     sleep 0.2
   done
 ) &
+watcher_pid=$!
 
 # What the coordinator says of the worker job: "ATTACHED ATTACHMENTS" (1 or 0, and how
 # many jobs have attached so far), or "" when it cannot be asked.
@@ -167,9 +170,12 @@ kill_job() {
 # Waits for the job PID; ends it when the coordinator has dropped it (a step timed out:
 # a rank stuck or stopped) and it is still there 2 s later. Sets CODE.
 wait_job() {
-  local pid="$1" attached=0 dropped=0 state
+  local pid="$1" attached=0 dropped=0 state tick=0
   while kill -0 "$pid" 2>/dev/null; do
-    sleep 1
+    sleep 0.1
+    # The coordinator is asked once a second; a job that exits is seen within 0.1 s.
+    tick=$((tick + 1))
+    [ $((tick % 10)) -eq 0 ] || continue
     state="$(job_state)"
     if [ "${state%% *}" = "1" ]; then
       attached=1 dropped=0

@@ -408,6 +408,15 @@ TEST_F(ServingTest, ABurstFarBeyondTheQueueIsRefusedQuicklyInBoundedMemory) {
   long_request.set_ignore_eos(true);
   Canceller canceller;
   std::vector<std::thread> holders;
+  // However the test ends, the holders end first (a joinable thread would abort it).
+  struct Release {
+    Canceller& canceller;
+    std::vector<std::thread>& threads;
+    ~Release() {
+      canceller.CancelAll();
+      for (auto& t : threads) t.join();
+    }
+  } release{canceller, holders};
   for (int i = 0; i < 1 + kMaxWaiting; ++i) {
     holders.emplace_back([&] { client.Generate(long_request, 120s, 0, "", &canceller); });
   }
@@ -448,6 +457,7 @@ TEST_F(ServingTest, ABurstFarBeyondTheQueueIsRefusedQuicklyInBoundedMemory) {
   EXPECT_LT(after - before, 4 * 1024) << "the coordinator's memory grew with refused requests";
   canceller.CancelAll();
   for (auto& h : holders) h.join();
+  holders.clear();
   EXPECT_TRUE(client.WaitAllBlocksFree(10s));
   EXPECT_TRUE(client.Generate(Request({5, 17, 300}, 3)).status.ok());
 }
@@ -699,7 +709,7 @@ TEST_F(ServingTest, AJobLosingAHostIsRelaunchedOnTheHostsThatRemain) {
   ASSERT_TRUE(undisturbed.status.ok()) << undisturbed.status.error_message();
 
   Outcome in_flight;
-  std::thread caller([&] { in_flight = client.Generate(request, 120s); });
+  std::jthread caller([&] { in_flight = client.Generate(request, 120s); });  // joined however the test ends
   const int64_t steps = client.Info().steps();
   for (int i = 0; i < 1000 && client.Info().steps() < steps + 5; ++i) std::this_thread::sleep_for(5ms);
   // The ghost host goes: it stops answering, and its daemon and ranks die.
