@@ -67,6 +67,12 @@ int main(int argc, char** argv) {
                  "seconds requests wait for a new worker job when theirs dies; the next job prefills what "
                  "each has so far and its stream goes on unchanged (0: they end UNAVAILABLE at once)")
       ->check(CLI::NonNegativeNumber)->capture_default_str();
+  std::string prefix_cache = "on";
+  app.add_option("--prefix-cache", prefix_cache,
+                 "on: full latent-cache blocks stay cached after their requests end (least recently used "
+                 "out first), and a request whose prompt begins with cached blocks shares them and "
+                 "prefills only the rest; off: every request prefills its whole prompt")
+      ->check(CLI::IsMember({"on", "off"}))->capture_default_str();
   app.add_option("--hello-timeout", hello_timeout,
                  "seconds a worker link may take to present its hello before it is closed")
       ->check(CLI::PositiveNumber)->capture_default_str();
@@ -124,6 +130,7 @@ int main(int argc, char** argv) {
   options.step_timeout = std::chrono::milliseconds(static_cast<int64_t>(step_timeout * 1000));
   options.hello_timeout = std::chrono::milliseconds(static_cast<int64_t>(hello_timeout * 1000));
   s.resume_timeout = std::chrono::milliseconds(static_cast<int64_t>(resume_timeout * 1000));
+  s.prefix_cache = prefix_cache == "on";
   if (!tokenizer_dir.empty()) {
     auto text = epic::coordinator::TextCodec::Load(tokenizer_dir);
     if (!text.ok()) return fail("--tokenizer " + text.status().message());

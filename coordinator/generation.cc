@@ -151,6 +151,7 @@ std::optional<v1::GenerateResponse> Generation::Next(std::chrono::milliseconds t
   usage->set_prompt_tokens(static_cast<uint32_t>(request_.prompt_token_ids_size()));
   usage->set_completion_tokens(static_cast<uint32_t>(completion_tokens_));
   usage->set_time_to_first_token_seconds(last ? last->time_to_first_token : first_token_seconds_);
+  if (last) usage->set_cached_tokens(static_cast<uint32_t>(last->cached_tokens));
   usage->set_total_seconds(std::chrono::duration<double>(Clock::now() - start_).count());
   return response;
 }

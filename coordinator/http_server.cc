@@ -403,7 +403,8 @@ struct HttpServer::Impl {
   static json Usage(const v1::Usage& u) {
     return {{"prompt_tokens", u.prompt_tokens()},
             {"completion_tokens", u.completion_tokens()},
-            {"total_tokens", u.prompt_tokens() + u.completion_tokens()}};
+            {"total_tokens", u.prompt_tokens() + u.completion_tokens()},
+            {"prompt_tokens_details", {{"cached_tokens", u.cached_tokens()}}}};
   }
 
   void Generate(const httplib::Request& req, httplib::Response& res, bool chat) {

@@ -1,5 +1,7 @@
 #include "coordinator/metrics.h"
 
+#include <algorithm>
+
 #include <chrono>
 #include <deque>
 
@@ -52,6 +54,12 @@ struct Metrics::Impl {
       .Register(*registry);
   pm::Family<pm::Counter>& steps_family = pm::BuildCounter().Name("epic:steps_total")
       .Help("Steps completed by the worker job").Register(*registry);
+  pm::Family<pm::Counter>& prefix_queries_family = pm::BuildCounter().Name("epic:prefix_cache_queries_total")
+      .Help("Prompt tokens looked up in the prefix cache").Register(*registry);
+  pm::Family<pm::Counter>& prefix_hits_family = pm::BuildCounter().Name("epic:prefix_cache_hits_total")
+      .Help("Prompt tokens found in the prefix cache (their prefill skipped)").Register(*registry);
+  pm::Family<pm::Counter>& prefix_evictions_family = pm::BuildCounter().Name("epic:prefix_cache_evictions_total")
+      .Help("Cached blocks evicted to make room").Register(*registry);
 
   static pm::Histogram::BucketBoundaries Latency() {
     return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120};
@@ -70,6 +78,10 @@ struct Metrics::Impl {
   pm::Counter& generated = generation_family.Add({});
   pm::Counter& prompt = prompt_family.Add({});
   pm::Counter& steps = steps_family.Add({});
+  pm::Counter& prefix_queries = prefix_queries_family.Add({});
+  pm::Counter& prefix_hits = prefix_hits_family.Add({});
+  pm::Counter& prefix_evictions = prefix_evictions_family.Add({});
+  int64_t prefix_totals[3] = {0, 0, 0};  // what the counters hold, to add the difference
 
   std::mutex mu;
   std::deque<std::pair<std::chrono::steady_clock::time_point, int64_t>> recent;  // (when, tokens)
@@ -103,6 +115,17 @@ StatusOr<std::unique_ptr<Metrics>> Metrics::Start(const std::string& listen) {
 int Metrics::port() const {
   const auto ports = impl_->exposer->GetListeningPorts();
   return ports.empty() ? 0 : ports.front();
+}
+
+void Metrics::PrefixCache(int64_t queried, int64_t hits, int64_t evictions) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  int64_t* last = impl_->prefix_totals;
+  pm::Counter* counters[3] = {&impl_->prefix_queries, &impl_->prefix_hits, &impl_->prefix_evictions};
+  const int64_t now[3] = {queried, hits, evictions};
+  for (int i = 0; i < 3; ++i) {
+    if (now[i] > last[i]) counters[i]->Increment(static_cast<double>(now[i] - last[i]));
+    last[i] = std::max(last[i], now[i]);
+  }
 }
 
 void Metrics::FirstToken(double seconds) {

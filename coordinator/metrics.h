@@ -23,6 +23,7 @@ class Metrics final : public SchedulerObserver {
   void InterToken(double seconds) override;
   void Finished(double e2e_seconds, int64_t prompt, int64_t completion, const std::string& outcome) override;
   void Load(int64_t running, int64_t waiting, double cache_usage) override;
+  void PrefixCache(int64_t queried, int64_t hits, int64_t evictions) override;
   void WorkerAttached(bool attached);
   void StepCompleted(double seconds, int64_t tokens);
   // An HTTP API call answered with CODE on ROUTE (unknown routes count as "other").

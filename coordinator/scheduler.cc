@@ -35,7 +35,7 @@ Status TokenInVocabulary(const char* field, int index, int32_t id, int64_t vocab
 }  // namespace
 
 Scheduler::Scheduler(const SchedulerOptions& options, SchedulerObserver* observer)
-    : options_(options), observer_(observer) {
+    : options_(options), observer_(observer), pool_(options.num_blocks, options.block_size, options.prefix_cache) {
   expirer_ = std::thread([this] {
     std::unique_lock<std::mutex> lock(mu_);
     while (!stopping_) {
@@ -62,9 +62,7 @@ void Scheduler::Attach(const v1::ModelSummary& model) {
   attached_ = true;
   in_flight_ = false;
   planned_.clear();
-  free_blocks_.clear();
-  // Handed out from the back: block 0 first.
-  for (int64_t b = options_.num_blocks - 1; b >= 0; --b) free_blocks_.push_back(static_cast<int32_t>(b));
+  pool_.Reset();  // a new job's cache holds nothing
   ReportLoad();
 }
 
@@ -94,7 +92,7 @@ void Scheduler::Detach(const std::string& why, bool resume) {
   attached_ = false;
   in_flight_ = false;
   planned_.clear();
-  free_blocks_.clear();
+  pool_.Reset();
   detached_at_ = Clock::now();
   detached_why_ = why;
   if (!resume || options_.resume_timeout.count() <= 0 || draining_) {
@@ -110,6 +108,7 @@ void Scheduler::Detach(const std::string& why, bool resume) {
     Request& r = requests_.at(id);
     r.blocks.clear();
     r.cached = 0;
+    r.published = 0;
     if (r.cancelled) {
       requests_.erase(id);
       continue;
@@ -227,7 +226,7 @@ void Scheduler::Cancel(uint64_t id, const std::string& outcome) {
 void Scheduler::Remove(uint64_t id) {
   auto it = requests_.find(id);
   if (it == requests_.end()) return;
-  for (int32_t b : it->second.blocks) free_blocks_.push_back(b);
+  pool_.Release(it->second.blocks);
   requests_.erase(it);
   waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), id), waiting_.end());
   running_.erase(std::remove(running_.begin(), running_.end(), id), running_.end());
@@ -240,12 +239,38 @@ void Scheduler::Admit() {
   while (!waiting_.empty() && static_cast<int64_t>(running_.size()) < options_.max_running) {
     Request& r = requests_.at(waiting_.front());
     const int64_t need = BlocksFor(r.spec);
-    if (need > static_cast<int64_t>(free_blocks_.size())) break;
-    r.blocks.assign(free_blocks_.end() - need, free_blocks_.end());
-    free_blocks_.resize(free_blocks_.size() - static_cast<size_t>(need));
+    // Only the blocks it does not share count: its context's full blocks found in the
+    // prefix cache are its own too. At least one prompt token is prefilled, for logits.
+    const std::vector<int32_t> context = Tokens(r);
+    const int64_t prefill = ContextToPrefill(r);
+    const int64_t shareable = r.output.empty() ? (prefill - 1) / options_.block_size : prefill / options_.block_size;
+    std::vector<int32_t> shared =
+        pool_.TakePrefix(std::span<const int32_t>(context).first(static_cast<size_t>(prefill)), shareable);
+    const int64_t fresh = need - static_cast<int64_t>(shared.size());
+    if (fresh > pool_.available()) {
+      pool_.Release(shared);
+      break;
+    }
+    r.blocks = std::move(shared);
+    r.cached = static_cast<int64_t>(r.blocks.size()) * options_.block_size;
+    if (!r.admitted && options_.prefix_cache) {  // counted once, not again when resumed
+      r.prefix_hit = r.cached;
+      pool_.Count(r.spec.prompt_token_ids_size(), r.cached);
+    }
+    r.admitted = true;
+    r.published = static_cast<int64_t>(r.blocks.size());
+    const std::vector<int32_t> more = pool_.Allocate(fresh);
+    r.blocks.insert(r.blocks.end(), more.begin(), more.end());
     running_.push_back(r.id);
     waiting_.pop_front();
   }
+  if (observer_) observer_->PrefixCache(pool_.queried_tokens(), pool_.hit_tokens(), pool_.evictions());
+}
+
+std::vector<int32_t> Scheduler::Tokens(const Request& r) {
+  std::vector<int32_t> tokens(r.spec.prompt_token_ids().begin(), r.spec.prompt_token_ids().end());
+  tokens.insert(tokens.end(), r.output.begin(), r.output.end());
+  return tokens;
 }
 
 bool Scheduler::NextStep(v1::internal::Step* step) {
@@ -327,6 +352,12 @@ Status Scheduler::Complete(const v1::internal::StepResult& result) {
       continue;
     }
     r.cached += p.tokens;
+    if (options_.prefix_cache && (r.cached / options_.block_size) > r.published) {
+      // Rows [0, cached) are written: their full blocks may serve later prompts.
+      const std::vector<int32_t> tokens = Tokens(r);
+      r.published = pool_.Publish(r.blocks, std::span<const int32_t>(tokens).first(static_cast<size_t>(r.cached)),
+                                  r.published);
+    }
     if (!p.sample) continue;
     auto s = sampled.find(p.id);
     const int32_t token = s->second->token_id();
@@ -363,6 +394,7 @@ void Scheduler::Finish(Request& r, v1::FinishReason reason) {
   e.finish_reason = reason;
   e.prompt_tokens = r.spec.prompt_token_ids_size();
   e.completion_tokens = static_cast<int64_t>(r.output.size());
+  e.cached_tokens = r.prefix_hit;
   e.time_to_first_token = r.time_to_first_token;
   r.stream->Push(std::move(e));
   if (observer_) {
@@ -376,7 +408,7 @@ void Scheduler::Finish(Request& r, v1::FinishReason reason) {
 void Scheduler::ReportLoad() {
   if (!observer_) return;
   const double usage = options_.num_blocks > 0 && attached_
-                           ? 1.0 - static_cast<double>(free_blocks_.size()) / static_cast<double>(options_.num_blocks)
+                           ? 1.0 - static_cast<double>(pool_.available()) / static_cast<double>(options_.num_blocks)
                            : 0.0;
   observer_->Load(static_cast<int64_t>(running_.size()), static_cast<int64_t>(waiting_.size()), usage);
 }
@@ -386,8 +418,9 @@ SchedulerStats Scheduler::Stats() const {
   SchedulerStats s;
   s.running = static_cast<int64_t>(running_.size());
   s.waiting = static_cast<int64_t>(waiting_.size());
-  s.free_blocks = static_cast<int64_t>(free_blocks_.size());
+  s.free_blocks = attached_ ? pool_.available() : 0;
   s.total_blocks = options_.num_blocks;
+  s.cached_blocks = pool_.cached_blocks();
   s.steps = steps_;
   s.attached = attached_;
   s.draining = draining_;

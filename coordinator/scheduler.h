@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "coordinator/block_pool.h"
 #include "epic.pb.h"
 #include "worker_link.pb.h"
 
@@ -33,6 +34,7 @@ struct RequestEvent {
   Status error;  // on a final event: not OK when the request failed
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
+  int64_t cached_tokens = 0;  // prompt tokens whose rows came from the prefix cache
   double time_to_first_token = 0.0;
 };
 
@@ -59,6 +61,9 @@ class SchedulerObserver {
   virtual void Finished(double /*e2e_seconds*/, int64_t /*prompt*/, int64_t /*completion*/,
                         const std::string& /*outcome*/) {}
   virtual void Load(int64_t /*running*/, int64_t /*waiting*/, double /*cache_usage*/) {}
+  // Totals since start: prompt tokens looked up in the prefix cache, found, and cached
+  // blocks evicted.
+  virtual void PrefixCache(int64_t /*queried*/, int64_t /*hits*/, int64_t /*evictions*/) {}
 };
 
 struct SchedulerOptions {
@@ -70,13 +75,17 @@ struct SchedulerOptions {
   // When the worker job dies, requests wait this long for the next job, which prefills
   // their prompt and what they have generated again and goes on; 0: they end UNAVAILABLE.
   std::chrono::milliseconds resume_timeout{std::chrono::seconds(30)};
+  // Full blocks of prompts (and outputs) stay cached after their requests end, and a
+  // request whose prompt begins with cached blocks shares them and prefills only the rest.
+  bool prefix_cache = true;
 };
 
 struct SchedulerStats {
   int64_t running = 0;
   int64_t waiting = 0;
-  int64_t free_blocks = 0;
+  int64_t free_blocks = 0;   // free, or cached and unused (a request may have them)
   int64_t total_blocks = 0;
+  int64_t cached_blocks = 0;  // blocks the prefix cache keys
   int64_t steps = 0;
   bool attached = false;
   bool draining = false;
@@ -135,6 +144,9 @@ class Scheduler {
     std::vector<int32_t> blocks;
     std::vector<int32_t> output;
     int64_t cached = 0;  // tokens whose rows are in the cache
+    int64_t prefix_hit = 0;  // of them, found in the prefix cache at admission
+    int64_t published = 0;   // full blocks offered to the prefix cache so far
+    bool admitted = false;   // once at least (a resumed request is admitted again)
     Clock::time_point arrival, last_token;
     double time_to_first_token = 0.0;
     bool cancelled = false;
@@ -156,6 +168,8 @@ class Scheduler {
   static int64_t ContextToPrefill(const Request& r);
   void Remove(uint64_t id);
   void Admit();
+  // R's tokens so far, the row of each in the cache: its prompt, then its output.
+  static std::vector<int32_t> Tokens(const Request& r);
   void ReportLoad();
 
   SchedulerOptions options_;
@@ -173,7 +187,7 @@ class Scheduler {
   std::deque<uint64_t> waiting_;
   std::vector<uint64_t> running_;  // in admission order
   std::map<uint64_t, Request> requests_;
-  std::vector<int32_t> free_blocks_;
+  BlockPool pool_;
   bool in_flight_ = false;
   uint64_t in_flight_step_ = 0;
   std::vector<Planned> planned_;

@@ -82,6 +82,7 @@ struct Server::Impl final : v1::Epic::Service {
     cache->set_block_size(options.scheduler.block_size);
     cache->set_total_blocks(stats.total_blocks);
     cache->set_free_blocks(stats.attached ? stats.free_blocks : stats.total_blocks);
+    cache->set_cached_blocks(stats.cached_blocks);
     info->set_requests_running(stats.running);
     info->set_requests_waiting(stats.waiting);
     info->set_steps(stats.steps);

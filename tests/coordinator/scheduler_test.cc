@@ -2,6 +2,8 @@
 // fabricated worker answers them, and what reaches each request's stream is checked.
 #include "coordinator/scheduler.h"
 
+#include "coordinator/block_pool.h"
+
 #include <atomic>
 #include <cmath>
 #include <functional>
@@ -1039,6 +1041,134 @@ TEST(SchedulerResumeTest, RequestsEndUnavailableAfterTheResumeTimeoutOrOnDrain) 
   ASSERT_FALSE(drained.empty());
   EXPECT_EQ(drained.back().error.code(), StatusCode::kUnavailable);
   EXPECT_TRUE(d.WaitIdle(milliseconds(100)));
+}
+
+
+// The prefix cache's block pool on its own.
+std::vector<int32_t> Seq(std::initializer_list<int32_t> v) { return v; }
+
+TEST(BlockPoolTest, ACachedPrefixIsFoundBlockByBlockAndOnlyFullBlocksAreShared) {
+  BlockPool pool(8, 4, /*caching=*/true);
+  const std::vector<int32_t> tokens = Prompt(10);  // two full blocks and a partial one
+  const std::vector<int32_t> a = pool.Allocate(3);
+  EXPECT_EQ(pool.Publish(a, tokens, 0), 2);
+  EXPECT_EQ(pool.cached_blocks(), 2);
+  std::vector<int32_t> longer = Prompt(14);
+  EXPECT_EQ(pool.TakePrefix(longer, 10), Seq({a[0], a[1]}));  // not the partial third
+  EXPECT_EQ(pool.TakePrefix(longer, 1), Seq({a[0]}));         // at most MAX_BLOCKS
+  longer[5] = 99;  // the second block differs: only the first is shared
+  EXPECT_EQ(pool.TakePrefix(longer, 10), Seq({a[0]}));
+  longer[0] = 98;  // the first differs: the second's tokens alone never match
+  longer[5] = tokens[5];
+  EXPECT_TRUE(pool.TakePrefix(longer, 10).empty());
+  // Used by A and by the three takes above: given back, the blocks stay cached.
+  pool.Release(a);
+  pool.Release(Seq({a[0], a[1], a[0], a[0]}));
+  EXPECT_EQ(pool.available(), 8);
+  EXPECT_EQ(pool.cached_blocks(), 2);
+}
+
+TEST(BlockPoolTest, UnusedCachedBlocksGoLeastRecentlyUsedFirstAndBlocksInUseNever) {
+  BlockPool pool(4, 2, /*caching=*/true);
+  const std::vector<int32_t> a = pool.Allocate(2), b = pool.Allocate(2);
+  pool.Publish(a, Seq({1, 2, 3, 4}), 0);
+  pool.Publish(b, Seq({5, 6, 7, 8}), 0);
+  pool.Release(a);
+  pool.Release(b);
+  EXPECT_EQ(pool.available(), 4);
+  // A again: now B's blocks are the least recently used.
+  pool.Release(pool.TakePrefix(Seq({1, 2, 3, 4, 9}), 2));
+  const std::vector<int32_t> in_use = pool.TakePrefix(Seq({1, 2, 3, 4}), 2);
+  EXPECT_EQ(in_use, a);
+  EXPECT_EQ(pool.available(), 2);
+  const std::vector<int32_t> fresh = pool.Allocate(2);  // evicts B's, never A's in use
+  EXPECT_EQ(std::set<int32_t>(fresh.begin(), fresh.end()), std::set<int32_t>(b.begin(), b.end()));
+  EXPECT_EQ(pool.evictions(), 2);
+  EXPECT_TRUE(pool.TakePrefix(Seq({5, 6, 7, 8}), 2).empty());
+  EXPECT_EQ(pool.available(), 0);
+  pool.Release(in_use);
+  EXPECT_EQ(pool.available(), 2);
+  EXPECT_EQ(pool.TakePrefix(Seq({1, 2, 3, 4}), 2), a);
+}
+
+TEST(BlockPoolTest, WithoutCachingOrAfterAResetNothingIsShared) {
+  BlockPool off(4, 2, /*caching=*/false);
+  const std::vector<int32_t> a = off.Allocate(2);
+  off.Publish(a, Seq({1, 2, 3, 4}), 0);
+  off.Release(a);
+  EXPECT_TRUE(off.TakePrefix(Seq({1, 2, 3, 4}), 2).empty());
+  EXPECT_EQ(off.available(), 4);
+  BlockPool on(4, 2, /*caching=*/true);
+  const std::vector<int32_t> b = on.Allocate(2);
+  on.Publish(b, Seq({1, 2, 3, 4}), 0);
+  on.Reset();  // a new worker job: its cache holds nothing
+  EXPECT_TRUE(on.TakePrefix(Seq({1, 2, 3, 4}), 2).empty());
+  EXPECT_EQ(on.available(), 4);
+  EXPECT_EQ(on.cached_blocks(), 0);
+}
+
+// Runs steps until every submitted request has ended.
+void RunToEnd(Scheduler& s) {
+  v1::internal::Step step;
+  for (int i = 0; i < 1000 && s.NextStep(&step); ++i) ASSERT_TRUE(s.Complete(Answer(step)).ok());
+}
+
+TEST(SchedulerPrefixTest, ARequestWithACachedPrefixSharesItsBlocksAndPrefillsOnlyTheRest) {
+  Scheduler s(Options(4, 16));
+  s.Attach(Model());
+  const std::vector<int32_t> prompt = Prompt(13);
+  Client a = Submit(s, Request(prompt, 2));
+  v1::internal::Step first;
+  ASSERT_TRUE(s.NextStep(&first));
+  const std::vector<int32_t> a_blocks(Find(first, a.id)->blocks().begin(), Find(first, a.id)->blocks().end());
+  ASSERT_TRUE(s.Complete(Answer(first)).ok());
+  RunToEnd(s);
+  EXPECT_EQ(Events(a).back().cached_tokens, 0);
+
+  std::vector<int32_t> other = Prompt(12);  // A's first 12 tokens (three full blocks), then its own
+  other.push_back(45);
+  other.push_back(46);
+  Client b = Submit(s, Request(other, 2));
+  v1::internal::Step step;
+  ASSERT_TRUE(s.NextStep(&step));
+  const v1::internal::SequenceWork* w = Find(step, b.id);
+  ASSERT_NE(w, nullptr);
+  EXPECT_EQ(w->position(), 12);
+  EXPECT_EQ(std::vector<int32_t>(w->token_ids().begin(), w->token_ids().end()), Seq({45, 46}));
+  EXPECT_EQ(std::vector<int32_t>(w->blocks().begin(), w->blocks().begin() + 3),
+            std::vector<int32_t>(a_blocks.begin(), a_blocks.begin() + 3));
+  ASSERT_TRUE(s.Complete(Answer(step)).ok());
+  RunToEnd(s);
+  const std::vector<RequestEvent> events = Events(b);
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back().cached_tokens, 12);
+  EXPECT_EQ(Tokens(events).size(), 2u);
+
+  // The whole prompt cached: one token is still prefilled, for the logits to sample from.
+  Client c = Submit(s, Request(Prompt(12), 1));
+  ASSERT_TRUE(s.NextStep(&step));
+  EXPECT_EQ(Find(step, c.id)->position(), 8);
+  EXPECT_EQ(Find(step, c.id)->token_ids_size(), 4);
+  ASSERT_TRUE(s.Complete(Answer(step)).ok());
+}
+
+TEST(SchedulerPrefixTest, AdmissionCountsOnlyTheBlocksARequestDoesNotShare) {
+  for (const bool caching : {true, false}) {
+    SCOPED_TRACE(caching ? "prefix cache on" : "prefix cache off");
+    SchedulerOptions o = Options(4, 9);
+    o.prefix_cache = caching;
+    Scheduler s(o);
+    s.Attach(Model());
+    const v1::GenerateRequest r = Request(Prompt(16), 9);  // 24 rows: 6 blocks
+    Client a = Submit(s, r);
+    RunStep(s);  // A's prompt prefilled: its 4 full blocks cached, 3 blocks free
+    Client b = Submit(s, r);  // shares 3 blocks ((16 - 1) / 4), needs 3 more
+    const v1::internal::Step step = RunStep(s);
+    EXPECT_EQ(Find(step, b.id) != nullptr, caching) << "B runs beside A only by sharing";
+    RunToEnd(s);
+    EXPECT_EQ(Tokens(Events(a)).size(), 9u);
+    EXPECT_EQ(Tokens(Events(b)).size(), 9u);
+  }
 }
 
 }  // namespace

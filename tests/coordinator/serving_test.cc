@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <map>
 #include <mutex>
 #include <chrono>
 #include <cstdio>
@@ -22,6 +23,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include <grpcpp/grpcpp.h>
@@ -59,6 +61,7 @@ double MetricValue(const std::string& page, const std::string& name) {
 struct Outcome {
   grpc::Status status;
   std::vector<int32_t> tokens;
+  std::vector<float> logprobs;
   int responses = 0;
   v1::GenerateResponse last;
 };
@@ -114,6 +117,7 @@ class Client {
     while (reader->Read(&r)) {
       ++out.responses;
       out.tokens.insert(out.tokens.end(), r.token_ids().begin(), r.token_ids().end());
+      out.logprobs.insert(out.logprobs.end(), r.logprobs().begin(), r.logprobs().end());
       out.last = r;
       if (stop_after > 0 && static_cast<int>(out.tokens.size()) >= stop_after) ctx.TryCancel();
     }
@@ -606,7 +610,8 @@ class FaultTest : public ServingTest, public ::testing::WithParamInterface<Fault
 TEST_P(FaultTest, FiftySixRequestsSurviveAndEndAsUndisturbed) {
   const Fault fault = GetParam();
   constexpr double kStepTimeout = 3;
-  const int port = StartCluster(2, {}, /*max_waiting=*/64, static_cast<int>(kStepTimeout));
+  // No prefix cache: the second run must prefill its prompts as the first did.
+  const int port = StartCluster(2, {"--prefix-cache", "off"}, /*max_waiting=*/64, static_cast<int>(kStepTimeout));
   ASSERT_GT(port, 0);
   Client client(port);
   std::vector<v1::GenerateRequest> requests;
@@ -739,6 +744,70 @@ TEST_F(ServingTest, AJobLosingAHostIsRelaunchedOnTheHostsThatRemain) {
   const Outcome after = client.Generate(request);
   ASSERT_TRUE(after.status.ok()) << after.status.error_message();
   EXPECT_EQ(after.tokens, undisturbed.tokens);
+}
+
+// Requests that share long prefixes (a 160-token system prompt for each of 12 "apps",
+// two users each, twice over), with the prefix cache on and then off: the same tokens
+// and log-probabilities, although the prefixes need twice the 64 blocks there are and
+// shared blocks are evicted along the way.
+TEST_F(ServingTest, ThePrefixCacheChangesNoAnswerAndSkipsSharedPrefill) {
+  constexpr int kApps = 12, kUsers = 2, kRounds = 2, kSystem = 160;
+  auto request_of = [](int round, int app, int user) {
+    std::vector<int32_t> prompt;
+    for (int i = 0; i < kSystem; ++i) prompt.push_back(3 + (app * 37 + i * 11) % 700);
+    for (int i = 0; i < 5 + user; ++i) prompt.push_back(700 + user * 50 + round * 7 + i);
+    v1::GenerateRequest r = Request(prompt, 6);
+    r.set_ignore_eos(true);
+    r.set_logprobs(true);
+    return r;
+  };
+  std::vector<std::map<std::tuple<int, int, int>, Outcome>> runs;
+  std::vector<std::string> metrics;
+  for (const char* mode : {"on", "off"}) {
+    const int port = StartCluster(2, {"--prefix-cache", mode});
+    ASSERT_GT(port, 0) << mode;
+    Client client(port);
+    std::map<std::tuple<int, int, int>, Outcome> outcomes;
+    std::mutex mu;
+    // An app's users one after the other (the second finds the first's prompt cached),
+    // two apps at a time.
+    auto serve_app = [&](int round, int app) {
+      for (int user = 0; user < kUsers; ++user) {
+        Outcome o = client.Generate(request_of(round, app, user));
+        std::lock_guard<std::mutex> lock(mu);
+        outcomes[{round, app, user}] = std::move(o);
+      }
+    };
+    for (int round = 0; round < kRounds; ++round) {
+      for (int app = 0; app < kApps; app += 2) {
+        std::jthread other([&] { serve_app(round, app + 1); });
+        serve_app(round, app);
+      }
+    }
+    EXPECT_TRUE(client.WaitAllBlocksFree(5s)) << mode;
+    metrics.push_back(HttpGet(metrics_port_, "/metrics"));
+    runs.push_back(std::move(outcomes));
+    cluster_->Signal(SIGTERM);
+    EXPECT_NE(cluster_->Wait(30s), -1);
+    cluster_.reset();
+    fs::remove(*dir_ / "ready.json");
+  }
+  int64_t cached = 0;
+  for (const auto& [key, on] : runs[0]) {
+    const Outcome& off = runs[1].at(key);
+    ASSERT_TRUE(on.status.ok()) << on.status.error_message();
+    ASSERT_TRUE(off.status.ok()) << off.status.error_message();
+    EXPECT_EQ(on.tokens, off.tokens);
+    ASSERT_EQ(on.logprobs.size(), off.logprobs.size());
+    for (size_t i = 0; i < on.logprobs.size(); ++i) EXPECT_NEAR(on.logprobs[i], off.logprobs[i], 1e-5);
+    EXPECT_EQ(off.last.usage().cached_tokens(), 0u);
+    cached += on.last.usage().cached_tokens();
+  }
+  // Every app's second user finds at least the system prompt's 10 full blocks cached.
+  EXPECT_GE(cached, int64_t{kRounds} * kApps * kSystem);
+  EXPECT_GE(MetricValue(metrics[0], "epic:prefix_cache_hits_total"), static_cast<double>(cached));
+  EXPECT_GT(MetricValue(metrics[0], "epic:prefix_cache_evictions_total"), 0) << "the cache never filled";
+  EXPECT_EQ(MetricValue(metrics[1], "epic:prefix_cache_hits_total"), 0);
 }
 
 // Skewed traffic: prompts that repeat a few tokens send most tokens to few experts.
