@@ -36,10 +36,14 @@ double Percentile(std::vector<double> v, double p) {
   return v[i];
 }
 
-std::vector<std::vector<int32_t>> Prompts(int count, int length, int64_t vocab) {
-  std::mt19937 rng(7);
+// COUNT prompts of SHARED tokens common to all (a system prompt) and LENGTH of their own.
+std::vector<std::vector<int32_t>> Prompts(int count, int length, int64_t vocab, int shared, uint32_t seed) {
   std::uniform_int_distribution<int32_t> id(2, static_cast<int32_t>(vocab - 1));
-  std::vector<std::vector<int32_t>> prompts(static_cast<size_t>(count));
+  std::mt19937 common(99);
+  std::vector<int32_t> prefix;
+  for (int i = 0; i < shared; ++i) prefix.push_back(id(common));
+  std::mt19937 rng(seed);
+  std::vector<std::vector<int32_t>> prompts(static_cast<size_t>(count), prefix);
   for (auto& p : prompts) {
     for (int i = 0; i < length; ++i) p.push_back(id(rng));
   }
@@ -145,11 +149,14 @@ int main(int argc, char** argv) {
                "throughput, time to first token and inter-token latency at each concurrency; with\n"
                "--model, also the same batch offline in this process, and served / offline throughput."};
   std::string server = "127.0.0.1:50051", model_dir, levels_text = "1,4,16";
-  int prompt_len = 32, output_len = 32, per_level = 2;
+  int prompt_len = 32, output_len = 32, per_level = 2, shared_prefix = 0;
   app.add_option("--server", server, "the coordinator, HOST:PORT")->capture_default_str();
   app.add_option("--model", model_dir, "the cluster's checkpoint: also run the batch offline (one process)");
   app.add_option("--concurrency", levels_text, "concurrency levels, comma-separated")->capture_default_str();
   app.add_option("--prompt-len", prompt_len, "prompt tokens per request")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--shared-prefix", shared_prefix,
+                 "tokens every prompt begins with (a system prompt), before its --prompt-len own")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
   app.add_option("--output-len", output_len, "generated tokens per request")->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--requests-per-slot", per_level, "requests per level = this x concurrency")
       ->check(CLI::PositiveNumber)->capture_default_str();
@@ -180,13 +187,15 @@ int main(int argc, char** argv) {
     }
     model = std::move(loaded).value();
   }
-  std::printf("serving_bench: %s, %d rank(s); prompt %d, output %d tokens; %d OpenMP threads offline\n",
-              info.model().model_type().c_str(), info.ranks_size(), prompt_len, output_len, omp_get_max_threads());
+  std::printf("serving_bench: %s, %d rank(s); prompt %d (%d shared) + %d, output %d tokens; %d OpenMP threads offline\n",
+              info.model().model_type().c_str(), info.ranks_size(), shared_prefix + prompt_len, shared_prefix,
+              prompt_len, output_len, omp_get_max_threads());
   std::printf("%5s %9s %10s %10s %10s %10s %10s %10s %8s\n", "conc", "requests", "tok/s", "ttft p50", "ttft p99",
               "itl p50", "itl p99", "offline", "ratio");
   for (int c : levels) {
-    const auto prompts = Prompts(c * per_level, prompt_len, info.model().vocab_size());
-    Serve(*stub, Prompts(c, prompt_len, info.model().vocab_size()), c, 2);  // warm-up
+    const int64_t vocab = info.model().vocab_size();
+    const auto prompts = Prompts(c * per_level, prompt_len, vocab, shared_prefix, 7);
+    Serve(*stub, Prompts(c, prompt_len, vocab, shared_prefix, 8), c, 2);  // warm-up (other prompts)
     const Served s = Serve(*stub, prompts, c, output_len);
     double offline = 0;
     if (model) offline = Offline(*model, prompts, c, output_len);

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Time to first token and throughput on requests that share a long system prompt, with
+# the coordinator's prefix cache on against off, measured in one run.
+#   bench/prefix_cache_bench.sh [--model DIR] [--np N] [--shared N] [--prompt-len N]
+#                               [--output-len N] [--concurrency LIST]
+# Starts launch/cluster.sh (built binaries, --no-build) once per mode and runs
+# bench/serving_bench --shared-prefix against it; prints both tables, then per
+# concurrency the ratios off/on of the median time to first token and on/off of tok/s.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+build="${EPIC_BUILD_DIR:-$root/build}"
+model="$root/models/default" np=2 shared=1024 prompt_len=32 output_len=16 levels=1,4,16
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --model) model="$2"; shift 2 ;;
+    --np) np="$2"; shift 2 ;;
+    --shared) shared="$2"; shift 2 ;;
+    --prompt-len) prompt_len="$2"; shift 2 ;;
+    --output-len) output_len="$2"; shift 2 ;;
+    --concurrency) levels="$2"; shift 2 ;;
+    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "prefix_cache_bench: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+work="$(mktemp -d)"
+cluster_pid=""
+cleanup() { [ -n "$cluster_pid" ] && kill -TERM "$cluster_pid" 2>/dev/null && wait "$cluster_pid" 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+for mode in on off; do
+  rm -f "$work/ready.json"
+  EPIC_BUILD_DIR="$build" "$root/launch/cluster.sh" --model "$model" --np "$np" --port 0 --http-port off \
+    --metrics-port 0 --listen-host 127.0.0.1 --no-build --ready-file "$work/ready.json" \
+    -- --prefix-cache "$mode" --cache-blocks 4096 --max-step-tokens 512 >"$work/cluster-$mode.log" 2>&1 &
+  cluster_pid=$!
+  for _ in $(seq 1 600); do [ -f "$work/ready.json" ] && break; sleep 0.5; done
+  [ -f "$work/ready.json" ] || { echo "prefix_cache_bench: the cluster did not start"; cat "$work/cluster-$mode.log"; exit 1; }
+  port="$(sed -E 's/.*"port": ([0-9]+).*/\1/' "$work/ready.json")"
+  echo "== prefix cache $mode"
+  "$build/bench/serving_bench" --server "127.0.0.1:$port" --concurrency "$levels" --shared-prefix "$shared" \
+    --prompt-len "$prompt_len" --output-len "$output_len" | tee "$work/$mode.txt"
+  kill -TERM "$cluster_pid"; wait "$cluster_pid" 2>/dev/null || true; cluster_pid=""
+done
+echo "== cache on against off (ttft: off/on, higher is better; tok/s: on/off)"
+join <(awk '$1 ~ /^[0-9]+$/ { print $1, $3, $4 }' "$work/on.txt" | sort) \
+     <(awk '$1 ~ /^[0-9]+$/ { print $1, $3, $4 }' "$work/off.txt" | sort) |
+  sort -n | awk '{ sub("ms", "", $3); sub("ms", "", $5);
+                   printf "concurrency %s: ttft p50 %.1f ms on, %.1f ms off (%.2fx); %.1f tok/s on, %.1f off (%.2fx)\n",
+                          $1, $3, $5, $5 / $3, $2, $4, $2 / $4 }'
