@@ -35,6 +35,10 @@ v1::ModelSummary SummarizeModel(const ModelConfig& c) {
   m.set_n_group(c.n_group);
   m.set_topk_group(c.topk_group);
   m.set_first_k_dense_replace(c.first_k_dense_replace);
+  m.set_kv_lora_rank(c.kv_lora_rank);
+  m.set_qk_nope_head_dim(c.qk_nope_head_dim);
+  m.set_qk_rope_head_dim(c.qk_rope_head_dim);
+  m.set_v_head_dim(c.v_head_dim);
   for (int64_t id : c.eos_token_ids) m.add_eos_token_ids(static_cast<int32_t>(id));
   return m;
 }

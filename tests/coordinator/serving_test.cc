@@ -810,6 +810,35 @@ TEST_F(ServingTest, ThePrefixCacheChangesNoAnswerAndSkipsSharedPrefill) {
   EXPECT_EQ(MetricValue(metrics[1], "epic:prefix_cache_hits_total"), 0);
 }
 
+// `epic info` shows what MLA's latent cache saves, worked out here from config.json.
+TEST_F(ServingTest, InfoShowsTheCacheMlaSavesAgainstMhaGqaAndMqa) {
+  const int port = StartCluster(2);
+  ASSERT_GT(port, 0);
+  Client client(port);
+  const v1::ModelInfo info = client.Info();
+  const nlohmann::json config = nlohmann::json::parse(ReadAll(*dir_ / "model" / "config.json"));
+  const int64_t layers = config["num_hidden_layers"], heads = config["num_attention_heads"];
+  const int64_t latent = config["kv_lora_rank"].get<int64_t>() + config["qk_rope_head_dim"].get<int64_t>();
+  const int64_t head = config["qk_nope_head_dim"].get<int64_t>() + config["qk_rope_head_dim"].get<int64_t>() +
+                       config["v_head_dim"].get<int64_t>();
+  const int64_t budget_tokens = int64_t{kCacheBlocks} * kBlockSize;
+  const v1::CacheFootprint& f = info.cache_footprint();
+  EXPECT_EQ(f.bytes_per_value(), 4);  // F32 rows on CPU workers
+  EXPECT_EQ(f.budget_bytes(), budget_tokens * layers * latent * 4);
+  ASSERT_EQ(f.forms_size(), 4);
+  const int64_t gqa = heads >= 16 ? 8 : std::max<int64_t>(1, heads / 2);
+  const int64_t values[] = {latent, heads * head, gqa * head, head};
+  for (int i = 0; i < 4; ++i) {
+    SCOPED_TRACE(f.forms(i).attention());
+    EXPECT_EQ(f.forms(i).values_per_token_per_layer(), values[i]);
+    EXPECT_EQ(f.forms(i).bytes_per_token_per_layer(), values[i] * 4);
+    EXPECT_EQ(f.forms(i).tokens_in_budget(), budget_tokens * latent / values[i]);
+    EXPECT_NEAR(f.forms(i).fraction_of_mha(), static_cast<double>(values[i]) / (heads * head), 1e-12);
+  }
+  EXPECT_EQ(f.forms(0).attention(), "MLA latent");
+  EXPECT_EQ(f.forms(0).tokens_in_budget(), budget_tokens);
+}
+
 // Skewed traffic: prompts that repeat a few tokens send most tokens to few experts.
 std::vector<std::vector<int32_t>> SkewedPrompts() {
   std::vector<std::vector<int32_t>> prompts;

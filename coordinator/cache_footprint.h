@@ -1,0 +1,16 @@
+// What MLA's latent cache saves for the model being served, as `epic info` shows it.
+#pragma once
+
+#include <cstdint>
+
+#include "epic.pb.h"
+
+namespace epic::coordinator {
+
+// MODEL's cache per token and layer under MLA's latent form, MHA, GQA (8 key/value heads,
+// or half the heads of a model with fewer than 16) and MQA, with keys as wide as the
+// model's (qk_nope + qk_rope) and values v_head_dim; at BYTES_PER_VALUE, and in the bytes
+// of a latent cache of BUDGET_TOKENS tokens over every layer.
+v1::CacheFootprint CacheFootprintOf(const v1::ModelSummary& model, int64_t bytes_per_value, int64_t budget_tokens);
+
+}  // namespace epic::coordinator
