@@ -4,6 +4,12 @@
 #include <numeric>
 
 namespace epic::coordinator {
+namespace {
+
+// More tokens than one step of any job routes to one expert.
+constexpr int64_t kMaxStepTokens = int64_t{1} << 32;
+
+}  // namespace
 
 LoadStats::LoadStats(const LoadStatsOptions& options)
     : options_(options), bucket_steps_(std::max<int64_t>(1, options.window_steps / 20)) {}
@@ -53,6 +59,9 @@ void LoadStats::Add(const v1::internal::StepResult& result) {
     if (it == layers_.end()) continue;
     const size_t l = static_cast<size_t>(it - layers_.begin());
     for (int e = 0; e < load.expert_tokens_size() && e < experts_; ++e) {
+      // One step's tokens: a count no step can hold (a broken worker's) is left out, so
+      // that the totals since attach cannot overflow.
+      if (load.expert_tokens(e) < 0 || load.expert_tokens(e) > kMaxStepTokens) continue;
       step_tokens[l][static_cast<size_t>(e)] = static_cast<double>(load.expert_tokens(e));
       totals_[l][static_cast<size_t>(e)] += load.expert_tokens(e);
       b.expert[l][static_cast<size_t>(e)] += step_tokens[l][static_cast<size_t>(e)];

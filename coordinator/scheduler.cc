@@ -339,6 +339,11 @@ Status Scheduler::Complete(const v1::internal::StepResult& result) {
     if (p.sample && !sampled.count(p.id)) {
       return InternalError("the worker returned no token for sequence " + std::to_string(p.id));
     }
+    if (p.sample && (sampled[p.id]->token_id() < 0 || sampled[p.id]->token_id() >= model_.vocab_size())) {
+      return InternalError("the worker sampled token " + std::to_string(sampled[p.id]->token_id()) +
+                           " for sequence " + std::to_string(p.id) + ", outside the vocabulary [0, " +
+                           std::to_string(model_.vocab_size()) + ")");
+    }
   }
   in_flight_ = false;
   ++steps_;

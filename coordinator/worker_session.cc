@@ -175,9 +175,23 @@ Status ValidateHello(const v1::internal::Hello& hello) {
       return InvalidArgumentError("hello: layer " + std::to_string(lp.layer()) + " is placed twice");
     }
     seen[static_cast<size_t>(lp.layer())] = true;
-    for (const v1::RankSlots& r : lp.ranks()) {
-      for (const int32_t e : r.experts()) {
+    // As the worker's ExpertPlacement checks its own: a rank holds an expert once, and every
+    // expert is on some rank (the planner, and so every report, assumes both).
+    std::vector<int> holder(static_cast<size_t>(m.n_routed_experts()), -1);  // [expert] -> last rank seen
+    for (int r = 0; r < lp.ranks_size(); ++r) {
+      for (const int32_t e : lp.ranks(r).experts()) {
         EPIC_RETURN_IF_ERROR(range("placement expert", e, 0, m.n_routed_experts() - 1));
+        if (holder[static_cast<size_t>(e)] == r) {
+          return InvalidArgumentError("hello: layer " + std::to_string(lp.layer()) + ", rank " + std::to_string(r) +
+                                      " holds expert " + std::to_string(e) + " twice");
+        }
+        holder[static_cast<size_t>(e)] = r;
+      }
+    }
+    for (size_t e = 0; e < holder.size(); ++e) {
+      if (holder[e] < 0) {
+        return InvalidArgumentError("hello: layer " + std::to_string(lp.layer()) + ": expert " + std::to_string(e) +
+                                    " is on no rank");
       }
     }
   }

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <set>
 #include <utility>
@@ -35,6 +36,21 @@ struct TemplateError {
 };
 
 [[noreturn]] void Fail(int line, std::string message) { throw TemplateError{line, std::move(message)}; }
+
+// What one render may build, so that a template cannot hang or exhaust memory (found by
+// fuzz/chat_template.cc): jinja2's sandbox caps range() at 100000 items; the loop
+// iterations of a render and the items of a list are capped the same, strings (the output
+// among them) at 16 MiB, far more than any context holds. Chat templates loop over the
+// messages and stay far below.
+constexpr int64_t kMaxIterations = 100000;
+// Expressions and tags nest at most this deep: the parser, the evaluator and the trees'
+// destructors recurse over them (Python refuses 200 nested parentheses).
+constexpr int kMaxDepth = 128;
+constexpr size_t kMaxStringBytes = size_t{1} << 24;
+
+void CheckStringSize(size_t bytes, int line) {
+  if (bytes > kMaxStringBytes) Fail(line, "a string of more than " + std::to_string(kMaxStringBytes) + " bytes");
+}
 
 Status ToStatus(const TemplateError& e) {
   return InvalidArgumentError("chat template line " + std::to_string(e.line) + ": " + e.message);
@@ -99,6 +115,11 @@ struct Value {
   std::string s;  // the string, or for an undefined value the name that was looked up
   std::shared_ptr<const List> list;
   std::shared_ptr<Dict> dict;  // dict or namespace attributes
+  // Lists and dicts nested in it, itself counted (at most kMaxDepth: printing, comparing
+  // and destroying recurse), and whether a namespace is among them (a namespace may hold
+  // none, so that none can hold itself).
+  int depth = 0;
+  bool holds_namespace = false;
 
   static Value Undefined(std::string name) { Value v; v.s = std::move(name); return v; }
   static Value None() { Value v; v.type = Type::kNone; return v; }
@@ -107,10 +128,20 @@ struct Value {
   static Value Float(double f) { Value v; v.type = Type::kFloat; v.f = f; return v; }
   static Value Str(std::string s) { Value v; v.type = Type::kString; v.s = std::move(s); return v; }
   static Value MakeList(List l, bool tuple = false) {
-    Value v; v.type = Type::kList; v.tuple = tuple; v.list = std::make_shared<const List>(std::move(l)); return v;
+    Value v; v.type = Type::kList; v.tuple = tuple; v.depth = 1;
+    for (const Value& e : l) v.Contain(e);
+    v.list = std::make_shared<const List>(std::move(l)); return v;
   }
   static Value MakeDict(Dict d, Type type = Type::kDict) {
-    Value v; v.type = type; v.dict = std::make_shared<Dict>(std::move(d)); return v;
+    Value v; v.type = type; v.depth = 1;
+    for (const auto& [k, e] : d) v.Contain(e);
+    v.dict = std::make_shared<Dict>(std::move(d)); return v;
+  }
+  // Accounts for E inside this container. Line 0: the statement being run names it.
+  void Contain(const Value& e) {
+    depth = std::max(depth, e.depth + 1);
+    if (depth > kMaxDepth) Fail(0, "a value nested more than " + std::to_string(kMaxDepth) + " deep");
+    holds_namespace = holds_namespace || e.holds_namespace || e.type == Type::kNamespace;
   }
 
   bool undefined() const { return type == Type::kUndefined; }
@@ -125,7 +156,8 @@ struct Value {
 };
 using Type = Value::Type;
 
-Value FromJson(const json& j) {
+Value FromJson(const json& j, int depth = 0) {
+  if (depth > kMaxDepth) Fail(0, "the context is nested more than " + std::to_string(kMaxDepth) + " deep");
   switch (j.type()) {
     case json::value_t::null: return Value::None();
     case json::value_t::boolean: return Value::Bool(j.get<bool>());
@@ -135,12 +167,12 @@ Value FromJson(const json& j) {
     case json::value_t::string: return Value::Str(j.get<std::string>());
     case json::value_t::array: {
       List l;
-      for (const auto& e : j) l.push_back(FromJson(e));
+      for (const auto& e : j) l.push_back(FromJson(e, depth + 1));
       return Value::MakeList(std::move(l));
     }
     case json::value_t::object: {
       Dict d;
-      for (const auto& [k, v] : j.items()) d.emplace_back(k, FromJson(v));
+      for (const auto& [k, v] : j.items()) d.emplace_back(k, FromJson(v, depth + 1));
       return Value::MakeDict(std::move(d));
     }
     default: return Value::None();
@@ -633,6 +665,7 @@ struct Expr {
   std::vector<std::pair<std::string, ExprPtr>> kwargs;
   std::vector<std::string> ops;    // a comparison chain's operators
   bool negated = false;            // `is not`
+  int depth = 1;                   // of the tree it roots (at most kMaxDepth)
 };
 
 struct Node;
@@ -711,6 +744,7 @@ class Parser {
   // Parses nodes until a `{% name %}` with name in END_TAGS, leaving end_tag_ set and the
   // position after the tag name. At the top level END_TAGS is empty.
   Body ParseBody(const std::set<std::string>& end_tags) {
+    const Nesting nesting(nesting_, Peek().line);
     Body body;
     while (true) {
       const Token& t = Peek();
@@ -808,6 +842,29 @@ class Parser {
     return node;
   }
 
+  // CHILD (may be null) as the next operand of PARENT, which grows as deep as it needs.
+  void Deepen(Expr& parent, const Expr& child) {
+    parent.depth = std::max(parent.depth, child.depth + 1);
+    if (parent.depth > kMaxDepth) Fail(parent.line, "expression nested more than " + std::to_string(kMaxDepth) + " deep");
+  }
+  void Adopt(Expr& parent, ExprPtr child) {
+    if (child) Deepen(parent, *child);
+    parent.args.push_back(std::move(child));
+  }
+  // Counts a level of the parser's recursion while in scope.
+  class Nesting {
+   public:
+    Nesting(int& depth, int line) : depth_(depth) {
+      if (++depth_ > kMaxDepth) Fail(line, "nested more than " + std::to_string(kMaxDepth) + " deep");
+    }
+    ~Nesting() { --depth_; }
+    Nesting(const Nesting&) = delete;
+    Nesting& operator=(const Nesting&) = delete;
+
+   private:
+    int& depth_;
+  };
+
   ExprPtr Make(Expr::Kind kind, int line, std::string name = {}) {
     auto e = std::make_unique<Expr>();
     e->kind = kind;
@@ -817,14 +874,15 @@ class Parser {
   }
 
   ExprPtr ParseExpression(bool allow_conditional = true) {
+    const Nesting nesting(nesting_, Peek().line);
     ExprPtr e = ParseOr();
     while (allow_conditional && IsName("if")) {
       auto cond = Make(Expr::Kind::kCond, Next().line);
       ExprPtr test = ParseOr();
       ExprPtr otherwise = AcceptName("else") ? ParseExpression() : nullptr;
-      cond->args.push_back(std::move(test));
-      cond->args.push_back(std::move(e));
-      cond->args.push_back(std::move(otherwise));
+      Adopt(*cond, std::move(test));
+      Adopt(*cond, std::move(e));
+      Adopt(*cond, std::move(otherwise));
       e = std::move(cond);
     }
     return e;
@@ -834,8 +892,8 @@ class Parser {
     ExprPtr e = ParseAnd();
     while (IsName("or")) {
       auto n = Make(Expr::Kind::kOr, Next().line);
-      n->args.push_back(std::move(e));
-      n->args.push_back(ParseAnd());
+      Adopt(*n, std::move(e));
+      Adopt(*n, ParseAnd());
       e = std::move(n);
     }
     return e;
@@ -845,8 +903,8 @@ class Parser {
     ExprPtr e = ParseNot();
     while (IsName("and")) {
       auto n = Make(Expr::Kind::kAnd, Next().line);
-      n->args.push_back(std::move(e));
-      n->args.push_back(ParseNot());
+      Adopt(*n, std::move(e));
+      Adopt(*n, ParseNot());
       e = std::move(n);
     }
     return e;
@@ -854,8 +912,9 @@ class Parser {
 
   ExprPtr ParseNot() {
     if (IsName("not")) {
+      const Nesting nesting(nesting_, Peek().line);
       auto n = Make(Expr::Kind::kNot, Next().line);
-      n->args.push_back(ParseNot());
+      Adopt(*n, ParseNot());
       return n;
     }
     return ParseCompare();
@@ -878,18 +937,18 @@ class Parser {
       }
       if (!chain) {
         chain = Make(Expr::Kind::kCompare, e->line);
-        chain->args.push_back(std::move(e));
+        Adopt(*chain, std::move(e));
       }
       chain->ops.push_back(op);
-      chain->args.push_back(ParseMath1());
+      Adopt(*chain, ParseMath1());
     }
     return chain ? std::move(chain) : std::move(e);
   }
 
   ExprPtr Binary(std::string op, ExprPtr left, ExprPtr right, int line) {
     auto n = Make(Expr::Kind::kBinary, line, std::move(op));
-    n->args.push_back(std::move(left));
-    n->args.push_back(std::move(right));
+    Adopt(*n, std::move(left));
+    Adopt(*n, std::move(right));
     return n;
   }
 
@@ -932,9 +991,11 @@ class Parser {
   ExprPtr ParseUnary(bool with_filter) {
     ExprPtr e;
     if (IsOp("-")) {
+      const Nesting nesting(nesting_, Peek().line);
       e = Make(Expr::Kind::kNeg, Next().line);
-      e->args.push_back(ParseUnary(false));
-    } else if (AcceptOp("+")) {
+      Adopt(*e, ParseUnary(false));
+    } else if (IsOp("+")) {
+      const Nesting nesting(nesting_, Next().line);
       e = ParseUnary(false);
     } else {
       e = ParsePrimary();
@@ -978,8 +1039,8 @@ class Parser {
           ExprPtr e = ParseExpression();
           if (IsOp(",")) {
             auto list = Make(Expr::Kind::kList, t.line, "tuple");
-            list->args.push_back(std::move(e));
-            while (AcceptOp(",") && !IsOp(")")) list->args.push_back(ParseExpression());
+            Adopt(*list, std::move(e));
+            while (AcceptOp(",") && !IsOp(")")) Adopt(*list, ParseExpression());
             e = std::move(list);
           }
           ExpectOp(")");
@@ -988,7 +1049,7 @@ class Parser {
         if (t.text == "[") {
           auto list = Make(Expr::Kind::kList, t.line);
           while (!IsOp("]")) {
-            list->args.push_back(ParseExpression());
+            Adopt(*list, ParseExpression());
             if (!AcceptOp(",")) break;
           }
           ExpectOp("]");
@@ -997,9 +1058,9 @@ class Parser {
         if (t.text == "{") {
           auto dict = Make(Expr::Kind::kDict, t.line);
           while (!IsOp("}")) {
-            dict->args.push_back(ParseExpression());
+            Adopt(*dict, ParseExpression());
             ExpectOp(":");
-            dict->args.push_back(ParseExpression());
+            Adopt(*dict, ParseExpression());
             if (!AcceptOp(",")) break;
           }
           ExpectOp("}");
@@ -1016,10 +1077,12 @@ class Parser {
       if (Peek().kind == TK::kName && IsOp("=", 1)) {
         std::string key = Next().text;
         ++pos_;
-        call.kwargs.emplace_back(key, ParseExpression());
+        ExprPtr value = ParseExpression();
+        Deepen(call, *value);
+        call.kwargs.emplace_back(key, std::move(value));
       } else {
         if (!call.kwargs.empty()) Fail(Peek().line, "positional argument follows keyword argument");
-        call.args.push_back(ParseExpression());
+        Adopt(call, ParseExpression());
       }
       if (!AcceptOp(",")) break;
     }
@@ -1037,12 +1100,12 @@ class Parser {
           ++pos_;
           if (!kMethods.count(name)) Fail(line, "unsupported method '" + name + "'");
           auto call = Make(Expr::Kind::kMethod, line, name);
-          call->args.push_back(std::move(e));
+          Adopt(*call, std::move(e));
           ParseCallArgs(*call);
           e = std::move(call);
         } else {
           auto attr = Make(Expr::Kind::kAttr, line, name);
-          attr->args.push_back(std::move(e));
+          Adopt(*attr, std::move(e));
           e = std::move(attr);
         }
       } else if (IsOp("[")) {
@@ -1055,9 +1118,10 @@ class Parser {
           break;
         }
         ExpectOp("]");
+        if (!slice && !parts[0]) Fail(line, "expected an index inside '[]'");  // `x[]` (found by fuzzing)
         auto n = Make(slice ? Expr::Kind::kSlice : Expr::Kind::kItem, line);
-        n->args.push_back(std::move(e));
-        for (auto& part : parts) n->args.push_back(std::move(part));
+        Adopt(*n, std::move(e));
+        for (auto& part : parts) Adopt(*n, std::move(part));
         if (!slice) n->args.resize(2);
         e = std::move(n);
       } else if (IsOp("(")) {
@@ -1080,7 +1144,7 @@ class Parser {
         std::string name = ExpectName();
         if (!kFilters.count(name)) Fail(line, "unsupported filter '" + name + "'");
         auto f = Make(Expr::Kind::kFilter, line, name);
-        f->args.push_back(std::move(e));
+        Adopt(*f, std::move(e));
         if (AcceptOp("(")) ParseCallArgs(*f);
         e = std::move(f);
       } else if (IsName("is")) {
@@ -1091,7 +1155,7 @@ class Parser {
         if (!kTests.count(name)) Fail(line, "unsupported test '" + name + "'");
         auto t = Make(Expr::Kind::kTest, line, name);
         t->negated = negated;
-        t->args.push_back(std::move(e));
+        Adopt(*t, std::move(e));
         if (AcceptOp("(")) {
           ParseCallArgs(*t);
         } else if ((Peek().kind == TK::kName || Peek().kind == TK::kString || Peek().kind == TK::kInt ||
@@ -1099,7 +1163,7 @@ class Parser {
                    !IsName("else") && !IsName("or") && !IsName("and")) {
           // `x is eq 3`: one argument without parentheses, as jinja2 parses it.
           if (IsName("is")) Fail(Peek().line, "you cannot chain multiple tests with is");
-          t->args.push_back(ParsePostfix(ParsePrimary()));
+          Adopt(*t, ParsePostfix(ParsePrimary()));
         }
         e = std::move(t);
       } else {
@@ -1111,6 +1175,7 @@ class Parser {
   std::vector<Token> tokens_;
   size_t pos_ = 0;
   std::string end_tag_;
+  int nesting_ = 0;  // levels of the parser's recursion (Nesting)
 };
 
 // ---------------------------------------------------------------------------------
@@ -1136,9 +1201,24 @@ class Renderer {
 
  private:
   Flow Exec(const Node& n, std::string& out) {
+    try {
+      return ExecNode(n, out);
+    } catch (TemplateError& e) {
+      if (e.line == 0) e.line = n.line;  // a value too deep (Value::Contain) is this statement's
+      throw;
+    }
+  }
+
+  Flow ExecNode(const Node& n, std::string& out) {
     switch (n.kind) {
-      case Node::Kind::kText: out += n.text; return Flow::kNormal;
-      case Node::Kind::kOutput: out += Str(Eval(*n.expr)); return Flow::kNormal;
+      case Node::Kind::kText:
+        out += n.text;
+        CheckStringSize(out.size(), n.line);
+        return Flow::kNormal;
+      case Node::Kind::kOutput:
+        out += Str(Eval(*n.expr));
+        CheckStringSize(out.size(), n.line);
+        return Flow::kNormal;
       case Node::Kind::kIf:
         for (const auto& [cond, body] : n.branches) {
           if (!cond || Truthy(Eval(*cond))) return Run(body, out);
@@ -1153,6 +1233,9 @@ class Renderer {
         }
         Value target = Lookup(n.text, n.line);
         if (target.type != Type::kNamespace) Fail(n.line, "can only assign attributes of a namespace, not of '" + n.text + "'");
+        // Nothing a namespace holds holds a namespace, so none can come to hold itself.
+        if (v.type == Type::kNamespace || v.holds_namespace) Fail(n.line, "a namespace cannot hold a namespace");
+        if (v.depth + 1 > kMaxDepth) Fail(n.line, "a value nested more than " + std::to_string(kMaxDepth) + " deep");
         for (auto& [k, e] : *target.dict) {
           if (k == n.attr) { e = std::move(v); return Flow::kNormal; }
         }
@@ -1177,6 +1260,7 @@ class Renderer {
     if (items.empty()) return Run(n.else_body, out);
     const int64_t length = static_cast<int64_t>(items.size());
     for (int64_t k = 0; k < length; ++k) {
+      if (++iterations_ > kMaxIterations) Fail(n.line, "more than " + std::to_string(kMaxIterations) + " loop iterations");
       // Each iteration is a scope of its own: a `set` inside the loop does not leak out.
       scopes_.emplace_back();
       auto& scope = scopes_.back();
@@ -1268,7 +1352,11 @@ class Renderer {
   }
 
   Value Arith(const std::string& op, const Value& a, const Value& b, int line) {
-    if (op == "~") return Value::Str(Str(a) + Str(b));
+    if (op == "~") {
+      std::string l = Str(a), r = Str(b);
+      CheckStringSize(l.size() + r.size(), line);
+      return Value::Str(l + r);
+    }
     if (a.undefined()) FailUndefined(a, line);
     if (b.undefined()) FailUndefined(b, line);
     auto unsupported = [&]() -> Value {
@@ -1282,8 +1370,16 @@ class Renderer {
       }
       if (op == "**") {
         if (!floats && b.AsInt() >= 0) {
+          // Python's ints do not overflow; epic's do, and say so. |base| <= 1 never
+          // overflows, so it is not looped over (the exponent may be huge).
+          const int64_t base = a.AsInt(), exponent = b.AsInt();
+          if (base == 0) return Value::Int(exponent == 0 ? 1 : 0);
+          if (base == 1) return Value::Int(1);
+          if (base == -1) return Value::Int(exponent % 2 == 0 ? 1 : -1);
           int64_t r = 1;
-          for (int64_t k = 0; k < b.AsInt(); ++k) r *= a.AsInt();
+          for (int64_t k = 0; k < exponent; ++k) {
+            if (__builtin_mul_overflow(r, base, &r)) Fail(line, "integer overflow in **");
+          }
           return Value::Int(r);
         }
         return Value::Float(std::pow(a.AsDouble(), b.AsDouble()));
@@ -1298,17 +1394,24 @@ class Renderer {
         double m = std::fmod(x, y);
         return Value::Float(m != 0 && ((m < 0) != (y < 0)) ? m + y : m);
       }
-      int64_t x = a.AsInt(), y = b.AsInt();
-      if (op == "+") return Value::Int(x + y);
-      if (op == "-") return Value::Int(x - y);
-      if (op == "*") return Value::Int(x * y);
+      int64_t x = a.AsInt(), y = b.AsInt(), r = 0;
+      const bool overflow = op == "+"   ? __builtin_add_overflow(x, y, &r)
+                            : op == "-" ? __builtin_sub_overflow(x, y, &r)
+                            : op == "*" ? __builtin_mul_overflow(x, y, &r)
+                                        : x == std::numeric_limits<int64_t>::min() && y == -1;
+      if (overflow) Fail(line, "integer overflow in " + op);
+      if (op == "+" || op == "-" || op == "*") return Value::Int(r);
       if (y == 0) Fail(line, "integer division or modulo by zero");
       int64_t q = x / y, m = x % y;
       if (m != 0 && ((m < 0) != (y < 0))) { --q; m += y; }
       return Value::Int(op == "//" ? q : m);
     }
-    if (op == "+" && a.type == Type::kString && b.type == Type::kString) return Value::Str(a.s + b.s);
+    if (op == "+" && a.type == Type::kString && b.type == Type::kString) {
+      CheckStringSize(a.s.size() + b.s.size(), line);
+      return Value::Str(a.s + b.s);
+    }
     if (op == "+" && a.type == Type::kList && b.type == Type::kList) {
+      if (a.list->size() + b.list->size() > static_cast<size_t>(kMaxIterations)) Fail(line, "a list too long");
       List l = *a.list;
       l.insert(l.end(), b.list->begin(), b.list->end());
       return Value::MakeList(std::move(l));
@@ -1316,7 +1419,13 @@ class Renderer {
     if (op == "*" && (a.type == Type::kString || a.type == Type::kList) && (b.type == Type::kInt || b.type == Type::kBool)) {
       Value r = a.type == Type::kString ? Value::Str("") : Value::MakeList({});
       List l;
-      for (int64_t k = 0; k < b.AsInt(); ++k) {
+      const size_t size = a.type == Type::kString ? a.s.size() : a.list->size();
+      const int64_t times = size == 0 ? 0 : b.AsInt();  // an empty one stays empty, however many times
+      const size_t most = a.type == Type::kString ? kMaxStringBytes : static_cast<size_t>(kMaxIterations);
+      if (times > 0 && static_cast<uint64_t>(times) > most / size) {
+        Fail(line, std::string("a ") + (a.type == Type::kString ? "string" : "list") + " too long");
+      }
+      for (int64_t k = 0; k < times; ++k) {
         if (a.type == Type::kString) r.s += a.s;
         else l.insert(l.end(), a.list->begin(), a.list->end());
       }
@@ -1388,7 +1497,7 @@ class Renderer {
       }
       for (const auto& [key, arg] : e.kwargs) {
         Value v = Eval(*arg);
-        auto it = std::find_if(attrs.begin(), attrs.end(), [&](const auto& kv) { return kv.first == key; });
+        auto it = std::find_if(attrs.begin(), attrs.end(), [&key = key](const auto& kv) { return kv.first == key; });
         if (it != attrs.end()) it->second = std::move(v);
         else attrs.emplace_back(key, std::move(v));
       }
@@ -1406,9 +1515,10 @@ class Renderer {
     int64_t step = bounds.size() > 2 ? bounds[2] : 1;
     if (step == 0) Fail(e.line, "range() arg 3 must not be zero");
     List l;
-    for (int64_t k = start; step > 0 ? k < stop : k > stop; k += step) {
+    for (int64_t k = start; step > 0 ? k < stop : k > stop;) {
       l.push_back(Value::Int(k));
-      if (l.size() > 1000000) Fail(e.line, "range too big");
+      if (static_cast<int64_t>(l.size()) > kMaxIterations) Fail(e.line, "range too big");
+      if (__builtin_add_overflow(k, step, &k)) break;  // past every stop
     }
     return Value::MakeList(std::move(l));
   }
@@ -1773,6 +1883,7 @@ class Renderer {
 
   std::map<std::string, Value> globals_;
   std::vector<std::map<std::string, Value>> scopes_;
+  int64_t iterations_ = 0;  // loop iterations so far, all loops
 };
 
 // epic's own template in DeepSeek-V3's format, written for epic-mkmodel's checkpoints.

@@ -265,6 +265,18 @@ StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const std::
                                 "the sum of their top two");
     }
     if (!(c.routed_scaling_factor > 0)) return r.Error("routed_scaling_factor", "must be positive");
+    // Each expert of each MoE layer is three tensors, all listed before any is read: past
+    // about a million (as many as the largest safetensors header epic reads can name) the
+    // list alone would take gigabytes. DeepSeek-V3 has 58 * 256 experts.
+    constexpr int64_t kMaxExperts = int64_t{1} << 18;
+    int64_t moe_layers = 0;
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) moe_layers += c.IsMoeLayer(l);
+    if (moe_layers * c.n_routed_experts > kMaxExperts) {
+      return r.Error("n_routed_experts", "is " + std::to_string(c.n_routed_experts) + " in each of " +
+                                             std::to_string(moe_layers) + " MoE layers, " +
+                                             std::to_string(moe_layers * c.n_routed_experts) +
+                                             " experts in all: more than epic accepts (" + std::to_string(kMaxExperts) + ")");
+    }
   }
 
   EPIC_RETURN_IF_ERROR(r.OptionalDouble("rms_norm_eps", &c.rms_norm_eps));

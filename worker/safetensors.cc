@@ -144,7 +144,7 @@ StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::file
   std::vector<std::pair<uint64_t, uint64_t>> spans;  // every tensor's [begin, end)
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") continue;
-    auto bad = [&](const std::string& what) {
+    auto bad = [&, &name = name](const std::string& what) {  // clang 14 captures no structured binding
       return DataLossError(p + ": tensor '" + name + "': " + what);
     };
     if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") ||

@@ -1171,5 +1171,22 @@ TEST(SchedulerPrefixTest, AdmissionCountsOnlyTheBlocksARequestDoesNotShare) {
   }
 }
 
+
+TEST(SchedulerResultTest, ATokenOutsideTheVocabularyIsRefusedAndChangesNothing) {
+  Scheduler s(Options(4, 16));
+  s.Attach(Model());
+  Client c = Submit(s, Request(Prompt(5), 3));
+  v1::internal::Step step;
+  ASSERT_TRUE(s.NextStep(&step));
+  for (const int32_t bad : {-1, static_cast<int32_t>(kVocab)}) {
+    const Status st = s.Complete(Answer(step, [bad](uint64_t) { return bad; }));
+    EXPECT_EQ(st.code(), StatusCode::kInternal) << bad;
+    EXPECT_NE(st.message().find("outside the vocabulary"), std::string::npos) << st.message();
+  }
+  EXPECT_TRUE(Events(c).empty());
+  ASSERT_TRUE(s.Complete(Answer(step)).ok());  // the step is still in flight, unchanged
+  EXPECT_EQ(Tokens(Events(c)), std::vector<int32_t>{kToken});
+}
+
 }  // namespace
 }  // namespace epic::coordinator

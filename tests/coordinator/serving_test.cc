@@ -702,7 +702,10 @@ TEST_F(ServingTest, AJobLosingAHostIsRelaunchedOnTheHostsThatRemain) {
   // "ghost" is this machine too, reached through a stand-in for ssh.
   const int port = StartCluster(4, {}, kMaxWaiting, 20,
                                 {"--hostfile", hostfile.string(), "--host-check", EPIC_FAKE_RSH, "--mpirun-arg",
-                                 "--mca", "--mpirun-arg", "plm_rsh_agent", "--mpirun-arg", EPIC_FAKE_RSH},
+                                 "--mca", "--mpirun-arg", "plm_rsh_agent", "--mpirun-arg", EPIC_FAKE_RSH,
+                                 // Two "hosts" on one machine must not share memory segments:
+                                 // Open MPI's shared-memory transport then crashes at times.
+                                 "--mpirun-arg", "--mca", "--mpirun-arg", "btl", "--mpirun-arg", "self,tcp"},
                                 {"EPIC_FAKE_HOSTS_DOWN=" + down.string()});
   ASSERT_GT(port, 0);
   Client client(port);

@@ -536,6 +536,21 @@ TEST(TextServingAloneTest, NoTokenIs401AndNoWorkerJobIs503) {
     // The tokenizer needs no worker job.
     const HttpAnswer tokens = Curl(http, "POST", "/tokenize", R"({"prompt": "hi"})", "let-me-in");
     EXPECT_EQ(tokens.status, 200) << tokens.body;
+    // Found with fuzz/http_body.cc (fuzz/corpus/http_body/crash_deep_*): a body nested
+    // 200000 deep crashed the server (printing and copying JSON recurse). It is refused,
+    // and the server serves on.
+    for (const std::string& path : {"/detokenize", "/tokenize"}) {
+      const std::string nested = std::string(200000, '[') + std::string(200000, ']');
+      std::ofstream(dir / "deep.json") << (path == "/detokenize" ? R"({"tokens": [)" + nested + "]}"
+                                                                  : R"({"messages": [{"role": "user", "content": "x", "x": )" +
+                                                                        nested + "}]}");
+      const std::string out = Capture("curl -sS -w '\\n%{http_code}' -H 'Content-Type: application/json' "
+                                      "-H 'Authorization: Bearer let-me-in' --data-binary @" + (dir / "deep.json").string() +
+                                      " http://127.0.0.1:" + std::to_string(http) + path + " 2>&1");
+      EXPECT_NE(out.find("the body is nested more than 64 deep"), std::string::npos) << path << ": " << out.substr(0, 300);
+      EXPECT_EQ(out.substr(out.rfind('\n') + 1), "400") << path;
+    }
+    EXPECT_EQ(Curl(http, "POST", "/tokenize", R"({"prompt": "hi"})", "let-me-in").status, 200);
     // A second coordinator on the same HTTP port is refused at start-up, not let to share it.
     const std::string second = Capture(std::string(EPIC_COORDINATOR_BINARY) + " --worker-secret-file " +
                                        (dir / "secret").string() + " --listen 127.0.0.1:0 --metrics-listen off " +

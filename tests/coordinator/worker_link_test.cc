@@ -99,6 +99,26 @@ TEST_F(WorkerLinkTest, ImpossibleHellosAreRefusedAndTheNextGoodJobAttaches) {
        },
        "layer 7"},
       {"eos past the vocabulary", [](v1::internal::Hello* h) { h->mutable_model()->add_eos_token_ids(999); }, "eos"},
+      // Found by fuzz/worker_hello.cc (fuzz/corpus/worker_hello/timeout_unplaced_experts): 4
+      // of 40440 experts placed kept the planner of every load report busy for seconds.
+      {"an expert on no rank",
+       [](v1::internal::Hello* h) {
+         h->mutable_model()->set_n_routed_experts(4);
+         auto* lp = h->add_placement();
+         lp->set_layer(0);
+         auto* rank = lp->add_ranks();
+         for (const int32_t e : {0, 1, 2}) rank->add_experts(e);
+       },
+       "expert 3 is on no rank"},
+      {"an expert twice on a rank",
+       [](v1::internal::Hello* h) {
+         h->mutable_model()->set_n_routed_experts(4);
+         auto* lp = h->add_placement();
+         lp->set_layer(0);
+         auto* rank = lp->add_ranks();
+         for (const int32_t e : {0, 1, 2, 3, 1}) rank->add_experts(e);
+       },
+       "holds expert 1 twice"},
   };
   for (const Case& c : cases) {
     v1::internal::Hello hello = GoodHello();

@@ -260,6 +260,9 @@ TEST(ChatTemplateTest, UnsupportedConstructsFailAtParse) {
       {"{{ x is divisibleby 3 }}", "chat template line 1: unsupported test 'divisibleby'"},
       {"{% endif %}", "chat template line 1: unexpected tag 'endif'"},
       {"{% for m in messages if m %}{% endfor %}", "chat template line 1: unsupported construct 'for ... if' (loop filter)"},
+      // Found by fuzz/chat_template.cc (fuzz/corpus/chat_template/crash_empty_subscript.jinja):
+      // an empty subscript was evaluated as a null expression.
+      {"{{ 0[] }}", "chat template line 1: expected an index inside '[]'"},
   };
   for (const auto& [source, message] : cases) {
     auto parsed = ChatTemplate::Parse(source);
@@ -311,6 +314,112 @@ TEST(ChatTemplateTest, DamagedTemplatesAndOddContextsNeverCrash) {
     for (const json& context : contexts) (void)t->Render(context);
   }
   EXPECT_GT(parsed, 0);
+}
+
+// Found with fuzz/chat_template.cc (fuzz/corpus/chat_template/crash_int_*, timeout_*,
+// oom_*): integer arithmetic past int64 (undefined behaviour; Python's ints would grow), a
+// huge exponent looped over, and strings, lists and loops without end. Each is now an
+// error naming its line, as jinja2's sandbox refuses a range() past 100000 items.
+TEST(ChatTemplateTest, ArithmeticAndSizesPastTheLimitsAreErrors) {
+  const std::vector<std::pair<std::string, std::string>> refused = {
+      {"{{ 9223372036854775807 + 1 }}", "integer overflow in +"},
+      {"{{ -9223372036854775807 - 2 }}", "integer overflow in -"},
+      {"\n{{ 9999999999 * 9999999999 }}", "line 2: integer overflow in *"},
+      {"{{ (-9223372036854775807 - 1) // -1 }}", "integer overflow in //"},
+      {"{{ (-9223372036854775807 - 1) % -1 }}", "integer overflow in %"},
+      {"{{ 3 ** 100000000000 }}", "integer overflow in **"},
+      {"{{ 'ab' * 10000000000 }}", "a string too long"},
+      {"{{ [1, 2] * 10000000000 }}", "a list too long"},
+      {"{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+       "a string of more than 16777216 bytes"},
+      {"{% for i in range(100001) %}{% endfor %}", "range too big"},
+      {"{% for a in range(1000) %}{% for b in range(1000) %}{% endfor %}{% endfor %}",
+       "more than 100000 loop iterations"},
+  };
+  for (const auto& [source, message] : refused) {
+    SCOPED_TRACE(source);
+    auto parsed = ChatTemplate::Parse(source);
+    ASSERT_TRUE(parsed.ok()) << parsed.status().ToString();
+    auto rendered = parsed->Render(json::object());
+    ASSERT_FALSE(rendered.ok());
+    EXPECT_EQ(rendered.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(rendered.status().message().find(message), std::string::npos) << rendered.status().message();
+  }
+  // Within the limits, as Python computes it.
+  const std::vector<std::pair<std::string, std::string>> rendered = {
+      {"{{ 1 ** 100000000000 }} {{ (-1) ** 100000000001 }} {{ 0 ** 100000000000 }} {{ 0 ** 0 }}", "1 -1 0 1"},
+      {"{{ 2 ** 62 }} {{ -9223372036854775807 - 1 }} {{ 7 // -2 }} {{ -7 % 3 }}",
+       "4611686018427387904 -9223372036854775808 -4 2"},
+      {"{{ '' * 10000000000 }}|{{ ([] * 10000000000) | length }}|{{ 'ab' * 3 }}", "|0|ababab"},
+      {"{{ range(9223372036854775805, 9223372036854775807, 5) | list }}", "[9223372036854775805]"},
+      {"{{ range(100000) | length }}", "100000"},
+  };
+  for (const auto& [source, text] : rendered) {
+    SCOPED_TRACE(source);
+    auto parsed = ChatTemplate::Parse(source);
+    ASSERT_TRUE(parsed.ok()) << parsed.status().ToString();
+    auto out = parsed->Render(json::object());
+    ASSERT_TRUE(out.ok()) << out.status().ToString();
+    EXPECT_EQ(*out, text);
+  }
+}
+
+// Found with fuzz/chat_template.cc (fuzz/corpus/chat_template/crash_deep_*,
+// crash_namespace_cycle): the parser, the evaluator, printing and the destructors recurse,
+// so a template or a value nested a few thousand deep, or a namespace holding itself,
+// overflowed the stack. Nesting past 128 is an error, and a namespace holds none.
+TEST(ChatTemplateTest, NestingPastTheLimitIsAnError) {
+  auto repeat = [](const std::string& s, int n) {
+    std::string out;
+    for (int k = 0; k < n; ++k) out += s;
+    return out;
+  };
+  const std::vector<std::pair<std::string, std::string>> unparsable = {
+      {"{{ " + repeat("(", 5000) + "1" + repeat(")", 5000) + " }}", "nested more than 128 deep"},
+      {"{{ " + repeat("not ", 5000) + "true }}", "nested more than 128 deep"},
+      {"{{ " + repeat("-", 5000) + "1 }}", "nested more than 128 deep"},
+      {"{{ " + repeat("[", 5000) + repeat("]", 5000) + " }}", "nested more than 128 deep"},
+      {"{{ 1" + repeat(" + 1", 5000) + " }}", "expression nested more than 128 deep"},
+      {"{{ 1" + repeat("|string", 5000) + " }}", "expression nested more than 128 deep"},
+      {repeat("{% if true %}", 5000) + "x" + repeat("{% endif %}", 5000), "nested more than 128 deep"},
+  };
+  for (const auto& [source, message] : unparsable) {
+    SCOPED_TRACE(source.substr(0, 40));
+    auto parsed = ChatTemplate::Parse(source);
+    ASSERT_FALSE(parsed.ok());
+    EXPECT_NE(parsed.status().message().find(message), std::string::npos) << parsed.status().message();
+  }
+  // Fifty of each is fine.
+  for (const std::string& source : {"{{ " + repeat("(", 50) + "1" + repeat(")", 50) + " }}",
+                                    "{{ 1" + repeat(" + 1", 50) + " }}",
+                                    repeat("{% if true %}", 50) + "x" + repeat("{% endif %}", 50)}) {
+    auto parsed = ChatTemplate::Parse(source);
+    ASSERT_TRUE(parsed.ok()) << parsed.status().ToString();
+    EXPECT_TRUE(parsed->Render(json::object()).ok());
+  }
+
+  const std::vector<std::pair<std::string, std::string>> unrenderable = {
+      {"{% set ns = namespace(l=[]) %}\n{% for i in range(5000) %}{% set ns.l = [ns.l] %}{% endfor %}{{ ns.l }}",
+       "line 2: a value nested more than 128 deep"},
+      {"{% set ns = namespace(l=1) %}{% for i in range(5000) %}{% set ns.l = {'a': ns.l} %}{% endfor %}",
+       "a value nested more than 128 deep"},
+      {"{% set ns = namespace(a=1) %}{% set ns.me = ns %}{{ ns }}", "a namespace cannot hold a namespace"},
+      {"{% set ns = namespace(a=1) %}{% set ns.l = [1, [ns]] %}", "a namespace cannot hold a namespace"},
+  };
+  for (const auto& [source, message] : unrenderable) {
+    SCOPED_TRACE(source);
+    auto parsed = ChatTemplate::Parse(source);
+    ASSERT_TRUE(parsed.ok()) << parsed.status().ToString();
+    auto rendered = parsed->Render(json::object());
+    ASSERT_FALSE(rendered.ok());
+    EXPECT_NE(rendered.status().message().find(message), std::string::npos) << rendered.status().message();
+  }
+  json deep = json::array();
+  for (int k = 0; k < 5000; ++k) deep = json::array({deep});
+  auto rendered = ChatTemplate::Parse("{{ messages }}")->Render({{"messages", deep}});
+  ASSERT_FALSE(rendered.ok());
+  EXPECT_NE(rendered.status().message().find("the context is nested more than 128 deep"), std::string::npos)
+      << rendered.status().message();
 }
 
 }  // namespace

@@ -130,6 +130,29 @@ TEST(ModelConfigTest, RefusesNumbersPastADoubleAndAbsurdSizes) {
   ExpectRefused(TinyWith("hidden_size", uint64_t{1} << 63), StatusCode::kInvalidArgument, {"'hidden_size'"});
 }
 
+// Found with fuzz/model_config.cc (fuzz/corpus/model_config/oom_layers_times_experts): each
+// count within its own limit, 4096 MoE layers of 65536 experts made the loader's list of
+// expected tensors take tens of gigabytes. The experts of all layers together are bounded.
+TEST(ModelConfigTest, RefusesMoreExpertsInAllLayersThanACheckpointCanName) {
+  json config = Preset("tiny");
+  config["num_hidden_layers"] = 4096;
+  config["first_k_dense_replace"] = 0;
+  config["n_routed_experts"] = 65536;
+  config["n_group"] = 1;
+  config["topk_group"] = 1;
+  ExpectRefused(config, StatusCode::kInvalidArgument,
+                {"'n_routed_experts'", "4096 MoE layers", "268435456 experts", "more than epic accepts"});
+  // Every second layer dense: half the experts, still too many; a V3-sized model is fine.
+  config["moe_layer_freq"] = 2;
+  ExpectRefused(config, StatusCode::kInvalidArgument, {"2048 MoE layers"});
+  config["num_hidden_layers"] = 61;
+  config["moe_layer_freq"] = 1;
+  config["first_k_dense_replace"] = 3;
+  config["n_routed_experts"] = 256;
+  const StatusOr<ModelConfig> v3_sized = Parse(config);
+  ASSERT_TRUE(v3_sized.ok()) << v3_sized.status().ToString();
+}
+
 TEST(ModelConfigTest, RefusesUnknownModelType) {
   ExpectRefused(TinyWith("model_type", "llama"), StatusCode::kUnimplemented, {"'model_type'", "llama"});
   json missing = Preset("tiny");
