@@ -170,16 +170,16 @@ kill_job() {
 # Waits for the job PID; ends it when the coordinator has dropped it (a step timed out:
 # a rank stuck or stopped) and it is still there 2 s later. Sets CODE.
 wait_job() {
-  local pid="$1" attached=0 dropped=0 state tick=0
+  local pid="$1" attached=0 dropped=0 answer tick=0
   while kill -0 "$pid" 2>/dev/null; do
     sleep 0.1
     # The coordinator is asked once a second; a job that exits is seen within 0.1 s.
     tick=$((tick + 1))
     [ $((tick % 10)) -eq 0 ] || continue
-    state="$(job_state)"
-    if [ "${state%% *}" = "1" ]; then
+    answer="$(job_state)"  # not "state": stop(), run from a trap in here, removes $state
+    if [ "${answer%% *}" = "1" ]; then
       attached=1 dropped=0
-    elif [ "$attached" -eq 1 ] && [ "${state%% *}" = "0" ]; then
+    elif [ "$attached" -eq 1 ] && [ "${answer%% *}" = "0" ]; then
       dropped=$((dropped + 1))
       if [ "$dropped" -ge 2 ]; then
         epic_log "the coordinator dropped the worker job (a step timed out) and it is still running: ending it"
