@@ -7,8 +7,9 @@
 # bench/serving_bench --shared-prefix against it; prints both tables, then per
 # concurrency the ratios off/on of the median time to first token and on/off of tok/s.
 set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-build="${EPIC_BUILD_DIR:-$root/build}"
+source "$(dirname "$0")/../launch/common.sh"
+root="$EPIC_ROOT"
+build="$EPIC_BUILD_DIR"
 model="$root/models/default" np=2 shared=1024 prompt_len=32 output_len=16 levels=1,4,16
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -32,9 +33,7 @@ for mode in on off; do
     --metrics-port 0 --listen-host 127.0.0.1 --no-build --ready-file "$work/ready.json" \
     -- --prefix-cache "$mode" --cache-blocks 4096 --max-step-tokens 512 >"$work/cluster-$mode.log" 2>&1 &
   cluster_pid=$!
-  for _ in $(seq 1 600); do [ -f "$work/ready.json" ] && break; sleep 0.5; done
-  [ -f "$work/ready.json" ] || { echo "prefix_cache_bench: the cluster did not start"; cat "$work/cluster-$mode.log"; exit 1; }
-  port="$(sed -E 's/.*"port": ([0-9]+).*/\1/' "$work/ready.json")"
+  port="$(epic_wait_ready "$work/ready.json" "$cluster_pid" 300 "the cluster")" || { cat "$work/cluster-$mode.log"; exit 1; }
   echo "== prefix cache $mode"
   "$build/bench/serving_bench" --server "127.0.0.1:$port" --concurrency "$levels" --shared-prefix "$shared" \
     --prompt-len "$prompt_len" --output-len "$output_len" | tee "$work/$mode.txt"

@@ -6,8 +6,9 @@
 # times a one-token request from the kill until it succeeds (it waits for the next job).
 # Prints each round and the median. STOP rounds run with --step-timeout 3.
 set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-build="${EPIC_BUILD_DIR:-$root/build}"
+source "$(dirname "$0")/../launch/common.sh"
+root="$EPIC_ROOT"
+build="$EPIC_BUILD_DIR"
 model="" np=2 rounds=3 signal=KILL
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -30,9 +31,7 @@ EPIC_BUILD_DIR="$build" "$root/launch/cluster.sh" --model "$model" --np "$np" --
   --metrics-port 0 --listen-host 127.0.0.1 --no-build --ready-file "$work/ready.json" \
   ${timeout_args[@]+-- "${timeout_args[@]}"} >"$work/cluster.log" 2>&1 &
 cluster_pid=$!
-for _ in $(seq 1 600); do [ -f "$work/ready.json" ] && break; sleep 0.5; done
-[ -f "$work/ready.json" ] || { echo "recovery_bench: the cluster did not start"; cat "$work/cluster.log"; exit 1; }
-port="$(sed -E 's/.*"port": ([0-9]+).*/\1/' "$work/ready.json")"
+port="$(epic_wait_ready "$work/ready.json" "$cluster_pid" 300 "the cluster")" || { cat "$work/cluster.log"; exit 1; }
 epic=("$build/client/epic")
 victim_rank=1
 [ "$signal" = STOP ] && victim_rank=0

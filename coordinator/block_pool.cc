@@ -38,9 +38,9 @@ uint64_t BlockPool::Chain(uint64_t parent, std::span<const int32_t> tokens) {
   return h == kNoHash ? 1 : h;
 }
 
-std::vector<int32_t> BlockPool::TakePrefix(std::span<const int32_t> tokens, int64_t max_blocks) {
-  std::vector<int32_t> taken;
-  if (!caching_) return taken;
+std::vector<int32_t> BlockPool::FindPrefix(std::span<const int32_t> tokens, int64_t max_blocks) const {
+  std::vector<int32_t> found;
+  if (!caching_) return found;
   uint64_t key = kNoHash;
   int32_t parent = -1;
   for (int64_t i = 0; i < max_blocks && (i + 1) * block_size_ <= static_cast<int64_t>(tokens.size()); ++i) {
@@ -51,10 +51,25 @@ std::vector<int32_t> BlockPool::TakePrefix(std::span<const int32_t> tokens, int6
     if (it == by_hash_.end()) break;
     const int32_t b = it->second;
     if (parent_[b] != parent || !std::equal(block.begin(), block.end(), tokens_[b].begin(), tokens_[b].end())) break;
-    if (ref_[b]++ == 0) unused_.erase(unused_at_[b]);
-    taken.push_back(b);
+    found.push_back(b);
     parent = b;
   }
+  return found;
+}
+
+int64_t BlockPool::Unused(std::span<const int32_t> blocks) const {
+  return std::count_if(blocks.begin(), blocks.end(), [&](int32_t b) { return ref_[b] == 0; });
+}
+
+void BlockPool::Take(std::span<const int32_t> blocks) {
+  for (int32_t b : blocks) {
+    if (ref_[b]++ == 0) unused_.erase(unused_at_[b]);
+  }
+}
+
+std::vector<int32_t> BlockPool::TakePrefix(std::span<const int32_t> tokens, int64_t max_blocks) {
+  std::vector<int32_t> taken = FindPrefix(tokens, max_blocks);
+  Take(taken);
   return taken;
 }
 

@@ -28,7 +28,13 @@ class BlockPool {
   int64_t cached_blocks() const { return static_cast<int64_t>(by_hash_.size()); }
 
   // The cached blocks holding the longest run of TOKENS' full blocks from the start, at
-  // most MAX_BLOCKS of them, each now used once more.
+  // most MAX_BLOCKS of them; nothing changes.
+  std::vector<int32_t> FindPrefix(std::span<const int32_t> tokens, int64_t max_blocks) const;
+  // Of BLOCKS (cached), those nobody uses now: taking them lowers available().
+  int64_t Unused(std::span<const int32_t> blocks) const;
+  // Each of BLOCKS (cached) used once more.
+  void Take(std::span<const int32_t> blocks);
+  // FindPrefix, then Take.
   std::vector<int32_t> TakePrefix(std::span<const int32_t> tokens, int64_t max_blocks);
   // N blocks for new rows: free ones first, then cached ones nobody uses, least recently
   // used first (evicted). REQUIRES: available() >= n.

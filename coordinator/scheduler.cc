@@ -236,21 +236,23 @@ void Scheduler::Remove(uint64_t id) {
 void Scheduler::Admit() {
   // First come, first served: a request that does not fit holds back those behind it,
   // so a long one is never starved by a stream of short ones.
+  bool admitted = false;
   while (!waiting_.empty() && static_cast<int64_t>(running_.size()) < options_.max_running) {
     Request& r = requests_.at(waiting_.front());
     const int64_t need = BlocksFor(r.spec);
     // Only the blocks it does not share count: its context's full blocks found in the
     // prefix cache are its own too. At least one prompt token is prefilled, for logits.
-    const std::vector<int32_t> context = Tokens(r);
-    const int64_t prefill = ContextToPrefill(r);
-    const int64_t shareable = r.output.empty() ? (prefill - 1) / options_.block_size : prefill / options_.block_size;
-    std::vector<int32_t> shared =
-        pool_.TakePrefix(std::span<const int32_t>(context).first(static_cast<size_t>(prefill)), shareable);
-    const int64_t fresh = need - static_cast<int64_t>(shared.size());
-    if (fresh > pool_.available()) {
-      pool_.Release(shared);
-      break;
+    std::vector<int32_t> shared;
+    if (options_.prefix_cache) {
+      const std::vector<int32_t> context = Tokens(r);
+      const int64_t prefill = ContextToPrefill(r);
+      const int64_t shareable = r.output.empty() ? (prefill - 1) / options_.block_size : prefill / options_.block_size;
+      shared = pool_.FindPrefix(std::span<const int32_t>(context).first(static_cast<size_t>(prefill)), shareable);
     }
+    const int64_t fresh = need - static_cast<int64_t>(shared.size());
+    // Shared blocks nobody used were counted as available: taking them makes them not.
+    if (fresh > pool_.available() - pool_.Unused(shared)) break;
+    pool_.Take(shared);
     r.blocks = std::move(shared);
     r.cached = static_cast<int64_t>(r.blocks.size()) * options_.block_size;
     if (!r.admitted && options_.prefix_cache) {  // counted once, not again when resumed
@@ -263,8 +265,9 @@ void Scheduler::Admit() {
     r.blocks.insert(r.blocks.end(), more.begin(), more.end());
     running_.push_back(r.id);
     waiting_.pop_front();
+    admitted = true;
   }
-  if (observer_) observer_->PrefixCache(pool_.queried_tokens(), pool_.hit_tokens(), pool_.evictions());
+  if (admitted && observer_) observer_->PrefixCache(pool_.queried_tokens(), pool_.hit_tokens(), pool_.evictions());
 }
 
 std::vector<int32_t> Scheduler::Tokens(const Request& r) {

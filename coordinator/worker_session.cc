@@ -57,12 +57,16 @@ StatusOr<std::shared_ptr<WorkerSession::Rebalancing>> WorkerSession::PlanRebalan
   }
   EPIC_ASSIGN_OR_RETURN(PlannedPlacement plan, PlanFromReport(ReportInputLocked(redundant)));
   if (plan.tokens <= 0) return FailedPreconditionError("no expert statistics yet: no tokens in the window");
+  return RebalancingOf(std::move(plan), stats_.window_steps());
+}
+
+std::shared_ptr<WorkerSession::Rebalancing> WorkerSession::RebalancingOf(PlannedPlacement plan, int64_t window_steps) {
   auto r = std::make_shared<Rebalancing>();
   r->table = std::move(plan.placement);
   r->response.set_imbalance_before(plan.imbalance_before);
   r->response.set_imbalance_after(plan.imbalance_after);
   r->response.set_experts_moved(plan.experts_moved);
-  r->response.set_window_steps(stats_.window_steps());
+  r->response.set_window_steps(window_steps);
   return r;
 }
 
@@ -84,17 +88,12 @@ std::shared_ptr<WorkerSession::Rebalancing> WorkerSession::PlanForNewSizeLocked(
   if (!plan.ok() || plan->tokens <= 0 || plan->experts_moved == 0 || plan->imbalance_after >= plan->imbalance_before) {
     return nullptr;
   }
-  auto r = std::make_shared<Rebalancing>();
-  r->table = std::move(plan->placement);
-  r->response.set_imbalance_before(plan->imbalance_before);
-  r->response.set_imbalance_after(plan->imbalance_after);
-  r->response.set_experts_moved(plan->experts_moved);
-  r->response.set_window_steps(last.window_steps);
+  const double before = plan->imbalance_before, after = plan->imbalance_after;
+  std::shared_ptr<Rebalancing> r = RebalancingOf(std::move(*plan), last.window_steps);
   r->done.get_future();  // nobody waits on it
   Log("a job of " + std::to_string(ranks) + " rank(s) after one of " + std::to_string(last_ranks) +
       ": planned its placement from the last job's loads over " + std::to_string(last.window_steps) +
-      " steps (imbalance " + std::to_string(plan->imbalance_before) + " -> " +
-      std::to_string(plan->imbalance_after) + " predicted)");
+      " steps (imbalance " + std::to_string(before) + " -> " + std::to_string(after) + " predicted)");
   return r;
 }
 

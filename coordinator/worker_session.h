@@ -65,6 +65,8 @@ class WorkerSession final : public v1::internal::WorkerLink::Service {
   // The statistics window as the report and the planner read it, planned with REDUNDANT
   // replica slots per rank.
   ReportInput ReportInputLocked(int redundant) const;
+  // A rebalance to PLAN's placement, planned over WINDOW_STEPS steps.
+  static std::shared_ptr<Rebalancing> RebalancingOf(PlannedPlacement plan, int64_t window_steps);
   // What a rebalance would do now. FAILED_PRECONDITION without statistics.
   StatusOr<std::shared_ptr<Rebalancing>> PlanRebalance(int redundant);
   // A job of another size than the last one: a placement for it planned from the last
