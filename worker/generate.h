@@ -1,5 +1,6 @@
-// One sequence from prompt to generated tokens: a prefill step over the prompt,
-// then one decode step per new token. What epic-run does in a single process.
+// Sequences from prompt to generated tokens: a prefill step over the prompts, then one
+// decode step per new token for those still going. What epic-run does, in one process
+// or as a job of ranks (every rank calls it alike).
 #pragma once
 
 #include <cstdint>
@@ -32,5 +33,12 @@ struct GenerateResult {
 // max_position_embeddings.
 StatusOr<GenerateResult> Generate(Model& model, std::span<const int32_t> prompt,
                                   const GenerateOptions& options);
+
+// Several sequences in the same steps (each sampled from options.sampling alike, its
+// draws numbered from 0). With data-parallel attention prompt i runs on rank
+// i % ranks; every rank gets every sequence's tokens and prompt logits. The expert
+// counts and times are the whole batch's, in results[0].
+StatusOr<std::vector<GenerateResult>> GenerateBatch(Model& model, std::span<const std::vector<int32_t>> prompts,
+                                                    const GenerateOptions& options);
 
 }  // namespace epic

@@ -119,18 +119,25 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
   model->device_ = device;
   EPIC_ASSIGN_OR_RETURN(model->checkpoint_, Checkpoint::Open(dir));
   const ModelConfig& config = model->config();
+  model->attention_ = shard.attention;
+  // Under kData nothing but the routed experts is split: any number of ranks.
+  const bool split = shard.attention == AttentionMode::kTensor;
+  const int parts = split ? ranks : 1;
+  const int part = split ? rank : 0;
   const int64_t shared_inter = config.moe_intermediate_size * config.n_shared_experts;
-  if (config.intermediate_size < ranks || (shared_inter > 0 && shared_inter < ranks)) {
+  if (config.intermediate_size < parts || (shared_inter > 0 && shared_inter < parts)) {
     return InvalidArgumentError("cannot split the MLPs' intermediate dimension (" +
                                 std::to_string(config.intermediate_size) + ", shared experts " +
-                                std::to_string(shared_inter) + ") over " + std::to_string(ranks) + " ranks");
+                                std::to_string(shared_inter) + ") over " + std::to_string(ranks) +
+                                " ranks (data-parallel attention, --attention dp, replicates them)");
   }
-  if (config.num_attention_heads < ranks || config.vocab_size < ranks) {
+  if (config.num_attention_heads < parts || config.vocab_size < parts) {
     return InvalidArgumentError(
         "cannot split " + std::to_string(config.num_attention_heads) + " attention heads and a vocabulary of " +
         std::to_string(config.vocab_size) + " over " + std::to_string(ranks) +
         " ranks: run at most " + std::to_string(std::min(config.num_attention_heads, config.vocab_size)) +
-        " ranks (uneven splits are fine)");
+        " ranks (uneven splits are fine), or data-parallel attention (--attention dp), which any number of "
+        "ranks can run");
   }
   std::vector<bool> moe_layers(static_cast<size_t>(config.num_hidden_layers));
   for (int64_t l = 0; l < config.num_hidden_layers; ++l) moe_layers[l] = config.IsMoeLayer(l);
@@ -142,17 +149,17 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
     model->placement_ = std::make_unique<parallel::ExpertPlacement>(parallel::ExpertPlacement::Contiguous(
         config.num_hidden_layers, moe_layers, std::max<int64_t>(config.n_routed_experts, 1), ranks));
   }
-  model->head_begin_ = config.num_attention_heads * rank / ranks;
-  model->head_end_ = config.num_attention_heads * (rank + 1) / ranks;
-  model->vocab_begin_ = config.vocab_size * rank / ranks;
-  model->vocab_end_ = config.vocab_size * (rank + 1) / ranks;
+  model->head_begin_ = config.num_attention_heads * part / parts;
+  model->head_end_ = config.num_attention_heads * (part + 1) / parts;
+  model->vocab_begin_ = config.vocab_size * part / parts;
+  model->vocab_end_ = config.vocab_size * (part + 1) / parts;
   WeightShard ws;
   ws.head_begin = model->head_begin_;
   ws.head_end = model->head_end_;
   ws.vocab_begin = model->vocab_begin_;
   ws.vocab_end = model->vocab_end_;
-  ws.mlp_part = rank;
-  ws.mlp_parts = ranks;
+  ws.mlp_part = part;
+  ws.mlp_parts = parts;
   for (int64_t l = 0; l < config.num_hidden_layers; ++l) ws.expert_slots.push_back(model->placement_->slots(l, rank));
   // The CUDA step copies the weights to the GPU from the file's pages: no host copy.
   const WeightResidency host = device == ComputeDevice::kCuda ? WeightResidency::kMapped : residency;
@@ -217,6 +224,14 @@ StatusOr<StepTokens> FlattenStep(std::span<const SequenceStep> batch, const Late
     }
   }
   return step;
+}
+
+const char* AttentionModeName(AttentionMode mode) { return mode == AttentionMode::kData ? "dp" : "tp"; }
+
+StatusOr<AttentionMode> ParseAttentionMode(const std::string& name) {
+  if (name == "tp") return AttentionMode::kTensor;
+  if (name == "dp") return AttentionMode::kData;
+  return InvalidArgumentError("attention mode '" + name + "': expected tp (tensor-parallel) or dp (data-parallel)");
 }
 
 TokenBlocks SplitTokens(int64_t tokens, int64_t hidden, int rank, int ranks) {
@@ -295,10 +310,20 @@ std::string StepName(std::span<const SequenceStep> batch) {
 
 }  // namespace
 
+StatusOr<bool> Model::OnEveryRank(bool flag) {
+  const int ranks = comm_->size();
+  if (attention_ == AttentionMode::kTensor || ranks == 1) return flag;  // alike on every rank
+  const int32_t mine = flag ? 1 : 0;
+  std::vector<int32_t> all(static_cast<size_t>(ranks));
+  EPIC_RETURN_IF_ERROR(comm_->AllGather(&mine, all.data(), std::vector<int64_t>(ranks, sizeof mine)));
+  return std::all_of(all.begin(), all.end(), [](int32_t f) { return f == 1; });
+}
+
 Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::vector<float>* logits,
                       ExpertCounts* counts) {
   EPIC_RETURN_IF_ERROR(Step(batch, cache, logits, counts, /*check_layers=*/false));
-  if (AllFinite(logits->data(), static_cast<int64_t>(logits->size()))) return OkStatus();
+  EPIC_ASSIGN_OR_RETURN(const bool finite, OnEveryRank(AllFinite(logits->data(), static_cast<int64_t>(logits->size()))));
+  if (finite) return OkStatus();
   // Only now look for the layer: the same step again, checked after every layer. It
   // writes the same cache rows; every rank sees the same logits, so all run it.
   for (SequenceStep& s : batch) s.cache->num_tokens -= static_cast<int64_t>(s.tokens.size());
@@ -327,6 +352,8 @@ Status Model::Step(std::span<SequenceStep> batch, LatentCache* cache, std::vecto
   const int64_t tokens = static_cast<int64_t>(step.ids.size());
   const int rank = comm_->rank();
   const int ranks = comm_->size();
+  // Tensor-parallel attention across ranks; else this rank's sequences are all its own.
+  const bool split = attention_ == AttentionMode::kTensor && ranks > 1;
   const int64_t heads = head_end_ - head_begin_;
   EPIC_RETURN_IF_ERROR(b.BeginStep(batch, step, cache));
 
@@ -343,17 +370,19 @@ Status Model::Step(std::span<SequenceStep> batch, LatentCache* cache, std::vecto
     first += sp.n;
   }
 
-  // Attention runs on every token for this rank's heads; the rest of the layer runs on
-  // this rank's block of tokens [first, first + local): all of them on one rank.
-  const TokenBlocks blocks = SplitTokens(tokens, hidden, rank, ranks);
+  // Split, attention runs on every token for this rank's heads and the rest of the
+  // layer on this rank's block of tokens [first, first + local); else on all of them.
+  const TokenBlocks blocks = split ? SplitTokens(tokens, hidden, rank, ranks) : SplitTokens(tokens, hidden, 0, 1);
   const int64_t first = blocks.first;
   const int64_t local = blocks.local;
-  EPIC_ASSIGN_OR_RETURN(float* x, b.Activations(kX, tokens * hidden));  // the residual, all tokens
-  EPIC_ASSIGN_OR_RETURN(float* normed, b.Activations(kNormed, tokens * hidden));
-  EPIC_ASSIGN_OR_RETURN(float* attn, b.Activations(kAttn, tokens * heads * c.v_head_dim));
+  // (A data-parallel rank may have no tokens in a step: buffers of one row at least.)
+  const int64_t rows_held = std::max<int64_t>(tokens, 1);
+  EPIC_ASSIGN_OR_RETURN(float* x, b.Activations(kX, rows_held * hidden));  // the residual, all tokens
+  EPIC_ASSIGN_OR_RETURN(float* normed, b.Activations(kNormed, rows_held * hidden));
+  EPIC_ASSIGN_OR_RETURN(float* attn, b.Activations(kAttn, rows_held * heads * c.v_head_dim));
   float* partial = nullptr;  // this rank's share of a row-parallel product, all tokens
   float* mine = x;           // this rank's block of the residual
-  if (ranks > 1) {
+  if (split) {
     EPIC_ASSIGN_OR_RETURN(partial, b.Activations(kPartial, tokens * hidden));
     EPIC_ASSIGN_OR_RETURN(mine, b.Activations(kMine, std::max<int64_t>(local, 1) * hidden));
   }
@@ -364,7 +393,7 @@ Status Model::Step(std::span<SequenceStep> batch, LatentCache* cache, std::vecto
     EPIC_RETURN_IF_ERROR(b.Norm(NormWeight::kInput, l, x, tokens, normed));
     EPIC_RETURN_IF_ERROR(b.Attention(l, normed, spans, attn));
     // Row-parallel o_proj: the heads' shares summed, each rank keeping its tokens.
-    if (ranks == 1) {
+    if (!split) {
       EPIC_RETURN_IF_ERROR(b.OutputProjection(l, attn, tokens, x, /*accumulate=*/true));
     } else {
       EPIC_RETURN_IF_ERROR(b.OutputProjection(l, attn, tokens, partial, /*accumulate=*/false));
@@ -377,7 +406,7 @@ Status Model::Step(std::span<SequenceStep> batch, LatentCache* cache, std::vecto
     // The dense MLP, or the shared experts, split by their intermediate dimension: every
     // rank runs its part on all tokens, and the parts are summed into the token blocks.
     if (!L.moe || L.has_shared) {
-      if (ranks == 1) {
+      if (!split) {
         EPIC_RETURN_IF_ERROR(b.Mlp(l, normed, tokens, x));
       } else {
         EPIC_ASSIGN_OR_RETURN(float* all, b.Activations(kNormedAll, tokens * hidden));
@@ -389,11 +418,12 @@ Status Model::Step(std::span<SequenceStep> batch, LatentCache* cache, std::vecto
         EPIC_RETURN_IF_ERROR(b.Add(mine, summed, local * hidden));
       }
     }
-    if (ranks > 1) EPIC_RETURN_IF_ERROR(comm->AllGather(mine, x, blocks.bytes));
+    if (split) EPIC_RETURN_IF_ERROR(comm->AllGather(mine, x, blocks.bytes));
     if (check_layers) {
       std::vector<float> host(static_cast<size_t>(tokens * hidden));
       EPIC_RETURN_IF_ERROR(b.CopyToHost(x, tokens * hidden, host.data()));
-      if (!AllFinite(host.data(), tokens * hidden)) {
+      EPIC_ASSIGN_OR_RETURN(const bool finite, OnEveryRank(AllFinite(host.data(), tokens * hidden)));
+      if (!finite) {
         return InternalError("non-finite activations (NaN or Inf) first appear in layer " + std::to_string(l) +
                              (L.moe ? " (MoE)" : " (dense)") +
                              ": the checkpoint's weights or config are broken there");
@@ -411,7 +441,7 @@ Status Model::Step(std::span<SequenceStep> batch, LatentCache* cache, std::vecto
   EPIC_ASSIGN_OR_RETURN(float* slice, b.Activations(kLogits, std::max<int64_t>(rows * my_vocab, 1)));
   EPIC_RETURN_IF_ERROR(b.LmHead(x, step.logit_rows, slice));
   logits->resize(static_cast<size_t>(rows * c.vocab_size));
-  if (ranks == 1) {
+  if (!split) {
     EPIC_RETURN_IF_ERROR(b.CopyToHost(slice, rows * c.vocab_size, logits->data()));
   } else {
     // Gather the slices ([rows, vocab of rank r] from each rank r), then interleave.

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "common/status.h"
@@ -87,10 +88,23 @@ struct ExpertCounts {
   std::vector<parallel::ExchangeStats> combine;   // [layer] this rank's combine exchanges
 };
 
-// This process's part of a distributed model. Rank r of N holds attention heads
-// [H*r/N, H*(r+1)/N), vocabulary rows [V*r/N, V*(r+1)/N) of lm_head, and the experts
-// the placement gives its slots; the rest is replicated. Every rank runs every step
-// together (the same Forward calls, with the same inputs).
+// How a job's ranks share attention (and the dense rest of the model).
+//  kTensor: rank r of N holds attention heads [H*r/N, H*(r+1)/N), its share of the dense
+//    MLPs' and shared experts' intermediate dimension and vocabulary rows
+//    [V*r/N, V*(r+1)/N) of lm_head; every rank runs every sequence of a step (the same
+//    Forward calls with the same inputs), and the latent cache is the same on every rank.
+//  kData: every rank holds all of attention, the dense MLPs, shared experts and lm_head,
+//    and runs only its own sequences, whose latent cache rows live on it alone: N ranks
+//    hold N times the context. Only the routed experts are split, as in kTensor; every
+//    rank enters every step (with no sequences if it has none) for the MoE exchanges.
+enum class AttentionMode { kTensor, kData };
+
+// "tp" / "dp": the names the command lines and the coordinator use.
+const char* AttentionModeName(AttentionMode mode);
+StatusOr<AttentionMode> ParseAttentionMode(const std::string& name);
+
+// This process's part of a distributed model: the experts the placement gives its
+// slots, and attention as ATTENTION says.
 struct ModelShard {
   parallel::Communicator* comm = nullptr;  // nullptr: a single process (a one-rank job)
   // nullptr: the default placement (contiguous blocks of experts, no replicas).
@@ -98,6 +112,7 @@ struct ModelShard {
   // With ComputeDevice::kCuda in a job of several ranks: the communicator over device
   // buffers (NCCL, Job::DeviceComm) that the GPU step exchanges activations with.
   parallel::Communicator* device_comm = nullptr;
+  AttentionMode attention = AttentionMode::kTensor;
 };
 
 // What a change of placement did on this rank.
@@ -127,6 +142,7 @@ class Model {
   ~Model();
 
   ComputeDevice device() const { return device_; }
+  AttentionMode attention() const { return attention_; }
 
   const ModelConfig& config() const { return checkpoint_->config(); }
   const ModelWeights& weights() const { return *weights_; }
@@ -145,10 +161,13 @@ class Model {
   // (LatentCache::Reserve); rows are written and num_tokens advanced. LOGITS receives
   // [rows, vocab], rows in sequence order (all tokens or the last, per all_logits).
   // COUNTS (optional) accumulates what the MoE layers did (see ExpertCounts).
-  // Distributed: every rank passes the same batch and gets the same logits.
+  // Distributed, every rank calls Forward for every step: with kTensor attention every
+  // rank passes the same batch and gets the same logits; with kData each passes its own
+  // sequences (possibly none) and gets their logits.
   // Non-finite logits (broken weights or config) are an INTERNAL error naming the layer
   // where NaN or Inf first appears (found by running the step again with a check after
-  // every layer, only then); the step then leaves num_tokens where it was.
+  // every layer, only then, on every rank when any rank's logits are not finite); the
+  // step then leaves num_tokens where it was.
   Status Forward(std::span<SequenceStep> batch, LatentCache* cache, std::vector<float>* logits,
                  ExpertCounts* counts = nullptr);
 
@@ -169,6 +188,8 @@ class Model {
   // not all finite.
   Status Step(std::span<SequenceStep> batch, LatentCache* cache, std::vector<float>* logits, ExpertCounts* counts,
               bool check_layers);
+  // Whether FLAG holds on every rank (a collective under kData, where ranks differ).
+  StatusOr<bool> OnEveryRank(bool flag);
   Status MoeBlock(int64_t layer, const float* x, int64_t tokens, int64_t first_token, float* residual,
                   ExpertCounts* counts);
 
@@ -188,6 +209,7 @@ class Model {
   AttentionForm attention_form_ = AttentionForm::kAuto;
   std::unique_ptr<ComputeBackend> backend_;  // where the steps run
   ComputeDevice device_ = ComputeDevice::kCpu;
+  AttentionMode attention_ = AttentionMode::kTensor;
   WeightResidency residency_ = WeightResidency::kCopy;
 };
 

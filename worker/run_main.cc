@@ -26,10 +26,10 @@
 
 int main(int argc, char** argv) {
   CLI::App app{"epic-run: run a DeepSeek-V2/V3 checkpoint in one process, or spread over the ranks\n"
-               "of an mpirun job (`mpirun -np N epic-run ...`: attention heads, vocabulary and experts\n"
-               "split across ranks; rank 0 writes the outputs).\n"
-               "Prints generated token ids on stdout (one line, space-separated), or with --prompt the\n"
-               "generated text; logs on stderr."};
+               "of an mpirun job (`mpirun -np N epic-run ...`: routed experts split across ranks, and\n"
+               "attention as --attention says; rank 0 writes the outputs).\n"
+               "Prints generated token ids on stdout (one line per prompt, space-separated), or with\n"
+               "--prompt the generated text; logs on stderr."};
   std::string model_dir;
   std::string tokens_text;
   std::string prompt_text;
@@ -38,6 +38,7 @@ int main(int argc, char** argv) {
   epic::SamplingParams sampling;
   std::string dump_logits;
   std::string device = "cpu";
+  std::string attention = "tp";
   int threads = 0;
   bool expert_counts = false;
   bool ignore_eos = false;
@@ -46,7 +47,9 @@ int main(int argc, char** argv) {
   std::string loads_out;
   int64_t block_size = 16;
   app.add_option("--model", model_dir, "checkpoint directory (config.json + *.safetensors)")->required();
-  auto* tokens_flag = app.add_option("--tokens", tokens_text, "prompt token ids, comma-separated, e.g. 5,17,300");
+  auto* tokens_flag = app.add_option("--tokens", tokens_text,
+                                     "prompt token ids, comma-separated, e.g. 5,17,300; several prompts, run in the "
+                                     "same steps, separated by ';', e.g. '5,17,300;8,9'");
   auto* prompt_flag = app.add_option("--prompt", prompt_text,
                                      "prompt text, tokenized with the checkpoint's tokenizer (BOS added as it says); "
                                      "the generated text is printed instead of ids");
@@ -63,7 +66,14 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--seed", sampling.seed, "random seed for sampling")->capture_default_str();
   app.add_option("--dump-logits", dump_logits,
-                 "write the logits at every prompt position to FILE.npy (float32 [prompt, vocab])");
+                 "write the logits at every prompt position to FILE.npy (float32 [prompt, vocab]; several "
+                 "prompts' rows one after another)");
+  app.add_option("--attention", attention,
+                 "how the ranks of an mpirun job share attention: tp splits every sequence's heads, vocabulary "
+                 "and dense MLPs over the ranks (at most as many ranks as heads; every rank caches every "
+                 "sequence); dp runs prompt i on rank i % ranks with all of attention replicated, each "
+                 "sequence's latent cache on its rank alone (any number of ranks)")
+      ->check(CLI::IsMember({"tp", "dp"}))->capture_default_str();
   app.add_option("--device", device,
                  "compute device: cpu, or cuda (each rank on its own GPU, the ranks of a host on GPUs 0, 1, ...)")
       ->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
@@ -107,7 +117,7 @@ int main(int argc, char** argv) {
   if (threads > 0) omp_set_num_threads(threads);
   // Every rank tokenizes the same text alike: the prompt needs no broadcast.
   std::optional<epic::text::Tokenizer> tokenizer;
-  std::vector<int32_t> prompt;
+  std::vector<std::vector<int32_t>> prompts;
   if (prompt_flag->count() > 0) {
     auto loaded = epic::text::Tokenizer::Load(tokenizer_dir.empty() ? model_dir : tokenizer_dir);
     auto ids = loaded.ok() ? loaded->Encode(prompt_text) : epic::StatusOr<std::vector<int32_t>>(loaded.status());
@@ -120,18 +130,28 @@ int main(int argc, char** argv) {
       (*job)->Abort(2);
     }
     tokenizer = std::move(loaded).value();
-    prompt = std::move(ids).value();
+    prompts.push_back(std::move(ids).value());
   } else {
-    auto parsed = epic::ParseTokenList("--tokens", tokens_text);
-    if (!parsed.ok()) {
-      std::fprintf(stderr, "%s%s\n", who.c_str(), parsed.status().message().c_str());
-      (*job)->Abort(2);
+    for (size_t at = 0;;) {
+      const size_t end = std::min(tokens_text.find(';', at), tokens_text.size());
+      const std::string name = "--tokens" + (prompts.empty() && end == tokens_text.size()
+                                                 ? std::string()
+                                                 : " (prompt " + std::to_string(prompts.size() + 1) + ")");
+      auto parsed = epic::ParseTokenList(name, tokens_text.substr(at, end - at));
+      if (!parsed.ok()) {
+        std::fprintf(stderr, "%s%s\n", who.c_str(), parsed.status().message().c_str());
+        (*job)->Abort(2);
+      }
+      prompts.push_back(std::move(parsed).value());
+      if (end == tokens_text.size()) break;
+      at = end + 1;
     }
-    prompt = std::move(parsed).value();
   }
+  const auto mode = epic::ParseAttentionMode(attention);
 
   const auto t0 = std::chrono::steady_clock::now();
   epic::ModelShard shard{(*job)->comm(), nullptr};
+  shard.attention = *mode;
   if (*compute == epic::ComputeDevice::kCuda && (*job)->size() > 1) {
     // Device buffers cross between the ranks' GPUs over NCCL.
     auto device_comm = (*job)->DeviceComm();
@@ -165,11 +185,15 @@ int main(int argc, char** argv) {
   options.stop_at_eos = !ignore_eos;
   options.prompt_logits = !dump_logits.empty();
   options.block_size = block_size;
-  auto result = epic::Generate(**model, prompt, options);
-  if (!result.ok()) {
-    std::fprintf(stderr, "%s%s\n", who.c_str(), result.status().ToString().c_str());
+  auto results = epic::GenerateBatch(**model, prompts, options);
+  if (!results.ok()) {
+    std::fprintf(stderr, "%s%s\n", who.c_str(), results.status().ToString().c_str());
     (*job)->Abort(1);
   }
+  const epic::GenerateResult* result = &results->front();  // the batch's counts and times
+  int64_t prompt_tokens = 0, generated = 0;
+  for (const auto& p : prompts) prompt_tokens += static_cast<int64_t>(p.size());
+  for (const auto& r : *results) generated += static_cast<int64_t>(r.tokens.size());
   // Every rank's exchanges, per MoE layer, gathered in the one record the server uses too.
   std::optional<epic::JobStepStats> exchange;
   if (exchange_stats) {
@@ -183,8 +207,9 @@ int main(int argc, char** argv) {
   if (!lead) return 0;
   const int64_t vocab = (*model)->config().vocab_size;
   if (!dump_logits.empty()) {
-    const epic::Status s = epic::WriteNpyFloat32(
-        dump_logits, {static_cast<int64_t>(prompt.size()), vocab}, result->prompt_logits.data());
+    std::vector<float> rows;
+    for (const auto& r : *results) rows.insert(rows.end(), r.prompt_logits.begin(), r.prompt_logits.end());
+    const epic::Status s = epic::WriteNpyFloat32(dump_logits, {prompt_tokens, vocab}, rows.data());
     if (!s.ok()) {
       std::fprintf(stderr, "epic-run: %s\n", s.ToString().c_str());
       (*job)->Abort(1);
@@ -192,12 +217,14 @@ int main(int argc, char** argv) {
   }
   // One write per line: mpirun forwards output in the pieces it was written in.
   char timing[256];
-  int used = std::snprintf(timing, sizeof timing, "epic-run: prefill %zu tokens in %.3f s (%.1f tok/s)",
-                           prompt.size(), result->prefill_seconds, prompt.size() / result->prefill_seconds);
-  if (result->tokens.size() > 1 && used > 0 && used < static_cast<int>(sizeof timing)) {
-    std::snprintf(timing + used, sizeof timing - used, ", decode %zu tokens in %.3f s (%.1f tok/s)",
-                  result->tokens.size() - 1, result->decode_seconds,
-                  (result->tokens.size() - 1) / result->decode_seconds);
+  int used = std::snprintf(timing, sizeof timing, "epic-run: prefill %lld tokens in %.3f s (%.1f tok/s)",
+                           static_cast<long long>(prompt_tokens), result->prefill_seconds,
+                           prompt_tokens / result->prefill_seconds);
+  // Each sequence's first token comes from the prefill.
+  const int64_t decoded = generated - static_cast<int64_t>(results->size());
+  if (decoded > 0 && used > 0 && used < static_cast<int>(sizeof timing)) {
+    std::snprintf(timing + used, sizeof timing - used, ", decode %lld tokens in %.3f s (%.1f tok/s)",
+                  static_cast<long long>(decoded), result->decode_seconds, decoded / result->decode_seconds);
   }
   std::fprintf(stderr, "%s\n", timing);
   if (ranks > 1) {
@@ -247,11 +274,11 @@ int main(int argc, char** argv) {
     // As OpenAI-style servers return it: special tokens (the EOS that ended it) left out.
     std::printf("%s\n", tokenizer->Decode(result->tokens, /*skip_special_tokens=*/true).c_str());
   } else if (max_new_tokens > 0) {
-    std::string line;
-    for (size_t i = 0; i < result->tokens.size(); ++i) {
-      line += (i ? " " : "") + std::to_string(result->tokens[i]);
+    for (const epic::GenerateResult& r : *results) {
+      std::string line;
+      for (size_t i = 0; i < r.tokens.size(); ++i) line += (i ? " " : "") + std::to_string(r.tokens[i]);
+      std::printf("%s\n", line.c_str());
     }
-    std::printf("%s\n", line.c_str());
   }
   return 0;
 }

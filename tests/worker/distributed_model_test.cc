@@ -88,6 +88,51 @@ class DistributedModelTest : public ::testing::Test {
     }
   }
 
+  // A batch of prompts of mixed lengths, in one process and spread over the job with
+  // ATTENTION: every prompt's logits within 1e-5 and the same greedy tokens.
+  void ExpectBatchSameAsOneProcess(const std::filesystem::path& dir, AttentionMode attention) {
+    auto single = Model::Load(dir);
+    ASSERT_TRUE(single.ok()) << single.status().ToString();
+    ModelShard shard{comm_.get(), nullptr};
+    shard.attention = attention;
+    auto dist = Model::Load(dir, {}, WeightResidency::kCopy, shard);
+    ASSERT_TRUE(dist.ok()) << dist.status().ToString();
+    const int32_t vocab = static_cast<int32_t>((*single)->config().vocab_size);
+    // Five prompts, so that at 8 ranks some hold none.
+    std::vector<std::vector<int32_t>> prompts;
+    for (int length : {11, 1, 23, 4, 9}) {
+      std::vector<int32_t> p;
+      for (int i = 0; i < length; ++i) p.push_back((37 * i + 11 * length + 3) % vocab);
+      prompts.push_back(std::move(p));
+    }
+    GenerateOptions o;
+    o.prompt_logits = true;
+    o.max_new_tokens = 5;
+    o.stop_at_eos = false;
+    o.block_size = 4;
+    auto want = GenerateBatch(**single, prompts, o);
+    auto got = GenerateBatch(**dist, prompts, o);
+    ASSERT_TRUE(want.ok()) << want.status().ToString();
+    ASSERT_TRUE(got.ok()) << got.status().ToString();
+    for (size_t p = 0; p < prompts.size(); ++p) {
+      const auto& w = (*want)[p].prompt_logits;
+      const auto& g = (*got)[p].prompt_logits;
+      ASSERT_EQ(g.size(), w.size()) << "prompt " << p;
+      for (size_t row = 0; row < prompts[p].size(); ++row) {
+        double diff = 0, scale = 0;
+        for (int64_t i = 0; i < vocab; ++i) {
+          diff = std::max(diff, std::fabs(double(g[row * vocab + i]) - w[row * vocab + i]));
+          scale = std::max(scale, std::fabs(double(w[row * vocab + i])));
+        }
+        EXPECT_LE(diff / scale, kTolerance) << "prompt " << p << ", position " << row << " on rank " << comm_->rank();
+      }
+      EXPECT_EQ((*got)[p].tokens, (*want)[p].tokens) << "prompt " << p;
+    }
+    for (size_t l = 0; l < (*want)[0].expert_counts.tokens.size(); ++l) {
+      EXPECT_EQ((*got)[0].expert_counts.tokens[l], (*want)[0].expert_counts.tokens[l]) << "layer " << l;
+    }
+  }
+
   std::unique_ptr<parallel::Communicator> comm_;
 };
 
@@ -97,6 +142,24 @@ const json kEightHeads = {{"num_attention_heads", 8}};
 TEST_F(DistributedModelTest, V2GroupLimitedWithQLora) {
   const testing::JobCheckpoint checkpoint(*comm_, "v2-160", kEightHeads);
   ExpectSameAsOneProcess(checkpoint.path(), nullptr);
+}
+
+TEST_F(DistributedModelTest, ABatchOfMixedLengthsWithTensorParallelAttention) {
+  const testing::JobCheckpoint checkpoint(*comm_, "v2-160", kEightHeads);
+  ExpectBatchSameAsOneProcess(checkpoint.path(), AttentionMode::kTensor);
+}
+
+// Data-parallel attention is not bound by the heads: 4 heads, any number of ranks.
+TEST_F(DistributedModelTest, ABatchOfMixedLengthsWithDataParallelAttention) {
+  const testing::JobCheckpoint checkpoint(*comm_, "v2-160", json{{"num_attention_heads", 4}});
+  ExpectBatchSameAsOneProcess(checkpoint.path(), AttentionMode::kData);
+}
+
+TEST_F(DistributedModelTest, DataParallelAttentionV3) {
+  json o = {{"n_routed_experts", 160}, {"n_group", 8}, {"topk_group", 3}, {"num_experts_per_tok", 6},
+            {"num_attention_heads", 2}};
+  const testing::JobCheckpoint checkpoint(*comm_, "v3-tiny", o);
+  ExpectBatchSameAsOneProcess(checkpoint.path(), AttentionMode::kData);
 }
 
 TEST_F(DistributedModelTest, V2GreedyWithoutQLora) {
