@@ -5,8 +5,11 @@
 
 namespace epic::coordinator {
 
-v1::CacheFootprint CacheFootprintOf(const v1::ModelSummary& m, int64_t bytes_per_value, int64_t budget_tokens) {
+v1::CacheFootprint CacheFootprintOf(const v1::ModelSummary& m, int64_t bytes_per_value, int64_t budget_tokens,
+                                    int ranks, const std::string& attention) {
   v1::CacheFootprint f;
+  f.set_ranks(ranks);
+  f.set_attention(attention);
   const int64_t layers = m.num_hidden_layers();
   const int64_t latent = m.kv_lora_rank() + m.qk_rope_head_dim();
   const int64_t per_head = m.qk_nope_head_dim() + m.qk_rope_head_dim() + m.v_head_dim();
@@ -31,6 +34,8 @@ v1::CacheFootprint CacheFootprintOf(const v1::ModelSummary& m, int64_t bytes_per
     c->set_bytes_per_token_per_layer(form.values * bytes_per_value);
     const int64_t per_token = form.values * bytes_per_value * layers;
     c->set_tokens_in_budget(per_token > 0 ? f.budget_bytes() / per_token : 0);
+    c->set_cluster_tokens_tp(c->tokens_in_budget());
+    c->set_cluster_tokens_dp(c->tokens_in_budget() * ranks);
     c->set_fraction_of_mha(heads * per_head > 0 ? static_cast<double>(form.values) / static_cast<double>(heads * per_head)
                                                 : 0.0);
   }

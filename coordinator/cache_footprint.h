@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "epic.pb.h"
 
@@ -10,7 +11,9 @@ namespace epic::coordinator {
 // MODEL's cache per token and layer under MLA's latent form, MHA, GQA (8 key/value heads,
 // or half the heads of a model with fewer than 16) and MQA, with keys as wide as the
 // model's (qk_nope + qk_rope) and values v_head_dim; at BYTES_PER_VALUE, and in the bytes
-// of a latent cache of BUDGET_TOKENS tokens over every layer.
-v1::CacheFootprint CacheFootprintOf(const v1::ModelSummary& model, int64_t bytes_per_value, int64_t budget_tokens);
+// of a latent cache of BUDGET_TOKENS tokens over every layer on each of RANKS ranks,
+// whose job runs ATTENTION ("tp" or "dp").
+v1::CacheFootprint CacheFootprintOf(const v1::ModelSummary& model, int64_t bytes_per_value, int64_t budget_tokens,
+                                    int ranks, const std::string& attention);
 
 }  // namespace epic::coordinator

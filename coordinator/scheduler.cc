@@ -35,7 +35,8 @@ Status TokenInVocabulary(const char* field, int index, int32_t id, int64_t vocab
 }  // namespace
 
 Scheduler::Scheduler(const SchedulerOptions& options, SchedulerObserver* observer)
-    : options_(options), observer_(observer), pool_(options.num_blocks, options.block_size, options.prefix_cache) {
+    : options_(options), observer_(observer) {
+  pools_.emplace_back(options.num_blocks, options.block_size, options.prefix_cache);
   expirer_ = std::thread([this] {
     std::unique_lock<std::mutex> lock(mu_);
     while (!stopping_) {
@@ -56,13 +57,21 @@ Scheduler::~Scheduler() {
   expirer_.join();
 }
 
-void Scheduler::Attach(const v1::ModelSummary& model) {
+void Scheduler::Attach(const v1::ModelSummary& model, int caches) {
   std::lock_guard<std::mutex> lock(mu_);
   model_ = model;
   attached_ = true;
   in_flight_ = false;
   planned_.clear();
-  pool_.Reset();  // a new job's cache holds nothing
+  // A new job's caches hold nothing.
+  if (static_cast<int>(pools_.size()) != std::max(caches, 1)) {
+    PrefixTotals(&retired_queried_, &retired_hits_, &retired_evictions_);
+    pools_.clear();
+    for (int i = 0; i < std::max(caches, 1); ++i) {
+      pools_.emplace_back(options_.num_blocks, options_.block_size, options_.prefix_cache);
+    }
+  }
+  for (BlockPool& pool : pools_) pool.Reset();
   ReportLoad();
 }
 
@@ -92,7 +101,7 @@ void Scheduler::Detach(const std::string& why, bool resume) {
   attached_ = false;
   in_flight_ = false;
   planned_.clear();
-  pool_.Reset();
+  for (BlockPool& pool : pools_) pool.Reset();
   detached_at_ = Clock::now();
   detached_why_ = why;
   if (!resume || options_.resume_timeout.count() <= 0 || draining_) {
@@ -166,7 +175,7 @@ Status Scheduler::Validate(const v1::GenerateRequest& request) const {
   }
   if (BlocksFor(request) > options_.num_blocks) {
     return InvalidArgumentError("max_tokens: the prompt plus max_tokens needs " +
-                                std::to_string(BlocksFor(request)) + " cache blocks, more than the cluster's " +
+                                std::to_string(BlocksFor(request)) + " cache blocks, more than a worker cache holds, " +
                                 std::to_string(options_.num_blocks) + " (" +
                                 std::to_string(options_.num_blocks * options_.block_size) + " cached tokens)");
   }
@@ -226,48 +235,107 @@ void Scheduler::Cancel(uint64_t id, const std::string& outcome) {
 void Scheduler::Remove(uint64_t id) {
   auto it = requests_.find(id);
   if (it == requests_.end()) return;
-  pool_.Release(it->second.blocks);
+  pools_[static_cast<size_t>(it->second.cache)].Release(it->second.blocks);
   requests_.erase(it);
   waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), id), waiting_.end());
   running_.erase(std::remove(running_.begin(), running_.end(), id), running_.end());
   if (requests_.empty()) idle_cv_.notify_all();
 }
 
+int Scheduler::ChooseCache(const Request& r, int64_t need, const std::vector<int64_t>& work,
+                           const std::vector<int64_t>& running, std::vector<int32_t>* shared) const {
+  // Only the blocks it does not share count: its context's full blocks found in the
+  // prefix cache are its own too. At least one prompt token is prefilled, for logits.
+  std::vector<int32_t> context;
+  const int64_t prefill = ContextToPrefill(r);
+  if (options_.prefix_cache) context = Tokens(r);
+  const int64_t shareable = r.output.empty() ? (prefill - 1) / options_.block_size : prefill / options_.block_size;
+  int best = -1;
+  double best_cost = 0;
+  for (size_t p = 0; p < pools_.size(); ++p) {
+    if (running[p] >= options_.max_running) continue;
+    const BlockPool& pool = pools_[p];
+    std::vector<int32_t> found;
+    if (options_.prefix_cache) {
+      found = pool.FindPrefix(std::span<const int32_t>(context).first(static_cast<size_t>(prefill)), shareable);
+    }
+    const int64_t fresh = need - static_cast<int64_t>(found.size());
+    // Shared blocks nobody used were counted as available: taking them makes them not.
+    const int64_t available = pool.available() - pool.Unused(found);
+    if (fresh > available) continue;
+    const double cost =
+        static_cast<double>(pool.num_blocks() - available + fresh) / static_cast<double>(options_.num_blocks) +
+        static_cast<double>(work[p] + prefill - static_cast<int64_t>(found.size()) * options_.block_size) /
+            static_cast<double>(options_.max_step_tokens);
+    if (best < 0 || cost < best_cost) {
+      best = static_cast<int>(p);
+      best_cost = cost;
+      *shared = std::move(found);
+    }
+  }
+  return best;
+}
+
 void Scheduler::Admit() {
+  // Each cache's running requests and the tokens they have left to run in their next
+  // steps (a decode is one), which placement balances.
+  std::vector<int64_t> work(pools_.size(), 0), running(pools_.size(), 0);
+  for (const uint64_t id : running_) {
+    const Request& r = requests_.at(id);
+    ++running[static_cast<size_t>(r.cache)];
+    work[static_cast<size_t>(r.cache)] += std::max<int64_t>(ContextToPrefill(r) - r.cached, 1);
+  }
   // First come, first served: a request that does not fit holds back those behind it,
   // so a long one is never starved by a stream of short ones.
   bool admitted = false;
-  while (!waiting_.empty() && static_cast<int64_t>(running_.size()) < options_.max_running) {
+  while (!waiting_.empty()) {
     Request& r = requests_.at(waiting_.front());
     const int64_t need = BlocksFor(r.spec);
-    // Only the blocks it does not share count: its context's full blocks found in the
-    // prefix cache are its own too. At least one prompt token is prefilled, for logits.
     std::vector<int32_t> shared;
-    if (options_.prefix_cache) {
-      const std::vector<int32_t> context = Tokens(r);
-      const int64_t prefill = ContextToPrefill(r);
-      const int64_t shareable = r.output.empty() ? (prefill - 1) / options_.block_size : prefill / options_.block_size;
-      shared = pool_.FindPrefix(std::span<const int32_t>(context).first(static_cast<size_t>(prefill)), shareable);
-    }
+    const int cache = ChooseCache(r, need, work, running, &shared);
+    if (cache < 0) break;
+    BlockPool& pool = pools_[static_cast<size_t>(cache)];
     const int64_t fresh = need - static_cast<int64_t>(shared.size());
-    // Shared blocks nobody used were counted as available: taking them makes them not.
-    if (fresh > pool_.available() - pool_.Unused(shared)) break;
-    pool_.Take(shared);
+    pool.Take(shared);
+    r.cache = cache;
     r.blocks = std::move(shared);
     r.cached = static_cast<int64_t>(r.blocks.size()) * options_.block_size;
     if (!r.admitted && options_.prefix_cache) {  // counted once, not again when resumed
       r.prefix_hit = r.cached;
-      pool_.Count(r.spec.prompt_token_ids_size(), r.cached);
+      pool.Count(r.spec.prompt_token_ids_size(), r.cached);
     }
     r.admitted = true;
     r.published = static_cast<int64_t>(r.blocks.size());
-    const std::vector<int32_t> more = pool_.Allocate(fresh);
+    const std::vector<int32_t> more = pool.Allocate(fresh);
     r.blocks.insert(r.blocks.end(), more.begin(), more.end());
+    ++running[static_cast<size_t>(cache)];
+    work[static_cast<size_t>(cache)] += std::max<int64_t>(ContextToPrefill(r) - r.cached, 1);
     running_.push_back(r.id);
     waiting_.pop_front();
     admitted = true;
   }
-  if (admitted && observer_) observer_->PrefixCache(pool_.queried_tokens(), pool_.hit_tokens(), pool_.evictions());
+  if (admitted && observer_) {
+    int64_t queried = 0, hits = 0, evictions = 0;
+    PrefixTotals(&queried, &hits, &evictions);
+    observer_->PrefixCache(queried, hits, evictions);
+  }
+}
+
+void Scheduler::PrefixTotals(int64_t* queried, int64_t* hits, int64_t* evictions) const {
+  *queried = retired_queried_;
+  *hits = retired_hits_;
+  *evictions = retired_evictions_;
+  for (const BlockPool& pool : pools_) {
+    *queried += pool.queried_tokens();
+    *hits += pool.hit_tokens();
+    *evictions += pool.evictions();
+  }
+}
+
+int64_t Scheduler::AvailableBlocks() const {
+  int64_t n = 0;
+  for (const BlockPool& pool : pools_) n += pool.available();
+  return n;
 }
 
 std::vector<int32_t> Scheduler::Tokens(const Request& r) {
@@ -282,10 +350,12 @@ bool Scheduler::NextStep(v1::internal::Step* step) {
   if (!attached_ || in_flight_) return false;
   Admit();
   planned_.clear();
-  int64_t budget = options_.max_step_tokens;
+  // Each cache's sequences run on their own ranks: a token budget each.
+  std::vector<int64_t> budgets(pools_.size(), options_.max_step_tokens);
   auto add = [&](Request& r, const int32_t* tokens, int64_t n, bool sample) {
     v1::internal::SequenceWork* w = step->add_sequences();
     w->set_sequence_id(r.id);
+    w->set_rank(r.cache);
     w->mutable_token_ids()->Add(tokens, tokens + n);
     w->set_position(r.cached);
     // Only the blocks the rows so far need: the worker checks no more.
@@ -298,11 +368,12 @@ bool Scheduler::NextStep(v1::internal::Step* step) {
       w->set_logprobs(r.spec.logprobs());
     }
     planned_.push_back({r.id, n, sample});
-    budget -= n;
+    budgets[static_cast<size_t>(r.cache)] -= n;
   };
   // Decodes first, so that a long prefill never stalls the running streams.
   for (uint64_t id : running_) {
     Request& r = requests_.at(id);
+    const int64_t budget = budgets[static_cast<size_t>(r.cache)];
     if (r.cancelled || r.output.empty() || r.cached < ContextToPrefill(r) || budget < 1) continue;
     add(r, &r.output.back(), 1, true);
   }
@@ -313,6 +384,7 @@ bool Scheduler::NextStep(v1::internal::Step* step) {
   for (uint64_t id : running_) {
     Request& r = requests_.at(id);
     const int64_t context = ContextToPrefill(r);
+    const int64_t budget = budgets[static_cast<size_t>(r.cache)];
     if (r.cancelled || r.cached >= context || budget < 1) continue;
     const int64_t n = std::min(context - r.cached, budget);
     const int64_t prompt = r.spec.prompt_token_ids_size();
@@ -363,7 +435,7 @@ Status Scheduler::Complete(const v1::internal::StepResult& result) {
     if (options_.prefix_cache && (r.cached / options_.block_size) > r.published) {
       // Rows [0, cached) are written: their full blocks may serve later prompts.
       const std::vector<int32_t> tokens = Tokens(r);
-      r.published = pool_.Publish(r.blocks, std::span<const int32_t>(tokens).first(static_cast<size_t>(r.cached)),
+      r.published = pools_[static_cast<size_t>(r.cache)].Publish(r.blocks, std::span<const int32_t>(tokens).first(static_cast<size_t>(r.cached)),
                                   r.published);
     }
     if (!p.sample) continue;
@@ -415,9 +487,8 @@ void Scheduler::Finish(Request& r, v1::FinishReason reason) {
 
 void Scheduler::ReportLoad() {
   if (!observer_) return;
-  const double usage = options_.num_blocks > 0 && attached_
-                           ? 1.0 - static_cast<double>(pool_.available()) / static_cast<double>(options_.num_blocks)
-                           : 0.0;
+  const double total = static_cast<double>(options_.num_blocks) * static_cast<double>(pools_.size());
+  const double usage = total > 0 && attached_ ? 1.0 - static_cast<double>(AvailableBlocks()) / total : 0.0;
   observer_->Load(static_cast<int64_t>(running_.size()), static_cast<int64_t>(waiting_.size()), usage);
 }
 
@@ -426,9 +497,14 @@ SchedulerStats Scheduler::Stats() const {
   SchedulerStats s;
   s.running = static_cast<int64_t>(running_.size());
   s.waiting = static_cast<int64_t>(waiting_.size());
-  s.free_blocks = attached_ ? pool_.available() : 0;
-  s.total_blocks = options_.num_blocks;
-  s.cached_blocks = pool_.cached_blocks();
+  s.free_blocks = attached_ ? AvailableBlocks() : 0;
+  s.total_blocks = options_.num_blocks * static_cast<int64_t>(pools_.size());
+  s.cache_running.assign(pools_.size(), 0);
+  for (const uint64_t id : running_) ++s.cache_running[static_cast<size_t>(requests_.at(id).cache)];
+  for (const BlockPool& pool : pools_) {
+    s.cached_blocks += pool.cached_blocks();
+    s.cache_free_blocks.push_back(attached_ ? pool.available() : 0);
+  }
   s.steps = steps_;
   s.attached = attached_;
   s.draining = draining_;

@@ -68,10 +68,13 @@ class SchedulerObserver {
 
 struct SchedulerOptions {
   int64_t block_size = 16;        // tokens per cache block
-  int64_t num_blocks = 1024;      // the cache budget of the worker job
+  // The cache budget of each of the worker job's latent caches (one under tensor-parallel
+  // attention; one per rank under data-parallel); and per cache, the most sequences and
+  // tokens in one step (decodes first, then prefill chunks).
+  int64_t num_blocks = 1024;
   int64_t max_waiting = 256;      // queued requests beyond which Submit says RESOURCE_EXHAUSTED
-  int64_t max_running = 64;       // sequences in one step
-  int64_t max_step_tokens = 256;  // tokens in one step (decodes first, then prefill chunks)
+  int64_t max_running = 64;
+  int64_t max_step_tokens = 256;
   // When the worker job dies, requests wait this long for the next job, which prefills
   // their prompt and what they have generated again and goes on; 0: they end UNAVAILABLE.
   std::chrono::milliseconds resume_timeout{std::chrono::seconds(30)};
@@ -84,8 +87,10 @@ struct SchedulerStats {
   int64_t running = 0;
   int64_t waiting = 0;
   int64_t free_blocks = 0;   // free, or cached and unused (a request may have them)
-  int64_t total_blocks = 0;
+  int64_t total_blocks = 0;   // over every cache
   int64_t cached_blocks = 0;  // blocks the prefix cache keys
+  std::vector<int64_t> cache_free_blocks;  // per cache (per rank under data-parallel attention)
+  std::vector<int64_t> cache_running;      // requests running on each
   int64_t steps = 0;
   bool attached = false;
   bool draining = false;
@@ -98,8 +103,11 @@ class Scheduler {
 
   const SchedulerOptions& options() const { return options_; }
 
-  // A worker job serving MODEL attached: requests are accepted from now on.
-  void Attach(const v1::ModelSummary& model);
+  // A worker job serving MODEL attached: requests are accepted from now on. It holds
+  // CACHES latent caches of num_blocks each: 1 under tensor-parallel attention (every
+  // rank holds the same rows), its ranks under data-parallel attention, where each
+  // request is placed on one rank (SequenceWork.rank) when admitted.
+  void Attach(const v1::ModelSummary& model, int caches = 1);
   // The worker job left, for WHY: the cache budget is reset, and new requests are
   // refused until a job attaches again. With RESUME (and a resume_timeout), requests
   // in flight and queued wait for the next job, which prefills what each has so far and
@@ -141,6 +149,7 @@ class Scheduler {
     uint64_t id = 0;
     v1::GenerateRequest spec;
     std::shared_ptr<RequestStream> stream;
+    int cache = 0;  // which of the job's caches holds its blocks (its rank under dp)
     std::vector<int32_t> blocks;
     std::vector<int32_t> output;
     int64_t cached = 0;  // tokens whose rows are in the cache
@@ -168,6 +177,15 @@ class Scheduler {
   static int64_t ContextToPrefill(const Request& r);
   void Remove(uint64_t id);
   void Admit();
+  // The cache R goes to (NEED blocks), with the prefix blocks it shares there, or -1 when
+  // it fits none. Cost: the blocks the cache would use, against its budget, plus the
+  // tokens its sequences have to run, against a step's: a cached prefix lowers both, so
+  // a request goes where its prefix is unless that cache is the busier by more.
+  int ChooseCache(const Request& r, int64_t need, const std::vector<int64_t>& work,
+                  const std::vector<int64_t>& running, std::vector<int32_t>* shared) const;
+  // Totals over the caches, for the metrics: prompt tokens queried, found; evictions.
+  void PrefixTotals(int64_t* queried, int64_t* hits, int64_t* evictions) const;
+  int64_t AvailableBlocks() const;
   // R's tokens so far, the row of each in the cache: its prompt, then its output.
   static std::vector<int32_t> Tokens(const Request& r);
   void ReportLoad();
@@ -187,7 +205,8 @@ class Scheduler {
   std::deque<uint64_t> waiting_;
   std::vector<uint64_t> running_;  // in admission order
   std::map<uint64_t, Request> requests_;
-  BlockPool pool_;
+  std::vector<BlockPool> pools_;  // one per cache of the job
+  int64_t retired_queried_ = 0, retired_hits_ = 0, retired_evictions_ = 0;  // of pools replaced
   bool in_flight_ = false;
   uint64_t in_flight_step_ = 0;
   std::vector<Planned> planned_;

@@ -84,13 +84,20 @@ struct Server::Impl final : v1::Epic::Service {
     cache->set_total_blocks(stats.total_blocks);
     cache->set_free_blocks(stats.attached ? stats.free_blocks : stats.total_blocks);
     cache->set_cached_blocks(stats.cached_blocks);
+    const std::string attention = cache->attention() == "dp" ? "dp" : "tp";  // the attached job's
+    cache->set_attention(attention);
+    if (attention == "dp") {
+      cache->mutable_rank_free_blocks()->Add(stats.cache_free_blocks.begin(), stats.cache_free_blocks.end());
+      cache->mutable_rank_running()->Add(stats.cache_running.begin(), stats.cache_running.end());
+    }
     info->set_requests_running(stats.running);
     info->set_requests_waiting(stats.waiting);
     info->set_steps(stats.steps);
     if (info->worker_attached()) {
       const bool gpu = info->ranks_size() > 0 && info->ranks(0).device() == "cuda";
       *info->mutable_cache_footprint() =
-          CacheFootprintOf(info->model(), gpu ? 2 : 4, stats.total_blocks * options.scheduler.block_size);
+          CacheFootprintOf(info->model(), gpu ? 2 : 4, options.scheduler.num_blocks * options.scheduler.block_size,
+                           info->ranks_size(), attention);
     }
     return grpc::Status::OK;
   }

@@ -28,6 +28,7 @@ void WorkerSession::FillModelInfo(v1::ModelInfo* info) const {
     *info->mutable_model() = worker_.model();
     *info->mutable_ranks() = worker_.ranks();
     *info->mutable_placement() = worker_.placement();
+    info->mutable_cache()->set_attention(worker_.attention() == "dp" ? "dp" : "tp");
   }
 }
 
@@ -166,6 +167,9 @@ Status ValidateHello(const v1::internal::Hello& hello) {
   if (hello.ranks_size() < 1 || hello.ranks_size() > 65536) {
     return InvalidArgumentError("hello: " + std::to_string(hello.ranks_size()) + " ranks");
   }
+  if (!hello.attention().empty() && hello.attention() != "tp" && hello.attention() != "dp") {
+    return InvalidArgumentError("hello: attention '" + hello.attention() + "', expected tp or dp");
+  }
   auto table = placement::PlacementFromProto(hello.placement(), m.num_hidden_layers(), hello.ranks_size());
   if (!table.ok()) return InvalidArgumentError("hello: " + table.status().message());
   std::vector<bool> seen(static_cast<size_t>(m.num_hidden_layers()), false);
@@ -258,10 +262,13 @@ grpc::Status WorkerSession::Attach(
   welcome.mutable_welcome()->set_num_blocks(options_.scheduler.num_blocks);
   std::string why = "the worker link closed";
   if (stream->Write(welcome)) {
-    scheduler_->Attach(model);
+    // Under data-parallel attention each rank holds a cache of its own.
+    const bool data_parallel = first.hello().attention() == "dp";
+    scheduler_->Attach(model, data_parallel ? first.hello().ranks_size() : 1);
     on_serving_(true);
     Log("worker job attached from " + ctx->peer() + ": " + std::to_string(first.hello().ranks_size()) +
-        " rank(s), " + model.model_type() + " with " + std::to_string(model.num_hidden_layers()) + " layers");
+        " rank(s), " + model.model_type() + " with " + std::to_string(model.num_hidden_layers()) + " layers, " +
+        (data_parallel ? "data" : "tensor") + "-parallel attention");
     why = RunSteps(ctx, stream);
     on_serving_(false);
     // A job that died leaves its requests waiting for the next; a stopping coordinator ends them.

@@ -6,6 +6,7 @@
 // whole job down instead of hanging on a dead or stuck peer.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -63,6 +64,28 @@ class Communicator {
   virtual Status Recv(void* data, int64_t bytes, int peer, int tag) = 0;
   virtual Status Barrier() = 0;
 };
+
+// Every rank's VALUES, however many each has, one rank's after another; COUNTS (optional)
+// gets how many came from each rank. Two collectives: the counts, then the values.
+template <typename T>
+StatusOr<std::vector<T>> AllGatherVarying(Communicator& comm, const std::vector<T>& values,
+                                          std::vector<int64_t>* counts = nullptr) {
+  const int ranks = comm.size();
+  const int64_t mine = static_cast<int64_t>(values.size());
+  std::vector<int64_t> each(static_cast<size_t>(ranks));
+  EPIC_RETURN_IF_ERROR(comm.AllGather(&mine, each.data(), std::vector<int64_t>(ranks, sizeof mine)));
+  std::vector<int64_t> bytes(static_cast<size_t>(ranks));
+  int64_t total = 0;
+  for (int r = 0; r < ranks; ++r) {
+    bytes[r] = each[r] * static_cast<int64_t>(sizeof(T));
+    total += each[r];
+  }
+  std::vector<T> all(static_cast<size_t>(std::max<int64_t>(total, 1)));
+  EPIC_RETURN_IF_ERROR(comm.AllGather(values.data(), all.data(), bytes));
+  all.resize(static_cast<size_t>(total));
+  if (counts != nullptr) *counts = std::move(each);
+  return all;
+}
 
 // Bounds every operation of a communicator in time.
 struct WatchdogOptions {

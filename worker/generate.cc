@@ -24,26 +24,6 @@ Status ValidatePrompt(const ModelConfig& c, std::span<const int32_t> prompt, con
   return OkStatus();
 }
 
-// Every rank's VALUES (any number of them on each), one rank after another.
-template <typename T>
-StatusOr<std::vector<T>> GatherAll(parallel::Communicator& comm, const std::vector<T>& values,
-                                   std::vector<int64_t>* counts) {
-  const int ranks = comm.size();
-  const int64_t mine = static_cast<int64_t>(values.size());
-  counts->assign(static_cast<size_t>(ranks), 0);
-  EPIC_RETURN_IF_ERROR(comm.AllGather(&mine, counts->data(), std::vector<int64_t>(ranks, sizeof mine)));
-  std::vector<int64_t> bytes(static_cast<size_t>(ranks));
-  int64_t total = 0;
-  for (int r = 0; r < ranks; ++r) {
-    bytes[r] = (*counts)[r] * static_cast<int64_t>(sizeof(T));
-    total += (*counts)[r];
-  }
-  std::vector<T> all(static_cast<size_t>(std::max<int64_t>(total, 1)));
-  EPIC_RETURN_IF_ERROR(comm.AllGather(values.data(), all.data(), bytes));
-  all.resize(static_cast<size_t>(total));
-  return all;
-}
-
 }  // namespace
 
 StatusOr<GenerateResult> Generate(Model& model, std::span<const int32_t> prompt, const GenerateOptions& options) {
@@ -147,7 +127,7 @@ StatusOr<std::vector<GenerateResult>> GenerateBatch(Model& model, std::span<cons
     std::vector<float> held;
     for (size_t i : mine) held.insert(held.end(), results[i].prompt_logits.begin(), results[i].prompt_logits.end());
     std::vector<int64_t> counts;
-    EPIC_ASSIGN_OR_RETURN(const std::vector<float> all, GatherAll(comm, held, &counts));
+    EPIC_ASSIGN_OR_RETURN(const std::vector<float> all, parallel::AllGatherVarying(comm, held, &counts));
     std::vector<int64_t> at(static_cast<size_t>(ranks), 0);
     for (int r = 1; r < ranks; ++r) at[r] = at[r - 1] + counts[r - 1];
     for (size_t i = 0; i < n; ++i) {

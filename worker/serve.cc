@@ -43,17 +43,37 @@ v1::ModelSummary SummarizeModel(const ModelConfig& c) {
   return m;
 }
 
+namespace {
+
+SamplingParams SamplingOf(const v1::internal::SequenceWork& w) {
+  SamplingParams p;
+  p.temperature = w.sampling().temperature();
+  p.top_k = w.sampling().top_k();
+  p.top_p = w.sampling().has_top_p() ? w.sampling().top_p() : 1.0;
+  p.seed = w.sampling().seed();
+  return p;
+}
+
+}  // namespace
+
 Status RunStep(Model& model, LatentCache& cache, const v1::internal::Step& step, v1::internal::StepResult* result) {
   const ModelConfig& c = model.config();
+  const int rank = model.comm().rank();
+  const int ranks = model.comm().size();
+  const bool data_parallel = model.attention() == AttentionMode::kData;
   const int n = step.sequences_size();
-  std::vector<BlockTable> tables(static_cast<size_t>(n));
-  std::vector<SequenceStep> batch(static_cast<size_t>(n));
+  // Every rank checks every sequence, its own or not, so that all fail alike.
   for (int i = 0; i < n; ++i) {
     const v1::internal::SequenceWork& w = step.sequences(i);
     const std::string who = "step " + std::to_string(step.step_id()) + ", sequence " + std::to_string(w.sequence_id());
     if (w.token_ids_size() == 0) return InvalidArgumentError(who + ": no tokens");
     if (w.position() < 0 || w.position() + w.token_ids_size() > c.max_position_embeddings) {
       return InvalidArgumentError(who + ": positions past the model's context");
+    }
+    for (const int32_t t : w.token_ids()) {
+      if (t < 0 || t >= c.vocab_size) {
+        return InvalidArgumentError(who + ": token id " + std::to_string(t) + " outside the vocabulary");
+      }
     }
     for (int32_t b : w.blocks()) {
       if (b < 0 || b >= cache.num_blocks()) {
@@ -64,9 +84,24 @@ Status RunStep(Model& model, LatentCache& cache, const v1::internal::Step& step,
     if (cache.BlocksFor(w.position() + w.token_ids_size()) > w.blocks_size()) {
       return InvalidArgumentError(who + ": too few cache blocks for its positions");
     }
-    tables[i].blocks.assign(w.blocks().begin(), w.blocks().end());
-    tables[i].num_tokens = w.position();
-    batch[i] = SequenceStep{&tables[i], {w.token_ids().data(), static_cast<size_t>(w.token_ids_size())}, false};
+    if (w.sample()) EPIC_RETURN_IF_ERROR(ValidateSamplingParams(SamplingOf(w)));
+    if (data_parallel && (w.rank() < 0 || w.rank() >= ranks)) {
+      return InvalidArgumentError(who + ": rank " + std::to_string(w.rank()) + " outside the job's " +
+                                  std::to_string(ranks));
+    }
+  }
+  // The sequences this rank runs: all of them, or under data-parallel attention its own.
+  std::vector<int> mine;
+  for (int i = 0; i < n; ++i) {
+    if (!data_parallel || step.sequences(i).rank() == rank) mine.push_back(i);
+  }
+  std::vector<BlockTable> tables(mine.size());
+  std::vector<SequenceStep> batch(mine.size());
+  for (size_t k = 0; k < mine.size(); ++k) {
+    const v1::internal::SequenceWork& w = step.sequences(mine[k]);
+    tables[k].blocks.assign(w.blocks().begin(), w.blocks().end());
+    tables[k].num_tokens = w.position();
+    batch[k] = SequenceStep{&tables[k], {w.token_ids().data(), static_cast<size_t>(w.token_ids_size())}, false};
   }
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<float> logits;
@@ -74,24 +109,35 @@ Status RunStep(Model& model, LatentCache& cache, const v1::internal::Step& step,
   EPIC_RETURN_IF_ERROR(model.Forward(batch, &cache, &logits, &counts));
   // One gather a step carries what the reports need (worker/step_stats.h).
   EPIC_ASSIGN_OR_RETURN(const JobStepStats stats, GatherStepStats(model, counts));
-  if (model.comm().rank() != 0) return OkStatus();
+  // Each sequence sampled where its logits are: on rank 0, or under data-parallel
+  // attention on its own rank, whence rank 0 gathers the draws.
+  struct Draw {
+    uint64_t sequence_id;
+    int32_t token_id;
+    float logprob;
+  };
+  std::vector<Draw> draws;
+  if (rank == 0 || data_parallel) {
+    for (size_t k = 0; k < mine.size(); ++k) {
+      const v1::internal::SequenceWork& w = step.sequences(mine[k]);
+      if (!w.sample()) continue;
+      const float* row = logits.data() + k * static_cast<size_t>(c.vocab_size);
+      const int32_t token = Sampler(SamplingOf(w), w.draw()).Sample(row, c.vocab_size);
+      draws.push_back({w.sequence_id(), token, w.logprobs() ? LogProbability(row, c.vocab_size, token) : 0.0f});
+    }
+  }
+  if (data_parallel && ranks > 1) {
+    EPIC_ASSIGN_OR_RETURN(draws, parallel::AllGatherVarying(model.comm(), draws));
+  }
+  if (rank != 0) return OkStatus();
 
   result->Clear();
   result->set_step_id(step.step_id());
-  for (int i = 0; i < n; ++i) {
-    const v1::internal::SequenceWork& w = step.sequences(i);
-    if (!w.sample()) continue;
-    const float* row = logits.data() + static_cast<size_t>(i) * static_cast<size_t>(c.vocab_size);
-    SamplingParams p;
-    p.temperature = w.sampling().temperature();
-    p.top_k = w.sampling().top_k();
-    p.top_p = w.sampling().has_top_p() ? w.sampling().top_p() : 1.0;
-    p.seed = w.sampling().seed();
-    EPIC_RETURN_IF_ERROR(ValidateSamplingParams(p));
+  for (const Draw& d : draws) {
     v1::internal::Sampled* s = result->add_sampled();
-    s->set_sequence_id(w.sequence_id());
-    s->set_token_id(Sampler(p, w.draw()).Sample(row, c.vocab_size));
-    if (w.logprobs()) s->set_logprob(LogProbability(row, c.vocab_size, s->token_id()));
+    s->set_sequence_id(d.sequence_id);
+    s->set_token_id(d.token_id);
+    s->set_logprob(d.logprob);
   }
   for (size_t r = 0; r < stats.slot_tokens.size(); ++r) {
     v1::internal::RankStepStats* rank = result->add_ranks();
@@ -300,6 +346,7 @@ Status ServeCoordinator(Model& model, const WorkerOptions& options, const std::s
       info->set_device(device);
     }
     placement::PlacementToProto(model.placement().table(), hello.mutable_placement());
+    hello.set_attention(AttentionModeName(model.attention()));
     link = std::make_unique<Link>(options);
     v1::internal::Welcome welcome;
     failure = link->Open(hello, &welcome);

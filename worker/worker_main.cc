@@ -18,7 +18,8 @@
 int main(int argc, char** argv) {
   CLI::App app{"epic-worker: one rank of an epic worker job. Start it under mpirun, one rank per GPU\n"
                "or CPU process: `mpirun -np N epic-worker --model DIR --coordinator HOST:PORT`.\n"
-               "Each rank loads its share of the model (heads, vocabulary rows, experts); rank 0\n"
+               "Each rank loads its share of the model (its experts, and heads, vocabulary rows and MLP\n"
+               "columns under --attention tp); rank 0\n"
                "attaches to the coordinator and the job runs the steps it sends. The job exits when\n"
                "the coordinator link closes (exit code 3); launch/cluster.sh relaunches it. Exit code 4:\n"
                "the coordinator refused the job (wrong secret, or a model it cannot serve): a relaunch\n"
@@ -27,6 +28,7 @@ int main(int argc, char** argv) {
   epic::WorkerOptions options;
   std::string secret_file;
   std::string device = "cpu";
+  std::string attention = "tp";
   int threads = 0;
   bool mapped = false;
   int connect_timeout = 60;
@@ -41,6 +43,12 @@ int main(int argc, char** argv) {
   app.add_option("--device", device,
                  "compute device: cpu, or cuda (each rank on its own GPU, the ranks of a host on GPUs 0, 1, ...)")
       ->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  app.add_option("--attention", attention,
+                 "how the ranks share attention: tp splits every sequence's heads, vocabulary and dense MLPs "
+                 "over the ranks (at most as many ranks as heads; every rank holds the same latent cache); dp "
+                 "gives each sequence to one rank, which holds all of attention and that sequence's cache "
+                 "(any number of ranks; the cluster holds as many times the context as it has ranks)")
+      ->check(CLI::IsMember({"tp", "dp"}))->capture_default_str();
   app.add_option("--threads", threads, "CPU threads per rank (0: OpenMP's default)")->check(CLI::NonNegativeNumber);
   app.add_flag("--mmap", mapped, "use the weights in place from the file mapping (see epic-run --help)");
   CLI11_PARSE(app, argc, argv);
@@ -70,6 +78,7 @@ int main(int argc, char** argv) {
   if (threads > 0) omp_set_num_threads(threads);
 
   epic::ModelShard shard{(*job)->comm(), nullptr};
+  shard.attention = *epic::ParseAttentionMode(attention);
   if (*compute == epic::ComputeDevice::kCuda && (*job)->size() > 1) {
     // Device buffers cross between the ranks' GPUs over NCCL.
     auto device_comm = (*job)->DeviceComm();

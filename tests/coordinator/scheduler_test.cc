@@ -126,15 +126,26 @@ class StepChecker {
 
   void Expect(uint64_t id, const std::vector<int32_t>& prompt) { seqs_[id].prompt = prompt; }
 
-  void Check(const v1::internal::Step& step) {
+  // Under data-parallel attention (CACHES > 1) each rank's cache, budget and
+  // sequences are its own.
+  void Check(const v1::internal::Step& step, int caches = 1) {
     SCOPED_TRACE("step " + std::to_string(step.step_id()));
-    EXPECT_LE(StepTokens(step), options_.max_step_tokens);
-    EXPECT_LE(step.sequences_size(), options_.max_running);
+    std::map<int32_t, int64_t> tokens, sequences;
+    for (const auto& w : step.sequences()) {
+      ASSERT_GE(w.rank(), 0);
+      ASSERT_LT(w.rank(), caches);
+      tokens[w.rank()] += w.token_ids_size();
+      ++sequences[w.rank()];
+    }
+    for (const auto& [rank, n] : tokens) EXPECT_LE(n, options_.max_step_tokens) << "rank " << rank;
+    for (const auto& [rank, n] : sequences) EXPECT_LE(n, options_.max_running) << "rank " << rank;
     bool prefill_seen = false;
-    std::map<int32_t, uint64_t> owner;
+    std::map<std::pair<int32_t, int32_t>, uint64_t> owner;  // (rank, block)
     for (const auto& w : step.sequences()) {
       ASSERT_TRUE(seqs_.count(w.sequence_id())) << "unknown sequence " << w.sequence_id();
       Seq& q = seqs_[w.sequence_id()];
+      if (q.rank < 0) q.rank = w.rank();
+      EXPECT_EQ(w.rank(), q.rank) << "a sequence moved between ranks";
       const int64_t prompt = static_cast<int64_t>(q.prompt.size());
       ASSERT_GT(w.token_ids_size(), 0);
       EXPECT_EQ(w.position(), q.cached);
@@ -164,8 +175,9 @@ class StepChecker {
       for (int32_t b : blocks) {
         EXPECT_GE(b, 0);
         EXPECT_LT(b, options_.num_blocks);
-        EXPECT_TRUE(owner.emplace(b, w.sequence_id()).second || owner[b] == w.sequence_id())
-            << "block " << b << " shared by two sequences";
+        const std::pair<int32_t, int32_t> at(w.rank(), b);
+        EXPECT_TRUE(owner.emplace(at, w.sequence_id()).second || owner[at] == w.sequence_id())
+            << "block " << b << " of rank " << w.rank() << " shared by two sequences";
       }
       q.pending = w.token_ids_size();
     }
@@ -183,11 +195,11 @@ class StepChecker {
 
   // Steps until none is left, answering with PICK; returns them.
   std::vector<v1::internal::Step> Run(Scheduler& s, const std::function<int32_t(uint64_t)>& pick =
-                                                         [](uint64_t) { return kToken; }) {
+                                                         [](uint64_t) { return kToken; }, int caches = 1) {
     std::vector<v1::internal::Step> steps;
     v1::internal::Step step;
     while (s.NextStep(&step)) {
-      Check(step);
+      Check(step, caches);
       const v1::internal::StepResult result = Answer(step, pick);
       const Status done = s.Complete(result);
       EXPECT_TRUE(done.ok()) << done.ToString();
@@ -206,6 +218,7 @@ class StepChecker {
     std::vector<int32_t> prompt, output, blocks;
     int64_t cached = 0;
     int64_t pending = 0;
+    int32_t rank = -1;
   };
   SchedulerOptions options_;
   std::map<uint64_t, Seq> seqs_;
@@ -1186,6 +1199,93 @@ TEST(SchedulerResultTest, ATokenOutsideTheVocabularyIsRefusedAndChangesNothing) 
   EXPECT_TRUE(Events(c).empty());
   ASSERT_TRUE(s.Complete(Answer(step)).ok());  // the step is still in flight, unchanged
   EXPECT_EQ(Tokens(Events(c)), std::vector<int32_t>{kToken});
+}
+
+// --- data-parallel attention: a cache per rank ---
+
+TEST(SchedulerDataParallel, EachRankHoldsACacheOfItsOwnAndAStepBudgetOfItsOwn) {
+  const SchedulerOptions o = Options(4, 8, /*max_step_tokens=*/16);
+  for (const int caches : {1, 3}) {
+    SCOPED_TRACE(std::to_string(caches) + " cache(s)");
+    Scheduler s(o);
+    s.Attach(Model(), caches);
+    EXPECT_EQ(s.Stats().total_blocks, 8 * caches);
+    StepChecker checker(o);
+    std::vector<Client> clients;
+    for (int i = 0; i < 6; ++i) {
+      const std::vector<int32_t> prompt = Prompt(20, 10 + i);
+      clients.push_back(Submit(s, Request(prompt, 13)));  // 32 rows: a whole cache of 8 blocks
+      checker.Expect(clients.back().id, prompt);
+    }
+    v1::internal::Step first;
+    ASSERT_TRUE(s.NextStep(&first));
+    // One request fills a cache: one at a time in one, one on each rank in three, each
+    // rank prefilling its 16 tokens in the same step.
+    EXPECT_EQ(first.sequences_size(), caches);
+    std::set<int32_t> ranks;
+    for (const auto& w : first.sequences()) ranks.insert(w.rank());
+    EXPECT_EQ(static_cast<int>(ranks.size()), caches);
+    EXPECT_EQ(StepTokens(first), 16 * caches);
+    checker.Check(first, caches);
+    const v1::internal::StepResult result = Answer(first);
+    ASSERT_TRUE(s.Complete(result).ok());
+    checker.Apply(first, result);
+    const auto steps = checker.Run(s, [](uint64_t) { return kToken; }, caches);
+    EXPECT_EQ(static_cast<int>(steps.size()) + 1, 6 / caches * 14);  // 2 prefill + 12 decode steps each
+    for (const Client& c : clients) EXPECT_EQ(Tokens(Events(c)).size(), 13u);
+    const SchedulerStats stats = s.Stats();
+    EXPECT_EQ(stats.free_blocks, 8 * caches);
+    EXPECT_EQ(stats.cache_free_blocks, std::vector<int64_t>(static_cast<size_t>(caches), 8));
+  }
+}
+
+int32_t RankOf(const v1::internal::Step& step, uint64_t id) {
+  const v1::internal::SequenceWork* w = Find(step, id);
+  return w == nullptr ? -1 : w->rank();
+}
+
+TEST(SchedulerDataParallel, RequestsGoWhereLoadIsLeastAndFollowTheirPrefixWhenBalanceAllows) {
+  Scheduler s(Options(4, 64, /*max_step_tokens=*/16));
+  s.Attach(Model(), 2);
+  // Equal requests arriving together spread evenly.
+  std::vector<Client> even;
+  for (int i = 0; i < 4; ++i) even.push_back(Submit(s, Request(Prompt(8, 10 + i), 2)));
+  v1::internal::Step step;
+  ASSERT_TRUE(s.NextStep(&step));
+  std::map<int32_t, int> per_rank;
+  for (const Client& c : even) ++per_rank[RankOf(step, c.id)];
+  EXPECT_EQ(per_rank, (std::map<int32_t, int>{{0, 2}, {1, 2}}));
+  ASSERT_TRUE(s.Complete(Answer(step)).ok());
+  RunToEnd(s);
+
+  // A's prompt leaves its full blocks cached on its rank; B, sharing them, follows.
+  const std::vector<int32_t> prefix = Prompt(12, 60);
+  std::vector<int32_t> b_prompt = prefix;
+  b_prompt.push_back(45);
+  Client a = Submit(s, Request(Prompt(13, 60), 1));
+  ASSERT_TRUE(s.NextStep(&step));
+  const int32_t a_rank = RankOf(step, a.id);
+  ASSERT_TRUE(s.Complete(Answer(step)).ok());
+  RunToEnd(s);
+  // A long request arriving first goes to A's rank (the two are even); B then would
+  // share 12 tokens there but finds 60 tokens of prefill ahead of it: it goes to the
+  // idle rank and prefills its whole prompt.
+  Client busy = Submit(s, Request(Prompt(60, 20), 1));
+  Client b = Submit(s, Request(b_prompt, 1));
+  ASSERT_TRUE(s.NextStep(&step));
+  EXPECT_EQ(RankOf(step, busy.id), a_rank);
+  EXPECT_EQ(RankOf(step, b.id), 1 - a_rank);
+  EXPECT_EQ(Find(step, b.id)->position(), 0);
+  ASSERT_TRUE(s.Complete(Answer(step)).ok());
+  RunToEnd(s);
+  // With the ranks even again, C (the same prompt) goes to A's rank and shares its blocks.
+  Client c = Submit(s, Request(b_prompt, 1));
+  ASSERT_TRUE(s.NextStep(&step));
+  EXPECT_EQ(RankOf(step, c.id), a_rank);
+  EXPECT_EQ(Find(step, c.id)->position(), 12);
+  ASSERT_TRUE(s.Complete(Answer(step)).ok());
+  RunToEnd(s);
+  EXPECT_EQ(Events(c).back().cached_tokens, 12);
 }
 
 }  // namespace

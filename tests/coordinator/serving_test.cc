@@ -813,6 +813,74 @@ TEST_F(ServingTest, ThePrefixCacheChangesNoAnswerAndSkipsSharedPrefill) {
   EXPECT_EQ(MetricValue(metrics[1], "epic:prefix_cache_hits_total"), 0);
 }
 
+// Data-parallel attention, on more ranks than the model has heads, serves what
+// tensor-parallel attention does: the same tokens and logprobs, sampled or greedy, with
+// prefixes shared on a rank's own cache.
+TEST_F(ServingTest, DataParallelAttentionServesWhatTensorParallelDoes) {
+  constexpr int kRequests = 20, kRanksDp = 6;
+  std::vector<v1::GenerateRequest> requests;
+  for (int i = 0; i < kRequests; ++i) {
+    std::vector<int32_t> prompt;
+    if (i % 2 == 0) {
+      for (int j = 0; j < 40; ++j) prompt.push_back(3 + j * 13 % 500);  // a shared system prompt
+    }
+    for (int j = 0; j <= (i * 13) % 50; ++j) prompt.push_back((i * 131 + j * 17 + 2) % 1024);
+    v1::GenerateRequest r = Request(prompt, 6);
+    r.set_ignore_eos(true);
+    r.set_logprobs(true);
+    if (i % 3 == 0) {
+      r.mutable_sampling()->set_temperature(0.8f);
+      r.mutable_sampling()->set_seed(100 + i);
+    }
+    requests.push_back(r);
+  }
+  std::vector<std::vector<Outcome>> runs;
+  for (const auto& [mode, np] : {std::pair<std::string, int>{"tp", 2}, {"dp", kRanksDp}}) {
+    SCOPED_TRACE(mode);
+    const int port = StartCluster(np, {}, kMaxWaiting, 20, {"--attention", mode});
+    ASSERT_GT(port, 0);
+    Client client(port);
+    const v1::ModelInfo info = client.Info();
+    EXPECT_EQ(info.cache().attention(), mode);
+    EXPECT_EQ(info.cache_footprint().attention(), mode);
+    EXPECT_EQ(info.cache_footprint().ranks(), np);
+    const v1::AttentionCacheCost& latent = info.cache_footprint().forms(0);
+    EXPECT_EQ(latent.cluster_tokens_tp(), latent.tokens_in_budget());
+    EXPECT_EQ(latent.cluster_tokens_dp(), latent.tokens_in_budget() * np);
+    if (mode == "dp") {
+      // A cache per rank: the cluster holds six times the blocks.
+      EXPECT_EQ(info.cache().total_blocks(), int64_t{kCacheBlocks} * kRanksDp);
+      EXPECT_EQ(info.cache().rank_free_blocks_size(), kRanksDp);
+    } else {
+      EXPECT_EQ(info.cache().total_blocks(), kCacheBlocks);
+    }
+    std::vector<Outcome> outcomes(kRequests);
+    std::vector<std::thread> threads;
+    for (int i = 0; i < kRequests; ++i) {
+      threads.emplace_back([&, i] { outcomes[i] = client.Generate(requests[i], 120s); });
+    }
+    for (auto& t : threads) t.join();
+    EXPECT_TRUE(client.WaitAllBlocksFree(5s));
+    runs.push_back(std::move(outcomes));
+    cluster_->Signal(SIGTERM);
+    EXPECT_NE(cluster_->Wait(30s), -1);
+    cluster_.reset();
+    fs::remove(*dir_ / "ready.json");
+  }
+  int64_t cached = 0;
+  for (int i = 0; i < kRequests; ++i) {
+    const Outcome& tp = runs[0][i];
+    const Outcome& dp = runs[1][i];
+    ASSERT_TRUE(tp.status.ok()) << i << ": " << tp.status.error_message();
+    ASSERT_TRUE(dp.status.ok()) << i << ": " << dp.status.error_message();
+    EXPECT_EQ(dp.tokens, tp.tokens) << "request " << i;
+    ASSERT_EQ(dp.logprobs.size(), tp.logprobs.size());
+    for (size_t t = 0; t < tp.logprobs.size(); ++t) EXPECT_NEAR(dp.logprobs[t], tp.logprobs[t], 1e-5) << i;
+    cached += dp.last.usage().cached_tokens();
+  }
+  EXPECT_GT(cached, 0) << "no request found its prefix on its rank";
+}
+
 // `epic info` shows what MLA's latent cache saves, worked out here from config.json.
 TEST_F(ServingTest, InfoShowsTheCacheMlaSavesAgainstMhaGqaAndMqa) {
   const int port = StartCluster(2);
