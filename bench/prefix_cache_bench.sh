@@ -24,20 +24,14 @@ while [ $# -gt 0 ]; do
   esac
 done
 work="$(mktemp -d)"
-cluster_pid=""
-cleanup() { [ -n "$cluster_pid" ] && kill -TERM "$cluster_pid" 2>/dev/null && wait "$cluster_pid" 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
+trap 'epic_stop_cluster; rm -rf "$work"' EXIT
 for mode in on off; do
-  rm -f "$work/ready.json"
-  EPIC_BUILD_DIR="$build" "$root/launch/cluster.sh" --model "$model" --np "$np" --port 0 --http-port off \
-    --metrics-port 0 --listen-host 127.0.0.1 --no-build --ready-file "$work/ready.json" \
-    -- --prefix-cache "$mode" --cache-blocks 4096 --max-step-tokens 512 >"$work/cluster-$mode.log" 2>&1 &
-  cluster_pid=$!
-  port="$(epic_wait_ready "$work/ready.json" "$cluster_pid" 300 "the cluster")" || { cat "$work/cluster-$mode.log"; exit 1; }
+  epic_start_cluster "$work" --model "$model" --np "$np" \
+    -- --prefix-cache "$mode" --cache-blocks 4096 --max-step-tokens 512
   echo "== prefix cache $mode"
-  "$build/bench/serving_bench" --server "127.0.0.1:$port" --concurrency "$levels" --shared-prefix "$shared" \
-    --prompt-len "$prompt_len" --output-len "$output_len" | tee "$work/$mode.txt"
-  kill -TERM "$cluster_pid"; wait "$cluster_pid" 2>/dev/null || true; cluster_pid=""
+  "$build/bench/serving_bench" --server "127.0.0.1:$EPIC_CLUSTER_PORT" --concurrency "$levels" \
+    --shared-prefix "$shared" --prompt-len "$prompt_len" --output-len "$output_len" | tee "$work/$mode.txt"
+  epic_stop_cluster
 done
 echo "== cache on against off (ttft: off/on, higher is better; tok/s: on/off)"
 join <(awk '$1 ~ /^[0-9]+$/ { print $1, $3, $4 }' "$work/on.txt" | sort) \

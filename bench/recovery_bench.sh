@@ -22,16 +22,11 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$model" ] || { echo "recovery_bench: --model DIR is required" >&2; exit 2; }
 work="$(mktemp -d)"
-cluster_pid=""
-cleanup() { [ -n "$cluster_pid" ] && kill -TERM "$cluster_pid" 2>/dev/null && wait "$cluster_pid" 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
+trap 'epic_stop_cluster; rm -rf "$work"' EXIT
 timeout_args=()
 [ "$signal" = STOP ] && timeout_args=(--step-timeout 3)
-EPIC_BUILD_DIR="$build" "$root/launch/cluster.sh" --model "$model" --np "$np" --port 0 --http-port off \
-  --metrics-port 0 --listen-host 127.0.0.1 --no-build --ready-file "$work/ready.json" \
-  ${timeout_args[@]+-- "${timeout_args[@]}"} >"$work/cluster.log" 2>&1 &
-cluster_pid=$!
-port="$(epic_wait_ready "$work/ready.json" "$cluster_pid" 300 "the cluster")" || { cat "$work/cluster.log"; exit 1; }
+epic_start_cluster "$work" --model "$model" --np "$np" ${timeout_args[@]+-- "${timeout_args[@]}"}
+port="$EPIC_CLUSTER_PORT"
 epic=("$build/client/epic")
 victim_rank=1
 [ "$signal" = STOP ] && victim_rank=0

@@ -54,6 +54,7 @@ struct Served {
   double tokens_per_s = 0;
   std::vector<double> ttft, itl, e2e;
   int failed = 0;
+  int64_t peak_running = 0;  // the most requests the coordinator ran at once (polled)
 };
 
 Served Serve(epic::v1::Epic::Stub& stub, const std::vector<std::vector<int32_t>>& prompts, int concurrency,
@@ -63,6 +64,20 @@ Served Serve(epic::v1::Epic::Stub& stub, const std::vector<std::vector<int32_t>>
   std::atomic<size_t> next{0};
   std::atomic<int64_t> tokens{0};
   const auto start = Clock::now();
+  std::atomic<bool> done{false};
+  // How many requests the cluster admits at once, asked every 10 ms.
+  std::thread poller([&] {
+    while (!done) {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(1));
+      epic::v1::ModelInfo info;
+      if (stub.GetModelInfo(&ctx, {}, &info).ok()) {
+        std::lock_guard<std::mutex> lock(mu);
+        out.peak_running = std::max(out.peak_running, info.requests_running());
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  });
   std::vector<std::thread> threads;
   for (int c = 0; c < concurrency; ++c) {
     threads.emplace_back([&] {
@@ -107,6 +122,8 @@ Served Serve(epic::v1::Epic::Stub& stub, const std::vector<std::vector<int32_t>>
   }
   for (auto& t : threads) t.join();
   out.tokens_per_s = static_cast<double>(tokens) / Seconds(Clock::now() - start);
+  done = true;
+  poller.join();
   return out;
 }
 
@@ -187,11 +204,12 @@ int main(int argc, char** argv) {
     }
     model = std::move(loaded).value();
   }
-  std::printf("serving_bench: %s, %d rank(s); prompt %d (%d shared) + %d, output %d tokens; %d OpenMP threads offline\n",
+  std::printf("serving_bench: %s, %d rank(s); prompt %d tokens (%d shared + %d own), output %d tokens; %d OpenMP threads offline\n",
               info.model().model_type().c_str(), info.ranks_size(), shared_prefix + prompt_len, shared_prefix,
               prompt_len, output_len, omp_get_max_threads());
-  std::printf("%5s %9s %10s %10s %10s %10s %10s %10s %8s\n", "conc", "requests", "tok/s", "ttft p50", "ttft p99",
-              "itl p50", "itl p99", "offline", "ratio");
+  // running: the most requests the coordinator ran at once (the cache and --max-running bound it).
+  std::printf("%5s %9s %10s %10s %10s %10s %10s %8s %10s %8s\n", "conc", "requests", "tok/s", "ttft p50", "ttft p99",
+              "itl p50", "itl p99", "running", "offline", "ratio");
   for (int c : levels) {
     const int64_t vocab = info.model().vocab_size();
     const auto prompts = Prompts(c * per_level, prompt_len, vocab, shared_prefix, 7);
@@ -199,9 +217,10 @@ int main(int argc, char** argv) {
     const Served s = Serve(*stub, prompts, c, output_len);
     double offline = 0;
     if (model) offline = Offline(*model, prompts, c, output_len);
-    std::printf("%5d %9zu %10.1f %9.1fms %9.1fms %9.2fms %9.2fms %10.1f %8s%s\n", c, prompts.size(), s.tokens_per_s,
-                Percentile(s.ttft, 50) * 1e3, Percentile(s.ttft, 99) * 1e3, Percentile(s.itl, 50) * 1e3,
-                Percentile(s.itl, 99) * 1e3, offline,
+    std::printf("%5d %9zu %10.1f %9.1fms %9.1fms %9.2fms %9.2fms %8lld %10.1f %8s%s\n", c, prompts.size(),
+                s.tokens_per_s, Percentile(s.ttft, 50) * 1e3, Percentile(s.ttft, 99) * 1e3,
+                Percentile(s.itl, 50) * 1e3, Percentile(s.itl, 99) * 1e3, static_cast<long long>(s.peak_running),
+                offline,
                 model ? std::to_string(s.tokens_per_s / offline).substr(0, 5).c_str() : "-",
                 s.failed ? (" (" + std::to_string(s.failed) + " failed)").c_str() : "");
   }

@@ -51,14 +51,17 @@ int main(int argc, char** argv) {
   app.add_option("--block-size", s.block_size, "tokens per latent-cache block")
       ->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--cache-blocks", s.num_blocks,
-                 "latent-cache blocks the worker job holds: the budget requests are admitted against")
+                 "latent-cache blocks of each worker rank: the budget requests are admitted against (a job "
+                 "with --attention tp holds the same blocks on every rank; with dp each rank holds its own "
+                 "sequences' blocks, so the cluster holds ranks times as many)")
       ->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--max-waiting", s.max_waiting, "queued requests beyond which calls get RESOURCE_EXHAUSTED")
       ->check(CLI::NonNegativeNumber)->capture_default_str();
-  app.add_option("--max-running", s.max_running, "most sequences in one step")
+  app.add_option("--max-running", s.max_running, "most sequences in one step (per rank under --attention dp)")
       ->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--max-step-tokens", s.max_step_tokens,
-                 "token budget of one step: decodes first, then prefill chunks of long prompts")
+                 "token budget of one step: decodes first, then prefill chunks of long prompts (per rank "
+                 "under --attention dp)")
       ->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--step-timeout", step_timeout,
                  "seconds without a completed step after which the worker job is declared dead")

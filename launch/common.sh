@@ -66,3 +66,25 @@ epic_wait_ready() {
   epic_log "$what was not ready within $seconds s"
   return 1
 }
+
+# epic_start_cluster WORK [launch/cluster.sh flags...] [-- coordinator flags...]: a local
+# cluster of the built binaries (loopback, free ports, no HTTP), its log in WORK/cluster.log.
+# Sets EPIC_CLUSTER_PID, and EPIC_CLUSTER_PORT once it serves; fails, showing the log, if
+# it does not within 300 s. epic_stop_cluster ends it (safe to call twice, or from a trap).
+epic_start_cluster() {
+  local work="$1"
+  shift
+  rm -f "$work/ready.json"
+  EPIC_BUILD_DIR="$EPIC_BUILD_DIR" "$EPIC_ROOT/launch/cluster.sh" --port 0 --http-port off --metrics-port 0 \
+    --listen-host 127.0.0.1 --no-build --ready-file "$work/ready.json" "$@" >"$work/cluster.log" 2>&1 &
+  EPIC_CLUSTER_PID=$!
+  EPIC_CLUSTER_PORT="$(epic_wait_ready "$work/ready.json" "$EPIC_CLUSTER_PID" 300 "the cluster")" ||
+    { cat "$work/cluster.log" >&2; return 1; }
+}
+
+epic_stop_cluster() {
+  [ -n "${EPIC_CLUSTER_PID:-}" ] || return 0
+  kill -TERM "$EPIC_CLUSTER_PID" 2>/dev/null || true
+  wait "$EPIC_CLUSTER_PID" 2>/dev/null || true
+  EPIC_CLUSTER_PID=""
+}

@@ -837,7 +837,7 @@ TEST_F(ServingTest, DataParallelAttentionServesWhatTensorParallelDoes) {
   std::vector<std::vector<Outcome>> runs;
   for (const auto& [mode, np] : {std::pair<std::string, int>{"tp", 2}, {"dp", kRanksDp}}) {
     SCOPED_TRACE(mode);
-    const int port = StartCluster(np, {}, kMaxWaiting, 20, {"--attention", mode});
+    const int port = StartCluster(np, {"--redundant-slots", "2"}, kMaxWaiting, 20, {"--attention", mode});
     ASSERT_GT(port, 0);
     Client client(port);
     const v1::ModelInfo info = client.Info();
@@ -854,14 +854,25 @@ TEST_F(ServingTest, DataParallelAttentionServesWhatTensorParallelDoes) {
     } else {
       EXPECT_EQ(info.cache().total_blocks(), kCacheBlocks);
     }
-    std::vector<Outcome> outcomes(kRequests);
-    std::vector<std::thread> threads;
-    for (int i = 0; i < kRequests; ++i) {
-      threads.emplace_back([&, i] { outcomes[i] = client.Generate(requests[i], 120s); });
+    auto serve = [&] {
+      std::vector<Outcome> outcomes(kRequests);
+      std::vector<std::thread> threads;
+      for (int i = 0; i < kRequests; ++i) {
+        threads.emplace_back([&, i] { outcomes[i] = client.Generate(requests[i], 120s); });
+      }
+      for (auto& t : threads) t.join();
+      EXPECT_TRUE(client.WaitAllBlocksFree(5s));
+      return outcomes;
+    };
+    runs.push_back(serve());
+    if (mode == "dp") {
+      // Live rebalancing moves experts under data-parallel attention too, and changes no answer.
+      v1::RebalanceResponse response;
+      ASSERT_TRUE(client.Rebalance({}, &response).ok());
+      EXPECT_TRUE(response.applied()) << response.reason();
+      const std::vector<Outcome> after = serve();
+      for (int i = 0; i < kRequests; ++i) EXPECT_EQ(after[i].tokens, runs.back()[i].tokens) << "request " << i;
     }
-    for (auto& t : threads) t.join();
-    EXPECT_TRUE(client.WaitAllBlocksFree(5s));
-    runs.push_back(std::move(outcomes));
     cluster_->Signal(SIGTERM);
     EXPECT_NE(cluster_->Wait(30s), -1);
     cluster_.reset();
