@@ -51,6 +51,22 @@ struct RebalanceView {
   double seconds = 0, imbalance_before = 1, imbalance_after = 1;
 };
 
+struct CacheFormView {
+  std::string attention;
+  int64_t kv_heads = 0, bytes_per_token_per_layer = 0, tokens_per_rank = 0, cluster_tokens_tp = 0,
+          cluster_tokens_dp = 0;
+  double fraction_of_mha = 1;
+};
+
+// The latent cache of the job the report is from (absent offline).
+struct CacheView {
+  bool present = false;
+  std::string attention;
+  int64_t ranks = 1, block_size = 0, blocks_per_rank = 0, blocks_in_use = 0, blocks_total = 0;
+  int64_t bytes_per_value = 0, budget_bytes_per_rank = 0;
+  std::vector<CacheFormView> forms;
+};
+
 struct ReportView {
   std::string model_type;
   int64_t ranks = 1, experts = 0, slots_current = 0, slots_planned = 0;
@@ -64,6 +80,7 @@ struct ReportView {
   std::vector<AllToAllView> all_to_all;
   std::vector<HistoryView> history;
   std::vector<RebalanceView> rebalances;
+  CacheView cache;
 };
 
 std::string Format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -232,6 +249,43 @@ Status ParseLayer(const json& j, const std::string& path, const ReportView& r, L
   return OkStatus();
 }
 
+Status String(const json& obj, const std::string& path, const char* key, std::string* out) {
+  const json* v = nullptr;
+  EPIC_RETURN_IF_ERROR(Member(obj, path, key, &v));
+  if (!v->is_string()) return Problem(At(path, key), "expected a string, " + Got(*v));
+  *out = v->get<std::string>();
+  return OkStatus();
+}
+
+Status ParseCache(const json& c, CacheView* cache) {
+  if (!c.is_object()) return Problem("cache", "expected an object, " + Got(c));
+  EPIC_RETURN_IF_ERROR(String(c, "cache", "attention", &cache->attention));
+  EPIC_RETURN_IF_ERROR(Integer(c, "cache", "ranks", &cache->ranks));
+  EPIC_RETURN_IF_ERROR(Integer(c, "cache", "block_size", &cache->block_size));
+  EPIC_RETURN_IF_ERROR(Integer(c, "cache", "blocks_per_rank", &cache->blocks_per_rank));
+  EPIC_RETURN_IF_ERROR(Integer(c, "cache", "blocks_in_use", &cache->blocks_in_use));
+  EPIC_RETURN_IF_ERROR(Integer(c, "cache", "blocks_total", &cache->blocks_total));
+  EPIC_RETURN_IF_ERROR(Integer(c, "cache", "bytes_per_value", &cache->bytes_per_value));
+  EPIC_RETURN_IF_ERROR(Integer(c, "cache", "budget_bytes_per_rank", &cache->budget_bytes_per_rank));
+  const json* forms = nullptr;
+  EPIC_RETURN_IF_ERROR(Array(c, "cache", "forms", &forms));
+  for (size_t i = 0; i < forms->size(); ++i) {
+    const json& f = (*forms)[i];
+    const std::string path = At("cache.forms", i);
+    CacheFormView v;
+    EPIC_RETURN_IF_ERROR(String(f, path, "attention", &v.attention));
+    EPIC_RETURN_IF_ERROR(Integer(f, path, "kv_heads", &v.kv_heads));
+    EPIC_RETURN_IF_ERROR(Integer(f, path, "bytes_per_token_per_layer", &v.bytes_per_token_per_layer));
+    EPIC_RETURN_IF_ERROR(Number(f, path, "fraction_of_mha", &v.fraction_of_mha));
+    EPIC_RETURN_IF_ERROR(Integer(f, path, "tokens_per_rank", &v.tokens_per_rank));
+    EPIC_RETURN_IF_ERROR(Integer(f, path, "cluster_tokens_tp", &v.cluster_tokens_tp));
+    EPIC_RETURN_IF_ERROR(Integer(f, path, "cluster_tokens_dp", &v.cluster_tokens_dp));
+    cache->forms.push_back(std::move(v));
+  }
+  cache->present = true;
+  return OkStatus();
+}
+
 Status ParseReport(const json& j, ReportView* r) {
   const json* schema = nullptr;
   EPIC_RETURN_IF_ERROR(Member(j, "", "schema", &schema));
@@ -325,6 +379,8 @@ Status ParseReport(const json& j, ReportView* r) {
     EPIC_RETURN_IF_ERROR(Number(b, path, "imbalance_after", &v.imbalance_after));
     r->rebalances.push_back(v);
   }
+
+  if (j.contains("cache")) EPIC_RETURN_IF_ERROR(ParseCache(j["cache"], &r->cache));
   return OkStatus();
 }
 
@@ -362,6 +418,30 @@ std::string Printable(const std::string& s) {
     if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = '?';
   }
   return out;
+}
+
+// One line on what the latent cache saves against MHA, for the checkpoint at hand.
+std::string CacheSaving(const CacheView& c) {
+  if (c.forms.empty()) return "";
+  return Format("%s's cache is %.1f%% smaller than MHA's of the same heads for this model.",
+                Printable(c.forms[0].attention).c_str(), 100.0 * (1.0 - c.forms[0].fraction_of_mha));
+}
+
+std::string CacheText(const CacheView& c) {
+  std::string out = Format("latent cache: --attention %s, %lld ranks of %lld blocks of %lld tokens; %lld of %lld blocks "
+                           "in use\n",
+                           Printable(c.attention).c_str(), static_cast<long long>(c.ranks),
+                           static_cast<long long>(c.blocks_per_rank), static_cast<long long>(c.block_size),
+                           static_cast<long long>(c.blocks_in_use), static_cast<long long>(c.blocks_total));
+  out += Format("%-22s %12s %7s %12s %12s %12s\n", "cache form", "B/token/lyr", "of MHA", "tokens/rank",
+                "cluster tp", "cluster dp");
+  for (const CacheFormView& f : c.forms) {
+    out += Format("%-22s %12lld %6.1f%% %12lld %12lld %12lld\n", Printable(f.attention).c_str(),
+                  static_cast<long long>(f.bytes_per_token_per_layer), 100.0 * f.fraction_of_mha,
+                  static_cast<long long>(f.tokens_per_rank), static_cast<long long>(f.cluster_tokens_tp),
+                  static_cast<long long>(f.cluster_tokens_dp));
+  }
+  return out + CacheSaving(c) + "\n";
 }
 
 std::string Text(const ReportView& r) {
@@ -420,6 +500,8 @@ std::string Text(const ReportView& r) {
       out += "\n";
     }
   }
+
+  if (r.cache.present) out += "\n" + CacheText(r.cache);
 
   if (!r.rebalances.empty()) {
     out += "\n";
@@ -738,6 +820,24 @@ std::string Html(const ReportView& r) {
   s += "<h2>Expert tokens, layers &times; experts</h2>\n" + Heatmap(r);
   s += "<h2>Load per rank, summed over layers: current and planned</h2>\n" + RankBars(r);
   s += "<h2>Imbalance over time</h2>\n" + History(r);
+  if (r.cache.present) {
+    const CacheView& c = r.cache;
+    s += "<h2>Latent cache</h2>\n";
+    s += Format("<p class=\"note\">--attention %s, %lld ranks of %lld blocks of %lld tokens; %lld of %lld blocks in "
+                "use. %s</p>\n",
+                Escape(c.attention).c_str(), static_cast<long long>(c.ranks), static_cast<long long>(c.blocks_per_rank),
+                static_cast<long long>(c.block_size), static_cast<long long>(c.blocks_in_use),
+                static_cast<long long>(c.blocks_total), Escape(CacheSaving(c)).c_str());
+    s += "<table id=\"cache\">\n<tr><th>cache form</th><th>bytes per token and layer</th><th>of MHA</th>"
+         "<th>tokens per rank</th><th>cluster, tp</th><th>cluster, dp</th></tr>\n";
+    for (const CacheFormView& f : c.forms) {
+      s += Format("<tr><td>%s</td><td>%lld</td><td>%.1f%%</td><td>%lld</td><td>%lld</td><td>%lld</td></tr>\n",
+                  Escape(f.attention).c_str(), static_cast<long long>(f.bytes_per_token_per_layer),
+                  100.0 * f.fraction_of_mha, static_cast<long long>(f.tokens_per_rank),
+                  static_cast<long long>(f.cluster_tokens_tp), static_cast<long long>(f.cluster_tokens_dp));
+    }
+    s += "</table>\n";
+  }
   s += "</body>\n</html>\n";
   return s;
 }

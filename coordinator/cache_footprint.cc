@@ -42,4 +42,23 @@ v1::CacheFootprint CacheFootprintOf(const v1::ModelSummary& m, int64_t bytes_per
   return f;
 }
 
+nlohmann::json CacheReport(const v1::CacheFootprint& f, int64_t block_size, int64_t blocks_per_rank,
+                           int64_t blocks_in_use, int64_t blocks_total) {
+  nlohmann::json forms = nlohmann::json::array();
+  for (const v1::AttentionCacheCost& c : f.forms()) {
+    forms.push_back({{"attention", c.attention()},
+                     {"kv_heads", c.kv_heads()},
+                     {"bytes_per_token_per_layer", c.bytes_per_token_per_layer()},
+                     {"fraction_of_mha", c.fraction_of_mha()},
+                     {"tokens_per_rank", c.tokens_in_budget()},
+                     {"cluster_tokens_tp", c.cluster_tokens_tp()},
+                     {"cluster_tokens_dp", c.cluster_tokens_dp()}});
+  }
+  return {{"attention", f.attention()},     {"ranks", f.ranks()},
+          {"block_size", block_size},       {"blocks_per_rank", blocks_per_rank},
+          {"blocks_in_use", blocks_in_use}, {"blocks_total", blocks_total},
+          {"bytes_per_value", f.bytes_per_value()}, {"budget_bytes_per_rank", f.budget_bytes()},
+          {"forms", std::move(forms)}};
+}
+
 }  // namespace epic::coordinator

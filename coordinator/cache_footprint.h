@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 #include "epic.pb.h"
 
 namespace epic::coordinator {
@@ -15,5 +17,10 @@ namespace epic::coordinator {
 // whose job runs ATTENTION ("tp" or "dp").
 v1::CacheFootprint CacheFootprintOf(const v1::ModelSummary& model, int64_t bytes_per_value, int64_t budget_tokens,
                                     int ranks, const std::string& attention);
+
+// The load report's "cache" section: FOOTPRINT, the budget of BLOCKS_PER_RANK blocks of
+// BLOCK_SIZE tokens, and how many of the BLOCKS_TOTAL (over every cache) are in use now.
+nlohmann::json CacheReport(const v1::CacheFootprint& footprint, int64_t block_size, int64_t blocks_per_rank,
+                           int64_t blocks_in_use, int64_t blocks_total);
 
 }  // namespace epic::coordinator

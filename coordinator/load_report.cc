@@ -165,6 +165,7 @@ StatusOr<json> BuildLoadReport(const ReportInput& in) {
                           {"imbalance_after", r.imbalance_after}});
   }
   out["rebalances"] = std::move(rebalances);
+  if (!in.cache.is_null()) out["cache"] = in.cache;
   return out;
 }
 

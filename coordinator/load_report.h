@@ -57,6 +57,7 @@ struct ReportInput {
   int64_t window_steps = 0, first_step = 0, last_step = 0;
   double window_seconds = 0;
   double ema_alpha = 0;
+  nlohmann::json cache;  // the report's "cache" section (CacheReport); null: none (offline)
 };
 
 // What the planner would do now with a report's input, and what it predicts: the one

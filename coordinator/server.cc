@@ -6,7 +6,6 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
-#include "coordinator/cache_footprint.h"
 #include "coordinator/http_server.h"
 #include "coordinator/rpc.h"
 #include "coordinator/worker_session.h"
@@ -93,12 +92,6 @@ struct Server::Impl final : v1::Epic::Service {
     info->set_requests_running(stats.running);
     info->set_requests_waiting(stats.waiting);
     info->set_steps(stats.steps);
-    if (info->worker_attached()) {
-      const bool gpu = info->ranks_size() > 0 && info->ranks(0).device() == "cuda";
-      *info->mutable_cache_footprint() =
-          CacheFootprintOf(info->model(), gpu ? 2 : 4, options.scheduler.num_blocks * options.scheduler.block_size,
-                           info->ranks_size(), attention);
-    }
     return grpc::Status::OK;
   }
 

@@ -4,6 +4,7 @@
 #include <deque>
 #include <thread>
 
+#include "coordinator/cache_footprint.h"
 #include "coordinator/rpc.h"
 #include "placement/placement_proto.h"
 
@@ -29,7 +30,15 @@ void WorkerSession::FillModelInfo(v1::ModelInfo* info) const {
     *info->mutable_ranks() = worker_.ranks();
     *info->mutable_placement() = worker_.placement();
     info->mutable_cache()->set_attention(worker_.attention() == "dp" ? "dp" : "tp");
+    *info->mutable_cache_footprint() = CacheFootprintLocked();
   }
+}
+
+v1::CacheFootprint WorkerSession::CacheFootprintLocked() const {
+  // Rows are F32 on CPU workers, BF16 on GPUs.
+  const bool gpu = worker_.ranks_size() > 0 && worker_.ranks(0).device() == "cuda";
+  return CacheFootprintOf(worker_.model(), gpu ? 2 : 4, options_.scheduler.num_blocks * options_.scheduler.block_size,
+                          worker_.ranks_size(), worker_.attention() == "dp" ? "dp" : "tp");
 }
 
 placement::PlacementTable WorkerSession::CurrentPlacementLocked() const {
@@ -129,9 +138,13 @@ grpc::Status WorkerSession::Rebalance(const v1::RebalanceRequest* request, v1::R
 
 
 grpc::Status WorkerSession::FillLoadReport(v1::LoadReport* report) const {
+  const SchedulerStats cache = scheduler_->Stats();  // before mu_: the scheduler never waits on it
   std::lock_guard<std::mutex> lock(mu_);
   if (attached_) {
-    auto full = BuildLoadReport(ReportInputLocked(options_.redundant_slots_per_rank));
+    ReportInput in = ReportInputLocked(options_.redundant_slots_per_rank);
+    in.cache = CacheReport(CacheFootprintLocked(), options_.scheduler.block_size, options_.scheduler.num_blocks,
+                           cache.total_blocks - cache.free_blocks, cache.total_blocks);
+    auto full = BuildLoadReport(in);
     if (!full.ok()) return ToGrpc(full.status());
     report->set_json(full->dump());
   }

@@ -60,6 +60,8 @@ class WorkerSession final : public v1::internal::WorkerLink::Service {
     std::promise<grpc::Status> done;
   };
 
+  // What the attached job's latent cache holds, per token and in its budget (epic info).
+  v1::CacheFootprint CacheFootprintLocked() const;
   // The current placement as a table over the MoE layers.
   placement::PlacementTable CurrentPlacementLocked() const;
   // The statistics window as the report and the planner read it, planned with REDUNDANT

@@ -84,6 +84,23 @@ json FullReport() {
   in.last_step = 105;
   in.window_seconds = 0.75;
   in.ema_alpha = 0.05;
+  // A model of 8 heads of 32 + 16 (keys) and 32 (values), latent 64 + 16, BF16 rows:
+  // latent 80 values against MHA's 8 x 80 = 640; 1024 latent tokens a rank, 4 ranks.
+  auto form = [](const char* name, int kv_heads, int bytes, double fraction, int tokens) {
+    return json{{"attention", name},    {"kv_heads", kv_heads},           {"bytes_per_token_per_layer", bytes},
+                {"fraction_of_mha", fraction}, {"tokens_per_rank", tokens}, {"cluster_tokens_tp", tokens},
+                {"cluster_tokens_dp", 4 * tokens}};
+  };
+  in.cache = {{"attention", "dp"},
+              {"ranks", 4},
+              {"block_size", 16},
+              {"blocks_per_rank", 64},
+              {"blocks_in_use", 10},
+              {"blocks_total", 256},
+              {"bytes_per_value", 2},
+              {"budget_bytes_per_rank", 1024 * 2 * 80 * 2},
+              {"forms", {form("MLA latent", 0, 160, 0.125, 1024), form("MHA", 8, 1280, 1.0, 128),
+                         form("GQA (4 KV heads)", 4, 640, 0.5, 256), form("MQA", 1, 160, 0.125, 1024)}}};
   return Build(in);
 }
 
@@ -365,6 +382,22 @@ const std::pair<const char*, Kind> kSchemaFields[] = {
     {"/rebalances/0/seconds", Kind::kNumber},
     {"/rebalances/0/imbalance_before", Kind::kNumber},
     {"/rebalances/0/imbalance_after", Kind::kNumber},
+    {"/cache/attention", Kind::kString},
+    {"/cache/ranks", Kind::kInteger},
+    {"/cache/block_size", Kind::kInteger},
+    {"/cache/blocks_per_rank", Kind::kInteger},
+    {"/cache/blocks_in_use", Kind::kInteger},
+    {"/cache/blocks_total", Kind::kInteger},
+    {"/cache/bytes_per_value", Kind::kInteger},
+    {"/cache/budget_bytes_per_rank", Kind::kInteger},
+    {"/cache/forms", Kind::kList},
+    {"/cache/forms/0/attention", Kind::kString},
+    {"/cache/forms/0/kv_heads", Kind::kInteger},
+    {"/cache/forms/0/bytes_per_token_per_layer", Kind::kInteger},
+    {"/cache/forms/0/fraction_of_mha", Kind::kNumber},
+    {"/cache/forms/0/tokens_per_rank", Kind::kInteger},
+    {"/cache/forms/0/cluster_tokens_tp", Kind::kInteger},
+    {"/cache/forms/0/cluster_tokens_dp", Kind::kInteger},
 };
 
 bool HasKind(const json& v, Kind kind) {
@@ -468,6 +501,16 @@ TEST(ReportRenderTest, TextShowsLayersRanksAndOverallNumbers) {
   EXPECT_EQ(layer_rows, 2) << t;
   EXPECT_TRUE(a2a_row) << t;
   EXPECT_TRUE(rebalance_row) << t;
+  // The cache: latent 80 values of 2 bytes against MHA's 8 x (48 + 32) = 640: 12.5%; a
+  // budget of 1024 latent tokens holds 1024 / 8 = 128 MHA tokens, 4 ranks under dp 4x.
+  EXPECT_NE(t.find("--attention dp, 4 ranks of 64 blocks of 16 tokens; 10 of 256 blocks in use"), std::string::npos)
+      << t;
+  char latent[160], mha[160];
+  std::snprintf(latent, sizeof latent, "%-22s %12d %6.1f%% %12d %12d %12d", "MLA latent", 160, 12.5, 1024, 1024, 4096);
+  std::snprintf(mha, sizeof mha, "%-22s %12d %6.1f%% %12d %12d %12d", "MHA", 1280, 100.0, 128, 128, 512);
+  EXPECT_NE(t.find(latent), std::string::npos) << t;
+  EXPECT_NE(t.find(mha), std::string::npos) << t;
+  EXPECT_NE(t.find("MLA latent's cache is 87.5% smaller than MHA's"), std::string::npos) << t;
 
   // Offline: no window, no all-to-all columns.
   auto offline = RenderText(Build(SmallInput()));
@@ -502,6 +545,9 @@ TEST(ReportRenderTest, HtmlIsOneSelfContainedPageWithThreeCharts) {
   EXPECT_EQ(h.find("src="), std::string::npos);
   EXPECT_NE(h.find("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; co"), std::string::npos);
   EXPECT_NE(h.find("1.125"), std::string::npos);  // overall current imbalance
+  EXPECT_NE(h.find("<table id=\"cache\">"), std::string::npos);
+  EXPECT_NE(h.find("<tr><td>MLA latent</td><td>160</td><td>12.5%</td><td>1024</td><td>1024</td><td>4096</td></tr>"),
+            std::string::npos) << h;
 
   // Offline: no history, said in words.
   auto offline = RenderHtml(Build(SmallInput()));
@@ -607,17 +653,17 @@ TEST(ReportRenderTest, NeverCrashesOnAnyMutation) {
         }
       }
     }
-    // Removed: only the EMA is optional; some lists stay valid one element shorter.
+    // Removed: only the EMA and the cache are optional; some lists stay valid one element shorter.
     json doc = good;
     json& parent = doc[p.parent_pointer()];
     const std::string parent_pointer = p.parent_pointer().to_string();
     bool optional = false;
     if (parent.is_object()) {
       parent.erase(p.back());
-      optional = p.back() == "expert_ema" || p.back() == "rank_load_ema";
+      optional = p.back() == "expert_ema" || p.back() == "rank_load_ema" || pointer == "/cache";
     } else {
       parent.erase(std::stoul(p.back()));
-      const std::regex shorter_ok("/(layers|history|rebalances|all_to_all)|/layers/[0-9]+/hottest|"
+      const std::regex shorter_ok("/(layers|history|rebalances|all_to_all|cache/forms)|/layers/[0-9]+/hottest|"
                                   "/layers/[0-9]+/(current|planned)/placement/[0-9]+");
       optional = std::regex_match(parent_pointer, shorter_ok);
     }

@@ -865,6 +865,13 @@ TEST_F(ServingTest, DataParallelAttentionServesWhatTensorParallelDoes) {
       return outcomes;
     };
     runs.push_back(serve());
+    // The load report shows the same cache.
+    const nlohmann::json report = client.Report();
+    ASSERT_TRUE(report.contains("cache")) << report.dump();
+    EXPECT_EQ(report["cache"]["attention"], mode);
+    EXPECT_EQ(report["cache"]["ranks"], np);
+    EXPECT_EQ(report["cache"]["blocks_total"], info.cache().total_blocks());
+    EXPECT_EQ(report["cache"]["forms"][0]["cluster_tokens_dp"].get<int64_t>(), latent.cluster_tokens_dp());
     if (mode == "dp") {
       // Live rebalancing moves experts under data-parallel attention too, and changes no answer.
       v1::RebalanceResponse response;
