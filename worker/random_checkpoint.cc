@@ -95,7 +95,9 @@ void FillRandom(const TensorSpec& spec, uint64_t seed, std::byte* out) {
 
 }  // namespace
 
-std::vector<std::string> PresetNames() { return {"tiny", "v2-160", "v2-lite-shape", "v3-tiny"}; }
+std::vector<std::string> PresetNames() {
+  return {"tiny", "v2-160", "v2-lite-shape", "v2-small-experts", "v3-tiny"};
+}
 
 StatusOr<json> PresetConfig(const std::string& name) {
   json c = BaseConfig();
@@ -135,6 +137,17 @@ StatusOr<json> PresetConfig(const std::string& name) {
                   {"rope_scaling", {{"type", "yarn"}, {"factor", 40}, {"beta_fast", 32},
                                     {"beta_slow", 1}, {"mscale", 0.707}, {"mscale_all_dim", 0.707},
                                     {"original_max_position_embeddings", 4096}}}});
+  } else if (name == "v2-small-experts") {
+    // DeepSeek-V2's routing over many small experts (0.94B parameters): the shape where
+    // per-expert overheads, not bandwidth, decide CPU speed.
+    c.update(json{{"vocab_size", 8000}, {"hidden_size", 1024}, {"intermediate_size", 2816},
+                  {"moe_intermediate_size", 256}, {"num_hidden_layers", 8}, {"first_k_dense_replace", 1},
+                  {"num_attention_heads", 16}, {"num_key_value_heads", 16}, {"q_lora_rank", 384},
+                  {"kv_lora_rank", 256}, {"qk_nope_head_dim", 64}, {"qk_rope_head_dim", 32},
+                  {"v_head_dim", 64}, {"n_routed_experts", 160}, {"n_shared_experts", 2},
+                  {"num_experts_per_tok", 6}, {"n_group", 8}, {"topk_group", 3},
+                  {"topk_method", "group_limited_greedy"}, {"routed_scaling_factor", 16.0},
+                  {"max_position_embeddings", 16384}});
   } else if (name == "v3-tiny") {
     // DeepSeek-V3's routing (sigmoid scores, noaux_tc with a correction bias).
     c.update(json{{"architectures", {"DeepseekV3ForCausalLM"}}, {"model_type", "deepseek_v3"},

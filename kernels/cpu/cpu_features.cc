@@ -1,0 +1,91 @@
+#include "kernels/cpu/cpu_features.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace epic::cpu {
+namespace {
+
+constexpr const char* kNames[] = {"plain", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx"};
+
+// Linux hands out AMX tile state only to a process that asks (arch_prctl). Some guests
+// accept the request yet never grant the state (tile instructions then fault): only a
+// permission that reads back as granted counts.
+bool AmxPermitted() {
+#if defined(__linux__) && defined(__x86_64__)
+  constexpr int kArchGetXcompPerm = 0x1024;
+  constexpr int kArchReqXcompPerm = 0x1023;
+  constexpr int kXfeatureXtiledata = 18;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+  unsigned long granted = 0;
+  if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &granted) != 0) return false;
+  return (granted >> kXfeatureXtiledata) & 1;
+#else
+  return false;
+#endif
+}
+
+Isa Detect() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return Isa::kPlain;
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+      !__builtin_cpu_supports("avx512vl")) {
+    return Isa::kAvx2;
+  }
+  if (!__builtin_cpu_supports("avx512vnni")) return Isa::kAvx512;
+  if (!__builtin_cpu_supports("avx512bf16")) return Isa::kAvx512Vnni;
+  if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile") || !AmxPermitted()) {
+    return Isa::kAvx512Bf16;
+  }
+  return Isa::kAmx;
+#else
+  return Isa::kPlain;
+#endif
+}
+
+Isa Active() {
+  const Isa detected = DetectedIsa();
+  const char* forced = std::getenv("EPIC_CPU_ISA");
+  if (forced == nullptr || *forced == '\0') return detected;
+  for (int i = 0; i <= static_cast<int>(Isa::kAmx); ++i) {
+    if (std::strcmp(forced, kNames[i]) != 0) continue;
+    if (i > static_cast<int>(detected)) {
+      std::fprintf(stderr, "epic: EPIC_CPU_ISA=%s is more than this processor offers; using %s\n", forced,
+                   IsaName(detected));
+      return detected;
+    }
+    return static_cast<Isa>(i);
+  }
+  std::fprintf(stderr, "epic: EPIC_CPU_ISA=%s is none of plain, avx2, avx512, avx512_vnni, avx512_bf16, amx; using %s\n",
+               forced, IsaName(detected));
+  return detected;
+}
+
+}  // namespace
+
+const char* IsaName(Isa isa) { return kNames[static_cast<int>(isa)]; }
+
+Isa DetectedIsa() {
+  static const Isa isa = Detect();
+  return isa;
+}
+
+Isa ActiveIsa() {
+  static const Isa isa = Active();
+  return isa;
+}
+
+std::string AvailableIsas() {
+  std::string out;
+  for (int i = 0; i <= static_cast<int>(DetectedIsa()); ++i) out += std::string(i ? " " : "") + kNames[i];
+  return out;
+}
+
+}  // namespace epic::cpu

@@ -1,0 +1,323 @@
+// The fast products: x rounded to BF16 once per call, the weights packed per block of 32
+// output columns into the layout both BF16 instructions read (pairs of consecutive k
+// side by side for 16 columns: AMX's "VNNI" B tile rows, and vdpbf16ps's operand), then
+// either 32x32 output blocks of AMX tiles (two A, two B, four C tiles; one tdpbf16ps
+// per 16x16x32) or 4x32 register blocks of vdpbf16ps. Threads split the column blocks.
+#include "kernels/cpu/matmul_fast.h"
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <vector>
+
+#include "common/half.h"
+#include "kernels/cpu/cpu_features.h"
+
+namespace epic::cpu {
+namespace {
+
+using Bf16 = uint16_t;
+
+constexpr int64_t kBlockCols = 32;  // output columns a thread packs and computes at once
+constexpr int64_t kTile = 16;       // AMX tile rows; also the columns of one packed panel
+constexpr int64_t kKStep = 32;      // k values one A tile row (64 bytes of BF16) holds
+
+int64_t RoundUp(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+// Per-thread scratch that lives as long as the thread, grown to the largest request.
+template <typename T>
+T* Scratch(int slot, int64_t count) {
+  struct Buffer {
+    void* data = nullptr;
+    int64_t bytes = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffers[3];
+  Buffer& b = buffers[slot];
+  const int64_t bytes = RoundUp(count * static_cast<int64_t>(sizeof(T)), 64);
+  if (b.bytes < bytes) {
+    std::free(b.data);
+    b.data = std::aligned_alloc(64, static_cast<size_t>(bytes));
+    if (b.data == nullptr) throw std::bad_alloc();
+    b.bytes = bytes;
+  }
+  return static_cast<T*>(b.data);
+}
+
+// XB [rows_padded, kp] = x rounded to BF16, zero beyond m rows and k columns.
+void RoundActivations(const float* x, int64_t m, int64_t ldx, int64_t k, int64_t rows_padded, int64_t kp, Bf16* xb) {
+#pragma omp parallel for schedule(static) if (m * k > (1 << 16))
+  for (int64_t i = 0; i < rows_padded; ++i) {
+    Bf16* out = xb + i * kp;
+    if (i >= m) {
+      std::memset(out, 0, static_cast<size_t>(kp) * sizeof(Bf16));
+      continue;
+    }
+    const float* in = x + i * ldx;
+    for (int64_t c = 0; c < k; ++c) out[c] = FloatToBf16(in[c]);
+    std::fill(out + k, out + kp, Bf16{0});
+  }
+}
+
+// PANEL [kp / 2][16][2]: weight rows [n0, n0 + 16) (zero past ROWS), pairs of k side by side.
+template <typename W>
+void PackPanel(const W* w, int64_t stride, int64_t rows, int64_t k, int64_t kp, int64_t n0, Bf16* panel) {
+  if constexpr (sizeof(W) == 2) {
+    if (n0 + kTile <= rows && k == kp) {
+      // The common case: BF16 pairs copied as 32-bit words, a 16-column transpose.
+      auto* out = reinterpret_cast<uint32_t*>(panel);
+      for (int64_t c = 0; c < kTile; ++c) {
+        const W* row = w + (n0 + c) * stride;
+        for (int64_t p = 0; p < kp / 2; ++p) {
+          uint32_t pair;
+          std::memcpy(&pair, row + 2 * p, sizeof pair);
+          out[p * kTile + c] = pair;
+        }
+      }
+      return;
+    }
+  }
+  for (int64_t c = 0; c < kTile; ++c) {
+    const int64_t n = n0 + c;
+    if (n >= rows) {
+      for (int64_t p = 0; p < kp / 2; ++p) panel[(p * kTile + c) * 2] = panel[(p * kTile + c) * 2 + 1] = 0;
+      continue;
+    }
+    const W* row = w + n * stride;
+    for (int64_t p = 0; p < kp / 2; ++p) {
+      Bf16 pair[2];
+      for (int h = 0; h < 2; ++h) {
+        const int64_t kk = 2 * p + h;
+        if (kk >= k) {
+          pair[h] = 0;
+        } else if constexpr (sizeof(W) == 2) {
+          pair[h] = row[kk];
+        } else {
+          pair[h] = FloatToBf16(row[kk]);
+        }
+      }
+      panel[(p * kTile + c) * 2] = pair[0];
+      panel[(p * kTile + c) * 2 + 1] = pair[1];
+    }
+  }
+}
+
+// Y[i, n0 + j] (+)= C[i][j] for the valid rows and columns of a [rows][kBlockCols] block.
+void Store(const float* c, int64_t ldc, int64_t i0, int64_t rows, int64_t n0, int64_t cols, float* y, int64_t ldy,
+           bool accumulate) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* out = y + (i0 + i) * ldy + n0;
+    const float* in = c + i * ldc;
+    if (accumulate) {
+      for (int64_t j = 0; j < cols; ++j) out[j] += in[j];
+    } else {
+      std::memcpy(out, in, static_cast<size_t>(cols) * sizeof(float));
+    }
+  }
+}
+
+// --- AMX ---------------------------------------------------------------------------
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+#define EPIC_AMX __attribute__((target("amx-tile,amx-bf16,avx512f")))
+
+// Tiles 0-3: C (16 x 16 F32); 4, 5: A (16 rows x 32 BF16); 6, 7: B (16 pair rows x 16 columns).
+EPIC_AMX void ConfigureTiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = kTile;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// C [32][32] = XB rows [i0, i0 + 32) times the two panels (columns [0, 16) and [16, 32)).
+EPIC_AMX void AmxBlock(const Bf16* xb, int64_t kp, int64_t i0, const Bf16* panel0, const Bf16* panel1, float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int64_t stride = kp * static_cast<int64_t>(sizeof(Bf16));
+  const Bf16* a0 = xb + i0 * kp;
+  const Bf16* a1 = xb + (i0 + kTile) * kp;
+  for (int64_t k = 0; k < kp; k += kKStep) {
+    _tile_loadd(4, a0 + k, stride);
+    _tile_loadd(5, a1 + k, stride);
+    _tile_loadd(6, panel0 + k * kTile, 64);  // pair rows k/2 .. k/2 + 15, 64 bytes each
+    _tile_loadd(7, panel1 + k * kTile, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  constexpr int64_t ldc = kBlockCols * sizeof(float);
+  _tile_stored(0, c, ldc);
+  _tile_stored(1, c + kTile, ldc);
+  _tile_stored(2, c + kTile * kBlockCols, ldc);
+  _tile_stored(3, c + kTile * kBlockCols + kTile, ldc);
+}
+
+EPIC_AMX void ReleaseTiles() { _tile_release(); }
+
+// --- AVX512_BF16 ---------------------------------------------------------------------
+
+#define EPIC_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+constexpr int kDotRows = 12;  // 24 accumulators, 2 panel rows and a broadcast: 27 of 32 registers
+
+// C [12][32] = XB rows [i0, i0 + 12) times the two panels: each pair of x broadcast,
+// dotted with a panel row of 16 column pairs.
+EPIC_AVX512_BF16 void DotBlock(const Bf16* xb, int64_t kp, int64_t i0, const Bf16* panel0, const Bf16* panel1,
+                               float* c) {
+  using Word = int32_t __attribute__((may_alias));
+  constexpr int kRows = kDotRows;
+  __m512 acc0[kRows], acc1[kRows];
+#pragma GCC unroll 12
+  for (int r = 0; r < kRows; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  const Word* rows = reinterpret_cast<const Word*>(xb + i0 * kp);
+  const int64_t ld = kp / 2;  // words per row of x
+  for (int64_t p = 0; p < kp / 2; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(panel0 + p * 2 * kTile);
+    const __m512bh b1 = (__m512bh)_mm512_load_si512(panel1 + p * 2 * kTile);
+#pragma GCC unroll 12
+    for (int r = 0; r < kRows; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(rows[r * ld + p]);
+      acc0[r] = _mm512_dpbf16_ps(acc0[r], a, b0);
+      acc1[r] = _mm512_dpbf16_ps(acc1[r], a, b1);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < kRows; ++r) {
+    _mm512_storeu_ps(c + r * kBlockCols, acc0[r]);
+    _mm512_storeu_ps(c + r * kBlockCols + kTile, acc1[r]);
+  }
+}
+
+enum class Path { kNone, kDot, kAmx };
+
+Path FastPathOf() {
+  if (Has(Isa::kAmx)) return Path::kAmx;
+  if (Has(Isa::kAvx512Bf16)) return Path::kDot;
+  return Path::kNone;
+}
+
+template <typename W>
+void MatMulFast(Path path, const float* x, int64_t m, int64_t ldx, const W* w, int64_t stride, int64_t rows,
+                int64_t k, float* y, int64_t ldy, bool accumulate);
+
+// The AMX kernel checked once against the dot-product one on a product with every edge
+// (row and column tails, a k tail) before any real use: a host whose tiles misbehave
+// (seen: guests that report AMX and never grant it) falls back, and says so.
+bool AmxAgreesWithDot() {
+  const int64_t m = 37, n = 45, k = 70;
+  std::vector<float> x(static_cast<size_t>(m * k));
+  std::vector<Bf16> w(static_cast<size_t>(n * k));
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(static_cast<int>(i * 7919 % 201) - 100) / 64.0f;
+  for (size_t i = 0; i < w.size(); ++i) w[i] = FloatToBf16(static_cast<float>(static_cast<int>(i * 104729 % 199) - 99) / 32.0f);
+  std::vector<float> amx(static_cast<size_t>(m * n)), dot(amx.size());
+  MatMulFast(Path::kAmx, x.data(), m, k, w.data(), k, n, k, amx.data(), n, false);
+  MatMulFast(Path::kDot, x.data(), m, k, w.data(), k, n, k, dot.data(), n, false);
+  for (size_t i = 0; i < amx.size(); ++i) {
+    if (std::fabs(amx[i] - dot[i]) > 1e-5f * (1.0f + std::fabs(dot[i]))) {
+      std::fprintf(stderr, "epic: the AMX kernel disagrees with AVX512_BF16 on this host; using AVX512_BF16\n");
+      return false;
+    }
+  }
+  return true;
+}
+
+Path ActivePath() {
+  static const Path path = [] {
+    const Path best = FastPathOf();
+    return best == Path::kAmx && !AmxAgreesWithDot() ? Path::kDot : best;
+  }();
+  return path;
+}
+
+template <typename W>
+void MatMulFast(Path path, const float* x, int64_t m, int64_t ldx, const W* w, int64_t stride, int64_t rows,
+                int64_t k, float* y, int64_t ldy, bool accumulate) {
+  const int64_t kp = RoundUp(k, kKStep);
+  const int64_t block_rows = path == Path::kAmx ? 2 * kTile : kDotRows;
+  const int64_t mp = RoundUp(m, block_rows);
+  // Shared by the threads: x in BF16, read by every column block.
+  std::vector<Bf16> xb(static_cast<size_t>(mp * kp));
+  RoundActivations(x, m, ldx, k, mp, kp, xb.data());
+  const int64_t blocks = (rows + kBlockCols - 1) / kBlockCols;
+  const double work = static_cast<double>(m) * static_cast<double>(rows) * static_cast<double>(k);
+  const int threads = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(work / (1 << 20)) + 1));
+#pragma omp parallel num_threads(threads) if (threads > 1 && !omp_in_parallel())
+  {
+    Bf16* panels = Scratch<Bf16>(0, 2 * kp * kTile);
+    float* c = Scratch<float>(1, block_rows * kBlockCols);
+    if (path == Path::kAmx) ConfigureTiles();
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t n0 = b * kBlockCols;
+      const int64_t cols = std::min(kBlockCols, rows - n0);
+      Bf16* panel0 = panels;
+      Bf16* panel1 = panels + kp * kTile;
+      PackPanel(w, stride, rows, k, kp, n0, panel0);
+      PackPanel(w, stride, rows, k, kp, n0 + kTile, panel1);
+      for (int64_t i0 = 0; i0 < m; i0 += block_rows) {
+        if (path == Path::kAmx) {
+          AmxBlock(xb.data(), kp, i0, panel0, panel1, c);
+        } else {
+          DotBlock(xb.data(), kp, i0, panel0, panel1, c);
+        }
+        Store(c, kBlockCols, i0, std::min(block_rows, m - i0), n0, cols, y, ldy, accumulate);
+      }
+    }
+    if (path == Path::kAmx) ReleaseTiles();
+  }
+}
+
+}  // namespace
+
+const char* PrecisionName(Precision precision) { return precision == Precision::kFast ? "fast" : "exact"; }
+
+void MatMul(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy, bool accumulate,
+            Precision precision) {
+  const Path path = ActivePath();
+  if (precision == Precision::kExact || path == Path::kNone || m < internal::kFastMinRows || w.rows <= 0 ||
+      w.cols <= 0) {
+    MatMul(x, m, ldx, w, y, ldy, accumulate);
+    return;
+  }
+  if (w.type == WeightType::kBF16) {
+    MatMulFast(path, x, m, ldx, static_cast<const Bf16*>(w.data), w.row_stride, w.rows, w.cols, y, ldy, accumulate);
+  } else {
+    MatMulFast(path, x, m, ldx, static_cast<const float*>(w.data), w.row_stride, w.rows, w.cols, y, ldy, accumulate);
+  }
+}
+
+namespace internal {
+
+const char* FastPath() {
+  switch (ActivePath()) {
+    case Path::kAmx: return "amx";
+    case Path::kDot: return "avx512_bf16";
+    case Path::kNone: return nullptr;
+  }
+  return nullptr;
+}
+
+}  // namespace internal
+}  // namespace epic::cpu

@@ -1,0 +1,36 @@
+// Products with BF16 activations on the processor's BF16 instructions: the engine's
+// fast precision (--precision fast). Each activation is rounded to BF16 (8 significant
+// bits, ~2e-3 relative) before the product; weights are BF16 already (F32 weights are
+// rounded too); sums stay F32. AMX tiles where the host has them (Intel Sapphire
+// Rapids and later), else AVX512_BF16 dot products (e.g. AMD Zen 4); hosts with neither,
+// and products of few rows (decode, where reading the weights bounds the time and
+// rounding would gain nothing), run the exact MatMul.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/cpu/matmul.h"
+
+namespace epic::cpu {
+
+// How a backend computes its products.
+enum class Precision { kExact, kFast };
+
+// "exact" / "fast".
+const char* PrecisionName(Precision precision);
+
+// MatMul's contract with PRECISION: kExact is MatMul itself.
+void MatMul(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy, bool accumulate,
+            Precision precision);
+
+namespace internal {
+
+// The fast path's instructions on this host ("amx", "avx512_bf16"), or nullptr when it
+// has none (kFast then computes exactly).
+const char* FastPath();
+
+// The fewest rows of x the fast path takes; fewer run exactly.
+constexpr int64_t kFastMinRows = 8;
+
+}  // namespace internal
+}  // namespace epic::cpu

@@ -1,0 +1,156 @@
+// The fast products (BF16 activations) against a float64 loop over the same rounded
+// operands: the kernel must be exact but for F32 summation, over every shape class
+// (single, odd, tile and block edges), strides, views and accumulate. And against the
+// exact product: the rounding's error stays within what 8 significant bits allow.
+// ctest runs this on each fast path the host has (EPIC_CPU_ISA).
+#include "kernels/cpu/matmul_fast.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/half.h"
+#include "kernels/cpu/cpu_features.h"
+
+namespace epic::cpu {
+namespace {
+
+struct Case {
+  int64_t m, n, k;
+};
+
+struct Operands {
+  std::vector<float> x;
+  std::vector<uint16_t> bf16;
+  std::vector<float> f32;
+  WeightMatrix w;
+};
+
+// X [m, ldx] and W [n, stride] (a view of columns [offset, offset + k) when OFFSET > 0).
+Operands Random(const Case& c, int64_t ldx, int64_t stride, int64_t offset, WeightType type, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  Operands o;
+  o.x.resize(static_cast<size_t>(c.m * ldx));
+  for (float& v : o.x) v = dist(rng);
+  const size_t size = static_cast<size_t>(c.n * stride);
+  if (type == WeightType::kBF16) {
+    o.bf16.resize(size);
+    for (auto& v : o.bf16) v = FloatToBf16(dist(rng));
+  } else {
+    o.f32.resize(size);
+    for (auto& v : o.f32) v = dist(rng);
+  }
+  WeightMatrix full;
+  full.type = type;
+  full.data = type == WeightType::kBF16 ? static_cast<const void*>(o.bf16.data()) : o.f32.data();
+  full.rows = c.n;
+  full.cols = stride;
+  full.row_stride = stride;
+  o.w = full.Cols(offset, c.k);
+  return o;
+}
+
+float Round(float v) { return Bf16ToFloat(FloatToBf16(v)); }
+
+class MatMulFastTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (internal::FastPath() == nullptr) GTEST_SKIP() << "no BF16 instructions on this host (" << IsaName(ActiveIsa()) << ")";
+  }
+};
+
+TEST(MatMulFastPathTest, IsTheOneTheHostAndEpicCpuIsaAllow) {
+  const char* path = internal::FastPath();
+  std::printf("fast path: %s (active ISA %s, host offers: %s)\n", path ? path : "none (exact)", IsaName(ActiveIsa()),
+              AvailableIsas().c_str());
+  const char* forced = std::getenv("EPIC_CPU_ISA");
+  if (forced == nullptr || std::string(IsaName(ActiveIsa())) != forced) return;  // not forced, or not offered here
+  if (Has(Isa::kAmx)) {
+    EXPECT_STREQ(path, "amx");
+  } else if (Has(Isa::kAvx512Bf16)) {
+    EXPECT_STREQ(path, "avx512_bf16");
+  } else {
+    EXPECT_EQ(path, nullptr);
+  }
+}
+
+TEST_F(MatMulFastTest, EqualsAFloat64LoopOverTheRoundedOperands) {
+  const Case cases[] = {{8, 1, 1},     {8, 16, 32},   {9, 17, 33},  {16, 32, 64},   {31, 33, 31},
+                        {32, 32, 32},  {33, 47, 100}, {64, 96, 256}, {100, 130, 517}, {257, 64, 1408},
+                        {40, 300, 2048}};
+  uint32_t seed = 1;
+  for (const Case& c : cases) {
+    for (const WeightType type : {WeightType::kBF16, WeightType::kF32}) {
+      for (const bool accumulate : {false, true}) {
+        for (const int64_t offset : {int64_t{0}, int64_t{3}}) {
+          SCOPED_TRACE("m " + std::to_string(c.m) + ", n " + std::to_string(c.n) + ", k " + std::to_string(c.k) +
+                       (type == WeightType::kBF16 ? ", bf16" : ", f32") + (accumulate ? ", accumulate" : "") +
+                       (offset ? ", a view of columns" : ""));
+          const int64_t ldx = c.k + 5, stride = c.k + offset + 2, ldy = c.n + 3;
+          const Operands o = Random(c, ldx, stride, offset, type, seed++);
+          std::vector<float> y(static_cast<size_t>(c.m * ldy), 7.0f);
+          const std::vector<float> before = y;
+          MatMul(o.x.data(), c.m, ldx, o.w, y.data(), ldy, accumulate, Precision::kFast);
+          for (int64_t i = 0; i < c.m; ++i) {
+            for (int64_t j = 0; j < ldy; ++j) {
+              const size_t at = static_cast<size_t>(i * ldy + j);
+              if (j >= c.n) {
+                ASSERT_EQ(y[at], before[at]) << "padding column " << j << " written";
+                continue;
+              }
+              double want = accumulate ? before[at] : 0.0, magnitude = std::fabs(want);
+              for (int64_t kk = 0; kk < c.k; ++kk) {
+                const double term = double(Round(o.x[i * ldx + kk])) * double(Round(o.w.At(j, kk)));
+                want += term;
+                magnitude += std::fabs(term);
+              }
+              ASSERT_NEAR(y[at], want, 1e-5 * magnitude + 1e-30) << "row " << i << ", column " << j;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_F(MatMulFastTest, StaysWithinBf16RoundingOfTheExactProduct) {
+  // Each activation and F32 weight carries at most 2^-9 relative rounding; the product's
+  // error is at most about that share of the sum of |terms|.
+  const Case c{64, 200, 1024};
+  for (const WeightType type : {WeightType::kBF16, WeightType::kF32}) {
+    const Operands o = Random(c, c.k, c.k, 0, type, 99);
+    std::vector<float> fast(static_cast<size_t>(c.m * c.n)), exact(fast.size());
+    MatMul(o.x.data(), c.m, c.k, o.w, fast.data(), c.n, false, Precision::kFast);
+    MatMul(o.x.data(), c.m, c.k, o.w, exact.data(), c.n, false, Precision::kExact);
+    double worst = 0;
+    for (int64_t i = 0; i < c.m; ++i) {
+      for (int64_t j = 0; j < c.n; ++j) {
+        double magnitude = 0;
+        for (int64_t kk = 0; kk < c.k; ++kk) magnitude += std::fabs(double(o.x[i * c.k + kk]) * o.w.At(j, kk));
+        const size_t at = static_cast<size_t>(i * c.n + j);
+        worst = std::max(worst, std::fabs(double(fast[at]) - exact[at]) / magnitude);
+      }
+    }
+    const double bound = type == WeightType::kBF16 ? std::ldexp(1.0, -9) : std::ldexp(1.0, -8);
+    EXPECT_LE(worst, bound);
+    EXPECT_GT(worst, 0) << "no rounding at all: the fast path did not run";
+  }
+}
+
+TEST_F(MatMulFastTest, FewRowsRunExactly) {
+  const Case c{internal::kFastMinRows - 1, 40, 64};
+  const Operands o = Random(c, c.k, c.k, 0, WeightType::kBF16, 5);
+  std::vector<float> fast(static_cast<size_t>(c.m * c.n)), exact(fast.size());
+  MatMul(o.x.data(), c.m, c.k, o.w, fast.data(), c.n, false, Precision::kFast);
+  MatMul(o.x.data(), c.m, c.k, o.w, exact.data(), c.n, false);
+  EXPECT_EQ(fast, exact);
+}
+
+}  // namespace
+}  // namespace epic::cpu
