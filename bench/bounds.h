@@ -6,7 +6,12 @@
 namespace epic::bench {
 
 struct Bandwidth {
-  double read_gbs = 0;  // streaming read of a large buffer, all threads
+  // The best read rate over a large buffer, all threads: each thread reading its share
+  // as 1, 2, 4, 8 or 16 streams side by side (the GEMV reads several weight rows at
+  // once), the best count's rate; the bound decode is held to.
+  double read_gbs = 0;
+  int read_streams = 1;     // the stream count that gave it
+  double one_stream_gbs = 0;  // one stream per thread, as the bound was measured before
   double copy_gbs = 0;  // memcpy of a large buffer: bytes read plus bytes written, per second
 };
 

@@ -2,6 +2,9 @@
 // bounds measured in the same run:
 //   decode  tokens/s vs  bandwidth / (weight + cache bytes read per token)   target >= 0.8
 //   prefill FLOP/s   vs  the machine's F32 matrix-multiply rate               target >= 0.5
+//   batched decode (--batch): B sequences a step; tokens/s vs the larger of the read
+//   bound (distinct weight bytes the step touches + the cache rows it reads, over the
+//   read bandwidth) and the compute bound (its multiply-adds at the F32 GEMM rate).
 // Make a model with e.g. `epic-mkmodel --preset v2-lite-shape --layers 4 --out DIR`.
 #include <omp.h>
 
@@ -9,6 +12,7 @@
 #include <chrono>
 #include <cstdio>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -43,6 +47,77 @@ struct PerToken {
   }
 };
 
+// B sequences of CONTEXT tokens each, then STEPS decode steps of all B together: the
+// median step's tokens/s against the step's bound. Every weight outside the routed
+// experts is read once a step (STEP_BYTES, STEP_MACS per token); each routed expert at
+// least one token chose in the step once (EXPERT_BYTES); each sequence's cache rows once.
+void BatchedDecode(epic::Model& model, const std::string& batches_text, int64_t context, int64_t steps,
+                   double buffer_gib, double gemm_gflops, int64_t step_bytes, int64_t step_macs, int64_t expert_bytes,
+                   int64_t expert_macs, int64_t row_bytes) {
+  const epic::ModelConfig& c = model.config();
+  std::vector<int64_t> batches;
+  for (size_t at = 0; at < batches_text.size();) {
+    const size_t end = std::min(batches_text.find(',', at), batches_text.size());
+    batches.push_back(std::stoll(batches_text.substr(at, end - at)));
+    at = end + 1;
+  }
+  std::printf("batched decode: %lld context tokens a sequence, %lld steps (median); bound: the larger of "
+              "read (distinct weights + cache) and compute (F32 GEMM rate)\n",
+              static_cast<long long>(context), static_cast<long long>(steps));
+  std::printf("%6s %10s %10s %12s %10s %8s %8s\n", "batch", "tok/s", "step ms", "MB read/step", "bound", "ratio",
+              "bound by");
+  const int64_t block = 16;
+  for (const int64_t b : batches) {
+    auto cache = model.MakeCache(block, b * ((context + steps + block - 1) / block));
+    std::vector<epic::BlockTable> tables(static_cast<size_t>(b));
+    std::vector<std::vector<int32_t>> prompts(static_cast<size_t>(b));
+    std::vector<epic::SequenceStep> batch(static_cast<size_t>(b));
+    for (int64_t i = 0; i < b; ++i) {
+      if (!cache->Reserve(&tables[i], context + steps).ok()) return;
+      for (int64_t t = 0; t < context; ++t) {
+        prompts[i].push_back(static_cast<int32_t>((i * 104729 + t * 7919 + 13) % c.vocab_size));
+      }
+      batch[i] = {&tables[i], prompts[i], false};
+    }
+    std::vector<float> logits;
+    if (!model.Forward(batch, cache.get(), &logits).ok()) return;
+    const epic::bench::Bandwidth bw = epic::bench::MeasureBandwidth(buffer_gib, 2);
+    std::vector<int32_t> next(static_cast<size_t>(b));
+    std::vector<double> step_s, ratios, bytes_per_step;
+    bool compute_bound = false;
+    for (int64_t s = 0; s < steps; ++s) {
+      double cache_bytes = 0;
+      for (int64_t i = 0; i < b; ++i) {
+        next[i] = static_cast<int32_t>((i * 31 + s * 17 + 5) % c.vocab_size);
+        batch[i].tokens = {&next[i], 1};
+        cache_bytes += static_cast<double>(tables[i].num_tokens + 1) * row_bytes * c.num_hidden_layers;
+      }
+      epic::ExpertCounts counts;
+      const auto t0 = Clock::now();
+      if (!model.Forward(batch, cache.get(), &logits, &counts).ok()) return;
+      const double seconds = Since(t0);
+      int64_t distinct = 0, routed = 0;
+      for (const auto& layer : counts.tokens) {
+        for (const int64_t n : layer) {
+          distinct += n > 0;
+          routed += n;
+        }
+      }
+      const double bytes = static_cast<double>(step_bytes) + static_cast<double>(distinct * expert_bytes) + cache_bytes;
+      const double macs = static_cast<double>(b * step_macs + routed * expert_macs);
+      const double read_s = bytes / (bw.read_gbs * 1e9), compute_s = 2.0 * macs / (gemm_gflops * 1e9);
+      compute_bound = compute_s > read_s;
+      step_s.push_back(seconds);
+      bytes_per_step.push_back(bytes);
+      ratios.push_back(std::max(read_s, compute_s) / seconds);
+    }
+    const double step = Median(step_s);
+    const double ratio = Median(ratios);
+    std::printf("%6lld %10.1f %10.2f %12.1f %9.1f/s %8.2f %8s\n", static_cast<long long>(b), b / step, step * 1e3,
+                Median(bytes_per_step) / 1e6, b / (ratio * step), ratio, compute_bound ? "compute" : "read");
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -55,6 +130,9 @@ int main(int argc, char** argv) {
   int threads = 0;
   double buffer_gib = 1.0;
   bool mapped = false;
+  std::string batches_text;
+  int64_t batch_context = 32;
+  int64_t batch_steps = 8;
   app.add_option("--model", model_dir, "checkpoint directory")->required();
   app.add_option("--prompt", prompt_len, "prefill length in tokens")->capture_default_str();
   app.add_option("--decode", decode_steps, "decode steps after the prompt")->capture_default_str();
@@ -62,14 +140,20 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "threads (0: one per core)");
   app.add_option("--buffer-gib", buffer_gib, "buffer for the bandwidth measurement")->capture_default_str();
   app.add_flag("--mmap", mapped, "weights in place from the file mapping (4 KiB pages)");
+  app.add_option("--batch", batches_text,
+                 "batched decode: sequences per step, comma-separated (e.g. 1,4,16,64); each sequence "
+                 "prefilled with --batch-context tokens first");
+  app.add_option("--batch-context", batch_context, "prompt tokens of each batched sequence")->capture_default_str();
+  app.add_option("--batch-steps", batch_steps, "decode steps timed per batch size")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (threads > 0) omp_set_num_threads(threads);
 
   const epic::bench::Bandwidth bw = epic::bench::MeasureBandwidth(buffer_gib, 5);
   const epic::bench::GemmRate gemm = epic::bench::MeasureF32GemmRate(5);
-  std::printf("machine: %d threads; read bandwidth %.1f GB/s, copy bandwidth %.1f GB/s (read+write bytes); "
-              "F32 GEMM %.1f GFLOP/s (%s)\n",
-              omp_get_max_threads(), bw.read_gbs, bw.copy_gbs, gemm.gflops, gemm.how.c_str());
+  std::printf("machine: %d threads; read bandwidth %.1f GB/s (%d streams a thread; one stream %.1f GB/s), copy "
+              "bandwidth %.1f GB/s (read+write bytes); F32 GEMM %.1f GFLOP/s (%s)\n",
+              omp_get_max_threads(), bw.read_gbs, bw.read_streams, bw.one_stream_gbs, bw.copy_gbs, gemm.gflops,
+              gemm.how.c_str());
 
   auto loaded = epic::Model::Load(model_dir, {},
                                   mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy);
@@ -82,8 +166,10 @@ int main(int argc, char** argv) {
   const epic::ModelWeights& w = model.weights();
   std::printf("model: %s; %.2f GiB of matrices\n", c.Summary().c_str(), w.matrix_bytes / 1073741824.0);
 
-  // What one token reads and computes, context aside.
-  PerToken per_token;
+  // What one token reads and computes, context aside; and what a step reads whatever
+  // its batch (every weight but the routed experts'), and one routed expert's bytes.
+  PerToken per_token, shared_by_step;
+  int64_t expert_bytes = 0, expert_macs = 0;
   for (const epic::LayerWeights& L : w.layers) {
     if (c.q_lora_rank > 0) {
       per_token.Add(L.q_a_proj);
@@ -101,6 +187,16 @@ int main(int argc, char** argv) {
     per_token.Add(L.router);
     for (int64_t e = 0; e < c.num_experts_per_tok; ++e) per_token.Add(L.experts[0]);  // all experts alike
     if (L.has_shared) per_token.Add(L.shared);
+    PerToken one;
+    one.Add(L.experts[0]);
+    expert_bytes = one.bytes;
+    expert_macs = one.macs;
+  }
+  shared_by_step = per_token;
+  for (const epic::LayerWeights& L : w.layers) {
+    if (!L.moe) continue;
+    shared_by_step.bytes -= c.num_experts_per_tok * expert_bytes;
+    shared_by_step.macs -= c.num_experts_per_tok * expert_macs;
   }
   const int64_t lm_head_bytes = Bytes(w.lm_head);
   const int64_t row_bytes = c.latent_dim() * static_cast<int64_t>(sizeof(float));
@@ -188,5 +284,9 @@ int main(int argc, char** argv) {
               bytes_per_token / 1e6, gbs * 1e9 / bytes_per_token, gbs, rounds, Median(round_ratio),
               *std::min_element(round_ratio.begin(), round_ratio.end()),
               *std::max_element(round_ratio.begin(), round_ratio.end()));
+  if (!batches_text.empty()) {
+    BatchedDecode(model, batches_text, batch_context, batch_steps, buffer_gib, gemm.gflops, shared_by_step.bytes +
+                  lm_head_bytes, shared_by_step.macs + Params(w.lm_head), expert_bytes, expert_macs, row_bytes);
+  }
   return 0;
 }
