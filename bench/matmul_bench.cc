@@ -1,8 +1,9 @@
 // MatMul speed against bounds measured in the same run:
 //  - decode shapes (m = 1, 4; weights far larger than the caches): GB/s of weights read,
-//    as a ratio of the streaming read bandwidth (AVX-512 read-sum over a large buffer);
+//    as a ratio of the streaming read bandwidth (a vector read-sum over a large buffer);
 //  - prefill shapes (m = 16..512, K = 2048, N = 2816): GFLOP/s, as a ratio of the
 //    micro-kernel's own rate on cache-resident packed data (the practical F32 FMA peak).
+// It measures the path MatMul takes here; EPIC_CPU_ISA=avx2 or =plain picks a narrower one.
 // Usage: matmul_bench [--seconds=S per figure, default 0.6] [--buffer-gib=G, default 1]
 //                     [--only=decode|prefill|notrans]
 // GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_*()
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include "common/half.h"
+#include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/matmul_internal.h"
 
@@ -91,6 +93,25 @@ __attribute__((target("avx512f"))) float ReadSumAvx512(const float* p, int64_t n
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
+__attribute__((target("avx2"))) float ReadSumAvx2(const float* p, int64_t n, int streams) {
+  const int64_t part = n / streams;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < part; i += 32) {
+    for (int s = 0; s < streams; ++s) {
+      const float* q = p + s * part + i;
+      a0 = _mm256_add_ps(a0, _mm256_load_ps(q));
+      a1 = _mm256_add_ps(a1, _mm256_load_ps(q + 8));
+      a2 = _mm256_add_ps(a2, _mm256_load_ps(q + 16));
+      a3 = _mm256_add_ps(a3, _mm256_load_ps(q + 24));
+    }
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  float t = 0;
+  for (float v : lanes) t += v;
+  return t;
+}
+
 float ReadSumPlain(const float* p, int64_t n, int) {
   float s[16] = {};
   for (int64_t i = 0; i + 16 <= n; i += 16)
@@ -105,7 +126,7 @@ float ReadSumPlain(const float* p, int64_t n, int) {
 double ReadBandwidthGBs(Buffer& b, int streams, double seconds) {
   const int64_t unit = 64 * streams;
   const float* p = reinterpret_cast<const float*>(b.data);
-  const bool avx512 = internal::HaveAvx512();
+  const Isa isa = internal::MatMulIsa();
   double best = 0;
   volatile float sink = 0;
   const auto start = Clock::now();
@@ -118,7 +139,9 @@ double ReadBandwidthGBs(Buffer& b, int streams, double seconds) {
       const int64_t per_thread =
           static_cast<int64_t>(b.size / 4) / omp_get_num_threads() / unit * unit;
       const float* q = p + per_thread * omp_get_thread_num();
-      total += avx512 ? ReadSumAvx512(q, per_thread, streams) : ReadSumPlain(q, per_thread, 1);
+      total += isa == Isa::kAvx512 ? ReadSumAvx512(q, per_thread, streams)
+               : isa == Isa::kAvx2 ? ReadSumAvx2(q, per_thread, streams)
+                                   : ReadSumPlain(q, per_thread, 1);
       bytes += per_thread * 4;
     }
     sink = sink + total;
@@ -178,9 +201,12 @@ void BenchPrefill(int64_t m, int64_t n, int64_t k, WeightType type, double peak_
   std::vector<float> x(static_cast<size_t>(m * k), 0.25f), y(static_cast<size_t>(m * n));
   const double t = TimePerCall(seconds, [&](int64_t) { MatMul(x.data(), m, k, w, y.data(), n); });
   const double gflops = 2.0 * m * n * k / t * 1e-9;
-  std::printf("prefill %s m=%-4lld N=%lld K=%lld  %8.3f ms  %6.1f GFLOP/s  %.2f of in-cache kernel rate\n",
-              TypeName(type), static_cast<long long>(m), static_cast<long long>(n),
-              static_cast<long long>(k), t * 1e3, gflops, gflops / peak_gflops);
+  std::printf("prefill %s m=%-4lld N=%lld K=%lld  %8.3f ms  %6.1f GFLOP/s", TypeName(type),
+              static_cast<long long>(m), static_cast<long long>(n), static_cast<long long>(k),
+              t * 1e3, gflops);
+  // The plain path has no micro-kernel to bound it.
+  if (peak_gflops > 0) std::printf("  %.2f of in-cache kernel rate", gflops / peak_gflops);
+  std::printf("\n");
 }
 
 void BenchNoTrans(int64_t m, int64_t rows, int64_t cols, WeightType type, double seconds) {
@@ -215,8 +241,8 @@ int Main(int argc, char** argv) {
     }
   }
   const int threads = omp_get_max_threads();
-  std::printf("matmul_bench: %d threads, %s kernels\n", threads,
-              internal::HaveAvx512() ? "AVX-512" : "plain C++");
+  std::printf("matmul_bench: %d threads, %s kernels (active ISA %s; host offers %s)\n", threads,
+              IsaName(internal::MatMulIsa()), IsaName(ActiveIsa()), AvailableIsas().c_str());
 
   // The bound is the better of a single stream and 8 side-by-side streams per thread.
   // The hosts' bandwidth drifts from minute to minute, so it is measured again next to
@@ -227,20 +253,23 @@ int Main(int argc, char** argv) {
     const double one = ReadBandwidthGBs(read_buffer, 1, seconds_each);
     const double eight = ReadBandwidthGBs(read_buffer, 8, seconds_each);
     if (print) {
-      std::printf("bound: streaming read bandwidth (AVX-512 read-sum, %.1f GiB, %d threads): "
+      std::printf("bound: streaming read bandwidth (%s read-sum, %.1f GiB, %d threads): "
                   "%.1f GB/s (1 stream a thread %.1f, 8 streams %.1f)\n",
-                  buffer_gib, threads, std::max(one, eight), one, eight);
+                  IsaName(internal::MatMulIsa()), buffer_gib, threads, std::max(one, eight), one,
+                  eight);
     }
     return std::max(one, eight);
   };
   measure_read(0.5, true);
   double peak_gflops = 0;
-  if (internal::HaveAvx512()) {
+  if (internal::MatMulIsa() != Isa::kPlain) {
     peak_gflops = internal::MicroKernelInCacheGflops(threads, 1.0);
-    std::printf("bound: micro-kernel on L1/L2-resident packed data (%d threads): %.1f GFLOP/s"
-                "; expect MatMul near the F32 GEMM\n       rate PERFORMANCE.md reports for"
-                " OpenBLAS/oneDNN on 2 cores (250-340 GFLOP/s on its Xeon)\n",
-                threads, peak_gflops);
+    std::printf("bound: %s micro-kernel on L1/L2-resident packed data (%d threads): %.1f GFLOP/s\n",
+                IsaName(internal::MatMulIsa()), threads, peak_gflops);
+    if (internal::MatMulIsa() == Isa::kAvx512) {
+      std::printf("       expect MatMul near the F32 GEMM rate PERFORMANCE.md reports for"
+                  " OpenBLAS/oneDNN on 2 cores (250-340 GFLOP/s on its Xeon)\n");
+    }
   }
 
   const auto run = [&](const char* section) { return only.empty() || only == section; };
@@ -253,7 +282,7 @@ int Main(int argc, char** argv) {
     }
     BenchDecode(1, 4096, 4096, WeightType::kF32, measure_read(0, false), seconds);
   }
-  if (run("prefill") && peak_gflops > 0) {
+  if (run("prefill")) {
     for (WeightType type : {WeightType::kBF16, WeightType::kF32}) {
       for (int64_t m : {16, 32, 64, 128, 512}) BenchPrefill(m, 2816, 2048, type, peak_gflops, seconds);
     }

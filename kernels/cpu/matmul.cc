@@ -10,8 +10,9 @@
 //    transposed into panels of kNR output columns, x into panels of kMR rows, and a
 //    kMR x kNR register-blocked micro-kernel broadcasts x and FMAs packed weight vectors.
 //    Threads split the output columns (or the rows of x when there are few columns).
-// The AVX-512 kernels are compiled with a target attribute and chosen at run time; the
-// plain C++ path serves processors without AVX-512.
+// Both are written once (matmul_simd.inc) over a traits struct and compiled for AVX-512
+// and for AVX2+FMA with target attributes; the widest that ActiveIsa() allows runs, and
+// the plain C++ path serves processors with neither.
 #include "kernels/cpu/matmul.h"
 
 // GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_*()
@@ -24,13 +25,16 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <new>
+#include <utility>
 
 #include "common/half.h"
+#include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/matmul_internal.h"
 
 namespace epic::cpu {
@@ -66,12 +70,20 @@ using Bf16 = uint16_t;
 constexpr int64_t kGemvMaxRows = 8;
 constexpr int64_t kGemvMaxRowsBf16 = 24;
 
-// Packed GEMM blocking. The x panel [kKC][kMR] (8 KiB) stays in L1 while the micro-kernel
-// runs over the kNC / kNR weight panels of the packed block [kKC x kNC] (384 KiB, L2).
-constexpr int kMR = 8;
-constexpr int kNR = 48;
+// Decode: weight rows are split across threads in units of kGemvRowUnit (a multiple of
+// every GemvRowsPerBlock) and, with more than one group of x, walked in chunks of about
+// kGemvChunkBytes that stay in L2 while every group of x passes over them.
+constexpr int64_t kGemvRowUnit = 24;
+constexpr int64_t kGemvChunkBytes = 256 << 10;
+// Prefetch distance for the weight streams, in bytes ahead of the loads. Into L2 (T1):
+// prefetching 8 streams x 1 KiB into L1 thrashes it and measured slower than none.
+constexpr int64_t kGemvPrefetchBytes = 1024;
+
+// Packed GEMM blocking. The x panel [kKC][kMR] (8 KiB for AVX-512's 8 rows) stays in L1
+// while the micro-kernel runs over the weight panels of the packed block [kKC x kNC]
+// (384 KiB, L2); kNC is kGemmBlockCols rounded down to whole panels.
 constexpr int64_t kKC = 256;
-constexpr int64_t kNC = 8 * kNR;
+constexpr int64_t kGemmBlockCols = 384;
 // Bytes of packed x kept per thread; rows of x beyond it are handled in chunks.
 constexpr int64_t kXPackBytes = 4 << 20;
 
@@ -166,468 +178,186 @@ void MatMulNoTransPlainCols(const float* x, int64_t m, int64_t ldx, const W* w,
 }
 
 // ---------------------------------------------------------------------------------
-// AVX-512 path.
+// Vector paths: one traits struct per instruction set, and matmul_simd.inc (kernels,
+// blocking, threading) compiled once over each. Every function that touches vectors
+// carries its set's target attribute, so the binary runs on any x86-64 and each path is
+// taken only where ActiveIsa() allows it.
 
-#define EPIC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-#define EPIC_AVX512_INLINE \
-  __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline
+#define EPIC_AVX512_OP __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
 
-// 16 weights widened to F32. BF16 is the top half of an F32: zero-extend and shift.
-EPIC_AVX512_INLINE __m512 Load16(const Bf16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-EPIC_AVX512_INLINE __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
-EPIC_AVX512_INLINE __m512 Load16(const Bf16* p, __mmask16 mask) {
-  const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-EPIC_AVX512_INLINE __m512 Load16(const float* p, __mmask16 mask) {
-  return _mm512_maskz_loadu_ps(mask, p);
-}
+struct Avx512 {
+  using Vec = __m512;
+  static constexpr int kLanes = 16;
+  static constexpr int kRegisters = 32;
+  // GEMM register tile: kMR rows of x by kNV vectors of outputs (8 x 48: 24 accumulators,
+  // 3 weight vectors, 1 broadcast).
+  static constexpr int kMR = 8;
+  static constexpr int kNV = 3;
+  // MatMulNoTrans block: 6 rows of x by 4 vectors (64 outputs).
+  static constexpr int kNoTransRows = 6;
+  static constexpr int kNoTransVecs = 4;
+  // Weight rows read side by side for m rows of x: enough accumulators (m * R) to hide
+  // FMA latency and keep several streams in flight, few enough to stay in registers.
+  static constexpr int GemvRowsPerBlock(int m) {
+    return m <= 2 ? 8 : m == 3 ? 6 : m <= 5 ? 4 : m <= 7 ? 3 : 2;
+  }
 
-inline __mmask16 TailMask(int64_t count) {
-  return count >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << count) - 1);
-}
+  EPIC_AVX512_OP static __mmask16 Mask(int64_t count) {
+    return count >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << count) - 1);
+  }
+  EPIC_AVX512_OP static Vec Zero() { return _mm512_setzero_ps(); }
+  EPIC_AVX512_OP static Vec Set1(float v) { return _mm512_set1_ps(v); }
+  EPIC_AVX512_OP static Vec Load(const float* p) { return _mm512_loadu_ps(p); }
+  // BF16 is the top half of an F32: zero-extend and shift.
+  EPIC_AVX512_OP static Vec Load(const Bf16* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  // The first `count` (<= kLanes) elements, zeros after; nothing past them is read.
+  EPIC_AVX512_OP static Vec LoadPart(const float* p, int64_t count) {
+    return _mm512_maskz_loadu_ps(Mask(count), p);
+  }
+  EPIC_AVX512_OP static Vec LoadPart(const Bf16* p, int64_t count) {
+    const __m256i h = _mm256_maskz_loadu_epi16(Mask(count), p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  // kLanes pairs of BF16: the even elements and the odd ones, widened.
+  EPIC_AVX512_OP static void LoadPairs(const Bf16* p, Vec* even, Vec* odd) {
+    const __m512i pairs = _mm512_loadu_si512(p);
+    *even = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+    *odd = _mm512_castsi512_ps(
+        _mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+  EPIC_AVX512_OP static void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+  EPIC_AVX512_OP static void StorePart(float* p, Vec v, int64_t count) {
+    _mm512_mask_storeu_ps(p, Mask(count), v);
+  }
+  EPIC_AVX512_OP static Vec Fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  EPIC_AVX512_OP static Vec Add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  EPIC_AVX512_OP static float ReduceAdd(Vec v) { return _mm512_reduce_add_ps(v); }
 
-// --- Decode: y[0..M, 0..R] for R consecutive weight rows. ---
-//
-// BF16 weights are widened 32 at a time without a cross-lane conversion: a 64-byte load
-// holds 16 pairs (even k in the low halves of the 32-bit lanes, odd k in the high
-// halves); a shift makes the even elements F32 and a mask the odd ones. x is permuted
-// to match once per call (PermuteActivations), so each weight costs one load, one
-// integer op and one FMA per row of x.
-
-// Prefetch distance for the weight streams, in bytes ahead of the loads. Into L2 (T1):
-// prefetching 8 streams x 1 KiB into L1 thrashes it and measured slower than none.
-constexpr int64_t kGemvPrefetchBytes = 1024;
-constexpr int64_t kPairBlock = 32;  // weights per permuted block of x
-
-// xp[i] = x[i] with each full block of 32 reordered to 16 even then 16 odd elements; a
-// tail shorter than 32 keeps its order. xp is [m, cols].
-void PermuteActivations(const float* x, int64_t m, int64_t ldx, int64_t cols, float* xp) {
-  const int64_t full = cols / kPairBlock * kPairBlock;
-  for (int64_t i = 0; i < m; ++i) {
-    const float* xr = x + i * ldx;
-    float* out = xp + i * cols;
-    for (int64_t k = 0; k < full; k += kPairBlock) {
-      for (int j = 0; j < 16; ++j) {
-        out[k + j] = xr[k + 2 * j];
-        out[k + 16 + j] = xr[k + 2 * j + 1];
-      }
+  // In-register transpose of a 16 x 16 tile: v[r][c] -> v[c][r].
+  EPIC_AVX512_OP static void Transpose(Vec v[16]) {
+    Vec t[16];
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
     }
-    std::copy(xr + full, xr + cols, out + full);
-  }
-}
-
-template <int M, int R, typename W>
-EPIC_AVX512 void GemvBlock(const float* x, int64_t ldx, const W* w, int64_t stride,
-                           int64_t cols, float* y, int64_t ldy, bool accumulate) {
-  constexpr int64_t kPrefetchElems = kGemvPrefetchBytes / sizeof(W);
-  __m512 acc[M][R];
-  for (int i = 0; i < M; ++i)
-    for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
-  const W* wr[R];
-  for (int r = 0; r < R; ++r) wr[r] = w + r * stride;
-  // Prefetch runs ahead along each row and, near its end, on into the same row of the
-  // next block (the next R rows): with rows of a few KiB, the head of every row would
-  // otherwise arrive unprefetched.
-  auto ahead = [&](int r, int64_t k) -> const char* {
-    const int64_t target = k + kPrefetchElems;
-    return reinterpret_cast<const char*>(target < cols ? wr[r] + target
-                                                       : wr[r] + R * stride + (target - cols));
-  };
-
-  int64_t k = 0;
-  if constexpr (sizeof(W) == 2) {
-    // x is permuted (PermuteActivations); one cache line of weights per row and step.
-    const __m512i high_halves = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-    for (; k + kPairBlock <= cols; k += kPairBlock) {
-      for (int r = 0; r < R; ++r) {
-        _mm_prefetch(ahead(r, k), _MM_HINT_T1);
-      }
-      if constexpr (2 * M + M * R <= 28) {
-        // Few rows of x: keep them in registers across the R weight rows.
-        __m512 xe[M], xo[M];
-        for (int i = 0; i < M; ++i) {
-          xe[i] = _mm512_loadu_ps(x + i * ldx + k);
-          xo[i] = _mm512_loadu_ps(x + i * ldx + k + 16);
-        }
-        for (int r = 0; r < R; ++r) {
-          const __m512i pairs = _mm512_loadu_si512(wr[r] + k);
-          const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-          const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(pairs, high_halves));
-          for (int i = 0; i < M; ++i) {
-            acc[i][r] = _mm512_fmadd_ps(xe[i], even, acc[i][r]);
-            acc[i][r] = _mm512_fmadd_ps(xo[i], odd, acc[i][r]);
-          }
-        }
-      } else {
-        // Many rows of x: keep the widened weights in registers instead.
-        __m512 even[R], odd[R];
-        for (int r = 0; r < R; ++r) {
-          const __m512i pairs = _mm512_loadu_si512(wr[r] + k);
-          even[r] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-          odd[r] = _mm512_castsi512_ps(_mm512_and_si512(pairs, high_halves));
-        }
-        for (int i = 0; i < M; ++i) {
-          const __m512 xe = _mm512_loadu_ps(x + i * ldx + k);
-          const __m512 xo = _mm512_loadu_ps(x + i * ldx + k + 16);
-          for (int r = 0; r < R; ++r) {
-            acc[i][r] = _mm512_fmadd_ps(xe, even[r], acc[i][r]);
-            acc[i][r] = _mm512_fmadd_ps(xo, odd[r], acc[i][r]);
-          }
-        }
-      }
+    // Within each 128-bit lane L, v[4i + j] now holds column 4L + j of rows 4i..4i+3.
+    for (int i = 0; i < 4; ++i) {
+      v[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+      v[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+      v[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+      v[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
     }
-  } else {
-    for (; k + 32 <= cols; k += 32) {
-      for (int r = 0; r < R; ++r) {
-        _mm_prefetch(ahead(r, k), _MM_HINT_T1);
-        _mm_prefetch(ahead(r, k + 16), _MM_HINT_T1);
-      }
-#pragma GCC unroll 2
-      for (int64_t kk = k; kk < k + 32; kk += 16) {
-        __m512 wv[R];
-        for (int r = 0; r < R; ++r) wv[r] = Load16(wr[r] + kk);
-        for (int i = 0; i < M; ++i) {
-          const __m512 xv = _mm512_loadu_ps(x + i * ldx + kk);
-          for (int r = 0; r < R; ++r) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
-        }
-      }
-    }
-  }
-  for (; k < cols; k += 16) {
-    const __mmask16 mask = TailMask(cols - k);
-    __m512 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = Load16(wr[r] + k, mask);
-    for (int i = 0; i < M; ++i) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + i * ldx + k);
-      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
-    }
-  }
-  for (int i = 0; i < M; ++i) {
-    for (int r = 0; r < R; ++r) {
-      const float sum = _mm512_reduce_add_ps(acc[i][r]);
-      float& out = y[i * ldy + r];
-      out = accumulate ? out + sum : sum;
-    }
-  }
-}
-
-// Weight rows read side by side for M rows of x: enough accumulators (M * R) to hide
-// FMA latency and keep several streams in flight, few enough to stay in 32 registers.
-template <int M>
-constexpr int GemvRowsPerBlock() {
-  return M <= 2 ? 8 : M == 3 ? 6 : M <= 5 ? 4 : M <= 7 ? 3 : 2;
-}
-
-template <int M, typename W>
-EPIC_AVX512 void GemvRows(const float* x, int64_t ldx, const W* w, int64_t stride,
-                          int64_t cols, int64_t n_begin, int64_t n_end, float* y,
-                          int64_t ldy, bool accumulate) {
-  constexpr int R = GemvRowsPerBlock<M>();
-  int64_t n = n_begin;
-  for (; n + R <= n_end; n += R) {
-    GemvBlock<M, R>(x, ldx, w + n * stride, stride, cols, y + n, ldy, accumulate);
-  }
-  for (; n < n_end; ++n) {
-    GemvBlock<M, 1>(x, ldx, w + n * stride, stride, cols, y + n, ldy, accumulate);
-  }
-}
-
-// Rows of x in groups of up to 8, each against weight rows [n_begin, n_end).
-template <typename W>
-void GemvGroups(const float* x, int64_t m, int64_t ldx, const W* w, int64_t stride,
-                int64_t cols, int64_t n_begin, int64_t n_end, float* y, int64_t ldy,
-                bool accumulate) {
-  for (int64_t i0 = 0; i0 < m; i0 += 8) {
-    const float* xg = x + i0 * ldx;
-    float* yg = y + i0 * ldy;
-    switch (std::min<int64_t>(8, m - i0)) {
-      case 1: GemvRows<1>(xg, ldx, w, stride, cols, n_begin, n_end, yg, ldy, accumulate); break;
-      case 2: GemvRows<2>(xg, ldx, w, stride, cols, n_begin, n_end, yg, ldy, accumulate); break;
-      case 3: GemvRows<3>(xg, ldx, w, stride, cols, n_begin, n_end, yg, ldy, accumulate); break;
-      case 4: GemvRows<4>(xg, ldx, w, stride, cols, n_begin, n_end, yg, ldy, accumulate); break;
-      case 5: GemvRows<5>(xg, ldx, w, stride, cols, n_begin, n_end, yg, ldy, accumulate); break;
-      case 6: GemvRows<6>(xg, ldx, w, stride, cols, n_begin, n_end, yg, ldy, accumulate); break;
-      case 7: GemvRows<7>(xg, ldx, w, stride, cols, n_begin, n_end, yg, ldy, accumulate); break;
-      default: GemvRows<8>(xg, ldx, w, stride, cols, n_begin, n_end, yg, ldy, accumulate); break;
-    }
-  }
-}
-
-// Weight rows are split across threads in units of kGemvRowUnit (a multiple of every
-// GemvRowsPerBlock) and, with more than one group of x, walked in chunks of about
-// kGemvChunkBytes that stay in L2 while every group of x passes over them.
-constexpr int64_t kGemvRowUnit = 24;
-constexpr int64_t kGemvChunkBytes = 256 << 10;
-
-template <typename W>
-void GemvAvx512(const float* x, int64_t m, int64_t ldx, const W* w, int64_t stride,
-                int64_t rows, int64_t cols, float* y, int64_t ldy, bool accumulate) {
-  if constexpr (sizeof(W) == 2) {
-    float* xp = ThreadScratch(kPermutedX, m * cols);
-    PermuteActivations(x, m, ldx, cols, xp);
-    x = xp;
-    ldx = cols;
-  }
-  const int64_t units = (rows + kGemvRowUnit - 1) / kGemvRowUnit;
-  const int64_t chunk =
-      m <= 8 ? rows
-             : std::max<int64_t>(1, kGemvChunkBytes / (cols * static_cast<int64_t>(sizeof(W))) /
-                                        kGemvRowUnit) *
-                   kGemvRowUnit;
-  const int threads = static_cast<int>(
-      std::min<int64_t>(units, TeamSize(static_cast<double>(rows) * cols * (m + 1))));
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
-    int64_t u0, u1;
-    SplitRange(units, omp_get_num_threads(), omp_get_thread_num(), &u0, &u1);
-    const int64_t end = std::min(rows, u1 * kGemvRowUnit);
-    for (int64_t n0 = u0 * kGemvRowUnit; n0 < end; n0 += chunk) {
-      GemvGroups(x, m, ldx, w, stride, cols, n0, std::min(end, n0 + chunk), y, ldy, accumulate);
-    }
-  }
-}
-
-// --- Prefill: packed GEMM. ---
-
-// In-register transpose of a 16 x 16 F32 tile: v[r][c] -> v[c][r].
-EPIC_AVX512_INLINE void Transpose16x16(__m512 v[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
-  }
-  // Within each 128-bit lane L, v[4i + j] now holds column 4L + j of rows 4i..4i+3.
-  for (int i = 0; i < 4; ++i) {
-    v[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
-    v[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
-    v[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    v[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-  }
-  __m512 out[16];
-  for (int j = 0; j < 4; ++j) {
-    const __m512 a = _mm512_shuffle_f32x4(v[j], v[4 + j], 0x88);
-    const __m512 b = _mm512_shuffle_f32x4(v[j], v[4 + j], 0xDD);
-    const __m512 c = _mm512_shuffle_f32x4(v[8 + j], v[12 + j], 0x88);
-    const __m512 d = _mm512_shuffle_f32x4(v[8 + j], v[12 + j], 0xDD);
-    out[j] = _mm512_shuffle_f32x4(a, c, 0x88);
-    out[8 + j] = _mm512_shuffle_f32x4(a, c, 0xDD);
-    out[4 + j] = _mm512_shuffle_f32x4(b, d, 0x88);
-    out[12 + j] = _mm512_shuffle_f32x4(b, d, 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) v[i] = out[i];
-}
-
-// Packs weights rows [n0, n0 + nc), columns [k0, k0 + kc) into panels of kNR output
-// columns, each [kc][kNR] F32 with zeros past nc: packed[p][k][j] = w[n0 + p*kNR + j, k0 + k].
-template <typename W>
-EPIC_AVX512 void PackWeights(const W* w, int64_t stride, int64_t n0, int64_t nc, int64_t k0,
-                             int64_t kc, float* packed) {
-  for (int64_t p = 0; p * kNR < nc; ++p) {
-    float* panel = packed + p * kc * kNR;
-    for (int g = 0; g < kNR / 16; ++g) {
-      const int64_t row0 = p * kNR + g * 16;  // relative to n0
-      const int64_t valid_rows = std::clamp<int64_t>(nc - row0, 0, 16);
-      for (int64_t k = 0; k < kc; k += 16) {
-        const int64_t valid_k = std::min<int64_t>(16, kc - k);
-        const __mmask16 mask = TailMask(valid_k);
-        __m512 v[16];
-        for (int r = 0; r < 16; ++r) {
-          v[r] = r < valid_rows ? Load16(w + (n0 + row0 + r) * stride + k0 + k, mask)
-                                : _mm512_setzero_ps();
-        }
-        Transpose16x16(v);
-        for (int64_t c = 0; c < valid_k; ++c) {
-          _mm512_storeu_ps(panel + (k + c) * kNR + g * 16, v[c]);
-        }
-      }
-    }
-  }
-}
-
-// Packs rows [i0, i0 + mc) of x, columns [0, cols), into panels of kMR rows, each
-// [cols][kMR] with zeros past mc: packed[p][k][r] = x[i0 + p*kMR + r, k].
-void PackActivations(const float* x, int64_t ldx, int64_t i0, int64_t mc, int64_t cols,
-                     float* packed) {
-  for (int64_t p = 0; p * kMR < mc; ++p) {
-    float* panel = packed + p * cols * kMR;
-    const int64_t valid_rows = std::min<int64_t>(kMR, mc - p * kMR);
-    for (int64_t r = 0; r < kMR; ++r) {
-      if (r < valid_rows) {
-        const float* xr = x + (i0 + p * kMR + r) * ldx;
-        for (int64_t k = 0; k < cols; ++k) panel[k * kMR + r] = xr[k];
-      } else {
-        for (int64_t k = 0; k < cols; ++k) panel[k * kMR + r] = 0.0f;
-      }
-    }
-  }
-}
-
-// y[0..MR, 0..nr) (+)= xp[kc][kMR] * wp[kc][kNR]. The first MR rows of the x panel are used.
-template <int MR>
-EPIC_AVX512 void MicroKernel(const float* xp, const float* wp, int64_t kc, float* y,
-                             int64_t ldy, int nr, bool add) {
-  __m512 c[MR][3];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 3; ++j) c[r][j] = _mm512_setzero_ps();
-#pragma GCC unroll 4
-  for (int64_t k = 0; k < kc; ++k) {
-    const __m512 b0 = _mm512_loadu_ps(wp);
-    const __m512 b1 = _mm512_loadu_ps(wp + 16);
-    const __m512 b2 = _mm512_loadu_ps(wp + 32);
-    for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(xp[r]);
-      c[r][0] = _mm512_fmadd_ps(a, b0, c[r][0]);
-      c[r][1] = _mm512_fmadd_ps(a, b1, c[r][1]);
-      c[r][2] = _mm512_fmadd_ps(a, b2, c[r][2]);
-    }
-    xp += kMR;
-    wp += kNR;
-  }
-  const __mmask16 masks[3] = {TailMask(nr), TailMask(std::max(0, nr - 16)),
-                              TailMask(std::max(0, nr - 32))};
-  for (int r = 0; r < MR; ++r) {
-    float* yr = y + r * ldy;
-    for (int j = 0; j < 3; ++j) {
-      if (masks[j] == 0) continue;
-      __m512 v = c[r][j];
-      if (add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(masks[j], yr + 16 * j));
-      _mm512_mask_storeu_ps(yr + 16 * j, masks[j], v);
-    }
-  }
-}
-
-using MicroKernelFn = void (*)(const float*, const float*, int64_t, float*, int64_t, int, bool);
-constexpr MicroKernelFn kMicroKernels[kMR + 1] = {
-    nullptr,         MicroKernel<1>, MicroKernel<2>, MicroKernel<3>, MicroKernel<4>,
-    MicroKernel<5>, MicroKernel<6>, MicroKernel<7>, MicroKernel<8>};
-
-// One thread's share: rows [i_begin, i_end) of x and y, output columns [n_begin, n_end).
-template <typename W>
-EPIC_AVX512 void GemmTile(const float* x, int64_t ldx, const W* w, int64_t stride,
-                          int64_t cols, int64_t i_begin, int64_t i_end, int64_t n_begin,
-                          int64_t n_end, float* y, int64_t ldy, bool accumulate) {
-  if (i_begin >= i_end || n_begin >= n_end) return;
-  const int64_t chunk_rows = std::clamp<int64_t>(
-      kXPackBytes / (cols * static_cast<int64_t>(sizeof(float))) / kMR * kMR, kMR, 1024);
-  float* xpack =
-      ThreadScratch(kPackedX, std::min(chunk_rows, (i_end - i_begin + kMR - 1) / kMR * kMR) * cols);
-  float* wpack = ThreadScratch(kPackedW, kKC * kNC);
-  for (int64_t i0 = i_begin; i0 < i_end; i0 += chunk_rows) {
-    const int64_t mc = std::min(chunk_rows, i_end - i0);
-    PackActivations(x, ldx, i0, mc, cols, xpack);
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += kNC) {
-      const int64_t nc = std::min(kNC, n_end - n0);
-      for (int64_t k0 = 0; k0 < cols; k0 += kKC) {
-        const int64_t kc = std::min(kKC, cols - k0);
-        PackWeights(w, stride, n0, nc, k0, kc, wpack);
-        const bool add = accumulate || k0 > 0;
-        for (int64_t p = 0; p * kMR < mc; ++p) {
-          const int mr = static_cast<int>(std::min<int64_t>(kMR, mc - p * kMR));
-          const float* xp = xpack + p * cols * kMR + k0 * kMR;
-          float* yp = y + (i0 + p * kMR) * ldy + n0;
-          const MicroKernelFn kernel = kMicroKernels[mr];
-          for (int64_t q = 0; q * kNR < nc; ++q) {
-            const int nr = static_cast<int>(std::min<int64_t>(kNR, nc - q * kNR));
-            kernel(xp, wpack + q * kc * kNR, kc, yp + q * kNR, ldy, nr, add);
-          }
-        }
-      }
-    }
-  }
-}
-
-template <typename W>
-void GemmAvx512(const float* x, int64_t m, int64_t ldx, const W* w, int64_t stride,
-                int64_t rows, int64_t cols, float* y, int64_t ldy, bool accumulate) {
-  const int threads = TeamSize(static_cast<double>(m) * rows * cols);
-  // Split the output columns (in units of 16, one vector) across threads; when there
-  // are fewer units than threads, split the rows of x as well.
-  const int64_t units = (rows + 15) / 16;
-  const int col_parts = static_cast<int>(std::min<int64_t>(threads, units));
-  const int row_parts = std::max(1, threads / col_parts);
-  const int64_t panels = (m + kMR - 1) / kMR;
-#pragma omp parallel num_threads(col_parts * row_parts) if (col_parts * row_parts > 1)
-  {
-    const int t = omp_get_thread_num();
-    if (t < col_parts * row_parts) {
-      int64_t u0, u1, p0, p1;
-      SplitRange(units, col_parts, t % col_parts, &u0, &u1);
-      SplitRange(panels, row_parts, t / col_parts, &p0, &p1);
-      GemmTile(x, ldx, w, stride, cols, p0 * kMR, std::min(m, p1 * kMR), u0 * 16,
-               std::min(rows, u1 * 16), y, ldy, accumulate);
-    }
-  }
-}
-
-// --- MatMulNoTrans: y[i, k] = sum_n x[i, n] w[n, k], axpy form along k. ---
-
-constexpr int kNoTransRows = 6;     // rows of x per block
-constexpr int64_t kNoTransCols = 64;  // output columns per block (4 vectors)
-
-template <int MI, typename W>
-EPIC_AVX512 void NoTransBlock(const float* x, int64_t ldx, const W* w, int64_t stride,
-                              int64_t rows, int64_t k0, int64_t kw, float* y, int64_t ldy,
-                              bool accumulate) {
-  __m512 c[MI][4];
-  for (int i = 0; i < MI; ++i)
-    for (int j = 0; j < 4; ++j) c[i][j] = _mm512_setzero_ps();
-  const __mmask16 masks[4] = {TailMask(kw), TailMask(std::max<int64_t>(0, kw - 16)),
-                              TailMask(std::max<int64_t>(0, kw - 32)),
-                              TailMask(std::max<int64_t>(0, kw - 48))};
-  for (int64_t n = 0; n < rows; ++n) {
-    const W* wr = w + n * stride + k0;
-    __m512 wv[4];
-    for (int j = 0; j < 4; ++j) wv[j] = Load16(wr + 16 * j, masks[j]);
-    for (int i = 0; i < MI; ++i) {
-      const __m512 a = _mm512_set1_ps(x[i * ldx + n]);
-      for (int j = 0; j < 4; ++j) c[i][j] = _mm512_fmadd_ps(a, wv[j], c[i][j]);
-    }
-  }
-  for (int i = 0; i < MI; ++i) {
-    float* yr = y + i * ldy + k0;
+    Vec out[16];
     for (int j = 0; j < 4; ++j) {
-      if (masks[j] == 0) continue;
-      __m512 v = c[i][j];
-      if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(masks[j], yr + 16 * j));
-      _mm512_mask_storeu_ps(yr + 16 * j, masks[j], v);
+      const Vec a = _mm512_shuffle_f32x4(v[j], v[4 + j], 0x88);
+      const Vec b = _mm512_shuffle_f32x4(v[j], v[4 + j], 0xDD);
+      const Vec c = _mm512_shuffle_f32x4(v[8 + j], v[12 + j], 0x88);
+      const Vec d = _mm512_shuffle_f32x4(v[8 + j], v[12 + j], 0xDD);
+      out[j] = _mm512_shuffle_f32x4(a, c, 0x88);
+      out[8 + j] = _mm512_shuffle_f32x4(a, c, 0xDD);
+      out[4 + j] = _mm512_shuffle_f32x4(b, d, 0x88);
+      out[12 + j] = _mm512_shuffle_f32x4(b, d, 0xDD);
     }
+    for (int i = 0; i < 16; ++i) v[i] = out[i];
   }
-}
+};
 
-template <typename W>
-void NoTransAvx512(const float* x, int64_t m, int64_t ldx, const W* w, int64_t stride,
-                   int64_t rows, int64_t cols, float* y, int64_t ldy, bool accumulate) {
-  using BlockFn = void (*)(const float*, int64_t, const W*, int64_t, int64_t, int64_t,
-                           int64_t, float*, int64_t, bool);
-  static constexpr BlockFn kBlocks[kNoTransRows + 1] = {
-      nullptr,           NoTransBlock<1, W>, NoTransBlock<2, W>, NoTransBlock<3, W>,
-      NoTransBlock<4, W>, NoTransBlock<5, W>, NoTransBlock<6, W>};
-  const int64_t row_blocks = (m + kNoTransRows - 1) / kNoTransRows;
-  const int64_t col_blocks = (cols + kNoTransCols - 1) / kNoTransCols;
-  const int threads = TeamSize(static_cast<double>(m) * rows * cols);
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t cb = 0; cb < col_blocks; ++cb) {
-    for (int64_t rb = 0; rb < row_blocks; ++rb) {
-      const int64_t i0 = rb * kNoTransRows;
-      const int mi = static_cast<int>(std::min<int64_t>(kNoTransRows, m - i0));
-      const int64_t k0 = cb * kNoTransCols;
-      kBlocks[mi](x + i0 * ldx, ldx, w, stride, rows, k0, std::min(kNoTransCols, cols - k0),
-                  y + i0 * ldy, ldy, accumulate);
+#define EPIC_AVX2_OP __attribute__((target("avx2,fma"), always_inline))
+
+struct Avx2 {
+  using Vec = __m256;
+  static constexpr int kLanes = 8;
+  static constexpr int kRegisters = 16;
+  // 6 x 16 (BLIS's Haswell tile): 12 accumulators, 2 weight vectors, 1 broadcast.
+  static constexpr int kMR = 6;
+  static constexpr int kNV = 2;
+  static constexpr int kNoTransRows = 6;
+  static constexpr int kNoTransVecs = 2;
+  static constexpr int GemvRowsPerBlock(int m) {
+    return m == 1 ? 8 : m == 2 ? 4 : m <= 4 ? 2 : 1;
+  }
+
+  EPIC_AVX2_OP static __m256i Mask(int64_t count) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), lane);
+  }
+  EPIC_AVX2_OP static Vec Zero() { return _mm256_setzero_ps(); }
+  EPIC_AVX2_OP static Vec Set1(float v) { return _mm256_set1_ps(v); }
+  EPIC_AVX2_OP static Vec Load(const float* p) { return _mm256_loadu_ps(p); }
+  EPIC_AVX2_OP static Vec Load(const Bf16* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  EPIC_AVX2_OP static Vec LoadPart(const float* p, int64_t count) {
+    if (count >= kLanes) return Load(p);
+    return _mm256_maskload_ps(p, Mask(count));
+  }
+  // AVX2 has no 16-bit masked load: a short tail goes through a zeroed copy.
+  EPIC_AVX2_OP static Vec LoadPart(const Bf16* p, int64_t count) {
+    if (count >= kLanes) return Load(p);
+    Bf16 tail[kLanes] = {};
+    std::memcpy(tail, p, static_cast<size_t>(count) * sizeof(Bf16));
+    return Load(tail);
+  }
+  EPIC_AVX2_OP static void LoadPairs(const Bf16* p, Vec* even, Vec* odd) {
+    const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+    *odd = _mm256_castsi256_ps(
+        _mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+  EPIC_AVX2_OP static void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+  EPIC_AVX2_OP static void StorePart(float* p, Vec v, int64_t count) {
+    if (count >= kLanes) return Store(p, v);
+    _mm256_maskstore_ps(p, Mask(count), v);
+  }
+  EPIC_AVX2_OP static Vec Fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  EPIC_AVX2_OP static Vec Add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+  EPIC_AVX2_OP static float ReduceAdd(Vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+
+  // In-register transpose of an 8 x 8 tile: v[r][c] -> v[c][r].
+  EPIC_AVX2_OP static void Transpose(Vec v[8]) {
+    Vec t[8], s[8];
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+    }
+    // Within each 128-bit half H, s[4i + j] now holds column 4H + j of rows 4i..4i+3.
+    for (int i = 0; i < 2; ++i) {
+      s[4 * i + 0] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+      s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+      s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+      s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm256_permute2f128_ps(s[j], s[4 + j], 0x20);
+      v[4 + j] = _mm256_permute2f128_ps(s[j], s[4 + j], 0x31);
     }
   }
-}
+};
+
+namespace avx512 {
+using V = Avx512;
+#define EPIC_SIMD __attribute__((target("avx512f,avx512bw,avx512vl")))
+#include "kernels/cpu/matmul_simd.inc"
+#undef EPIC_SIMD
+}  // namespace avx512
+
+namespace avx2 {
+using V = Avx2;
+#define EPIC_SIMD __attribute__((target("avx2,fma")))
+#include "kernels/cpu/matmul_simd.inc"
+#undef EPIC_SIMD
+}  // namespace avx2
 
 // ---------------------------------------------------------------------------------
-
-bool DetectAvx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl");
-}
 
 // Zeroes y[0..m, 0..n) unless accumulating: the product over an empty inner dimension.
 void ZeroOutput(int64_t m, int64_t n, float* y, int64_t ldy, bool accumulate) {
@@ -638,13 +368,16 @@ void ZeroOutput(int64_t m, int64_t n, float* y, int64_t ldy, bool accumulate) {
 template <typename W>
 void MatMulTyped(const float* x, int64_t m, int64_t ldx, const W* w, int64_t stride,
                  int64_t rows, int64_t cols, float* y, int64_t ldy, bool accumulate) {
-  if (internal::HaveAvx512()) {
-    if (m <= (sizeof(W) == 2 ? kGemvMaxRowsBf16 : kGemvMaxRows)) {
-      GemvAvx512(x, m, ldx, w, stride, rows, cols, y, ldy, accumulate);
-    } else {
-      GemmAvx512(x, m, ldx, w, stride, rows, cols, y, ldy, accumulate);
-    }
-    return;
+  const bool decode = m <= (sizeof(W) == 2 ? kGemvMaxRowsBf16 : kGemvMaxRows);
+  switch (internal::MatMulIsa()) {
+    case Isa::kAvx512:
+      return decode ? avx512::Gemv(x, m, ldx, w, stride, rows, cols, y, ldy, accumulate)
+                    : avx512::Gemm(x, m, ldx, w, stride, rows, cols, y, ldy, accumulate);
+    case Isa::kAvx2:
+      return decode ? avx2::Gemv(x, m, ldx, w, stride, rows, cols, y, ldy, accumulate)
+                    : avx2::Gemm(x, m, ldx, w, stride, rows, cols, y, ldy, accumulate);
+    default:
+      break;
   }
   const int threads = TeamSize(static_cast<double>(m) * rows * cols);
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -658,9 +391,13 @@ void MatMulTyped(const float* x, int64_t m, int64_t ldx, const W* w, int64_t str
 template <typename W>
 void MatMulNoTransTyped(const float* x, int64_t m, int64_t ldx, const W* w, int64_t stride,
                         int64_t rows, int64_t cols, float* y, int64_t ldy, bool accumulate) {
-  if (internal::HaveAvx512()) {
-    NoTransAvx512(x, m, ldx, w, stride, rows, cols, y, ldy, accumulate);
-    return;
+  switch (internal::MatMulIsa()) {
+    case Isa::kAvx512:
+      return avx512::NoTrans(x, m, ldx, w, stride, rows, cols, y, ldy, accumulate);
+    case Isa::kAvx2:
+      return avx2::NoTrans(x, m, ldx, w, stride, rows, cols, y, ldy, accumulate);
+    default:
+      break;
   }
   const int threads = TeamSize(static_cast<double>(m) * rows * cols);
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -701,9 +438,10 @@ void MatMulNoTrans(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w
 
 namespace internal {
 
-bool HaveAvx512() {
-  static const bool have = DetectAvx512();
-  return have;
+Isa MatMulIsa() {
+  if (Has(Isa::kAvx512)) return Isa::kAvx512;
+  if (Has(Isa::kAvx2)) return Isa::kAvx2;
+  return Isa::kPlain;
 }
 
 void MatMulPlain(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y,
@@ -733,34 +471,11 @@ void MatMulNoTransPlain(const float* x, int64_t m, int64_t ldx, const WeightMatr
 }
 
 double MicroKernelInCacheGflops(int threads, double seconds) {
-  // Per thread: one x panel [kKC][kMR] (L1) against a packed weight block [kKC][kNC]
-  // (L2), exactly the inner loops of GemmTile without the packing.
-  double total_flops = 0;
-  double elapsed = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : total_flops) reduction(max : elapsed)
-  {
-    float* xp = ThreadScratch(kPackedX, kKC * kMR);
-    float* wp = ThreadScratch(kPackedW, kKC * kNC);
-    for (int64_t i = 0; i < kKC * kMR; ++i) xp[i] = 1.0f + 1e-3f * static_cast<float>(i % 7);
-    for (int64_t i = 0; i < kKC * kNC; ++i) wp[i] = 1e-3f * static_cast<float>(i % 5);
-    auto y = std::make_unique<float[]>(kMR * kNC);
-    std::fill(y.get(), y.get() + kMR * kNC, 0.0f);
-    const auto start = std::chrono::steady_clock::now();
-    double flops = 0;
-    double spent = 0;
-    while (spent < seconds) {
-      for (int rep = 0; rep < 16; ++rep) {
-        for (int64_t q = 0; q < kNC / kNR; ++q) {
-          MicroKernel<kMR>(xp, wp + q * kKC * kNR, kKC, y.get() + q * kNR, kNC, kNR, true);
-        }
-      }
-      flops += 16.0 * 2.0 * kMR * kNC * kKC;
-      spent = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    }
-    total_flops += flops;
-    elapsed = spent;
+  switch (MatMulIsa()) {
+    case Isa::kAvx512: return avx512::MicroKernelInCacheGflops(threads, seconds);
+    case Isa::kAvx2: return avx2::MicroKernelInCacheGflops(threads, seconds);
+    default: return 0;
   }
-  return total_flops / elapsed * 1e-9;
 }
 
 }  // namespace internal

@@ -1,6 +1,7 @@
 // Matrix products with weights read in place from the checkpoint (BF16 or F32),
 // F32 activations and F32 accumulation. Multi-threaded with OpenMP; vectorised with
-// AVX-512 where the processor has it (detected at run time), plain C++ elsewhere.
+// AVX-512, else AVX2 + FMA, where the processor has them (detected at run time,
+// kernels/cpu/cpu_features.h), plain C++ elsewhere.
 #pragma once
 
 #include <cstdint>

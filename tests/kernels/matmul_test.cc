@@ -1,6 +1,8 @@
 // MatMul and MatMulNoTrans against a float64 triple loop on random inputs: every shape
 // class (empty, single, odd, multiple blocks), strided and viewed weights, accumulate
-// on and off, the dispatched path (AVX-512 where the processor has it) and the plain one.
+// on and off, the dispatched path and the plain one. The dispatched path is the widest
+// that EPIC_CPU_ISA allows: ctest runs this binary as it is and with EPIC_CPU_ISA=avx2
+// and =plain, so each path is checked on a host that has it.
 #include "kernels/cpu/matmul.h"
 
 #include <gtest/gtest.h>
@@ -8,12 +10,16 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "common/half.h"
+#include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/matmul_internal.h"
 
 namespace epic::cpu {
@@ -310,7 +316,27 @@ INSTANTIATE_TEST_SUITE_P(WeightTypes, MatMulTest,
                          });
 
 TEST(MatMulDispatch, ReportsPath) {
-  std::printf("MatMul path: %s\n", internal::HaveAvx512() ? "AVX-512" : "plain C++");
+  std::printf("MatMul path: %s (active %s, host offers: %s)\n", IsaName(internal::MatMulIsa()),
+              IsaName(ActiveIsa()), AvailableIsas().c_str());
+}
+
+// A path EPIC_CPU_ISA asks for and the host offers must be the one that runs: a silent
+// fallback would leave it untested while its ctest entries pass.
+TEST(MatMulDispatch, RunsThePathEpicCpuIsaAsksFor) {
+  const char* asked = std::getenv("EPIC_CPU_ISA");
+  if (asked == nullptr || *asked == '\0') GTEST_SKIP() << "EPIC_CPU_ISA is not set";
+  int rung = -1;
+  for (int i = 0; i <= static_cast<int>(Isa::kAmx); ++i) {
+    if (std::strcmp(IsaName(static_cast<Isa>(i)), asked) == 0) rung = i;
+  }
+  ASSERT_GE(rung, 0) << "EPIC_CPU_ISA=" << asked << " names no instruction set";
+  if (rung > static_cast<int>(DetectedIsa())) {
+    GTEST_SKIP() << "EPIC_CPU_ISA=" << asked << " but this host offers only " << AvailableIsas();
+  }
+  const Isa want = static_cast<Isa>(rung);
+  EXPECT_EQ(ActiveIsa(), want) << IsaName(ActiveIsa());
+  const Isa kernels = want >= Isa::kAvx512 ? Isa::kAvx512 : want;
+  EXPECT_EQ(internal::MatMulIsa(), kernels) << IsaName(internal::MatMulIsa());
 }
 
 }  // namespace
