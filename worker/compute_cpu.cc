@@ -1,5 +1,7 @@
 // The CPU backend: kernels/cpu over the weights in host memory, exact (F32 products of
 // BF16 or F32 weights), the reference every other backend is tested against.
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -75,15 +77,50 @@ class CpuBackend final : public ComputeBackend {
   }
 
   // Each slot's rows gathered and run together, so its weights are read once for all.
+  // With few rows a slot (decode, batched decode) the threads take whole experts, each
+  // product on one thread: a team woken for every small product cost more than the
+  // product. With many, each product takes every thread.
   Status Experts(int64_t layer, const float* rows, int64_t received, const parallel::ExpertLayout& layout,
                  float* out) override {
     const LayerWeights& L = w_.layers[layer];
     const int64_t hidden = c_.hidden_size;
     std::fill(out, out + received * hidden, 0.0f);
+    std::vector<int64_t> busy;  // slots with rows
     for (size_t s = 0; s + 1 < layout.offsets.size(); ++s) {
+      if (layout.offsets[s + 1] > layout.offsets[s]) busy.push_back(static_cast<int64_t>(s));
+    }
+    const int64_t grouped = layout.offsets.empty() ? 0 : layout.offsets.back();
+    const int threads = omp_get_max_threads();
+    if (threads > 1 && static_cast<int64_t>(busy.size()) >= 2 * threads &&
+        grouped <= kRowsPerExpertForTeams * static_cast<int64_t>(busy.size())) {
+      // Each grouped row's weighted output in its own row, summed into OUT afterwards:
+      // experts sharing a token must not add into its row at once.
+      float* each = Scratch(kGroupedOut, grouped * hidden);
+#pragma omp parallel for schedule(dynamic, 1)
+      for (size_t j = 0; j < busy.size(); ++j) {
+        const int64_t s = busy[j];
+        const int64_t begin = layout.offsets[s];
+        const int64_t n = layout.offsets[s + 1] - begin;
+        thread_local std::vector<float> gathered, gate, up;
+        gathered.resize(static_cast<size_t>(n * hidden));
+        for (int64_t i = 0; i < n; ++i) {
+          std::memcpy(gathered.data() + i * hidden, rows + layout.grouped_source[begin + i] * hidden,
+                      static_cast<size_t>(hidden) * sizeof(float));
+        }
+        const MlpWeights& w = L.experts[static_cast<size_t>(s)];
+        gate.resize(static_cast<size_t>(n * w.gate.rows));
+        up.resize(gate.size());
+        MlpInto(w, gathered.data(), n, gate.data(), up.data(), each + begin * hidden, /*accumulate=*/false);
+      }
+      // The same sums in the same order as one thread makes them below.
+      for (int64_t g = 0; g < grouped; ++g) {
+        cpu::Axpy(layout.grouped_weight[g], each + g * hidden, hidden, out + layout.grouped_source[g] * hidden);
+      }
+      return OkStatus();
+    }
+    for (const int64_t s : busy) {
       const int64_t begin = layout.offsets[s];
       const int64_t n = layout.offsets[s + 1] - begin;
-      if (n == 0) continue;
       float* gathered = Scratch(kGathered, n * hidden);
       for (int64_t i = 0; i < n; ++i) {
         std::memcpy(gathered + i * hidden, rows + layout.grouped_source[begin + i] * hidden,
@@ -130,7 +167,9 @@ class CpuBackend final : public ComputeBackend {
  private:
   // The backend's own scratch, beside the schedule's activations.
   enum : int { kQ, kQa, kLatent, kCKv, kKPe, kKv, kQLatent, kQPe, kOLatent, kRouter, kGathered, kGate, kUp, kY,
-               kSelected, kScratchCount };
+               kSelected, kGroupedOut, kScratchCount };
+  // Up to this many rows a busy slot on average, threads take whole experts (Experts).
+  static constexpr int64_t kRowsPerExpertForTeams = 2;
 
   // BUFFERS[ID] grown to hold at least N values (never shrunk); its data. A fresh
   // allocation of this size in every step costs a page clear per 4 KiB, which showed as
@@ -143,6 +182,17 @@ class CpuBackend final : public ComputeBackend {
   }
   float* Scratch(int id, int64_t n) { return Sized(scratch_, id, n); }
 
+  // Y (+)= down(silu(gate(X)) * up(X)) over TOKENS rows, with GATE and UP as scratch.
+  void MlpInto(const MlpWeights& w, const float* x, int64_t tokens, float* gate, float* up, float* y,
+               bool accumulate) const {
+    const int64_t hidden = c_.hidden_size;
+    const int64_t inter = w.gate.rows;
+    cpu::MatMul(x, tokens, hidden, w.gate, gate, inter);
+    cpu::MatMul(x, tokens, hidden, w.up, up, inter);
+    cpu::SiluMul(gate, up, tokens * inter, gate);
+    cpu::MatMul(gate, tokens, inter, w.down, y, hidden, accumulate);
+  }
+
   // y += down(silu(gate(x)) * up(x)); a routed expert's rows scaled by ROW_SCALE and
   // added to the rows ROWS names.
   void RunMlp(const MlpWeights& w, const float* x, int64_t tokens, float* y, const float* row_scale,
@@ -151,15 +201,12 @@ class CpuBackend final : public ComputeBackend {
     const int64_t inter = w.gate.rows;
     float* gate = Scratch(kGate, tokens * inter);
     float* up = Scratch(kUp, tokens * inter);
-    cpu::MatMul(x, tokens, hidden, w.gate, gate, inter);
-    cpu::MatMul(x, tokens, hidden, w.up, up, inter);
-    cpu::SiluMul(gate, up, tokens * inter, gate);
     if (rows == nullptr) {
-      cpu::MatMul(gate, tokens, inter, w.down, y, hidden, /*accumulate=*/true);
+      MlpInto(w, x, tokens, gate, up, y, /*accumulate=*/true);
       return;
     }
     float* out = Scratch(kY, tokens * hidden);
-    cpu::MatMul(gate, tokens, inter, w.down, out, hidden);
+    MlpInto(w, x, tokens, gate, up, out, /*accumulate=*/false);
     for (int64_t t = 0; t < tokens; ++t) cpu::Axpy(row_scale[t], out + t * hidden, hidden, y + rows[t] * hidden);
   }
 
@@ -214,19 +261,19 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
     }
   }
 
+  // Every span's new rows into the cache first: attention reads them.
   for (size_t i = 0; i < spans.size(); ++i) {
     const AttentionSpan& sp = spans[i];
-    const BlockTable& table = *batch_[i].cache;
-    const int64_t n = sp.n;
-    const int64_t start = sp.start;
-    const int64_t context = start + n;
-    for (int64_t j = 0; j < n; ++j) {
-      std::memcpy(cache_->Row(layer, table, start + j), latent + (sp.first + j) * width,
+    for (int64_t j = 0; j < sp.n; ++j) {
+      std::memcpy(cache_->Row(layer, *batch_[i].cache, sp.start + j), latent + (sp.first + j) * width,
                   static_cast<size_t>(width) * sizeof(float));
     }
-    const float* qs = q + sp.first * heads * qhd;
-    float* os = out + sp.first * heads * vdim;
+  }
+  for (size_t i = 0; i < spans.size();) {
+    const AttentionSpan& sp = spans[i];
     if (sp.expanded) {
+      const BlockTable& table = *batch_[i].cache;
+      const int64_t context = sp.start + sp.n;
       float* c_kv = Scratch(kCKv, context * lora);
       float* k_pe = Scratch(kKPe, context * rope);
       const cpu::LatentRows rows = cache_->Rows(layer, table);
@@ -238,21 +285,30 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
       float* kv = Scratch(kKv, context * heads * kv_head);
       cpu::MatMul(c_kv, context, lora, L.kv_b_proj, kv, heads * kv_head);
       cpu::MlaExpandedParams p;
-      p.num_queries = n;
-      p.start = start;
+      p.num_queries = sp.n;
+      p.start = sp.start;
       p.num_heads = heads;
       p.nope_dim = nope;
       p.rope_dim = rope;
       p.v_dim = vdim;
       p.scale = scale;
-      p.q = qs;
+      p.q = q + sp.first * heads * qhd;
       p.kv = kv;
       p.k_pe = k_pe;
-      p.out = os;
+      p.out = out + sp.first * heads * vdim;
       cpu::MlaExpandedAttention(p);
+      ++i;
       continue;
     }
-    // q_latent[i, h] = q_nope[i, h] W_UK[h], with W_UK[h] = kv_b_proj rows [h*kv_head, +nope).
+    // A run of absorbed spans (a step's decodes come together): their tokens' queries
+    // folded through W_UK and outputs through W_UV once per head for the whole run, so
+    // each head's weights are read once a step rather than once a sequence.
+    size_t last = i;
+    while (last + 1 < spans.size() && !spans[last + 1].expanded) ++last;
+    const int64_t first = sp.first;
+    const int64_t n = spans[last].first + spans[last].n - first;
+    const float* qs = q + first * heads * qhd;
+    // q_latent[t, h] = q_nope[t, h] W_UK[h], with W_UK[h] = kv_b_proj rows [h*kv_head, +nope).
     float* q_latent = Scratch(kQLatent, n * heads * lora);
     float* q_pe = Scratch(kQPe, n * heads * rope);
     for (int64_t h = 0; h < heads; ++h) {
@@ -263,23 +319,28 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
       std::memcpy(q_pe + j * rope, qs + j * qhd + nope, static_cast<size_t>(rope) * sizeof(float));
     }
     float* o_latent = Scratch(kOLatent, n * heads * lora);
-    cpu::MlaAbsorbedParams p;
-    p.num_queries = n;
-    p.start = start;
-    p.num_heads = heads;
-    p.kv_lora_rank = lora;
-    p.rope_dim = rope;
-    p.scale = scale;
-    p.q_latent = q_latent;
-    p.q_pe = q_pe;
-    p.cache = cache_->Rows(layer, table);
-    p.out_latent = o_latent;
-    cpu::MlaAbsorbedAttention(p);
-    // out[i, h] = W_UV[h] o_latent[i, h], with W_UV[h] = rows [h*kv_head + nope, +vdim).
+    for (size_t r = i; r <= last; ++r) {
+      const int64_t at = spans[r].first - first;
+      cpu::MlaAbsorbedParams p;
+      p.num_queries = spans[r].n;
+      p.start = spans[r].start;
+      p.num_heads = heads;
+      p.kv_lora_rank = lora;
+      p.rope_dim = rope;
+      p.scale = scale;
+      p.q_latent = q_latent + at * heads * lora;
+      p.q_pe = q_pe + at * heads * rope;
+      p.cache = cache_->Rows(layer, *batch_[r].cache);
+      p.out_latent = o_latent + at * heads * lora;
+      cpu::MlaAbsorbedAttention(p);
+    }
+    // out[t, h] = W_UV[h] o_latent[t, h], with W_UV[h] = rows [h*kv_head + nope, +vdim).
+    float* os = out + first * heads * vdim;
     for (int64_t h = 0; h < heads; ++h) {
       cpu::MatMul(o_latent + h * lora, n, heads * lora, L.kv_b_proj.Rows(h * kv_head + nope, vdim), os + h * vdim,
                   heads * vdim);
     }
+    i = last + 1;
   }
   return OkStatus();
 }
