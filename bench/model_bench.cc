@@ -243,7 +243,8 @@ int main(int argc, char** argv) {
   // Decode: one token per step after the last prefill, context prompt_len .. total-1.
   // This host's bandwidth drifts from minute to minute, so each round measures it
   // just before its decode steps, and the ratio is taken round by round.
-  const int rounds = 4;
+  // Four rounds, or one per step when there are fewer (each round needs a step).
+  const int rounds = static_cast<int>(std::min<int64_t>(4, decode_steps));
   std::vector<double> round_tps, round_bw, round_ratio;
   double bytes_sum = 0;
   int32_t token = 1;
@@ -274,16 +275,18 @@ int main(int argc, char** argv) {
     round_bw.push_back(gbs);
     round_ratio.push_back(tps / (gbs * 1e9 / (round_bytes / static_cast<double>(steps))));
   }
-  const double bytes_per_token = bytes_sum / static_cast<double>(decode_steps);
-  const double tps = Median(round_tps);
-  const double gbs = Median(round_bw);
-  std::printf("decode: %.2f tok/s (median step, context %lld..%lld); %.1f MB read per token; "
-              "bound %.2f tok/s at %.1f GB/s read bandwidth (medians of %d rounds, bandwidth measured before each); "
-              "ratio %.2f (median of rounds: %.2f..%.2f; target >= 0.8)\n",
-              tps, static_cast<long long>(prompt_len + 1), static_cast<long long>(total),
-              bytes_per_token / 1e6, gbs * 1e9 / bytes_per_token, gbs, rounds, Median(round_ratio),
-              *std::min_element(round_ratio.begin(), round_ratio.end()),
-              *std::max_element(round_ratio.begin(), round_ratio.end()));
+  if (rounds > 0) {
+    const double bytes_per_token = bytes_sum / static_cast<double>(decode_steps);
+    const double tps = Median(round_tps);
+    const double gbs = Median(round_bw);
+    std::printf("decode: %.2f tok/s (median step, context %lld..%lld); %.1f MB read per token; "
+                "bound %.2f tok/s at %.1f GB/s read bandwidth (medians of %d rounds, bandwidth measured before each); "
+                "ratio %.2f (median of rounds: %.2f..%.2f; target >= 0.8)\n",
+                tps, static_cast<long long>(prompt_len + 1), static_cast<long long>(total),
+                bytes_per_token / 1e6, gbs * 1e9 / bytes_per_token, gbs, rounds, Median(round_ratio),
+                *std::min_element(round_ratio.begin(), round_ratio.end()),
+                *std::max_element(round_ratio.begin(), round_ratio.end()));
+  }
   if (!batches_text.empty()) {
     BatchedDecode(model, batches_text, batch_context, batch_steps, buffer_gib, gemm.gflops, shared_by_step.bytes +
                   lm_head_bytes, shared_by_step.macs + Params(w.lm_head), expert_bytes, expert_macs, row_bytes);
