@@ -34,6 +34,20 @@ class DistributedModelTest : public ::testing::Test {
     ASSERT_TRUE(c.ok()) << c.status().ToString();
     comm_ = std::move(*c);
   }
+  // GOT and WANT, rows of VOCAB logits each, equal to kTolerance relative per row.
+  void ExpectRowsClose(const std::vector<float>& got, const std::vector<float>& want, int64_t vocab,
+                       const std::string& what) {
+    ASSERT_EQ(got.size(), want.size()) << what;
+    for (size_t row = 0; row * vocab < want.size(); ++row) {
+      double diff = 0, scale = 0;
+      for (int64_t i = 0; i < vocab; ++i) {
+        diff = std::max(diff, std::fabs(double(got[row * vocab + i]) - want[row * vocab + i]));
+        scale = std::max(scale, std::fabs(double(want[row * vocab + i])));
+      }
+      EXPECT_LE(diff / scale, kTolerance) << what << "position " << row << " on rank " << comm_->rank();
+    }
+  }
+
   void ExpectSameAsOneProcess(const std::filesystem::path& dir, const parallel::ExpertPlacement* placement) {
     auto single = Model::Load(dir);
     ASSERT_TRUE(single.ok()) << single.status().ToString();
@@ -50,15 +64,7 @@ class DistributedModelTest : public ::testing::Test {
     auto want = Generate(**single, prompt, o);
     auto got = Generate(**dist, prompt, o);
     ASSERT_TRUE(want.ok() && got.ok());
-    ASSERT_EQ(got->prompt_logits.size(), want->prompt_logits.size());
-    for (size_t row = 0; row < prompt.size(); ++row) {
-      double diff = 0, scale = 0;
-      for (int64_t i = 0; i < vocab; ++i) {
-        diff = std::max(diff, std::fabs(double(got->prompt_logits[row * vocab + i]) - want->prompt_logits[row * vocab + i]));
-        scale = std::max(scale, std::fabs(double(want->prompt_logits[row * vocab + i])));
-      }
-      EXPECT_LE(diff / scale, kTolerance) << "position " << row << " on rank " << comm_->rank();
-    }
+    ExpectRowsClose(got->prompt_logits, want->prompt_logits, vocab, "");
     EXPECT_EQ(got->tokens, want->tokens);
     // Expert counts are the job's, not this rank's.
     for (size_t l = 0; l < want->expert_counts.tokens.size(); ++l) {
@@ -115,17 +121,7 @@ class DistributedModelTest : public ::testing::Test {
     ASSERT_TRUE(want.ok()) << want.status().ToString();
     ASSERT_TRUE(got.ok()) << got.status().ToString();
     for (size_t p = 0; p < prompts.size(); ++p) {
-      const auto& w = (*want)[p].prompt_logits;
-      const auto& g = (*got)[p].prompt_logits;
-      ASSERT_EQ(g.size(), w.size()) << "prompt " << p;
-      for (size_t row = 0; row < prompts[p].size(); ++row) {
-        double diff = 0, scale = 0;
-        for (int64_t i = 0; i < vocab; ++i) {
-          diff = std::max(diff, std::fabs(double(g[row * vocab + i]) - w[row * vocab + i]));
-          scale = std::max(scale, std::fabs(double(w[row * vocab + i])));
-        }
-        EXPECT_LE(diff / scale, kTolerance) << "prompt " << p << ", position " << row << " on rank " << comm_->rank();
-      }
+      ExpectRowsClose((*got)[p].prompt_logits, (*want)[p].prompt_logits, vocab, "prompt " + std::to_string(p) + ", ");
       EXPECT_EQ((*got)[p].tokens, (*want)[p].tokens) << "prompt " << p;
     }
     for (size_t l = 0; l < (*want)[0].expert_counts.tokens.size(); ++l) {
