@@ -116,6 +116,7 @@ void Scheduler::Detach(const std::string& why, bool resume) {
   for (const uint64_t id : order) {
     Request& r = requests_.at(id);
     r.blocks.clear();
+    r.cache = 0;  // the next job may hold fewer caches; admission places it again
     r.cached = 0;
     r.published = 0;
     if (r.cancelled) {
@@ -235,7 +236,7 @@ void Scheduler::Cancel(uint64_t id, const std::string& outcome) {
 void Scheduler::Remove(uint64_t id) {
   auto it = requests_.find(id);
   if (it == requests_.end()) return;
-  pools_[static_cast<size_t>(it->second.cache)].Release(it->second.blocks);
+  pools_.at(static_cast<size_t>(it->second.cache)).Release(it->second.blocks);
   requests_.erase(it);
   waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), id), waiting_.end());
   running_.erase(std::remove(running_.begin(), running_.end(), id), running_.end());

@@ -1288,5 +1288,25 @@ TEST(SchedulerDataParallel, RequestsGoWhereLoadIsLeastAndFollowTheirPrefixWhenBa
   EXPECT_EQ(Events(c).back().cached_tokens, 12);
 }
 
+TEST(SchedulerDataParallel, ARequestResumedOnAJobOfFewerRanksIsPlacedAgain) {
+  SchedulerOptions o = Options(4, 8);
+  Scheduler s(o);
+  s.Attach(Model(), 4);
+  std::vector<Client> clients;
+  for (int i = 0; i < 4; ++i) clients.push_back(Submit(s, Request(Prompt(20, 10 + i), 4)));  // one per rank
+  v1::internal::Step step;
+  ASSERT_TRUE(s.NextStep(&step));
+  ASSERT_EQ(RankOf(step, clients[3].id), 3);
+  s.Detach("rank 3 died", /*resume=*/true);
+  s.Attach(Model(), 2);  // the job came back on two ranks
+  s.Cancel(clients[3].id);  // a waiting request placed on a rank that is gone leaves cleanly
+  ASSERT_TRUE(s.NextStep(&step));
+  for (const auto& w : step.sequences()) EXPECT_LT(w.rank(), 2);
+  ASSERT_TRUE(s.Complete(Answer(step)).ok());
+  RunToEnd(s);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(Tokens(Events(clients[i])).size(), 4u) << i;
+  EXPECT_EQ(s.Stats().free_blocks, 16);
+}
+
 }  // namespace
 }  // namespace epic::coordinator
