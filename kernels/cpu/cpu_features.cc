@@ -4,6 +4,9 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 #if defined(__linux__) && defined(__x86_64__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -41,9 +44,11 @@ Isa Detect() {
   }
   if (!__builtin_cpu_supports("avx512vnni")) return Isa::kAvx512;
   if (!__builtin_cpu_supports("avx512bf16")) return Isa::kAvx512Vnni;
-  if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile") || !AmxPermitted()) {
-    return Isa::kAvx512Bf16;
-  }
+  // CPUID leaf 7: AMX-BF16 is EDX bit 22, AMX-TILE bit 24 (not every compiler's
+  // __builtin_cpu_supports knows them).
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  const bool amx = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1) && (d >> 24 & 1);
+  if (!amx || !AmxPermitted()) return Isa::kAvx512Bf16;
   return Isa::kAmx;
 #else
   return Isa::kPlain;
