@@ -19,6 +19,7 @@
 #include <fstream>
 #include <memory>
 #include <functional>
+#include <latch>
 #include <random>
 #include <sstream>
 #include <string>
@@ -629,8 +630,14 @@ TEST_P(FaultTest, FiftySixRequestsSurviveAndEndAsUndisturbed) {
   auto serve = [&](const std::function<void()>& disturb) {
     std::vector<Outcome> out(requests.size());
     std::vector<std::thread> callers;
+    // Every caller started before any calls: the burst arrives at once, not over the
+    // first steps (a fault must not find requests still to come).
+    std::latch start(static_cast<std::ptrdiff_t>(requests.size()));
     for (size_t i = 0; i < requests.size(); ++i) {
-      callers.emplace_back([&, i] { out[i] = client.Generate(requests[i], 180s); });
+      callers.emplace_back([&, i] {
+        start.arrive_and_wait();
+        out[i] = client.Generate(requests[i], 180s);
+      });
     }
     if (disturb) disturb();
     for (auto& t : callers) t.join();
@@ -651,6 +658,14 @@ TEST_P(FaultTest, FiftySixRequestsSurviveAndEndAsUndisturbed) {
     // Prefill: the burst's first steps are its prompts' chunks; decode: later, when
     // the first requests stream tokens while others still wait.
     const int64_t at = steps + (fault == Fault::kKillInPrefill ? 2 : 30);
+    auto in_system = [&] {
+      const v1::ModelInfo info = client.Info();
+      return info.requests_running() + info.requests_waiting();
+    };
+    // The whole burst in first (no request can end within its first dozen steps).
+    for (int i = 0; i < 2000 && in_system() < static_cast<int64_t>(requests.size()); ++i) {
+      std::this_thread::sleep_for(2ms);
+    }
     for (int i = 0; i < 3000 && client.Info().steps() < at; ++i) std::this_thread::sleep_for(5ms);
     const v1::ModelInfo now = client.Info();
     hit = std::chrono::steady_clock::now();
@@ -865,6 +880,9 @@ TEST_F(ServingTest, DataParallelAttentionServesWhatTensorParallelDoes) {
       return outcomes;
     };
     runs.push_back(serve());
+    // One more after the burst, sharing its prefix: admitted where that prefix is cached
+    // (requests of one burst are admitted before any of their blocks is cached).
+    runs.back().push_back(client.Generate(requests[0], 60s));
     // The load report shows the same cache.
     const nlohmann::json report = client.Report();
     ASSERT_TRUE(report.contains("cache")) << report.dump();
@@ -886,7 +904,7 @@ TEST_F(ServingTest, DataParallelAttentionServesWhatTensorParallelDoes) {
     fs::remove(*dir_ / "ready.json");
   }
   int64_t cached = 0;
-  for (int i = 0; i < kRequests; ++i) {
+  for (int i = 0; i <= kRequests; ++i) {  // the burst and the one after it
     const Outcome& tp = runs[0][i];
     const Outcome& dp = runs[1][i];
     ASSERT_TRUE(tp.status.ok()) << i << ": " << tp.status.error_message();
