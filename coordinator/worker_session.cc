@@ -246,6 +246,17 @@ grpc::Status WorkerSession::Attach(
     Log("refused a worker job from " + ctx->peer() + ": " + s.message());
     return ToGrpc(s);
   }
+  // Under dp the coordinator keeps a block pool per rank: bound what a hello can make it hold.
+  constexpr int64_t kMostPooledBlocks = int64_t{1} << 22;
+  if (first.hello().attention() == "dp" &&
+      first.hello().ranks_size() * options_.scheduler.num_blocks > kMostPooledBlocks) {
+    const std::string why = "hello: " + std::to_string(first.hello().ranks_size()) +
+                            " data-parallel ranks of --cache-blocks " + std::to_string(options_.scheduler.num_blocks) +
+                            " are more cache blocks than the coordinator keeps (" +
+                            std::to_string(kMostPooledBlocks) + ")";
+    Log("refused a worker job from " + ctx->peer() + ": " + why);
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, why);
+  }
   const v1::ModelSummary& model = first.hello().model();
   {
     std::lock_guard<std::mutex> lock(mu_);

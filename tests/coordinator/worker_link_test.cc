@@ -98,6 +98,13 @@ TEST_F(WorkerLinkTest, ImpossibleHellosAreRefusedAndTheNextGoodJobAttaches) {
          lp->add_ranks();
        },
        "layer 7"},
+      {"more data-parallel caches than the coordinator keeps",
+       [](v1::internal::Hello* h) {
+         h->set_attention("dp");
+         for (int r = 1; r < 8192; ++r) h->add_ranks()->set_rank(r);  // x 1024 blocks each
+       },
+       "more cache blocks than the coordinator keeps"},
+      {"an unknown attention mode", [](v1::internal::Hello* h) { h->set_attention("sp"); }, "attention 'sp'"},
       {"eos past the vocabulary", [](v1::internal::Hello* h) { h->mutable_model()->add_eos_token_ids(999); }, "eos"},
       // Found by fuzz/worker_hello.cc (fuzz/corpus/worker_hello/timeout_unplaced_experts): 4
       // of 40440 experts placed kept the planner of every load report busy for seconds.
