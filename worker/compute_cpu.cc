@@ -61,7 +61,10 @@ class CpuBackend final : public ComputeBackend {
 
   Status Mlp(int64_t layer, const float* x, int64_t rows, float* y) override {
     const LayerWeights& L = w_.layers[layer];
-    RunMlp(L.moe ? L.shared : L.dense, x, rows, y, nullptr, nullptr);
+    const MlpWeights& w = L.moe ? L.shared : L.dense;
+    float* gate = Scratch(kGate, rows * w.gate.rows);
+    float* up = Scratch(kUp, rows * w.gate.rows);
+    MlpInto(w, x, rows, gate, up, y, /*accumulate=*/true);
     return OkStatus();
   }
 
@@ -77,10 +80,12 @@ class CpuBackend final : public ComputeBackend {
   }
 
   // Each slot's rows gathered and run together, so its weights are read once for all.
-  // With enough busy slots the threads take whole experts, each product on one thread:
-  // a team woken for every expert's small products cost more than it saved (measured
-  // faster in decode, batched decode and 512-token prefill on both model shapes). With
-  // few, each product takes every thread.
+  // Each grouped row's output lands in a row of its own and is added into OUT afterwards,
+  // in slot order: experts sharing a token never add into its row at once. With enough
+  // busy slots the threads take whole experts, each product on one thread: a team woken
+  // for every expert's small products cost more than it saved (measured faster in
+  // decode, batched decode and 512-token prefill on both model shapes). With few, each
+  // product takes every thread.
   Status Experts(int64_t layer, const float* rows, int64_t received, const parallel::ExpertLayout& layout,
                  float* out) override {
     const LayerWeights& L = w_.layers[layer];
@@ -91,43 +96,27 @@ class CpuBackend final : public ComputeBackend {
       if (layout.offsets[s + 1] > layout.offsets[s]) busy.push_back(static_cast<int64_t>(s));
     }
     const int64_t grouped = layout.offsets.empty() ? 0 : layout.offsets.back();
+    float* each = Scratch(kGroupedOut, std::max<int64_t>(grouped, 1) * hidden);
     const int threads = omp_get_max_threads();
-    if (threads > 1 && static_cast<int64_t>(busy.size()) >= 2 * threads) {
-      // Each grouped row's weighted output in its own row, summed into OUT afterwards:
-      // experts sharing a token must not add into its row at once.
-      float* each = Scratch(kGroupedOut, grouped * hidden);
-#pragma omp parallel for schedule(dynamic, 1)
-      for (size_t j = 0; j < busy.size(); ++j) {
-        const int64_t s = busy[j];
-        const int64_t begin = layout.offsets[s];
-        const int64_t n = layout.offsets[s + 1] - begin;
-        thread_local std::vector<float> gathered, gate, up;
-        gathered.resize(static_cast<size_t>(n * hidden));
-        for (int64_t i = 0; i < n; ++i) {
-          std::memcpy(gathered.data() + i * hidden, rows + layout.grouped_source[begin + i] * hidden,
-                      static_cast<size_t>(hidden) * sizeof(float));
-        }
-        const MlpWeights& w = L.experts[static_cast<size_t>(s)];
-        gate.resize(static_cast<size_t>(n * w.gate.rows));
-        up.resize(gate.size());
-        MlpInto(w, gathered.data(), n, gate.data(), up.data(), each + begin * hidden, /*accumulate=*/false);
-      }
-      // The same sums in the same order as one thread makes them below.
-      for (int64_t g = 0; g < grouped; ++g) {
-        cpu::Axpy(layout.grouped_weight[g], each + g * hidden, hidden, out + layout.grouped_source[g] * hidden);
-      }
-      return OkStatus();
-    }
-    for (const int64_t s : busy) {
+    const bool whole_experts = threads > 1 && static_cast<int64_t>(busy.size()) >= 2 * threads;
+#pragma omp parallel for schedule(dynamic, 1) if (whole_experts)
+    for (size_t j = 0; j < busy.size(); ++j) {
+      const int64_t s = busy[j];
       const int64_t begin = layout.offsets[s];
       const int64_t n = layout.offsets[s + 1] - begin;
-      float* gathered = Scratch(kGathered, n * hidden);
+      thread_local std::vector<float> gathered, gate, up;
+      gathered.resize(static_cast<size_t>(n * hidden));
       for (int64_t i = 0; i < n; ++i) {
-        std::memcpy(gathered + i * hidden, rows + layout.grouped_source[begin + i] * hidden,
+        std::memcpy(gathered.data() + i * hidden, rows + layout.grouped_source[begin + i] * hidden,
                     static_cast<size_t>(hidden) * sizeof(float));
       }
-      RunMlp(L.experts[s], gathered, n, out, layout.grouped_weight.data() + begin,
-             layout.grouped_source.data() + begin);
+      const MlpWeights& w = L.experts[static_cast<size_t>(s)];
+      gate.resize(static_cast<size_t>(n * w.gate.rows));
+      up.resize(gate.size());
+      MlpInto(w, gathered.data(), n, gate.data(), up.data(), each + begin * hidden, /*accumulate=*/false);
+    }
+    for (int64_t g = 0; g < grouped; ++g) {
+      cpu::Axpy(layout.grouped_weight[g], each + g * hidden, hidden, out + layout.grouped_source[g] * hidden);
     }
     return OkStatus();
   }
@@ -166,8 +155,8 @@ class CpuBackend final : public ComputeBackend {
 
  private:
   // The backend's own scratch, beside the schedule's activations.
-  enum : int { kQ, kQa, kLatent, kCKv, kKPe, kKv, kQLatent, kQPe, kOLatent, kRouter, kGathered, kGate, kUp, kY,
-               kSelected, kGroupedOut, kScratchCount };
+  enum : int { kQ, kQa, kLatent, kCKv, kKPe, kKv, kQLatent, kQPe, kOLatent, kRouter, kGate, kUp, kSelected, kGroupedOut,
+               kScratchCount };
 
   // BUFFERS[ID] grown to hold at least N values (never shrunk); its data. A fresh
   // allocation of this size in every step costs a page clear per 4 KiB, which showed as
@@ -189,23 +178,6 @@ class CpuBackend final : public ComputeBackend {
     cpu::MatMul(x, tokens, hidden, w.up, up, inter);
     cpu::SiluMul(gate, up, tokens * inter, gate);
     cpu::MatMul(gate, tokens, inter, w.down, y, hidden, accumulate);
-  }
-
-  // y += down(silu(gate(x)) * up(x)); a routed expert's rows scaled by ROW_SCALE and
-  // added to the rows ROWS names.
-  void RunMlp(const MlpWeights& w, const float* x, int64_t tokens, float* y, const float* row_scale,
-              const int32_t* rows) {
-    const int64_t hidden = c_.hidden_size;
-    const int64_t inter = w.gate.rows;
-    float* gate = Scratch(kGate, tokens * inter);
-    float* up = Scratch(kUp, tokens * inter);
-    if (rows == nullptr) {
-      MlpInto(w, x, tokens, gate, up, y, /*accumulate=*/true);
-      return;
-    }
-    float* out = Scratch(kY, tokens * hidden);
-    MlpInto(w, x, tokens, gate, up, out, /*accumulate=*/false);
-    for (int64_t t = 0; t < tokens; ++t) cpu::Axpy(row_scale[t], out + t * hidden, hidden, y + rows[t] * hidden);
   }
 
   const ModelConfig& c_;
