@@ -12,7 +12,6 @@
 #include <chrono>
 #include <cstdio>
 #include <string>
-#include <string_view>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -51,16 +50,10 @@ struct PerToken {
 // median step's tokens/s against the step's bound. Every weight outside the routed
 // experts is read once a step (STEP_BYTES, STEP_MACS per token); each routed expert at
 // least one token chose in the step once (EXPERT_BYTES); each sequence's cache rows once.
-void BatchedDecode(epic::Model& model, const std::string& batches_text, int64_t context, int64_t steps,
+epic::Status BatchedDecode(epic::Model& model, const std::vector<int64_t>& batches, int64_t context, int64_t steps,
                    double buffer_gib, double gemm_gflops, int64_t step_bytes, int64_t step_macs, int64_t expert_bytes,
                    int64_t expert_macs, int64_t row_bytes) {
   const epic::ModelConfig& c = model.config();
-  std::vector<int64_t> batches;
-  for (size_t at = 0; at < batches_text.size();) {
-    const size_t end = std::min(batches_text.find(',', at), batches_text.size());
-    batches.push_back(std::stoll(batches_text.substr(at, end - at)));
-    at = end + 1;
-  }
   std::printf("batched decode: %lld context tokens a sequence, %lld steps (median); bound: the larger of "
               "read (distinct weights + cache) and compute (F32 GEMM rate)\n",
               static_cast<long long>(context), static_cast<long long>(steps));
@@ -73,14 +66,14 @@ void BatchedDecode(epic::Model& model, const std::string& batches_text, int64_t 
     std::vector<std::vector<int32_t>> prompts(static_cast<size_t>(b));
     std::vector<epic::SequenceStep> batch(static_cast<size_t>(b));
     for (int64_t i = 0; i < b; ++i) {
-      if (!cache->Reserve(&tables[i], context + steps).ok()) return;
+      EPIC_RETURN_IF_ERROR(cache->Reserve(&tables[i], context + steps));
       for (int64_t t = 0; t < context; ++t) {
         prompts[i].push_back(static_cast<int32_t>((i * 104729 + t * 7919 + 13) % c.vocab_size));
       }
       batch[i] = {&tables[i], prompts[i], false};
     }
     std::vector<float> logits;
-    if (!model.Forward(batch, cache.get(), &logits).ok()) return;
+    EPIC_RETURN_IF_ERROR(model.Forward(batch, cache.get(), &logits));
     const epic::bench::Bandwidth bw = epic::bench::MeasureBandwidth(buffer_gib, 2);
     std::vector<int32_t> next(static_cast<size_t>(b));
     std::vector<double> step_s, ratios, bytes_per_step;
@@ -94,7 +87,7 @@ void BatchedDecode(epic::Model& model, const std::string& batches_text, int64_t 
       }
       epic::ExpertCounts counts;
       const auto t0 = Clock::now();
-      if (!model.Forward(batch, cache.get(), &logits, &counts).ok()) return;
+      EPIC_RETURN_IF_ERROR(model.Forward(batch, cache.get(), &logits, &counts));
       const double seconds = Since(t0);
       int64_t distinct = 0, routed = 0;
       for (const auto& layer : counts.tokens) {
@@ -116,6 +109,7 @@ void BatchedDecode(epic::Model& model, const std::string& batches_text, int64_t 
     std::printf("%6lld %10.1f %10.2f %12.1f %9.1f/s %8.2f %8s\n", static_cast<long long>(b), b / step, step * 1e3,
                 Median(bytes_per_step) / 1e6, b / (ratio * step), ratio, compute_bound ? "compute" : "read");
   }
+  return epic::OkStatus();
 }
 
 }  // namespace
@@ -130,7 +124,7 @@ int main(int argc, char** argv) {
   int threads = 0;
   double buffer_gib = 1.0;
   bool mapped = false;
-  std::string batches_text;
+  std::vector<int64_t> batches;
   int64_t batch_context = 32;
   int64_t batch_steps = 8;
   app.add_option("--model", model_dir, "checkpoint directory")->required();
@@ -140,9 +134,10 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "threads (0: one per core)");
   app.add_option("--buffer-gib", buffer_gib, "buffer for the bandwidth measurement")->capture_default_str();
   app.add_flag("--mmap", mapped, "weights in place from the file mapping (4 KiB pages)");
-  app.add_option("--batch", batches_text,
+  app.add_option("--batch", batches,
                  "batched decode: sequences per step, comma-separated (e.g. 1,4,16,64); each sequence "
-                 "prefilled with --batch-context tokens first");
+                 "prefilled with --batch-context tokens first")
+      ->delimiter(',')->check(CLI::PositiveNumber);
   app.add_option("--batch-context", batch_context, "prompt tokens of each batched sequence")->capture_default_str();
   app.add_option("--batch-steps", batch_steps, "decode steps timed per batch size")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
@@ -287,9 +282,14 @@ int main(int argc, char** argv) {
                 *std::min_element(round_ratio.begin(), round_ratio.end()),
                 *std::max_element(round_ratio.begin(), round_ratio.end()));
   }
-  if (!batches_text.empty()) {
-    BatchedDecode(model, batches_text, batch_context, batch_steps, buffer_gib, gemm.gflops, shared_by_step.bytes +
-                  lm_head_bytes, shared_by_step.macs + Params(w.lm_head), expert_bytes, expert_macs, row_bytes);
+  if (!batches.empty()) {
+    const epic::Status s =
+        BatchedDecode(model, batches, batch_context, batch_steps, buffer_gib, gemm.gflops, shared_by_step.bytes +
+                      lm_head_bytes, shared_by_step.macs + Params(w.lm_head), expert_bytes, expert_macs, row_bytes);
+    if (!s.ok()) {
+      std::fprintf(stderr, "model_bench: %s\n", s.ToString().c_str());
+      return 1;
+    }
   }
   return 0;
 }
