@@ -151,6 +151,10 @@ int64_t Scheduler::ContextToPrefill(const Request& r) {
   return r.spec.prompt_token_ids_size() + std::max<int64_t>(0, static_cast<int64_t>(r.output.size()) - 1);
 }
 
+int64_t Scheduler::TokensToRun(const Request& r) {
+  return std::max<int64_t>(ContextToPrefill(r) - r.cached, 1);
+}
+
 int64_t Scheduler::BlocksFor(const v1::GenerateRequest& request) const {
   // Every row the request can write: the prompt and all but the last sampled token.
   const int64_t rows = request.prompt_token_ids_size() + static_cast<int64_t>(request.max_tokens()) - 1;
@@ -284,7 +288,7 @@ void Scheduler::Admit() {
   for (const uint64_t id : running_) {
     const Request& r = requests_.at(id);
     ++running[static_cast<size_t>(r.cache)];
-    work[static_cast<size_t>(r.cache)] += std::max<int64_t>(ContextToPrefill(r) - r.cached, 1);
+    work[static_cast<size_t>(r.cache)] += TokensToRun(r);
   }
   // First come, first served: a request that does not fit holds back those behind it,
   // so a long one is never starved by a stream of short ones.
@@ -310,7 +314,7 @@ void Scheduler::Admit() {
     const std::vector<int32_t> more = pool.Allocate(fresh);
     r.blocks.insert(r.blocks.end(), more.begin(), more.end());
     ++running[static_cast<size_t>(cache)];
-    work[static_cast<size_t>(cache)] += std::max<int64_t>(ContextToPrefill(r) - r.cached, 1);
+    work[static_cast<size_t>(cache)] += TokensToRun(r);
     running_.push_back(r.id);
     waiting_.pop_front();
     admitted = true;

@@ -175,6 +175,9 @@ class Scheduler {
   // Tokens whose rows the cache must hold before R samples again: its prompt and all but
   // the last token it generated (that one is the next step's input).
   static int64_t ContextToPrefill(const Request& r);
+  // The tokens R's next steps run before it samples again: the rest of its prefill, or
+  // one for a decode. What placement balances across caches.
+  static int64_t TokensToRun(const Request& r);
   void Remove(uint64_t id);
   void Admit();
   // The cache R goes to (NEED blocks), with the prefix blocks it shares there, or -1 when
