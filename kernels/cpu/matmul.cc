@@ -36,6 +36,7 @@
 #include "common/half.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/matmul_internal.h"
+#include "kernels/cpu/thread_scratch.h"
 
 namespace epic::cpu {
 
@@ -113,27 +114,12 @@ inline float Widen(W v) {
   }
 }
 
-// Per-thread scratch buffers.
+// Per-thread scratch buffers (kernels/cpu/thread_scratch.h).
 enum ScratchSlot { kPackedX, kPackedW, kPermutedX, kScratchSlots };
 
-// Scratch that lives as long as its thread, so that repeated calls do not fault in
-// fresh pages; grows to the largest request seen.
 float* ThreadScratch(ScratchSlot slot, int64_t floats) {
-  struct Buffer {
-    float* data = nullptr;
-    int64_t floats = 0;
-    ~Buffer() { std::free(data); }
-  };
-  thread_local Buffer buffers[kScratchSlots];
-  Buffer& b = buffers[slot];
-  if (b.floats < floats) {
-    std::free(b.data);
-    const size_t bytes = (static_cast<size_t>(floats) * sizeof(float) + 63) / 64 * 64;
-    b.data = static_cast<float*>(std::aligned_alloc(64, bytes));
-    if (b.data == nullptr) throw std::bad_alloc();
-    b.floats = floats;
-  }
-  return b.data;
+  thread_local epic::cpu::ScratchBuffer buffers[kScratchSlots];
+  return static_cast<float*>(buffers[slot].Get(floats * static_cast<int64_t>(sizeof(float))));
 }
 
 // ---------------------------------------------------------------------------------

@@ -15,13 +15,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
-#include <new>
 #include <vector>
 
 #include "common/half.h"
 #include "kernels/cpu/cpu_features.h"
+#include "kernels/cpu/thread_scratch.h"
 
 namespace epic::cpu {
 namespace {
@@ -34,24 +33,11 @@ constexpr int64_t kKStep = 32;      // k values one A tile row (64 bytes of BF16
 
 int64_t RoundUp(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
-// Per-thread scratch that lives as long as the thread, grown to the largest request.
+// Per-thread scratch: slot 0 the packed panels, 1 the output block.
 template <typename T>
 T* Scratch(int slot, int64_t count) {
-  struct Buffer {
-    void* data = nullptr;
-    int64_t bytes = 0;
-    ~Buffer() { std::free(data); }
-  };
-  thread_local Buffer buffers[3];
-  Buffer& b = buffers[slot];
-  const int64_t bytes = RoundUp(count * static_cast<int64_t>(sizeof(T)), 64);
-  if (b.bytes < bytes) {
-    std::free(b.data);
-    b.data = std::aligned_alloc(64, static_cast<size_t>(bytes));
-    if (b.data == nullptr) throw std::bad_alloc();
-    b.bytes = bytes;
-  }
-  return static_cast<T*>(b.data);
+  thread_local ScratchBuffer buffers[2];
+  return static_cast<T*>(buffers[slot].Get(count * static_cast<int64_t>(sizeof(T))));
 }
 
 // XB [rows_padded, kp] = x rounded to BF16, zero beyond m rows and k columns.
