@@ -292,10 +292,7 @@ Status ParseReport(const json& j, ReportView* r) {
   if (!schema->is_string() || schema->get<std::string>() != "epic.load_report/1") {
     return Problem("schema", "expected \"epic.load_report/1\", got " + schema->dump());
   }
-  const json* model = nullptr;
-  EPIC_RETURN_IF_ERROR(Member(j, "", "model_type", &model));
-  if (!model->is_string()) return Problem("model_type", "expected a string, " + Got(*model));
-  r->model_type = model->get<std::string>();
+  EPIC_RETURN_IF_ERROR(String(j, "", "model_type", &r->model_type));
   EPIC_RETURN_IF_ERROR(Integer(j, "", "ranks", &r->ranks));
   if (r->ranks < 1) return Problem("ranks", "must be >= 1");
   EPIC_RETURN_IF_ERROR(Integer(j, "", "experts", &r->experts));
