@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -35,6 +36,7 @@
 
 #include "common/half.h"
 #include "kernels/cpu/cpu_features.h"
+#include "kernels/cpu/matmul_int8.h"
 #include "kernels/cpu/matmul_internal.h"
 #include "kernels/cpu/thread_scratch.h"
 
@@ -42,19 +44,43 @@ namespace epic::cpu {
 
 WeightMatrix WeightMatrix::Rows(int64_t begin, int64_t count) const {
   WeightMatrix view = *this;
-  view.data = static_cast<const char*>(data) + begin * row_stride * ElementBytes();
+  if (type == WeightType::kI8) {
+    // Panels of 16 rows (matmul_int8.h): a view starts at a panel.
+    if (begin % 16 != 0) {
+      std::fprintf(stderr, "epic: rows of an int8 matrix from %lld: not a multiple of 16\n",
+                   static_cast<long long>(begin));
+      std::abort();
+    }
+    view.data = static_cast<const char*>(data) + begin * row_stride;
+    view.scales = scales + begin;
+  } else {
+    view.data = static_cast<const char*>(data) + begin * row_stride * ElementBytes();
+  }
   view.rows = count;
   return view;
 }
 
 WeightMatrix WeightMatrix::Cols(int64_t begin, int64_t count) const {
+  if (type == WeightType::kI8) {
+    std::fprintf(stderr, "epic: a column view of an int8 matrix (its rows' scales cover every column)\n");
+    std::abort();
+  }
   WeightMatrix view = *this;
   view.data = static_cast<const char*>(data) + begin * ElementBytes();
   view.cols = count;
   return view;
 }
 
+int64_t WeightMatrix::Bytes() const {
+  if (type == WeightType::kI8) return (rows + 15) / 16 * 16 * row_stride;
+  return rows * row_stride * ElementBytes();
+}
+
 float WeightMatrix::At(int64_t r, int64_t c) const {
+  if (type == WeightType::kI8) {
+    const auto* panel = static_cast<const uint8_t*>(data) + (r / 16) * 16 * row_stride + (r % 16) * 4;
+    return static_cast<float>(int{panel[(c / 4) * 64 + c % 4]} - 128) * scales[r];
+  }
   const int64_t index = r * row_stride + c;
   if (type == WeightType::kBF16) return Bf16ToFloat(static_cast<const uint16_t*>(data)[index]);
   return static_cast<const float*>(data)[index];
@@ -88,22 +114,8 @@ constexpr int64_t kGemmBlockCols = 384;
 // Bytes of packed x kept per thread; rows of x beyond it are handled in chunks.
 constexpr int64_t kXPackBytes = 4 << 20;
 
-// Minimum work (multiply-adds) worth waking another thread for.
-constexpr double kMinWorkPerThread = 1 << 16;
-
-int TeamSize(double work) {
-  if (omp_in_parallel()) return 1;
-  const int max_threads = omp_get_max_threads();
-  const double by_work = work / kMinWorkPerThread;
-  if (by_work < 2) return 1;
-  return static_cast<int>(std::min<double>(max_threads, by_work));
-}
-
-// [begin, end) of part `index` of `count` near-equal parts of `total` units.
-inline void SplitRange(int64_t total, int count, int index, int64_t* begin, int64_t* end) {
-  *begin = total * index / count;
-  *end = total * (index + 1) / count;
-}
+using internal::SplitRange;
+using internal::TeamSize;
 
 template <typename W>
 inline float Widen(W v) {
@@ -400,6 +412,7 @@ void MatMul(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float
             int64_t ldy, bool accumulate) {
   if (m <= 0 || w.rows <= 0) return;
   if (w.cols <= 0) return ZeroOutput(m, w.rows, y, ldy, accumulate);
+  if (w.type == WeightType::kI8) return internal::MatMulInt8(x, m, ldx, w, y, ldy, accumulate);
   if (w.type == WeightType::kBF16) {
     MatMulTyped(x, m, ldx, static_cast<const Bf16*>(w.data), w.row_stride, w.rows, w.cols, y,
                 ldy, accumulate);
@@ -413,6 +426,10 @@ void MatMulNoTrans(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w
                    int64_t ldy, bool accumulate) {
   if (m <= 0 || w.cols <= 0) return;
   if (w.rows <= 0) return ZeroOutput(m, w.cols, y, ldy, accumulate);
+  if (w.type == WeightType::kI8) {
+    std::fprintf(stderr, "epic: MatMulNoTrans of an int8 matrix\n");
+    std::abort();
+  }
   if (w.type == WeightType::kBF16) {
     MatMulNoTransTyped(x, m, ldx, static_cast<const Bf16*>(w.data), w.row_stride, w.rows,
                        w.cols, y, ldy, accumulate);
@@ -434,6 +451,7 @@ void MatMulPlain(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, 
                  int64_t ldy, bool accumulate) {
   if (m <= 0 || w.rows <= 0) return;
   if (w.cols <= 0) return ZeroOutput(m, w.rows, y, ldy, accumulate);
+  if (w.type == WeightType::kI8) return internal::MatMulInt8Plain(x, m, ldx, w, y, ldy, accumulate);
   if (w.type == WeightType::kBF16) {
     MatMulPlainRows(x, m, ldx, static_cast<const Bf16*>(w.data), w.row_stride, w.cols, 0,
                     w.rows, y, ldy, accumulate);

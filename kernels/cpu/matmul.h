@@ -1,5 +1,6 @@
 // Matrix products with weights read in place from the checkpoint (BF16 or F32),
-// F32 activations and F32 accumulation. Multi-threaded with OpenMP; vectorised with
+// F32 activations and F32 accumulation; or, for the fast precision, with weights
+// quantized to int8 (kernels/cpu/matmul_int8.h). Multi-threaded with OpenMP; vectorised with
 // AVX-512, else AVX2 + FMA, where the processor has them (detected at run time,
 // kernels/cpu/cpu_features.h), plain C++ elsewhere.
 #pragma once
@@ -8,7 +9,13 @@
 
 namespace epic::cpu {
 
-enum class WeightType : uint8_t { kF32, kBF16 };
+enum class WeightType : uint8_t {
+  kF32,
+  kBF16,
+  // Int8 with a scale per row, packed for VNNI (QuantizeInt8): row_stride is the
+  // padded number of columns, `scales` the rows' scales.
+  kI8,
+};
 
 // A row-major weight matrix as a Hugging Face Linear stores it: [rows = out features,
 // cols = in features]. row_stride (in elements) lets a view select a block of
@@ -19,25 +26,29 @@ struct WeightMatrix {
   int64_t rows = 0;
   int64_t cols = 0;
   int64_t row_stride = 0;
+  const float* scales = nullptr;  // kI8 only
 
-  // Rows [begin, begin + count).
+  // Rows [begin, begin + count); for kI8 BEGIN must be a multiple of 16 (a panel).
   WeightMatrix Rows(int64_t begin, int64_t count) const;
-  // Columns [begin, begin + count).
+  // Columns [begin, begin + count); not for kI8.
   WeightMatrix Cols(int64_t begin, int64_t count) const;
-  int64_t ElementBytes() const { return type == WeightType::kBF16 ? 2 : 4; }
+  int64_t ElementBytes() const { return type == WeightType::kF32 ? 4 : type == WeightType::kBF16 ? 2 : 1; }
+  // The memory the matrix's values span (for kI8 its panels, without the scales).
+  int64_t Bytes() const;
   // Element (r, c) widened to float: for tests and slow paths only.
   float At(int64_t r, int64_t c) const;
 };
 
 // y[i, n] = sum_k x[i, k] * w[n, k]   for i < m, n < w.rows, k < w.cols.
 // x is [m, ldx] (ldx >= w.cols), y is [m, ldy] (ldy >= w.rows). With accumulate,
-// y += instead of y =. REQUIRES: x and y do not overlap.
+// y += instead of y =. With kI8 weights each row of x is quantized to int8 first
+// (MatMulInt8). REQUIRES: x and y do not overlap.
 void MatMul(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y,
             int64_t ldy, bool accumulate = false);
 
 // y[i, k] = sum_n x[i, n] * w[n, k]   for i < m, n < w.rows, k < w.cols: the product
 // with the weight itself rather than its transpose (MLA's absorbed decode folds
-// W_UK into the query this way). x is [m, ldx], y is [m, ldy].
+// W_UK into the query this way). x is [m, ldx], y is [m, ldy]. Not for kI8.
 void MatMulNoTrans(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y,
                    int64_t ldy, bool accumulate = false);
 

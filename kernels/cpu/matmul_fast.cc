@@ -283,7 +283,7 @@ void MatMul(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float
             Precision precision) {
   const Path path = ActivePath();
   if (precision == Precision::kExact || path == Path::kNone || m < internal::kFastMinRows || w.rows <= 0 ||
-      w.cols <= 0) {
+      w.cols <= 0 || w.type == WeightType::kI8) {
     MatMul(x, m, ldx, w, y, ldy, accumulate);
     return;
   }

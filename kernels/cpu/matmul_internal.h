@@ -3,12 +3,31 @@
 // active path's micro-kernel on cache-resident data (the compute bound of MatMul).
 #pragma once
 
+#include <omp.h>
+
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/matmul.h"
 
 namespace epic::cpu::internal {
+
+// Threads worth waking for WORK multiply-adds (at least 2^16 each): 1 inside a parallel
+// region, where the caller already spread its work.
+inline int TeamSize(double work) {
+  constexpr double kMinWorkPerThread = 1 << 16;
+  if (omp_in_parallel()) return 1;
+  const double by_work = work / kMinWorkPerThread;
+  if (by_work < 2) return 1;
+  return static_cast<int>(std::min<double>(omp_get_max_threads(), by_work));
+}
+
+// [begin, end) of part INDEX of COUNT near-equal parts of TOTAL units.
+inline void SplitRange(int64_t total, int count, int index, int64_t* begin, int64_t* end) {
+  *begin = total * index / count;
+  *end = total * (index + 1) / count;
+}
 
 // The kernels MatMul and MatMulNoTrans run: kAvx512, kAvx2 or kPlain, the widest of those
 // that ActiveIsa() allows (EPIC_CPU_ISA narrows it).

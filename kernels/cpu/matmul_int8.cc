@@ -1,0 +1,320 @@
+// Int8 products (kernels/cpu/matmul_int8.h). The activations are quantized once per
+// call into per-thread scratch; threads split the weight panels; each takes 4 panels
+// (64 output columns) at a time and runs blocks of up to 6 rows of x over them, k in
+// chunks that keep the 4 panels' part in L1, summing in an int32 block that the last
+// chunk scales into y.
+#include "kernels/cpu/matmul_int8.h"
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common/half.h"
+#include "kernels/cpu/matmul_internal.h"
+#include "kernels/cpu/thread_scratch.h"
+
+namespace epic::cpu {
+namespace {
+
+constexpr int64_t kPanelRows = 16;                   // output columns of one packed panel
+constexpr int64_t kGroup = 4;                        // k values one int32 lane sums
+constexpr int64_t kGroupBytes = kPanelRows * kGroup;  // one vpdpbusd operand
+constexpr int kBlockPanels = 4;                      // panels a block of x runs over
+constexpr int kBlockRows = 6;                        // rows of x in a register block
+constexpr int64_t kChunkGroups = 64;                 // k/4 per chunk: 4 panels x 4 KiB in L1
+constexpr int64_t kBlockCols = kBlockPanels * kPanelRows;
+constexpr uint8_t kOffset = 128;
+
+int64_t RoundUp(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+int64_t PaddedCols(int64_t cols) { return RoundUp(cols, kGroup); }
+int64_t PanelBytes(int64_t padded_cols) { return kPanelRows * padded_cols; }
+
+// Per-thread scratch: the quantized activations, their sums and scales (the calling
+// thread's), and each worker's int32 block.
+enum Slot { kXq, kXSums, kXScales, kAcc, kSlots };
+template <typename T>
+T* Scratch(Slot slot, int64_t count) {
+  thread_local ScratchBuffer buffers[kSlots];
+  return static_cast<T*>(buffers[slot].Get(std::max<int64_t>(count, 1) * static_cast<int64_t>(sizeof(T))));
+}
+
+// One row quantized: Q[0, padded) = round(x / scale) (zero past K); returns the scale
+// (max |x| / 127; NaN when the row has a NaN or an infinity, so that its products are
+// NaN as the exact ones would be not finite) and sets SUM to the sum of Q.
+float QuantizeRowPlain(const float* x, int64_t k, int64_t padded, int8_t* q, int32_t* sum) {
+  float amax = 0.0f;
+  float poison = 0.0f;  // NaN when any x is not finite (inf * 0 and NaN * 0 are NaN)
+  for (int64_t c = 0; c < k; ++c) {
+    amax = std::max(amax, std::fabs(x[c]));
+    poison += x[c] * 0.0f;
+  }
+  std::memset(q, 0, static_cast<size_t>(padded));
+  *sum = 0;
+  if (poison != 0.0f || std::isnan(poison)) return std::numeric_limits<float>::quiet_NaN();
+  if (amax == 0.0f) return 0.0f;
+  const float inv = 127.0f / amax;
+  int32_t s = 0;
+  for (int64_t c = 0; c < k; ++c) {
+    const auto v = static_cast<int32_t>(std::nearbyint(x[c] * inv));
+    q[c] = static_cast<int8_t>(v);
+    s += v;
+  }
+  *sum = s;
+  return amax / 127.0f;
+}
+
+#define EPIC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+EPIC_VNNI float QuantizeRowVnni(const float* x, int64_t k, int64_t padded, int8_t* q, int32_t* sum) {
+  __m512 amax = _mm512_setzero_ps();
+  __m512 poison = _mm512_setzero_ps();
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t c = 0; c < k; c += 16) {
+    const __mmask16 mask = k - c >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (k - c)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(mask, x + c);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+    poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
+  }
+  const float a = _mm512_reduce_max_ps(amax);
+  const float p = _mm512_reduce_add_ps(poison);
+  std::memset(q + k, 0, static_cast<size_t>(padded - k));
+  *sum = 0;
+  if (p != 0.0f || std::isnan(p)) {
+    std::memset(q, 0, static_cast<size_t>(k));
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  if (a == 0.0f) {
+    std::memset(q, 0, static_cast<size_t>(k));
+    return 0.0f;
+  }
+  const __m512 inv = _mm512_set1_ps(127.0f / a);
+  __m512i s = _mm512_setzero_si512();
+  for (int64_t c = 0; c < k; c += 16) {
+    const __mmask16 mask = k - c >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (k - c)) - 1);
+    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + c), inv));
+    s = _mm512_add_epi32(s, v);
+    _mm_mask_storeu_epi8(q + c, mask, _mm512_cvtsepi32_epi8(v));
+  }
+  *sum = _mm512_reduce_add_epi32(s);
+  return a / 127.0f;
+}
+
+float QuantizeRow(bool vnni, const float* x, int64_t k, int64_t padded, int8_t* q, int32_t* sum) {
+  return vnni ? QuantizeRowVnni(x, k, padded, q, sum) : QuantizeRowPlain(x, k, padded, q, sum);
+}
+
+struct QuantizedX {
+  const int8_t* q;  // [m][padded]
+  const int32_t* sums;
+  const float* scales;
+};
+
+QuantizedX QuantizeActivations(bool vnni, const float* x, int64_t m, int64_t ldx, int64_t k, int64_t padded) {
+  auto* q = Scratch<int8_t>(kXq, m * padded);
+  auto* sums = Scratch<int32_t>(kXSums, m);
+  auto* scales = Scratch<float>(kXScales, m);
+#pragma omp parallel for schedule(static) if (!omp_in_parallel() && m * k >= (1 << 18))
+  for (int64_t i = 0; i < m; ++i) scales[i] = QuantizeRow(vnni, x + i * ldx, k, padded, q + i * padded, sums + i);
+  return {q, sums, scales};
+}
+
+// y = (acc - 128 * sum_x) * (scale_x * scale_w): the one formula both paths use.
+inline float Dequantize(int32_t acc, int32_t x_sum, float x_scale, float w_scale) {
+  return static_cast<float>(acc - int32_t{kOffset} * x_sum) * (x_scale * w_scale);
+}
+
+// ACC [rows][ldc] (+)= the int32 products of ROWS rows of XQ with NP panels at W over
+// GROUPS groups of 4 columns.
+template <int kRows, int kPanels>
+EPIC_VNNI void Block(const int8_t* xq, int64_t ldq, const uint8_t* w, int64_t panel_bytes, int64_t groups,
+                     int32_t* acc, int64_t ldc, bool first) {
+  __m512i c[kRows][kPanels];
+#pragma GCC unroll 8
+  for (int i = 0; i < kRows; ++i) {
+#pragma GCC unroll 4
+    for (int p = 0; p < kPanels; ++p) {
+      c[i][p] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(acc + i * ldc + p * kPanelRows);
+    }
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i wv[kPanels];
+#pragma GCC unroll 4
+    for (int p = 0; p < kPanels; ++p) wv[p] = _mm512_loadu_si512(w + p * panel_bytes + g * kGroupBytes);
+#pragma GCC unroll 8
+    for (int i = 0; i < kRows; ++i) {
+      int32_t four;
+      std::memcpy(&four, xq + i * ldq + g * kGroup, sizeof four);
+      const __m512i xb = _mm512_set1_epi32(four);
+#pragma GCC unroll 4
+      for (int p = 0; p < kPanels; ++p) c[i][p] = _mm512_dpbusd_epi32(c[i][p], wv[p], xb);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < kRows; ++i) {
+#pragma GCC unroll 4
+    for (int p = 0; p < kPanels; ++p) _mm512_storeu_si512(acc + i * ldc + p * kPanelRows, c[i][p]);
+  }
+}
+
+using BlockFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int64_t, int32_t*, int64_t, bool);
+
+template <int kRows>
+BlockFn BlockFor(int panels) {
+  switch (panels) {
+    case 1: return Block<kRows, 1>;
+    case 2: return Block<kRows, 2>;
+    case 3: return Block<kRows, 3>;
+    default: return Block<kRows, 4>;
+  }
+}
+
+BlockFn BlockFor(int rows, int panels) {
+  switch (rows) {
+    case 1: return BlockFor<1>(panels);
+    case 2: return BlockFor<2>(panels);
+    case 3: return BlockFor<3>(panels);
+    case 4: return BlockFor<4>(panels);
+    case 5: return BlockFor<5>(panels);
+    default: return BlockFor<6>(panels);
+  }
+}
+
+// Y's columns [n0, n0 + 16 * panels) of M rows from ACC [m][kBlockCols].
+EPIC_VNNI void StoreBlock(const int32_t* acc, int64_t m, const QuantizedX& x, const WeightMatrix& w, int64_t n0,
+                          int panels, float* y, int64_t ldy, bool accumulate) {
+  for (int64_t i = 0; i < m; ++i) {
+    const __m512i offset = _mm512_set1_epi32(int32_t{kOffset} * x.sums[i]);
+    const __m512 x_scale = _mm512_set1_ps(x.scales[i]);
+    for (int p = 0; p < panels; ++p) {
+      const int64_t n = n0 + p * kPanelRows;
+      if (n >= w.rows) break;
+      const __mmask16 mask =
+          w.rows - n >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (w.rows - n)) - 1);
+      const __m512 scale = _mm512_mul_ps(x_scale, _mm512_maskz_loadu_ps(mask, w.scales + n));
+      const __m512i sum = _mm512_sub_epi32(_mm512_loadu_si512(acc + i * kBlockCols + p * kPanelRows), offset);
+      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), scale);
+      float* out = y + i * ldy + n;
+      if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), v);
+      _mm512_mask_storeu_ps(out, mask, v);
+    }
+  }
+}
+
+// Panels [p0, p1) of W against all M rows of X, on this thread.
+void PanelsVnni(const QuantizedX& x, int64_t m, const WeightMatrix& w, int64_t p0, int64_t p1, float* y,
+                int64_t ldy, bool accumulate) {
+  const int64_t padded = w.row_stride;
+  const int64_t groups = padded / kGroup;
+  const int64_t panel_bytes = PanelBytes(padded);
+  const auto* base = static_cast<const uint8_t*>(w.data);
+  int32_t* acc = Scratch<int32_t>(kAcc, m * kBlockCols);
+  for (int64_t pb = p0; pb < p1; pb += kBlockPanels) {
+    const int panels = static_cast<int>(std::min<int64_t>(kBlockPanels, p1 - pb));
+    const uint8_t* wp = base + pb * panel_bytes;
+    for (int64_t g0 = 0; g0 < groups; g0 += kChunkGroups) {
+      const int64_t g = std::min(kChunkGroups, groups - g0);
+      for (int64_t i0 = 0; i0 < m; i0 += kBlockRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kBlockRows, m - i0));
+        BlockFor(rows, panels)(x.q + i0 * padded + g0 * kGroup, padded, wp + g0 * kGroupBytes, panel_bytes, g,
+                               acc + i0 * kBlockCols, kBlockCols, g0 == 0);
+      }
+    }
+    StoreBlock(acc, m, x, w, pb * kPanelRows, panels, y, ldy, accumulate);
+  }
+}
+
+}  // namespace
+
+int64_t QuantizedBytes(int64_t rows, int64_t cols) {
+  return RoundUp(rows, kPanelRows) * PaddedCols(cols) + RoundUp(rows * static_cast<int64_t>(sizeof(float)), 64);
+}
+
+WeightMatrix QuantizeInt8(const WeightMatrix& w, void* memory) {
+  const int64_t padded = PaddedCols(w.cols);
+  const int64_t panel_bytes = PanelBytes(padded);
+  const int64_t packed = RoundUp(w.rows, kPanelRows) * padded;
+  auto* out = static_cast<uint8_t*>(memory);
+  auto* scales = reinterpret_cast<float*>(out + packed);
+  std::memset(out, kOffset, static_cast<size_t>(packed));
+  const bool vnni = internal::Int8Isa() == Isa::kAvx512Vnni;
+#pragma omp parallel
+  {
+    std::vector<float> row(static_cast<size_t>(w.cols));
+    std::vector<int8_t> q(static_cast<size_t>(padded));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < w.rows; ++r) {
+      if (w.type == WeightType::kBF16) {
+        const auto* in = static_cast<const uint16_t*>(w.data) + r * w.row_stride;
+        for (int64_t c = 0; c < w.cols; ++c) row[c] = Bf16ToFloat(in[c]);
+      } else {
+        const auto* in = static_cast<const float*>(w.data) + r * w.row_stride;
+        std::copy(in, in + w.cols, row.begin());
+      }
+      int32_t sum;
+      scales[r] = QuantizeRow(vnni, row.data(), w.cols, padded, q.data(), &sum);
+      uint8_t* panel = out + (r / kPanelRows) * panel_bytes + (r % kPanelRows) * kGroup;
+      for (int64_t c = 0; c < w.cols; ++c) {
+        panel[(c / kGroup) * kGroupBytes + c % kGroup] = static_cast<uint8_t>(q[c] + kOffset);
+      }
+    }
+  }
+  WeightMatrix m;
+  m.type = WeightType::kI8;
+  m.data = out;
+  m.rows = w.rows;
+  m.cols = w.cols;
+  m.row_stride = padded;
+  m.scales = scales;
+  return m;
+}
+
+namespace internal {
+
+Isa Int8Isa() { return Has(Isa::kAvx512Vnni) ? Isa::kAvx512Vnni : Isa::kPlain; }
+
+void MatMulInt8Plain(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy,
+                     bool accumulate) {
+  if (m <= 0 || w.rows <= 0) return;
+  const int64_t padded = w.row_stride;
+  const QuantizedX qx = QuantizeActivations(false, x, m, ldx, w.cols, padded);
+  const auto* base = static_cast<const uint8_t*>(w.data);
+  const int64_t panel_bytes = PanelBytes(padded);
+  for (int64_t i = 0; i < m; ++i) {
+    const int8_t* xi = qx.q + i * padded;
+    for (int64_t n = 0; n < w.rows; ++n) {
+      const uint8_t* panel = base + (n / kPanelRows) * panel_bytes + (n % kPanelRows) * kGroup;
+      int32_t acc = 0;
+      for (int64_t c = 0; c < padded; ++c) acc += int32_t{panel[(c / kGroup) * kGroupBytes + c % kGroup]} * xi[c];
+      const float v = Dequantize(acc, qx.sums[i], qx.scales[i], w.scales[n]);
+      y[i * ldy + n] = accumulate ? y[i * ldy + n] + v : v;
+    }
+  }
+}
+
+void MatMulInt8(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy,
+                bool accumulate) {
+  if (m <= 0 || w.rows <= 0) return;
+  if (Int8Isa() != Isa::kAvx512Vnni) return MatMulInt8Plain(x, m, ldx, w, y, ldy, accumulate);
+  const QuantizedX qx = QuantizeActivations(true, x, m, ldx, w.cols, w.row_stride);
+  const int64_t panels = RoundUp(w.rows, kPanelRows) / kPanelRows;
+  const int threads = static_cast<int>(std::min<int64_t>(
+      panels, TeamSize(static_cast<double>(m) * w.rows * w.cols / 4)));
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    int64_t p0, p1;
+    SplitRange(panels, omp_get_num_threads(), omp_get_thread_num(), &p0, &p1);
+    PanelsVnni(qx, m, w, p0, p1, y, ldy, accumulate);
+  }
+}
+
+}  // namespace internal
+}  // namespace epic::cpu

@@ -1,0 +1,43 @@
+// Int8 products: the fast precision on processors with AVX512_VNNI. Each weight row is
+// quantized once, at load, to int8 with its own scale (max |w| / 127, rounded to
+// nearest); each row of activations is quantized the same way at every product; the
+// products are summed exactly in int32 by vpdpbusd and scaled back to F32. Weights take
+// half the bytes of BF16 (decode reads half as much), and vpdpbusd does 64 multiply-
+// adds an instruction against an F32 FMA's 16. The plain C++ path computes the same
+// integers, for hosts without VNNI and as the tests' reference.
+//
+// Packed layout: panels of 16 rows; in a panel, for each group of 4 columns, the 16
+// rows' 4 values side by side (64 bytes, one vpdpbusd operand), stored unsigned (+128)
+// because vpdpbusd multiplies unsigned by signed bytes; the activations' sums undo the
+// offset. Columns are padded to a multiple of 4 and rows to a multiple of 16, with zeros.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/cpu/cpu_features.h"
+#include "kernels/cpu/matmul.h"
+
+namespace epic::cpu {
+
+// Bytes (64-byte aligned) that QuantizeInt8 writes for a ROWS x COLS matrix.
+int64_t QuantizedBytes(int64_t rows, int64_t cols);
+
+// W (kF32 or kBF16) quantized into MEMORY (QuantizedBytes, 64-byte aligned): a kI8
+// matrix over MEMORY. Threaded over rows.
+WeightMatrix QuantizeInt8(const WeightMatrix& w, void* memory);
+
+namespace internal {
+
+// The instructions MatMul's int8 products use: kAvx512Vnni, or kPlain without it.
+Isa Int8Isa();
+
+// The plain C++ int8 product, single-threaded: MatMul's contract, kI8 weights only.
+void MatMulInt8Plain(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy,
+                     bool accumulate);
+
+// MatMul on kI8 weights (MatMul calls it).
+void MatMulInt8(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy,
+                bool accumulate);
+
+}  // namespace internal
+}  // namespace epic::cpu

@@ -1,0 +1,184 @@
+// Int8 products against a float64 loop written here: the weights as QuantizeInt8 left
+// them (read back through At, itself checked against the rule max |w| / 127), the
+// activations quantized by the same rule in the test. The kernel must equal that but
+// for F32 rounding; the VNNI path must equal the plain one bit for bit; and against the
+// exact product the error stays within what the two roundings allow. ctest runs this
+// with VNNI (where the host has it) and forced plain.
+#include "kernels/cpu/matmul_int8.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "common/half.h"
+#include "kernels/cpu/matmul_internal.h"
+
+namespace epic::cpu {
+namespace {
+
+struct Case {
+  int64_t m, n, k;
+};
+
+struct Quantized {
+  std::vector<uint16_t> bf16;  // the source, [n, k]
+  WeightMatrix source;
+  std::vector<unsigned char> memory;
+  WeightMatrix w;  // kI8
+};
+
+Quantized Make(int64_t n, int64_t k, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 0.05f);
+  Quantized q;
+  q.bf16.resize(static_cast<size_t>(n * k));
+  for (auto& v : q.bf16) v = FloatToBf16(dist(rng));
+  q.source = {WeightType::kBF16, q.bf16.data(), n, k, k};
+  q.memory.resize(static_cast<size_t>(QuantizedBytes(n, k)) + 64);
+  void* aligned = q.memory.data() + (64 - reinterpret_cast<uintptr_t>(q.memory.data()) % 64) % 64;
+  q.w = QuantizeInt8(q.source, aligned);
+  return q;
+}
+
+std::vector<float> RandomX(int64_t m, int64_t ldx, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(m * ldx));
+  for (float& v : x) v = dist(rng);
+  return x;
+}
+
+// Row X of K values as the rule says: scale = max |x| / 127, q = round(x * 127 / max).
+std::vector<double> QuantizeRowByRule(const float* x, int64_t k) {
+  float amax = 0;
+  for (int64_t c = 0; c < k; ++c) amax = std::max(amax, std::fabs(x[c]));
+  std::vector<double> out(static_cast<size_t>(k), 0.0);
+  if (amax == 0) return out;
+  const float inv = 127.0f / amax;
+  const float scale = amax / 127.0f;
+  for (int64_t c = 0; c < k; ++c) out[c] = std::nearbyint(x[c] * inv) * static_cast<double>(scale);
+  return out;
+}
+
+TEST(QuantizeInt8, EveryWeightWithinHalfAStepOfItsRow) {
+  const Quantized q = Make(37, 53, 1);
+  for (int64_t r = 0; r < 37; ++r) {
+    double amax = 0;
+    for (int64_t c = 0; c < 53; ++c) amax = std::max(amax, std::fabs(double{q.source.At(r, c)}));
+    ASSERT_NEAR(q.w.scales[r], amax / 127, amax * 1e-6) << r;
+    for (int64_t c = 0; c < 53; ++c) {
+      ASSERT_NEAR(q.w.At(r, c), q.source.At(r, c), q.w.scales[r] * 0.5001) << r << "," << c;
+    }
+  }
+}
+
+// Y against the float64 loop over both quantized operands, within F32 rounding.
+void ExpectMatchesRule(const std::vector<float>& x, int64_t m, int64_t ldx, const WeightMatrix& w,
+                       const std::vector<float>& y, int64_t ldy, const std::vector<float>& before) {
+  for (int64_t i = 0; i < m; ++i) {
+    const std::vector<double> xq = QuantizeRowByRule(x.data() + i * ldx, w.cols);
+    for (int64_t n = 0; n < w.rows; ++n) {
+      double want = before.empty() ? 0.0 : before[i * ldy + n];
+      double magnitude = std::fabs(want);
+      for (int64_t c = 0; c < w.cols; ++c) {
+        want += xq[c] * w.At(n, c);
+        magnitude += std::fabs(xq[c] * w.At(n, c));
+      }
+      ASSERT_NEAR(y[i * ldy + n], want, 1e-6 * magnitude + 1e-30) << "row " << i << " col " << n;
+    }
+  }
+}
+
+TEST(MatMulInt8, MatchesAFloat64LoopOverTheQuantizedOperands) {
+  const Case cases[] = {{1, 1, 1},    {1, 16, 4},    {1, 17, 5},     {3, 33, 7},   {6, 64, 64},
+                        {7, 65, 259}, {13, 130, 300}, {2, 1408, 2048}, {40, 200, 96}, {19, 48, 1408}};
+  uint32_t seed = 10;
+  for (const Case& c : cases) {
+    for (bool accumulate : {false, true}) {
+      SCOPED_TRACE(testing::Message() << c.m << "x" << c.n << "x" << c.k << (accumulate ? " accumulate" : ""));
+      const Quantized q = Make(c.n, c.k, ++seed);
+      const int64_t ldx = c.k + 3, ldy = c.n + 5;
+      const std::vector<float> x = RandomX(c.m, ldx, ++seed);
+      std::vector<float> before = RandomX(c.m, ldy, ++seed);
+      std::vector<float> y = before;
+      MatMul(x.data(), c.m, ldx, q.w, y.data(), ldy, accumulate);
+      ExpectMatchesRule(x, c.m, ldx, q.w, y, ldy, accumulate ? before : std::vector<float>{});
+      for (int64_t i = 0; i < c.m; ++i) {
+        for (int64_t j = c.n; j < ldy; ++j) ASSERT_EQ(y[i * ldy + j], before[i * ldy + j]) << "past the columns";
+      }
+    }
+  }
+}
+
+TEST(MatMulInt8, TheActivePathEqualsThePlainOneBitForBit) {
+  const Case cases[] = {{1, 100, 36}, {5, 77, 130}, {6, 48, 256}, {64, 160, 520}, {300, 96, 64}, {512, 64, 1024}};
+  uint32_t seed = 50;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(testing::Message() << c.m << "x" << c.n << "x" << c.k);
+    const Quantized q = Make(c.n, c.k, ++seed);
+    const std::vector<float> x = RandomX(c.m, c.k, ++seed);
+    std::vector<float> active(static_cast<size_t>(c.m * c.n)), plain(active.size());
+    MatMul(x.data(), c.m, c.k, q.w, active.data(), c.n);
+    internal::MatMulInt8Plain(x.data(), c.m, c.k, q.w, plain.data(), c.n, false);
+    for (size_t i = 0; i < active.size(); ++i) ASSERT_EQ(active[i], plain[i]) << i;
+  }
+}
+
+TEST(MatMulInt8, ErrorAgainstTheExactProductWithinTheRoundingsBound) {
+  const Case c{9, 80, 700};
+  const Quantized q = Make(c.n, c.k, 77);
+  const std::vector<float> x = RandomX(c.m, c.k, 78);
+  std::vector<float> y(static_cast<size_t>(c.m * c.n));
+  MatMul(x.data(), c.m, c.k, q.w, y.data(), c.n);
+  for (int64_t i = 0; i < c.m; ++i) {
+    float amax = 0;
+    for (int64_t k = 0; k < c.k; ++k) amax = std::max(amax, std::fabs(x[i * c.k + k]));
+    const double x_step = amax / 127.0;
+    for (int64_t n = 0; n < c.n; ++n) {
+      double exact = 0, bound = 0;
+      for (int64_t k = 0; k < c.k; ++k) {
+        const double xv = x[i * c.k + k], wv = q.source.At(n, k);
+        exact += xv * wv;
+        // |x w - x' w'| <= |x| |w - w'| + |x - x'| |w'|, each rounding at most half a step.
+        bound += std::fabs(xv) * q.w.scales[n] * 0.5 + x_step * 0.5 * std::fabs(double{q.w.At(n, k)});
+      }
+      ASSERT_NEAR(y[i * c.n + n], exact, bound * 1.001) << i << "," << n;
+    }
+  }
+}
+
+TEST(MatMulInt8, ANonFiniteActivationMakesItsRowNotFiniteAndNoOther) {
+  const Quantized q = Make(40, 64, 5);
+  std::vector<float> x = RandomX(3, 64, 6);
+  x[64 + 10] = INFINITY;
+  std::vector<float> y(3 * 40);
+  MatMul(x.data(), 3, 64, q.w, y.data(), 40);
+  for (int64_t n = 0; n < 40; ++n) {
+    EXPECT_TRUE(std::isfinite(y[n]));
+    EXPECT_FALSE(std::isfinite(y[40 + n]));
+    EXPECT_TRUE(std::isfinite(y[80 + n]));
+  }
+}
+
+TEST(MatMulInt8, ARowViewFromAPanelIsThoseRowsOfTheProduct) {
+  const Quantized q = Make(100, 72, 9);
+  const std::vector<float> x = RandomX(4, 72, 10);
+  std::vector<float> all(4 * 100), part(4 * 50);
+  MatMul(x.data(), 4, 72, q.w, all.data(), 100);
+  MatMul(x.data(), 4, 72, q.w.Rows(32, 50), part.data(), 50);
+  for (int64_t i = 0; i < 4; ++i) {
+    for (int64_t n = 0; n < 50; ++n) ASSERT_EQ(part[i * 50 + n], all[i * 100 + 32 + n]);
+  }
+}
+
+TEST(MatMulInt8, ZeroActivationsGiveZero) {
+  const Quantized q = Make(20, 30, 11);
+  std::vector<float> x(2 * 30, 0.0f), y(2 * 20, 1.0f);
+  MatMul(x.data(), 2, 30, q.w, y.data(), 20);
+  for (float v : y) EXPECT_EQ(v, 0.0f);
+}
+
+}  // namespace
+}  // namespace epic::cpu
