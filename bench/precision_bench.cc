@@ -1,7 +1,8 @@
-// precision_bench: the fast products (BF16 activations, kernels/cpu/matmul_fast.h) against
-// the exact ones on prefill and expert shapes of V2-Lite, measured alternately in one run:
-// GFLOP/s of each, median of the repeats, and fast / exact. The fast path is the best the
-// host offers (EPIC_CPU_ISA narrows it).
+// precision_bench: the reduced-precision products against the exact ones on prefill,
+// expert and decode shapes of V2-Lite, measured alternately in one run: BF16 activations
+// (kernels/cpu/matmul_fast.h, AMX or AVX512_BF16) and int8 weights and activations
+// (kernels/cpu/matmul_int8.h, what --precision fast runs). GFLOP/s of each, median of
+// the repeats, and each over exact. EPIC_CPU_ISA narrows the paths.
 #include <omp.h>
 
 #include <cstdio>
@@ -14,16 +15,18 @@
 #include "common/half.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/matmul_fast.h"
+#include "kernels/cpu/matmul_int8.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"precision_bench: fast (BF16 activations) against exact (F32) matrix products, GFLOP/s"};
+  CLI::App app{"precision_bench: BF16-activation and int8 matrix products against exact (F32) ones, GFLOP/s"};
   int repeats = 5;
   app.add_option("--repeats", repeats, "timed calls per shape and precision")->check(CLI::PositiveNumber)->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   using namespace epic;
   const char* fast = cpu::internal::FastPath();
-  std::printf("precision_bench: %d threads, ISA %s, fast path %s\n", omp_get_max_threads(),
-              cpu::IsaName(cpu::ActiveIsa()), fast ? fast : "none (fast runs exactly)");
+  std::printf("precision_bench: %d threads, ISA %s, BF16 path %s, int8 path %s\n", omp_get_max_threads(),
+              cpu::IsaName(cpu::ActiveIsa()), fast ? fast : "none (runs exactly)",
+              cpu::IsaName(cpu::internal::Int8Isa()));
   struct Shape {
     const char* what;
     int64_t m, n, k;
@@ -32,8 +35,12 @@ int main(int argc, char** argv) {
                           {"prefill 512, expert up", 512, 1408, 2048},
                           {"prefill 512, expert down", 512, 2048, 1408},
                           {"19 tokens of an expert, up", 19, 1408, 2048},
-                          {"64 tokens of an expert, up", 64, 1408, 2048}};
-  std::printf("%-30s %10s %10s %8s\n", "shape (m x n x k, BF16 weights)", "exact", "fast", "ratio");
+                          {"64 tokens of an expert, up", 64, 1408, 2048},
+                          {"decode, 1 token, expert up", 1, 1408, 2048},
+                          {"decode, 4 tokens, q projection", 4, 3072, 2048},
+                          {"decode, 1 token, lm_head", 1, 102400, 2048}};
+  std::printf("%-31s %9s %9s %9s %7s %7s\n", "shape (m x n x k, BF16 weights)", "exact", "bf16", "int8", "bf16/ex",
+              "int8/ex");
   std::mt19937 rng(1);
   std::uniform_real_distribution<float> dist(-1, 1);
   for (const Shape& s : shapes) {
@@ -42,18 +49,28 @@ int main(int argc, char** argv) {
     for (float& v : x) v = dist(rng);
     for (uint16_t& v : w) v = FloatToBf16(dist(rng));
     const cpu::WeightMatrix weights{cpu::WeightType::kBF16, w.data(), s.n, s.k, s.k};
-    std::vector<double> seconds[2];
+    std::vector<unsigned char> packed(static_cast<size_t>(cpu::QuantizedBytes(s.n, s.k)) + 64);
+    const cpu::WeightMatrix int8 = cpu::QuantizeInt8(
+        weights, packed.data() + (64 - reinterpret_cast<uintptr_t>(packed.data()) % 64) % 64);
+    std::vector<double> seconds[3];
     for (int r = 0; r <= repeats; ++r) {
-      for (const cpu::Precision p : {cpu::Precision::kExact, cpu::Precision::kFast}) {
+      for (int path = 0; path < 3; ++path) {
         const auto t0 = bench::Clock::now();
-        cpu::MatMul(x.data(), s.m, s.k, weights, y.data(), s.n, false, p);
-        if (r > 0) seconds[static_cast<int>(p)].push_back(bench::Since(t0));  // the first is a warm-up
+        if (path == 2) {
+          cpu::MatMul(x.data(), s.m, s.k, int8, y.data(), s.n);
+        } else {
+          cpu::MatMul(x.data(), s.m, s.k, weights, y.data(), s.n, false,
+                      path == 0 ? cpu::Precision::kExact : cpu::Precision::kFast);
+        }
+        if (r > 0) seconds[path].push_back(bench::Since(t0));  // the first is a warm-up
       }
     }
     const double flops = 2.0 * static_cast<double>(s.m) * static_cast<double>(s.n) * static_cast<double>(s.k);
-    const double exact = flops / bench::Median(seconds[0]) / 1e9, fast_rate = flops / bench::Median(seconds[1]) / 1e9;
-    std::printf("%-30s %9.1fG %9.1fG %7.2fx   (%lld x %lld x %lld)\n", s.what, exact, fast_rate, fast_rate / exact,
-                static_cast<long long>(s.m), static_cast<long long>(s.n), static_cast<long long>(s.k));
+    double rate[3];
+    for (int path = 0; path < 3; ++path) rate[path] = flops / bench::Median(seconds[path]) / 1e9;
+    std::printf("%-31s %8.1fG %8.1fG %8.1fG %6.2fx %6.2fx   (%lld x %lld x %lld)\n", s.what, rate[0], rate[1],
+                rate[2], rate[1] / rate[0], rate[2] / rate[0], static_cast<long long>(s.m),
+                static_cast<long long>(s.n), static_cast<long long>(s.k));
   }
   return 0;
 }

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <string>
 
+#include "kernels/cpu/matmul_int8.h"
 #include "parallel/self_communicator.h"
 
 #include "worker/compute.h"
@@ -60,7 +61,7 @@ StatusOr<PlacementChange> Model::ApplyPlacement(const parallel::ExpertPlacement&
         memory[l].push_back(s < L.expert_memory.size() ? L.expert_memory[s] : nullptr);
         continue;
       }
-      EPIC_ASSIGN_OR_RETURN(BoundExpert bound, BindExpert(*checkpoint_, static_cast<int64_t>(l), e, residency_));
+      EPIC_ASSIGN_OR_RETURN(BoundExpert bound, BindExpert(*checkpoint_, static_cast<int64_t>(l), e, residency_, precision_));
       kept[l].push_back(-1);
       experts[l].push_back(bound.weights);
       memory[l].push_back(std::move(bound.memory));
@@ -79,12 +80,13 @@ StatusOr<PlacementChange> Model::ApplyPlacement(const parallel::ExpertPlacement&
       if (std::find(kept_experts.begin(), kept_experts.end(), held[s]) != kept_experts.end()) continue;
       ++change.experts_dropped;
       const MlpWeights& w = L.experts[s];
-      change.bytes_dropped += (w.gate.rows * w.gate.cols + w.up.rows * w.up.cols + w.down.rows * w.down.cols) *
-                              (w.gate.type == cpu::WeightType::kBF16 ? 2 : 4);
+      change.bytes_dropped += w.gate.Bytes() + w.up.Bytes() + w.down.Bytes();
       // Experts loaded later free their own memory below; those of the shared arena
       // give their pages back here.
       const bool own = s < L.expert_memory.size() && L.expert_memory[s] != nullptr;
-      if (!own && residency_ == WeightResidency::kCopy) ReleaseExpertPages(w);
+      if (!own && (residency_ == WeightResidency::kCopy || precision_ == cpu::Precision::kFast)) {
+        ReleaseExpertPages(w);
+      }
     }
     L.experts = std::move(experts[l]);
     L.expert_memory = std::move(memory[l]);
@@ -96,7 +98,8 @@ StatusOr<PlacementChange> Model::ApplyPlacement(const parallel::ExpertPlacement&
 
 StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
                                              const ProgressFn& progress, WeightResidency residency,
-                                             const ModelShard& shard, ComputeDevice device) {
+                                             const ModelShard& shard, ComputeDevice device,
+                                             cpu::Precision precision) {
   std::unique_ptr<Model> model(new Model());
   if (shard.comm == nullptr) {
     model->own_comm_ = parallel::MakeSelfCommunicator();
@@ -116,6 +119,13 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
     }
   }
   if (!DeviceBuilt(device)) return FailedPreconditionError("this build has no CUDA support");
+  if (precision == cpu::Precision::kFast && device != ComputeDevice::kCpu) {
+    return InvalidArgumentError("--precision fast is the CPU backend's (int8 products); the GPU runs exact");
+  }
+  if (precision == cpu::Precision::kFast && cpu::internal::Int8Isa() != cpu::Isa::kAvx512Vnni) {
+    precision = cpu::Precision::kExact;  // without VNNI the exact kernels are the faster
+  }
+  model->precision_ = precision;
   model->device_ = device;
   EPIC_ASSIGN_OR_RETURN(model->checkpoint_, Checkpoint::Open(dir));
   const ModelConfig& config = model->config();
@@ -165,7 +175,7 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
   const WeightResidency host = device == ComputeDevice::kCuda ? WeightResidency::kMapped : residency;
   EPIC_ASSIGN_OR_RETURN(model->weights_,
                         ModelWeights::Bind(*model->checkpoint_, device == ComputeDevice::kCuda ? ProgressFn{} : progress,
-                                           host, ws));
+                                           host, ws, precision));
   model->residency_ = host;
   const ModelConfig& c = model->config();
   model->rope_ = MakeRopeTable(c);

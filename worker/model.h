@@ -134,15 +134,21 @@ class Model {
   // (fewer heads or vocabulary rows than ranks) are refused.
   // kCuda copies this rank's weights to its GPU and runs every step there (the CUDA
   // backend, worker/compute.h); in a job of several ranks it needs SHARD.device_comm.
+  // PRECISION kFast (the CPU backend's) quantizes the products' weights to int8 where the
+  // processor has AVX512_VNNI (kernels/cpu/matmul_int8.h); elsewhere the model runs
+  // exactly, and precision() says so.
   static StatusOr<std::unique_ptr<Model>> Load(const std::filesystem::path& dir,
                                                const ProgressFn& progress = {},
                                                WeightResidency residency = WeightResidency::kCopy,
                                                const ModelShard& shard = {},
-                                               ComputeDevice device = ComputeDevice::kCpu);
+                                               ComputeDevice device = ComputeDevice::kCpu,
+                                               cpu::Precision precision = cpu::Precision::kExact);
   ~Model();
 
   ComputeDevice device() const { return device_; }
   AttentionMode attention() const { return attention_; }
+  // What the products run at: kFast only where it was asked for and the host has int8.
+  cpu::Precision precision() const { return precision_; }
 
   const ModelConfig& config() const { return checkpoint_->config(); }
   const ModelWeights& weights() const { return *weights_; }
@@ -211,6 +217,7 @@ class Model {
   ComputeDevice device_ = ComputeDevice::kCpu;
   AttentionMode attention_ = AttentionMode::kTensor;
   WeightResidency residency_ = WeightResidency::kCopy;
+  cpu::Precision precision_ = cpu::Precision::kExact;
 };
 
 }  // namespace epic

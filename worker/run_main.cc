@@ -39,6 +39,7 @@ int main(int argc, char** argv) {
   std::string dump_logits;
   std::string device = "cpu";
   std::string attention = "tp";
+  std::string precision = "exact";
   int threads = 0;
   bool expert_counts = false;
   bool ignore_eos = false;
@@ -74,6 +75,8 @@ int main(int argc, char** argv) {
                  "sequence); dp runs prompt i on rank i % ranks with all of attention replicated, each "
                  "sequence's latent cache on its rank alone (any number of ranks)")
       ->check(CLI::IsMember({"tp", "dp"}))->capture_default_str();
+  app.add_option("--precision", precision, epic::cpu::kPrecisionHelp)
+      ->check(CLI::IsMember({"exact", "fast"}))->capture_default_str();
   app.add_option("--device", device,
                  "compute device: cpu, or cuda (each rank on its own GPU, the ranks of a host on GPUs 0, 1, ...)")
       ->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
@@ -161,10 +164,12 @@ int main(int argc, char** argv) {
     }
     shard.device_comm = *device_comm;
   }
+  epic::cpu::Precision asked = epic::cpu::Precision::kExact;
+  epic::cpu::ParsePrecision(precision.c_str(), &asked);
   epic::ProgressLine progress("loading " + model_dir);
   auto model = epic::Model::Load(
       model_dir, [&](int64_t d, int64_t t) { if (lead) progress.Update(d, t); },
-      mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy, shard, *compute);
+      mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy, shard, *compute, asked);
   progress.Finish();
   if (!model.ok()) {
     std::fprintf(stderr, "%s%s\n", who.c_str(), model.status().ToString().c_str());
@@ -176,8 +181,9 @@ int main(int argc, char** argv) {
                  model_dir.c_str(), load_s, (*model)->config().Summary().c_str(), ranks,
                  ranks == 1 ? "" : "s", omp_get_max_threads());
   }
-  std::fprintf(stderr, "epic-run: rank %d of %d holds %.1f MiB of weights\n", rank, ranks,
-               (*model)->weights().matrix_bytes / 1048576.0);
+  std::fprintf(stderr, "epic-run: rank %d of %d holds %.1f MiB of weights, products %s%s\n", rank, ranks,
+               (*model)->weights().matrix_bytes / 1048576.0, epic::cpu::PrecisionName((*model)->precision()),
+               (*model)->precision() == asked ? "" : " (this processor has no AVX512_VNNI for fast)");
 
   epic::GenerateOptions options;
   options.max_new_tokens = max_new_tokens;

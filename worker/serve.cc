@@ -175,6 +175,7 @@ struct RankRecord {
   char host[64];
   int64_t pid;
   int64_t weight_bytes;
+  int64_t fast;  // the rank's products run int8
 };
 
 // Rank 0's side of the link: a reader thread queues what the coordinator sends.
@@ -325,6 +326,7 @@ Status ServeCoordinator(Model& model, const WorkerOptions& options, const std::s
   gethostname(mine.host, sizeof mine.host - 1);
   mine.pid = getpid();
   mine.weight_bytes = model.weights().matrix_bytes;
+  mine.fast = model.precision() == cpu::Precision::kFast;
   std::vector<RankRecord> all(static_cast<size_t>(ranks));
   std::vector<int64_t> sizes(static_cast<size_t>(ranks), sizeof(RankRecord));
   EPIC_RETURN_IF_ERROR(comm.AllGather(&mine, all.data(), sizes));
@@ -344,6 +346,7 @@ Status ServeCoordinator(Model& model, const WorkerOptions& options, const std::s
       info->set_pid(all[r].pid);
       info->set_weight_bytes(all[r].weight_bytes);
       info->set_device(device);
+      info->set_precision(all[r].fast ? "fast" : "exact");
     }
     placement::PlacementToProto(model.placement().table(), hello.mutable_placement());
     hello.set_attention(AttentionModeName(model.attention()));

@@ -1,5 +1,7 @@
 #include "worker/weights.h"
 
+#include "kernels/cpu/matmul_int8.h"
+
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -18,20 +20,26 @@ struct Block {
   int64_t cols = -1;  // -1: all
 };
 
+// What a matrix is used for: the products that may run in int8 (the fast precision), or
+// anything else (the embedding's rows, the router, kv_b_proj's per-head views).
+enum class Use { kProduct, kOther };
+
 class Binder {
  public:
-  // With COUNT_ONLY nothing is copied: matrix_bytes is counted and views returned.
+  // With COUNT_ONLY nothing is copied: matrix_bytes is counted and views returned. With
+  // QUANTIZE the product matrices are quantized to int8 (copied whatever the residency).
   Binder(const Checkpoint& ckpt, ModelWeights* w, WeightResidency residency, const ProgressFn& progress,
-         int64_t total, bool count_only = false)
+         int64_t total, bool count_only = false, bool quantize = false)
       : ckpt_(ckpt), w_(w), residency_(residency), progress_(progress), total_(total),
-        count_only_(count_only) {}
+        count_only_(count_only), quantize_(quantize) {}
 
-  cpu::WeightMatrix Matrix(const std::string& name, Block block = {}) {
+  cpu::WeightMatrix Matrix(const std::string& name, Block block = {}, Use use = Use::kProduct) {
     const TensorView& v = ckpt_.Get(name);
     const int64_t full_cols = v.shape[1];
     cpu::WeightMatrix m;
     m.rows = block.rows < 0 ? v.shape[0] - block.row_begin : block.rows;
     m.cols = block.cols < 0 ? full_cols - block.col_begin : block.cols;
+    if (quantize_ && use == Use::kProduct) return Quantized(v, block, m.rows, m.cols, name);
     const bool widen = v.dtype == DType::kF16;
     m.type = v.dtype == DType::kBF16 ? cpu::WeightType::kBF16 : cpu::WeightType::kF32;
     const int64_t in_size = DTypeSize(v.dtype);
@@ -69,6 +77,44 @@ class Binder {
     return m;
   }
 
+  // The block of V quantized to int8 in the arena.
+  cpu::WeightMatrix Quantized(const TensorView& v, Block block, int64_t rows, int64_t cols, const std::string& name) {
+    const int64_t bytes = cpu::QuantizedBytes(rows, cols);
+    w_->matrix_bytes += bytes;
+    cpu::WeightMatrix source;
+    source.rows = rows;
+    source.cols = cols;
+    if (count_only_) {
+      source.type = cpu::WeightType::kI8;
+      return source;
+    }
+    void* memory = w_->arena.Allocate(bytes);
+    if (memory == nullptr) {
+      failed_ = name;
+      return source;
+    }
+    const int64_t full_cols = v.shape[1];
+    std::vector<float> widened;
+    if (v.dtype == DType::kF16) {
+      widened.resize(static_cast<size_t>(rows * cols));
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t offset = (block.row_begin + r) * full_cols + block.col_begin;
+        for (int64_t c = 0; c < cols; ++c) widened[r * cols + c] = v.FloatAt(offset + c);
+      }
+      source.type = cpu::WeightType::kF32;
+      source.data = widened.data();
+      source.row_stride = cols;
+    } else {
+      source.type = v.dtype == DType::kBF16 ? cpu::WeightType::kBF16 : cpu::WeightType::kF32;
+      source.data = v.data + (block.row_begin * full_cols + block.col_begin) * DTypeSize(v.dtype);
+      source.row_stride = full_cols;
+    }
+    const cpu::WeightMatrix out = cpu::QuantizeInt8(source, memory);
+    done_ += bytes;
+    if (progress_ && total_ > 0) progress_(done_, total_);
+    return out;
+  }
+
   // The tensor whose memory could not be allocated, if any.
   const std::string& failed() const { return failed_; }
 
@@ -98,6 +144,7 @@ class Binder {
   ProgressFn progress_;  // a copy: callers may pass a temporary
   int64_t total_;
   bool count_only_;
+  bool quantize_;
   int64_t done_ = 0;
   std::string failed_;
   std::vector<const TensorView*> views_;
@@ -157,18 +204,20 @@ void* WeightArena::Allocate(int64_t bytes) {
 }
 
 StatusOr<BoundExpert> BindExpert(const Checkpoint& checkpoint, int64_t layer, int32_t expert,
-                                 WeightResidency residency) {
+                                 WeightResidency residency, cpu::Precision precision) {
+  const bool quantize = precision == cpu::Precision::kFast;
   const std::string module = "mlp.experts." + std::to_string(expert);
   int64_t bytes = 0;
   for (const char* part : {".gate_proj", ".up_proj", ".down_proj"}) {
     const TensorView* v = checkpoint.Find(LayerTensor(layer, module + part));
     if (v == nullptr) return NotFoundError("checkpoint has no " + LayerTensor(layer, module + part));
-    bytes += v->numel() * (v->dtype == DType::kF16 ? 4 : DTypeSize(v->dtype));
+    bytes += quantize ? cpu::QuantizedBytes(v->shape[0], v->shape[1])
+                      : v->numel() * (v->dtype == DType::kF16 ? 4 : DTypeSize(v->dtype));
   }
   // An arena of exactly this expert's size, shared by its three matrices.
   auto holder = std::make_shared<ModelWeights>();
   holder->arena.set_chunk_bytes(bytes + 3 * 64);
-  Binder b(checkpoint, holder.get(), residency, {}, 0);
+  Binder b(checkpoint, holder.get(), residency, {}, 0, false, quantize);
   BoundExpert out;
   out.weights = b.Mlp(layer, module);
   if (!b.failed().empty()) {
@@ -176,16 +225,17 @@ StatusOr<BoundExpert> BindExpert(const Checkpoint& checkpoint, int64_t layer, in
                                   std::to_string(layer));
   }
   out.bytes = holder->matrix_bytes;
-  if (residency == WeightResidency::kCopy) out.memory = std::shared_ptr<WeightArena>(holder, &holder->arena);
+  if (residency == WeightResidency::kCopy || quantize) {
+    out.memory = std::shared_ptr<WeightArena>(holder, &holder->arena);
+  }
   return out;
 }
 
 void ReleaseExpertPages(const MlpWeights& w) {
   constexpr uintptr_t kPage = 4096;
   for (const cpu::WeightMatrix* m : {&w.gate, &w.up, &w.down}) {
-    const int64_t element = m->type == cpu::WeightType::kBF16 ? 2 : 4;
     const auto begin = reinterpret_cast<uintptr_t>(m->data);
-    const auto end = begin + static_cast<uintptr_t>(m->rows * m->row_stride * element);
+    const auto end = begin + static_cast<uintptr_t>(m->Bytes());
     const uintptr_t first = (begin + kPage - 1) / kPage * kPage;
     const uintptr_t last = end / kPage * kPage;
     if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
@@ -195,7 +245,9 @@ void ReleaseExpertPages(const MlpWeights& w) {
 StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Bind(const Checkpoint& checkpoint,
                                                            const ProgressFn& progress,
                                                            WeightResidency residency,
-                                                           const WeightShard& shard) {
+                                                           const WeightShard& shard,
+                                                           cpu::Precision precision) {
+  const bool quantize = precision == cpu::Precision::kFast;
   const ModelConfig& c = checkpoint.config();
   auto w = std::make_unique<ModelWeights>();
   const int64_t h0 = shard.head_begin;
@@ -213,7 +265,7 @@ StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Bind(const Checkpoint& che
   // Binds everything through B; run twice: first counting the bytes this rank will
   // hold (for progress), then for real.
   auto bind_all = [&](Binder& b, ModelWeights* out) {
-    out->embed = b.Matrix("model.embed_tokens.weight");
+    out->embed = b.Matrix("model.embed_tokens.weight", {}, Use::kOther);
     out->layers.resize(static_cast<size_t>(c.num_hidden_layers));
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
       LayerWeights& L = out->layers[l];
@@ -229,7 +281,7 @@ StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Bind(const Checkpoint& che
       }
       L.kv_a_proj = b.Matrix(LayerTensor(l, "self_attn.kv_a_proj_with_mqa"));
       L.kv_a_norm = b.Vector(LayerTensor(l, "self_attn.kv_a_layernorm"));
-      L.kv_b_proj = b.Matrix(LayerTensor(l, "self_attn.kv_b_proj"), {h0 * kv_head, (h1 - h0) * kv_head});
+      L.kv_b_proj = b.Matrix(LayerTensor(l, "self_attn.kv_b_proj"), {h0 * kv_head, (h1 - h0) * kv_head}, Use::kOther);
       L.o_proj = b.Matrix(LayerTensor(l, "self_attn.o_proj"),
                           {0, -1, h0 * c.v_head_dim, (h1 - h0) * c.v_head_dim});
       L.moe = c.IsMoeLayer(l);
@@ -237,7 +289,8 @@ StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Bind(const Checkpoint& che
         L.dense = b.Mlp(l, "mlp", shard.mlp_part, shard.mlp_parts);
         continue;
       }
-      L.router = b.Matrix(LayerTensor(l, "mlp.gate"));
+      // The router stays exact: a small matrix whose rounding would move tokens between experts.
+      L.router = b.Matrix(LayerTensor(l, "mlp.gate"), {}, Use::kOther);
       if (c.topk_method == TopkMethod::kNoauxTc) {
         L.choice_bias = b.Vector("model.layers." + std::to_string(l) + ".mlp.gate.e_score_correction_bias");
       }
@@ -248,16 +301,18 @@ StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Bind(const Checkpoint& che
       if (L.has_shared) L.shared = b.Mlp(l, "mlp.shared_experts", shard.mlp_part, shard.mlp_parts);
     }
     out->final_norm = b.Vector("model.norm.weight");
-    if (c.tie_word_embeddings) {
+    if (c.tie_word_embeddings && quantize) {
+      out->lm_head = b.Matrix("model.embed_tokens.weight", {v0, v1 - v0});
+    } else if (c.tie_word_embeddings) {
       out->lm_head = out->embed.Rows(v0, v1 - v0);
     } else {
       out->lm_head = b.Matrix("lm_head.weight", {v0, v1 - v0});
     }
   };
   ModelWeights counted;
-  Binder counter(checkpoint, &counted, residency, {}, 0, /*count_only=*/true);
+  Binder counter(checkpoint, &counted, residency, {}, 0, /*count_only=*/true, quantize);
   bind_all(counter, &counted);
-  Binder b(checkpoint, w.get(), residency, progress, counted.matrix_bytes);
+  Binder b(checkpoint, w.get(), residency, progress, counted.matrix_bytes, false, quantize);
   bind_all(b, w.get());
   if (!b.failed().empty()) {
     return ResourceExhaustedError("cannot allocate memory for the weights (at tensor '" + b.failed() +

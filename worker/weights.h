@@ -6,6 +6,10 @@
 // page-cache pages the hardware prefetchers stop at each page and the TLB misses,
 // which held decode near half of the bandwidth bound. kMapped uses the file's pages
 // in place (no second copy while the page cache holds the file).
+// With the fast precision the matrices of the products (attention's projections but
+// kv_b_proj, the MLPs and experts, lm_head) are quantized to int8 at load
+// (kernels/cpu/matmul_int8.h), always into anonymous memory; the embedding, the router
+// and kv_b_proj keep their values.
 // A ModelWeights stays valid while its Checkpoint is open.
 #pragma once
 
@@ -14,6 +18,7 @@
 
 #include "common/status.h"
 #include "kernels/cpu/matmul.h"
+#include "kernels/cpu/matmul_fast.h"
 #include "worker/checkpoint.h"
 
 namespace epic {
@@ -105,18 +110,19 @@ struct ModelWeights {
   static StatusOr<std::unique_ptr<ModelWeights>> Bind(const Checkpoint& checkpoint,
                                                       const ProgressFn& progress,
                                                       WeightResidency residency = WeightResidency::kCopy,
-                                                      const WeightShard& shard = {});
+                                                      const WeightShard& shard = {},
+                                                      cpu::Precision precision = cpu::Precision::kExact);
 };
 
 // One routed expert bound on its own, for a rank that newly holds it: copied into
-// memory of its own (freed when MEMORY is), or used in place when kMapped.
+// memory of its own (freed when MEMORY is), or used in place when kMapped (and exact).
 struct BoundExpert {
   MlpWeights weights;
   std::shared_ptr<WeightArena> memory;  // nullptr when kMapped
   int64_t bytes = 0;
 };
 StatusOr<BoundExpert> BindExpert(const Checkpoint& checkpoint, int64_t layer, int32_t expert,
-                                 WeightResidency residency);
+                                 WeightResidency residency, cpu::Precision precision = cpu::Precision::kExact);
 
 // Gives back to the system the pages wholly inside W's matrices (an expert bound at
 // start, in the shared arena, that the rank no longer holds). W must not be read again.

@@ -29,6 +29,7 @@ int main(int argc, char** argv) {
   std::string secret_file;
   std::string device = "cpu";
   std::string attention = "tp";
+  std::string precision = "exact";
   int threads = 0;
   bool mapped = false;
   int connect_timeout = 60;
@@ -40,6 +41,8 @@ int main(int argc, char** argv) {
                                              "(default: plaintext)");
   app.add_option("--connect-timeout", connect_timeout, "seconds to wait for the coordinator")
       ->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--precision", precision, epic::cpu::kPrecisionHelp)
+      ->check(CLI::IsMember({"exact", "fast"}))->capture_default_str();
   app.add_option("--device", device,
                  "compute device: cpu, or cuda (each rank on its own GPU, the ranks of a host on GPUs 0, 1, ...)")
       ->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
@@ -87,13 +90,17 @@ int main(int argc, char** argv) {
     }
     shard.device_comm = *device_comm;
   }
+  epic::cpu::Precision asked = epic::cpu::Precision::kExact;
+  epic::cpu::ParsePrecision(precision.c_str(), &asked);
   epic::ProgressLine progress("loading " + model_dir);
   auto model = epic::Model::Load(
       model_dir, [&](int64_t d, int64_t t) { if (rank == 0) progress.Update(d, t); },
-      mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy, shard, *compute);
+      mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy, shard, *compute, asked);
   progress.Finish();
   if (!model.ok()) fail(model.status().ToString(), 1);
-  std::fprintf(stderr, "%sholds %.1f MiB of weights\n", who.c_str(), (*model)->weights().matrix_bytes / 1048576.0);
+  std::fprintf(stderr, "%sholds %.1f MiB of weights, products %s%s\n", who.c_str(),
+               (*model)->weights().matrix_bytes / 1048576.0, epic::cpu::PrecisionName((*model)->precision()),
+               (*model)->precision() == asked ? "" : " (this processor has no AVX512_VNNI for fast)");
 
   const epic::Status s = epic::ServeCoordinator(**model, options, device);
   // The link closed (every rank learnt it together): an orderly end, which the

@@ -72,7 +72,7 @@ WeightMatrix WeightMatrix::Cols(int64_t begin, int64_t count) const {
 }
 
 int64_t WeightMatrix::Bytes() const {
-  if (type == WeightType::kI8) return (rows + 15) / 16 * 16 * row_stride;
+  if (type == WeightType::kI8) return QuantizedBytes(rows, cols);
   return rows * row_stride * ElementBytes();
 }
 

@@ -33,7 +33,7 @@ struct WeightMatrix {
   // Columns [begin, begin + count); not for kI8.
   WeightMatrix Cols(int64_t begin, int64_t count) const;
   int64_t ElementBytes() const { return type == WeightType::kF32 ? 4 : type == WeightType::kBF16 ? 2 : 1; }
-  // The memory the matrix's values span (for kI8 its panels, without the scales).
+  // The memory the matrix's values span (for kI8 its panels and scales, QuantizedBytes).
   int64_t Bytes() const;
   // Element (r, c) widened to float: for tests and slow paths only.
   float At(int64_t r, int64_t c) const;

@@ -279,6 +279,16 @@ void MatMulFast(Path path, const float* x, int64_t m, int64_t ldx, const W* w, i
 
 const char* PrecisionName(Precision precision) { return precision == Precision::kFast ? "fast" : "exact"; }
 
+bool ParsePrecision(const char* name, Precision* precision) {
+  for (const Precision p : {Precision::kExact, Precision::kFast}) {
+    if (std::strcmp(name, PrecisionName(p)) == 0) {
+      *precision = p;
+      return true;
+    }
+  }
+  return false;
+}
+
 void MatMul(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy, bool accumulate,
             Precision precision) {
   const Path path = ActivePath();
