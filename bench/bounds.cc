@@ -13,6 +13,7 @@
 
 #include "bench/timing.h"
 #include "kernels/cpu/matmul.h"
+#include "kernels/cpu/matmul_int8.h"
 
 #ifdef EPIC_HAVE_CBLAS
 #include <cblas.h>
@@ -134,6 +135,29 @@ GemmRate MeasureF32GemmRate(int repeats) {
     best = std::min(best, Since(t0));
   }
 #endif
+  rate.gflops = 2.0 * m * n * k / best / 1e9;
+  return rate;
+}
+
+GemmRate MeasureInt8GemmRate(int repeats) {
+  GemmRate rate;
+  if (cpu::internal::Int8Isa() != cpu::Isa::kAvx512Vnni) return rate;
+  const int64_t m = 512, n = 2816, k = 2048;
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<float> d(-1, 1);
+  std::vector<float> a(m * k), b(n * k), c(m * n);
+  for (float& v : a) v = d(rng);
+  for (float& v : b) v = d(rng);
+  std::vector<unsigned char> packed(static_cast<size_t>(cpu::QuantizedBytes(n, k)) + 64);
+  const cpu::WeightMatrix w = cpu::QuantizeInt8(
+      {cpu::WeightType::kF32, b.data(), n, k, k}, packed.data() + (64 - reinterpret_cast<uintptr_t>(packed.data()) % 64) % 64);
+  double best = 1e30;
+  for (int r = 0; r < repeats; ++r) {
+    const auto t0 = Clock::now();
+    cpu::MatMul(a.data(), m, k, w, c.data(), n);
+    best = std::min(best, Since(t0));
+  }
+  rate.how = "epic int8 MatMul (AVX512_VNNI) 512x2816x2048";
   rate.gflops = 2.0 * m * n * k / best / 1e9;
   return rate;
 }

@@ -27,4 +27,9 @@ struct GemmRate {
 // sgemm where the bench was built with it, else epic's own F32-weight MatMul.
 GemmRate MeasureF32GemmRate(int repeats);
 
+// The int8 products' rate (kernels/cpu/matmul_int8.h, --precision fast) at the same
+// shape, all threads, counting a multiply-add as 2 operations: epic's own kernel (no peer
+// is installed), the compute bound of fast batched decode. 0 without AVX512_VNNI.
+GemmRate MeasureInt8GemmRate(int repeats);
+
 }  // namespace epic::bench

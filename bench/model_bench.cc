@@ -5,6 +5,9 @@
 //   batched decode (--batch): B sequences a step; tokens/s vs the larger of the read
 //   bound (distinct weight bytes the step touches + the cache rows it reads, over the
 //   read bandwidth) and the compute bound (its multiply-adds at the F32 GEMM rate).
+// With --precision fast the weights are int8 (half the bytes read), prefill is also
+// compared with the F32 rate (the target: >= 2x with VNNI alone) and with the
+// int8 kernel's own rate, and batched decode's compute bound is the int8 rate.
 // Make a model with e.g. `epic-mkmodel --preset v2-lite-shape --layers 4 --out DIR`.
 #include <omp.h>
 
@@ -55,7 +58,7 @@ epic::Status BatchedDecode(epic::Model& model, const std::vector<int64_t>& batch
                    int64_t expert_macs, int64_t row_bytes) {
   const epic::ModelConfig& c = model.config();
   std::printf("batched decode: %lld context tokens a sequence, %lld steps (median); bound: the larger of "
-              "read (distinct weights + cache) and compute (F32 GEMM rate)\n",
+              "read (distinct weights + cache) and compute (the GEMM rate of the products: F32, int8 under fast)\n",
               static_cast<long long>(context), static_cast<long long>(steps));
   std::printf("%6s %10s %10s %12s %10s %8s %8s\n", "batch", "tok/s", "step ms", "MB read/step", "bound", "ratio",
               "bound by");
@@ -134,6 +137,9 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "threads (0: one per core)");
   app.add_option("--buffer-gib", buffer_gib, "buffer for the bandwidth measurement")->capture_default_str();
   app.add_flag("--mmap", mapped, "weights in place from the file mapping (4 KiB pages)");
+  std::string precision_name = "exact";
+  app.add_option("--precision", precision_name, epic::cpu::kPrecisionHelp)
+      ->check(CLI::IsMember({"exact", "fast"}))->capture_default_str();
   app.add_option("--batch", batches,
                  "batched decode: sequences per step, comma-separated (e.g. 1,4,16,64); each sequence "
                  "prefilled with --batch-context tokens first")
@@ -145,13 +151,19 @@ int main(int argc, char** argv) {
 
   const epic::bench::Bandwidth bw = epic::bench::MeasureBandwidth(buffer_gib, 5);
   const epic::bench::GemmRate gemm = epic::bench::MeasureF32GemmRate(5);
+  epic::cpu::Precision precision = epic::cpu::Precision::kExact;
+  epic::cpu::ParsePrecision(precision_name.c_str(), &precision);
+  const epic::bench::GemmRate int8 =
+      precision == epic::cpu::Precision::kFast ? epic::bench::MeasureInt8GemmRate(5) : epic::bench::GemmRate{};
   std::printf("machine: %d threads; read bandwidth %.1f GB/s (%d streams a thread; one stream %.1f GB/s), copy "
               "bandwidth %.1f GB/s (read+write bytes); F32 GEMM %.1f GFLOP/s (%s)\n",
               omp_get_max_threads(), bw.read_gbs, bw.read_streams, bw.one_stream_gbs, bw.copy_gbs, gemm.gflops,
               gemm.how.c_str());
+  if (int8.gflops > 0) std::printf("machine: int8 GEMM %.1f GOP/s (%s)\n", int8.gflops, int8.how.c_str());
 
   auto loaded = epic::Model::Load(model_dir, {},
-                                  mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy);
+                                  mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy, {},
+                                  epic::ComputeDevice::kCpu, precision);
   if (!loaded.ok()) {
     std::fprintf(stderr, "model_bench: %s\n", loaded.status().ToString().c_str());
     return 1;
@@ -159,7 +171,9 @@ int main(int argc, char** argv) {
   epic::Model& model = **loaded;
   const epic::ModelConfig& c = model.config();
   const epic::ModelWeights& w = model.weights();
-  std::printf("model: %s; %.2f GiB of matrices\n", c.Summary().c_str(), w.matrix_bytes / 1073741824.0);
+  std::printf("model: %s; %.2f GiB of matrices; products %s\n", c.Summary().c_str(), w.matrix_bytes / 1073741824.0,
+              epic::cpu::PrecisionName(model.precision()));
+  const bool fast = model.precision() == epic::cpu::Precision::kFast;
 
   // What one token reads and computes, context aside; and what a step reads whatever
   // its batch (every weight but the routed experts'), and one routed expert's bytes.
@@ -231,9 +245,11 @@ int main(int argc, char** argv) {
       2.0 * (static_cast<double>(per_token.macs) * prompt_len + attention_macs + Params(w.lm_head));
   const double prefill_gflops = prefill_flops / prefill / 1e9;
   std::printf("prefill: %lld tokens in %.3f s (median of %d) = %.1f tok/s, %.1f GFLOP/s; "
-              "ratio to F32 GEMM %.2f (target >= 0.5)\n",
+              "ratio to F32 GEMM %.2f (target >= %s)",
               static_cast<long long>(prompt_len), prefill, repeats, prompt_len / prefill, prefill_gflops,
-              prefill_gflops / gemm.gflops);
+              prefill_gflops / gemm.gflops, fast ? "2 with VNNI" : "0.8");
+  if (fast) std::printf("; to the int8 GEMM %.2f", prefill_gflops / int8.gflops);
+  std::printf("\n");
 
   // Decode: one token per step after the last prefill, context prompt_len .. total-1.
   // This host's bandwidth drifts from minute to minute, so each round measures it
@@ -284,7 +300,8 @@ int main(int argc, char** argv) {
   }
   if (!batches.empty()) {
     const epic::Status s =
-        BatchedDecode(model, batches, batch_context, batch_steps, buffer_gib, gemm.gflops, shared_by_step.bytes +
+        BatchedDecode(model, batches, batch_context, batch_steps, buffer_gib, fast ? int8.gflops : gemm.gflops,
+                      shared_by_step.bytes +
                       lm_head_bytes, shared_by_step.macs + Params(w.lm_head), expert_bytes, expert_macs, row_bytes);
     if (!s.ok()) {
       std::fprintf(stderr, "model_bench: %s\n", s.ToString().c_str());
