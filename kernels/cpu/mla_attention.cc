@@ -1,66 +1,125 @@
+// Both forms as matrix products over gathered rows, so that the GEMM kernels (matmul.h)
+// do the arithmetic in register blocks instead of one dot product per key:
+//  - absorbed (decode): per query and group of up to 8 heads, the context's latent rows
+//    are gathered from their blocks once, the group's scores are one product over them
+//    (each row read once for the group, not once a head) and its outputs another;
+//  - expanded (prefill): per head and chunk of 64 queries, that head's keys and values
+//    (transposed) up to the chunk's last position are gathered, and scores and outputs
+//    are two products; a chunk computes scores only up to its own last key.
+// Work items are spread over the threads; the products inside run on one thread each.
 #include "kernels/cpu/mla_attention.h"
 
 #include <omp.h>
 
 #include <algorithm>
-#include <vector>
+#include <cmath>
+#include <cstring>
+#include <limits>
 
+#include "kernels/cpu/matmul.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/thread_scratch.h"
 
 namespace epic::cpu {
+namespace {
+
+constexpr int64_t kHeadGroup = 8;     // heads sharing a pass over the rows (the GEMV's rows of x)
+constexpr int64_t kQueryChunk = 64;  // queries of one head sharing a gather of its keys
+
+enum Slot { kRows, kQueries, kScores, kSlots };
+float* Scratch(Slot slot, int64_t floats) {
+  thread_local ScratchBuffer buffers[kSlots];
+  return static_cast<float*>(buffers[slot].Get(floats * static_cast<int64_t>(sizeof(float))));
+}
+
+WeightMatrix F32Matrix(const float* data, int64_t rows, int64_t cols, int64_t stride) {
+  WeightMatrix w;
+  w.type = WeightType::kF32;
+  w.data = data;
+  w.rows = rows;
+  w.cols = cols;
+  w.row_stride = stride;
+  return w;
+}
+
+// Row I of SCORES (LD wide): scaled, softmax over its first VALID entries, zero after.
+void SoftmaxRow(float* row, int64_t valid, int64_t width, float scale) {
+  for (int64_t t = 0; t < valid; ++t) row[t] *= scale;
+  Softmax(row, valid);
+  std::fill(row + valid, row + width, 0.0f);
+}
+
+}  // namespace
 
 void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
-  const int64_t work = p.num_queries * p.num_heads;
   const int64_t lora = p.kv_lora_rank;
-#pragma omp parallel if (work > 1 && !omp_in_parallel())
-  {
-    std::vector<float> scores;
-#pragma omp for schedule(static)
-    for (int64_t w = 0; w < work; ++w) {
-      const int64_t i = w / p.num_heads;
-      const int64_t context = p.start + i + 1;
-      const float* ql = p.q_latent + w * lora;
-      const float* qr = p.q_pe + w * p.rope_dim;
-      scores.resize(static_cast<size_t>(context));
-      for (int64_t t = 0; t < context; ++t) {
-        const float* row = p.cache.Row(t);
-        scores[t] = p.scale * (Dot(ql, row, lora) + Dot(qr, row + lora, p.rope_dim));
+  const int64_t width = lora + p.rope_dim;
+  const int64_t groups = (p.num_heads + kHeadGroup - 1) / kHeadGroup;
+  const int64_t work = p.num_queries * groups;
+#pragma omp parallel for schedule(dynamic) if (work > 1 && !omp_in_parallel())
+  for (int64_t w = 0; w < work; ++w) {
+    const int64_t i = w / groups;
+    const int64_t h0 = (w % groups) * kHeadGroup;
+    const int64_t g = std::min(kHeadGroup, p.num_heads - h0);
+    const int64_t context = p.start + i + 1;
+    // The context's rows, contiguous: [c_kv | k_pe] each.
+    float* rows = Scratch(kRows, context * width);
+    for (int64_t t = 0; t < context;) {
+      const int64_t run = std::min(p.cache.block_size - t % p.cache.block_size, context - t);
+      if (p.cache.row_stride == width) {
+        std::memcpy(rows + t * width, p.cache.Row(t), static_cast<size_t>(run * width) * sizeof(float));
+      } else {
+        for (int64_t r = 0; r < run; ++r) {
+          std::memcpy(rows + (t + r) * width, p.cache.Row(t + r), static_cast<size_t>(width) * sizeof(float));
+        }
       }
-      Softmax(scores.data(), context);
-      float* out = p.out_latent + w * lora;
-      std::fill(out, out + lora, 0.0f);
-      for (int64_t t = 0; t < context; ++t) Axpy(scores[t], p.cache.Row(t), lora, out);
+      t += run;
     }
+    // The group's queries as [q_latent | q_pe] rows.
+    float* queries = Scratch(kQueries, g * width);
+    for (int64_t h = 0; h < g; ++h) {
+      const int64_t at = i * p.num_heads + h0 + h;
+      std::memcpy(queries + h * width, p.q_latent + at * lora, static_cast<size_t>(lora) * sizeof(float));
+      std::memcpy(queries + h * width + lora, p.q_pe + at * p.rope_dim,
+                  static_cast<size_t>(p.rope_dim) * sizeof(float));
+    }
+    float* scores = Scratch(kScores, g * context);
+    MatMul(queries, g, width, F32Matrix(rows, context, width, width), scores, context);
+    for (int64_t h = 0; h < g; ++h) SoftmaxRow(scores + h * context, context, context, p.scale);
+    MatMulNoTrans(scores, g, context, F32Matrix(rows, context, lora, width),
+                  p.out_latent + (i * p.num_heads + h0) * lora, lora);
   }
 }
 
 void MlaExpandedAttention(const MlaExpandedParams& p) {
-  const int64_t work = p.num_queries * p.num_heads;
   const int64_t qk = p.nope_dim + p.rope_dim;
-  const int64_t kv_width = p.num_heads * (p.nope_dim + p.v_dim);
-#pragma omp parallel if (work > 1 && !omp_in_parallel())
-  {
-    std::vector<float> scores;
-#pragma omp for schedule(static)
-    for (int64_t w = 0; w < work; ++w) {
-      const int64_t i = w / p.num_heads;
-      const int64_t h = w % p.num_heads;
-      const int64_t context = p.start + i + 1;
-      const float* q = p.q + w * qk;
-      scores.resize(static_cast<size_t>(context));
-      for (int64_t t = 0; t < context; ++t) {
-        const float* k_nope = p.kv + t * kv_width + h * (p.nope_dim + p.v_dim);
-        scores[t] = p.scale * (Dot(q, k_nope, p.nope_dim) +
-                               Dot(q + p.nope_dim, p.k_pe + t * p.rope_dim, p.rope_dim));
-      }
-      Softmax(scores.data(), context);
-      float* out = p.out + w * p.v_dim;
-      std::fill(out, out + p.v_dim, 0.0f);
-      for (int64_t t = 0; t < context; ++t) {
-        const float* v = p.kv + t * kv_width + h * (p.nope_dim + p.v_dim) + p.nope_dim;
-        Axpy(scores[t], v, p.v_dim, out);
-      }
+  const int64_t head_width = p.nope_dim + p.v_dim;
+  const int64_t kv_width = p.num_heads * head_width;
+  const int64_t chunks = (p.num_queries + kQueryChunk - 1) / kQueryChunk;
+  const int64_t work = chunks * p.num_heads;
+  // Later chunks see more context: dynamic, largest first.
+#pragma omp parallel for schedule(dynamic) if (work > 1 && !omp_in_parallel())
+  for (int64_t w = 0; w < work; ++w) {
+    const int64_t c = chunks - 1 - w / p.num_heads;
+    const int64_t h = w % p.num_heads;
+    const int64_t i0 = c * kQueryChunk;
+    const int64_t n = std::min(kQueryChunk, p.num_queries - i0);
+    const int64_t context = p.start + i0 + n;
+    // Keys [context, qk] and values transposed [v_dim, context] of head H.
+    float* keys = Scratch(kRows, context * qk + p.v_dim * context);
+    float* values = keys + context * qk;
+    for (int64_t t = 0; t < context; ++t) {
+      const float* kv = p.kv + t * kv_width + h * head_width;
+      std::memcpy(keys + t * qk, kv, static_cast<size_t>(p.nope_dim) * sizeof(float));
+      std::memcpy(keys + t * qk + p.nope_dim, p.k_pe + t * p.rope_dim, static_cast<size_t>(p.rope_dim) * sizeof(float));
+      for (int64_t d = 0; d < p.v_dim; ++d) values[d * context + t] = kv[p.nope_dim + d];
     }
+    float* scores = Scratch(kScores, n * context);
+    const int64_t q_stride = p.num_heads * qk;
+    MatMul(p.q + (i0 * p.num_heads + h) * qk, n, q_stride, F32Matrix(keys, context, qk, qk), scores, context);
+    for (int64_t i = 0; i < n; ++i) SoftmaxRow(scores + i * context, p.start + i0 + i + 1, context, p.scale);
+    MatMul(scores, n, context, F32Matrix(values, p.v_dim, context, context),
+           p.out + (i0 * p.num_heads + h) * p.v_dim, p.num_heads * p.v_dim);
   }
 }
 

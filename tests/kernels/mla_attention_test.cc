@@ -1,5 +1,6 @@
 // Both forms of MLA against float64 attention written plainly, over a paged cache
-// whose blocks are out of order.
+// whose blocks are out of order, at shapes that cross the kernels' edges: head groups
+// of 8, query chunks of 64, blocks split by the context's end.
 #include "kernels/cpu/mla_attention.h"
 
 #include <cmath>
@@ -31,13 +32,24 @@ std::vector<double> Attend(const std::vector<double>& scores, const std::vector<
   return out;
 }
 
-TEST(MlaAttentionTest, AbsorbedOverPagedCacheMatchesFloat64) {
+struct AbsorbedShape {
+  int64_t heads, lora, rope, block, start, n;
+};
+
+class AbsorbedTest : public ::testing::TestWithParam<AbsorbedShape> {};
+
+TEST_P(AbsorbedTest, OverPagedCacheMatchesFloat64) {
   std::mt19937_64 rng(11);
-  const int64_t heads = 3, lora = 20, rope = 6, block = 4, start = 9, n = 5;
+  const auto [heads, lora, rope, block, start, n] = GetParam();
   const int64_t width = lora + rope;
-  // Blocks deliberately out of order in the pool.
-  const std::vector<int32_t> table = {3, 0, 5, 1};
-  std::vector<float> pool = Random(6 * block * width, rng);
+  // Blocks deliberately out of order in the pool: block b of the sequence is pool block
+  // (b * 5 + 3) % pool_blocks (pool_blocks coprime to 5).
+  const int64_t blocks = (start + n + block - 1) / block;
+  int64_t pool_blocks = blocks + 1;
+  while (pool_blocks % 5 == 0) ++pool_blocks;
+  std::vector<int32_t> table;
+  for (int64_t b = 0; b < blocks; ++b) table.push_back(static_cast<int32_t>((b * 5 + 3) % pool_blocks));
+  std::vector<float> pool = Random(pool_blocks * block * width, rng);
   std::vector<float> ql = Random(n * heads * lora, rng), qp = Random(n * heads * rope, rng);
   std::vector<float> out(n * heads * lora, NAN);
   MlaAbsorbedParams p;
@@ -73,9 +85,15 @@ TEST(MlaAttentionTest, AbsorbedOverPagedCacheMatchesFloat64) {
   }
 }
 
-TEST(MlaAttentionTest, ExpandedCausalMatchesFloat64) {
+struct ExpandedShape {
+  int64_t heads, nope, rope, vdim, start, n;
+};
+
+class ExpandedTest : public ::testing::TestWithParam<ExpandedShape> {};
+
+TEST_P(ExpandedTest, CausalMatchesFloat64) {
   std::mt19937_64 rng(12);
-  const int64_t heads = 2, nope = 8, rope = 4, vdim = 6, start = 3, n = 4;
+  const auto [heads, nope, rope, vdim, start, n] = GetParam();
   const int64_t context = start + n, qk = nope + rope, kvw = heads * (nope + vdim);
   std::vector<float> q = Random(n * heads * qk, rng), kv = Random(context * kvw, rng);
   std::vector<float> kpe = Random(context * rope, rng), out(n * heads * vdim, NAN);
@@ -112,6 +130,18 @@ TEST(MlaAttentionTest, ExpandedCausalMatchesFloat64) {
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Shapes, AbsorbedTest,
+                         ::testing::Values(AbsorbedShape{3, 20, 6, 4, 9, 5},       // one group
+                                           AbsorbedShape{16, 24, 8, 16, 70, 3},    // two full groups
+                                           AbsorbedShape{11, 16, 4, 16, 33, 2},    // a group of 3
+                                           AbsorbedShape{2, 512, 64, 16, 100, 1}));  // V2's widths
+
+INSTANTIATE_TEST_SUITE_P(Shapes, ExpandedTest,
+                         ::testing::Values(ExpandedShape{2, 8, 4, 6, 3, 4},         // one chunk
+                                           ExpandedShape{3, 16, 8, 12, 20, 150},   // three chunks, a part one
+                                           ExpandedShape{1, 32, 16, 24, 0, 64},    // exactly one chunk
+                                           ExpandedShape{2, 128, 64, 128, 5, 70}));  // V2's widths
 
 }  // namespace
 }  // namespace epic::cpu
