@@ -38,15 +38,16 @@ void ApplyRope(float* x, int64_t position, const double* inv_freq, int64_t inv_f
   }
 }
 
-void SiluMul(const float* gate, const float* up, int64_t n, float* out) {
+namespace {
+
+void SiluMulPlain(const float* gate, const float* up, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) {
     const float g = gate[i];
     out[i] = g / (1.0f + std::exp(-g)) * up[i];
   }
 }
 
-void Softmax(float* x, int64_t n) {
-  if (n == 0) return;
+void SoftmaxPlain(float* x, int64_t n) {
   float max = x[0];
   for (int64_t i = 1; i < n; ++i) max = std::fmax(max, x[i]);
   double sum = 0.0;
@@ -58,10 +59,66 @@ void Softmax(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= inv;
 }
 
-namespace {
+#define EPIC_AVX512 __attribute__((target("avx512f,avx512dq")))
 
-// Attention's inner loops (a latent row against each head's query, per cached row)
-// call these millions of times a step: they take the widest vectors the host has.
+// e^x on 16 lanes: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-5 polynomial
+// (within 2 ulp of expf), times 2^n by vscalefps (which gives 0 and inf past the range).
+// NaN stays NaN (max and min keep their second operand when the first is NaN).
+EPIC_AVX512 inline __m512 Exp(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+EPIC_AVX512 inline __mmask16 Tail(int64_t left) {
+  return left >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << left) - 1);
+}
+
+EPIC_AVX512 void SiluMulAvx512(const float* gate, const float* up, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = Tail(n - i);
+    const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+    const __m512 e = Exp(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, up + i)));
+  }
+}
+
+EPIC_AVX512 void SoftmaxAvx512(float* x, int64_t n) {
+  __m512 max = _mm512_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < n; i += 16) max = _mm512_max_ps(max, _mm512_mask_loadu_ps(max, Tail(n - i), x + i));
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+  // Sums per lane in F32, then in double: softmax rows are thousands of values at most.
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = Tail(n - i);
+    const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), top));
+    _mm512_mask_storeu_ps(x + i, m, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+  }
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, sum);
+  double total = 0.0;
+  for (const float v : lanes) total += v;
+  const __m512 inv = _mm512_set1_ps(static_cast<float>(1.0 / total));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = Tail(n - i);
+    _mm512_mask_storeu_ps(x + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), inv));
+  }
+}
+
+// The MoE combine (Axpy), every MLP (SiluMul) and attention's score rows (Softmax) call
+// these millions of times a step: they take the widest vectors the host has.
 void AxpyPlain(float alpha, const float* x, int64_t n, float* y) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
@@ -81,58 +138,22 @@ __attribute__((target("avx2,fma"))) void AxpyAvx2(float alpha, const float* x, i
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
-float DotPlain(const float* a, const float* b, int64_t n) {
-  // Eight independent lanes vectorise without -ffast-math and keep F32 error small.
-  float lanes[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) lanes[j] += a[i + j] * b[i + j];
-  }
-  double sum = 0.0;
-  for (int j = 0; j < 8; ++j) sum += lanes[j];
-  for (; i < n; ++i) sum += static_cast<double>(a[i]) * b[i];
-  return static_cast<float>(sum);
-}
-
-__attribute__((target("avx512f"))) float DotAvx512(const float* a, const float* b, int64_t n) {
-  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
-    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
-  }
-  for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
-  double sum = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-  for (; i < n; ++i) sum += static_cast<double>(a[i]) * b[i];
-  return static_cast<float>(sum);
-}
-
-__attribute__((target("avx2,fma"))) float DotAvx2(const float* a, const float* b, int64_t n) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-  }
-  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(s0, s1));
-  double sum = 0.0;
-  for (const float v : lanes) sum += v;
-  for (; i < n; ++i) sum += static_cast<double>(a[i]) * b[i];
-  return static_cast<float>(sum);
-}
-
 using AxpyFn = void (*)(float, const float*, int64_t, float*);
-using DotFn = float (*)(const float*, const float*, int64_t);
+using SiluMulFn = void (*)(const float*, const float*, int64_t, float*);
+using SoftmaxFn = void (*)(float*, int64_t);
 
 const AxpyFn kAxpy = Has(Isa::kAvx512) ? AxpyAvx512 : Has(Isa::kAvx2) ? AxpyAvx2 : AxpyPlain;
-const DotFn kDot = Has(Isa::kAvx512) ? DotAvx512 : Has(Isa::kAvx2) ? DotAvx2 : DotPlain;
+const SiluMulFn kSiluMul = Has(Isa::kAvx512) ? SiluMulAvx512 : SiluMulPlain;
+const SoftmaxFn kSoftmax = Has(Isa::kAvx512) ? SoftmaxAvx512 : SoftmaxPlain;
 
 }  // namespace
 
 void Axpy(float alpha, const float* x, int64_t n, float* y) { kAxpy(alpha, x, n, y); }
 
-float Dot(const float* a, const float* b, int64_t n) { return kDot(a, b, n); }
+void SiluMul(const float* gate, const float* up, int64_t n, float* out) { kSiluMul(gate, up, n, out); }
+
+void Softmax(float* x, int64_t n) {
+  if (n > 0) kSoftmax(x, n);
+}
 
 }  // namespace epic::cpu

@@ -51,6 +51,12 @@ TEST(OpsTest, RopeRotatesInterleavedPairs) {
   EXPECT_NEAR(x[3], std::cos(0.5), 1e-6);
 }
 
+double Dot(const float* a, const float* b, int n) {
+  double sum = 0;
+  for (int i = 0; i < n; ++i) sum += double(a[i]) * b[i];
+  return sum;
+}
+
 TEST(OpsTest, RopePreservesNormTimesMscaleAndRelativePosition) {
   std::vector<float> q = Random(8, 3), k = Random(8, 4);
   const double inv_freq[4] = {1.0, 0.1, 0.01, 0.001};
@@ -67,23 +73,35 @@ TEST(OpsTest, RopePreservesNormTimesMscaleAndRelativePosition) {
   EXPECT_NEAR(std::sqrt(Dot(a.data(), a.data(), 8)), 0.5 * std::sqrt(Dot(q.data(), q.data(), 8)), 1e-5);
 }
 
-TEST(OpsTest, SoftmaxSiluDotAxpy) {
-  std::vector<float> x = Random(50, 5, -30, 30);
-  std::vector<float> s = x;
-  Softmax(s.data(), 50);
-  double max = x[0];
-  for (float v : x) max = std::max<double>(max, v);
-  double sum = 0;
-  for (float v : x) sum += std::exp(v - max);
-  for (int i = 0; i < 50; ++i) EXPECT_NEAR(s[i], std::exp(x[i] - max) / sum, 1e-6);
+TEST(OpsTest, SoftmaxSiluAxpy) {
+  for (int n : {1, 15, 16, 50, 1000}) {
+    std::vector<float> x = Random(n, 5 + n, -30, 30);
+    std::vector<float> s = x;
+    Softmax(s.data(), n);
+    double max = x[0];
+    for (float v : x) max = std::max<double>(max, v);
+    double sum = 0;
+    for (float v : x) sum += std::exp(v - max);
+    for (int i = 0; i < n; ++i) {
+      const double want = std::exp(x[i] - max) / sum;
+      EXPECT_NEAR(s[i], want, 1e-6 * want + 1e-12) << "n " << n << " i " << i;
+    }
+  }
 
-  std::vector<float> g = Random(33, 6), u = Random(33, 7), out(33);
-  SiluMul(g.data(), u.data(), 33, out.data());
-  for (int i = 0; i < 33; ++i) EXPECT_NEAR(out[i], g[i] / (1 + std::exp(-double(g[i]))) * u[i], 1e-6);
-
-  double dot = 0;
-  for (int i = 0; i < 33; ++i) dot += double(g[i]) * u[i];
-  EXPECT_NEAR(Dot(g.data(), u.data(), 33), dot, 1e-5);
+  // Wide inputs: the exponential's whole range, underflow and overflow included.
+  std::vector<float> g = Random(333, 6, -120, 120), u = Random(333, 7), out(333);
+  g[0] = 0.0f;
+  SiluMul(g.data(), u.data(), 333, out.data());
+  for (int i = 0; i < 333; ++i) {
+    const double want = g[i] / (1 + std::exp(-double(g[i]))) * u[i];
+    EXPECT_NEAR(out[i], want, 1e-6 * std::fabs(want) + 1e-30) << "gate " << g[i];
+  }
+  const float special[] = {NAN, INFINITY, -INFINITY};
+  std::vector<float> one(3, 1.0f), silu(3);
+  SiluMul(special, one.data(), 3, silu.data());
+  EXPECT_TRUE(std::isnan(silu[0]));
+  EXPECT_EQ(silu[1], INFINITY);
+  EXPECT_TRUE(silu[2] == 0.0f || std::isnan(silu[2]));  // -inf * 0: the exact form gives NaN
 
   std::vector<float> y = u;
   Axpy(0.5f, g.data(), 33, y.data());
