@@ -1,8 +1,9 @@
 // Both forms as matrix products over gathered rows, so that the GEMM kernels (matmul.h)
 // do the arithmetic in register blocks instead of one dot product per key:
-//  - absorbed (decode): per query and group of up to 8 heads, the context's latent rows
-//    are gathered from their blocks once, the group's scores are one product over them
-//    (each row read once for the group, not once a head) and its outputs another;
+//  - absorbed (decode): per query and group of up to 8 heads, the group's scores are a
+//    product over the cached rows (each row read once for the group, not once a head)
+//    and its outputs another, one pair per run of blocks that lie one after another in
+//    the pool (a fresh cache's blocks mostly do), read where they are;
 //  - expanded (prefill): per head and chunk of 64 queries, that head's keys and values
 //    (transposed) up to the chunk's last position are gathered, and scores and outputs
 //    are two products; a chunk computes scores only up to its own last key.
@@ -26,7 +27,7 @@ namespace {
 constexpr int64_t kHeadGroup = 8;     // heads sharing a pass over the rows (the GEMV's rows of x)
 constexpr int64_t kQueryChunk = 64;  // queries of one head sharing a gather of its keys
 
-enum Slot { kRows, kQueries, kScores, kSlots };
+enum Slot { kKeys, kQueries, kScores, kSlots };
 float* Scratch(Slot slot, int64_t floats) {
   thread_local ScratchBuffer buffers[kSlots];
   return static_cast<float*>(buffers[slot].Get(floats * static_cast<int64_t>(sizeof(float))));
@@ -62,19 +63,6 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
     const int64_t h0 = (w % groups) * kHeadGroup;
     const int64_t g = std::min(kHeadGroup, p.num_heads - h0);
     const int64_t context = p.start + i + 1;
-    // The context's rows, contiguous: [c_kv | k_pe] each.
-    float* rows = Scratch(kRows, context * width);
-    for (int64_t t = 0; t < context;) {
-      const int64_t run = std::min(p.cache.block_size - t % p.cache.block_size, context - t);
-      if (p.cache.row_stride == width) {
-        std::memcpy(rows + t * width, p.cache.Row(t), static_cast<size_t>(run * width) * sizeof(float));
-      } else {
-        for (int64_t r = 0; r < run; ++r) {
-          std::memcpy(rows + (t + r) * width, p.cache.Row(t + r), static_cast<size_t>(width) * sizeof(float));
-        }
-      }
-      t += run;
-    }
     // The group's queries as [q_latent | q_pe] rows.
     float* queries = Scratch(kQueries, g * width);
     for (int64_t h = 0; h < g; ++h) {
@@ -84,10 +72,26 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
                   static_cast<size_t>(p.rope_dim) * sizeof(float));
     }
     float* scores = Scratch(kScores, g * context);
-    MatMul(queries, g, width, F32Matrix(rows, context, width, width), scores, context);
+    // Rows [t, t + run) lie one after another in the pool.
+    auto next_run = [&](int64_t t) {
+      const int64_t bs = p.cache.block_size;
+      int64_t end = std::min((t / bs + 1) * bs, context);
+      while (end < context && p.cache.block_table[end / bs] == p.cache.block_table[end / bs - 1] + 1) {
+        end = std::min(end + bs, context);
+      }
+      return end - t;
+    };
+    for (int64_t t = 0, run; t < context; t += run) {
+      run = next_run(t);
+      MatMul(queries, g, width, F32Matrix(p.cache.Row(t), run, width, p.cache.row_stride), scores + t, context);
+    }
     for (int64_t h = 0; h < g; ++h) SoftmaxRow(scores + h * context, context, context, p.scale);
-    MatMulNoTrans(scores, g, context, F32Matrix(rows, context, lora, width),
-                  p.out_latent + (i * p.num_heads + h0) * lora, lora);
+    float* out = p.out_latent + (i * p.num_heads + h0) * lora;
+    for (int64_t t = 0, run; t < context; t += run) {
+      run = next_run(t);
+      MatMulNoTrans(scores + t, g, context, F32Matrix(p.cache.Row(t), run, lora, p.cache.row_stride), out, lora,
+                    /*accumulate=*/t > 0);
+    }
   }
 }
 
@@ -106,7 +110,7 @@ void MlaExpandedAttention(const MlaExpandedParams& p) {
     const int64_t n = std::min(kQueryChunk, p.num_queries - i0);
     const int64_t context = p.start + i0 + n;
     // Keys [context, qk] and values transposed [v_dim, context] of head H.
-    float* keys = Scratch(kRows, context * qk + p.v_dim * context);
+    float* keys = Scratch(kKeys, context * qk + p.v_dim * context);
     float* values = keys + context * qk;
     for (int64_t t = 0; t < context; ++t) {
       const float* kv = p.kv + t * kv_width + h * head_width;

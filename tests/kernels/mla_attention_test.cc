@@ -42,13 +42,14 @@ TEST_P(AbsorbedTest, OverPagedCacheMatchesFloat64) {
   std::mt19937_64 rng(11);
   const auto [heads, lora, rope, block, start, n] = GetParam();
   const int64_t width = lora + rope;
-  // Blocks deliberately out of order in the pool: block b of the sequence is pool block
-  // (b * 5 + 3) % pool_blocks (pool_blocks coprime to 5).
+  // Blocks out of order in the pool, some one after another (the kernel reads such runs
+  // in one product): the sequence's blocks in runs of 3, the runs in reverse order, one
+  // spare block first.
   const int64_t blocks = (start + n + block - 1) / block;
-  int64_t pool_blocks = blocks + 1;
-  while (pool_blocks % 5 == 0) ++pool_blocks;
+  const int64_t runs = (blocks + 2) / 3;
+  const int64_t pool_blocks = 1 + runs * 3;
   std::vector<int32_t> table;
-  for (int64_t b = 0; b < blocks; ++b) table.push_back(static_cast<int32_t>((b * 5 + 3) % pool_blocks));
+  for (int64_t b = 0; b < blocks; ++b) table.push_back(static_cast<int32_t>(1 + (runs - 1 - b / 3) * 3 + b % 3));
   std::vector<float> pool = Random(pool_blocks * block * width, rng);
   std::vector<float> ql = Random(n * heads * lora, rng), qp = Random(n * heads * rope, rng);
   std::vector<float> out(n * heads * lora, NAN);
