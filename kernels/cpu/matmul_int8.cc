@@ -191,20 +191,26 @@ BlockFn BlockFor(int rows, int panels) {
 // Y's columns [n0, n0 + 16 * panels) of M rows from ACC [m][kBlockCols].
 EPIC_VNNI void StoreBlock(const int32_t* acc, int64_t m, const QuantizedX& x, const WeightMatrix& w, int64_t n0,
                           int panels, float* y, int64_t ldy, bool accumulate) {
+  __mmask16 masks[kBlockPanels];
+  __m512 w_scales[kBlockPanels];
+  int valid = 0;  // panels with any row of W
+  for (int p = 0; p < panels; ++p) {
+    const int64_t n = n0 + p * kPanelRows;
+    if (n >= w.rows) break;
+    masks[p] = w.rows - n >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (w.rows - n)) - 1);
+    w_scales[p] = _mm512_maskz_loadu_ps(masks[p], w.scales + n);
+    valid = p + 1;
+  }
   for (int64_t i = 0; i < m; ++i) {
     const __m512i offset = _mm512_set1_epi32(int32_t{kOffset} * x.sums[i]);
     const __m512 x_scale = _mm512_set1_ps(x.scales[i]);
-    for (int p = 0; p < panels; ++p) {
-      const int64_t n = n0 + p * kPanelRows;
-      if (n >= w.rows) break;
-      const __mmask16 mask =
-          w.rows - n >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (w.rows - n)) - 1);
-      const __m512 scale = _mm512_mul_ps(x_scale, _mm512_maskz_loadu_ps(mask, w.scales + n));
+    for (int p = 0; p < valid; ++p) {
+      const __m512 scale = _mm512_mul_ps(x_scale, w_scales[p]);
       const __m512i sum = _mm512_sub_epi32(_mm512_loadu_si512(acc + i * kBlockCols + p * kPanelRows), offset);
       __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), scale);
-      float* out = y + i * ldy + n;
-      if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), v);
-      _mm512_mask_storeu_ps(out, mask, v);
+      float* out = y + i * ldy + n0 + p * kPanelRows;
+      if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(masks[p], out), v);
+      _mm512_mask_storeu_ps(out, masks[p], v);
     }
   }
 }
