@@ -109,56 +109,61 @@ Bandwidth MeasureBandwidth(double gib, int repeats) {
   return best;
 }
 
-GemmRate MeasureF32GemmRate(int repeats) {
-  const int64_t m = 512, n = 2816, k = 2048;
-  std::mt19937 rng(1);
-  std::uniform_real_distribution<float> d(-1, 1);
-  std::vector<float> a(m * k), b(n * k), c(m * n);
-  for (float& v : a) v = d(rng);
-  for (float& v : b) v = d(rng);
-  GemmRate rate;
+namespace {
+
+// The bounds' GEMM shape, M x N x K: prefill's tokens through V2-Lite's expert width.
+constexpr int64_t kM = 512, kN = 2816, kK = 2048;
+
+struct GemmOperands {
+  std::vector<float> a, b, c;  // [M, K], [N, K], [M, N]
+  GemmOperands() : a(kM * kK), b(kN * kK), c(kM * kN) {
+    std::mt19937 rng(1);
+    std::uniform_real_distribution<float> d(-1, 1);
+    for (float& v : a) v = d(rng);
+    for (float& v : b) v = d(rng);
+  }
+};
+
+// Best of REPEATS epic MatMul calls of A against W, as GOP/s.
+double MatMulRate(GemmOperands& o, const cpu::WeightMatrix& w, int repeats) {
   double best = 1e30;
+  for (int r = 0; r < repeats; ++r) {
+    const auto t0 = Clock::now();
+    cpu::MatMul(o.a.data(), kM, kK, w, o.c.data(), kN);
+    best = std::min(best, Since(t0));
+  }
+  return 2.0 * kM * kN * kK / best / 1e9;
+}
+
+}  // namespace
+
+GemmRate MeasureF32GemmRate(int repeats) {
+  GemmOperands o;
+  GemmRate rate;
 #ifdef EPIC_HAVE_CBLAS
   rate.how = "OpenBLAS cblas_sgemm 512x2816x2048";
+  double best = 1e30;
   for (int r = 0; r < repeats; ++r) {
     const auto t0 = Clock::now();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.0f,
-                c.data(), n);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, kM, kN, kK, 1.0f, o.a.data(), kK, o.b.data(), kK, 0.0f,
+                o.c.data(), kN);
     best = std::min(best, Since(t0));
   }
+  rate.gflops = 2.0 * kM * kN * kK / best / 1e9;
 #else
   rate.how = "epic MatMul with F32 weights 512x2816x2048 (built without OpenBLAS)";
-  const cpu::WeightMatrix w{cpu::WeightType::kF32, b.data(), n, k, k};
-  for (int r = 0; r < repeats; ++r) {
-    const auto t0 = Clock::now();
-    cpu::MatMul(a.data(), m, k, w, c.data(), n);
-    best = std::min(best, Since(t0));
-  }
+  rate.gflops = MatMulRate(o, {cpu::WeightType::kF32, o.b.data(), kN, kK, kK}, repeats);
 #endif
-  rate.gflops = 2.0 * m * n * k / best / 1e9;
   return rate;
 }
 
 GemmRate MeasureInt8GemmRate(int repeats) {
   GemmRate rate;
   if (cpu::internal::Int8Isa() != cpu::Isa::kAvx512Vnni) return rate;
-  const int64_t m = 512, n = 2816, k = 2048;
-  std::mt19937 rng(1);
-  std::uniform_real_distribution<float> d(-1, 1);
-  std::vector<float> a(m * k), b(n * k), c(m * n);
-  for (float& v : a) v = d(rng);
-  for (float& v : b) v = d(rng);
-  std::vector<unsigned char> packed(static_cast<size_t>(cpu::QuantizedBytes(n, k)) + 64);
-  const cpu::WeightMatrix w = cpu::QuantizeInt8(
-      {cpu::WeightType::kF32, b.data(), n, k, k}, packed.data() + (64 - reinterpret_cast<uintptr_t>(packed.data()) % 64) % 64);
-  double best = 1e30;
-  for (int r = 0; r < repeats; ++r) {
-    const auto t0 = Clock::now();
-    cpu::MatMul(a.data(), m, k, w, c.data(), n);
-    best = std::min(best, Since(t0));
-  }
+  GemmOperands o;
+  const cpu::QuantizedMatrix w({cpu::WeightType::kF32, o.b.data(), kN, kK, kK});
   rate.how = "epic int8 MatMul (AVX512_VNNI) 512x2816x2048";
-  rate.gflops = 2.0 * m * n * k / best / 1e9;
+  rate.gflops = MatMulRate(o, w.matrix(), repeats);
   return rate;
 }
 

@@ -49,9 +49,8 @@ int main(int argc, char** argv) {
     for (float& v : x) v = dist(rng);
     for (uint16_t& v : w) v = FloatToBf16(dist(rng));
     const cpu::WeightMatrix weights{cpu::WeightType::kBF16, w.data(), s.n, s.k, s.k};
-    std::vector<unsigned char> packed(static_cast<size_t>(cpu::QuantizedBytes(s.n, s.k)) + 64);
-    const cpu::WeightMatrix int8 = cpu::QuantizeInt8(
-        weights, packed.data() + (64 - reinterpret_cast<uintptr_t>(packed.data()) % 64) % 64);
+    const cpu::QuantizedMatrix quantized(weights);
+    const cpu::WeightMatrix& int8 = quantized.matrix();
     std::vector<double> seconds[3];
     for (int r = 0; r <= repeats; ++r) {
       for (int path = 0; path < 3; ++path) {

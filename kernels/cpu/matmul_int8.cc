@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -282,6 +283,10 @@ WeightMatrix QuantizeInt8(const WeightMatrix& w, void* memory) {
   m.scales = scales;
   return m;
 }
+
+QuantizedMatrix::QuantizedMatrix(const WeightMatrix& w)
+    : memory_(std::aligned_alloc(64, static_cast<size_t>(QuantizedBytes(w.rows, w.cols))), std::free),
+      matrix_(QuantizeInt8(w, memory_.get())) {}
 
 namespace internal {
 

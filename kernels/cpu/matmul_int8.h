@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/matmul.h"
@@ -25,6 +26,18 @@ int64_t QuantizedBytes(int64_t rows, int64_t cols);
 // W (kF32 or kBF16) quantized into MEMORY (QuantizedBytes, 64-byte aligned): a kI8
 // matrix over MEMORY. Threaded over rows.
 WeightMatrix QuantizeInt8(const WeightMatrix& w, void* memory);
+
+// A quantized copy that owns its memory (tests and benchmarks; the model quantizes into
+// its weight arena).
+class QuantizedMatrix {
+ public:
+  explicit QuantizedMatrix(const WeightMatrix& w);
+  const WeightMatrix& matrix() const { return matrix_; }
+
+ private:
+  std::unique_ptr<void, void (*)(void*)> memory_;
+  WeightMatrix matrix_;
+};
 
 namespace internal {
 

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -25,8 +26,8 @@ struct Case {
 struct Quantized {
   std::vector<uint16_t> bf16;  // the source, [n, k]
   WeightMatrix source;
-  std::vector<unsigned char> memory;
-  WeightMatrix w;  // kI8
+  std::unique_ptr<QuantizedMatrix> copy;
+  WeightMatrix w;  // kI8, copy's
 };
 
 Quantized Make(int64_t n, int64_t k, uint32_t seed) {
@@ -36,9 +37,8 @@ Quantized Make(int64_t n, int64_t k, uint32_t seed) {
   q.bf16.resize(static_cast<size_t>(n * k));
   for (auto& v : q.bf16) v = FloatToBf16(dist(rng));
   q.source = {WeightType::kBF16, q.bf16.data(), n, k, k};
-  q.memory.resize(static_cast<size_t>(QuantizedBytes(n, k)) + 64);
-  void* aligned = q.memory.data() + (64 - reinterpret_cast<uintptr_t>(q.memory.data()) % 64) % 64;
-  q.w = QuantizeInt8(q.source, aligned);
+  q.copy = std::make_unique<QuantizedMatrix>(q.source);
+  q.w = q.copy->matrix();
   return q;
 }
 
