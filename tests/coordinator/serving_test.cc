@@ -36,6 +36,7 @@
 #include "tests/testing/cache_wait.h"
 #include "tests/testing/process.h"
 #include "health.grpc.pb.h"
+#include "kernels/cpu/matmul_int8.h"
 #include "reflection.grpc.pb.h"
 
 namespace epic {
@@ -225,7 +226,8 @@ class ServingTest : public ::testing::Test {
   }
 
   // What epic-run prints for PROMPT, greedy, in one process.
-  std::vector<int32_t> EpicRun(const std::vector<int32_t>& prompt, int max_new, bool ignore_eos = false) {
+  std::vector<int32_t> EpicRun(const std::vector<int32_t>& prompt, int max_new, bool ignore_eos = false,
+                               const std::string& flags = "") {
     std::string tokens;
     for (int32_t t : prompt) {
       if (!tokens.empty()) tokens += ',';
@@ -233,7 +235,8 @@ class ServingTest : public ::testing::Test {
     }
     std::istringstream out(Capture(std::string(EPIC_RUN_BINARY) + " --model " + (*dir_ / "model").string() +
                                    " --threads 1 --tokens " + tokens + " --max-new-tokens " +
-                                   std::to_string(max_new) + (ignore_eos ? " --ignore-eos" : "") + " 2>/dev/null"));
+                                   std::to_string(max_new) + (ignore_eos ? " --ignore-eos" : "") + " " + flags +
+                                   " 2>/dev/null"));
     std::vector<int32_t> ids;
     int32_t id;
     while (out >> id) ids.push_back(id);
@@ -918,6 +921,26 @@ TEST_F(ServingTest, DataParallelAttentionServesWhatTensorParallelDoes) {
 }
 
 // `epic info` shows what MLA's latent cache saves, worked out here from config.json.
+// cluster.sh --precision fast reaches every rank: info says what each runs, and a dp job
+// (every rank holding what one process holds, quantized alike) serves what epic-run
+// --precision fast prints in one process.
+TEST_F(ServingTest, FastPrecisionReachesTheRanksAndServesWhatEpicRunDoes) {
+  const int port = StartCluster(2, {}, kMaxWaiting, 20, {"--precision", "fast", "--attention", "dp"});
+  ASSERT_GT(port, 0);
+  Client client(port);
+  const v1::ModelInfo info = client.Info();
+  ASSERT_EQ(info.ranks_size(), 2);
+  const std::string want = cpu::internal::Int8Isa() == cpu::Isa::kAvx512Vnni ? "fast" : "exact";
+  for (const v1::RankInfo& r : info.ranks()) EXPECT_EQ(r.precision(), want) << "rank " << r.rank();
+  for (const std::vector<int32_t>& prompt : {std::vector<int32_t>{5, 17, 300, 41}, std::vector<int32_t>{9, 8, 7}}) {
+    v1::GenerateRequest request = Request(prompt, 12);
+    request.set_ignore_eos(true);
+    const Outcome got = client.Generate(request);
+    ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+    EXPECT_EQ(got.tokens, EpicRun(prompt, 12, true, "--precision fast"));
+  }
+}
+
 TEST_F(ServingTest, InfoShowsTheCacheMlaSavesAgainstMhaGqaAndMqa) {
   const int port = StartCluster(2);
   ASSERT_GT(port, 0);

@@ -75,6 +75,34 @@ TEST_F(CliTest, GeneratesTheSameTokensAsTheLibrary) {
   EXPECT_NE(r.err.find("expert tokens, layer 1:"), std::string::npos) << r.err;
 }
 
+// --precision fast runs the int8 products where the host has VNNI (and says which ran),
+// giving what the library gives at that precision; a precision it does not know is a
+// usage error.
+TEST_F(CliTest, FastPrecisionRunsAsTheLibraryDoesAndSaysSo) {
+  const Result r = RunCommand(kRun + " --model " + model_.string() +
+                                  " --tokens 5,17,300 --max-new-tokens 6 --ignore-eos --precision fast",
+                              dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto model = Model::Load(model_, {}, WeightResidency::kCopy, {}, ComputeDevice::kCpu, cpu::Precision::kFast);
+  ASSERT_TRUE(model.ok());
+  const bool fast = (*model)->precision() == cpu::Precision::kFast;
+  EXPECT_NE(r.err.find(fast ? "products fast" : "products exact (this processor has no AVX512_VNNI"),
+            std::string::npos)
+      << r.err;
+  GenerateOptions o;
+  o.max_new_tokens = 6;
+  o.stop_at_eos = false;
+  auto want = Generate(**model, std::vector<int32_t>{5, 17, 300}, o);
+  ASSERT_TRUE(want.ok());
+  std::string line;
+  for (size_t i = 0; i < want->tokens.size(); ++i) line += (i > 0 ? " " : "") + std::to_string(want->tokens[i]);
+  EXPECT_EQ(r.out, line + "\n");
+
+  const Result bad = RunCommand(kRun + " --model " + model_.string() + " --tokens 5 --precision half", dir_);
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("--precision"), std::string::npos) << bad.err;
+}
+
 TEST_F(CliTest, DumpsPromptLogitsAsNpy) {
   const std::string npy = (dir_ / "logits.npy").string();
   const Result r = RunCommand(kRun + " --model " + model_.string() + " --tokens 1,2,3,4 --dump-logits " + npy, dir_);
@@ -164,7 +192,7 @@ TEST_F(CliTest, HelpNamesEveryFlag) {
   for (const char* flag : {"--model", "--tokens", "--max-new-tokens", "--temperature", "--top-k", "--top-p",
                            "--seed", "--dump-logits", "--device", "--threads", "--expert-counts",
                            "--ignore-eos", "--block-size", "--mmap", "--exchange-stats", "--loads-out",
-                           "--prompt", "--tokenizer"}) {
+                           "--prompt", "--tokenizer", "--precision", "--attention"}) {
     EXPECT_NE(r.out.find(flag), std::string::npos) << flag;
   }
 }
