@@ -168,7 +168,9 @@ int main(int argc, char** argv) {
   std::string server = "127.0.0.1:50051", model_dir, levels_text = "1,4,16";
   int prompt_len = 32, output_len = 32, per_level = 2, shared_prefix = 0;
   app.add_option("--server", server, "the coordinator, HOST:PORT")->capture_default_str();
-  app.add_option("--model", model_dir, "the cluster's checkpoint: also run the batch offline (one process)");
+  app.add_option("--model", model_dir,
+                 "the cluster's checkpoint: also run the batch offline (one process, at the precision the "
+                 "cluster's ranks report)");
   app.add_option("--concurrency", levels_text, "concurrency levels, comma-separated")->capture_default_str();
   app.add_option("--prompt-len", prompt_len, "prompt tokens per request")->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--shared-prefix", shared_prefix,
@@ -197,7 +199,12 @@ int main(int argc, char** argv) {
   }
   std::unique_ptr<epic::Model> model;
   if (!model_dir.empty()) {
-    auto loaded = epic::Model::Load(model_dir);
+    // The offline peer computes as the cluster's ranks do.
+    const epic::cpu::Precision precision = info.ranks_size() > 0 && info.ranks(0).precision() == "fast"
+                                               ? epic::cpu::Precision::kFast
+                                               : epic::cpu::Precision::kExact;
+    auto loaded = epic::Model::Load(model_dir, {}, epic::WeightResidency::kCopy, {}, epic::ComputeDevice::kCpu,
+                                    precision);
     if (!loaded.ok()) {
       std::fprintf(stderr, "serving_bench: %s\n", loaded.status().ToString().c_str());
       return 1;
