@@ -281,6 +281,8 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
     // q_latent[t, h] = q_nope[t, h] W_UK[h], with W_UK[h] = kv_b_proj rows [h*kv_head, +nope).
     float* q_latent = Scratch(kQLatent, n * heads * lora);
     float* q_pe = Scratch(kQPe, n * heads * rope);
+    // Heads over the threads: each head's product is small (a decode's is 128 x 512).
+#pragma omp parallel for schedule(static) if (heads > 1)
     for (int64_t h = 0; h < heads; ++h) {
       cpu::MatMulNoTrans(qs + h * qhd, n, heads * qhd, L.kv_b_proj.Rows(h * kv_head, nope), q_latent + h * lora,
                          heads * lora);
@@ -306,6 +308,7 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
     }
     // out[t, h] = W_UV[h] o_latent[t, h], with W_UV[h] = rows [h*kv_head + nope, +vdim).
     float* os = out + first * heads * vdim;
+#pragma omp parallel for schedule(static) if (heads > 1)
     for (int64_t h = 0; h < heads; ++h) {
       cpu::MatMul(o_latent + h * lora, n, heads * lora, L.kv_b_proj.Rows(h * kv_head + nope, vdim), os + h * vdim,
                   heads * vdim);
