@@ -4,7 +4,9 @@
 //   prefill FLOP/s   vs  the machine's F32 matrix-multiply rate               target >= 0.5
 //   batched decode (--batch): B sequences a step; tokens/s vs the larger of the read
 //   bound (distinct weight bytes the step touches + the cache rows it reads, over the
-//   read bandwidth) and the compute bound (its multiply-adds at the F32 GEMM rate).
+//   read bandwidth) and the compute bound (its multiply-adds at the F32 GEMM rate); and,
+//   as "phases", against the sum of the dense products' and the routed experts' bounds,
+//   each the larger of its own read and compute (the step runs them one after the other).
 // With --precision fast the weights are int8 (half the bytes read), prefill is also
 // compared with the F32 rate (the target: >= 2x with VNNI alone) and with the
 // int8 kernel's own rate, and batched decode's compute bound is the int8 rate.
@@ -60,8 +62,8 @@ epic::Status BatchedDecode(epic::Model& model, const std::vector<int64_t>& batch
   std::printf("batched decode: %lld context tokens a sequence, %lld steps (median); bound: the larger of "
               "read (distinct weights + cache) and compute (the GEMM rate of the products: F32, int8 under fast)\n",
               static_cast<long long>(context), static_cast<long long>(steps));
-  std::printf("%6s %10s %10s %12s %10s %8s %8s\n", "batch", "tok/s", "step ms", "MB read/step", "bound", "ratio",
-              "bound by");
+  std::printf("%6s %10s %10s %12s %10s %8s %8s %8s\n", "batch", "tok/s", "step ms", "MB read/step", "bound", "ratio",
+              "bound by", "phases");
   const int64_t block = 16;
   for (const int64_t b : batches) {
     auto cache = model.MakeCache(block, b * ((context + steps + block - 1) / block));
@@ -79,7 +81,7 @@ epic::Status BatchedDecode(epic::Model& model, const std::vector<int64_t>& batch
     EPIC_RETURN_IF_ERROR(model.Forward(batch, cache.get(), &logits));
     const epic::bench::Bandwidth bw = epic::bench::MeasureBandwidth(buffer_gib, 2);
     std::vector<int32_t> next(static_cast<size_t>(b));
-    std::vector<double> step_s, ratios, bytes_per_step;
+    std::vector<double> step_s, ratios, phase_ratios, bytes_per_step;
     bool compute_bound = false;
     for (int64_t s = 0; s < steps; ++s) {
       double cache_bytes = 0;
@@ -101,16 +103,27 @@ epic::Status BatchedDecode(epic::Model& model, const std::vector<int64_t>& batch
       }
       const double bytes = static_cast<double>(step_bytes) + static_cast<double>(distinct * expert_bytes) + cache_bytes;
       const double macs = static_cast<double>(b * step_macs + routed * expert_macs);
-      const double read_s = bytes / (bw.read_gbs * 1e9), compute_s = 2.0 * macs / (gemm_gflops * 1e9);
+      auto read = [&](double b) { return b / (bw.read_gbs * 1e9); };
+      auto compute = [&](double m) { return 2.0 * m / (gemm_gflops * 1e9); };
+      const double read_s = read(bytes), compute_s = compute(macs);
       compute_bound = compute_s > read_s;
+      // The step runs its dense products (every token through the weights outside the
+      // routed experts, plus the cache) and its routed experts one after the other: each
+      // phase is bound by its own larger side, and the phases add.
+      const double dense_s = std::max(read(static_cast<double>(step_bytes) + cache_bytes),
+                                      compute(static_cast<double>(b * step_macs)));
+      const double experts_s = std::max(read(static_cast<double>(distinct * expert_bytes)),
+                                        compute(static_cast<double>(routed * expert_macs)));
       step_s.push_back(seconds);
       bytes_per_step.push_back(bytes);
       ratios.push_back(std::max(read_s, compute_s) / seconds);
+      phase_ratios.push_back((dense_s + experts_s) / seconds);
     }
     const double step = Median(step_s);
     const double ratio = Median(ratios);
-    std::printf("%6lld %10.1f %10.2f %12.1f %9.1f/s %8.2f %8s\n", static_cast<long long>(b), b / step, step * 1e3,
-                Median(bytes_per_step) / 1e6, b / (ratio * step), ratio, compute_bound ? "compute" : "read");
+    std::printf("%6lld %10.1f %10.2f %12.1f %9.1f/s %8.2f %8s %8.2f\n", static_cast<long long>(b), b / step,
+                step * 1e3, Median(bytes_per_step) / 1e6, b / (ratio * step), ratio, compute_bound ? "compute" : "read",
+                Median(phase_ratios));
   }
   return epic::OkStatus();
 }

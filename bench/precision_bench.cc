@@ -38,7 +38,8 @@ int main(int argc, char** argv) {
                           {"64 tokens of an expert, up", 64, 1408, 2048},
                           {"decode, 1 token, expert up", 1, 1408, 2048},
                           {"decode, 4 tokens, q projection", 4, 3072, 2048},
-                          {"decode, 1 token, lm_head", 1, 102400, 2048}};
+                          {"decode, 1 token, lm_head", 1, 102400, 2048},
+                          {"decode, 64 tokens, lm_head", 64, 102400, 2048}};
   std::printf("%-31s %9s %9s %9s %7s %7s\n", "shape (m x n x k, BF16 weights)", "exact", "bf16", "int8", "bf16/ex",
               "int8/ex");
   std::mt19937 rng(1);

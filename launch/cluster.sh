@@ -41,7 +41,7 @@ Builds epic first unless --no-build (installing missing Debian packages as root)
                          each rank holds --cache-blocks of its own: ranks times the context)
   --precision exact|fast how the CPU workers compute their products (default exact): fast
                          quantizes the weights to int8 at load (AVX512_VNNI; half the
-                         memory, ~2x decode, ~3x prefill; see epic-worker --help)
+                         memory, ~2x decode, 2-3x prefill; see epic-worker --help)
   --tcp-if IFACE         network interface(s) for MPI traffic (see launch/distributed.sh)
   --mpirun-arg ARG       pass ARG to mpirun as is (repeatable)
   --ready-file FILE      also write {"port": P, "metrics_port": M, "http_port": H} there once serving

@@ -26,7 +26,7 @@ inline constexpr const char* kPrecisionHelp =
     "how the CPU computes the matrix products: exact (F32 activations against the checkpoint's BF16/F32 "
     "weights, checked against float64 to 1e-5) or fast (the products' weights quantized to int8 per row at "
     "load, activations per row at each product, summed exactly in int32 with AVX512_VNNI: half the weight "
-    "memory, about 2x decode and 3x prefill; its error is in docs/performance.md). A processor without "
+    "memory, about 2x decode and 2-3x prefill; its error is in docs/performance.md). A processor without "
     "AVX512_VNNI runs exact, and says so. The embedding, the routers and kv_b_proj stay exact";
 
 // MatMul's contract with PRECISION: kExact is MatMul itself.
