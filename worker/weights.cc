@@ -1,13 +1,12 @@
 #include "worker/weights.h"
 
-#include "kernels/cpu/matmul_int8.h"
-
 #include <sys/mman.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 
+#include "kernels/cpu/matmul_int8.h"
 
 namespace epic {
 namespace {
