@@ -225,10 +225,8 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
   cpu::RmsNorm(latent, tokens, lora, width, L.kv_a_norm.data(), eps, latent, width);
   for (int64_t t = 0; t < tokens; ++t) {
     cpu::ApplyRope(latent + t * width + lora, positions[t], rope_.inv_freq.data(), rope / 2, rope_.mscale);
-    for (int64_t h = 0; h < heads; ++h) {
-      cpu::ApplyRope(q + (t * heads + h) * qhd + nope, positions[t], rope_.inv_freq.data(), rope / 2,
-                     rope_.mscale);
-    }
+    cpu::ApplyRope(q + t * heads * qhd + nope, heads, qhd, positions[t], rope_.inv_freq.data(), rope / 2,
+                   rope_.mscale);
   }
 
   // Every span's new rows into the cache first: attention reads them.

@@ -7,6 +7,7 @@
 #include <immintrin.h>
 #pragma GCC diagnostic pop
 
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/cpu/cpu_features.h"
@@ -25,17 +26,31 @@ void RmsNorm(const float* x, int64_t rows, int64_t n, int64_t ldx, const float* 
   }
 }
 
-void ApplyRope(float* x, int64_t position, const double* inv_freq, int64_t inv_freq_count,
-               double mscale) {
-  for (int64_t i = 0; i < inv_freq_count; ++i) {
-    const double angle = static_cast<double>(position) * inv_freq[i];
-    const double c = std::cos(angle) * mscale;
-    const double s = std::sin(angle) * mscale;
-    const double a = x[2 * i];
-    const double b = x[2 * i + 1];
-    x[2 * i] = static_cast<float>(a * c - b * s);
-    x[2 * i + 1] = static_cast<float>(b * c + a * s);
+void ApplyRope(float* x, int64_t slices, int64_t slice_stride, int64_t position, const double* inv_freq,
+               int64_t inv_freq_count, double mscale) {
+  constexpr int64_t kChunk = 64;  // pairs whose angles are held at once
+  double cs[kChunk], sn[kChunk];
+  for (int64_t i0 = 0; i0 < inv_freq_count; i0 += kChunk) {
+    const int64_t n = std::min(kChunk, inv_freq_count - i0);
+    for (int64_t i = 0; i < n; ++i) {
+      const double angle = static_cast<double>(position) * inv_freq[i0 + i];
+      cs[i] = std::cos(angle) * mscale;
+      sn[i] = std::sin(angle) * mscale;
+    }
+    for (int64_t s = 0; s < slices; ++s) {
+      float* xs = x + s * slice_stride + 2 * i0;
+      for (int64_t i = 0; i < n; ++i) {
+        const double a = xs[2 * i];
+        const double b = xs[2 * i + 1];
+        xs[2 * i] = static_cast<float>(a * cs[i] - b * sn[i]);
+        xs[2 * i + 1] = static_cast<float>(b * cs[i] + a * sn[i]);
+      }
+    }
   }
+}
+
+void ApplyRope(float* x, int64_t position, const double* inv_freq, int64_t inv_freq_count, double mscale) {
+  ApplyRope(x, 1, 0, position, inv_freq, inv_freq_count, mscale);
 }
 
 namespace {

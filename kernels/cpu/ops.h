@@ -16,6 +16,10 @@ void RmsNorm(const float* x, int64_t rows, int64_t n, int64_t ldx, const float* 
 // that long positions keep their phase.
 void ApplyRope(float* x, int64_t position, const double* inv_freq, int64_t inv_freq_count,
                double mscale);
+// The same rotation of SLICES slices at x + i * SLICE_STRIDE (a token's heads), the angles'
+// cosines and sines computed once for all of them.
+void ApplyRope(float* x, int64_t slices, int64_t slice_stride, int64_t position, const double* inv_freq,
+               int64_t inv_freq_count, double mscale);
 
 // out[i] = silu(gate[i]) * up[i].
 void SiluMul(const float* gate, const float* up, int64_t n, float* out);

@@ -73,6 +73,27 @@ TEST(OpsTest, RopePreservesNormTimesMscaleAndRelativePosition) {
   EXPECT_NEAR(std::sqrt(Dot(a.data(), a.data(), 8)), 0.5 * std::sqrt(Dot(q.data(), q.data(), 8)), 1e-5);
 }
 
+TEST(OpsTest, RopeOverSlicesRotatesEachSliceAndNothingBetween) {
+  // 3 slices of 8 pairs, 5 floats apart beyond their width; more pairs than one chunk too.
+  for (int64_t pairs : {8, 70}) {
+    const int64_t stride = 2 * pairs + 5;
+    std::vector<double> inv_freq(static_cast<size_t>(pairs));
+    for (int64_t i = 0; i < pairs; ++i) inv_freq[i] = std::pow(10000.0, -2.0 * i / (2.0 * pairs));
+    const std::vector<float> before = Random(3 * stride, 9);
+    std::vector<float> all = before;
+    ApplyRope(all.data(), 3, stride, 777, inv_freq.data(), pairs, 1.3);
+    for (int64_t s = 0; s < 3; ++s) {
+      for (int64_t i = 0; i < pairs; ++i) {
+        const double a = before[s * stride + 2 * i], b = before[s * stride + 2 * i + 1];
+        const double angle = 777.0 * inv_freq[i];
+        EXPECT_NEAR(all[s * stride + 2 * i], 1.3 * (a * std::cos(angle) - b * std::sin(angle)), 1e-5);
+        EXPECT_NEAR(all[s * stride + 2 * i + 1], 1.3 * (b * std::cos(angle) + a * std::sin(angle)), 1e-5);
+      }
+      for (int64_t j = 2 * pairs; j < stride; ++j) EXPECT_EQ(all[s * stride + j], before[s * stride + j]) << "gap";
+    }
+  }
+}
+
 TEST(OpsTest, SoftmaxSiluAxpy) {
   for (int n : {1, 15, 16, 50, 1000}) {
     std::vector<float> x = Random(n, 5 + n, -30, 30);
