@@ -6,13 +6,6 @@
 // It measures the path MatMul takes here; EPIC_CPU_ISA=avx2 or =plain picks a narrower one.
 // Usage: matmul_bench [--seconds=S per figure, default 0.6] [--buffer-gib=G, default 1]
 //                     [--only=decode|prefill|notrans]
-// GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_*()
-// placeholders once inlined (GCC bug 105593); the warning is about the header only.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
 #include <omp.h>
 
 #include <algorithm>
@@ -27,6 +20,7 @@
 
 #include "common/half.h"
 #include "kernels/cpu/cpu_features.h"
+#include "kernels/cpu/intrinsics.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/matmul_internal.h"
 

@@ -15,13 +15,6 @@
 // the plain C++ path serves processors with neither.
 #include "kernels/cpu/matmul.h"
 
-// GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_*()
-// placeholders once inlined (GCC bug 105593); the warning is about the header only.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
 #include <omp.h>
 
 #include <algorithm>
@@ -36,6 +29,7 @@
 
 #include "common/half.h"
 #include "kernels/cpu/cpu_features.h"
+#include "kernels/cpu/intrinsics.h"
 #include "kernels/cpu/matmul_int8.h"
 #include "kernels/cpu/matmul_internal.h"
 #include "kernels/cpu/thread_scratch.h"

@@ -5,11 +5,6 @@
 // per 16x16x32) or 4x32 register blocks of vdpbf16ps. Threads split the column blocks.
 #include "kernels/cpu/matmul_fast.h"
 
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
 #include <omp.h>
 
 #include <algorithm>
@@ -20,6 +15,7 @@
 
 #include "common/half.h"
 #include "kernels/cpu/cpu_features.h"
+#include "kernels/cpu/intrinsics.h"
 #include "kernels/cpu/thread_scratch.h"
 
 namespace epic::cpu {

@@ -5,11 +5,6 @@
 // chunk scales into y.
 #include "kernels/cpu/matmul_int8.h"
 
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
 #include <omp.h>
 
 #include <algorithm>
@@ -20,6 +15,7 @@
 #include <vector>
 
 #include "common/half.h"
+#include "kernels/cpu/intrinsics.h"
 #include "kernels/cpu/matmul_internal.h"
 #include "kernels/cpu/thread_scratch.h"
 

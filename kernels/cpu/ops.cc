@@ -1,16 +1,10 @@
 #include "kernels/cpu/ops.h"
 
-// GCC 12's AVX-512 headers trip -Wuninitialized on their own placeholders (bug 105593).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-
 #include <algorithm>
 #include <cmath>
 
 #include "kernels/cpu/cpu_features.h"
+#include "kernels/cpu/intrinsics.h"
 
 namespace epic::cpu {
 
