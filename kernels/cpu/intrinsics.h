@@ -8,3 +8,14 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #pragma GCC diagnostic pop
+
+#include <cstdint>
+
+namespace epic::cpu {
+
+// The mask of a 16-lane vector's first min(N, 16) lanes: a loop's tail.
+inline __mmask16 FirstLanes(int64_t n) {
+  return n >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << n) - 1);
+}
+
+}  // namespace epic::cpu

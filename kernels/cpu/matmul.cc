@@ -39,8 +39,8 @@ namespace epic::cpu {
 WeightMatrix WeightMatrix::Rows(int64_t begin, int64_t count) const {
   WeightMatrix view = *this;
   if (type == WeightType::kI8) {
-    // Panels of 16 rows (matmul_int8.h): a view starts at a panel.
-    if (begin % 16 != 0) {
+    // A view starts at a panel (matmul_int8.h).
+    if (begin % internal::kInt8PanelRows != 0) {
       std::fprintf(stderr, "epic: rows of an int8 matrix from %lld: not a multiple of 16\n",
                    static_cast<long long>(begin));
       std::abort();
@@ -72,8 +72,8 @@ int64_t WeightMatrix::Bytes() const {
 
 float WeightMatrix::At(int64_t r, int64_t c) const {
   if (type == WeightType::kI8) {
-    const auto* panel = static_cast<const uint8_t*>(data) + (r / 16) * 16 * row_stride + (r % 16) * 4;
-    return static_cast<float>(int{panel[(c / 4) * 64 + c % 4]} - 128) * scales[r];
+    const uint8_t stored = static_cast<const uint8_t*>(data)[internal::Int8Index(row_stride, r, c)];
+    return static_cast<float>(int{stored} - internal::kInt8Offset) * scales[r];
   }
   const int64_t index = r * row_stride + c;
   if (type == WeightType::kBF16) return Bf16ToFloat(static_cast<const uint16_t*>(data)[index]);

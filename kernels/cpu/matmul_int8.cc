@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <vector>
 
 #include "common/half.h"
@@ -22,14 +23,14 @@
 namespace epic::cpu {
 namespace {
 
-constexpr int64_t kPanelRows = 16;                   // output columns of one packed panel
-constexpr int64_t kGroup = 4;                        // k values one int32 lane sums
+constexpr int64_t kPanelRows = internal::kInt8PanelRows;  // output columns of one packed panel
+constexpr int64_t kGroup = internal::kInt8Group;     // k values one int32 lane sums
 constexpr int64_t kGroupBytes = kPanelRows * kGroup;  // one vpdpbusd operand
 constexpr int kBlockPanels = 4;                      // panels a block of x runs over
 constexpr int kBlockRows = 6;                        // rows of x in a register block
 constexpr int64_t kChunkGroups = 64;                 // k/4 per chunk: 4 panels x 4 KiB in L1
 constexpr int64_t kBlockCols = kBlockPanels * kPanelRows;
-constexpr uint8_t kOffset = 128;
+constexpr uint8_t kOffset = internal::kInt8Offset;
 
 int64_t RoundUp(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 int64_t PaddedCols(int64_t cols) { return RoundUp(cols, kGroup); }
@@ -76,7 +77,7 @@ EPIC_VNNI float QuantizeRowVnni(const float* x, int64_t k, int64_t padded, int8_
   __m512 poison = _mm512_setzero_ps();
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t c = 0; c < k; c += 16) {
-    const __mmask16 mask = k - c >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (k - c)) - 1);
+    const __mmask16 mask = FirstLanes(k - c);
     const __m512 v = _mm512_maskz_loadu_ps(mask, x + c);
     amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
     poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
@@ -96,7 +97,7 @@ EPIC_VNNI float QuantizeRowVnni(const float* x, int64_t k, int64_t padded, int8_
   const __m512 inv = _mm512_set1_ps(127.0f / a);
   __m512i s = _mm512_setzero_si512();
   for (int64_t c = 0; c < k; c += 16) {
-    const __mmask16 mask = k - c >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (k - c)) - 1);
+    const __mmask16 mask = FirstLanes(k - c);
     const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + c), inv));
     s = _mm512_add_epi32(s, v);
     _mm_mask_storeu_epi8(q + c, mask, _mm512_cvtsepi32_epi8(v));
@@ -194,7 +195,7 @@ EPIC_VNNI void StoreBlock(const int32_t* acc, int64_t m, const QuantizedX& x, co
   for (int p = 0; p < panels; ++p) {
     const int64_t n = n0 + p * kPanelRows;
     if (n >= w.rows) break;
-    masks[p] = w.rows - n >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (w.rows - n)) - 1);
+    masks[p] = FirstLanes(w.rows - n);
     w_scales[p] = _mm512_maskz_loadu_ps(masks[p], w.scales + n);
     valid = p + 1;
   }
@@ -243,7 +244,6 @@ int64_t QuantizedBytes(int64_t rows, int64_t cols) {
 
 WeightMatrix QuantizeInt8(const WeightMatrix& w, void* memory) {
   const int64_t padded = PaddedCols(w.cols);
-  const int64_t panel_bytes = PanelBytes(padded);
   const int64_t packed = RoundUp(w.rows, kPanelRows) * padded;
   auto* out = static_cast<uint8_t*>(memory);
   auto* scales = reinterpret_cast<float*>(out + packed);
@@ -264,10 +264,7 @@ WeightMatrix QuantizeInt8(const WeightMatrix& w, void* memory) {
       }
       int32_t sum;
       scales[r] = QuantizeRow(vnni, row.data(), w.cols, padded, q.data(), &sum);
-      uint8_t* panel = out + (r / kPanelRows) * panel_bytes + (r % kPanelRows) * kGroup;
-      for (int64_t c = 0; c < w.cols; ++c) {
-        panel[(c / kGroup) * kGroupBytes + c % kGroup] = static_cast<uint8_t>(q[c] + kOffset);
-      }
+      for (int64_t c = 0; c < w.cols; ++c) out[internal::Int8Index(padded, r, c)] = static_cast<uint8_t>(q[c] + kOffset);
     }
   }
   WeightMatrix m;
@@ -280,9 +277,16 @@ WeightMatrix QuantizeInt8(const WeightMatrix& w, void* memory) {
   return m;
 }
 
+namespace {
+void* AllocateQuantized(const WeightMatrix& w) {
+  void* memory = std::aligned_alloc(64, static_cast<size_t>(QuantizedBytes(w.rows, w.cols)));
+  if (memory == nullptr) throw std::bad_alloc();
+  return memory;
+}
+}  // namespace
+
 QuantizedMatrix::QuantizedMatrix(const WeightMatrix& w)
-    : memory_(std::aligned_alloc(64, static_cast<size_t>(QuantizedBytes(w.rows, w.cols))), std::free),
-      matrix_(QuantizeInt8(w, memory_.get())) {}
+    : memory_(AllocateQuantized(w), std::free), matrix_(QuantizeInt8(w, memory_.get())) {}
 
 namespace internal {
 
@@ -294,13 +298,11 @@ void MatMulInt8Plain(const float* x, int64_t m, int64_t ldx, const WeightMatrix&
   const int64_t padded = w.row_stride;
   const QuantizedX qx = QuantizeActivations(false, x, m, ldx, w.cols, padded);
   const auto* base = static_cast<const uint8_t*>(w.data);
-  const int64_t panel_bytes = PanelBytes(padded);
   for (int64_t i = 0; i < m; ++i) {
     const int8_t* xi = qx.q + i * padded;
     for (int64_t n = 0; n < w.rows; ++n) {
-      const uint8_t* panel = base + (n / kPanelRows) * panel_bytes + (n % kPanelRows) * kGroup;
       int32_t acc = 0;
-      for (int64_t c = 0; c < padded; ++c) acc += int32_t{panel[(c / kGroup) * kGroupBytes + c % kGroup]} * xi[c];
+      for (int64_t c = 0; c < padded; ++c) acc += int32_t{base[Int8Index(padded, n, c)]} * xi[c];
       const float v = Dequantize(acc, qx.sums[i], qx.scales[i], w.scales[n]);
       y[i * ldy + n] = accumulate ? y[i * ldy + n] + v : v;
     }

@@ -41,6 +41,16 @@ class QuantizedMatrix {
 
 namespace internal {
 
+// The packed layout: panels of 16 rows, in groups of 4 columns, values stored + 128.
+inline constexpr int64_t kInt8PanelRows = 16;
+inline constexpr int64_t kInt8Group = 4;
+inline constexpr int kInt8Offset = 128;
+// Where element (R, C) of a kI8 matrix with ROW_STRIDE padded columns lies in its panels.
+inline int64_t Int8Index(int64_t row_stride, int64_t r, int64_t c) {
+  return (r / kInt8PanelRows) * kInt8PanelRows * row_stride + (c / kInt8Group) * kInt8Group * kInt8PanelRows +
+         (r % kInt8PanelRows) * kInt8Group + c % kInt8Group;
+}
+
 // The instructions MatMul's int8 products use: kAvx512Vnni, or kPlain without it.
 Isa Int8Isa();
 

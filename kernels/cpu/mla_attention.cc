@@ -1,4 +1,4 @@
-// Both forms as matrix products over gathered rows, so that the GEMM kernels (matmul.h)
+// Both forms as matrix products, so that the GEMM kernels (matmul.h)
 // do the arithmetic in register blocks instead of one dot product per key:
 //  - absorbed (decode): per query and group of up to 8 heads, the group's scores are a
 //    product over the cached rows (each row read once for the group, not once a head)
@@ -13,9 +13,7 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
-#include <limits>
 
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/ops.h"

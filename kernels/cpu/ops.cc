@@ -89,13 +89,9 @@ EPIC_AVX512 inline __m512 Exp(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-EPIC_AVX512 inline __mmask16 Tail(int64_t left) {
-  return left >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << left) - 1);
-}
-
 EPIC_AVX512 void SiluMulAvx512(const float* gate, const float* up, int64_t n, float* out) {
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = Tail(n - i);
+    const __mmask16 m = FirstLanes(n - i);
     const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
     const __m512 e = Exp(_mm512_sub_ps(_mm512_setzero_ps(), g));
     const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
@@ -105,12 +101,12 @@ EPIC_AVX512 void SiluMulAvx512(const float* gate, const float* up, int64_t n, fl
 
 EPIC_AVX512 void SoftmaxAvx512(float* x, int64_t n) {
   __m512 max = _mm512_set1_ps(-INFINITY);
-  for (int64_t i = 0; i < n; i += 16) max = _mm512_max_ps(max, _mm512_mask_loadu_ps(max, Tail(n - i), x + i));
+  for (int64_t i = 0; i < n; i += 16) max = _mm512_max_ps(max, _mm512_mask_loadu_ps(max, FirstLanes(n - i), x + i));
   const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(max));
   // Sums per lane in F32, then in double: softmax rows are thousands of values at most.
   __m512 sum = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = Tail(n - i);
+    const __mmask16 m = FirstLanes(n - i);
     const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), top));
     _mm512_mask_storeu_ps(x + i, m, e);
     sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
@@ -121,7 +117,7 @@ EPIC_AVX512 void SoftmaxAvx512(float* x, int64_t n) {
   for (const float v : lanes) total += v;
   const __m512 inv = _mm512_set1_ps(static_cast<float>(1.0 / total));
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = Tail(n - i);
+    const __mmask16 m = FirstLanes(n - i);
     _mm512_mask_storeu_ps(x + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), inv));
   }
 }
