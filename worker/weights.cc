@@ -206,16 +206,17 @@ StatusOr<BoundExpert> BindExpert(const Checkpoint& checkpoint, int64_t layer, in
                                  WeightResidency residency, cpu::Precision precision) {
   const bool quantize = precision == cpu::Precision::kFast;
   const std::string module = "mlp.experts." + std::to_string(expert);
-  int64_t bytes = 0;
   for (const char* part : {".gate_proj", ".up_proj", ".down_proj"}) {
-    const TensorView* v = checkpoint.Find(LayerTensor(layer, module + part));
-    if (v == nullptr) return NotFoundError("checkpoint has no " + LayerTensor(layer, module + part));
-    bytes += quantize ? cpu::QuantizedBytes(v->shape[0], v->shape[1])
-                      : v->numel() * (v->dtype == DType::kF16 ? 4 : DTypeSize(v->dtype));
+    if (checkpoint.Find(LayerTensor(layer, module + part)) == nullptr) {
+      return NotFoundError("checkpoint has no " + LayerTensor(layer, module + part));
+    }
   }
-  // An arena of exactly this expert's size, shared by its three matrices.
+  // An arena of exactly this expert's size (counted as Bind counts), shared by its three matrices.
+  ModelWeights counted;
+  Binder counter(checkpoint, &counted, residency, {}, 0, /*count_only=*/true, quantize);
+  counter.Mlp(layer, module);
   auto holder = std::make_shared<ModelWeights>();
-  holder->arena.set_chunk_bytes(bytes + 3 * 64);
+  holder->arena.set_chunk_bytes(counted.matrix_bytes + 3 * 64);
   Binder b(checkpoint, holder.get(), residency, {}, 0, false, quantize);
   BoundExpert out;
   out.weights = b.Mlp(layer, module);
