@@ -200,9 +200,8 @@ int main(int argc, char** argv) {
   std::unique_ptr<epic::Model> model;
   if (!model_dir.empty()) {
     // The offline peer computes as the cluster's ranks do.
-    const epic::cpu::Precision precision = info.ranks_size() > 0 && info.ranks(0).precision() == "fast"
-                                               ? epic::cpu::Precision::kFast
-                                               : epic::cpu::Precision::kExact;
+    epic::cpu::Precision precision = epic::cpu::Precision::kExact;
+    if (info.ranks_size() > 0) epic::cpu::ParsePrecision(info.ranks(0).precision().c_str(), &precision);
     auto loaded = epic::Model::Load(model_dir, {}, epic::WeightResidency::kCopy, {}, epic::ComputeDevice::kCpu,
                                     precision);
     if (!loaded.ok()) {

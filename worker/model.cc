@@ -516,4 +516,10 @@ Status Model::ReduceExpertCounts(ExpertCounts* counts) {
   return OkStatus();
 }
 
+std::string PrecisionNote(const Model& model, cpu::Precision asked) {
+  std::string note = cpu::PrecisionName(model.precision());
+  if (model.precision() != asked) note += " (this processor has no AVX512_VNNI for fast)";
+  return note;
+}
+
 }  // namespace epic

@@ -220,4 +220,8 @@ class Model {
   cpu::Precision precision_ = cpu::Precision::kExact;
 };
 
+// What MODEL's products run at, for a log line: "exact" or "fast", and why when that is
+// not the ASKED precision (fast on a processor without AVX512_VNNI).
+std::string PrecisionNote(const Model& model, cpu::Precision asked);
+
 }  // namespace epic

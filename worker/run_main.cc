@@ -181,9 +181,8 @@ int main(int argc, char** argv) {
                  model_dir.c_str(), load_s, (*model)->config().Summary().c_str(), ranks,
                  ranks == 1 ? "" : "s", omp_get_max_threads());
   }
-  std::fprintf(stderr, "epic-run: rank %d of %d holds %.1f MiB of weights, products %s%s\n", rank, ranks,
-               (*model)->weights().matrix_bytes / 1048576.0, epic::cpu::PrecisionName((*model)->precision()),
-               (*model)->precision() == asked ? "" : " (this processor has no AVX512_VNNI for fast)");
+  std::fprintf(stderr, "epic-run: rank %d of %d holds %.1f MiB of weights, products %s\n", rank, ranks,
+               (*model)->weights().matrix_bytes / 1048576.0, epic::PrecisionNote(**model, asked).c_str());
 
   epic::GenerateOptions options;
   options.max_new_tokens = max_new_tokens;

@@ -98,9 +98,8 @@ int main(int argc, char** argv) {
       mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy, shard, *compute, asked);
   progress.Finish();
   if (!model.ok()) fail(model.status().ToString(), 1);
-  std::fprintf(stderr, "%sholds %.1f MiB of weights, products %s%s\n", who.c_str(),
-               (*model)->weights().matrix_bytes / 1048576.0, epic::cpu::PrecisionName((*model)->precision()),
-               (*model)->precision() == asked ? "" : " (this processor has no AVX512_VNNI for fast)");
+  std::fprintf(stderr, "%sholds %.1f MiB of weights, products %s\n", who.c_str(),
+               (*model)->weights().matrix_bytes / 1048576.0, epic::PrecisionNote(**model, asked).c_str());
 
   const epic::Status s = epic::ServeCoordinator(**model, options, device);
   // The link closed (every rank learnt it together): an orderly end, which the
