@@ -159,10 +159,11 @@ GemmRate MeasureF32GemmRate(int repeats) {
 
 GemmRate MeasureInt8GemmRate(int repeats) {
   GemmRate rate;
-  if (cpu::internal::Int8Isa() != cpu::Isa::kAvx512Vnni) return rate;
+  if (!cpu::HasInt8Products()) return rate;
   GemmOperands o;
   const cpu::QuantizedMatrix w({cpu::WeightType::kF32, o.b.data(), kN, kK, kK});
-  rate.how = "epic int8 MatMul (AVX512_VNNI) 512x2816x2048";
+  rate.how = std::string("epic int8 MatMul (") + cpu::internal::Int8PathName(cpu::internal::ActiveInt8Path()) +
+             ") 512x2816x2048";
   rate.gflops = MatMulRate(o, w.matrix(), repeats);
   return rate;
 }

@@ -1,12 +1,14 @@
 // precision_bench: the reduced-precision products against the exact ones on prefill,
 // expert and decode shapes of V2-Lite, measured alternately in one run: BF16 activations
 // (kernels/cpu/matmul_fast.h, AMX or AVX512_BF16) and int8 weights and activations
-// (kernels/cpu/matmul_int8.h, what --precision fast runs). GFLOP/s of each, median of
-// the repeats, and each over exact. EPIC_CPU_ISA narrows the paths.
+// (kernels/cpu/matmul_int8.h, what --precision fast runs) on each int8 path the host
+// has. GFLOP/s of each, median of the repeats, and each over exact. EPIC_CPU_ISA
+// narrows the paths (and the exact products: avx2 compares AVX2 with AVX2).
 #include <omp.h>
 
 #include <cstdio>
 #include <random>
+#include <string>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -26,7 +28,7 @@ int main(int argc, char** argv) {
   const char* fast = cpu::internal::FastPath();
   std::printf("precision_bench: %d threads, ISA %s, BF16 path %s, int8 path %s\n", omp_get_max_threads(),
               cpu::IsaName(cpu::ActiveIsa()), fast ? fast : "none (runs exactly)",
-              cpu::IsaName(cpu::internal::Int8Isa()));
+              cpu::internal::Int8PathName(cpu::internal::ActiveInt8Path()));
   struct Shape {
     const char* what;
     int64_t m, n, k;
@@ -40,8 +42,19 @@ int main(int argc, char** argv) {
                           {"decode, 4 tokens, q projection", 4, 3072, 2048},
                           {"decode, 1 token, lm_head", 1, 102400, 2048},
                           {"decode, 64 tokens, lm_head", 64, 102400, 2048}};
-  std::printf("%-31s %9s %9s %9s %7s %7s\n", "shape (m x n x k, BF16 weights)", "exact", "bf16", "int8", "bf16/ex",
-              "int8/ex");
+  // Exact, BF16, then every vector int8 path the host has (the plain one is a reference).
+  std::vector<std::string> names = {"exact", "bf16"};
+  std::vector<cpu::internal::Int8Path> int8_paths;
+  for (cpu::internal::Int8Path p : cpu::internal::Int8Paths()) {
+    if (p == cpu::internal::Int8Path::kPlain) continue;
+    int8_paths.push_back(p);
+    names.push_back(std::string("i8 ") + cpu::internal::Int8PathName(p));
+  }
+  std::printf("%-31s", "shape (m x n x k, BF16 weights)");
+  for (const std::string& name : names) std::printf(" %15s", name.c_str());
+  std::printf("   over exact:");
+  for (size_t c = 1; c < names.size(); ++c) std::printf(" %15s", names[c].c_str());
+  std::printf("\n");
   std::mt19937 rng(1);
   std::uniform_real_distribution<float> dist(-1, 1);
   for (const Shape& s : shapes) {
@@ -52,25 +65,28 @@ int main(int argc, char** argv) {
     const cpu::WeightMatrix weights{cpu::WeightType::kBF16, w.data(), s.n, s.k, s.k};
     const cpu::QuantizedMatrix quantized(weights);
     const cpu::WeightMatrix& int8 = quantized.matrix();
-    std::vector<double> seconds[3];
+    std::vector<std::vector<double>> seconds(names.size());
     for (int r = 0; r <= repeats; ++r) {
-      for (int path = 0; path < 3; ++path) {
+      for (size_t c = 0; c < names.size(); ++c) {
         const auto t0 = bench::Clock::now();
-        if (path == 2) {
-          cpu::MatMul(x.data(), s.m, s.k, int8, y.data(), s.n);
+        if (c >= 2) {
+          cpu::internal::MatMulInt8On(int8_paths[c - 2], x.data(), s.m, s.k, int8, y.data(), s.n, false);
         } else {
           cpu::MatMul(x.data(), s.m, s.k, weights, y.data(), s.n, false,
-                      path == 0 ? cpu::Precision::kExact : cpu::Precision::kFast);
+                      c == 0 ? cpu::Precision::kExact : cpu::Precision::kFast);
         }
-        if (r > 0) seconds[path].push_back(bench::Since(t0));  // the first is a warm-up
+        if (r > 0) seconds[c].push_back(bench::Since(t0));  // the first is a warm-up
       }
     }
     const double flops = 2.0 * static_cast<double>(s.m) * static_cast<double>(s.n) * static_cast<double>(s.k);
-    double rate[3];
-    for (int path = 0; path < 3; ++path) rate[path] = flops / bench::Median(seconds[path]) / 1e9;
-    std::printf("%-31s %8.1fG %8.1fG %8.1fG %6.2fx %6.2fx   (%lld x %lld x %lld)\n", s.what, rate[0], rate[1],
-                rate[2], rate[1] / rate[0], rate[2] / rate[0], static_cast<long long>(s.m),
-                static_cast<long long>(s.n), static_cast<long long>(s.k));
+    std::vector<double> rate(names.size());
+    for (size_t c = 0; c < names.size(); ++c) rate[c] = flops / bench::Median(seconds[c]) / 1e9;
+    std::printf("%-31s", s.what);
+    for (double v : rate) std::printf(" %14.1fG", v);
+    std::printf("   %11s", "");
+    for (size_t c = 1; c < names.size(); ++c) std::printf(" %14.2fx", rate[c] / rate[0]);
+    std::printf("   (%lld x %lld x %lld)\n", static_cast<long long>(s.m), static_cast<long long>(s.n),
+                static_cast<long long>(s.k));
   }
   return 0;
 }

@@ -39,8 +39,8 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber)->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   using namespace epic;
-  if (cpu::internal::Int8Isa() != cpu::Isa::kAvx512Vnni) {
-    std::fprintf(stderr, "precision_error: this processor has no AVX512_VNNI: fast runs exact here\n");
+  if (!cpu::HasInt8Products()) {
+    std::fprintf(stderr, "precision_error: this processor has no AVX2: fast runs exact here\n");
     return 1;
   }
   std::printf("%-24s %9s %9s %9s %8s %9s %20s\n", "checkpoint", "positions", "worst", "median", "top-1",

@@ -122,8 +122,8 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
   if (precision == cpu::Precision::kFast && device != ComputeDevice::kCpu) {
     return InvalidArgumentError("--precision fast is the CPU backend's (int8 products); the GPU runs exact");
   }
-  if (precision == cpu::Precision::kFast && cpu::internal::Int8Isa() != cpu::Isa::kAvx512Vnni) {
-    precision = cpu::Precision::kExact;  // without VNNI the exact kernels are the faster
+  if (precision == cpu::Precision::kFast && !cpu::HasInt8Products()) {
+    precision = cpu::Precision::kExact;  // the plain int8 path is a reference, not a speed-up
   }
   model->precision_ = precision;
   model->device_ = device;
@@ -518,7 +518,7 @@ Status Model::ReduceExpertCounts(ExpertCounts* counts) {
 
 std::string PrecisionNote(const Model& model, cpu::Precision asked) {
   std::string note = cpu::PrecisionName(model.precision());
-  if (model.precision() != asked) note += " (this processor has no AVX512_VNNI for fast)";
+  if (model.precision() != asked) note += " (this processor has no AVX2 for fast)";
   return note;
 }
 

@@ -106,8 +106,83 @@ EPIC_VNNI float QuantizeRowVnni(const float* x, int64_t k, int64_t padded, int8_
   return a / 127.0f;
 }
 
-float QuantizeRow(bool vnni, const float* x, int64_t k, int64_t padded, int8_t* q, int32_t* sum) {
-  return vnni ? QuantizeRowVnni(x, k, padded, q, sum) : QuantizeRowPlain(x, k, padded, q, sum);
+#define EPIC_AVX2_INT8 __attribute__((target("avx2,fma")))
+#define EPIC_AVX_VNNI __attribute__((target("avx2,fma,avxvnni")))
+
+EPIC_AVX2_INT8 __m256i Avx2Lanes(int64_t count) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(count, 8))), lane);
+}
+
+EPIC_AVX2_INT8 float ReduceMax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+EPIC_AVX2_INT8 float ReduceAdd(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+EPIC_AVX2_INT8 int32_t ReduceAdd(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// QuantizeRowPlain on AVX2: the same integers (round to nearest even, saturation never
+// reached) and the same scale.
+EPIC_AVX2_INT8 float QuantizeRowAvx2(const float* x, int64_t k, int64_t padded, int8_t* q, int32_t* sum) {
+  __m256 amax = _mm256_setzero_ps();
+  __m256 poison = _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t c = 0; c < k; c += 8) {
+    const __m256 v = _mm256_maskload_ps(x + c, Avx2Lanes(k - c));
+    amax = _mm256_max_ps(amax, _mm256_and_ps(v, magnitude));
+    poison = _mm256_add_ps(poison, _mm256_mul_ps(v, zero));
+  }
+  const float a = ReduceMax(amax);
+  const float p = ReduceAdd(poison);
+  std::memset(q + k, 0, static_cast<size_t>(padded - k));
+  *sum = 0;
+  if (p != 0.0f || std::isnan(p)) {
+    std::memset(q, 0, static_cast<size_t>(k));
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  if (a == 0.0f) {
+    std::memset(q, 0, static_cast<size_t>(k));
+    return 0.0f;
+  }
+  const __m256 inv = _mm256_set1_ps(127.0f / a);
+  __m256i s = _mm256_setzero_si256();
+  for (int64_t c = 0; c < k; c += 8) {
+    const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_maskload_ps(x + c, Avx2Lanes(k - c)), inv));
+    s = _mm256_add_epi32(s, v);
+    // 8 int32 to 8 int8: each 128-bit lane packs its four into its low 4 bytes.
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v, v), _mm256_setzero_si256());
+    const uint64_t eight = static_cast<uint32_t>(_mm256_extract_epi32(bytes, 0)) |
+                           static_cast<uint64_t>(static_cast<uint32_t>(_mm256_extract_epi32(bytes, 4))) << 32;
+    std::memcpy(q + c, &eight, static_cast<size_t>(std::min<int64_t>(8, k - c)));
+  }
+  *sum = ReduceAdd(s);
+  return a / 127.0f;
+}
+
+using QuantizeFn = float (*)(const float*, int64_t, int64_t, int8_t*, int32_t*);
+
+QuantizeFn QuantizerFor(internal::Int8Path path) {
+  switch (path) {
+    case internal::Int8Path::kAvx512Vnni: return QuantizeRowVnni;
+    case internal::Int8Path::kAvxVnni:
+    case internal::Int8Path::kAvx2: return QuantizeRowAvx2;
+    default: return QuantizeRowPlain;
+  }
 }
 
 struct QuantizedX {
@@ -116,16 +191,17 @@ struct QuantizedX {
   const float* scales;
 };
 
-QuantizedX QuantizeActivations(bool vnni, const float* x, int64_t m, int64_t ldx, int64_t k, int64_t padded) {
+QuantizedX QuantizeActivations(QuantizeFn quantize, const float* x, int64_t m, int64_t ldx, int64_t k,
+                               int64_t padded) {
   auto* q = Scratch<int8_t>(kXq, m * padded);
   auto* sums = Scratch<int32_t>(kXSums, m);
   auto* scales = Scratch<float>(kXScales, m);
 #pragma omp parallel for schedule(static) if (!omp_in_parallel() && m * k >= (1 << 18))
-  for (int64_t i = 0; i < m; ++i) scales[i] = QuantizeRow(vnni, x + i * ldx, k, padded, q + i * padded, sums + i);
+  for (int64_t i = 0; i < m; ++i) scales[i] = quantize(x + i * ldx, k, padded, q + i * padded, sums + i);
   return {q, sums, scales};
 }
 
-// y = (acc - 128 * sum_x) * (scale_x * scale_w): the one formula both paths use.
+// y = (acc - 128 * sum_x) * (scale_x * scale_w): the one formula every path uses.
 inline float Dequantize(int32_t acc, int32_t x_sum, float x_scale, float w_scale) {
   return static_cast<float>(acc - int32_t{kOffset} * x_sum) * (x_scale * w_scale);
 }
@@ -163,6 +239,74 @@ EPIC_VNNI void Block(const int8_t* xq, int64_t ldq, const uint8_t* w, int64_t pa
   }
 }
 
+// The same on 256-bit vectors, a panel as two halves of 8 rows. With AVX-VNNI,
+// vpdpbusd as above. Without it, the weights are made signed (stored - 128, in
+// [-127, 127]) and multiplied by |x| with x's sign moved onto them: vpmaddubsw's pairs
+// then stay within 2 * 127 * 127 and never saturate, vpmaddwd sums them into int32. That
+// sum is already less the offset's 128 * sum_x (StoreBlock256 does not subtract it).
+template <int kRows, int kPanels, bool kVnni>
+EPIC_AVX_VNNI void Block256(const int8_t* xq, int64_t ldq, const uint8_t* w, int64_t panel_bytes, int64_t groups,
+                            int32_t* acc, int64_t ldc, bool first) {
+  __m256i c[kRows][kPanels][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < kRows; ++i) {
+#pragma GCC unroll 2
+    for (int p = 0; p < kPanels; ++p) {
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        c[i][p][h] = first ? _mm256_setzero_si256()
+                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + i * ldc + p * kPanelRows + h * 8));
+      }
+    }
+  }
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i wv[kPanels][2];
+#pragma GCC unroll 2
+    for (int p = 0; p < kPanels; ++p) {
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        wv[p][h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * panel_bytes + g * kGroupBytes + h * 32));
+        if constexpr (!kVnni) wv[p][h] = _mm256_xor_si256(wv[p][h], flip);
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < kRows; ++i) {
+      int32_t four;
+      std::memcpy(&four, xq + i * ldq + g * kGroup, sizeof four);
+      const __m256i xb = _mm256_set1_epi32(four);
+      if constexpr (kVnni) {
+#pragma GCC unroll 2
+        for (int p = 0; p < kPanels; ++p) {
+#pragma GCC unroll 2
+          for (int h = 0; h < 2; ++h) c[i][p][h] = _mm256_dpbusd_avx_epi32(c[i][p][h], wv[p][h], xb);
+        }
+      } else {
+        const __m256i ax = _mm256_abs_epi8(xb);
+#pragma GCC unroll 2
+        for (int p = 0; p < kPanels; ++p) {
+#pragma GCC unroll 2
+          for (int h = 0; h < 2; ++h) {
+            const __m256i pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[p][h], xb));
+            c[i][p][h] = _mm256_add_epi32(c[i][p][h], _mm256_madd_epi16(pairs, ones));
+          }
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < kRows; ++i) {
+#pragma GCC unroll 2
+    for (int p = 0; p < kPanels; ++p) {
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + i * ldc + p * kPanelRows + h * 8), c[i][p][h]);
+      }
+    }
+  }
+}
+
 using BlockFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int64_t, int32_t*, int64_t, bool);
 
 template <int kRows>
@@ -183,6 +327,36 @@ BlockFn BlockFor(int rows, int panels) {
     case 4: return BlockFor<4>(panels);
     case 5: return BlockFor<5>(panels);
     default: return BlockFor<6>(panels);
+  }
+}
+
+// The 256-bit blocks cover one panel, or two where few rows leave registers for both.
+template <bool kVnni>
+BlockFn Block256For(int rows, int panels) {
+  if (panels >= 2) return rows <= 1 ? Block256<1, 2, kVnni> : Block256<2, 2, kVnni>;
+  switch (rows) {
+    case 1: return Block256<1, 1, kVnni>;
+    case 2: return Block256<2, 1, kVnni>;
+    case 3: return Block256<3, 1, kVnni>;
+    case 4: return Block256<4, 1, kVnni>;
+    case 5: return Block256<5, 1, kVnni>;
+    default: return Block256<6, 1, kVnni>;
+  }
+}
+
+// How a path covers a block of kBlockPanels panels by rows of x: ROWS and PANELS a call.
+struct Tiling {
+  int rows;
+  int panels;
+  BlockFn (*block)(int rows, int panels);
+};
+
+Tiling TilingFor(internal::Int8Path path, int64_t m) {
+  switch (path) {
+    case internal::Int8Path::kAvx512Vnni: return {kBlockRows, kBlockPanels, BlockFor};
+    // Two panels (4 accumulators a row) for up to 2 rows; one panel for more.
+    case internal::Int8Path::kAvxVnni: return m <= 2 ? Tiling{2, 2, Block256For<true>} : Tiling{6, 1, Block256For<true>};
+    default: return m <= 2 ? Tiling{2, 2, Block256For<false>} : Tiling{4, 1, Block256For<false>};
   }
 }
 
@@ -213,26 +387,55 @@ EPIC_VNNI void StoreBlock(const int32_t* acc, int64_t m, const QuantizedX& x, co
   }
 }
 
+// The same on 256-bit vectors, 8 columns at a time; SIGNED when ACC summed the signed
+// weights (no offset to take off).
+EPIC_AVX2_INT8 void StoreBlock256(const int32_t* acc, int64_t m, const QuantizedX& x, const WeightMatrix& w,
+                                  int64_t n0, int panels, bool is_signed, float* y, int64_t ldy, bool accumulate) {
+  const int64_t cols = std::min<int64_t>(panels * kPanelRows, w.rows - n0);
+  for (int64_t i = 0; i < m; ++i) {
+    const __m256i offset = _mm256_set1_epi32(is_signed ? 0 : int32_t{kOffset} * x.sums[i]);
+    const __m256 x_scale = _mm256_set1_ps(x.scales[i]);
+    for (int64_t j = 0; j < cols; j += 8) {
+      const __m256i mask = Avx2Lanes(cols - j);
+      const __m256 scale = _mm256_mul_ps(x_scale, _mm256_maskload_ps(w.scales + n0 + j, mask));
+      const __m256i sum = _mm256_sub_epi32(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + i * kBlockCols + j)), offset);
+      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(sum), scale);
+      float* out = y + i * ldy + n0 + j;
+      if (accumulate) v = _mm256_add_ps(_mm256_maskload_ps(out, mask), v);
+      _mm256_maskstore_ps(out, mask, v);
+    }
+  }
+}
+
 // Panels [p0, p1) of W against all M rows of X, on this thread.
-void PanelsVnni(const QuantizedX& x, int64_t m, const WeightMatrix& w, int64_t p0, int64_t p1, float* y,
-                int64_t ldy, bool accumulate) {
+void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const WeightMatrix& w, int64_t p0, int64_t p1,
+            float* y, int64_t ldy, bool accumulate) {
   const int64_t padded = w.row_stride;
   const int64_t groups = padded / kGroup;
   const int64_t panel_bytes = PanelBytes(padded);
   const auto* base = static_cast<const uint8_t*>(w.data);
+  const Tiling tiling = TilingFor(path, m);
   int32_t* acc = Scratch<int32_t>(kAcc, m * kBlockCols);
   for (int64_t pb = p0; pb < p1; pb += kBlockPanels) {
     const int panels = static_cast<int>(std::min<int64_t>(kBlockPanels, p1 - pb));
     const uint8_t* wp = base + pb * panel_bytes;
     for (int64_t g0 = 0; g0 < groups; g0 += kChunkGroups) {
       const int64_t g = std::min(kChunkGroups, groups - g0);
-      for (int64_t i0 = 0; i0 < m; i0 += kBlockRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kBlockRows, m - i0));
-        BlockFor(rows, panels)(x.q + i0 * padded + g0 * kGroup, padded, wp + g0 * kGroupBytes, panel_bytes, g,
-                               acc + i0 * kBlockCols, kBlockCols, g0 == 0);
+      for (int64_t i0 = 0; i0 < m; i0 += tiling.rows) {
+        const int rows = static_cast<int>(std::min<int64_t>(tiling.rows, m - i0));
+        for (int p = 0; p < panels; p += tiling.panels) {
+          const int np = std::min(tiling.panels, panels - p);
+          tiling.block(rows, np)(x.q + i0 * padded + g0 * kGroup, padded, wp + p * panel_bytes + g0 * kGroupBytes,
+                                 panel_bytes, g, acc + i0 * kBlockCols + p * kPanelRows, kBlockCols, g0 == 0);
+        }
       }
     }
-    StoreBlock(acc, m, x, w, pb * kPanelRows, panels, y, ldy, accumulate);
+    if (path == internal::Int8Path::kAvx512Vnni) {
+      StoreBlock(acc, m, x, w, pb * kPanelRows, panels, y, ldy, accumulate);
+    } else {
+      StoreBlock256(acc, m, x, w, pb * kPanelRows, panels, path == internal::Int8Path::kAvx2, y, ldy, accumulate);
+    }
   }
 }
 
@@ -248,7 +451,7 @@ WeightMatrix QuantizeInt8(const WeightMatrix& w, void* memory) {
   auto* out = static_cast<uint8_t*>(memory);
   auto* scales = reinterpret_cast<float*>(out + packed);
   std::memset(out, kOffset, static_cast<size_t>(packed));
-  const bool vnni = internal::Int8Isa() == Isa::kAvx512Vnni;
+  const QuantizeFn quantize = QuantizerFor(internal::ActiveInt8Path());
 #pragma omp parallel
   {
     std::vector<float> row(static_cast<size_t>(w.cols));
@@ -263,7 +466,7 @@ WeightMatrix QuantizeInt8(const WeightMatrix& w, void* memory) {
         std::copy(in, in + w.cols, row.begin());
       }
       int32_t sum;
-      scales[r] = QuantizeRow(vnni, row.data(), w.cols, padded, q.data(), &sum);
+      scales[r] = quantize(row.data(), w.cols, padded, q.data(), &sum);
       for (int64_t c = 0; c < w.cols; ++c) out[internal::Int8Index(padded, r, c)] = static_cast<uint8_t>(q[c] + kOffset);
     }
   }
@@ -288,15 +491,42 @@ void* AllocateQuantized(const WeightMatrix& w) {
 QuantizedMatrix::QuantizedMatrix(const WeightMatrix& w)
     : memory_(AllocateQuantized(w), std::free), matrix_(QuantizeInt8(w, memory_.get())) {}
 
+bool HasInt8Products() { return internal::ActiveInt8Path() != internal::Int8Path::kPlain; }
+
 namespace internal {
 
-Isa Int8Isa() { return Has(Isa::kAvx512Vnni) ? Isa::kAvx512Vnni : Isa::kPlain; }
+const char* Int8PathName(Int8Path path) {
+  constexpr const char* kNames[] = {"plain", "avx2", "avx_vnni", "avx512_vnni"};
+  return kNames[static_cast<int>(path)];
+}
+
+std::vector<Int8Path> Int8Paths() {
+  std::vector<Int8Path> paths = {Int8Path::kPlain};
+  if (!Has(Isa::kAvx2)) return paths;
+  paths.push_back(Int8Path::kAvx2);
+  static const bool avx_vnni = [] {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avxvnni") != 0;
+#else
+    return false;
+#endif
+  }();
+  if (avx_vnni) paths.push_back(Int8Path::kAvxVnni);
+  if (Has(Isa::kAvx512Vnni)) paths.push_back(Int8Path::kAvx512Vnni);
+  return paths;
+}
+
+Int8Path ActiveInt8Path() {
+  static const Int8Path path = Int8Paths().back();
+  return path;
+}
 
 void MatMulInt8Plain(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy,
                      bool accumulate) {
   if (m <= 0 || w.rows <= 0) return;
   const int64_t padded = w.row_stride;
-  const QuantizedX qx = QuantizeActivations(false, x, m, ldx, w.cols, padded);
+  const QuantizedX qx = QuantizeActivations(QuantizeRowPlain, x, m, ldx, w.cols, padded);
   const auto* base = static_cast<const uint8_t*>(w.data);
   for (int64_t i = 0; i < m; ++i) {
     const int8_t* xi = qx.q + i * padded;
@@ -309,11 +539,11 @@ void MatMulInt8Plain(const float* x, int64_t m, int64_t ldx, const WeightMatrix&
   }
 }
 
-void MatMulInt8(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy,
-                bool accumulate) {
+void MatMulInt8On(Int8Path path, const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y,
+                  int64_t ldy, bool accumulate) {
   if (m <= 0 || w.rows <= 0) return;
-  if (Int8Isa() != Isa::kAvx512Vnni) return MatMulInt8Plain(x, m, ldx, w, y, ldy, accumulate);
-  const QuantizedX qx = QuantizeActivations(true, x, m, ldx, w.cols, w.row_stride);
+  if (path == Int8Path::kPlain) return MatMulInt8Plain(x, m, ldx, w, y, ldy, accumulate);
+  const QuantizedX qx = QuantizeActivations(QuantizerFor(path), x, m, ldx, w.cols, w.row_stride);
   const int64_t panels = RoundUp(w.rows, kPanelRows) / kPanelRows;
   const int threads = static_cast<int>(std::min<int64_t>(
       panels, TeamSize(static_cast<double>(m) * w.rows * w.cols / 4)));
@@ -321,8 +551,13 @@ void MatMulInt8(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, f
   {
     int64_t p0, p1;
     SplitRange(panels, omp_get_num_threads(), omp_get_thread_num(), &p0, &p1);
-    PanelsVnni(qx, m, w, p0, p1, y, ldy, accumulate);
+    Panels(path, qx, m, w, p0, p1, y, ldy, accumulate);
   }
+}
+
+void MatMulInt8(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy,
+                bool accumulate) {
+  MatMulInt8On(ActiveInt8Path(), x, m, ldx, w, y, ldy, accumulate);
 }
 
 }  // namespace internal

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/matmul.h"
@@ -26,6 +27,10 @@ int64_t QuantizedBytes(int64_t rows, int64_t cols);
 // W (kF32 or kBF16) quantized into MEMORY (QuantizedBytes, 64-byte aligned): a kI8
 // matrix over MEMORY. Threaded over rows.
 WeightMatrix QuantizeInt8(const WeightMatrix& w, void* memory);
+
+// Whether this host has vector int8 products (AVX2 or wider): the fast precision needs
+// them, the plain path being only the reference.
+bool HasInt8Products();
 
 // A quantized copy that owns its memory (tests and benchmarks; the model quantizes into
 // its weight arena).
@@ -51,14 +56,30 @@ inline int64_t Int8Index(int64_t row_stride, int64_t r, int64_t c) {
          (r % kInt8PanelRows) * kInt8Group + c % kInt8Group;
 }
 
-// The instructions MatMul's int8 products use: kAvx512Vnni, or kPlain without it.
-Isa Int8Isa();
+// The int8 products' instruction paths; each computes the same integers.
+enum class Int8Path : int {
+  kPlain = 0,       // portable C++: the reference
+  kAvx2 = 1,        // vpmaddubsw on signed weights and |x|, vpmaddwd
+  kAvxVnni = 2,     // 256-bit vpdpbusd (AVX-VNNI)
+  kAvx512Vnni = 3,  // 512-bit vpdpbusd
+};
+const char* Int8PathName(Int8Path path);
+
+// Every path this host runs under ActiveIsa() (EPIC_CPU_ISA narrows it), narrowest first.
+std::vector<Int8Path> Int8Paths();
+
+// The path MatMul takes on kI8 weights: the widest of Int8Paths().
+Int8Path ActiveInt8Path();
 
 // The plain C++ int8 product, single-threaded: MatMul's contract, kI8 weights only.
 void MatMulInt8Plain(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy,
                      bool accumulate);
 
-// MatMul on kI8 weights (MatMul calls it).
+// MatMul on kI8 weights by PATH (one of Int8Paths()).
+void MatMulInt8On(Int8Path path, const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y,
+                  int64_t ldy, bool accumulate);
+
+// MatMul on kI8 weights (MatMul calls it): MatMulInt8On(ActiveInt8Path(), ...).
 void MatMulInt8(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy,
                 bool accumulate);
 

@@ -678,7 +678,9 @@ TEST_P(FaultTest, FiftySixRequestsSurviveAndEndAsUndisturbed) {
                 static_cast<long long>(now.requests_waiting()));
     // The fault lands while the work is there: prefill before any request could end.
     EXPECT_GT(now.requests_running(), 0);
-    if (fault == Fault::kKillInPrefill) EXPECT_GE(now.requests_running() + now.requests_waiting(), 50);
+    if (fault == Fault::kKillInPrefill) {
+      EXPECT_GE(now.requests_running() + now.requests_waiting(), 50);
+    }
   });
   const double recovered = std::chrono::duration<double>(std::chrono::steady_clock::now() - hit).count();
   std::printf("fault on rank %d: every request done %.1f s after it\n", rank, recovered);
@@ -930,7 +932,7 @@ TEST_F(ServingTest, FastPrecisionReachesTheRanksAndServesWhatEpicRunDoes) {
   Client client(port);
   const v1::ModelInfo info = client.Info();
   ASSERT_EQ(info.ranks_size(), 2);
-  const std::string want = cpu::internal::Int8Isa() == cpu::Isa::kAvx512Vnni ? "fast" : "exact";
+  const std::string want = cpu::HasInt8Products() ? "fast" : "exact";
   for (const v1::RankInfo& r : info.ranks()) EXPECT_EQ(r.precision(), want) << "rank " << r.rank();
   for (const std::vector<int32_t>& prompt : {std::vector<int32_t>{5, 17, 300, 41}, std::vector<int32_t>{9, 8, 7}}) {
     v1::GenerateRequest request = Request(prompt, 12);

@@ -1,9 +1,10 @@
 // Int8 products against a float64 loop written here: the weights as QuantizeInt8 left
 // them (read back through At, itself checked against the rule max |w| / 127), the
 // activations quantized by the same rule in the test. The kernel must equal that but
-// for F32 rounding; the VNNI path must equal the plain one bit for bit; and against the
-// exact product the error stays within what the two roundings allow. ctest runs this
-// with VNNI (where the host has it) and forced plain.
+// for F32 rounding; every instruction path the host has (AVX2, AVX-VNNI, AVX512_VNNI)
+// must equal the plain one bit for bit; and against the exact product the error stays
+// within what the two roundings allow. ctest runs this on the host's paths and forced
+// plain.
 #include "kernels/cpu/matmul_int8.h"
 
 #include <gtest/gtest.h>
@@ -102,27 +103,40 @@ TEST(MatMulInt8, MatchesAFloat64LoopOverTheQuantizedOperands) {
       const int64_t ldx = c.k + 3, ldy = c.n + 5;
       const std::vector<float> x = RandomX(c.m, ldx, ++seed);
       std::vector<float> before = RandomX(c.m, ldy, ++seed);
-      std::vector<float> y = before;
-      MatMul(x.data(), c.m, ldx, q.w, y.data(), ldy, accumulate);
-      ExpectMatchesRule(x, c.m, ldx, q.w, y, ldy, accumulate ? before : std::vector<float>{});
-      for (int64_t i = 0; i < c.m; ++i) {
-        for (int64_t j = c.n; j < ldy; ++j) ASSERT_EQ(y[i * ldy + j], before[i * ldy + j]) << "past the columns";
+      for (internal::Int8Path path : internal::Int8Paths()) {
+        SCOPED_TRACE(internal::Int8PathName(path));
+        std::vector<float> y = before;
+        internal::MatMulInt8On(path, x.data(), c.m, ldx, q.w, y.data(), ldy, accumulate);
+        ExpectMatchesRule(x, c.m, ldx, q.w, y, ldy, accumulate ? before : std::vector<float>{});
+        for (int64_t i = 0; i < c.m; ++i) {
+          for (int64_t j = c.n; j < ldy; ++j) ASSERT_EQ(y[i * ldy + j], before[i * ldy + j]) << "past the columns";
+        }
       }
     }
   }
 }
 
-TEST(MatMulInt8, TheActivePathEqualsThePlainOneBitForBit) {
-  const Case cases[] = {{1, 100, 36}, {5, 77, 130}, {6, 48, 256}, {64, 160, 520}, {300, 96, 64}, {512, 64, 1024}};
+TEST(MatMulInt8, EveryPathEqualsThePlainOneBitForBit) {
+  const Case cases[] = {{1, 100, 36}, {2, 64, 4100}, {3, 50, 300}, {5, 77, 130}, {6, 48, 256},
+                        {64, 160, 520}, {300, 96, 64}, {512, 64, 1024}};
   uint32_t seed = 50;
   for (const Case& c : cases) {
     SCOPED_TRACE(testing::Message() << c.m << "x" << c.n << "x" << c.k);
     const Quantized q = Make(c.n, c.k, ++seed);
-    const std::vector<float> x = RandomX(c.m, c.k, ++seed);
-    std::vector<float> active(static_cast<size_t>(c.m * c.n)), plain(active.size());
-    MatMul(x.data(), c.m, c.k, q.w, active.data(), c.n);
+    std::vector<float> x = RandomX(c.m, c.k, ++seed);
+    // Rows whose extremes quantize to +-127 and to 0 (every product at the int8 edges).
+    x[0] = 1e-30f;
+    if (c.m > 1) std::fill(x.begin() + c.k, x.begin() + 2 * c.k, -3.0f);
+    std::vector<float> plain(static_cast<size_t>(c.m * c.n));
     internal::MatMulInt8Plain(x.data(), c.m, c.k, q.w, plain.data(), c.n, false);
-    for (size_t i = 0; i < active.size(); ++i) ASSERT_EQ(active[i], plain[i]) << i;
+    std::vector<float> active(plain.size());
+    MatMul(x.data(), c.m, c.k, q.w, active.data(), c.n);
+    EXPECT_EQ(active, plain) << "MatMul's path, " << internal::Int8PathName(internal::ActiveInt8Path());
+    for (internal::Int8Path path : internal::Int8Paths()) {
+      std::vector<float> y(plain.size());
+      internal::MatMulInt8On(path, x.data(), c.m, c.k, q.w, y.data(), c.n, false);
+      for (size_t i = 0; i < y.size(); ++i) ASSERT_EQ(y[i], plain[i]) << internal::Int8PathName(path) << " at " << i;
+    }
   }
 }
 
@@ -153,12 +167,15 @@ TEST(MatMulInt8, ANonFiniteActivationMakesItsRowNotFiniteAndNoOther) {
   const Quantized q = Make(40, 64, 5);
   std::vector<float> x = RandomX(3, 64, 6);
   x[64 + 10] = INFINITY;
-  std::vector<float> y(3 * 40);
-  MatMul(x.data(), 3, 64, q.w, y.data(), 40);
-  for (int64_t n = 0; n < 40; ++n) {
-    EXPECT_TRUE(std::isfinite(y[n]));
-    EXPECT_FALSE(std::isfinite(y[40 + n]));
-    EXPECT_TRUE(std::isfinite(y[80 + n]));
+  for (internal::Int8Path path : internal::Int8Paths()) {
+    SCOPED_TRACE(internal::Int8PathName(path));
+    std::vector<float> y(3 * 40);
+    internal::MatMulInt8On(path, x.data(), 3, 64, q.w, y.data(), 40, false);
+    for (int64_t n = 0; n < 40; ++n) {
+      EXPECT_TRUE(std::isfinite(y[n]));
+      EXPECT_FALSE(std::isfinite(y[40 + n]));
+      EXPECT_TRUE(std::isfinite(y[80 + n]));
+    }
   }
 }
 

@@ -1,8 +1,8 @@
 // --precision fast in one process: which weights it quantizes, that its logits stay
 // near the exact model's (the bound here is what per-row int8 can hold on a model with
 // no routing to flip; docs/performance.md has the figures on larger checkpoints), and
-// that on a processor without AVX512_VNNI (ctest runs this forced to avx2 as well) it
-// runs exactly, bit for bit.
+// that on a processor without AVX2 (ctest runs this forced to avx2 and to plain as well)
+// it runs exactly, bit for bit.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -22,7 +22,7 @@ namespace {
 
 using nlohmann::json;
 
-bool HostHasInt8() { return cpu::internal::Int8Isa() == cpu::Isa::kAvx512Vnni; }
+bool HostHasInt8() { return cpu::HasInt8Products(); }
 
 struct Loaded {
   std::unique_ptr<Model> exact, fast;
@@ -63,7 +63,7 @@ TEST(FastPrecision, QuantizesTheProductsWeightsAndKeepsTheRest) {
   ASSERT_TRUE(m.exact && m.fast);
   if (!HostHasInt8()) {
     EXPECT_EQ(m.fast->precision(), cpu::Precision::kExact);
-    GTEST_SKIP() << "no AVX512_VNNI: fast runs exact (checked below)";
+    GTEST_SKIP() << "no AVX2: fast runs exact (checked below)";
   }
   EXPECT_EQ(m.fast->precision(), cpu::Precision::kFast);
   EXPECT_EQ(m.exact->precision(), cpu::Precision::kExact);
@@ -111,7 +111,7 @@ TEST(FastPrecision, LogitsStayNearExactWhereNoRoutingCanFlip) {
   const std::vector<float> fast = PromptLogits(*m.fast, prompt);
   ASSERT_EQ(fast.size(), exact.size());
   if (!HostHasInt8()) {
-    EXPECT_EQ(fast, exact) << "without VNNI fast must run exactly";
+    EXPECT_EQ(fast, exact) << "without AVX2 fast must run exactly";
     return;
   }
   std::vector<double> errors = RowErrors(fast, exact, vocab);
@@ -122,8 +122,8 @@ TEST(FastPrecision, LogitsStayNearExactWhereNoRoutingCanFlip) {
   EXPECT_GT(errors.back(), 0.0) << "fast ran exactly where it should have run int8";
 }
 
-TEST(FastPrecision, WithoutVnniTheModelIsExactBitForBit) {
-  if (HostHasInt8()) GTEST_SKIP() << "this host has AVX512_VNNI (ctest runs this forced to avx2 too)";
+TEST(FastPrecision, WithoutAvx2TheModelIsExactBitForBit) {
+  if (HostHasInt8()) GTEST_SKIP() << "this host has int8 products (ctest runs this forced plain too)";
   testing::TempDir dir("fast_fallback");
   Loaded m = LoadBoth(Write(dir, "v2-160", json::object()));
   ASSERT_TRUE(m.exact && m.fast);
