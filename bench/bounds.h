@@ -29,7 +29,7 @@ GemmRate MeasureF32GemmRate(int repeats);
 
 // The int8 products' rate (kernels/cpu/matmul_int8.h, --precision fast) at the same
 // shape, all threads, counting a multiply-add as 2 operations: epic's own kernel (no peer
-// is installed), the compute bound of fast batched decode. 0 without AVX512_VNNI.
+// is installed), the compute bound of fast batched decode. 0 without vector int8 (AVX2).
 GemmRate MeasureInt8GemmRate(int repeats);
 
 }  // namespace epic::bench

@@ -40,7 +40,7 @@ Builds epic first unless --no-build (installing missing Debian packages as root)
                          sequence); dp gives each sequence to one rank (any number of ranks;
                          each rank holds --cache-blocks of its own: ranks times the context)
   --precision exact|fast how the CPU workers compute their products (default exact): fast
-                         quantizes the weights to int8 at load (AVX512_VNNI; half the
+                         quantizes the weights to int8 at load (AVX2 or wider; half the
                          memory, ~2x decode, 2-3x prefill; see epic-worker --help)
   --tcp-if IFACE         network interface(s) for MPI traffic (see launch/distributed.sh)
   --mpirun-arg ARG       pass ARG to mpirun as is (repeatable)

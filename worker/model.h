@@ -135,7 +135,7 @@ class Model {
   // kCuda copies this rank's weights to its GPU and runs every step there (the CUDA
   // backend, worker/compute.h); in a job of several ranks it needs SHARD.device_comm.
   // PRECISION kFast (the CPU backend's) quantizes the products' weights to int8 where the
-  // processor has AVX512_VNNI (kernels/cpu/matmul_int8.h); elsewhere the model runs
+  // processor has AVX2 or wider (kernels/cpu/matmul_int8.h); elsewhere the model runs
   // exactly, and precision() says so.
   static StatusOr<std::unique_ptr<Model>> Load(const std::filesystem::path& dir,
                                                const ProgressFn& progress = {},
@@ -221,7 +221,7 @@ class Model {
 };
 
 // What MODEL's products run at, for a log line: "exact" or "fast", and why when that is
-// not the ASKED precision (fast on a processor without AVX512_VNNI).
+// not the ASKED precision (fast on a processor without AVX2).
 std::string PrecisionNote(const Model& model, cpu::Precision asked);
 
 }  // namespace epic

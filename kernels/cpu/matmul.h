@@ -12,7 +12,7 @@ namespace epic::cpu {
 enum class WeightType : uint8_t {
   kF32,
   kBF16,
-  // Int8 with a scale per row, packed for VNNI (QuantizeInt8): row_stride is the
+  // Int8 with a scale per row, packed in panels (QuantizeInt8): row_stride is the
   // padded number of columns, `scales` the rows' scales.
   kI8,
 };

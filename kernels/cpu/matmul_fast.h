@@ -25,9 +25,9 @@ bool ParsePrecision(const char* name, Precision* precision);
 inline constexpr const char* kPrecisionHelp =
     "how the CPU computes the matrix products: exact (F32 activations against the checkpoint's BF16/F32 "
     "weights, checked against float64 to 1e-5) or fast (the products' weights quantized to int8 per row at "
-    "load, activations per row at each product, summed exactly in int32 with AVX512_VNNI: half the weight "
-    "memory, about 2x decode and 2-3x prefill; its error is in docs/performance.md). A processor without "
-    "AVX512_VNNI runs exact, and says so. The embedding, the routers and kv_b_proj stay exact";
+    "load, activations per row at each product, summed exactly in int32 (AVX512_VNNI, AVX-VNNI or AVX2, one "
+    "result on each): half the weight memory, about 2x decode and 2-3x prefill; its error is in "
+    "docs/performance.md). A processor without AVX2 runs exact, and says so. The embedding, the routers and kv_b_proj stay exact";
 
 // MatMul's contract with PRECISION: kExact is MatMul itself.
 void MatMul(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy, bool accumulate,

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -518,7 +519,17 @@ std::vector<Int8Path> Int8Paths() {
 }
 
 Int8Path ActiveInt8Path() {
-  static const Int8Path path = Int8Paths().back();
+  static const Int8Path path = [] {
+    const std::vector<Int8Path> paths = Int8Paths();
+    const char* forced = std::getenv("EPIC_INT8_PATH");
+    if (forced == nullptr || *forced == '\0') return paths.back();
+    for (Int8Path p : paths) {
+      if (std::strcmp(forced, Int8PathName(p)) == 0) return p;
+    }
+    std::fprintf(stderr, "epic: EPIC_INT8_PATH=%s is not a path this processor runs; using %s\n", forced,
+                 Int8PathName(paths.back()));
+    return paths.back();
+  }();
   return path;
 }
 

@@ -1,10 +1,10 @@
-// Int8 products: the fast precision on processors with AVX512_VNNI. Each weight row is
-// quantized once, at load, to int8 with its own scale (max |w| / 127, rounded to
-// nearest); each row of activations is quantized the same way at every product; the
-// products are summed exactly in int32 by vpdpbusd and scaled back to F32. Weights take
-// half the bytes of BF16 (decode reads half as much), and vpdpbusd does 64 multiply-
-// adds an instruction against an F32 FMA's 16. The plain C++ path computes the same
-// integers, for hosts without VNNI and as the tests' reference.
+// Int8 products: the fast precision. Each weight row is quantized once, at load, to int8
+// with its own scale (max |w| / 127, rounded to nearest); each row of activations is
+// quantized the same way at every product; the products are summed exactly in int32 and
+// scaled back to F32. Weights take half the bytes of BF16 (decode reads half as much),
+// and vpdpbusd (AVX512_VNNI) does 64 multiply-adds an instruction against an F32 FMA's
+// 16. Every path (Int8Path) computes the same integers, so fast gives the same results
+// on every host; the plain C++ one is the tests' reference.
 //
 // Packed layout: panels of 16 rows; in a panel, for each group of 4 columns, the 16
 // rows' 4 values side by side (64 bytes, one vpdpbusd operand), stored unsigned (+128)
@@ -68,7 +68,9 @@ const char* Int8PathName(Int8Path path);
 // Every path this host runs under ActiveIsa() (EPIC_CPU_ISA narrows it), narrowest first.
 std::vector<Int8Path> Int8Paths();
 
-// The path MatMul takes on kI8 weights: the widest of Int8Paths().
+// The path MatMul takes on kI8 weights: the widest of Int8Paths(), or the one the
+// environment variable EPIC_INT8_PATH names (plain, avx2, avx_vnni, avx512_vnni) where
+// it is one of them (else a note on stderr, once).
 Int8Path ActiveInt8Path();
 
 // The plain C++ int8 product, single-threaded: MatMul's contract, kI8 weights only.
