@@ -10,8 +10,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <memory>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "common/half.h"
@@ -137,6 +139,21 @@ TEST(MatMulInt8, EveryPathEqualsThePlainOneBitForBit) {
       internal::MatMulInt8On(path, x.data(), c.m, c.k, q.w, y.data(), c.n, false);
       for (size_t i = 0; i < y.size(); ++i) ASSERT_EQ(y[i], plain[i]) << internal::Int8PathName(path) << " at " << i;
     }
+  }
+}
+
+TEST(MatMulInt8, MatMulTakesTheWidestPathOrTheOneAsked) {
+  const std::vector<internal::Int8Path> paths = internal::Int8Paths();
+  ASSERT_EQ(paths.front(), internal::Int8Path::kPlain);
+  EXPECT_EQ(HasInt8Products(), internal::ActiveInt8Path() != internal::Int8Path::kPlain);
+  const char* asked = std::getenv("EPIC_INT8_PATH");
+  std::string want = internal::Int8PathName(paths.back());
+  for (internal::Int8Path p : paths) {
+    if (asked != nullptr && want != asked && std::string(internal::Int8PathName(p)) == asked) want = asked;
+  }
+  EXPECT_EQ(internal::Int8PathName(internal::ActiveInt8Path()), want);
+  if (std::getenv("EPIC_CPU_ISA") != nullptr && std::string(std::getenv("EPIC_CPU_ISA")) == "plain") {
+    EXPECT_EQ(paths.size(), 1u) << "forced plain, no vector path may run";
   }
 }
 
