@@ -62,9 +62,8 @@ class CpuBackend final : public ComputeBackend {
   Status Mlp(int64_t layer, const float* x, int64_t rows, float* y) override {
     const LayerWeights& L = w_.layers[layer];
     const MlpWeights& w = L.moe ? L.shared : L.dense;
-    float* gate = Scratch(kGate, rows * w.gate.rows);
-    float* up = Scratch(kUp, rows * w.gate.rows);
-    MlpInto(w, x, rows, gate, up, y, /*accumulate=*/true);
+    float* gate = Scratch(kGate, rows * 2 * w.gate.rows);
+    MlpInto(w, x, rows, gate, y, /*accumulate=*/true);
     return OkStatus();
   }
 
@@ -104,16 +103,15 @@ class CpuBackend final : public ComputeBackend {
       const int64_t s = busy[j];
       const int64_t begin = layout.offsets[s];
       const int64_t n = layout.offsets[s + 1] - begin;
-      thread_local std::vector<float> gathered, gate, up;
+      thread_local std::vector<float> gathered, gate;
       gathered.resize(static_cast<size_t>(n * hidden));
       for (int64_t i = 0; i < n; ++i) {
         std::memcpy(gathered.data() + i * hidden, rows + layout.grouped_source[begin + i] * hidden,
                     static_cast<size_t>(hidden) * sizeof(float));
       }
       const MlpWeights& w = L.experts[static_cast<size_t>(s)];
-      gate.resize(static_cast<size_t>(n * w.gate.rows));
-      up.resize(gate.size());
-      MlpInto(w, gathered.data(), n, gate.data(), up.data(), each + begin * hidden, /*accumulate=*/false);
+      gate.resize(static_cast<size_t>(n * 2 * w.gate.rows));
+      MlpInto(w, gathered.data(), n, gate.data(), each + begin * hidden, /*accumulate=*/false);
     }
     for (int64_t g = 0; g < grouped; ++g) {
       cpu::Axpy(layout.grouped_weight[g], each + g * hidden, hidden, out + layout.grouped_source[g] * hidden);
@@ -155,7 +153,7 @@ class CpuBackend final : public ComputeBackend {
 
  private:
   // The backend's own scratch, beside the schedule's activations.
-  enum : int { kQ, kQa, kLatent, kCKv, kKPe, kKv, kQLatent, kQPe, kOLatent, kRouter, kGate, kUp, kSelected, kGroupedOut,
+  enum : int { kQ, kQa, kLatent, kCKv, kKPe, kKv, kQLatent, kQPe, kOLatent, kRouter, kGate, kSelected, kGroupedOut,
                kScratchCount };
 
   // BUFFERS[ID] grown to hold at least N values (never shrunk); its data. A fresh
@@ -170,14 +168,26 @@ class CpuBackend final : public ComputeBackend {
   float* Scratch(int id, int64_t n) { return Sized(scratch_, id, n); }
 
   // Y (+)= down(silu(gate(X)) * up(X)) over TOKENS rows, with GATE and UP as scratch.
-  void MlpInto(const MlpWeights& w, const float* x, int64_t tokens, float* gate, float* up, float* y,
-               bool accumulate) const {
+  // Y (+)= down(silu(gate(x)) * up(x)) for TOKENS rows, through SCRATCH of
+  // TOKENS x 2 x intermediate floats: with gate|up stacked, one product fills each row
+  // with its gate then its up values.
+  void MlpInto(const MlpWeights& w, const float* x, int64_t tokens, float* scratch, float* y, bool accumulate) const {
     const int64_t hidden = c_.hidden_size;
     const int64_t inter = w.gate.rows;
-    cpu::MatMul(x, tokens, hidden, w.gate, gate, inter);
+    if (w.gate_up.data != nullptr) {
+      cpu::MatMul(x, tokens, hidden, w.gate_up, scratch, 2 * inter);
+      for (int64_t t = 0; t < tokens; ++t) {
+        float* row = scratch + t * 2 * inter;
+        cpu::SiluMul(row, row + inter, inter, row);
+      }
+      cpu::MatMul(scratch, tokens, 2 * inter, w.down, y, hidden, accumulate);
+      return;
+    }
+    float* up = scratch + tokens * inter;
+    cpu::MatMul(x, tokens, hidden, w.gate, scratch, inter);
     cpu::MatMul(x, tokens, hidden, w.up, up, inter);
-    cpu::SiluMul(gate, up, tokens * inter, gate);
-    cpu::MatMul(gate, tokens, inter, w.down, y, hidden, accumulate);
+    cpu::SiluMul(scratch, up, tokens * inter, scratch);
+    cpu::MatMul(scratch, tokens, inter, w.down, y, hidden, accumulate);
   }
 
   const ModelConfig& c_;

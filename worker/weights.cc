@@ -80,38 +80,107 @@ class Binder {
   cpu::WeightMatrix Quantized(const TensorView& v, Block block, int64_t rows, int64_t cols, const std::string& name) {
     const int64_t bytes = cpu::QuantizedBytes(rows, cols);
     w_->matrix_bytes += bytes;
-    cpu::WeightMatrix source;
-    source.rows = rows;
-    source.cols = cols;
+    cpu::WeightMatrix out;
+    out.rows = rows;
+    out.cols = cols;
     if (count_only_) {
-      source.type = cpu::WeightType::kI8;
-      return source;
+      out.type = cpu::WeightType::kI8;
+      return out;
     }
     void* memory = w_->arena.Allocate(bytes);
     if (memory == nullptr) {
       failed_ = name;
-      return source;
+      return out;
     }
-    const int64_t full_cols = v.shape[1];
     std::vector<float> widened;
+    out = cpu::QuantizeInt8(Source(v, block, rows, cols, &widened), memory);
+    done_ += bytes;
+    if (progress_ && total_ > 0) progress_(done_, total_);
+    return out;
+  }
+
+  // The same block (BLOCK of ROWS x COLS) of tensors FIRST and SECOND stacked by rows in
+  // one matrix of the arena, copied or quantized as Matrix would each; without data
+  // when they are not copied (mapped in place), or quantized with rows short of whole
+  // panels (a view of the second would not start on one).
+  cpu::WeightMatrix Stacked(const std::string& first, const std::string& second, Block block) {
+    const TensorView& a = ckpt_.Get(first);
+    const TensorView& b = ckpt_.Get(second);
+    cpu::WeightMatrix m;
+    const int64_t rows = block.rows < 0 ? a.shape[0] - block.row_begin : block.rows;
+    const int64_t cols = block.cols < 0 ? a.shape[1] - block.col_begin : block.cols;
+    const bool widen = a.dtype == DType::kF16;
+    const bool copied = quantize_ || widen || residency_ == WeightResidency::kCopy;
+    if (!copied || a.dtype != b.dtype || a.shape != b.shape ||
+        (quantize_ && rows % cpu::internal::kInt8PanelRows != 0)) {
+      return m;
+    }
+    m.rows = 2 * rows;
+    m.cols = cols;
+    const int64_t element = widen ? 4 : DTypeSize(a.dtype);
+    const int64_t bytes = quantize_ ? cpu::QuantizedBytes(2 * rows, cols) : 2 * rows * cols * element;
+    w_->matrix_bytes += bytes;
+    m.type = quantize_ ? cpu::WeightType::kI8
+             : a.dtype == DType::kBF16 ? cpu::WeightType::kBF16 : cpu::WeightType::kF32;
+    if (count_only_) return m;
+    auto* memory = static_cast<std::byte*>(w_->arena.Allocate(bytes));
+    if (memory == nullptr) {
+      failed_ = first;
+      return cpu::WeightMatrix{};
+    }
+    if (quantize_) {
+      const int64_t half = rows * ((cols + cpu::internal::kInt8Group - 1) / cpu::internal::kInt8Group) *
+                           cpu::internal::kInt8Group;
+      auto* scales = reinterpret_cast<float*>(memory + 2 * half);
+      std::vector<float> widened;
+      m = cpu::QuantizeInt8Into(Source(a, block, rows, cols, &widened), memory, scales);
+      cpu::QuantizeInt8Into(Source(b, block, rows, cols, &widened), memory + half, scales + rows);
+      m.rows = 2 * rows;
+    } else {
+      for (int part = 0; part < 2; ++part) {
+        const TensorView& v = part == 0 ? a : b;
+        const int64_t full_cols = v.shape[1];
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t offset = (block.row_begin + r) * full_cols + block.col_begin;
+          std::byte* dst = memory + (part * rows + r) * cols * element;
+          if (widen) {
+            for (int64_t c = 0; c < cols; ++c) reinterpret_cast<float*>(dst)[c] = v.FloatAt(offset + c);
+          } else {
+            std::memcpy(dst, v.data + offset * element, static_cast<size_t>(cols * element));
+          }
+        }
+      }
+      m.data = memory;
+      m.row_stride = cols;
+    }
+    done_ += bytes;
+    if (progress_ && total_ > 0) progress_(done_, total_);
+    return m;
+  }
+
+  // ROWS x COLS of V from BLOCK as a matrix QuantizeInt8 reads: in place, or widened
+  // from F16 into WIDENED.
+  static cpu::WeightMatrix Source(const TensorView& v, Block block, int64_t rows, int64_t cols,
+                                  std::vector<float>* widened) {
+    const int64_t full_cols = v.shape[1];
+    cpu::WeightMatrix source;
+    source.rows = rows;
+    source.cols = cols;
     if (v.dtype == DType::kF16) {
-      widened.resize(static_cast<size_t>(rows * cols));
+      widened->resize(static_cast<size_t>(rows * cols));
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t offset = (block.row_begin + r) * full_cols + block.col_begin;
-        for (int64_t c = 0; c < cols; ++c) widened[r * cols + c] = v.FloatAt(offset + c);
+        for (int64_t c = 0; c < cols; ++c) (*widened)[r * cols + c] = v.FloatAt(offset + c);
       }
       source.type = cpu::WeightType::kF32;
-      source.data = widened.data();
+      source.data = widened->data();
       source.row_stride = cols;
     } else {
       source.type = v.dtype == DType::kBF16 ? cpu::WeightType::kBF16 : cpu::WeightType::kF32;
       source.data = v.data + (block.row_begin * full_cols + block.col_begin) * DTypeSize(v.dtype);
       source.row_stride = full_cols;
     }
-    const cpu::WeightMatrix out = cpu::QuantizeInt8(source, memory);
-    done_ += bytes;
-    if (progress_ && total_ > 0) progress_(done_, total_);
-    return out;
+    return source;
   }
 
   // The tensor whose memory could not be allocated, if any.
@@ -126,12 +195,25 @@ class Binder {
 
   // Part PART of PARTS of the MLP's intermediate dimension (the whole MLP by default).
   MlpWeights Mlp(int64_t layer, const std::string& module, int64_t part = 0, int64_t parts = 1) {
-    const int64_t inter = ckpt_.Get(LayerTensor(layer, module + ".gate_proj")).shape[0];
+    const std::string gate = LayerTensor(layer, module + ".gate_proj");
+    const std::string up = LayerTensor(layer, module + ".up_proj");
+    const int64_t inter = ckpt_.Get(gate).shape[0];
     const int64_t begin = inter * part / parts;
     const int64_t count = inter * (part + 1) / parts - begin;
-    return {Matrix(LayerTensor(layer, module + ".gate_proj"), {begin, count}),
-            Matrix(LayerTensor(layer, module + ".up_proj"), {begin, count}),
-            Matrix(LayerTensor(layer, module + ".down_proj"), {0, -1, begin, count})};
+    MlpWeights m;
+    m.gate_up = Stacked(gate, up, {begin, count});
+    if (m.gate_up.rows == 0) {
+      m.gate = Matrix(gate, {begin, count});
+      m.up = Matrix(up, {begin, count});
+    } else if (m.gate_up.data != nullptr) {
+      m.gate = m.gate_up.Rows(0, count);
+      m.up = m.gate_up.Rows(count, count);
+    } else {  // counted only, or no memory
+      m.gate = m.up = m.gate_up;
+      m.gate.rows = m.up.rows = count;
+    }
+    m.down = Matrix(LayerTensor(layer, module + ".down_proj"), {0, -1, begin, count});
+    return m;
   }
 
   const std::vector<const TensorView*>& views() const { return views_; }
@@ -233,7 +315,9 @@ StatusOr<BoundExpert> BindExpert(const Checkpoint& checkpoint, int64_t layer, in
 
 void ReleaseExpertPages(const MlpWeights& w) {
   constexpr uintptr_t kPage = 4096;
-  for (const cpu::WeightMatrix* m : {&w.gate, &w.up, &w.down}) {
+  const std::vector<const cpu::WeightMatrix*> parts =
+      w.gate_up.data != nullptr ? std::vector{&w.gate_up, &w.down} : std::vector{&w.gate, &w.up, &w.down};
+  for (const cpu::WeightMatrix* m : parts) {
     const auto begin = reinterpret_cast<uintptr_t>(m->data);
     const auto end = begin + static_cast<uintptr_t>(m->Bytes());
     const uintptr_t first = (begin + kPage - 1) / kPage * kPage;

@@ -27,6 +27,10 @@ struct MlpWeights {
   cpu::WeightMatrix gate;  // [intermediate, hidden]
   cpu::WeightMatrix up;    // [intermediate, hidden]
   cpu::WeightMatrix down;  // [hidden, intermediate]
+  // Gate's rows then up's in one matrix, gate and up being its views, where the binder
+  // copied them (one product for both: one pass over x, one team of threads); else
+  // without data.
+  cpu::WeightMatrix gate_up;
 };
 
 struct LayerWeights {

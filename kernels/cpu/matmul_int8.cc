@@ -447,10 +447,14 @@ int64_t QuantizedBytes(int64_t rows, int64_t cols) {
 }
 
 WeightMatrix QuantizeInt8(const WeightMatrix& w, void* memory) {
+  const int64_t packed = RoundUp(w.rows, kPanelRows) * PaddedCols(w.cols);
+  return QuantizeInt8Into(w, memory, reinterpret_cast<float*>(static_cast<uint8_t*>(memory) + packed));
+}
+
+WeightMatrix QuantizeInt8Into(const WeightMatrix& w, void* panels, float* scales) {
   const int64_t padded = PaddedCols(w.cols);
   const int64_t packed = RoundUp(w.rows, kPanelRows) * padded;
-  auto* out = static_cast<uint8_t*>(memory);
-  auto* scales = reinterpret_cast<float*>(out + packed);
+  auto* out = static_cast<uint8_t*>(panels);
   std::memset(out, kOffset, static_cast<size_t>(packed));
   const QuantizeFn quantize = QuantizerFor(internal::ActiveInt8Path());
 #pragma omp parallel

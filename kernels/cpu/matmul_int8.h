@@ -32,6 +32,11 @@ WeightMatrix QuantizeInt8(const WeightMatrix& w, void* memory);
 // them, the plain path being only the reference.
 bool HasInt8Products();
 
+// QuantizeInt8 with the panels (RoundUp(rows, 16) x padded columns bytes) and the ROWS
+// scales placed by the caller: matrices stacked by rows share one kI8 matrix when each
+// but the last has whole panels of rows.
+WeightMatrix QuantizeInt8Into(const WeightMatrix& w, void* panels, float* scales);
+
 // A quantized copy that owns its memory (tests and benchmarks; the model quantizes into
 // its weight arena).
 class QuantizedMatrix {
