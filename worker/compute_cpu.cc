@@ -9,6 +9,7 @@
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/mla_attention.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/parallel.h"
 #include "worker/compute.h"
 #include "worker/model.h"
 
@@ -98,8 +99,7 @@ class CpuBackend final : public ComputeBackend {
     float* each = Scratch(kGroupedOut, std::max<int64_t>(grouped, 1) * hidden);
     const int threads = omp_get_max_threads();
     const bool whole_experts = threads > 1 && static_cast<int64_t>(busy.size()) >= 2 * threads;
-#pragma omp parallel for schedule(dynamic, 1) if (whole_experts)
-    for (size_t j = 0; j < busy.size(); ++j) {
+    cpu::ParallelFor(static_cast<int64_t>(busy.size()), whole_experts, [&](int64_t j) {
       const int64_t s = busy[j];
       const int64_t begin = layout.offsets[s];
       const int64_t n = layout.offsets[s + 1] - begin;
@@ -112,7 +112,7 @@ class CpuBackend final : public ComputeBackend {
       const MlpWeights& w = L.experts[static_cast<size_t>(s)];
       gate.resize(static_cast<size_t>(n * 2 * w.gate.rows));
       MlpInto(w, gathered.data(), n, gate.data(), each + begin * hidden, /*accumulate=*/false);
-    }
+    });
     for (int64_t g = 0; g < grouped; ++g) {
       cpu::Axpy(layout.grouped_weight[g], each + g * hidden, hidden, out + layout.grouped_source[g] * hidden);
     }
@@ -290,16 +290,19 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
     float* q_latent = Scratch(kQLatent, n * heads * lora);
     float* q_pe = Scratch(kQPe, n * heads * rope);
     // Heads over the threads: each head's product is small (a decode's is 128 x 512).
-#pragma omp parallel for schedule(static) if (heads > 1)
-    for (int64_t h = 0; h < heads; ++h) {
+    cpu::ParallelFor(heads, true, [&](int64_t h) {
       cpu::MatMulNoTrans(qs + h * qhd, n, heads * qhd, L.kv_b_proj.Rows(h * kv_head, nope), q_latent + h * lora,
                          heads * lora);
-    }
+    });
     for (int64_t j = 0; j < n * heads; ++j) {
       std::memcpy(q_pe + j * rope, qs + j * qhd + nope, static_cast<size_t>(rope) * sizeof(float));
     }
     float* o_latent = Scratch(kOLatent, n * heads * lora);
-    for (size_t r = i; r <= last; ++r) {
+    // Many sequences (batched decode): each one's attention on one thread; few: each
+    // spreads its heads over the threads.
+    const int64_t sequences = static_cast<int64_t>(last - i + 1);
+    cpu::ParallelFor(sequences, sequences >= 2 * omp_get_max_threads(), [&](int64_t k) {
+      const size_t r = i + static_cast<size_t>(k);
       const int64_t at = spans[r].first - first;
       cpu::MlaAbsorbedParams p;
       p.num_queries = spans[r].n;
@@ -313,14 +316,13 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
       p.cache = cache_->Rows(layer, *batch_[r].cache);
       p.out_latent = o_latent + at * heads * lora;
       cpu::MlaAbsorbedAttention(p);
-    }
+    });
     // out[t, h] = W_UV[h] o_latent[t, h], with W_UV[h] = rows [h*kv_head + nope, +vdim).
     float* os = out + first * heads * vdim;
-#pragma omp parallel for schedule(static) if (heads > 1)
-    for (int64_t h = 0; h < heads; ++h) {
+    cpu::ParallelFor(heads, true, [&](int64_t h) {
       cpu::MatMul(o_latent + h * lora, n, heads * lora, L.kv_b_proj.Rows(h * kv_head + nope, vdim), os + h * vdim,
                   heads * vdim);
-    }
+    });
     i = last + 1;
   }
   return OkStatus();

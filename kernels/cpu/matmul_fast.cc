@@ -38,7 +38,7 @@ T* Scratch(int slot, int64_t count) {
 
 // XB [rows_padded, kp] = x rounded to BF16, zero beyond m rows and k columns.
 void RoundActivations(const float* x, int64_t m, int64_t ldx, int64_t k, int64_t rows_padded, int64_t kp, Bf16* xb) {
-#pragma omp parallel for schedule(static) if (m * k > (1 << 16))
+#pragma omp parallel for schedule(static) if (omp_get_level() == 0 && m * k > (1 << 16))
   for (int64_t i = 0; i < rows_padded; ++i) {
     Bf16* out = xb + i * kp;
     if (i >= m) {
@@ -245,7 +245,7 @@ void MatMulFast(Path path, const float* x, int64_t m, int64_t ldx, const W* w, i
   const int64_t blocks = (rows + kBlockCols - 1) / kBlockCols;
   const double work = static_cast<double>(m) * static_cast<double>(rows) * static_cast<double>(k);
   const int threads = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(work / (1 << 20)) + 1));
-#pragma omp parallel num_threads(threads) if (threads > 1 && !omp_in_parallel())
+#pragma omp parallel num_threads(threads) if (threads > 1 && omp_get_level() == 0)
   {
     Bf16* panels = Scratch<Bf16>(0, 2 * kp * kTile);
     float* c = Scratch<float>(1, block_rows * kBlockCols);

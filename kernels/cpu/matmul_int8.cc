@@ -197,7 +197,7 @@ QuantizedX QuantizeActivations(QuantizeFn quantize, const float* x, int64_t m, i
   auto* q = Scratch<int8_t>(kXq, m * padded);
   auto* sums = Scratch<int32_t>(kXSums, m);
   auto* scales = Scratch<float>(kXScales, m);
-#pragma omp parallel for schedule(static) if (!omp_in_parallel() && m * k >= (1 << 18))
+#pragma omp parallel for schedule(static) if (omp_get_level() == 0 && m * k >= (1 << 18))
   for (int64_t i = 0; i < m; ++i) scales[i] = quantize(x + i * ldx, k, padded, q + i * padded, sums + i);
   return {q, sums, scales};
 }

@@ -7,16 +7,16 @@
 //  - expanded (prefill): per head and chunk of 64 queries, that head's keys and values
 //    (transposed) up to the chunk's last position are gathered, and scores and outputs
 //    are two products; a chunk computes scores only up to its own last key.
-// Work items are spread over the threads; the products inside run on one thread each.
+// Work items are spread over the threads; the products inside run on one thread each
+// (on all of them when there is one item).
 #include "kernels/cpu/mla_attention.h"
-
-#include <omp.h>
 
 #include <algorithm>
 #include <cstring>
 
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/parallel.h"
 #include "kernels/cpu/thread_scratch.h"
 
 namespace epic::cpu {
@@ -55,8 +55,7 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
   const int64_t width = lora + p.rope_dim;
   const int64_t groups = (p.num_heads + kHeadGroup - 1) / kHeadGroup;
   const int64_t work = p.num_queries * groups;
-#pragma omp parallel for schedule(dynamic) if (work > 1 && !omp_in_parallel())
-  for (int64_t w = 0; w < work; ++w) {
+  ParallelFor(work, true, [&](int64_t w) {
     const int64_t i = w / groups;
     const int64_t h0 = (w % groups) * kHeadGroup;
     const int64_t g = std::min(kHeadGroup, p.num_heads - h0);
@@ -90,7 +89,7 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
       MatMulNoTrans(scores + t, g, context, F32Matrix(p.cache.Row(t), run, lora, p.cache.row_stride), out, lora,
                     /*accumulate=*/t > 0);
     }
-  }
+  });
 }
 
 void MlaExpandedAttention(const MlaExpandedParams& p) {
@@ -100,8 +99,7 @@ void MlaExpandedAttention(const MlaExpandedParams& p) {
   const int64_t chunks = (p.num_queries + kQueryChunk - 1) / kQueryChunk;
   const int64_t work = chunks * p.num_heads;
   // Later chunks see more context: dynamic, largest first.
-#pragma omp parallel for schedule(dynamic) if (work > 1 && !omp_in_parallel())
-  for (int64_t w = 0; w < work; ++w) {
+  ParallelFor(work, true, [&](int64_t w) {
     const int64_t c = chunks - 1 - w / p.num_heads;
     const int64_t h = w % p.num_heads;
     const int64_t i0 = c * kQueryChunk;
@@ -122,7 +120,7 @@ void MlaExpandedAttention(const MlaExpandedParams& p) {
     for (int64_t i = 0; i < n; ++i) SoftmaxRow(scores + i * context, p.start + i0 + i + 1, context, p.scale);
     MatMul(scores, n, context, F32Matrix(values, p.v_dim, context, context),
            p.out + (i0 * p.num_heads + h) * p.v_dim, p.num_heads * p.v_dim);
-  }
+  });
 }
 
 }  // namespace epic::cpu

@@ -21,6 +21,7 @@
 #include "common/half.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/matmul_internal.h"
+#include "kernels/cpu/parallel.h"
 
 namespace epic::cpu {
 namespace {
@@ -252,6 +253,34 @@ TEST_P(MatMulTest, RowAndColumnViews) {
       ASSERT_EQ(RunMatMul(view, m, accumulate, Path::kPlain, rng), 0);
     }
   }
+}
+
+// A product inside any parallel region, active or not, takes no team of its own (inside
+// an inactive one that team was nested: fresh threads each call); ParallelFor runs each
+// item once, and a loop it keeps on this thread leaves the products every thread.
+TEST(ParallelFor, ProductsInsideItTakeTeamsOnlyOutsideEveryRegion) {
+  constexpr double kHuge = 1e12;
+  const int threads = omp_get_max_threads();
+  EXPECT_EQ(internal::TeamSize(kHuge), threads);
+  int inactive = -1;
+#pragma omp parallel if (false)
+  inactive = internal::TeamSize(kHuge);
+  EXPECT_EQ(inactive, 1);
+
+  std::vector<int> runs(50, 0), teams(50, -1);
+  ParallelFor(50, true, [&](int64_t i) {
+    ++runs[i];
+    teams[i] = internal::TeamSize(kHuge);
+  });
+  for (int i = 0; i < 50; ++i) EXPECT_EQ(runs[i], 1) << i;
+  if (threads > 1) {
+    for (int i = 0; i < 50; ++i) EXPECT_EQ(teams[i], 1) << i;
+  }
+  ParallelFor(3, false, [&](int64_t i) {
+    EXPECT_EQ(omp_get_level(), 0);
+    teams[i] = internal::TeamSize(kHuge);
+  });
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(teams[i], threads) << i;
 }
 
 // Called from inside a parallel region, each call runs on its caller's thread alone.

@@ -136,7 +136,14 @@ INSTANTIATE_TEST_SUITE_P(Shapes, AbsorbedTest,
                          ::testing::Values(AbsorbedShape{3, 20, 6, 4, 9, 5},       // one group
                                            AbsorbedShape{16, 24, 8, 16, 70, 3},    // two full groups
                                            AbsorbedShape{11, 16, 4, 16, 33, 2},    // a group of 3
-                                           AbsorbedShape{2, 512, 64, 16, 100, 1}));  // V2's widths
+                                           AbsorbedShape{2, 512, 64, 16, 100, 1},    // V2's widths
+                                           // Contexts past one chunk of 256 rows: each query's
+                                           // chunks combined; one query's context split among
+                                           // the threads, in parts of several chunks; a few
+                                           // queries split in two.
+                                           AbsorbedShape{16, 24, 8, 16, 300, 8},
+                                           AbsorbedShape{10, 32, 8, 16, 1200, 1},
+                                           AbsorbedShape{5, 16, 4, 16, 600, 3}));
 
 INSTANTIATE_TEST_SUITE_P(Shapes, ExpandedTest,
                          ::testing::Values(ExpandedShape{2, 8, 4, 6, 3, 4},         // one chunk
