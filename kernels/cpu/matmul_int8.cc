@@ -71,6 +71,24 @@ float QuantizeRowPlain(const float* x, int64_t k, int64_t padded, int8_t* q, int
   return amax / 127.0f;
 }
 
+// For the vector quantizers, once a row's max |x| (A) and its sum of x * 0 (P, NaN or
+// nonzero when a value is not finite) are known: zeroes Q's padding and SUM; a row with a
+// value not finite (scale NaN) or all zeros (scale 0) is done here, Q zeroed: true, and
+// its SCALE.
+bool SpecialRow(float a, float p, int64_t k, int64_t padded, int8_t* q, int32_t* sum, float* scale) {
+  std::memset(q + k, 0, static_cast<size_t>(padded - k));
+  *sum = 0;
+  if (p != 0.0f || std::isnan(p)) {
+    *scale = std::numeric_limits<float>::quiet_NaN();
+  } else if (a == 0.0f) {
+    *scale = 0.0f;
+  } else {
+    return false;
+  }
+  std::memset(q, 0, static_cast<size_t>(k));
+  return true;
+}
+
 #define EPIC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
 EPIC_VNNI float QuantizeRowVnni(const float* x, int64_t k, int64_t padded, int8_t* q, int32_t* sum) {
@@ -85,16 +103,7 @@ EPIC_VNNI float QuantizeRowVnni(const float* x, int64_t k, int64_t padded, int8_
   }
   const float a = _mm512_reduce_max_ps(amax);
   const float p = _mm512_reduce_add_ps(poison);
-  std::memset(q + k, 0, static_cast<size_t>(padded - k));
-  *sum = 0;
-  if (p != 0.0f || std::isnan(p)) {
-    std::memset(q, 0, static_cast<size_t>(k));
-    return std::numeric_limits<float>::quiet_NaN();
-  }
-  if (a == 0.0f) {
-    std::memset(q, 0, static_cast<size_t>(k));
-    return 0.0f;
-  }
+  if (float scale; SpecialRow(a, p, k, padded, q, sum, &scale)) return scale;
   const __m512 inv = _mm512_set1_ps(127.0f / a);
   __m512i s = _mm512_setzero_si512();
   for (int64_t c = 0; c < k; c += 16) {
@@ -150,16 +159,7 @@ EPIC_AVX2_INT8 float QuantizeRowAvx2(const float* x, int64_t k, int64_t padded, 
   }
   const float a = ReduceMax(amax);
   const float p = ReduceAdd(poison);
-  std::memset(q + k, 0, static_cast<size_t>(padded - k));
-  *sum = 0;
-  if (p != 0.0f || std::isnan(p)) {
-    std::memset(q, 0, static_cast<size_t>(k));
-    return std::numeric_limits<float>::quiet_NaN();
-  }
-  if (a == 0.0f) {
-    std::memset(q, 0, static_cast<size_t>(k));
-    return 0.0f;
-  }
+  if (float scale; SpecialRow(a, p, k, padded, q, sum, &scale)) return scale;
   const __m256 inv = _mm256_set1_ps(127.0f / a);
   __m256i s = _mm256_setzero_si256();
   for (int64_t c = 0; c < k; c += 8) {
