@@ -167,7 +167,6 @@ class CpuBackend final : public ComputeBackend {
   }
   float* Scratch(int id, int64_t n) { return Sized(scratch_, id, n); }
 
-  // Y (+)= down(silu(gate(X)) * up(X)) over TOKENS rows, with GATE and UP as scratch.
   // Y (+)= down(silu(gate(x)) * up(x)) for TOKENS rows, through SCRATCH of
   // TOKENS x 2 x intermediate floats: with gate|up stacked, one product fills each row
   // with its gate then its up values.
