@@ -87,6 +87,20 @@ Isa ActiveIsa() {
   return isa;
 }
 
+bool HasAvxVnni() {
+  static const bool detected = [] {
+#if defined(__x86_64__)
+    // CPUID leaf 7, subleaf 1: AVX-VNNI is EAX bit 4 (not every compiler's
+    // __builtin_cpu_supports knows it).
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 4 & 1);
+#else
+    return false;
+#endif
+  }();
+  return detected && Has(Isa::kAvx2);
+}
+
 std::string AvailableIsas() {
   std::string out;
   for (int i = 0; i <= static_cast<int>(DetectedIsa()); ++i) out += std::string(i ? " " : "") + kNames[i];

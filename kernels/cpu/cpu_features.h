@@ -30,6 +30,10 @@ Isa ActiveIsa();
 // Whether the kernels may use ISA (ActiveIsa() is it or above).
 inline bool Has(Isa isa) { return static_cast<int>(ActiveIsa()) >= static_cast<int>(isa); }
 
+// AVX-VNNI (256-bit vpdpbusd): beside the ladder, as hosts with AVX-512 may lack it.
+// Whether the processor has it and the kernels may use AVX2 (Has(Isa::kAvx2)).
+bool HasAvxVnni();
+
 // For tests: every rung this host offers, narrowest first.
 std::string AvailableIsas();
 

@@ -509,15 +509,7 @@ std::vector<Int8Path> Int8Paths() {
   std::vector<Int8Path> paths = {Int8Path::kPlain};
   if (!Has(Isa::kAvx2)) return paths;
   paths.push_back(Int8Path::kAvx2);
-  static const bool avx_vnni = [] {
-#if defined(__x86_64__)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avxvnni") != 0;
-#else
-    return false;
-#endif
-  }();
-  if (avx_vnni) paths.push_back(Int8Path::kAvxVnni);
+  if (HasAvxVnni()) paths.push_back(Int8Path::kAvxVnni);
   if (Has(Isa::kAvx512Vnni)) paths.push_back(Int8Path::kAvx512Vnni);
   return paths;
 }
