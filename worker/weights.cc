@@ -60,16 +60,7 @@ class Binder {
       m.row_stride = full_cols;
       return m;
     }
-    for (int64_t r = 0; r < m.rows; ++r) {
-      const std::byte* src = first + r * full_cols * in_size;
-      std::byte* dst = copy + r * m.cols * out_size;
-      if (widen) {
-        const int64_t offset = (block.row_begin + r) * full_cols + block.col_begin;
-        for (int64_t c = 0; c < m.cols; ++c) reinterpret_cast<float*>(dst)[c] = v.FloatAt(offset + c);
-      } else {
-        std::memcpy(dst, src, static_cast<size_t>(m.cols * in_size));
-      }
-    }
+    CopyBlock(v, block, m.rows, m.cols, copy);
     m.data = copy;
     done_ += bytes;
     if (progress_ && total_ > 0) progress_(done_, total_);
@@ -129,33 +120,39 @@ class Binder {
       return cpu::WeightMatrix{};
     }
     if (quantize_) {
-      const int64_t half = rows * ((cols + cpu::internal::kInt8Group - 1) / cpu::internal::kInt8Group) *
-                           cpu::internal::kInt8Group;
+      const int64_t half = cpu::QuantizedPanelBytes(rows, cols);  // whole panels: the second's start
       auto* scales = reinterpret_cast<float*>(memory + 2 * half);
       std::vector<float> widened;
       m = cpu::QuantizeInt8Into(Source(a, block, rows, cols, &widened), memory, scales);
       cpu::QuantizeInt8Into(Source(b, block, rows, cols, &widened), memory + half, scales + rows);
       m.rows = 2 * rows;
     } else {
-      for (int part = 0; part < 2; ++part) {
-        const TensorView& v = part == 0 ? a : b;
-        const int64_t full_cols = v.shape[1];
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t offset = (block.row_begin + r) * full_cols + block.col_begin;
-          std::byte* dst = memory + (part * rows + r) * cols * element;
-          if (widen) {
-            for (int64_t c = 0; c < cols; ++c) reinterpret_cast<float*>(dst)[c] = v.FloatAt(offset + c);
-          } else {
-            std::memcpy(dst, v.data + offset * element, static_cast<size_t>(cols * element));
-          }
-        }
-      }
+      CopyBlock(a, block, rows, cols, memory);
+      CopyBlock(b, block, rows, cols, memory + rows * cols * element);
       m.data = memory;
       m.row_stride = cols;
     }
     done_ += bytes;
     if (progress_ && total_ > 0) progress_(done_, total_);
     return m;
+  }
+
+  // ROWS x COLS of V from BLOCK into DST, rows one after another: F16 widened to F32,
+  // BF16 and F32 as they are.
+  static void CopyBlock(const TensorView& v, Block block, int64_t rows, int64_t cols, std::byte* dst) {
+    const int64_t full_cols = v.shape[1];
+    const bool widen = v.dtype == DType::kF16;
+    const int64_t in_size = DTypeSize(v.dtype);
+    const int64_t out_size = widen ? 4 : in_size;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t offset = (block.row_begin + r) * full_cols + block.col_begin;
+      std::byte* out = dst + r * cols * out_size;
+      if (widen) {
+        for (int64_t c = 0; c < cols; ++c) reinterpret_cast<float*>(out)[c] = v.FloatAt(offset + c);
+      } else {
+        std::memcpy(out, v.data + offset * in_size, static_cast<size_t>(cols * in_size));
+      }
+    }
   }
 
   // ROWS x COLS of V from BLOCK as a matrix QuantizeInt8 reads: in place, or widened
@@ -168,10 +165,7 @@ class Binder {
     source.cols = cols;
     if (v.dtype == DType::kF16) {
       widened->resize(static_cast<size_t>(rows * cols));
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t offset = (block.row_begin + r) * full_cols + block.col_begin;
-        for (int64_t c = 0; c < cols; ++c) (*widened)[r * cols + c] = v.FloatAt(offset + c);
-      }
+      CopyBlock(v, block, rows, cols, reinterpret_cast<std::byte*>(widened->data()));
       source.type = cpu::WeightType::kF32;
       source.data = widened->data();
       source.row_stride = cols;

@@ -300,10 +300,7 @@ struct Avx2 {
     return m == 1 ? 8 : m == 2 ? 4 : m <= 4 ? 2 : 1;
   }
 
-  EPIC_AVX2_OP static __m256i Mask(int64_t count) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), lane);
-  }
+  EPIC_AVX2_OP static __m256i Mask(int64_t count) { return FirstLanes8(count); }
   EPIC_AVX2_OP static Vec Zero() { return _mm256_setzero_ps(); }
   EPIC_AVX2_OP static Vec Set1(float v) { return _mm256_set1_ps(v); }
   EPIC_AVX2_OP static Vec Load(const float* p) { return _mm256_loadu_ps(p); }
@@ -335,12 +332,7 @@ struct Avx2 {
   }
   EPIC_AVX2_OP static Vec Fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   EPIC_AVX2_OP static Vec Add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
-  EPIC_AVX2_OP static float ReduceAdd(Vec v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
+  EPIC_AVX2_OP static float ReduceAdd(Vec v) { return ReduceAdd8(v); }
   EPIC_AVX2_OP static void ReduceEach(const Vec* v, int n, float* out) {
     for (int j = 0; j < n; ++j) out[j] = ReduceAdd(v[j]);
   }

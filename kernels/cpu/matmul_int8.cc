@@ -119,23 +119,11 @@ EPIC_VNNI float QuantizeRowVnni(const float* x, int64_t k, int64_t padded, int8_
 #define EPIC_AVX2_INT8 __attribute__((target("avx2,fma")))
 #define EPIC_AVX_VNNI __attribute__((target("avx2,fma,avxvnni")))
 
-EPIC_AVX2_INT8 __m256i Avx2Lanes(int64_t count) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(count, 8))), lane);
-}
-
 EPIC_AVX2_INT8 float ReduceMax(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   m = _mm_max_ss(m, _mm_movehdup_ps(m));
   return _mm_cvtss_f32(m);
-}
-
-EPIC_AVX2_INT8 float ReduceAdd(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 EPIC_AVX2_INT8 int32_t ReduceAdd(__m256i v) {
@@ -153,17 +141,17 @@ EPIC_AVX2_INT8 float QuantizeRowAvx2(const float* x, int64_t k, int64_t padded, 
   const __m256 zero = _mm256_setzero_ps();
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t c = 0; c < k; c += 8) {
-    const __m256 v = _mm256_maskload_ps(x + c, Avx2Lanes(k - c));
+    const __m256 v = _mm256_maskload_ps(x + c, FirstLanes8(k - c));
     amax = _mm256_max_ps(amax, _mm256_and_ps(v, magnitude));
     poison = _mm256_add_ps(poison, _mm256_mul_ps(v, zero));
   }
   const float a = ReduceMax(amax);
-  const float p = ReduceAdd(poison);
+  const float p = ReduceAdd8(poison);
   if (float scale; SpecialRow(a, p, k, padded, q, sum, &scale)) return scale;
   const __m256 inv = _mm256_set1_ps(127.0f / a);
   __m256i s = _mm256_setzero_si256();
   for (int64_t c = 0; c < k; c += 8) {
-    const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_maskload_ps(x + c, Avx2Lanes(k - c)), inv));
+    const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_maskload_ps(x + c, FirstLanes8(k - c)), inv));
     s = _mm256_add_epi32(s, v);
     // 8 int32 to 8 int8: each 128-bit lane packs its four into its low 4 bytes.
     const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v, v), _mm256_setzero_si256());
@@ -397,7 +385,7 @@ EPIC_AVX2_INT8 void StoreBlock256(const int32_t* acc, int64_t m, const Quantized
     const __m256i offset = _mm256_set1_epi32(is_signed ? 0 : int32_t{kOffset} * x.sums[i]);
     const __m256 x_scale = _mm256_set1_ps(x.scales[i]);
     for (int64_t j = 0; j < cols; j += 8) {
-      const __m256i mask = Avx2Lanes(cols - j);
+      const __m256i mask = FirstLanes8(cols - j);
       const __m256 scale = _mm256_mul_ps(x_scale, _mm256_maskload_ps(w.scales + n0 + j, mask));
       const __m256i sum = _mm256_sub_epi32(
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + i * kBlockCols + j)), offset);
@@ -442,18 +430,20 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
 
 }  // namespace
 
+int64_t QuantizedPanelBytes(int64_t rows, int64_t cols) { return RoundUp(rows, kPanelRows) * PaddedCols(cols); }
+
 int64_t QuantizedBytes(int64_t rows, int64_t cols) {
-  return RoundUp(rows, kPanelRows) * PaddedCols(cols) + RoundUp(rows * static_cast<int64_t>(sizeof(float)), 64);
+  return QuantizedPanelBytes(rows, cols) + RoundUp(rows * static_cast<int64_t>(sizeof(float)), 64);
 }
 
 WeightMatrix QuantizeInt8(const WeightMatrix& w, void* memory) {
-  const int64_t packed = RoundUp(w.rows, kPanelRows) * PaddedCols(w.cols);
+  const int64_t packed = QuantizedPanelBytes(w.rows, w.cols);
   return QuantizeInt8Into(w, memory, reinterpret_cast<float*>(static_cast<uint8_t*>(memory) + packed));
 }
 
 WeightMatrix QuantizeInt8Into(const WeightMatrix& w, void* panels, float* scales) {
   const int64_t padded = PaddedCols(w.cols);
-  const int64_t packed = RoundUp(w.rows, kPanelRows) * padded;
+  const int64_t packed = QuantizedPanelBytes(w.rows, w.cols);
   auto* out = static_cast<uint8_t*>(panels);
   std::memset(out, kOffset, static_cast<size_t>(packed));
   const QuantizeFn quantize = QuantizerFor(internal::ActiveInt8Path());

@@ -23,6 +23,8 @@ namespace epic::cpu {
 
 // Bytes (64-byte aligned) that QuantizeInt8 writes for a ROWS x COLS matrix.
 int64_t QuantizedBytes(int64_t rows, int64_t cols);
+// Of those, the panels' (the rows' scales follow them).
+int64_t QuantizedPanelBytes(int64_t rows, int64_t cols);
 
 // W (kF32 or kBF16) quantized into MEMORY (QuantizedBytes, 64-byte aligned): a kI8
 // matrix over MEMORY. Threaded over rows.
