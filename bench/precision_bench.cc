@@ -1,5 +1,5 @@
 // precision_bench: the reduced-precision products against the exact ones on prefill,
-// expert and decode shapes of V2-Lite, measured alternately in one run: BF16 activations
+// expert and decode shapes of V2-Lite (and the small experts' of v2-small-experts), measured alternately in one run: BF16 activations
 // (kernels/cpu/matmul_fast.h, AMX or AVX512_BF16) and int8 weights and activations
 // (kernels/cpu/matmul_int8.h, what --precision fast runs) on each int8 path the host
 // has. GFLOP/s of each, median of the repeats, and each over exact. EPIC_CPU_ISA
@@ -39,6 +39,9 @@ int main(int argc, char** argv) {
                           {"19 tokens of an expert, up", 19, 1408, 2048},
                           {"64 tokens of an expert, up", 64, 1408, 2048},
                           {"decode, 1 token, expert up", 1, 1408, 2048},
+                          {"19 tokens, small expert gate|up", 19, 512, 1024},
+                          {"19 tokens, small expert down", 19, 1024, 256},
+                          {"64 tokens, small expert gate|up", 64, 512, 1024},
                           {"decode, 4 tokens, q projection", 4, 3072, 2048},
                           {"decode, 1 token, lm_head", 1, 102400, 2048},
                           {"decode, 64 tokens, lm_head", 64, 102400, 2048}};

@@ -260,7 +260,7 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
         std::memcpy(k_pe + t * rope, row + lora, static_cast<size_t>(rope) * sizeof(float));
       }
       float* kv = Scratch(kKv, context * heads * kv_head);
-      cpu::MatMul(c_kv, context, lora, L.kv_b_proj, kv, heads * kv_head);
+      cpu::MatMul(c_kv, context, lora, L.kv_b_expand, kv, heads * kv_head);
       cpu::MlaExpandedParams p;
       p.num_queries = sp.n;
       p.start = sp.start;
@@ -273,6 +273,7 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
       p.kv = kv;
       p.k_pe = k_pe;
       p.out = out + sp.first * heads * vdim;
+      p.int8_scores = w_.precision == cpu::Precision::kFast;
       cpu::MlaExpandedAttention(p);
       ++i;
       continue;

@@ -20,7 +20,7 @@ struct Block {
 };
 
 // What a matrix is used for: the products that may run in int8 (the fast precision), or
-// anything else (the embedding's rows, the router, kv_b_proj's per-head views).
+// anything else (the embedding's rows, the router, kv_b_proj for its per-head views).
 enum class Use { kProduct, kOther };
 
 class Binder {
@@ -328,6 +328,7 @@ StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Bind(const Checkpoint& che
   const bool quantize = precision == cpu::Precision::kFast;
   const ModelConfig& c = checkpoint.config();
   auto w = std::make_unique<ModelWeights>();
+  w->precision = precision;
   const int64_t h0 = shard.head_begin;
   const int64_t h1 = shard.head_end < 0 ? c.num_attention_heads : shard.head_end;
   const int64_t v0 = shard.vocab_begin;
@@ -359,7 +360,9 @@ StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Bind(const Checkpoint& che
       }
       L.kv_a_proj = b.Matrix(LayerTensor(l, "self_attn.kv_a_proj_with_mqa"));
       L.kv_a_norm = b.Vector(LayerTensor(l, "self_attn.kv_a_layernorm"));
-      L.kv_b_proj = b.Matrix(LayerTensor(l, "self_attn.kv_b_proj"), {h0 * kv_head, (h1 - h0) * kv_head}, Use::kOther);
+      const Block kv_b_rows{h0 * kv_head, (h1 - h0) * kv_head};
+      L.kv_b_proj = b.Matrix(LayerTensor(l, "self_attn.kv_b_proj"), kv_b_rows, Use::kOther);
+      L.kv_b_expand = quantize ? b.Matrix(LayerTensor(l, "self_attn.kv_b_proj"), kv_b_rows) : L.kv_b_proj;
       L.o_proj = b.Matrix(LayerTensor(l, "self_attn.o_proj"),
                           {0, -1, h0 * c.v_head_dim, (h1 - h0) * c.v_head_dim});
       L.moe = c.IsMoeLayer(l);

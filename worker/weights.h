@@ -6,10 +6,10 @@
 // page-cache pages the hardware prefetchers stop at each page and the TLB misses,
 // which held decode near half of the bandwidth bound. kMapped uses the file's pages
 // in place (no second copy while the page cache holds the file).
-// With the fast precision the matrices of the products (attention's projections but
-// kv_b_proj, the MLPs and experts, lm_head) are quantized to int8 at load
-// (kernels/cpu/matmul_int8.h), always into anonymous memory; the embedding, the router
-// and kv_b_proj keep their values.
+// With the fast precision the matrices of the products (attention's projections, the
+// MLPs and experts, lm_head) are quantized to int8 at load (kernels/cpu/matmul_int8.h),
+// always into anonymous memory; the embedding, the router and kv_b_proj keep their
+// values, kv_b_proj beside an int8 copy for the expanded attention.
 // A ModelWeights stays valid while its Checkpoint is open.
 #pragma once
 
@@ -44,6 +44,10 @@ struct LayerWeights {
   cpu::WeightMatrix kv_a_proj;             // [kv_lora_rank + rope_dim, hidden]
   std::vector<float> kv_a_norm;            // [kv_lora_rank]
   cpu::WeightMatrix kv_b_proj;             // [heads * (nope_dim + v_dim), kv_lora_rank]
+  // kv_b_proj for the expanded form's product over every context row: its int8 copy
+  // under the fast precision, else kv_b_proj. The absorbed form's per-head folds (one
+  // of them over its transpose) keep kv_b_proj's values.
+  cpu::WeightMatrix kv_b_expand;
   cpu::WeightMatrix o_proj;                // [hidden, heads * v_dim]
 
   bool moe = false;
@@ -106,6 +110,7 @@ struct ModelWeights {
   std::vector<float> final_norm;
   cpu::WeightMatrix lm_head;  // [vocab rows of this rank, hidden]; rows of embed when tied
 
+  cpu::Precision precision = cpu::Precision::kExact;  // kFast: the products in int8
   WeightArena arena;         // the matrices' memory, unless kMapped
   int64_t matrix_bytes = 0;  // bytes of all matrices as used
 

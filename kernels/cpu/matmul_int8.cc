@@ -38,8 +38,8 @@ int64_t PaddedCols(int64_t cols) { return RoundUp(cols, kGroup); }
 int64_t PanelBytes(int64_t padded_cols) { return kPanelRows * padded_cols; }
 
 // Per-thread scratch: the quantized activations, their sums and scales (the calling
-// thread's), and each worker's int32 block.
-enum Slot { kXq, kXSums, kXScales, kAcc, kSlots };
+// thread's), each worker's int32 block, and one row being quantized into panels.
+enum Slot { kXq, kXSums, kXScales, kAcc, kRowQ, kSlots };
 template <typename T>
 T* Scratch(Slot slot, int64_t count) {
   thread_local ScratchBuffer buffers[kSlots];
@@ -441,28 +441,46 @@ WeightMatrix QuantizeInt8(const WeightMatrix& w, void* memory) {
   return QuantizeInt8Into(w, memory, reinterpret_cast<float*>(static_cast<uint8_t*>(memory) + packed));
 }
 
+namespace {
+
+// Row R of a kI8 matrix with PADDED columns from the F32 values ROW[0, cols): its scale
+// into SCALES[R], its values (+128) into the 4-byte groups of its panel. Q: PADDED bytes.
+void StoreQuantizedRow(QuantizeFn quantize, const float* row, int64_t cols, int64_t padded, int64_t r,
+                       uint8_t* panels, float* scales, int8_t* q) {
+  int32_t sum;
+  scales[r] = quantize(row, cols, padded, q, &sum);
+  uint8_t* out = panels + internal::Int8Index(padded, r, 0);
+  for (int64_t c = 0; c < padded; c += kGroup) {
+    uint32_t group;
+    std::memcpy(&group, q + c, sizeof(group));
+    group ^= 0x80808080u;  // + 128 on each byte
+    std::memcpy(out + c * kPanelRows, &group, sizeof(group));
+  }
+}
+
+}  // namespace
+
 WeightMatrix QuantizeInt8Into(const WeightMatrix& w, void* panels, float* scales) {
   const int64_t padded = PaddedCols(w.cols);
   const int64_t packed = QuantizedPanelBytes(w.rows, w.cols);
   auto* out = static_cast<uint8_t*>(panels);
   std::memset(out, kOffset, static_cast<size_t>(packed));
   const QuantizeFn quantize = QuantizerFor(internal::ActiveInt8Path());
-#pragma omp parallel
+#pragma omp parallel if (omp_get_level() == 0)
   {
     std::vector<float> row(static_cast<size_t>(w.cols));
     std::vector<int8_t> q(static_cast<size_t>(padded));
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < w.rows; ++r) {
+      const float* values;
       if (w.type == WeightType::kBF16) {
         const auto* in = static_cast<const uint16_t*>(w.data) + r * w.row_stride;
         for (int64_t c = 0; c < w.cols; ++c) row[c] = Bf16ToFloat(in[c]);
+        values = row.data();
       } else {
-        const auto* in = static_cast<const float*>(w.data) + r * w.row_stride;
-        std::copy(in, in + w.cols, row.begin());
+        values = static_cast<const float*>(w.data) + r * w.row_stride;
       }
-      int32_t sum;
-      scales[r] = quantize(row.data(), w.cols, padded, q.data(), &sum);
-      for (int64_t c = 0; c < w.cols; ++c) out[internal::Int8Index(padded, r, c)] = static_cast<uint8_t>(q[c] + kOffset);
+      StoreQuantizedRow(quantize, values, w.cols, padded, r, out, scales, q.data());
     }
   }
   WeightMatrix m;
@@ -470,6 +488,28 @@ WeightMatrix QuantizeInt8Into(const WeightMatrix& w, void* panels, float* scales
   m.data = out;
   m.rows = w.rows;
   m.cols = w.cols;
+  m.row_stride = padded;
+  m.scales = scales;
+  return m;
+}
+
+WeightMatrix QuantizeRowsInt8(const float* x, int64_t rows, int64_t ldx, int64_t cols, void* panels,
+                              float* scales) {
+  const int64_t padded = PaddedCols(cols);
+  auto* out = static_cast<uint8_t*>(panels);
+  // Only the last panel's rows past ROWS need their zeros (+128) written first.
+  const int64_t full = rows / kPanelRows * kPanelRows;
+  if (full < rows) {
+    std::memset(out + full * padded, kOffset, static_cast<size_t>(PanelBytes(padded)));
+  }
+  const QuantizeFn quantize = QuantizerFor(internal::ActiveInt8Path());
+  auto* q = Scratch<int8_t>(kRowQ, padded);
+  for (int64_t r = 0; r < rows; ++r) StoreQuantizedRow(quantize, x + r * ldx, cols, padded, r, out, scales, q);
+  WeightMatrix m;
+  m.type = WeightType::kI8;
+  m.data = out;
+  m.rows = rows;
+  m.cols = cols;
   m.row_stride = padded;
   m.scales = scales;
   return m;

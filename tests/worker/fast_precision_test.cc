@@ -74,6 +74,7 @@ TEST(FastPrecision, QuantizesTheProductsWeightsAndKeepsTheRest) {
     EXPECT_EQ(L.kv_a_proj.type, cpu::WeightType::kI8);
     EXPECT_EQ(L.o_proj.type, cpu::WeightType::kI8);
     EXPECT_EQ(L.kv_b_proj.type, cpu::WeightType::kBF16);
+    EXPECT_EQ(L.kv_b_expand.type, cpu::WeightType::kI8);
     if (!L.moe) continue;
     EXPECT_EQ(L.router.type, cpu::WeightType::kBF16);
     for (const MlpWeights& e : L.experts) {
