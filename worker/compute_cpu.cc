@@ -273,7 +273,6 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
       p.kv = kv;
       p.k_pe = k_pe;
       p.out = out + sp.first * heads * vdim;
-      p.int8_scores = w_.precision == cpu::Precision::kFast;
       cpu::MlaExpandedAttention(p);
       ++i;
       continue;

@@ -38,8 +38,8 @@ int64_t PaddedCols(int64_t cols) { return RoundUp(cols, kGroup); }
 int64_t PanelBytes(int64_t padded_cols) { return kPanelRows * padded_cols; }
 
 // Per-thread scratch: the quantized activations, their sums and scales (the calling
-// thread's), each worker's int32 block, and one row being quantized into panels.
-enum Slot { kXq, kXSums, kXScales, kAcc, kRowQ, kSlots };
+// thread's), and each worker's int32 block.
+enum Slot { kXq, kXSums, kXScales, kAcc, kSlots };
 template <typename T>
 T* Scratch(Slot slot, int64_t count) {
   thread_local ScratchBuffer buffers[kSlots];
@@ -488,28 +488,6 @@ WeightMatrix QuantizeInt8Into(const WeightMatrix& w, void* panels, float* scales
   m.data = out;
   m.rows = w.rows;
   m.cols = w.cols;
-  m.row_stride = padded;
-  m.scales = scales;
-  return m;
-}
-
-WeightMatrix QuantizeRowsInt8(const float* x, int64_t rows, int64_t ldx, int64_t cols, void* panels,
-                              float* scales) {
-  const int64_t padded = PaddedCols(cols);
-  auto* out = static_cast<uint8_t*>(panels);
-  // Only the last panel's rows past ROWS need their zeros (+128) written first.
-  const int64_t full = rows / kPanelRows * kPanelRows;
-  if (full < rows) {
-    std::memset(out + full * padded, kOffset, static_cast<size_t>(PanelBytes(padded)));
-  }
-  const QuantizeFn quantize = QuantizerFor(internal::ActiveInt8Path());
-  auto* q = Scratch<int8_t>(kRowQ, padded);
-  for (int64_t r = 0; r < rows; ++r) StoreQuantizedRow(quantize, x + r * ldx, cols, padded, r, out, scales, q);
-  WeightMatrix m;
-  m.type = WeightType::kI8;
-  m.data = out;
-  m.rows = rows;
-  m.cols = cols;
   m.row_stride = padded;
   m.scales = scales;
   return m;

@@ -39,12 +39,6 @@ bool HasInt8Products();
 // but the last has whole panels of rows.
 WeightMatrix QuantizeInt8Into(const WeightMatrix& w, void* panels, float* scales);
 
-// ROWS rows of the F32 matrix X (row stride LDX, COLS columns) quantized as QuantizeInt8Into
-// does, on the calling thread: matrices made at run time (attention's keys). PANELS holds
-// QuantizedPanelBytes(ROWS, COLS), SCALES ROWS floats.
-WeightMatrix QuantizeRowsInt8(const float* x, int64_t rows, int64_t ldx, int64_t cols, void* panels,
-                              float* scales);
-
 // A quantized copy that owns its memory (tests and benchmarks; the model quantizes into
 // its weight arena).
 class QuantizedMatrix {

@@ -6,20 +6,15 @@
 //    the pool (a fresh cache's blocks mostly do), read where they are;
 //  - expanded (prefill): per head and chunk of 64 queries, that head's keys and values
 //    (transposed) up to the chunk's last position are gathered, and scores and outputs
-//    are two products; a chunk computes scores only up to its own last key. Under the
-//    fast precision the scores are an int8 product (keys quantized per row as gathered);
-//    the outputs stay F32: a probability row quantized by its largest value would lose
-//    the small ones, whose sum can carry half the weight.
+//    are two products; a chunk computes scores only up to its own last key.
 // Work items are spread over the threads; the products inside run on one thread each
 // (on all of them when there is one item).
 #include "kernels/cpu/mla_attention.h"
 
 #include <algorithm>
-#include <cstdint>
 #include <cstring>
 
 #include "kernels/cpu/matmul.h"
-#include "kernels/cpu/matmul_int8.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 #include "kernels/cpu/thread_scratch.h"
@@ -30,14 +25,10 @@ namespace {
 constexpr int64_t kHeadGroup = 8;     // heads sharing a pass over the rows (the GEMV's rows of x)
 constexpr int64_t kQueryChunk = 64;  // queries of one head sharing a gather of its keys
 
-enum Slot { kKeys, kKeysInt8, kQueries, kScores, kSlots };
+enum Slot { kKeys, kQueries, kScores, kSlots };
 float* Scratch(Slot slot, int64_t floats) {
   thread_local ScratchBuffer buffers[kSlots];
   return static_cast<float*>(buffers[slot].Get(floats * static_cast<int64_t>(sizeof(float))));
-}
-
-void* AlignUp64(float* p) {
-  return reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
 }
 
 WeightMatrix F32Matrix(const float* data, int64_t rows, int64_t cols, int64_t stride) {
@@ -125,14 +116,7 @@ void MlaExpandedAttention(const MlaExpandedParams& p) {
     }
     float* scores = Scratch(kScores, n * context);
     const int64_t q_stride = p.num_heads * qk;
-    const float* queries = p.q + (i0 * p.num_heads + h) * qk;
-    if (p.int8_scores) {
-      float* key_scales = Scratch(kKeysInt8, context + QuantizedPanelBytes(context, qk) / 4 + 16);
-      void* panels = AlignUp64(key_scales + context);
-      MatMul(queries, n, q_stride, QuantizeRowsInt8(keys, context, qk, qk, panels, key_scales), scores, context);
-    } else {
-      MatMul(queries, n, q_stride, F32Matrix(keys, context, qk, qk), scores, context);
-    }
+    MatMul(p.q + (i0 * p.num_heads + h) * qk, n, q_stride, F32Matrix(keys, context, qk, qk), scores, context);
     for (int64_t i = 0; i < n; ++i) SoftmaxRow(scores + i * context, p.start + i0 + i + 1, context, p.scale);
     MatMul(scores, n, context, F32Matrix(values, p.v_dim, context, context),
            p.out + (i0 * p.num_heads + h) * p.v_dim, p.num_heads * p.v_dim);

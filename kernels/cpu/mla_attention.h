@@ -53,7 +53,6 @@ struct MlaExpandedParams {
   const float* kv = nullptr;    // [start + num_queries, num_heads, nope_dim + v_dim]
   const float* k_pe = nullptr;  // [start + num_queries, rope_dim]
   float* out = nullptr;         // [num_queries, num_heads, v_dim]
-  bool int8_scores = false;     // the fast precision: scores by int8 products (matmul_int8.h)
 };
 void MlaExpandedAttention(const MlaExpandedParams& params);
 

@@ -14,7 +14,6 @@
 #include <memory>
 #include <random>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "common/half.h"
@@ -75,25 +74,6 @@ TEST(QuantizeInt8, EveryWeightWithinHalfAStepOfItsRow) {
     for (int64_t c = 0; c < 53; ++c) {
       ASSERT_NEAR(q.w.At(r, c), q.source.At(r, c), q.w.scales[r] * 0.5001) << r << "," << c;
     }
-  }
-}
-
-// Run-time rows (attention's keys) quantized on the calling thread into memory holding
-// anything: the same bytes and scales as the load-time quantizer, every path.
-TEST(QuantizeInt8, RowsAtRunTimeEqualTheLoadTimeQuantizer) {
-  for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{1, 6}, {16, 192}, {37, 53}, {70, 192}}) {
-    std::vector<float> x = RandomX(rows, cols + 3, static_cast<uint32_t>(rows));
-    const WeightMatrix source{WeightType::kF32, x.data(), rows, cols, cols + 3};
-    const QuantizedMatrix want(source);
-    const int64_t bytes = QuantizedPanelBytes(rows, cols);
-    std::vector<uint8_t> panels(static_cast<size_t>(bytes), 0x5a);
-    std::vector<float> scales(static_cast<size_t>(rows), NAN);
-    const WeightMatrix got = QuantizeRowsInt8(x.data(), rows, cols + 3, cols, panels.data(), scales.data());
-    EXPECT_EQ(got.type, WeightType::kI8);
-    EXPECT_EQ(got.row_stride, want.matrix().row_stride);
-    const auto* want_bytes = static_cast<const uint8_t*>(want.matrix().data);
-    ASSERT_EQ(std::vector<uint8_t>(want_bytes, want_bytes + bytes), panels) << rows << " x " << cols;
-    ASSERT_EQ(std::vector<float>(want.matrix().scales, want.matrix().scales + rows), scales);
   }
 }
 
