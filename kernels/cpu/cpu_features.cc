@@ -101,6 +101,23 @@ bool HasAvxVnni() {
   return detected && Has(Isa::kAvx2);
 }
 
+bool Avx512InHalves() {
+  static const bool detected = [] {
+#if defined(__x86_64__)
+    // Vendor "AuthenticAMD" (leaf 0: EBX, EDX, ECX) and family 19h (leaf 1: base family
+    // 0Fh plus extended family 0Ah): Zen 3 (no AVX-512) and Zen 4.
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541 || d != 0x69746e65 || c != 0x444d4163) return false;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    const unsigned base = a >> 8 & 0xf, extended = a >> 20 & 0xff;
+    return base == 0xf && base + extended == 0x19;
+#else
+    return false;
+#endif
+  }();
+  return detected && Has(Isa::kAvx512);
+}
+
 std::string AvailableIsas() {
   std::string out;
   for (int i = 0; i <= static_cast<int>(DetectedIsa()); ++i) out += std::string(i ? " " : "") + kNames[i];

@@ -34,6 +34,11 @@ inline bool Has(Isa isa) { return static_cast<int>(ActiveIsa()) >= static_cast<i
 // Whether the processor has it and the kernels may use AVX2 (Has(Isa::kAvx2)).
 bool HasAvxVnni();
 
+// Whether the processor runs 512-bit operations as two 256-bit halves (AMD Zen 4: one
+// 512-bit FMA and one 512-bit load a cycle) and the kernels may use AVX-512. Kernels
+// whose best form differs there ask (matmul.cc's BF16 products).
+bool Avx512InHalves();
+
 // For tests: every rung this host offers, narrowest first.
 std::string AvailableIsas();
 

@@ -5,7 +5,8 @@
 //    m rows of x; several weight rows are read side by side, BF16 is widened to F32 with
 //    a shift and a mask, FMAs go into m x R vector accumulators that are reduced
 //    horizontally once at the end. Threads split the weight rows. (BF16 with a few more
-//    rows of x takes the same path in groups of 8 over L2-resident chunks of weights.)
+//    rows of x takes the same path in groups of 4 over L2-resident chunks of weights, and
+//    with every m on Zen 4's AVX-512: see kDotBlockRows.)
 //  - larger m (prefill): compute-bound. A block of weights [kKC x kNC] is widened and
 //    transposed into panels of kNR output columns, x into panels of kMR rows, and a
 //    kMR x kNR register-blocked micro-kernel broadcasts x and FMAs packed weight vectors.
@@ -84,12 +85,18 @@ namespace {
 
 using Bf16 = uint16_t;
 
-// Decode path (dot products, weights streamed once per group of 8 rows of x) up to this
+// Decode path (dot products, weights streamed once per group of 4 rows of x) up to this
 // many rows of x; the packed GEMM beyond. BF16 weights stay on the decode path longer
 // because widening them there is cheap while the GEMM pays a transposing pack, which at
 // m = 16 costs more than the re-reads of L2-resident weight chunks (measured on Zen 4).
 constexpr int64_t kGemvMaxRows = 8;
 constexpr int64_t kGemvMaxRowsBf16 = 24;
+// Where the processor splits 512-bit operations in halves (Avx512InHalves: Zen 4), the
+// AVX-512 decode path beat the packed GEMM on BF16 weights at every m measured (9 to 512
+// rows of x, one and two threads: 1.1-1.2x, ~95% of the FMA rate) and runs them all, in
+// blocks of this many rows of x, which stay in L2/L3 while the weights stream past (x
+// whole at 2048 rows ran 0.83x the GEMM). With AVX2 the GEMM stays ahead from 32 rows.
+constexpr int64_t kDotBlockRows = 256;
 
 // Decode: weight rows are split across threads in units of kGemvRowUnit (a multiple of
 // every GemvRowsPerBlock) and, with more than one group of x, walked in chunks of about
@@ -191,7 +198,7 @@ struct Avx512 {
   // Weight rows read side by side for m rows of x: enough accumulators (m * R) to hide
   // FMA latency and keep several streams in flight, few enough to stay in registers.
   static constexpr int GemvRowsPerBlock(int m) {
-    return m <= 2 ? 8 : m == 3 ? 6 : m <= 5 ? 4 : m <= 7 ? 3 : 2;
+    return m <= 2 ? 8 : m == 3 ? 6 : 4;
   }
 
   EPIC_AVX512_OP static __mmask16 Mask(int64_t count) {
@@ -386,6 +393,13 @@ void MatMulTyped(const float* x, int64_t m, int64_t ldx, const W* w, int64_t str
   const bool decode = m <= (sizeof(W) == 2 ? kGemvMaxRowsBf16 : kGemvMaxRows);
   switch (internal::MatMulIsa()) {
     case Isa::kAvx512:
+      if (sizeof(W) == 2 && !decode && internal::Bf16DotForAllRows()) {
+        for (int64_t i = 0; i < m; i += kDotBlockRows) {
+          avx512::Gemv(x + i * ldx, std::min(kDotBlockRows, m - i), ldx, w, stride, rows, cols, y + i * ldy, ldy,
+                       accumulate);
+        }
+        return;
+      }
       return decode ? avx512::Gemv(x, m, ldx, w, stride, rows, cols, y, ldy, accumulate)
                     : avx512::Gemm(x, m, ldx, w, stride, rows, cols, y, ldy, accumulate);
     case Isa::kAvx2:
@@ -462,6 +476,18 @@ Isa MatMulIsa() {
   if (Has(Isa::kAvx512)) return Isa::kAvx512;
   if (Has(Isa::kAvx2)) return Isa::kAvx2;
   return Isa::kPlain;
+}
+
+bool Bf16DotForAllRows() {
+  static const bool dot = [] {
+    const char* form = std::getenv("EPIC_BF16_FORM");
+    if (form == nullptr || *form == '\0') return Avx512InHalves();
+    if (std::strcmp(form, "dot") == 0) return true;
+    if (std::strcmp(form, "gemm") == 0) return false;
+    std::fprintf(stderr, "epic: EPIC_BF16_FORM=%s is neither dot nor gemm; ignored\n", form);
+    return Avx512InHalves();
+  }();
+  return dot;
 }
 
 void MatMulPlain(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y,

@@ -34,6 +34,12 @@ inline void SplitRange(int64_t total, int count, int index, int64_t* begin, int6
 // that ActiveIsa() allows (EPIC_CPU_ISA narrows it).
 Isa MatMulIsa();
 
+// Whether the AVX-512 BF16 products of more than 24 rows of x take the decode form (dot
+// products, weights widened in registers) instead of the packed GEMM: Avx512InHalves(),
+// or what the environment variable EPIC_BF16_FORM asks (dot or gemm), so that both are
+// tested on any AVX-512 host.
+bool Bf16DotForAllRows();
+
 // The plain C++ path, single-threaded, with the same contract as MatMul.
 void MatMulPlain(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y,
                  int64_t ldy, bool accumulate);

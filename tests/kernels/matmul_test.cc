@@ -198,6 +198,11 @@ std::vector<Shape> MatMulShapes() {
   shapes.push_back({130, 1000, 1000, 0, false});
   shapes.push_back({300, 70, 5000, 3, true});
   shapes.push_back({512, 100, 600, 1, false});
+  // Decode's groups of x where 4 rows would not stay in L1: pairs, a third row joining
+  // the last pair (2500 columns) or left alone (3000).
+  shapes.push_back({3, 70, 2500, 0, false});
+  shapes.push_back({5, 40, 3000, 2, true});
+  shapes.push_back({13, 30, 1000, 0, true});
   return shapes;
 }
 
@@ -366,6 +371,15 @@ TEST(MatMulDispatch, RunsThePathEpicCpuIsaAsksFor) {
   EXPECT_EQ(ActiveIsa(), want) << IsaName(ActiveIsa());
   const Isa kernels = want >= Isa::kAvx512 ? Isa::kAvx512 : want;
   EXPECT_EQ(internal::MatMulIsa(), kernels) << IsaName(internal::MatMulIsa());
+}
+
+TEST(MatMulDispatch, Bf16FormIsTheHostsOrTheOneAsked) {
+  const char* asked = std::getenv("EPIC_BF16_FORM");
+  if (asked == nullptr || *asked == '\0') {
+    EXPECT_EQ(internal::Bf16DotForAllRows(), Avx512InHalves());
+  } else {
+    EXPECT_EQ(internal::Bf16DotForAllRows(), std::strcmp(asked, "dot") == 0) << asked;
+  }
 }
 
 }  // namespace
