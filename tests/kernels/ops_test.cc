@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -15,16 +16,21 @@ namespace {
 using epic::testing::Random;
 
 TEST(OpsTest, RmsNormMatchesFloat64) {
-  const int64_t rows = 3, n = 37, ld = 40;
-  std::vector<float> x = Random(rows * ld, 1), w = Random(n, 2);
-  std::vector<float> out(rows * ld, NAN);
-  RmsNorm(x.data(), rows, n, ld, w.data(), 1e-6f, out.data(), ld);
-  for (int64_t r = 0; r < rows; ++r) {
-    double ss = 0;
-    for (int64_t i = 0; i < n; ++i) ss += double(x[r * ld + i]) * x[r * ld + i];
-    const double inv = 1.0 / std::sqrt(ss / n + 1e-6);
-    for (int64_t i = 0; i < n; ++i) {
-      EXPECT_NEAR(out[r * ld + i], w[i] * x[r * ld + i] * inv, 1e-6 * (1 + std::fabs(w[i] * x[r * ld + i] * inv)));
+  // A few rows (one thread), and a prefill's (blocks of rows over the threads), with rows
+  // whose width is not a multiple of the 8 partial sums.
+  for (const auto& [rows, n, ld] : {std::tuple<int64_t, int64_t, int64_t>{3, 37, 40}, {133, 1027, 1030}}) {
+    std::vector<float> x = Random(rows * ld, 1), w = Random(n, 2);
+    std::vector<float> out(rows * ld, NAN);
+    RmsNorm(x.data(), rows, n, ld, w.data(), 1e-6f, out.data(), ld);
+    for (int64_t r = 0; r < rows; ++r) {
+      double ss = 0;
+      for (int64_t i = 0; i < n; ++i) ss += double(x[r * ld + i]) * x[r * ld + i];
+      const double inv = 1.0 / std::sqrt(ss / n + 1e-6);
+      for (int64_t i = 0; i < n; ++i) {
+        ASSERT_NEAR(out[r * ld + i], w[i] * x[r * ld + i] * inv, 1e-6 * (1 + std::fabs(w[i] * x[r * ld + i] * inv)))
+            << rows << " rows, row " << r << ", column " << i;
+      }
+      for (int64_t i = n; i < ld; ++i) ASSERT_TRUE(std::isnan(out[r * ld + i])) << "wrote past the row";
     }
   }
 }
