@@ -3,7 +3,9 @@
 #include <omp.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -12,6 +14,7 @@
 #include <vector>
 
 #include "bench/timing.h"
+#include "common/half.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/matmul_int8.h"
 
@@ -140,8 +143,8 @@ double MatMulRate(GemmOperands& o, const cpu::WeightMatrix& w, int repeats) {
 GemmRate MeasureF32GemmRate(int repeats) {
   GemmOperands o;
   GemmRate rate;
+  char how[160];
 #ifdef EPIC_HAVE_CBLAS
-  rate.how = "OpenBLAS cblas_sgemm 512x2816x2048";
   double best = 1e30;
   for (int r = 0; r < repeats; ++r) {
     const auto t0 = Clock::now();
@@ -149,11 +152,22 @@ GemmRate MeasureF32GemmRate(int repeats) {
                 o.c.data(), kN);
     best = std::min(best, Since(t0));
   }
-  rate.gflops = 2.0 * kM * kN * kK / best / 1e9;
+  const double f32 = 2.0 * kM * kN * kK / best / 1e9;
+  const char* f32_how = "OpenBLAS cblas_sgemm";
 #else
-  rate.how = "epic MatMul with F32 weights 512x2816x2048 (built without OpenBLAS)";
-  rate.gflops = MatMulRate(o, {cpu::WeightType::kF32, o.b.data(), kN, kK, kK}, repeats);
+  const double f32 = MatMulRate(o, {cpu::WeightType::kF32, o.b.data(), kN, kK, kK}, repeats);
+  const char* f32_how = "epic MatMul, F32 weights";
 #endif
+  // The same F32 arithmetic on BF16 weights, where epic's kernel for them runs faster (on
+  // Zen 4 its dot form beat the F32-weight GEMM): the model's products must not beat
+  // their bound.
+  std::vector<uint16_t> b16(o.b.size());
+  for (size_t i = 0; i < b16.size(); ++i) b16[i] = FloatToBf16(o.b[i]);
+  const double bf16 = MatMulRate(o, {cpu::WeightType::kBF16, b16.data(), kN, kK, kK}, repeats);
+  rate.gflops = std::max(f32, bf16);
+  std::snprintf(how, sizeof(how), "best of %s %.1f and epic MatMul, BF16 weights %.1f; 512x2816x2048", f32_how, f32,
+                bf16);
+  rate.how = how;
   return rate;
 }
 

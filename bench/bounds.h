@@ -23,8 +23,9 @@ struct GemmRate {
   std::string how;  // which library and shape
 };
 
-// F32 matrix-multiply rate at M x N x K = 512 x 2816 x 2048, all threads: OpenBLAS's
-// sgemm where the bench was built with it, else epic's own F32-weight MatMul.
+// F32 matrix-multiply rate at M x N x K = 512 x 2816 x 2048, all threads: the better of
+// OpenBLAS's sgemm (where the bench was built with it, else epic's own F32-weight MatMul)
+// and epic's MatMul on BF16 weights (F32 arithmetic as well; faster on some hosts).
 GemmRate MeasureF32GemmRate(int repeats);
 
 // The int8 products' rate (kernels/cpu/matmul_int8.h, --precision fast) at the same
