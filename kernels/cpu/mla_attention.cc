@@ -4,9 +4,9 @@
 //    product over the cached rows (each row read once for the group, not once a head)
 //    and its outputs another, one pair per run of blocks that lie one after another in
 //    the pool (a fresh cache's blocks mostly do), read where they are;
-//  - expanded (prefill): per head and chunk of 64 queries, that head's keys and values
-//    (transposed) up to the chunk's last position are gathered, and scores and outputs
-//    are two products; a chunk computes scores only up to its own last key.
+//  - expanded (prefill): each head's keys and values (transposed) are gathered once;
+//    per head and chunk of 64 queries, scores and outputs are two products over the
+//    prefix the chunk sees (scores only up to its own last key).
 // Work items are spread over the threads; the products inside run on one thread each
 // (on all of them when there is one item).
 #include "kernels/cpu/mla_attention.h"
@@ -96,6 +96,29 @@ void MlaExpandedAttention(const MlaExpandedParams& p) {
   const int64_t qk = p.nope_dim + p.rope_dim;
   const int64_t head_width = p.nope_dim + p.v_dim;
   const int64_t kv_width = p.num_heads * head_width;
+  const int64_t context = p.start + p.num_queries;
+  // Every head's keys [context, qk] and values transposed [v_dim, context], gathered once
+  // for all its chunks, each of which reads a prefix (gathered per chunk, the copies grew
+  // with the square of the prompt). In the calling thread's scratch, shared with the team.
+  const int64_t per_head = context * qk + p.v_dim * context;
+  float* gathered = Scratch(kKeys, p.num_heads * per_head);
+  ParallelFor(p.num_heads, true, [&](int64_t h) {
+    float* keys = gathered + h * per_head;
+    float* values = keys + context * qk;
+    constexpr int64_t kRows = 16;  // context rows transposed at a time
+    for (int64_t t0 = 0; t0 < context; t0 += kRows) {
+      const int64_t t1 = std::min(context, t0 + kRows);
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* kv = p.kv + t * kv_width + h * head_width;
+        std::memcpy(keys + t * qk, kv, static_cast<size_t>(p.nope_dim) * sizeof(float));
+        std::memcpy(keys + t * qk + p.nope_dim, p.k_pe + t * p.rope_dim,
+                    static_cast<size_t>(p.rope_dim) * sizeof(float));
+      }
+      for (int64_t d = 0; d < p.v_dim; ++d) {
+        for (int64_t t = t0; t < t1; ++t) values[d * context + t] = p.kv[t * kv_width + h * head_width + p.nope_dim + d];
+      }
+    }
+  });
   const int64_t chunks = (p.num_queries + kQueryChunk - 1) / kQueryChunk;
   const int64_t work = chunks * p.num_heads;
   // Later chunks see more context: dynamic, largest first.
@@ -104,22 +127,15 @@ void MlaExpandedAttention(const MlaExpandedParams& p) {
     const int64_t h = w % p.num_heads;
     const int64_t i0 = c * kQueryChunk;
     const int64_t n = std::min(kQueryChunk, p.num_queries - i0);
-    const int64_t context = p.start + i0 + n;
-    // Keys [context, qk] and values transposed [v_dim, context] of head H.
-    float* keys = Scratch(kKeys, context * qk + p.v_dim * context);
-    float* values = keys + context * qk;
-    for (int64_t t = 0; t < context; ++t) {
-      const float* kv = p.kv + t * kv_width + h * head_width;
-      std::memcpy(keys + t * qk, kv, static_cast<size_t>(p.nope_dim) * sizeof(float));
-      std::memcpy(keys + t * qk + p.nope_dim, p.k_pe + t * p.rope_dim, static_cast<size_t>(p.rope_dim) * sizeof(float));
-      for (int64_t d = 0; d < p.v_dim; ++d) values[d * context + t] = kv[p.nope_dim + d];
-    }
-    float* scores = Scratch(kScores, n * context);
+    const int64_t seen = p.start + i0 + n;  // this chunk's context
+    const float* keys = gathered + h * per_head;
+    const float* values = keys + context * qk;
+    float* scores = Scratch(kScores, n * seen);
     const int64_t q_stride = p.num_heads * qk;
-    MatMul(p.q + (i0 * p.num_heads + h) * qk, n, q_stride, F32Matrix(keys, context, qk, qk), scores, context);
-    for (int64_t i = 0; i < n; ++i) SoftmaxRow(scores + i * context, p.start + i0 + i + 1, context, p.scale);
-    MatMul(scores, n, context, F32Matrix(values, p.v_dim, context, context),
-           p.out + (i0 * p.num_heads + h) * p.v_dim, p.num_heads * p.v_dim);
+    MatMul(p.q + (i0 * p.num_heads + h) * qk, n, q_stride, F32Matrix(keys, seen, qk, qk), scores, seen);
+    for (int64_t i = 0; i < n; ++i) SoftmaxRow(scores + i * seen, p.start + i0 + i + 1, seen, p.scale);
+    MatMul(scores, n, seen, F32Matrix(values, p.v_dim, seen, context), p.out + (i0 * p.num_heads + h) * p.v_dim,
+           p.num_heads * p.v_dim);
   });
 }
 
