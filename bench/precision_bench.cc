@@ -1,5 +1,6 @@
 // precision_bench: the reduced-precision products against the exact ones on prefill,
-// expert and decode shapes of V2-Lite (and the small experts' of v2-small-experts), measured alternately in one run: BF16 activations
+// expert and decode shapes of V2-Lite (and the small experts' of v2-small-experts),
+// measured alternately in one run: BF16 activations
 // (kernels/cpu/matmul_fast.h, AMX or AVX512_BF16) and int8 weights and activations
 // (kernels/cpu/matmul_int8.h, what --precision fast runs) on each int8 path the host
 // has. GFLOP/s of each, median of the repeats, and each over exact. EPIC_CPU_ISA

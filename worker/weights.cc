@@ -328,7 +328,6 @@ StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Bind(const Checkpoint& che
   const bool quantize = precision == cpu::Precision::kFast;
   const ModelConfig& c = checkpoint.config();
   auto w = std::make_unique<ModelWeights>();
-  w->precision = precision;
   const int64_t h0 = shard.head_begin;
   const int64_t h1 = shard.head_end < 0 ? c.num_attention_heads : shard.head_end;
   const int64_t v0 = shard.vocab_begin;

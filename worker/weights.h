@@ -110,7 +110,6 @@ struct ModelWeights {
   std::vector<float> final_norm;
   cpu::WeightMatrix lm_head;  // [vocab rows of this rank, hidden]; rows of embed when tied
 
-  cpu::Precision precision = cpu::Precision::kExact;  // kFast: the products in int8
   WeightArena arena;         // the matrices' memory, unless kMapped
   int64_t matrix_bytes = 0;  // bytes of all matrices as used
 
