@@ -109,10 +109,13 @@ class ComputeBackend {
 };
 
 // The CPU backend over WEIGHTS (kept by the model; the backend reads them in place, so
-// placement changes to them need nothing more).
+// placement changes to them need nothing more), bound at PRECISION: under kFast the
+// weights' products are int8 already, and attention takes BF16 operands where
+// cpu::Bf16ProductsBeatF32().
 std::unique_ptr<ComputeBackend> MakeCpuBackend(const ModelConfig& config, const ModelWeights& weights,
                                                const RopeTable& rope, const cpu::GateParams& gate,
-                                               const ComputeShard& shard, parallel::Communicator* comm);
+                                               const ComputeShard& shard, parallel::Communicator* comm,
+                                               cpu::Precision precision);
 
 // OK when this build has DEVICE's backend and the machine has such a device; else
 // FAILED_PRECONDITION saying which is missing. kCpu is always available.

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "kernels/cpu/matmul.h"
+#include "kernels/cpu/matmul_fast.h"
 #include "kernels/cpu/mla_attention.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
@@ -19,8 +20,15 @@ namespace {
 class CpuBackend final : public ComputeBackend {
  public:
   CpuBackend(const ModelConfig& config, const ModelWeights& weights, const RopeTable& rope,
-             const cpu::GateParams& gate, const ComputeShard& shard, parallel::Communicator* comm)
-      : c_(config), w_(weights), rope_(rope), gate_(gate), shard_(shard), comm_(comm) {}
+             const cpu::GateParams& gate, const ComputeShard& shard, parallel::Communicator* comm,
+             cpu::Precision precision)
+      : c_(config),
+        w_(weights),
+        rope_(rope),
+        gate_(gate),
+        shard_(shard),
+        comm_(comm),
+        bf16_attention_(precision == cpu::Precision::kFast && cpu::Bf16ProductsBeatF32()) {}
 
   bool on_device() const override { return false; }
   StatusOr<float*> Activations(int id, int64_t values) override { return Sized(activations_, id, values); }
@@ -202,6 +210,7 @@ class CpuBackend final : public ComputeBackend {
   cpu::GateParams gate_;
   ComputeShard shard_;
   parallel::Communicator* comm_;
+  const bool bf16_attention_;  // the expanded form's products with BF16 operands
   parallel::HostRowSpace rows_;
   std::vector<std::vector<float>> activations_, scratch_;
   std::span<const SequenceStep> batch_;
@@ -280,6 +289,7 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
       p.kv = kv;
       p.k_pe = k_pe;
       p.out = out + sp.first * heads * vdim;
+      p.bf16 = bf16_attention_;
       cpu::MlaExpandedAttention(p);
       ++i;
       continue;
@@ -338,8 +348,9 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
 
 std::unique_ptr<ComputeBackend> MakeCpuBackend(const ModelConfig& config, const ModelWeights& weights,
                                                const RopeTable& rope, const cpu::GateParams& gate,
-                                               const ComputeShard& shard, parallel::Communicator* comm) {
-  return std::make_unique<CpuBackend>(config, weights, rope, gate, shard, comm);
+                                               const ComputeShard& shard, parallel::Communicator* comm,
+                                               cpu::Precision precision) {
+  return std::make_unique<CpuBackend>(config, weights, rope, gate, shard, comm, precision);
 }
 
 }  // namespace epic

@@ -197,7 +197,7 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
   cs.vocab_begin = model->vocab_begin_;
   cs.vocab_end = model->vocab_end_;
   if (device == ComputeDevice::kCpu) {
-    model->backend_ = MakeCpuBackend(c, *model->weights_, model->rope_, g, cs, model->comm_);
+    model->backend_ = MakeCpuBackend(c, *model->weights_, model->rope_, g, cs, model->comm_, precision);
   } else {
     cs.device_comm = ranks > 1 ? shard.device_comm : nullptr;
     EPIC_ASSIGN_OR_RETURN(model->backend_, MakeDeviceBackend(device, c, *model->weights_, model->rope_, g, cs,

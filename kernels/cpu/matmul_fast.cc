@@ -300,6 +300,11 @@ void MatMul(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float
   }
 }
 
+bool Bf16ProductsBeatF32() {
+  const Path path = ActivePath();
+  return path == Path::kAmx || (path == Path::kDot && Avx512InHalves());
+}
+
 namespace internal {
 
 const char* FastPath() {

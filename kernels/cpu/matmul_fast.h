@@ -34,6 +34,12 @@ inline constexpr const char* kPrecisionHelp =
 void MatMul(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy, bool accumulate,
             Precision precision);
 
+// Whether this host's BF16 products outrun its F32 ones: AMX tiles, or AVX512_BF16 where
+// 512-bit operations run in halves (Avx512InHalves: AMD Zen 4, where precision_bench
+// measured them at 1.6-1.8x F32 on prefill shapes; an Intel host without usable AMX ran
+// them at 0.6x). There the fast precision's attention takes BF16 operands.
+bool Bf16ProductsBeatF32();
+
 namespace internal {
 
 // The fast path's instructions on this host ("amx", "avx512_bf16"), or nullptr when it

@@ -53,6 +53,10 @@ struct MlaExpandedParams {
   const float* kv = nullptr;    // [start + num_queries, num_heads, nope_dim + v_dim]
   const float* k_pe = nullptr;  // [start + num_queries, rope_dim]
   float* out = nullptr;         // [num_queries, num_heads, v_dim]
+  // Scores and outputs as products of BF16-rounded operands (queries, keys, values and
+  // probabilities; sums in F32; matmul_fast.h) instead of F32 ones: the fast precision,
+  // where Bf16ProductsBeatF32().
+  bool bf16 = false;
 };
 void MlaExpandedAttention(const MlaExpandedParams& params);
 

@@ -1,6 +1,6 @@
 // Both forms of MLA against float64 attention written plainly, over a paged cache
 // whose blocks are out of order, at shapes that cross the kernels' edges: head groups
-// of 8, query chunks of 64, blocks split by the context's end.
+// of 8, query chunks of 64 (128 with BF16 operands), blocks split by the context's end.
 #include "kernels/cpu/mla_attention.h"
 
 #include <cmath>
@@ -8,6 +8,8 @@
 #include <vector>
 
 #include <gtest/gtest.h>
+
+#include "common/half.h"
 
 namespace epic::cpu {
 namespace {
@@ -92,9 +94,14 @@ struct ExpandedShape {
 
 class ExpandedTest : public ::testing::TestWithParam<ExpandedShape> {};
 
-TEST_P(ExpandedTest, CausalMatchesFloat64) {
+double RoundedToBf16(float v) { return Bf16ToFloat(FloatToBf16(v)); }
+
+// The expanded form against float64; with BF16 operands, against float64 attention of the
+// BF16-rounded queries, keys and values, within 4e-3: the probabilities are rounded to
+// BF16 too (2^-9 relative each), and |values| <= 1.
+void CheckExpanded(const ExpandedShape& shape, bool bf16) {
   std::mt19937_64 rng(12);
-  const auto [heads, nope, rope, vdim, start, n] = GetParam();
+  const auto [heads, nope, rope, vdim, start, n] = shape;
   const int64_t context = start + n, qk = nope + rope, kvw = heads * (nope + vdim);
   std::vector<float> q = Random(n * heads * qk, rng), kv = Random(context * kvw, rng);
   std::vector<float> kpe = Random(context * rope, rng), out(n * heads * vdim, NAN);
@@ -110,27 +117,44 @@ TEST_P(ExpandedTest, CausalMatchesFloat64) {
   p.kv = kv.data();
   p.k_pe = kpe.data();
   p.out = out.data();
+  p.bf16 = bf16;
   MlaExpandedAttention(p);
+  const double tolerance = bf16 ? 4e-3 : 1e-5;
+  double off_exact = 0;  // largest distance from exact attention of the unrounded operands
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t h = 0; h < heads; ++h) {
-      std::vector<double> scores;
-      std::vector<std::vector<double>> values;
-      const float* qi = q.data() + (i * heads + h) * qk;
-      for (int64_t t = 0; t <= start + i; ++t) {  // causal
-        const float* k = kv.data() + t * kvw + h * (nope + vdim);
-        double s = 0;
-        for (int64_t j = 0; j < nope; ++j) s += double(qi[j]) * k[j];
-        for (int64_t j = 0; j < rope; ++j) s += double(qi[nope + j]) * kpe[t * rope + j];
-        scores.push_back(0.25 * s);
-        values.emplace_back(k + nope, k + nope + vdim);
-      }
-      const std::vector<double> want = Attend(scores, values);
-      for (int64_t j = 0; j < vdim; ++j) {
-        EXPECT_NEAR(out[(i * heads + h) * vdim + j], want[j], 1e-5) << "query " << i << " head " << h;
+      for (const bool rounded : {bf16, false}) {
+        auto operand = [&](float v) { return rounded ? RoundedToBf16(v) : double{v}; };
+        std::vector<double> scores;
+        std::vector<std::vector<double>> values;
+        const float* qi = q.data() + (i * heads + h) * qk;
+        for (int64_t t = 0; t <= start + i; ++t) {  // causal
+          const float* k = kv.data() + t * kvw + h * (nope + vdim);
+          double s = 0;
+          for (int64_t j = 0; j < nope; ++j) s += operand(qi[j]) * operand(k[j]);
+          for (int64_t j = 0; j < rope; ++j) s += operand(qi[nope + j]) * operand(kpe[t * rope + j]);
+          scores.push_back(0.25 * s);
+          values.emplace_back();
+          for (int64_t j = 0; j < vdim; ++j) values.back().push_back(operand(k[nope + j]));
+        }
+        const std::vector<double> want = Attend(scores, values);
+        for (int64_t j = 0; j < vdim; ++j) {
+          const double got = out[(i * heads + h) * vdim + j];
+          if (rounded == bf16) ASSERT_NEAR(got, want[j], tolerance) << "query " << i << " head " << h;
+          off_exact = std::max(off_exact, std::fabs(got - want[j]));
+        }
       }
     }
   }
+  // The operands were rounded indeed (BF16 leaves ~1e-3 here, exact ~1e-7).
+  if (bf16) EXPECT_GT(off_exact, 1e-4);
 }
+
+TEST_P(ExpandedTest, CausalMatchesFloat64) { CheckExpanded(GetParam(), /*bf16=*/false); }
+
+// On any host: where it has no BF16 instructions the products run in F32 on the rounded
+// operands, within the same bound.
+TEST_P(ExpandedTest, Bf16OperandsMatchFloat64OfRoundedOperands) { CheckExpanded(GetParam(), /*bf16=*/true); }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, AbsorbedTest,
                          ::testing::Values(AbsorbedShape{3, 20, 6, 4, 9, 5},       // one group
@@ -149,7 +173,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, ExpandedTest,
                          ::testing::Values(ExpandedShape{2, 8, 4, 6, 3, 4},         // one chunk
                                            ExpandedShape{3, 16, 8, 12, 20, 150},   // three chunks, a part one
                                            ExpandedShape{1, 32, 16, 24, 0, 64},    // exactly one chunk
-                                           ExpandedShape{2, 128, 64, 128, 5, 70}));  // V2's widths
+                                           ExpandedShape{2, 128, 64, 128, 5, 70},  // V2's widths
+                                           ExpandedShape{2, 24, 8, 16, 10, 300}));  // BF16: chunks of 128 and a part
 
 }  // namespace
 }  // namespace epic::cpu
