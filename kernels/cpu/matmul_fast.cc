@@ -192,6 +192,25 @@ EPIC_AVX512_BF16 void DotBlock(const Bf16* xb, int64_t kp, int64_t i0, const Bf1
   }
 }
 
+// DotBlock's sums without BF16 instructions (hosts that have none; products of packed
+// panels, MatMulBf16Panels, still run there): the same products of the same operands.
+void PlainBlock(const Bf16* xb, int64_t kp, int64_t i0, const Bf16* panel0, const Bf16* panel1, float* c) {
+  for (int r = 0; r < kDotRows; ++r) {
+    const Bf16* row = xb + (i0 + r) * kp;
+    for (int64_t j = 0; j < kBlockCols; ++j) {
+      const Bf16* panel = j < kTile ? panel0 : panel1;
+      const int64_t col = j % kTile;
+      float sum = 0.0f;
+      for (int64_t p = 0; p < kp / 2; ++p) {
+        for (int h = 0; h < 2; ++h) {
+          sum += Bf16ToFloat(row[2 * p + h]) * Bf16ToFloat(panel[(p * kTile + col) * 2 + h]);
+        }
+      }
+      c[r * kBlockCols + j] = sum;
+    }
+  }
+}
+
 enum class Path { kNone, kDot, kAmx };
 
 Path FastPathOf() {
@@ -233,9 +252,12 @@ Path ActivePath() {
   return path;
 }
 
-template <typename W>
-void MatMulFast(Path path, const float* x, int64_t m, int64_t ldx, const W* w, int64_t stride, int64_t rows,
-                int64_t k, float* y, int64_t ldy, bool accumulate) {
+// Y (+)= X W^T with W's rows in panels of 16 (PackPanel's layout): PANELS(b, kp, &p0, &p1)
+// gives the two panels of output columns [32 b, 32 b + 32) over KP values of k, on the
+// calling thread.
+template <typename Panels>
+void ProductOverPanels(Path path, const float* x, int64_t m, int64_t ldx, int64_t rows, int64_t k, float* y,
+                       int64_t ldy, bool accumulate, const Panels& panels) {
   const int64_t kp = RoundUp(k, kKStep);
   const int64_t block_rows = path == Path::kAmx ? 2 * kTile : kDotRows;
   const int64_t mp = RoundUp(m, block_rows);
@@ -247,28 +269,41 @@ void MatMulFast(Path path, const float* x, int64_t m, int64_t ldx, const W* w, i
   const int threads = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(work / (1 << 20)) + 1));
 #pragma omp parallel num_threads(threads) if (threads > 1 && omp_get_level() == 0)
   {
-    Bf16* panels = Scratch<Bf16>(0, 2 * kp * kTile);
     float* c = Scratch<float>(1, block_rows * kBlockCols);
     if (path == Path::kAmx) ConfigureTiles();
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t n0 = b * kBlockCols;
       const int64_t cols = std::min(kBlockCols, rows - n0);
-      Bf16* panel0 = panels;
-      Bf16* panel1 = panels + kp * kTile;
-      PackPanel(w, stride, rows, k, kp, n0, panel0);
-      PackPanel(w, stride, rows, k, kp, n0 + kTile, panel1);
+      const Bf16* panel0;
+      const Bf16* panel1;
+      panels(b, kp, &panel0, &panel1);
       for (int64_t i0 = 0; i0 < m; i0 += block_rows) {
         if (path == Path::kAmx) {
           AmxBlock(xb.data(), kp, i0, panel0, panel1, c);
-        } else {
+        } else if (path == Path::kDot) {
           DotBlock(xb.data(), kp, i0, panel0, panel1, c);
+        } else {
+          PlainBlock(xb.data(), kp, i0, panel0, panel1, c);
         }
         Store(c, kBlockCols, i0, std::min(block_rows, m - i0), n0, cols, y, ldy, accumulate);
       }
     }
     if (path == Path::kAmx) ReleaseTiles();
   }
+}
+
+template <typename W>
+void MatMulFast(Path path, const float* x, int64_t m, int64_t ldx, const W* w, int64_t stride, int64_t rows,
+                int64_t k, float* y, int64_t ldy, bool accumulate) {
+  ProductOverPanels(path, x, m, ldx, rows, k, y, ldy, accumulate,
+                    [&](int64_t b, int64_t kp, const Bf16** panel0, const Bf16** panel1) {
+                      Bf16* packed = Scratch<Bf16>(0, 2 * kp * kTile);
+                      PackPanel(w, stride, rows, k, kp, b * kBlockCols, packed);
+                      PackPanel(w, stride, rows, k, kp, b * kBlockCols + kTile, packed + kp * kTile);
+                      *panel0 = packed;
+                      *panel1 = packed + kp * kTile;
+                    });
 }
 
 }  // namespace
@@ -298,6 +333,16 @@ void MatMul(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float
   } else {
     MatMulFast(path, x, m, ldx, static_cast<const float*>(w.data), w.row_stride, w.rows, w.cols, y, ldy, accumulate);
   }
+}
+
+void MatMulBf16Panels(const float* x, int64_t m, int64_t ldx, const Bf16Panels& w, int64_t rows, int64_t k, float* y,
+                      int64_t ldy) {
+  if (m <= 0 || rows <= 0) return;
+  ProductOverPanels(ActivePath(), x, m, ldx, rows, k, y, ldy, /*accumulate=*/false,
+                    [&](int64_t b, int64_t, const Bf16** panel0, const Bf16** panel1) {
+                      *panel0 = w.data + 2 * b * w.panel_elements();
+                      *panel1 = *panel0 + w.panel_elements();
+                    });
 }
 
 bool Bf16ProductsBeatF32() {

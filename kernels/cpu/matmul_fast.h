@@ -35,6 +35,27 @@ inline constexpr const char* kPrecisionHelp =
 void MatMul(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy, bool accumulate,
             Precision precision);
 
+// A matrix of BF16 weights packed once for many products (the expanded attention's keys
+// and values, whose prefixes each chunk of queries reads): panels of 16 rows, each
+// [kp / 2][16][2] (pairs of k side by side), at data + i * kp * 16 for panel i; rows
+// and k zero-padded to an even number of panels and to kp, a multiple of 32.
+struct Bf16Panels {
+  const uint16_t* data = nullptr;
+  int64_t kp = 0;
+  int64_t panel_elements() const { return kp * 16; }
+  // Index of weight (ROW, K) in the packed layout.
+  static int64_t Index(int64_t kp, int64_t row, int64_t k) { return (row / 16) * kp * 16 + ((k / 2) * 16 + row % 16) * 2 + k % 2; }
+  // Elements to hold ROWS x K packed; its kp.
+  static int64_t Elements(int64_t rows, int64_t k) { return (rows + 31) / 32 * 32 * Kp(k); }
+  static int64_t Kp(int64_t k) { return (k + 31) / 32 * 32; }
+};
+
+// Y[m, rows] = X[m, k] W^T with X rounded to BF16 and W's first ROWS rows and first K
+// values of k (K <= W.kp) read from its panels: the fast path's product, and a plain loop
+// over the same operands on hosts without BF16 instructions.
+void MatMulBf16Panels(const float* x, int64_t m, int64_t ldx, const Bf16Panels& w, int64_t rows, int64_t k, float* y,
+                      int64_t ldy);
+
 // Whether this host's BF16 products outrun its F32 ones: AMX tiles, or AVX512_BF16 where
 // 512-bit operations run in halves (Avx512InHalves: AMD Zen 4, where precision_bench
 // measured them at 1.6-1.8x F32 on prefill shapes; an Intel host without usable AMX ran

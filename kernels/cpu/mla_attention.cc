@@ -100,32 +100,45 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
   });
 }
 
-// Head H's keys [context, qk] and values transposed [v_dim, context], as T (float, or
-// BF16 rounded to nearest even), 16 context rows at a time.
-template <typename T>
-void GatherHead(const MlaExpandedParams& p, int64_t h, T* keys, T* values) {
+// Head H's keys [context, qk] and values transposed [v_dim, context] (F32), 16 context
+// rows at a time.
+void GatherHead(const MlaExpandedParams& p, int64_t h, float* keys, float* values) {
   const int64_t qk = p.nope_dim + p.rope_dim;
   const int64_t head_width = p.nope_dim + p.v_dim;
   const int64_t kv_width = p.num_heads * head_width;
   const int64_t context = p.start + p.num_queries;
-  auto as = [](float v) -> T {
-    if constexpr (sizeof(T) == 2) {
-      return FloatToBf16(v);
-    } else {
-      return v;
-    }
-  };
   constexpr int64_t kRows = 16;
   for (int64_t t0 = 0; t0 < context; t0 += kRows) {
     const int64_t t1 = std::min(context, t0 + kRows);
     for (int64_t t = t0; t < t1; ++t) {
       const float* kv = p.kv + t * kv_width + h * head_width;
-      for (int64_t d = 0; d < p.nope_dim; ++d) keys[t * qk + d] = as(kv[d]);
-      for (int64_t d = 0; d < p.rope_dim; ++d) keys[t * qk + p.nope_dim + d] = as(p.k_pe[t * p.rope_dim + d]);
+      std::memcpy(keys + t * qk, kv, static_cast<size_t>(p.nope_dim) * sizeof(float));
+      std::memcpy(keys + t * qk + p.nope_dim, p.k_pe + t * p.rope_dim, static_cast<size_t>(p.rope_dim) * sizeof(float));
     }
     for (int64_t d = 0; d < p.v_dim; ++d) {
-      for (int64_t t = t0; t < t1; ++t) values[d * context + t] = as(p.kv[t * kv_width + h * head_width + p.nope_dim + d]);
+      for (int64_t t = t0; t < t1; ++t) values[d * context + t] = p.kv[t * kv_width + h * head_width + p.nope_dim + d];
     }
+  }
+}
+
+// The same rounded to BF16 and packed for the BF16 products once (Bf16Panels): keys as
+// [context x qk], values as [v_dim x context], zeros in the padding.
+void GatherHeadBf16(const MlaExpandedParams& p, int64_t h, uint16_t* keys, uint16_t* values) {
+  const int64_t qk = p.nope_dim + p.rope_dim;
+  const int64_t head_width = p.nope_dim + p.v_dim;
+  const int64_t kv_width = p.num_heads * head_width;
+  const int64_t context = p.start + p.num_queries;
+  const int64_t key_kp = Bf16Panels::Kp(qk);
+  const int64_t value_kp = Bf16Panels::Kp(context);
+  std::fill(keys, keys + Bf16Panels::Elements(context, qk), uint16_t{0});
+  std::fill(values, values + Bf16Panels::Elements(p.v_dim, context), uint16_t{0});
+  for (int64_t t = 0; t < context; ++t) {
+    const float* kv = p.kv + t * kv_width + h * head_width;
+    for (int64_t d = 0; d < p.nope_dim; ++d) keys[Bf16Panels::Index(key_kp, t, d)] = FloatToBf16(kv[d]);
+    for (int64_t d = 0; d < p.rope_dim; ++d) {
+      keys[Bf16Panels::Index(key_kp, t, p.nope_dim + d)] = FloatToBf16(p.k_pe[t * p.rope_dim + d]);
+    }
+    for (int64_t d = 0; d < p.v_dim; ++d) values[Bf16Panels::Index(value_kp, d, t)] = FloatToBf16(kv[p.nope_dim + d]);
   }
 }
 
@@ -135,28 +148,20 @@ void MlaExpandedAttention(const MlaExpandedParams& p) {
   // Every head's keys and values, gathered once for all its chunks, each of which reads
   // a prefix (gathered per chunk, the copies grew with the square of the prompt). In the
   // calling thread's scratch, shared with the team.
-  const int64_t per_head = context * qk + p.v_dim * context;  // elements
+  const int64_t key_elements = p.bf16 ? Bf16Panels::Elements(context, qk) : context * qk;
+  const int64_t per_head = key_elements + (p.bf16 ? Bf16Panels::Elements(p.v_dim, context) : p.v_dim * context);
   const int64_t element_bytes = p.bf16 ? 2 : 4;
-  void* gathered = Scratch(kKeys, (p.num_heads * per_head * element_bytes + 3) / 4);
-  auto keys_of = [&](int64_t h) -> WeightMatrix {
-    const char* at = static_cast<const char*>(gathered) + h * per_head * element_bytes;
-    return {p.bf16 ? WeightType::kBF16 : WeightType::kF32, at, context, qk, qk};
-  };
-  auto values_of = [&](int64_t h) -> WeightMatrix {
-    const char* at = static_cast<const char*>(gathered) + (h * per_head + context * qk) * element_bytes;
-    return {p.bf16 ? WeightType::kBF16 : WeightType::kF32, at, p.v_dim, context, context};
-  };
+  char* gathered = reinterpret_cast<char*>(Scratch(kKeys, (p.num_heads * per_head * element_bytes + 3) / 4));
+  auto keys_at = [&](int64_t h) { return gathered + h * per_head * element_bytes; };
+  auto values_at = [&](int64_t h) { return keys_at(h) + key_elements * element_bytes; };
   ParallelFor(p.num_heads, true, [&](int64_t h) {
     if (p.bf16) {
-      GatherHead(p, h, static_cast<uint16_t*>(const_cast<void*>(keys_of(h).data)),
-                 static_cast<uint16_t*>(const_cast<void*>(values_of(h).data)));
+      GatherHeadBf16(p, h, reinterpret_cast<uint16_t*>(keys_at(h)), reinterpret_cast<uint16_t*>(values_at(h)));
     } else {
-      GatherHead(p, h, static_cast<float*>(const_cast<void*>(keys_of(h).data)),
-                 static_cast<float*>(const_cast<void*>(values_of(h).data)));
+      GatherHead(p, h, reinterpret_cast<float*>(keys_at(h)), reinterpret_cast<float*>(values_at(h)));
     }
   });
   const int64_t chunk = p.bf16 ? kQueryChunkBf16 : kQueryChunk;
-  const Precision precision = p.bf16 ? Precision::kFast : Precision::kExact;
   const int64_t chunks = (p.num_queries + chunk - 1) / chunk;
   const int64_t work = chunks * p.num_heads;
   // Later chunks see more context: dynamic, largest first.
@@ -167,12 +172,25 @@ void MlaExpandedAttention(const MlaExpandedParams& p) {
     const int64_t n = std::min(chunk, p.num_queries - i0);
     const int64_t seen = p.start + i0 + n;  // this chunk's context
     float* scores = Scratch(kScores, n * seen);
+    const float* q = p.q + (i0 * p.num_heads + h) * qk;
     const int64_t q_stride = p.num_heads * qk;
-    MatMul(p.q + (i0 * p.num_heads + h) * qk, n, q_stride, keys_of(h).Rows(0, seen), scores, seen,
-           /*accumulate=*/false, precision);
+    float* out = p.out + (i0 * p.num_heads + h) * p.v_dim;
+    const int64_t out_stride = p.num_heads * p.v_dim;
+    if (p.bf16) {
+      // The panels past SEEN hold later rows: their scores are not stored, and the
+      // probabilities' zero padding meets their values.
+      const auto* keys = reinterpret_cast<const uint16_t*>(keys_at(h));
+      const auto* values = reinterpret_cast<const uint16_t*>(values_at(h));
+      MatMulBf16Panels(q, n, q_stride, {keys, Bf16Panels::Kp(qk)}, seen, qk, scores, seen);
+      for (int64_t i = 0; i < n; ++i) SoftmaxRow(scores + i * seen, p.start + i0 + i + 1, seen, p.scale);
+      MatMulBf16Panels(scores, n, seen, {values, Bf16Panels::Kp(context)}, p.v_dim, seen, out, out_stride);
+      return;
+    }
+    const auto* keys = reinterpret_cast<const float*>(keys_at(h));
+    MatMul(q, n, q_stride, F32Matrix(keys, seen, qk, qk), scores, seen);
     for (int64_t i = 0; i < n; ++i) SoftmaxRow(scores + i * seen, p.start + i0 + i + 1, seen, p.scale);
-    MatMul(scores, n, seen, values_of(h).Cols(0, seen), p.out + (i0 * p.num_heads + h) * p.v_dim,
-           p.num_heads * p.v_dim, /*accumulate=*/false, precision);
+    MatMul(scores, n, seen, F32Matrix(reinterpret_cast<const float*>(values_at(h)), p.v_dim, seen, context), out,
+           out_stride);
   });
 }
 

@@ -152,5 +152,45 @@ TEST_F(MatMulFastTest, FewRowsRunExactly) {
   EXPECT_EQ(fast, exact);
 }
 
+// Panels packed once (the expanded attention's keys and values), read in prefixes of
+// their rows and of k, on every host (a plain loop where it has no BF16 instructions):
+// the float64 loop over the rounded operands, and nothing written past the rows asked.
+TEST(MatMulBf16PanelsTest, PrefixesEqualAFloat64LoopOverTheRoundedOperands) {
+  const int64_t full_rows = 70, full_k = 100, kp = Bf16Panels::Kp(full_k);
+  std::mt19937 rng(9);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::vector<float> w(static_cast<size_t>(full_rows * full_k));
+  for (float& v : w) v = dist(rng);
+  std::vector<uint16_t> packed(static_cast<size_t>(Bf16Panels::Elements(full_rows, full_k)), 0);
+  for (int64_t r = 0; r < full_rows; ++r) {
+    for (int64_t kk = 0; kk < full_k; ++kk) packed[Bf16Panels::Index(kp, r, kk)] = FloatToBf16(w[r * full_k + kk]);
+  }
+  const Case cases[] = {{1, 70, 100}, {13, 45, 37}, {30, 70, 64}, {12, 16, 100}, {25, 33, 1}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE("m " + std::to_string(c.m) + ", rows " + std::to_string(c.n) + ", k " + std::to_string(c.k));
+    const int64_t ldx = c.k + 3, ldy = c.n + 2;
+    std::vector<float> x(static_cast<size_t>(c.m * ldx));
+    for (float& v : x) v = dist(rng);
+    std::vector<float> y(static_cast<size_t>(c.m * ldy), 7.0f);
+    MatMulBf16Panels(x.data(), c.m, ldx, {packed.data(), kp}, c.n, c.k, y.data(), ldy);
+    for (int64_t i = 0; i < c.m; ++i) {
+      for (int64_t j = 0; j < ldy; ++j) {
+        const float got = y[static_cast<size_t>(i * ldy + j)];
+        if (j >= c.n) {
+          ASSERT_EQ(got, 7.0f) << "column " << j << " past the rows asked";
+          continue;
+        }
+        double want = 0, magnitude = 0;
+        for (int64_t kk = 0; kk < c.k; ++kk) {
+          const double term = double(Round(x[i * ldx + kk])) * double(Round(w[j * full_k + kk]));
+          want += term;
+          magnitude += std::fabs(term);
+        }
+        ASSERT_NEAR(got, want, 1e-5 * magnitude + 1e-30) << "row " << i << ", column " << j;
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace epic::cpu
