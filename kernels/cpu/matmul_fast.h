@@ -38,7 +38,8 @@ void MatMul(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float
 // A matrix of BF16 weights packed once for many products (the expanded attention's keys
 // and values, whose prefixes each chunk of queries reads): panels of 16 rows, each
 // [kp / 2][16][2] (pairs of k side by side), at data + i * kp * 16 for panel i; rows
-// and k zero-padded to an even number of panels and to kp, a multiple of 32.
+// and k zero-padded to an even number of panels and to kp, a multiple of 32. DATA is
+// 64-byte aligned (the kernels load whole panel rows aligned).
 struct Bf16Panels {
   const uint16_t* data = nullptr;
   int64_t kp = 0;

@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -161,7 +162,12 @@ TEST(MatMulBf16PanelsTest, PrefixesEqualAFloat64LoopOverTheRoundedOperands) {
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
   std::vector<float> w(static_cast<size_t>(full_rows * full_k));
   for (float& v : w) v = dist(rng);
-  std::vector<uint16_t> packed(static_cast<size_t>(Bf16Panels::Elements(full_rows, full_k)), 0);
+  struct Aligned {
+    alignas(64) uint16_t v[32];
+  };
+  std::vector<Aligned> memory(static_cast<size_t>(Bf16Panels::Elements(full_rows, full_k) / 32));
+  uint16_t* packed = memory.data()->v;
+  std::fill(packed, packed + Bf16Panels::Elements(full_rows, full_k), uint16_t{0});
   for (int64_t r = 0; r < full_rows; ++r) {
     for (int64_t kk = 0; kk < full_k; ++kk) packed[Bf16Panels::Index(kp, r, kk)] = FloatToBf16(w[r * full_k + kk]);
   }
@@ -172,7 +178,7 @@ TEST(MatMulBf16PanelsTest, PrefixesEqualAFloat64LoopOverTheRoundedOperands) {
     std::vector<float> x(static_cast<size_t>(c.m * ldx));
     for (float& v : x) v = dist(rng);
     std::vector<float> y(static_cast<size_t>(c.m * ldy), 7.0f);
-    MatMulBf16Panels(x.data(), c.m, ldx, {packed.data(), kp}, c.n, c.k, y.data(), ldy);
+    MatMulBf16Panels(x.data(), c.m, ldx, {packed, kp}, c.n, c.k, y.data(), ldy);
     for (int64_t i = 0; i < c.m; ++i) {
       for (int64_t j = 0; j < ldy; ++j) {
         const float got = y[static_cast<size_t>(i * ldy + j)];
