@@ -36,8 +36,25 @@ T* Scratch(int slot, int64_t count) {
   return static_cast<T*>(buffers[slot].Get(count * static_cast<int64_t>(sizeof(T))));
 }
 
+// FloatToBf16 on 16 lanes, bit for bit (round to nearest even, NaN kept NaN): the
+// probabilities the BF16 attention rounds are as many as its multiply-adds over k.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void RoundRowAvx512(const float* in, int64_t k, Bf16* out) {
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff), quiet = _mm512_set1_epi32(0x40);
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), infinity = _mm512_set1_epi32(0x7f800000);
+  for (int64_t c = 0; c < k; c += 16) {
+    const __mmask16 lanes = FirstLanes(k - c);
+    const __m512i bits = _mm512_castps_si512(_mm512_maskz_loadu_ps(lanes, in + c));
+    const __m512i high = _mm512_srli_epi32(bits, 16);
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(bias, _mm512_and_si512(high, one))), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, magnitude), infinity);
+    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, quiet));
+    _mm256_mask_storeu_epi16(out + c, lanes, _mm512_cvtepi32_epi16(rounded));
+  }
+}
+
 // XB [rows_padded, kp] = x rounded to BF16, zero beyond m rows and k columns.
 void RoundActivations(const float* x, int64_t m, int64_t ldx, int64_t k, int64_t rows_padded, int64_t kp, Bf16* xb) {
+  const bool avx512 = Has(Isa::kAvx512);
 #pragma omp parallel for schedule(static) if (omp_get_level() == 0 && m * k > (1 << 16))
   for (int64_t i = 0; i < rows_padded; ++i) {
     Bf16* out = xb + i * kp;
@@ -46,7 +63,11 @@ void RoundActivations(const float* x, int64_t m, int64_t ldx, int64_t k, int64_t
       continue;
     }
     const float* in = x + i * ldx;
-    for (int64_t c = 0; c < k; ++c) out[c] = FloatToBf16(in[c]);
+    if (avx512) {
+      RoundRowAvx512(in, k, out);
+    } else {
+      for (int64_t c = 0; c < k; ++c) out[c] = FloatToBf16(in[c]);
+    }
     std::fill(out + k, out + kp, Bf16{0});
   }
 }

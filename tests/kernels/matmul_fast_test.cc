@@ -198,5 +198,29 @@ TEST(MatMulBf16PanelsTest, PrefixesEqualAFloat64LoopOverTheRoundedOperands) {
   }
 }
 
+// The activations' rounding is FloatToBf16's, ties to even included: each row of x holds
+// one value, and the weights are the identity, so each output is that value rounded.
+TEST(MatMulBf16PanelsTest, RoundsActivationsToNearestEven) {
+  const float tie = std::ldexp(1.0f, -8);  // half of BF16's last place at 1
+  const std::vector<float> values = {1.0f + tie, 1.0f + 3 * tie, -(1.0f + tie), -(1.0f + 3 * tie),
+                                     1.0f + tie * 1.5f, 3.0e38f, -2.5e-30f, 0.1f, 1.0f + tie * 0.5f};
+  const int64_t n = static_cast<int64_t>(values.size()), kp = Bf16Panels::Kp(n);
+  struct Aligned {
+    alignas(64) uint16_t v[32];
+  };
+  std::vector<Aligned> memory(static_cast<size_t>(Bf16Panels::Elements(n, n) / 32));
+  uint16_t* identity = memory.data()->v;
+  std::fill(identity, identity + Bf16Panels::Elements(n, n), uint16_t{0});
+  for (int64_t r = 0; r < n; ++r) identity[Bf16Panels::Index(kp, r, r)] = FloatToBf16(1.0f);
+  std::vector<float> x(static_cast<size_t>(n * n), 0.0f), y(static_cast<size_t>(n * n), NAN);
+  for (int64_t i = 0; i < n; ++i) x[i * n + i] = values[i];
+  MatMulBf16Panels(x.data(), n, n, {identity, kp}, n, n, y.data(), n);
+  for (int64_t i = 0; i < n; ++i) {
+    EXPECT_EQ(y[i * n + i], Bf16ToFloat(FloatToBf16(values[i]))) << "value " << values[i];
+  }
+  EXPECT_EQ(Bf16ToFloat(FloatToBf16(1.0f + tie)), 1.0f);  // the reference itself: to even
+  EXPECT_EQ(Bf16ToFloat(FloatToBf16(1.0f + 3 * tie)), 1.0f + 4 * tie);
+}
+
 }  // namespace
 }  // namespace epic::cpu
