@@ -45,7 +45,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void RoundRowAvx512(const f
     const __mmask16 lanes = FirstLanes(k - c);
     const __m512i bits = _mm512_castps_si512(_mm512_maskz_loadu_ps(lanes, in + c));
     const __m512i high = _mm512_srli_epi32(bits, 16);
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(bias, _mm512_and_si512(high, one))), 16);
+    const __m512i half_up = _mm512_add_epi32(bias, _mm512_and_si512(high, one));  // ties to even
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, half_up), 16);
     const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, magnitude), infinity);
     rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, quiet));
     _mm256_mask_storeu_epi16(out + c, lanes, _mm512_cvtepi32_epi16(rounded));

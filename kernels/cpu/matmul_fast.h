@@ -45,7 +45,9 @@ struct Bf16Panels {
   int64_t kp = 0;
   int64_t panel_elements() const { return kp * 16; }
   // Index of weight (ROW, K) in the packed layout.
-  static int64_t Index(int64_t kp, int64_t row, int64_t k) { return (row / 16) * kp * 16 + ((k / 2) * 16 + row % 16) * 2 + k % 2; }
+  static int64_t Index(int64_t kp, int64_t row, int64_t k) {
+    return (row / 16) * kp * 16 + ((k / 2) * 16 + row % 16) * 2 + k % 2;
+  }
   // Elements to hold ROWS x K packed; its kp.
   static int64_t Elements(int64_t rows, int64_t k) { return (rows + 31) / 32 * 32 * Kp(k); }
   static int64_t Kp(int64_t k) { return (k + 31) / 32 * 32; }

@@ -7,7 +7,8 @@
 //  - expanded (prefill): each head's keys and values (transposed) are gathered once;
 //    per head and chunk of 64 queries, scores and outputs are two products over the
 //    prefix the chunk sees (scores only up to its own last key); with BF16 operands
-//    (the fast precision on some hosts) keys and values are gathered rounded to BF16.
+//    (the fast precision on some hosts) keys and values are gathered rounded to BF16
+//    and packed for those products, and chunks are of 128.
 // Work items are spread over the threads; the products inside run on one thread each
 // (on all of them when there is one item).
 #include "kernels/cpu/mla_attention.h"
@@ -16,7 +17,6 @@
 #include <cstring>
 
 #include "common/half.h"
-
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/matmul_fast.h"
 #include "kernels/cpu/ops.h"
@@ -28,9 +28,9 @@ namespace {
 
 constexpr int64_t kHeadGroup = 8;     // heads sharing a pass over the rows (the GEMV's rows of x)
 constexpr int64_t kQueryChunk = 64;  // queries of one head sharing a pass over its keys
-// With BF16 operands each product packs its keys and values first, so a chunk of 128
-// shares that packing among twice the queries (v2-small-experts fast, 4096 tokens: 64
-// 3.56-3.66 s, 128 3.25 s, 256 3.35-3.54 s; F32 measured no change at 128).
+// With BF16 operands, chunks of 128 (v2-small-experts fast, 4096 tokens, measured while
+// each product still packed its keys and values: 64 3.56-3.66 s, 128 3.25 s, 256
+// 3.35-3.54 s; F32 measured no change at 128).
 constexpr int64_t kQueryChunkBf16 = 128;
 
 enum Slot { kKeys, kQueries, kScores, kSlots };
