@@ -17,6 +17,7 @@
 
 #include "common/half.h"
 #include "kernels/cpu/cpu_features.h"
+#include "kernels/cpu/thread_scratch.h"
 
 namespace epic::cpu {
 namespace {
@@ -153,6 +154,17 @@ TEST_F(MatMulFastTest, FewRowsRunExactly) {
   EXPECT_EQ(fast, exact);
 }
 
+// W [rows, k] rounded to BF16 into zeroed Bf16Panels held by MEMORY (64-byte aligned).
+const uint16_t* PackPanels(const std::vector<float>& w, int64_t rows, int64_t k, ScratchBuffer& memory) {
+  const int64_t elements = Bf16Panels::Elements(rows, k), kp = Bf16Panels::Kp(k);
+  auto* packed = static_cast<uint16_t*>(memory.Get(elements * static_cast<int64_t>(sizeof(uint16_t))));
+  std::fill(packed, packed + elements, uint16_t{0});
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t kk = 0; kk < k; ++kk) packed[Bf16Panels::Index(kp, r, kk)] = FloatToBf16(w[r * k + kk]);
+  }
+  return packed;
+}
+
 // Panels packed once (the expanded attention's keys and values), read in prefixes of
 // their rows and of k, on every host (a plain loop where it has no BF16 instructions):
 // the float64 loop over the rounded operands, and nothing written past the rows asked.
@@ -162,15 +174,8 @@ TEST(MatMulBf16PanelsTest, PrefixesEqualAFloat64LoopOverTheRoundedOperands) {
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
   std::vector<float> w(static_cast<size_t>(full_rows * full_k));
   for (float& v : w) v = dist(rng);
-  struct Aligned {
-    alignas(64) uint16_t v[32];
-  };
-  std::vector<Aligned> memory(static_cast<size_t>(Bf16Panels::Elements(full_rows, full_k) / 32));
-  uint16_t* packed = memory.data()->v;
-  std::fill(packed, packed + Bf16Panels::Elements(full_rows, full_k), uint16_t{0});
-  for (int64_t r = 0; r < full_rows; ++r) {
-    for (int64_t kk = 0; kk < full_k; ++kk) packed[Bf16Panels::Index(kp, r, kk)] = FloatToBf16(w[r * full_k + kk]);
-  }
+  ScratchBuffer memory;
+  const uint16_t* packed = PackPanels(w, full_rows, full_k, memory);
   const Case cases[] = {{1, 70, 100}, {13, 45, 37}, {30, 70, 64}, {12, 16, 100}, {25, 33, 1}};
   for (const Case& c : cases) {
     SCOPED_TRACE("m " + std::to_string(c.m) + ", rows " + std::to_string(c.n) + ", k " + std::to_string(c.k));
@@ -205,13 +210,10 @@ TEST(MatMulBf16PanelsTest, RoundsActivationsToNearestEven) {
   const std::vector<float> values = {1.0f + tie, 1.0f + 3 * tie, -(1.0f + tie), -(1.0f + 3 * tie),
                                      1.0f + tie * 1.5f, 3.0e38f, -2.5e-30f, 0.1f, 1.0f + tie * 0.5f};
   const int64_t n = static_cast<int64_t>(values.size()), kp = Bf16Panels::Kp(n);
-  struct Aligned {
-    alignas(64) uint16_t v[32];
-  };
-  std::vector<Aligned> memory(static_cast<size_t>(Bf16Panels::Elements(n, n) / 32));
-  uint16_t* identity = memory.data()->v;
-  std::fill(identity, identity + Bf16Panels::Elements(n, n), uint16_t{0});
-  for (int64_t r = 0; r < n; ++r) identity[Bf16Panels::Index(kp, r, r)] = FloatToBf16(1.0f);
+  std::vector<float> ones(static_cast<size_t>(n * n), 0.0f);
+  for (int64_t r = 0; r < n; ++r) ones[r * n + r] = 1.0f;
+  ScratchBuffer memory;
+  const uint16_t* identity = PackPanels(ones, n, n, memory);
   std::vector<float> x(static_cast<size_t>(n * n), 0.0f), y(static_cast<size_t>(n * n), NAN);
   for (int64_t i = 0; i < n; ++i) x[i * n + i] = values[i];
   MatMulBf16Panels(x.data(), n, n, {identity, kp}, n, n, y.data(), n);
