@@ -196,10 +196,11 @@ inline float Dequantize(int32_t acc, int32_t x_sum, float x_scale, float w_scale
 }
 
 // ACC [rows][ldc] (+)= the int32 products of ROWS rows of XQ with NP panels at W over
-// GROUPS groups of 4 columns.
+// GROUPS groups of 4 columns. With AHEAD, the same lines of the panels at AHEAD are
+// prefetched into L2 as it goes (Panels passes the next chunk's).
 template <int kRows, int kPanels>
 EPIC_VNNI void Block(const int8_t* xq, int64_t ldq, const uint8_t* w, int64_t panel_bytes, int64_t groups,
-                     int32_t* acc, int64_t ldc, bool first) {
+                     int32_t* acc, int64_t ldc, bool first, const uint8_t* ahead) {
   __m512i c[kRows][kPanels];
 #pragma GCC unroll 8
   for (int i = 0; i < kRows; ++i) {
@@ -212,6 +213,12 @@ EPIC_VNNI void Block(const int8_t* xq, int64_t ldq, const uint8_t* w, int64_t pa
     __m512i wv[kPanels];
 #pragma GCC unroll 4
     for (int p = 0; p < kPanels; ++p) wv[p] = _mm512_loadu_si512(w + p * panel_bytes + g * kGroupBytes);
+    if (ahead != nullptr) {
+#pragma GCC unroll 4
+      for (int p = 0; p < kPanels; ++p) {
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + p * panel_bytes + g * kGroupBytes), _MM_HINT_T1);
+      }
+    }
 #pragma GCC unroll 8
     for (int i = 0; i < kRows; ++i) {
       int32_t four;
@@ -235,7 +242,7 @@ EPIC_VNNI void Block(const int8_t* xq, int64_t ldq, const uint8_t* w, int64_t pa
 // sum is already less the offset's 128 * sum_x (StoreBlock256 does not subtract it).
 template <int kRows, int kPanels, bool kVnni>
 EPIC_AVX_VNNI void Block256(const int8_t* xq, int64_t ldq, const uint8_t* w, int64_t panel_bytes, int64_t groups,
-                            int32_t* acc, int64_t ldc, bool first) {
+                            int32_t* acc, int64_t ldc, bool first, const uint8_t* ahead) {
   __m256i c[kRows][kPanels][2];
 #pragma GCC unroll 8
   for (int i = 0; i < kRows; ++i) {
@@ -258,6 +265,12 @@ EPIC_AVX_VNNI void Block256(const int8_t* xq, int64_t ldq, const uint8_t* w, int
       for (int h = 0; h < 2; ++h) {
         wv[p][h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * panel_bytes + g * kGroupBytes + h * 32));
         if constexpr (!kVnni) wv[p][h] = _mm256_xor_si256(wv[p][h], flip);
+      }
+    }
+    if (ahead != nullptr) {
+#pragma GCC unroll 2
+      for (int p = 0; p < kPanels; ++p) {
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + p * panel_bytes + g * kGroupBytes), _MM_HINT_T1);
       }
     }
 #pragma GCC unroll 8
@@ -296,7 +309,8 @@ EPIC_AVX_VNNI void Block256(const int8_t* xq, int64_t ldq, const uint8_t* w, int
   }
 }
 
-using BlockFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int64_t, int32_t*, int64_t, bool);
+using BlockFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int64_t, int32_t*, int64_t, bool,
+                        const uint8_t*);
 
 template <int kRows>
 BlockFn BlockFor(int panels) {
@@ -411,12 +425,21 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
     const uint8_t* wp = base + pb * panel_bytes;
     for (int64_t g0 = 0; g0 < groups; g0 += kChunkGroups) {
       const int64_t g = std::min(kChunkGroups, groups - g0);
+      // A panel's chunk is 4 KiB, one page: the hardware prefetchers stop at its end, and
+      // a chunk of cold weights started every pass with a miss on each line. The first
+      // tile of rows prefetches the next chunk into L2 (into L1 it pushed out this
+      // chunk's lines, which the other tiles read): small experts' decode 13% faster,
+      // their 512-token prefill 10% (v2-small-experts, Zen 4).
+      const uint8_t* next = g0 + kChunkGroups < groups ? wp + (g0 + kChunkGroups) * kGroupBytes
+                            : pb + kBlockPanels < p1     ? base + (pb + kBlockPanels) * panel_bytes
+                                                         : nullptr;
       for (int64_t i0 = 0; i0 < m; i0 += tiling.rows) {
         const int rows = static_cast<int>(std::min<int64_t>(tiling.rows, m - i0));
         for (int p = 0; p < panels; p += tiling.panels) {
           const int np = std::min(tiling.panels, panels - p);
           tiling.block(rows, np)(x.q + i0 * padded + g0 * kGroup, padded, wp + p * panel_bytes + g0 * kGroupBytes,
-                                 panel_bytes, g, acc + i0 * kBlockCols + p * kPanelRows, kBlockCols, g0 == 0);
+                                 panel_bytes, g, acc + i0 * kBlockCols + p * kPanelRows, kBlockCols, g0 == 0,
+                                 i0 == 0 && next != nullptr ? next + p * panel_bytes : nullptr);
         }
       }
     }
