@@ -105,5 +105,50 @@ TEST(GatingTest, TiesGoToTheLowerIndexAndManyTokens) {
   }
 }
 
+// Many tokens (the threaded path) against a plain reference: logits from a few values, so
+// that ties are common; softmax keeps the logits' order, so the reference ranks logits.
+TEST(GatingTest, ManyTokensMatchAPlainRankingOfTheLogits) {
+  const int64_t tokens = 777, experts = 64, groups = 8, keep_groups = 3, top_k = 6;
+  std::vector<float> logits(static_cast<size_t>(tokens * experts));
+  uint32_t state = 12345;
+  for (float& l : logits) {
+    state = state * 1664525u + 1013904223u;
+    l = 0.25f * static_cast<float>((state >> 24) % 9) - 1.0f;
+  }
+  GateParams p;
+  p.num_experts = experts;
+  p.top_k = top_k;
+  p.num_groups = groups;
+  p.topk_groups = keep_groups;
+  p.ranking = GroupRanking::kMax;
+  p.scale = 2.0f;
+  std::vector<int32_t> ids(static_cast<size_t>(tokens * top_k));
+  std::vector<float> w(ids.size());
+  SelectExperts(logits.data(), tokens, p, ids.data(), w.data());
+
+  const int64_t size = experts / groups;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* l = logits.data() + t * experts;
+    // Groups by their best logit, lower group on ties; then experts of the kept groups.
+    std::vector<int64_t> order(static_cast<size_t>(groups));
+    for (int64_t g = 0; g < groups; ++g) order[g] = g;
+    auto best = [&](int64_t g) { return *std::max_element(l + g * size, l + (g + 1) * size); };
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return best(a) > best(b); });
+    std::vector<int64_t> candidates;
+    for (int64_t e = 0; e < experts; ++e) {
+      if (std::find(order.begin(), order.begin() + keep_groups, e / size) != order.begin() + keep_groups) {
+        candidates.push_back(e);
+      }
+    }
+    std::stable_sort(candidates.begin(), candidates.end(), [&](int64_t a, int64_t b) { return l[a] > l[b]; });
+    double z = 0;
+    for (int64_t e = 0; e < experts; ++e) z += std::exp(static_cast<double>(l[e]));
+    for (int64_t k = 0; k < top_k; ++k) {
+      ASSERT_EQ(ids[t * top_k + k], candidates[k]) << "token " << t << " choice " << k;
+      EXPECT_NEAR(w[t * top_k + k], 2.0 * std::exp(static_cast<double>(l[candidates[k]])) / z, 1e-6);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace epic::cpu
