@@ -97,6 +97,10 @@ constexpr int64_t kGemvMaxRowsBf16 = 24;
 // blocks of this many rows of x, which stay in L2/L3 while the weights stream past (x
 // whole at 2048 rows ran 0.83x the GEMM). With AVX2 the GEMM stays ahead from 32 rows.
 constexpr int64_t kDotBlockRows = 256;
+// Threads split such a product by blocks of x's rows when the weights fit in L2 or each
+// thread has this many rows; else by weight rows (see MatMulTyped).
+constexpr int64_t kDotL2Bytes = 1 << 20;
+constexpr int64_t kDotMinRowsEach = 128;
 
 // Decode: weight rows are split across threads in units of kGemvRowUnit (a multiple of
 // every GemvRowsPerBlock) and, with more than one group of x, walked in chunks of about
@@ -397,8 +401,27 @@ void MatMulTyped(const float* x, int64_t m, int64_t ldx, const W* w, int64_t str
   switch (internal::MatMulIsa()) {
     case Isa::kAvx512:
       if (sizeof(W) == 2 && !decode && internal::Bf16DotForAllRows()) {
-        for (int64_t i = 0; i < m; i += kDotBlockRows) {
-          avx512::Gemv(x + i * ldx, std::min(kDotBlockRows, m - i), ldx, w, stride, rows, cols, y + i * ldy, ldy,
+        // The threads take blocks of x's rows, each against all the weights, where the
+        // weights stay in L2 or each block is long enough to pay for reading them all
+        // (split by weight rows instead, a router of 160 rows ran 0.7x and a matrix of
+        // 384 rows 0.66x: uneven units, and each pass of x over half the weights).
+        // Otherwise each block of x takes every thread, split by weight rows.
+        const int threads = TeamSize(static_cast<double>(m) * rows * cols);
+        const int64_t each = std::min(kDotBlockRows, (m + threads - 1) / threads);
+        const bool by_x_rows = threads > 1 && (rows * cols * static_cast<int64_t>(sizeof(W)) <= kDotL2Bytes ||
+                                               each >= kDotMinRowsEach);
+        if (!by_x_rows) {
+          for (int64_t i = 0; i < m; i += kDotBlockRows) {
+            avx512::Gemv(x + i * ldx, std::min(kDotBlockRows, m - i), ldx, w, stride, rows, cols, y + i * ldy,
+                         ldy, accumulate);
+          }
+          return;
+        }
+        const int64_t blocks = (m + each - 1) / each;
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t b = 0; b < blocks; ++b) {
+          const int64_t i = b * each;
+          avx512::Gemv(x + i * ldx, std::min(each, m - i), ldx, w, stride, rows, cols, y + i * ldy, ldy,
                        accumulate);
         }
         return;
