@@ -496,6 +496,35 @@ void MatMulNoTrans(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w
   }
 }
 
+int64_t PackedF32Floats(int64_t rows, int64_t cols) {
+  switch (internal::MatMulIsa()) {
+    case Isa::kAvx512: return avx512::PackedRows(rows) * cols;
+    case Isa::kAvx2: return avx2::PackedRows(rows) * cols;
+    default: return rows * cols;
+  }
+}
+
+void PackF32(const float* w, int64_t rows, int64_t cols, int64_t stride, float* packed) {
+  switch (internal::MatMulIsa()) {
+    case Isa::kAvx512: return avx512::PackF32(w, rows, cols, stride, packed);
+    case Isa::kAvx2: return avx2::PackF32(w, rows, cols, stride, packed);
+    default:
+      for (int64_t r = 0; r < rows; ++r) std::copy(w + r * stride, w + r * stride + cols, packed + r * cols);
+  }
+}
+
+void MatMulPackedF32(const float* x, int64_t m, int64_t ldx, const float* packed, int64_t rows, int64_t cols,
+                     int64_t n_used, int64_t k_used, float* y, int64_t ldy) {
+  if (m <= 0 || n_used <= 0) return;
+  if (k_used <= 0) return ZeroOutput(m, n_used, y, ldy, /*accumulate=*/false);
+  switch (internal::MatMulIsa()) {
+    case Isa::kAvx512: return avx512::PackedProduct(x, m, ldx, packed, rows, cols, n_used, k_used, y, ldy);
+    case Isa::kAvx2: return avx2::PackedProduct(x, m, ldx, packed, rows, cols, n_used, k_used, y, ldy);
+    default:
+      MatMulPlainRows(x, m, ldx, packed, cols, k_used, 0, n_used, y, ldy, /*accumulate=*/false);
+  }
+}
+
 namespace internal {
 
 Isa MatMulIsa() {

@@ -52,4 +52,16 @@ void MatMul(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float
 void MatMulNoTrans(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y,
                    int64_t ldy, bool accumulate = false);
 
+// F32 weights packed once into the packed GEMM's panels, for products over prefixes of
+// their rows or columns: attention's keys and values, part of which every chunk of
+// queries reads, were packed again for each chunk. The layout is the running
+// instruction set's (plain: the rows as they are).
+int64_t PackedF32Floats(int64_t rows, int64_t cols);
+// W [rows x cols] (row stride STRIDE) into PACKED (PackedF32Floats floats).
+void PackF32(const float* w, int64_t rows, int64_t cols, int64_t stride, float* packed);
+// y[i, n] = sum_{k < k_used} x[i, k] * w[n, k]   for i < m, n < n_used, with W packed
+// by PackF32 as ROWS x COLS (n_used <= rows, k_used <= cols). On the calling thread.
+void MatMulPackedF32(const float* x, int64_t m, int64_t ldx, const float* packed, int64_t rows, int64_t cols,
+                     int64_t n_used, int64_t k_used, float* y, int64_t ldy);
+
 }  // namespace epic::cpu

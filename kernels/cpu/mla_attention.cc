@@ -4,11 +4,12 @@
 //    product over the cached rows (each row read once for the group, not once a head)
 //    and its outputs another, one pair per run of blocks that lie one after another in
 //    the pool (a fresh cache's blocks mostly do), read where they are;
-//  - expanded (prefill): each head's keys and values (transposed) are gathered once;
-//    per head and chunk of 64 queries, scores and outputs are two products over the
-//    prefix the chunk sees (scores only up to its own last key); with BF16 operands
-//    (the fast precision on some hosts) keys and values are gathered rounded to BF16
-//    and packed for those products, and chunks are of 128.
+//  - expanded (prefill): each head's keys and values (transposed) are gathered and
+//    packed for the GEMM's micro-kernel once (MatMulPackedF32); per head and chunk of
+//    64 queries, scores and outputs are two products over the prefix the chunk sees
+//    (scores only up to its own last key); with BF16 operands (the fast precision on
+//    some hosts) keys and values are gathered rounded to BF16 and packed for those
+//    products, and chunks are of 128.
 // Work items are spread over the threads; the products inside run on one thread each
 // (on all of them when there is one item).
 #include "kernels/cpu/mla_attention.h"
@@ -148,8 +149,9 @@ void MlaExpandedAttention(const MlaExpandedParams& p) {
   // Every head's keys and values, gathered once for all its chunks, each of which reads
   // a prefix (gathered per chunk, the copies grew with the square of the prompt). In the
   // calling thread's scratch, shared with the team.
-  const int64_t key_elements = p.bf16 ? Bf16Panels::Elements(context, qk) : context * qk;
-  const int64_t per_head = key_elements + (p.bf16 ? Bf16Panels::Elements(p.v_dim, context) : p.v_dim * context);
+  const int64_t key_elements = p.bf16 ? Bf16Panels::Elements(context, qk) : PackedF32Floats(context, qk);
+  const int64_t per_head =
+      key_elements + (p.bf16 ? Bf16Panels::Elements(p.v_dim, context) : PackedF32Floats(p.v_dim, context));
   const int64_t element_bytes = p.bf16 ? 2 : 4;
   char* gathered = reinterpret_cast<char*>(Scratch(kKeys, (p.num_heads * per_head * element_bytes + 3) / 4));
   auto keys_at = [&](int64_t h) { return gathered + h * per_head * element_bytes; };
@@ -158,7 +160,11 @@ void MlaExpandedAttention(const MlaExpandedParams& p) {
     if (p.bf16) {
       GatherHeadBf16(p, h, reinterpret_cast<uint16_t*>(keys_at(h)), reinterpret_cast<uint16_t*>(values_at(h)));
     } else {
-      GatherHead(p, h, reinterpret_cast<float*>(keys_at(h)), reinterpret_cast<float*>(values_at(h)));
+      float* keys = Scratch(kQueries, context * qk);  // this thread's, until packed
+      float* values = Scratch(kScores, p.v_dim * context);
+      GatherHead(p, h, keys, values);
+      PackF32(keys, context, qk, qk, reinterpret_cast<float*>(keys_at(h)));
+      PackF32(values, p.v_dim, context, context, reinterpret_cast<float*>(values_at(h)));
     }
   });
   const int64_t chunk = p.bf16 ? kQueryChunkBf16 : kQueryChunk;
@@ -186,11 +192,10 @@ void MlaExpandedAttention(const MlaExpandedParams& p) {
       MatMulBf16Panels(scores, n, seen, {values, Bf16Panels::Kp(context)}, p.v_dim, seen, out, out_stride);
       return;
     }
-    const auto* keys = reinterpret_cast<const float*>(keys_at(h));
-    MatMul(q, n, q_stride, F32Matrix(keys, seen, qk, qk), scores, seen);
+    MatMulPackedF32(q, n, q_stride, reinterpret_cast<const float*>(keys_at(h)), context, qk, seen, qk, scores, seen);
     for (int64_t i = 0; i < n; ++i) SoftmaxRow(scores + i * seen, p.start + i0 + i + 1, seen, p.scale);
-    MatMul(scores, n, seen, F32Matrix(reinterpret_cast<const float*>(values_at(h)), p.v_dim, seen, context), out,
-           out_stride);
+    MatMulPackedF32(scores, n, seen, reinterpret_cast<const float*>(values_at(h)), p.v_dim, context, p.v_dim, seen,
+                    out, out_stride);
   });
 }
 

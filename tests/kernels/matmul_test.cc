@@ -350,6 +350,49 @@ INSTANTIATE_TEST_SUITE_P(WeightTypes, MatMulTest,
                            return std::string(info.param == WeightType::kBF16 ? "BF16" : "F32");
                          });
 
+// Weights packed once, products over prefixes of their rows and columns (attention's
+// keys and values): against a float64 loop over the unpacked weights, with prefixes that
+// end inside a panel, a block of columns and a block of rows, and rows of x past the
+// register tile. Every row of y past N_USED is left as it was.
+TEST(MatMulPackedF32, PrefixProductsMatchFloat64) {
+  std::mt19937 rng(77);
+  struct Case {
+    int64_t rows, cols, stride, m, n_used, k_used;
+  };
+  const Case cases[] = {{1, 1, 1, 1, 1, 1},        {40, 96, 100, 13, 40, 96},  {40, 96, 96, 13, 17, 96},
+                        {700, 96, 96, 9, 413, 96}, {64, 700, 700, 5, 64, 300}, {64, 700, 700, 70, 33, 513},
+                        {5, 300, 301, 3, 5, 0}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(::testing::Message() << "rows " << c.rows << " cols " << c.cols << " m " << c.m << " n_used "
+                                      << c.n_used << " k_used " << c.k_used);
+    const std::vector<float> w = RandomVector(static_cast<size_t>(c.rows * c.stride), rng);
+    std::vector<float> packed(static_cast<size_t>(PackedF32Floats(c.rows, c.cols)));
+    PackF32(w.data(), c.rows, c.cols, c.stride, packed.data());
+    const int64_t ldx = c.cols + 3, ldy = c.rows + 2;
+    const std::vector<float> x = RandomVector(static_cast<size_t>(c.m * ldx), rng);
+    std::vector<float> y(static_cast<size_t>(c.m * ldy), 7.0f);
+    MatMulPackedF32(x.data(), c.m, ldx, packed.data(), c.rows, c.cols, c.n_used, c.k_used, y.data(), ldy);
+    int bad = 0;
+    for (int64_t i = 0; i < c.m; ++i) {
+      for (int64_t n = 0; n < ldy; ++n) {
+        const float got = y[i * ldy + n];
+        if (n >= c.n_used) {
+          bad += got != 7.0f;
+          continue;
+        }
+        double sum = 0, mag = 0;
+        for (int64_t k = 0; k < c.k_used; ++k) {
+          const double p = static_cast<double>(x[i * ldx + k]) * w[n * c.stride + k];
+          sum += p;
+          mag += std::fabs(p);
+        }
+        bad += !(std::fabs(got - sum) <= 1e-5 * mag + 1e-30);
+      }
+    }
+    EXPECT_EQ(bad, 0);
+  }
+}
+
 TEST(MatMulDispatch, ReportsPath) {
   std::printf("MatMul path: %s (active %s, host offers: %s)\n", IsaName(internal::MatMulIsa()),
               IsaName(ActiveIsa()), AvailableIsas().c_str());
