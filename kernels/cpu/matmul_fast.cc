@@ -29,10 +29,11 @@ constexpr int64_t kKStep = 32;      // k values one A tile row (64 bytes of BF16
 
 int64_t RoundUp(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
-// Per-thread scratch: slot 0 the packed panels, 1 the output block.
+// Per-thread scratch.
+enum Slot { kPackedPanels, kOutputBlock, kRoundedRow, kSlots };
 template <typename T>
-T* Scratch(int slot, int64_t count) {
-  thread_local ScratchBuffer buffers[2];
+T* Scratch(Slot slot, int64_t count) {
+  thread_local ScratchBuffer buffers[kSlots];
   return static_cast<T*>(buffers[slot].Get(count * static_cast<int64_t>(sizeof(T))));
 }
 
@@ -53,6 +54,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void RoundRowAvx512(const f
   }
 }
 
+// OUT [kp] = IN [k] rounded to BF16, zeros past k.
+void RoundRow(bool avx512, const float* in, int64_t k, int64_t kp, Bf16* out) {
+  if (avx512) {
+    RoundRowAvx512(in, k, out);
+  } else {
+    for (int64_t c = 0; c < k; ++c) out[c] = FloatToBf16(in[c]);
+  }
+  std::fill(out + k, out + kp, Bf16{0});
+}
+
 // XB [rows_padded, kp] = x rounded to BF16, zero beyond m rows and k columns.
 void RoundActivations(const float* x, int64_t m, int64_t ldx, int64_t k, int64_t rows_padded, int64_t kp, Bf16* xb) {
   const bool avx512 = Has(Isa::kAvx512);
@@ -63,13 +74,7 @@ void RoundActivations(const float* x, int64_t m, int64_t ldx, int64_t k, int64_t
       std::memset(out, 0, static_cast<size_t>(kp) * sizeof(Bf16));
       continue;
     }
-    const float* in = x + i * ldx;
-    if (avx512) {
-      RoundRowAvx512(in, k, out);
-    } else {
-      for (int64_t c = 0; c < k; ++c) out[c] = FloatToBf16(in[c]);
-    }
-    std::fill(out + k, out + kp, Bf16{0});
+    RoundRow(avx512, x + i * ldx, k, kp, out);
   }
 }
 
@@ -291,7 +296,7 @@ void ProductOverPanels(Path path, const float* x, int64_t m, int64_t ldx, int64_
   const int threads = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(work / (1 << 20)) + 1));
 #pragma omp parallel num_threads(threads) if (threads > 1 && omp_get_level() == 0)
   {
-    float* c = Scratch<float>(1, block_rows * kBlockCols);
+    float* c = Scratch<float>(kOutputBlock, block_rows * kBlockCols);
     if (path == Path::kAmx) ConfigureTiles();
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
@@ -320,7 +325,7 @@ void MatMulFast(Path path, const float* x, int64_t m, int64_t ldx, const W* w, i
                 int64_t k, float* y, int64_t ldy, bool accumulate) {
   ProductOverPanels(path, x, m, ldx, rows, k, y, ldy, accumulate,
                     [&](int64_t b, int64_t kp, const Bf16** panel0, const Bf16** panel1) {
-                      Bf16* packed = Scratch<Bf16>(0, 2 * kp * kTile);
+                      Bf16* packed = Scratch<Bf16>(kPackedPanels, 2 * kp * kTile);
                       PackPanel(w, stride, rows, k, kp, b * kBlockCols, packed);
                       PackPanel(w, stride, rows, k, kp, b * kBlockCols + kTile, packed + kp * kTile);
                       *panel0 = packed;
@@ -365,6 +370,23 @@ void MatMulBf16Panels(const float* x, int64_t m, int64_t ldx, const Bf16Panels& 
                       *panel0 = w.data + 2 * b * w.panel_elements();
                       *panel1 = *panel0 + w.panel_elements();
                     });
+}
+
+void PackBf16Panels(const float* w, int64_t rows, int64_t k, int64_t ldw, uint16_t* panels) {
+  const int64_t kp = Bf16Panels::Kp(k);
+  const int64_t padded = Bf16Panels::Elements(rows, k) / kp;
+  const bool avx512 = Has(Isa::kAvx512);
+  Bf16* row = Scratch<Bf16>(kRoundedRow, kp);
+  auto* out = reinterpret_cast<uint32_t*>(panels);  // a pair of values a lane
+  for (int64_t r = 0; r < padded; ++r) {
+    if (r < rows) {
+      RoundRow(avx512, w + r * ldw, k, kp, row);
+    } else {
+      std::fill(row, row + kp, Bf16{0});
+    }
+    uint32_t* lane = out + (r / 16) * kp * 8 + r % 16;
+    for (int64_t j = 0; j < kp / 2; ++j) std::memcpy(lane + j * 16, row + 2 * j, sizeof(uint32_t));
+  }
 }
 
 bool Bf16ProductsBeatF32() {

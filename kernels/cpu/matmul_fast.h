@@ -53,6 +53,11 @@ struct Bf16Panels {
   static int64_t Kp(int64_t k) { return (k + 31) / 32 * 32; }
 };
 
+// W [rows x k] (row stride LDW) rounded to BF16 (as FloatToBf16) into PANELS
+// (Bf16Panels::Elements(rows, k) values, laid out as Bf16Panels::Index), zeros past K
+// and past ROWS.
+void PackBf16Panels(const float* w, int64_t rows, int64_t k, int64_t ldw, uint16_t* panels);
+
 // Y[m, rows] = X[m, k] W^T with X rounded to BF16 and W's first ROWS rows and first K
 // values of k (K <= W.kp) read from its panels: the fast path's product, and a plain loop
 // over the same operands on hosts without BF16 instructions.

@@ -122,26 +122,6 @@ void GatherHead(const MlaExpandedParams& p, int64_t h, float* keys, float* value
   }
 }
 
-// The same rounded to BF16 and packed for the BF16 products once (Bf16Panels): keys as
-// [context x qk], values as [v_dim x context], zeros in the padding.
-void GatherHeadBf16(const MlaExpandedParams& p, int64_t h, uint16_t* keys, uint16_t* values) {
-  const int64_t qk = p.nope_dim + p.rope_dim;
-  const int64_t head_width = p.nope_dim + p.v_dim;
-  const int64_t kv_width = p.num_heads * head_width;
-  const int64_t context = p.start + p.num_queries;
-  const int64_t key_kp = Bf16Panels::Kp(qk);
-  const int64_t value_kp = Bf16Panels::Kp(context);
-  std::fill(keys, keys + Bf16Panels::Elements(context, qk), uint16_t{0});
-  std::fill(values, values + Bf16Panels::Elements(p.v_dim, context), uint16_t{0});
-  for (int64_t t = 0; t < context; ++t) {
-    const float* kv = p.kv + t * kv_width + h * head_width;
-    for (int64_t d = 0; d < p.nope_dim; ++d) keys[Bf16Panels::Index(key_kp, t, d)] = FloatToBf16(kv[d]);
-    for (int64_t d = 0; d < p.rope_dim; ++d) {
-      keys[Bf16Panels::Index(key_kp, t, p.nope_dim + d)] = FloatToBf16(p.k_pe[t * p.rope_dim + d]);
-    }
-    for (int64_t d = 0; d < p.v_dim; ++d) values[Bf16Panels::Index(value_kp, d, t)] = FloatToBf16(kv[p.nope_dim + d]);
-  }
-}
 
 void MlaExpandedAttention(const MlaExpandedParams& p) {
   const int64_t qk = p.nope_dim + p.rope_dim;
@@ -157,12 +137,13 @@ void MlaExpandedAttention(const MlaExpandedParams& p) {
   auto keys_at = [&](int64_t h) { return gathered + h * per_head * element_bytes; };
   auto values_at = [&](int64_t h) { return keys_at(h) + key_elements * element_bytes; };
   ParallelFor(p.num_heads, true, [&](int64_t h) {
+    float* keys = Scratch(kQueries, context * qk);  // this thread's, until packed
+    float* values = Scratch(kScores, p.v_dim * context);
+    GatherHead(p, h, keys, values);
     if (p.bf16) {
-      GatherHeadBf16(p, h, reinterpret_cast<uint16_t*>(keys_at(h)), reinterpret_cast<uint16_t*>(values_at(h)));
+      PackBf16Panels(keys, context, qk, qk, reinterpret_cast<uint16_t*>(keys_at(h)));
+      PackBf16Panels(values, p.v_dim, context, context, reinterpret_cast<uint16_t*>(values_at(h)));
     } else {
-      float* keys = Scratch(kQueries, context * qk);  // this thread's, until packed
-      float* values = Scratch(kScores, p.v_dim * context);
-      GatherHead(p, h, keys, values);
       PackF32(keys, context, qk, qk, reinterpret_cast<float*>(keys_at(h)));
       PackF32(values, p.v_dim, context, context, reinterpret_cast<float*>(values_at(h)));
     }

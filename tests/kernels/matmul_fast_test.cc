@@ -165,6 +165,31 @@ const uint16_t* PackPanels(const std::vector<float>& w, int64_t rows, int64_t k,
   return packed;
 }
 
+// The library's packing equals the element-by-element one above bit for bit, padding
+// included, with rows that end inside a panel and a row stride wider than k; values
+// that round to even, to odd and NaN among them.
+TEST(PackBf16PanelsTest, EqualsPackingEachElement) {
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> dist(-2.0f, 2.0f);
+  for (const auto& [rows, k] : {std::pair<int64_t, int64_t>{1, 1}, {45, 37}, {70, 100}, {16, 64}, {3, 300}}) {
+    SCOPED_TRACE("rows " + std::to_string(rows) + ", k " + std::to_string(k));
+    const int64_t ldw = k + 5;
+    std::vector<float> w(static_cast<size_t>(rows * ldw)), dense(static_cast<size_t>(rows * k));
+    for (float& v : w) v = dist(rng);
+    w[0] = 1.0f + 0x1p-8f;  // a tie: to even (1.0)
+    if (w.size() > 1) w[1] = NAN;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < k; ++c) dense[r * k + c] = w[r * ldw + c];
+    }
+    ScratchBuffer want_memory;
+    const uint16_t* want = PackPanels(dense, rows, k, want_memory);
+    const int64_t elements = Bf16Panels::Elements(rows, k);
+    std::vector<uint16_t> got(static_cast<size_t>(elements), 0xdead);
+    PackBf16Panels(w.data(), rows, k, ldw, got.data());
+    for (int64_t e = 0; e < elements; ++e) ASSERT_EQ(got[e], want[e]) << "element " << e;
+  }
+}
+
 // Panels packed once (the expanded attention's keys and values), read in prefixes of
 // their rows and of k, on every host (a plain loop where it has no BF16 instructions):
 // the float64 loop over the rounded operands, and nothing written past the rows asked.
