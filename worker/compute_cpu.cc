@@ -46,10 +46,9 @@ class CpuBackend final : public ComputeBackend {
     const int64_t hidden = c_.hidden_size;
     const std::vector<int32_t>& ids = tokens_->ids;
     const int64_t n = static_cast<int64_t>(ids.size());
-#pragma omp parallel for schedule(static) if (omp_get_level() == 0 && n >= 64)
-    for (int64_t t = 0; t < n; ++t) {
+    cpu::ParallelRows(n, n >= 64, [&](int64_t t) {
       for (int64_t i = 0; i < hidden; ++i) x[t * hidden + i] = w_.embed.At(ids[t], i);
-    }
+    });
     return OkStatus();
   }
 
@@ -138,15 +137,14 @@ class CpuBackend final : public ComputeBackend {
     shares_.resize(static_cast<size_t>(grouped));
     share_fill_.assign(share_start_.begin(), share_start_.end() - 1);
     for (int64_t g = 0; g < grouped; ++g) shares_[share_fill_[layout.grouped_source[g]]++] = g;
-#pragma omp parallel for schedule(static) if (omp_get_level() == 0 && grouped * hidden >= (1 << 16))
-    for (int64_t r = 0; r < received; ++r) {
+    cpu::ParallelRows(received, grouped * hidden >= (1 << 16), [&](int64_t r) {
       float* o = out + r * hidden;
       std::fill(o, o + hidden, 0.0f);
       for (int64_t i = share_start_[r]; i < share_start_[r + 1]; ++i) {
         const int64_t g = shares_[i];
         cpu::Axpy(layout.grouped_weight[g], each + g * hidden, hidden, o);
       }
-    }
+    });
     return OkStatus();
   }
 
@@ -206,11 +204,10 @@ class CpuBackend final : public ComputeBackend {
     const int64_t inter = w.gate.rows;
     if (w.gate_up.data != nullptr) {
       cpu::MatMul(x, tokens, hidden, w.gate_up, scratch, 2 * inter);
-#pragma omp parallel for schedule(static) if (omp_get_level() == 0 && tokens * inter >= (1 << 15))
-      for (int64_t t = 0; t < tokens; ++t) {
+      cpu::ParallelRows(tokens, tokens * inter >= (1 << 15), [&](int64_t t) {
         float* row = scratch + t * 2 * inter;
         cpu::SiluMul(row, row + inter, inter, row);
-      }
+      });
       cpu::MatMul(scratch, tokens, 2 * inter, w.down, y, hidden, accumulate);
       return;
     }
@@ -267,12 +264,11 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
   cpu::MatMul(x, tokens, c.hidden_size, L.kv_a_proj, latent, width);
   cpu::RmsNorm(latent, tokens, lora, width, L.kv_a_norm.data(), eps, latent, width);
   // Each token works out its angles' sines and cosines: a prefill's tokens spread over the threads.
-#pragma omp parallel for schedule(static) if (omp_get_level() == 0 && tokens >= 16)
-  for (int64_t t = 0; t < tokens; ++t) {
+  cpu::ParallelRows(tokens, tokens >= 16, [&](int64_t t) {
     cpu::ApplyRope(latent + t * width + lora, positions[t], rope_.inv_freq.data(), rope / 2, rope_.mscale);
     cpu::ApplyRope(q + t * heads * qhd + nope, heads, qhd, positions[t], rope_.inv_freq.data(), rope / 2,
                    rope_.mscale);
-  }
+  });
 
   // Every span's new rows into the cache first: attention reads them.
   for (size_t i = 0; i < spans.size(); ++i) {

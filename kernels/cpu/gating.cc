@@ -1,13 +1,12 @@
 #include "kernels/cpu/gating.h"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/parallel.h"
 
 namespace epic::cpu {
 namespace {
@@ -79,18 +78,16 @@ void SelectOne(const float* l, const GateParams& p, float* scores, float* choice
 void SelectExperts(const float* logits, int64_t tokens, const GateParams& p, int32_t* ids,
                    float* weights) {
   // Tokens are independent: a prefill's hundreds spread over the threads.
-#pragma omp parallel if (omp_get_level() == 0 && tokens * p.num_experts >= 8192)
-  {
-    std::vector<float> scores(static_cast<size_t>(p.num_experts));
-    std::vector<float> choice(static_cast<size_t>(p.num_experts));
-    std::vector<float> group_score(static_cast<size_t>(p.num_groups));
-    std::vector<int32_t> groups(static_cast<size_t>(p.topk_groups));
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tokens; ++t) {
-      SelectOne(logits + t * p.num_experts, p, scores.data(), choice.data(), group_score.data(), groups.data(),
-                ids + t * p.top_k, weights + t * p.top_k);
-    }
-  }
+  ParallelRows(tokens, tokens * p.num_experts >= 8192, [&](int64_t t) {
+    thread_local std::vector<float> scores, choice, group_score;
+    thread_local std::vector<int32_t> groups;
+    scores.resize(static_cast<size_t>(p.num_experts));
+    choice.resize(static_cast<size_t>(p.num_experts));
+    group_score.resize(static_cast<size_t>(p.num_groups));
+    groups.resize(static_cast<size_t>(p.topk_groups));
+    SelectOne(logits + t * p.num_experts, p, scores.data(), choice.data(), group_score.data(), groups.data(),
+              ids + t * p.top_k, weights + t * p.top_k);
+  });
 }
 
 }  // namespace epic::cpu

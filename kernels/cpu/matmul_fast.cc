@@ -16,6 +16,7 @@
 #include "common/half.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/intrinsics.h"
+#include "kernels/cpu/parallel.h"
 #include "kernels/cpu/thread_scratch.h"
 
 namespace epic::cpu {
@@ -67,15 +68,14 @@ void RoundRow(bool avx512, const float* in, int64_t k, int64_t kp, Bf16* out) {
 // XB [rows_padded, kp] = x rounded to BF16, zero beyond m rows and k columns.
 void RoundActivations(const float* x, int64_t m, int64_t ldx, int64_t k, int64_t rows_padded, int64_t kp, Bf16* xb) {
   const bool avx512 = Has(Isa::kAvx512);
-#pragma omp parallel for schedule(static) if (omp_get_level() == 0 && m * k > (1 << 16))
-  for (int64_t i = 0; i < rows_padded; ++i) {
+  ParallelRows(rows_padded, m * k > (1 << 16), [&](int64_t i) {
     Bf16* out = xb + i * kp;
     if (i >= m) {
       std::memset(out, 0, static_cast<size_t>(kp) * sizeof(Bf16));
-      continue;
+      return;
     }
     RoundRow(avx512, x + i * ldx, k, kp, out);
-  }
+  });
 }
 
 // PANEL [kp / 2][16][2]: weight rows [n0, n0 + 16) (zero past ROWS), pairs of k side by side.

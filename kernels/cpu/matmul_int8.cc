@@ -19,6 +19,7 @@
 #include "common/half.h"
 #include "kernels/cpu/intrinsics.h"
 #include "kernels/cpu/matmul_internal.h"
+#include "kernels/cpu/parallel.h"
 #include "kernels/cpu/thread_scratch.h"
 
 namespace epic::cpu {
@@ -185,8 +186,8 @@ QuantizedX QuantizeActivations(QuantizeFn quantize, const float* x, int64_t m, i
   auto* q = Scratch<int8_t>(kXq, m * padded);
   auto* sums = Scratch<int32_t>(kXSums, m);
   auto* scales = Scratch<float>(kXScales, m);
-#pragma omp parallel for schedule(static) if (omp_get_level() == 0 && m * k >= (1 << 18))
-  for (int64_t i = 0; i < m; ++i) scales[i] = quantize(x + i * ldx, k, padded, q + i * padded, sums + i);
+  ParallelRows(m, m * k >= (1 << 18),
+               [&](int64_t i) { scales[i] = quantize(x + i * ldx, k, padded, q + i * padded, sums + i); });
   return {q, sums, scales};
 }
 
