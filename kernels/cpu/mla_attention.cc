@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <cstring>
 
-#include "common/half.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/matmul_fast.h"
 #include "kernels/cpu/ops.h"
@@ -121,7 +120,6 @@ void GatherHead(const MlaExpandedParams& p, int64_t h, float* keys, float* value
     }
   }
 }
-
 
 void MlaExpandedAttention(const MlaExpandedParams& p) {
   const int64_t qk = p.nope_dim + p.rope_dim;
