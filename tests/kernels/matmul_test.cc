@@ -352,8 +352,9 @@ INSTANTIATE_TEST_SUITE_P(WeightTypes, MatMulTest,
 
 // Weights packed once, products over prefixes of their rows and columns (attention's
 // keys and values): against a float64 loop over the unpacked weights, with prefixes that
-// end inside a panel, a block of columns and a block of rows, and rows of x past the
-// register tile. Every row of y past N_USED is left as it was.
+// end inside a panel, a block of columns and a block of rows, rows of x past the
+// register tile and in several packed chunks. Every row of y past N_USED is left as it
+// was.
 TEST(MatMulPackedF32, PrefixProductsMatchFloat64) {
   std::mt19937 rng(77);
   struct Case {
@@ -361,7 +362,9 @@ TEST(MatMulPackedF32, PrefixProductsMatchFloat64) {
   };
   const Case cases[] = {{1, 1, 1, 1, 1, 1},        {40, 96, 100, 13, 40, 96},  {40, 96, 96, 13, 17, 96},
                         {700, 96, 96, 9, 413, 96}, {64, 700, 700, 5, 64, 300}, {64, 700, 700, 70, 33, 513},
-                        {5, 300, 301, 3, 5, 0}};
+                        {5, 300, 301, 3, 5, 0},
+                        // k long enough that x is packed in several chunks of rows
+                        {16, 40000, 40000, 40, 16, 39999}};
   for (const Case& c : cases) {
     SCOPED_TRACE(::testing::Message() << "rows " << c.rows << " cols " << c.cols << " m " << c.m << " n_used "
                                       << c.n_used << " k_used " << c.k_used);
