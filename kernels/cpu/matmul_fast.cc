@@ -81,42 +81,30 @@ void RoundActivations(const float* x, int64_t m, int64_t ldx, int64_t k, int64_t
 // PANEL [kp / 2][16][2]: weight rows [n0, n0 + 16) (zero past ROWS), pairs of k side by side.
 template <typename W>
 void PackPanel(const W* w, int64_t stride, int64_t rows, int64_t k, int64_t kp, int64_t n0, Bf16* panel) {
-  if constexpr (sizeof(W) == 2) {
-    if (n0 + kTile <= rows && k == kp) {
-      // The common case: BF16 pairs copied as 32-bit words, a 16-column transpose.
-      auto* out = reinterpret_cast<uint32_t*>(panel);
-      for (int64_t c = 0; c < kTile; ++c) {
-        const W* row = w + (n0 + c) * stride;
-        for (int64_t p = 0; p < kp / 2; ++p) {
-          uint32_t pair;
-          std::memcpy(&pair, row + 2 * p, sizeof pair);
-          out[p * kTile + c] = pair;
-        }
+  auto* out = reinterpret_cast<uint32_t*>(panel);  // a pair of k a word
+  if constexpr (sizeof(W) == 4) {
+    // F32 rows rounded 16 lanes at a time, then copied as pairs.
+    const bool avx512 = Has(Isa::kAvx512);
+    Bf16* row = Scratch<Bf16>(kRoundedRow, kp);
+    for (int64_t c = 0; c < kTile; ++c) {
+      if (n0 + c < rows) {
+        RoundRow(avx512, w + (n0 + c) * stride, k, kp, row);
+      } else {
+        std::fill(row, row + kp, Bf16{0});
       }
-      return;
+      for (int64_t p = 0; p < kp / 2; ++p) std::memcpy(out + p * kTile + c, row + 2 * p, sizeof(uint32_t));
     }
-  }
-  for (int64_t c = 0; c < kTile; ++c) {
-    const int64_t n = n0 + c;
-    if (n >= rows) {
-      for (int64_t p = 0; p < kp / 2; ++p) panel[(p * kTile + c) * 2] = panel[(p * kTile + c) * 2 + 1] = 0;
-      continue;
+  } else if (n0 + kTile <= rows && k == kp) {
+    // The common case: BF16 pairs copied as 32-bit words, a 16-column transpose.
+    for (int64_t c = 0; c < kTile; ++c) {
+      const W* row = w + (n0 + c) * stride;
+      for (int64_t p = 0; p < kp / 2; ++p) std::memcpy(out + p * kTile + c, row + 2 * p, sizeof(uint32_t));
     }
-    const W* row = w + n * stride;
-    for (int64_t p = 0; p < kp / 2; ++p) {
-      Bf16 pair[2];
-      for (int h = 0; h < 2; ++h) {
-        const int64_t kk = 2 * p + h;
-        if (kk >= k) {
-          pair[h] = 0;
-        } else if constexpr (sizeof(W) == 2) {
-          pair[h] = row[kk];
-        } else {
-          pair[h] = FloatToBf16(row[kk]);
-        }
+  } else {
+    for (int64_t c = 0; c < kTile; ++c) {
+      for (int64_t kk = 0; kk < kp; ++kk) {
+        panel[((kk / 2) * kTile + c) * 2 + kk % 2] = n0 + c < rows && kk < k ? w[(n0 + c) * stride + kk] : Bf16{0};
       }
-      panel[(p * kTile + c) * 2] = pair[0];
-      panel[(p * kTile + c) * 2 + 1] = pair[1];
     }
   }
 }
@@ -374,19 +362,8 @@ void MatMulBf16Panels(const float* x, int64_t m, int64_t ldx, const Bf16Panels& 
 
 void PackBf16Panels(const float* w, int64_t rows, int64_t k, int64_t ldw, uint16_t* panels) {
   const int64_t kp = Bf16Panels::Kp(k);
-  const int64_t padded = Bf16Panels::Elements(rows, k) / kp;
-  const bool avx512 = Has(Isa::kAvx512);
-  Bf16* row = Scratch<Bf16>(kRoundedRow, kp);
-  auto* out = reinterpret_cast<uint32_t*>(panels);  // a pair of values a lane
-  for (int64_t r = 0; r < padded; ++r) {
-    if (r < rows) {
-      RoundRow(avx512, w + r * ldw, k, kp, row);
-    } else {
-      std::fill(row, row + kp, Bf16{0});
-    }
-    uint32_t* lane = out + (r / 16) * kp * 8 + r % 16;
-    for (int64_t j = 0; j < kp / 2; ++j) std::memcpy(lane + j * 16, row + 2 * j, sizeof(uint32_t));
-  }
+  const int64_t count = Bf16Panels::Elements(rows, k) / (kp * kTile);
+  for (int64_t i = 0; i < count; ++i) PackPanel(w, ldw, rows, k, kp, i * kTile, panels + i * kp * kTile);
 }
 
 bool Bf16ProductsBeatF32() {
