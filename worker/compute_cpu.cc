@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/matmul_fast.h"
@@ -128,21 +129,23 @@ class CpuBackend final : public ComputeBackend {
       gate.resize(static_cast<size_t>(n * 2 * w.gate.rows));
       MlpInto(w, gathered.data(), n, gate.data(), each + begin * hidden, /*accumulate=*/false);
     });
-    // Each row's shares added in slot order, as one loop over the grouped rows would add
-    // them, with the rows spread over the threads: the same sums, bit for bit (a
-    // 512-token prefill's 3072 shares took 2% of it on one thread).
-    share_start_.assign(static_cast<size_t>(received + 1), 0);
-    for (int64_t g = 0; g < grouped; ++g) ++share_start_[layout.grouped_source[g] + 1];
-    for (int64_t r = 0; r < received; ++r) share_start_[r + 1] += share_start_[r];
-    shares_.resize(static_cast<size_t>(grouped));
-    share_fill_.assign(share_start_.begin(), share_start_.end() - 1);
-    for (int64_t g = 0; g < grouped; ++g) shares_[share_fill_[layout.grouped_source[g]]++] = g;
+    // Each row's shares (its route entries' grouped rows) added in slot order, as one
+    // loop over the grouped rows would add them, with the rows spread over the threads:
+    // the same sums, bit for bit (a 512-token prefill's 3072 shares took 2% of it on one
+    // thread).
+    const int64_t top_k = received > 0 ? static_cast<int64_t>(layout.row_grouped.size()) / received : 0;
     cpu::ParallelRows(received, grouped * hidden >= (1 << 16), [&](int64_t r) {
       float* o = out + r * hidden;
       std::fill(o, o + hidden, 0.0f);
-      for (int64_t i = share_start_[r]; i < share_start_[r + 1]; ++i) {
-        const int64_t g = shares_[i];
+      const int32_t* shares = layout.row_grouped.data() + r * top_k;  // -1 for pads
+      for (int32_t last = -1;;) {
+        int32_t g = std::numeric_limits<int32_t>::max();  // the next grouped row after LAST
+        for (int64_t e = 0; e < top_k; ++e) {
+          if (shares[e] > last && shares[e] < g) g = shares[e];
+        }
+        if (g == std::numeric_limits<int32_t>::max()) break;
         cpu::Axpy(layout.grouped_weight[g], each + g * hidden, hidden, o);
+        last = g;
       }
     });
     return OkStatus();
@@ -227,7 +230,6 @@ class CpuBackend final : public ComputeBackend {
   const bool bf16_attention_;  // the expanded form's products with BF16 operands
   parallel::HostRowSpace rows_;
   std::vector<std::vector<float>> activations_, scratch_;
-  std::vector<int64_t> share_start_, share_fill_, shares_;  // Experts' grouped rows by output row
   std::span<const SequenceStep> batch_;
   const StepTokens* tokens_ = nullptr;
   LatentCache* cache_ = nullptr;
