@@ -1,9 +1,10 @@
 // Both forms as matrix products, so that the GEMM kernels (matmul.h)
 // do the arithmetic in register blocks instead of one dot product per key:
-//  - absorbed (decode): per query and group of up to 8 heads, the group's scores are a
-//    product over the cached rows (each row read once for the group, not once a head)
-//    and its outputs another, one pair per run of blocks that lie one after another in
-//    the pool (a fresh cache's blocks mostly do), read where they are;
+//  - absorbed (decode): each query's context is split over the threads (FlashDecoding's
+//    way); a split's scores for all heads at once are one product over its cached rows
+//    (each row read once, the heads as the product's columns), its softmax share and
+//    outputs another; the splits' shares are combined after. Runs of blocks that lie
+//    one after another in the pool (a fresh cache's blocks mostly do) are read in place;
 //  - expanded (prefill): each head's keys and values (transposed) are gathered and
 //    packed for the GEMM's micro-kernel once (MatMulPackedF32); per head and chunk of
 //    64 queries, scores and outputs are two products over the prefix the chunk sees
@@ -15,10 +16,12 @@
 #include "kernels/cpu/mla_attention.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/matmul_fast.h"
+#include "kernels/cpu/matmul_internal.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 #include "kernels/cpu/thread_scratch.h"
@@ -26,14 +29,18 @@
 namespace epic::cpu {
 namespace {
 
-constexpr int64_t kHeadGroup = 8;     // heads sharing a pass over the rows (the GEMV's rows of x)
+// Decode splits each query's context into shares of about kSplitRows rows (their scores'
+// and values' products in L2), at least kMinSplitRows, at most kMaxSplits of them.
+constexpr int64_t kSplitRows = 256;
+constexpr int64_t kMinSplitRows = 32;
+constexpr int64_t kMaxSplits = 256;
 constexpr int64_t kQueryChunk = 64;  // queries of one head sharing a pass over its keys
 // With BF16 operands, chunks of 128 (v2-small-experts fast, 4096 tokens, measured while
 // each product still packed its keys and values: 64 3.56-3.66 s, 128 3.25 s, 256
 // 3.35-3.54 s; F32 measured no change at 128).
 constexpr int64_t kQueryChunkBf16 = 128;
 
-enum Slot { kKeys, kQueries, kScores, kSlots };
+enum Slot { kKeys, kQueries, kScores, kProbs, kSlots };
 float* Scratch(Slot slot, int64_t floats) {
   thread_local ScratchBuffer buffers[kSlots];
   return static_cast<float*>(buffers[slot].Get(floats * static_cast<int64_t>(sizeof(float))));
@@ -61,43 +68,92 @@ void SoftmaxRow(float* row, int64_t valid, int64_t width, float scale) {
 void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
   const int64_t lora = p.kv_lora_rank;
   const int64_t width = lora + p.rope_dim;
-  const int64_t groups = (p.num_heads + kHeadGroup - 1) / kHeadGroup;
-  const int64_t work = p.num_queries * groups;
-  ParallelFor(work, true, [&](int64_t w) {
-    const int64_t i = w / groups;
-    const int64_t h0 = (w % groups) * kHeadGroup;
-    const int64_t g = std::min(kHeadGroup, p.num_heads - h0);
-    const int64_t context = p.start + i + 1;
-    // The group's queries as [q_latent | q_pe] rows.
-    float* queries = Scratch(kQueries, g * width);
-    for (int64_t h = 0; h < g; ++h) {
-      const int64_t at = i * p.num_heads + h0 + h;
-      std::memcpy(queries + h * width, p.q_latent + at * lora, static_cast<size_t>(lora) * sizeof(float));
-      std::memcpy(queries + h * width + lora, p.q_pe + at * p.rope_dim,
-                  static_cast<size_t>(p.rope_dim) * sizeof(float));
+  const int64_t heads = p.num_heads;
+  // Each query's context in splits of at most about kSplitRows rows (read once from
+  // memory for the scores, again from L2 for the values), at least one a thread.
+  const int threads = omp_get_level() == 0 ? omp_get_max_threads() : 1;
+  const int64_t longest = p.start + p.num_queries;
+  const int64_t splits = std::clamp<int64_t>(
+      std::max((longest + kSplitRows - 1) / kSplitRows, std::min<int64_t>(threads, longest / kMinSplitRows)), 1,
+      kMaxSplits);
+  const int64_t items = p.num_queries * splits;
+  // Each item's outputs [heads, lora], unnormalised, then its maxima and sums [heads].
+  const int64_t item_floats = heads * (lora + 2);
+  float* partial = Scratch(kKeys, items * item_floats);
+  // The queries as columns: per query, [q_latent | q_pe] rows by heads.
+  float* queries = Scratch(kQueries, p.num_queries * width * heads);
+  for (int64_t i = 0; i < p.num_queries; ++i) {
+    float* qi = queries + i * width * heads;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* ql = p.q_latent + (i * heads + h) * lora;
+      const float* qp = p.q_pe + (i * heads + h) * p.rope_dim;
+      for (int64_t k = 0; k < lora; ++k) qi[k * heads + h] = ql[k];
+      for (int64_t k = 0; k < p.rope_dim; ++k) qi[(lora + k) * heads + h] = qp[k];
     }
-    float* scores = Scratch(kScores, g * context);
+  }
+  ParallelFor(items, true, [&](int64_t w) {
+    const int64_t i = w / splits;
+    float* out = partial + w * item_floats;
+    float* max = out + heads * lora;
+    float* sum = max + heads;
+    int64_t t0, t1;
+    internal::SplitRange(p.start + i + 1, static_cast<int>(splits), static_cast<int>(w % splits), &t0, &t1);
+    const int64_t n = t1 - t0;
+    if (n == 0) {
+      std::fill(out, out + item_floats, 0.0f);
+      return;
+    }
+    const WeightMatrix by_head = F32Matrix(queries + i * width * heads, width, heads, heads);
+    // Scores [n, heads] (a row per cached row), probabilities [heads, ld]: rows a power
+    // of two apart put the scatter of every row's 16 lanes into one set of L1 (2048 rows:
+    // the softmax took 15x its time at 512).
+    float* scores = Scratch(kScores, n * heads);
+    const int64_t ld = (n + 15) / 16 * 16 + 16;
+    float* probs = Scratch(kProbs, heads * ld);
     // Rows [t, t + run) lie one after another in the pool.
     auto next_run = [&](int64_t t) {
       const int64_t bs = p.cache.block_size;
-      int64_t end = std::min((t / bs + 1) * bs, context);
-      while (end < context && p.cache.block_table[end / bs] == p.cache.block_table[end / bs - 1] + 1) {
-        end = std::min(end + bs, context);
+      int64_t end = std::min((t / bs + 1) * bs, t1);
+      while (end < t1 && p.cache.block_table[end / bs] == p.cache.block_table[end / bs - 1] + 1) {
+        end = std::min(end + bs, t1);
       }
       return end - t;
     };
-    for (int64_t t = 0, run; t < context; t += run) {
+    for (int64_t t = t0, run; t < t1; t += run) {
       run = next_run(t);
-      MatMul(queries, g, width, F32Matrix(p.cache.Row(t), run, width, p.cache.row_stride), scores + t, context);
+      MatMulNoTrans(p.cache.Row(t), run, p.cache.row_stride, by_head, scores + (t - t0) * heads, heads);
     }
-    for (int64_t h = 0; h < g; ++h) SoftmaxRow(scores + h * context, context, context, p.scale);
-    float* out = p.out_latent + (i * p.num_heads + h0) * lora;
-    for (int64_t t = 0, run; t < context; t += run) {
+    ExpColumns(scores, n, heads, heads, p.scale, probs, ld, max, sum);
+    for (int64_t t = t0, run; t < t1; t += run) {
       run = next_run(t);
-      MatMulNoTrans(scores + t, g, context, F32Matrix(p.cache.Row(t), run, lora, p.cache.row_stride), out, lora,
-                    /*accumulate=*/t > 0);
+      MatMulNoTrans(probs + (t - t0), heads, ld, F32Matrix(p.cache.Row(t), run, lora, p.cache.row_stride), out, lora,
+                    /*accumulate=*/t > t0);
     }
   });
+  // Each query's splits combined: out = sum_s e^(max_s - M) out_s / sum_s e^(max_s - M) sum_s.
+  for (int64_t i = 0; i < p.num_queries; ++i) {
+    for (int64_t h = 0; h < heads; ++h) {
+      float top = -INFINITY;
+      for (int64_t s = 0; s < splits; ++s) {
+        const float* item = partial + (i * splits + s) * item_floats;
+        if (item[heads * (lora + 1) + h] > 0.0f) top = std::max(top, item[heads * lora + h]);
+      }
+      double total = 0.0;
+      float weights[kMaxSplits];
+      for (int64_t s = 0; s < splits; ++s) {
+        const float* item = partial + (i * splits + s) * item_floats;
+        const float sum = item[heads * (lora + 1) + h];
+        weights[s] = sum > 0.0f ? std::exp(item[heads * lora + h] - top) : 0.0f;
+        total += static_cast<double>(weights[s]) * sum;
+      }
+      float* out = p.out_latent + (i * heads + h) * lora;
+      const float inv = static_cast<float>(1.0 / total);
+      std::fill(out, out + lora, 0.0f);
+      for (int64_t s = 0; s < splits; ++s) {
+        if (weights[s] > 0.0f) Axpy(weights[s] * inv, partial + (i * splits + s) * item_floats + h * lora, lora, out);
+      }
+    }
+  }
 }
 
 // Head H's keys [context, qk] and values transposed [v_dim, context] (F32), 16 context

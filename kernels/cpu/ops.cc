@@ -143,6 +143,54 @@ EPIC_AVX512 void SoftmaxAvx512(float* x, int64_t n) {
   }
 }
 
+void ExpColumnsPlain(const float* x, int64_t rows, int64_t cols, int64_t ldx, float scale, float* out, int64_t ldo,
+                     float* max, float* sum) {
+  for (int64_t c = 0; c < cols; ++c) {
+    float top = -INFINITY;
+    for (int64_t r = 0; r < rows; ++r) top = std::fmax(top, scale * x[r * ldx + c]);
+    double total = 0.0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float e = std::exp(scale * x[r * ldx + c] - top);
+      out[c * ldo + r] = e;
+      total += e;
+    }
+    max[c] = top;
+    sum[c] = static_cast<float>(total);
+  }
+}
+
+// Sixteen columns a vector; each row's exponentials scattered to their rows of OUT.
+EPIC_AVX512 void ExpColumnsAvx512(const float* x, int64_t rows, int64_t cols, int64_t ldx, float scale, float* out,
+                                  int64_t ldo, float* max, float* sum) {
+  const __m512 s = _mm512_set1_ps(scale);
+  const __m512i lane_rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               _mm512_set1_epi32(static_cast<int32_t>(ldo)));
+  for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+    const __mmask16 m = FirstLanes(cols - c0);
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t r = 0; r < rows; ++r) {
+      top = _mm512_max_ps(top, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, x + r * ldx + c0)));
+    }
+    __m512d low = _mm512_setzero_pd(), high = _mm512_setzero_pd();
+    float* base = out + c0 * ldo;
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 e = Exp(_mm512_fmsub_ps(s, _mm512_maskz_loadu_ps(m, x + r * ldx + c0), top));
+      _mm512_mask_i32scatter_ps(base + r, m, lane_rows, e, 4);
+      low = _mm512_add_pd(low, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+      high = _mm512_add_pd(high, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
+    }
+    alignas(64) double sums[16];
+    _mm512_store_pd(sums, low);
+    _mm512_store_pd(sums + 8, high);
+    alignas(64) float tops[16];
+    _mm512_store_ps(tops, top);
+    for (int64_t j = 0; j < std::min<int64_t>(16, cols - c0); ++j) {
+      max[c0 + j] = tops[j];
+      sum[c0 + j] = static_cast<float>(sums[j]);
+    }
+  }
+}
+
 // The MoE combine (Axpy), every MLP (SiluMul) and attention's score rows (Softmax) call
 // these millions of times a step: they take the widest vectors the host has.
 void AxpyPlain(float alpha, const float* x, int64_t n, float* y) {
@@ -171,6 +219,7 @@ using SoftmaxFn = void (*)(float*, int64_t);
 const AxpyFn kAxpy = Has(Isa::kAvx512) ? AxpyAvx512 : Has(Isa::kAvx2) ? AxpyAvx2 : AxpyPlain;
 const SiluMulFn kSiluMul = Has(Isa::kAvx512) ? SiluMulAvx512 : SiluMulPlain;
 const SoftmaxFn kSoftmax = Has(Isa::kAvx512) ? SoftmaxAvx512 : SoftmaxPlain;
+const decltype(&ExpColumnsPlain) kExpColumns = Has(Isa::kAvx512) ? ExpColumnsAvx512 : ExpColumnsPlain;
 
 }  // namespace
 
@@ -180,6 +229,11 @@ void SiluMul(const float* gate, const float* up, int64_t n, float* out) { kSiluM
 
 void Softmax(float* x, int64_t n) {
   if (n > 0) kSoftmax(x, n);
+}
+
+void ExpColumns(const float* x, int64_t rows, int64_t cols, int64_t ldx, float scale, float* out, int64_t ldo,
+                float* max, float* sum) {
+  if (rows > 0) kExpColumns(x, rows, cols, ldx, scale, out, ldo, max, sum);
 }
 
 }  // namespace epic::cpu

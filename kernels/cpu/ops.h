@@ -27,6 +27,13 @@ void SiluMul(const float* gate, const float* up, int64_t n, float* out);
 // x = softmax(x) over n values (max-subtracted; exp within 2 ulp of expf on AVX-512).
 void Softmax(float* x, int64_t n);
 
+// A softmax's unnormalised share over each column c < COLS of X [ROWS, ldx LDX]:
+// out[c * ldo + r] = exp(scale * x[r, c] - max[c]) with max[c] = max_r scale * x[r, c],
+// and sum[c] = sum_r out[c * ldo + r] (summed in double). Written transposed: a decode's
+// scores for all heads at once have a head per column, its values product a head per row.
+void ExpColumns(const float* x, int64_t rows, int64_t cols, int64_t ldx, float scale, float* out, int64_t ldo,
+                float* max, float* sum);
+
 // y[i] += alpha * x[i].
 void Axpy(float alpha, const float* x, int64_t n, float* y);
 

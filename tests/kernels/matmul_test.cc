@@ -320,9 +320,10 @@ TEST_P(MatMulTest, InsideParallelRegion) {
 TEST_P(MatMulTest, NoTransMatchesFloat64Reference) {
   std::mt19937 rng(4321);
   const int64_t ms[] = {0, 1, 2, 5, 6, 7, 16, 64};
-  // {700, 256}: w's rows in several passes (chunks that stay in L2).
+  // {700, 256}: w's rows in several passes (chunks that stay in L2); up to 16 columns:
+  // AVX-512's narrow blocks (12 rows of x, one vector).
   const std::pair<int64_t, int64_t> sizes[] = {{1, 1}, {17, 33}, {128, 512}, {257, 64},
-                                               {64, 1000}, {3, 15}, {700, 256}};
+                                               {64, 1000}, {3, 15}, {700, 256}, {20, 16}};
   int variant = 0;
   for (int64_t m : ms) {
     for (auto [rows, cols] : sizes) {

@@ -1,7 +1,10 @@
 // Both forms of MLA against float64 attention written plainly, over a paged cache
-// whose blocks are out of order, at shapes that cross the kernels' edges: head groups
-// of 8, query chunks of 64 (128 with BF16 operands), blocks split by the context's end.
+// whose blocks are out of order, at shapes that cross the kernels' edges: contexts split
+// over the threads (some splits empty), heads past one vector, query chunks of 64 (128
+// with BF16 operands), blocks split by the context's end.
 #include "kernels/cpu/mla_attention.h"
+
+#include <omp.h>
 
 #include <cmath>
 #include <random>
@@ -38,11 +41,9 @@ struct AbsorbedShape {
   int64_t heads, lora, rope, block, start, n;
 };
 
-class AbsorbedTest : public ::testing::TestWithParam<AbsorbedShape> {};
-
-TEST_P(AbsorbedTest, OverPagedCacheMatchesFloat64) {
+void CheckAbsorbed(const AbsorbedShape& shape) {
   std::mt19937_64 rng(11);
-  const auto [heads, lora, rope, block, start, n] = GetParam();
+  const auto [heads, lora, rope, block, start, n] = shape;
   const int64_t width = lora + rope;
   // Blocks out of order in the pool, some one after another (the kernel reads such runs
   // in one product): the sequence's blocks in runs of 3, the runs in reverse order, one
@@ -86,6 +87,20 @@ TEST_P(AbsorbedTest, OverPagedCacheMatchesFloat64) {
       }
     }
   }
+}
+
+class AbsorbedTest : public ::testing::TestWithParam<AbsorbedShape> {};
+
+TEST_P(AbsorbedTest, OverPagedCacheMatchesFloat64) { CheckAbsorbed(GetParam()); }
+
+// More threads than this host may have cores: contexts in five splits, the shorter
+// queries' later splits empty.
+TEST(AbsorbedThreadsTest, ContextsSplitFiveWaysMatchFloat64) {
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(5);
+  CheckAbsorbed({16, 24, 8, 16, 300, 2});
+  CheckAbsorbed({8, 24, 8, 4, 0, 330});
+  omp_set_num_threads(threads);
 }
 
 struct ExpandedShape {
@@ -140,14 +155,18 @@ void CheckExpanded(const ExpandedShape& shape, bool bf16) {
         const std::vector<double> want = Attend(scores, values);
         for (int64_t j = 0; j < vdim; ++j) {
           const double got = out[(i * heads + h) * vdim + j];
-          if (rounded == bf16) ASSERT_NEAR(got, want[j], tolerance) << "query " << i << " head " << h;
+          if (rounded == bf16) {
+            ASSERT_NEAR(got, want[j], tolerance) << "query " << i << " head " << h;
+          }
           off_exact = std::max(off_exact, std::fabs(got - want[j]));
         }
       }
     }
   }
   // The operands were rounded indeed (BF16 leaves ~1e-3 here, exact ~1e-7).
-  if (bf16) EXPECT_GT(off_exact, 1e-4);
+  if (bf16) {
+    EXPECT_GT(off_exact, 1e-4);
+  }
 }
 
 TEST_P(ExpandedTest, CausalMatchesFloat64) { CheckExpanded(GetParam(), /*bf16=*/false); }
@@ -167,7 +186,13 @@ INSTANTIATE_TEST_SUITE_P(Shapes, AbsorbedTest,
                                            // queries split in two.
                                            AbsorbedShape{16, 24, 8, 16, 300, 8},
                                            AbsorbedShape{10, 32, 8, 16, 1200, 1},
-                                           AbsorbedShape{5, 16, 4, 16, 600, 3}));
+                                           AbsorbedShape{5, 16, 4, 16, 600, 3},
+                                           // Heads as one vector of the scores' product, and
+                                           // past one (16 lanes); queries shorter than their
+                                           // splits.
+                                           AbsorbedShape{16, 24, 8, 16, 200, 1},
+                                           AbsorbedShape{20, 16, 4, 16, 150, 2},
+                                           AbsorbedShape{8, 24, 8, 16, 0, 130}));
 
 INSTANTIATE_TEST_SUITE_P(Shapes, ExpandedTest,
                          ::testing::Values(ExpandedShape{2, 8, 4, 6, 3, 4},         // one chunk

@@ -135,5 +135,28 @@ TEST(OpsTest, SoftmaxSiluAxpy) {
   for (int i = 0; i < 33; ++i) EXPECT_FLOAT_EQ(y[i], u[i] + 0.5f * g[i]);
 }
 
+// Columns narrower than, as wide as and past one vector of 16, over rows read with a
+// stride wider than the columns; OUT's rows wider than the rows written.
+TEST(OpsTest, ExpColumnsMatchesFloat64) {
+  for (const auto& [rows, cols, ldx] : {std::tuple<int64_t, int64_t, int64_t>{1, 3, 5}, {70, 16, 16}, {33, 37, 40}}) {
+    const float scale = 0.7f;
+    const int64_t ldo = rows + 3;
+    std::vector<float> x = Random(rows * ldx, 8 + cols, -30, 30), out(cols * ldo, NAN), max(cols), sum(cols);
+    ExpColumns(x.data(), rows, cols, ldx, scale, out.data(), ldo, max.data(), sum.data());
+    for (int64_t c = 0; c < cols; ++c) {
+      double top = -INFINITY, total = 0;
+      for (int64_t r = 0; r < rows; ++r) top = std::max<double>(top, double(scale) * x[r * ldx + c]);
+      EXPECT_NEAR(max[c], top, 1e-6 * std::fabs(top)) << "column " << c;
+      for (int64_t r = 0; r < rows; ++r) {
+        const double want = std::exp(double(scale) * x[r * ldx + c] - top);
+        total += want;
+        EXPECT_NEAR(out[c * ldo + r], want, 1e-5 * want + 1e-12) << "column " << c << " row " << r;
+      }
+      EXPECT_NEAR(sum[c], total, 1e-5 * total) << "column " << c;
+      for (int64_t r = rows; r < ldo; ++r) EXPECT_TRUE(std::isnan(out[c * ldo + r])) << "wrote past row " << c;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace epic::cpu
