@@ -33,6 +33,7 @@
 #include "kernels/cpu/intrinsics.h"
 #include "kernels/cpu/matmul_int8.h"
 #include "kernels/cpu/matmul_internal.h"
+#include "kernels/cpu/parallel.h"
 #include "kernels/cpu/thread_scratch.h"
 
 namespace epic::cpu {
@@ -435,12 +436,11 @@ void MatMulTyped(const float* x, int64_t m, int64_t ldx, const W* w, int64_t str
       break;
   }
   const int threads = TeamSize(static_cast<double>(m) * rows * cols);
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
+  OnTeam(threads, [&](int t, int n) {
     int64_t n0, n1;
-    SplitRange(rows, omp_get_num_threads(), omp_get_thread_num(), &n0, &n1);
+    SplitRange(rows, n, t, &n0, &n1);
     MatMulPlainRows(x, m, ldx, w, stride, cols, n0, n1, y, ldy, accumulate);
-  }
+  });
 }
 
 template <typename W>
@@ -455,12 +455,11 @@ void MatMulNoTransTyped(const float* x, int64_t m, int64_t ldx, const W* w, int6
       break;
   }
   const int threads = TeamSize(static_cast<double>(m) * rows * cols);
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
+  OnTeam(threads, [&](int t, int n) {
     int64_t k0, k1;
-    SplitRange(cols, omp_get_num_threads(), omp_get_thread_num(), &k0, &k1);
+    SplitRange(cols, n, t, &k0, &k1);
     MatMulNoTransPlainCols(x, m, ldx, w, stride, rows, k0, k1, y, ldy, accumulate);
-  }
+  });
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include "common/half.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/intrinsics.h"
+#include "kernels/cpu/matmul_internal.h"
 #include "kernels/cpu/parallel.h"
 #include "kernels/cpu/thread_scratch.h"
 
@@ -282,12 +283,12 @@ void ProductOverPanels(Path path, const float* x, int64_t m, int64_t ldx, int64_
   const int64_t blocks = (rows + kBlockCols - 1) / kBlockCols;
   const double work = static_cast<double>(m) * static_cast<double>(rows) * static_cast<double>(k);
   const int threads = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(work / (1 << 20)) + 1));
-#pragma omp parallel num_threads(threads) if (threads > 1 && omp_get_level() == 0)
-  {
+  OnTeam(omp_get_level() == 0 ? threads : 1, [&](int t, int n) {
     float* c = Scratch<float>(kOutputBlock, block_rows * kBlockCols);
     if (path == Path::kAmx) ConfigureTiles();
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) {
+    int64_t b0, b1;
+    internal::SplitRange(blocks, n, t, &b0, &b1);
+    for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kBlockCols;
       const int64_t cols = std::min(kBlockCols, rows - n0);
       const Bf16* panel0;
@@ -305,7 +306,7 @@ void ProductOverPanels(Path path, const float* x, int64_t m, int64_t ldx, int64_
       }
     }
     if (path == Path::kAmx) ReleaseTiles();
-  }
+  });
 }
 
 template <typename W>

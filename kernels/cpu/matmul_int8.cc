@@ -586,12 +586,11 @@ void MatMulInt8On(Int8Path path, const float* x, int64_t m, int64_t ldx, const W
   const int64_t panels = RoundUp(w.rows, kPanelRows) / kPanelRows;
   const int threads = static_cast<int>(std::min<int64_t>(
       panels, TeamSize(static_cast<double>(m) * w.rows * w.cols / 4)));
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
+  OnTeam(threads, [&](int t, int n) {
     int64_t p0, p1;
-    SplitRange(panels, omp_get_num_threads(), omp_get_thread_num(), &p0, &p1);
+    SplitRange(panels, n, t, &p0, &p1);
     Panels(path, qx, m, w, p0, p1, y, ldy, accumulate);
-  }
+  });
 }
 
 void MatMulInt8(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy,

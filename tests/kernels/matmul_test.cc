@@ -288,6 +288,33 @@ TEST(ParallelFor, ProductsInsideItTakeTeamsOnlyOutsideEveryRegion) {
   for (int i = 0; i < 3; ++i) EXPECT_EQ(teams[i], threads) << i;
 }
 
+// OnTeam with one thread opens no region, not even an inactive one (each cost a team's
+// setup): the body sees the caller's nesting level; with two, each thread runs it once.
+TEST(OnTeam, OneThreadRunsInPlaceAndATeamRunsTheBodyOnEachThread) {
+  int level = -1, calls = 0;
+  OnTeam(1, [&](int t, int n) {
+    level = omp_get_level();
+    calls += (t == 0 && n == 1);
+  });
+  EXPECT_EQ(level, 0);
+  EXPECT_EQ(calls, 1);
+  int nested_level = -1;
+#pragma omp parallel num_threads(2)
+  {
+    if (omp_get_thread_num() == 0) OnTeam(1, [&](int, int) { nested_level = omp_get_level(); });
+  }
+  EXPECT_EQ(nested_level, 1);
+  std::vector<int> ran(2, 0);
+  int threads = 0;
+  OnTeam(2, [&](int t, int n) {
+#pragma omp atomic
+    ++ran[t];
+    if (t == 0) threads = n;
+  });
+  EXPECT_EQ(threads, 2);
+  EXPECT_EQ(ran, (std::vector<int>{1, 1}));
+}
+
 // Called from inside a parallel region, each call runs on its caller's thread alone.
 TEST_P(MatMulTest, InsideParallelRegion) {
   std::mt19937 rng(3);
