@@ -32,7 +32,7 @@ constexpr int64_t kKStep = 32;      // k values one A tile row (64 bytes of BF16
 int64_t RoundUp(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
 // Per-thread scratch.
-enum Slot { kPackedPanels, kOutputBlock, kRoundedRow, kSlots };
+enum Slot { kPackedPanels, kOutputBlock, kRoundedRow, kRoundedX, kSlots };
 template <typename T>
 T* Scratch(Slot slot, int64_t count) {
   thread_local ScratchBuffer buffers[kSlots];
@@ -277,9 +277,10 @@ void ProductOverPanels(Path path, const float* x, int64_t m, int64_t ldx, int64_
   const int64_t kp = RoundUp(k, kKStep);
   const int64_t block_rows = path == Path::kAmx ? 2 * kTile : kDotRows;
   const int64_t mp = RoundUp(m, block_rows);
-  // Shared by the threads: x in BF16, read by every column block.
-  std::vector<Bf16> xb(static_cast<size_t>(mp * kp));
-  RoundActivations(x, m, ldx, k, mp, kp, xb.data());
+  // The calling thread's, shared by the team: x in BF16, read by every column block (a
+  // vector of its own each call was allocated and zeroed first).
+  Bf16* xb = Scratch<Bf16>(kRoundedX, mp * kp);
+  RoundActivations(x, m, ldx, k, mp, kp, xb);
   const int64_t blocks = (rows + kBlockCols - 1) / kBlockCols;
   const double work = static_cast<double>(m) * static_cast<double>(rows) * static_cast<double>(k);
   const int threads = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(work / (1 << 20)) + 1));
@@ -296,11 +297,11 @@ void ProductOverPanels(Path path, const float* x, int64_t m, int64_t ldx, int64_
       panels(b, kp, &panel0, &panel1);
       for (int64_t i0 = 0; i0 < m; i0 += block_rows) {
         if (path == Path::kAmx) {
-          AmxBlock(xb.data(), kp, i0, panel0, panel1, c);
+          AmxBlock(xb, kp, i0, panel0, panel1, c);
         } else if (path == Path::kDot) {
-          DotBlock(xb.data(), kp, i0, panel0, panel1, c);
+          DotBlock(xb, kp, i0, panel0, panel1, c);
         } else {
-          PlainBlock(xb.data(), kp, i0, panel0, panel1, c);
+          PlainBlock(xb, kp, i0, panel0, panel1, c);
         }
         Store(c, kBlockCols, i0, std::min(block_rows, m - i0), n0, cols, y, ldy, accumulate);
       }
