@@ -191,6 +191,109 @@ EPIC_AVX512 void ExpColumnsAvx512(const float* x, int64_t rows, int64_t cols, in
   }
 }
 
+#define EPIC_AVX2 __attribute__((target("avx2,fma")))
+
+// Exp on 8 lanes: the AVX-512 form's reduction and polynomial, with 2^n built in the
+// exponent field (vscalefps is AVX-512's) as two powers of two, each in the normal range,
+// so that results reach subnormals, zero and infinity as expf's do. NaN stays NaN.
+EPIC_AVX2 inline __m256 Exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(89.0f), _mm256_max_ps(_mm256_set1_ps(-104.0f), x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i whole = _mm256_cvtps_epi32(n);  // [-150, 128]
+  const __m256i half = _mm256_srai_epi32(whole, 1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 low = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+  const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(whole, half), bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, low), high);
+}
+
+// X's lanes where MASK is set, -inf elsewhere.
+EPIC_AVX2 inline __m256 LoadOrMinusInf(const float* x, __m256i mask) {
+  return _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_maskload_ps(x, mask), _mm256_castsi256_ps(mask));
+}
+
+EPIC_AVX2 void SiluMulAvx2(const float* gate, const float* up, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256i m = FirstLanes8(n - i);
+    const __m256 g = _mm256_maskload_ps(gate + i, m);
+    const __m256 e = Exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+    _mm256_maskstore_ps(out + i, m, _mm256_mul_ps(silu, _mm256_maskload_ps(up + i, m)));
+  }
+}
+
+EPIC_AVX2 double SumLanes(__m256d a, __m256d b) {
+  alignas(32) double lanes[8];
+  _mm256_store_pd(lanes, a);
+  _mm256_store_pd(lanes + 4, b);
+  double total = 0.0;
+  for (const double v : lanes) total += v;
+  return total;
+}
+
+EPIC_AVX2 void SoftmaxAvx2(float* x, int64_t n) {
+  __m256 max = _mm256_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < n; i += 8) max = _mm256_max_ps(max, LoadOrMinusInf(x + i, FirstLanes8(n - i)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, max);
+  const __m256 top = _mm256_set1_ps(*std::max_element(lanes, lanes + 8));
+  __m256d low = _mm256_setzero_pd(), high = _mm256_setzero_pd();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256i m = FirstLanes8(n - i);
+    const __m256 e = _mm256_and_ps(Exp8(_mm256_sub_ps(_mm256_maskload_ps(x + i, m), top)), _mm256_castsi256_ps(m));
+    _mm256_maskstore_ps(x + i, m, e);
+    low = _mm256_add_pd(low, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+    high = _mm256_add_pd(high, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+  }
+  const __m256 inv = _mm256_set1_ps(static_cast<float>(1.0 / SumLanes(low, high)));
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256i m = FirstLanes8(n - i);
+    _mm256_maskstore_ps(x + i, m, _mm256_mul_ps(_mm256_maskload_ps(x + i, m), inv));
+  }
+}
+
+// Eight columns a vector; each row's exponentials stored to their rows of OUT one by one.
+EPIC_AVX2 void ExpColumnsAvx2(const float* x, int64_t rows, int64_t cols, int64_t ldx, float scale, float* out,
+                              int64_t ldo, float* max, float* sum) {
+  const __m256 s = _mm256_set1_ps(scale);
+  for (int64_t c0 = 0; c0 < cols; c0 += 8) {
+    const __m256i m = FirstLanes8(cols - c0);
+    const int64_t width = std::min<int64_t>(8, cols - c0);
+    __m256 top = _mm256_set1_ps(-INFINITY);
+    for (int64_t r = 0; r < rows; ++r) {
+      top = _mm256_max_ps(top, _mm256_mul_ps(s, _mm256_maskload_ps(x + r * ldx + c0, m)));
+    }
+    __m256d low = _mm256_setzero_pd(), high = _mm256_setzero_pd();
+    alignas(32) float e[8];
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m256 v = Exp8(_mm256_fmsub_ps(s, _mm256_maskload_ps(x + r * ldx + c0, m), top));
+      _mm256_store_ps(e, v);
+      for (int64_t j = 0; j < width; ++j) out[(c0 + j) * ldo + r] = e[j];
+      low = _mm256_add_pd(low, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+      high = _mm256_add_pd(high, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    }
+    alignas(32) double sums[8];
+    _mm256_store_pd(sums, low);
+    _mm256_store_pd(sums + 4, high);
+    alignas(32) float tops[8];
+    _mm256_store_ps(tops, top);
+    for (int64_t j = 0; j < width; ++j) {
+      max[c0 + j] = tops[j];
+      sum[c0 + j] = static_cast<float>(sums[j]);
+    }
+  }
+}
+
 // The MoE combine (Axpy), every MLP (SiluMul) and attention's score rows (Softmax) call
 // these millions of times a step: they take the widest vectors the host has.
 void AxpyPlain(float alpha, const float* x, int64_t n, float* y) {
@@ -217,9 +320,11 @@ using SiluMulFn = void (*)(const float*, const float*, int64_t, float*);
 using SoftmaxFn = void (*)(float*, int64_t);
 
 const AxpyFn kAxpy = Has(Isa::kAvx512) ? AxpyAvx512 : Has(Isa::kAvx2) ? AxpyAvx2 : AxpyPlain;
-const SiluMulFn kSiluMul = Has(Isa::kAvx512) ? SiluMulAvx512 : SiluMulPlain;
-const SoftmaxFn kSoftmax = Has(Isa::kAvx512) ? SoftmaxAvx512 : SoftmaxPlain;
-const decltype(&ExpColumnsPlain) kExpColumns = Has(Isa::kAvx512) ? ExpColumnsAvx512 : ExpColumnsPlain;
+const SiluMulFn kSiluMul = Has(Isa::kAvx512) ? SiluMulAvx512 : Has(Isa::kAvx2) ? SiluMulAvx2 : SiluMulPlain;
+const SoftmaxFn kSoftmax = Has(Isa::kAvx512) ? SoftmaxAvx512 : Has(Isa::kAvx2) ? SoftmaxAvx2 : SoftmaxPlain;
+const decltype(&ExpColumnsPlain) kExpColumns = Has(Isa::kAvx512) ? ExpColumnsAvx512
+                                               : Has(Isa::kAvx2)  ? ExpColumnsAvx2
+                                                                  : ExpColumnsPlain;
 
 }  // namespace
 
