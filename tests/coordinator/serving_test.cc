@@ -213,7 +213,7 @@ class ServingTest : public ::testing::Test {
     argv.insert(argv.end(), cluster_flags.begin(), cluster_flags.end());
     argv.insert(argv.end(), {"--",
                                  "--cache-blocks", std::to_string(kCacheBlocks), "--block-size",
-                                 std::to_string(kBlockSize), "--max-waiting", std::to_string(max_waiting),
+                                 std::to_string(block_size_), "--max-waiting", std::to_string(max_waiting),
                                  "--max-running", "16", "--max-step-tokens", "64", "--step-timeout", std::to_string(step_timeout),
                                  "--drain-timeout", "10"});
     argv.insert(argv.end(), coordinator_flags.begin(), coordinator_flags.end());
@@ -246,6 +246,10 @@ class ServingTest : public ::testing::Test {
   static fs::path* dir_;
   std::unique_ptr<Process> cluster_;
   int metrics_port_ = 0;
+  // The cluster's cache block size: a test that holds the cache with one long request
+  // while others queue takes larger blocks, so that the request runs for seconds (1000
+  // tokens of this model can end before 25 requests are queued on a loaded host).
+  int block_size_ = kBlockSize;
 };
 
 fs::path* ServingTest::dir_ = nullptr;
@@ -409,10 +413,11 @@ int64_t ChildRssKib(pid_t parent, const std::string& name) {
 // Thousands of requests beyond a full queue: each refused at once, RESOURCE_EXHAUSTED,
 // and the coordinator's memory stays where it was.
 TEST_F(ServingTest, ABurstFarBeyondTheQueueIsRefusedQuicklyInBoundedMemory) {
+  block_size_ = 4 * kBlockSize;
   const int port = StartCluster(2);
   ASSERT_GT(port, 0);
   Client client(port);
-  v1::GenerateRequest long_request = Request({5, 17, 300}, 1000);  // 63 of the 64 blocks
+  v1::GenerateRequest long_request = Request({5, 17, 300}, 4000);  // 63 of the 64 blocks of 64
   long_request.set_ignore_eos(true);
   Canceller canceller;
   std::vector<std::thread> holders;
@@ -471,11 +476,12 @@ TEST_F(ServingTest, ABurstFarBeyondTheQueueIsRefusedQuicklyInBoundedMemory) {
 }
 
 TEST_F(ServingTest, OverloadIsRefusedAndCancelledOrExpiredRequestsFreeTheirBlocks) {
+  block_size_ = 4 * kBlockSize;
   const int port = StartCluster(2);
   ASSERT_GT(port, 0);
   Client client(port);
-  // Each needs 63 of the 64 blocks: one runs, kMaxWaiting queue, the rest are refused.
-  v1::GenerateRequest long_request = Request({5, 17, 300}, 1000);
+  // Each needs 63 of the 64 blocks of 64: one runs, kMaxWaiting queue, the rest are refused.
+  v1::GenerateRequest long_request = Request({5, 17, 300}, 4000);
   long_request.set_ignore_eos(true);
   Canceller canceller;
   std::vector<Outcome> outcomes(1 + kMaxWaiting);
@@ -505,7 +511,7 @@ TEST_F(ServingTest, OverloadIsRefusedAndCancelledOrExpiredRequestsFreeTheirBlock
   EXPECT_TRUE(client.WaitAllBlocksFree(10s)) << "cancelled requests kept cache blocks";
 
   // A deadline ends a long request and frees its blocks.
-  // 1000 tokens take seconds here; the deadline is far shorter.
+  // 4000 tokens take seconds here; the deadline is far shorter.
   const Outcome expired = client.Generate(long_request, 150ms);
   EXPECT_EQ(expired.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
   EXPECT_TRUE(client.WaitAllBlocksFree(5s)) << "an expired request kept its cache blocks";
