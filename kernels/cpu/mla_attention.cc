@@ -78,9 +78,12 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
   const int64_t splits =
       std::clamp<int64_t>(std::min<int64_t>(per_thread * threads, longest / kMinSplitRows), 1, kMaxSplits);
   const int64_t items = p.num_queries * splits;
-  // Each item's outputs [heads, lora], unnormalised, then its maxima and sums [heads].
+  // Item W's outputs [heads, lora], unnormalised, then its maxima and sums [heads].
   const int64_t item_floats = heads * (lora + 2);
   float* partial = Scratch(kKeys, items * item_floats);
+  auto outputs = [&](int64_t w) { return partial + w * item_floats; };
+  auto maxima = [&](int64_t w) { return outputs(w) + heads * lora; };
+  auto sums = [&](int64_t w) { return maxima(w) + heads; };
   // The queries as columns: per query, [q_latent | q_pe] rows by heads.
   float* queries = Scratch(kQueries, p.num_queries * width * heads);
   for (int64_t i = 0; i < p.num_queries; ++i) {
@@ -94,9 +97,7 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
   }
   ParallelFor(items, true, [&](int64_t w) {
     const int64_t i = w / splits;
-    float* out = partial + w * item_floats;
-    float* max = out + heads * lora;
-    float* sum = max + heads;
+    float* out = outputs(w);
     int64_t t0, t1;
     internal::SplitRange(p.start + i + 1, static_cast<int>(splits), static_cast<int>(w % splits), &t0, &t1);
     const int64_t n = t1 - t0;
@@ -124,7 +125,7 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
       run = next_run(t);
       MatMulNoTrans(p.cache.Row(t), run, p.cache.row_stride, by_head, scores + (t - t0) * heads, heads);
     }
-    ExpColumns(scores, n, heads, heads, p.scale, probs, ld, max, sum);
+    ExpColumns(scores, n, heads, heads, p.scale, probs, ld, maxima(w), sums(w));
     for (int64_t t = t0, run; t < t1; t += run) {
       run = next_run(t);
       MatMulNoTrans(probs + (t - t0), heads, ld, F32Matrix(p.cache.Row(t), run, lora, p.cache.row_stride), out, lora,
@@ -135,23 +136,21 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
   for (int64_t i = 0; i < p.num_queries; ++i) {
     for (int64_t h = 0; h < heads; ++h) {
       float top = -INFINITY;
-      for (int64_t s = 0; s < splits; ++s) {
-        const float* item = partial + (i * splits + s) * item_floats;
-        if (item[heads * (lora + 1) + h] > 0.0f) top = std::max(top, item[heads * lora + h]);
+      for (int64_t w = i * splits; w < (i + 1) * splits; ++w) {
+        if (sums(w)[h] > 0.0f) top = std::max(top, maxima(w)[h]);
       }
       double total = 0.0;
       float weights[kMaxSplits];
       for (int64_t s = 0; s < splits; ++s) {
-        const float* item = partial + (i * splits + s) * item_floats;
-        const float sum = item[heads * (lora + 1) + h];
-        weights[s] = sum > 0.0f ? std::exp(item[heads * lora + h] - top) : 0.0f;
-        total += static_cast<double>(weights[s]) * sum;
+        const int64_t w = i * splits + s;
+        weights[s] = sums(w)[h] > 0.0f ? std::exp(maxima(w)[h] - top) : 0.0f;
+        total += static_cast<double>(weights[s]) * sums(w)[h];
       }
       float* out = p.out_latent + (i * heads + h) * lora;
       const float inv = static_cast<float>(1.0 / total);
       std::fill(out, out + lora, 0.0f);
       for (int64_t s = 0; s < splits; ++s) {
-        if (weights[s] > 0.0f) Axpy(weights[s] * inv, partial + (i * splits + s) * item_floats + h * lora, lora, out);
+        if (weights[s] > 0.0f) Axpy(weights[s] * inv, outputs(i * splits + s) + h * lora, lora, out);
       }
     }
   }

@@ -315,13 +315,13 @@ __attribute__((target("avx2,fma"))) void AxpyAvx2(float alpha, const float* x, i
 using AxpyFn = void (*)(float, const float*, int64_t, float*);
 using SiluMulFn = void (*)(const float*, const float*, int64_t, float*);
 using SoftmaxFn = void (*)(float*, int64_t);
+using ExpColumnsFn = void (*)(const float*, int64_t, int64_t, int64_t, float, float*, int64_t, float*, float*);
 
 const AxpyFn kAxpy = Has(Isa::kAvx512) ? AxpyAvx512 : Has(Isa::kAvx2) ? AxpyAvx2 : AxpyPlain;
 const SiluMulFn kSiluMul = Has(Isa::kAvx512) ? SiluMulAvx512 : Has(Isa::kAvx2) ? SiluMulAvx2 : SiluMulPlain;
 const SoftmaxFn kSoftmax = Has(Isa::kAvx512) ? SoftmaxAvx512 : Has(Isa::kAvx2) ? SoftmaxAvx2 : SoftmaxPlain;
-const decltype(&ExpColumnsPlain) kExpColumns = Has(Isa::kAvx512) ? ExpColumnsAvx512
-                                               : Has(Isa::kAvx2)  ? ExpColumnsAvx2
-                                                                  : ExpColumnsPlain;
+const ExpColumnsFn kExpColumns =
+    Has(Isa::kAvx512) ? ExpColumnsAvx512 : Has(Isa::kAvx2) ? ExpColumnsAvx2 : ExpColumnsPlain;
 
 }  // namespace
 
