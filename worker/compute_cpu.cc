@@ -9,6 +9,7 @@
 
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/matmul_fast.h"
+#include "kernels/cpu/matmul_int8.h"
 #include "kernels/cpu/mla_attention.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
@@ -351,10 +352,17 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
       p.out_latent = o_latent + at * heads * lora;
       cpu::MlaAbsorbedAttention(p);
     });
-    // out[t, h] = W_UV[h] o_latent[t, h], with W_UV[h] = rows [h*kv_head + nope, +vdim).
+    // out[t, h] = W_UV[h] o_latent[t, h], with W_UV[h] = rows [h*kv_head + nope, +vdim):
+    // under fast from kv_b_proj's int8 copy (half the bytes), where its heads start at
+    // whole panels.
     float* os = out + first * heads * vdim;
+    const cpu::WeightMatrix& uv =
+        L.kv_b_expand.type != cpu::WeightType::kI8 ||
+                (kv_head % cpu::internal::kInt8PanelRows == 0 && nope % cpu::internal::kInt8PanelRows == 0)
+            ? L.kv_b_expand
+            : L.kv_b_proj;
     cpu::ParallelFor(heads, true, [&](int64_t h) {
-      cpu::MatMul(o_latent + h * lora, n, heads * lora, L.kv_b_proj.Rows(h * kv_head + nope, vdim), os + h * vdim,
+      cpu::MatMul(o_latent + h * lora, n, heads * lora, uv.Rows(h * kv_head + nope, vdim), os + h * vdim,
                   heads * vdim);
     });
     i = last + 1;

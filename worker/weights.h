@@ -44,9 +44,9 @@ struct LayerWeights {
   cpu::WeightMatrix kv_a_proj;             // [kv_lora_rank + rope_dim, hidden]
   std::vector<float> kv_a_norm;            // [kv_lora_rank]
   cpu::WeightMatrix kv_b_proj;             // [heads * (nope_dim + v_dim), kv_lora_rank]
-  // kv_b_proj for the expanded form's product over every context row: its int8 copy
-  // under the fast precision, else kv_b_proj. The absorbed form's per-head folds (one
-  // of them over its transpose) keep kv_b_proj's values.
+  // kv_b_proj for the expanded form's product over every context row and the absorbed
+  // form's W_UV fold: its int8 copy under the fast precision, else kv_b_proj. The W_UK
+  // fold (over its transpose) keeps kv_b_proj's values.
   cpu::WeightMatrix kv_b_expand;
   cpu::WeightMatrix o_proj;                // [hidden, heads * v_dim]
 
