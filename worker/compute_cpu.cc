@@ -326,8 +326,12 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
     float* q_pe = Scratch(kQPe, n * heads * rope);
     // Heads over the threads: each head's product is small (a decode's is 128 x 512).
     cpu::ParallelFor(heads, true, [&](int64_t h) {
-      cpu::MatMulNoTrans(qs + h * qhd, n, heads * qhd, L.kv_b_proj.Rows(h * kv_head, nope), q_latent + h * lora,
-                         heads * lora);
+      if (L.kv_b_uk.data != nullptr) {  // fast: W_UK[h]^T's int8 rows
+        cpu::MatMul(qs + h * qhd, n, heads * qhd, L.kv_b_uk.Rows(h * lora, lora), q_latent + h * lora, heads * lora);
+      } else {
+        cpu::MatMulNoTrans(qs + h * qhd, n, heads * qhd, L.kv_b_proj.Rows(h * kv_head, nope), q_latent + h * lora,
+                           heads * lora);
+      }
     });
     for (int64_t j = 0; j < n * heads; ++j) {
       std::memcpy(q_pe + j * rope, qs + j * qhd + nope, static_cast<size_t>(rope) * sizeof(float));

@@ -137,6 +137,46 @@ class Binder {
     return m;
   }
 
+  // Under QUANTIZE, for each of HEADS heads the block of NAME's rows [(first + h) *
+  // STRIDE + OFFSET, + ROWS) transposed, stacked by heads into one int8 matrix [heads *
+  // cols, rows]: the absorbed form's W_UK fold as a product over the transposes' rows.
+  // Without quantize, or where a head's rows would not start a panel, no matrix.
+  cpu::WeightMatrix QuantizedHeadsTransposed(const std::string& name, int64_t first, int64_t heads, int64_t stride,
+                                             int64_t offset, int64_t rows) {
+    const TensorView& v = ckpt_.Get(name);
+    const int64_t cols = v.shape[1];
+    cpu::WeightMatrix m;
+    if (!quantize_ || heads <= 0 || cols % cpu::internal::kInt8PanelRows != 0) return m;
+    const int64_t bytes = cpu::QuantizedBytes(heads * cols, rows);
+    w_->matrix_bytes += bytes;
+    m.type = cpu::WeightType::kI8;
+    m.rows = heads * cols;
+    m.cols = rows;
+    if (count_only_) return m;
+    void* memory = w_->arena.Allocate(bytes);
+    if (memory == nullptr) {
+      failed_ = name;
+      return cpu::WeightMatrix{};
+    }
+    std::vector<float> transposed(static_cast<size_t>(heads * cols * rows));
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t at = ((first + h) * stride + offset + r) * cols;
+        for (int64_t c = 0; c < cols; ++c) transposed[(h * cols + c) * rows + r] = v.FloatAt(at + c);
+      }
+    }
+    cpu::WeightMatrix source;
+    source.type = cpu::WeightType::kF32;
+    source.data = transposed.data();
+    source.rows = heads * cols;
+    source.cols = rows;
+    source.row_stride = rows;
+    m = cpu::QuantizeInt8(source, memory);
+    done_ += bytes;
+    if (progress_ && total_ > 0) progress_(done_, total_);
+    return m;
+  }
+
   // ROWS x COLS of V from BLOCK into DST, rows one after another: F16 widened to F32,
   // BF16 and F32 as they are.
   static void CopyBlock(const TensorView& v, Block block, int64_t rows, int64_t cols, std::byte* dst) {
@@ -362,6 +402,8 @@ StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Bind(const Checkpoint& che
       const Block kv_b_rows{h0 * kv_head, (h1 - h0) * kv_head};
       L.kv_b_proj = b.Matrix(LayerTensor(l, "self_attn.kv_b_proj"), kv_b_rows, Use::kOther);
       L.kv_b_expand = quantize ? b.Matrix(LayerTensor(l, "self_attn.kv_b_proj"), kv_b_rows) : L.kv_b_proj;
+      L.kv_b_uk = b.QuantizedHeadsTransposed(LayerTensor(l, "self_attn.kv_b_proj"), h0, h1 - h0, kv_head, 0,
+                                             c.qk_nope_head_dim);
       L.o_proj = b.Matrix(LayerTensor(l, "self_attn.o_proj"),
                           {0, -1, h0 * c.v_head_dim, (h1 - h0) * c.v_head_dim});
       L.moe = c.IsMoeLayer(l);

@@ -45,9 +45,12 @@ struct LayerWeights {
   std::vector<float> kv_a_norm;            // [kv_lora_rank]
   cpu::WeightMatrix kv_b_proj;             // [heads * (nope_dim + v_dim), kv_lora_rank]
   // kv_b_proj for the expanded form's product over every context row and the absorbed
-  // form's W_UV fold: its int8 copy under the fast precision, else kv_b_proj. The W_UK
-  // fold (over its transpose) keeps kv_b_proj's values.
+  // form's W_UV fold: its int8 copy under the fast precision, else kv_b_proj.
   cpu::WeightMatrix kv_b_expand;
+  // Under fast, each head's W_UK (kv_b_proj rows [h * (nope + v_dim), + nope))
+  // transposed, stacked by heads, in int8: [heads * kv_lora_rank, nope_dim], the W_UK
+  // fold as a product over its rows. Without data otherwise (the fold reads kv_b_proj).
+  cpu::WeightMatrix kv_b_uk;
   cpu::WeightMatrix o_proj;                // [hidden, heads * v_dim]
 
   bool moe = false;

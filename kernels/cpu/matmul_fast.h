@@ -27,8 +27,8 @@ inline constexpr const char* kPrecisionHelp =
     "weights, checked against float64 to 1e-5) or fast (the products' weights quantized to int8 per row at "
     "load, activations per row at each product, summed exactly in int32 (AVX512_VNNI, AVX-VNNI or AVX2, one "
     "result on each): half the weight memory, about 2x decode and 2-3x prefill; its error is in "
-    "docs/performance.md). A processor without AVX2 runs exact, and says so. The embedding, the routers and kv_b_proj's "
-    "absorbed folds stay exact; attention's scores and outputs stay F32, except in prefill on processors whose BF16 "
+    "docs/performance.md). A processor without AVX2 runs exact, and says so. The embedding and the routers stay "
+    "exact; attention's scores and outputs stay F32, except in prefill on processors whose BF16 "
     "products outrun F32 (AMX, AMD Zen 4's AVX512_BF16), where they take BF16 operands";
 
 // MatMul's contract with PRECISION: kExact is MatMul itself.

@@ -75,6 +75,11 @@ TEST(FastPrecision, QuantizesTheProductsWeightsAndKeepsTheRest) {
     EXPECT_EQ(L.o_proj.type, cpu::WeightType::kI8);
     EXPECT_EQ(L.kv_b_proj.type, cpu::WeightType::kBF16);
     EXPECT_EQ(L.kv_b_expand.type, cpu::WeightType::kI8);
+    const ModelConfig& c = m.fast->config();
+    EXPECT_EQ(L.kv_b_uk.type, cpu::WeightType::kI8);
+    EXPECT_EQ(L.kv_b_uk.rows, c.num_attention_heads * c.kv_lora_rank);
+    EXPECT_EQ(L.kv_b_uk.cols, c.qk_nope_head_dim);
+    EXPECT_EQ(m.exact->weights().layers[0].kv_b_uk.data, nullptr);
     if (!L.moe) continue;
     EXPECT_EQ(L.router.type, cpu::WeightType::kBF16);
     for (const MlpWeights& e : L.experts) {
@@ -118,6 +123,44 @@ TEST(FastPrecision, LogitsStayNearExactWhereNoRoutingCanFlip) {
   std::vector<double> errors = RowErrors(fast, exact, vocab);
   std::sort(errors.begin(), errors.end());
   // Measured 2026-12-03: worst 0.034, median 0.021; a wrong scale or a lost offset is ~1.
+  EXPECT_LE(errors.back(), 0.06);
+  EXPECT_LE(errors[errors.size() / 2], 0.04);
+  EXPECT_GT(errors.back(), 0.0) << "fast ran exactly where it should have run int8";
+}
+
+// Each step's logits of a prompt fed one token at a time: decode's absorbed form (the
+// W_UK and W_UV folds in int8 under fast) rather than the prompt's expanded one.
+std::vector<float> DecodeLogits(Model& model, const std::vector<int32_t>& tokens) {
+  auto cache = model.MakeCache(16, 4);
+  BlockTable table;
+  EXPECT_TRUE(cache->Reserve(&table, static_cast<int64_t>(tokens.size())).ok());
+  std::vector<float> all, logits;
+  for (const int32_t& token : tokens) {
+    SequenceStep step{&table, {&token, 1}, false};
+    const Status s = model.Forward({&step, 1}, cache.get(), &logits);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    all.insert(all.end(), logits.begin(), logits.end());
+  }
+  return all;
+}
+
+TEST(FastPrecision, DecodeLogitsStayNearExactWhereNoRoutingCanFlip) {
+  testing::TempDir dir("fast_dense_decode");
+  Loaded m = LoadBoth(Write(dir, "tiny", json{{"n_routed_experts", nullptr}, {"hidden_size", 256}}));
+  ASSERT_TRUE(m.exact && m.fast);
+  const int64_t vocab = m.exact->config().vocab_size;
+  const std::vector<int32_t> tokens = testing::Prompt(24, vocab, 7);
+  const std::vector<float> exact = DecodeLogits(*m.exact, tokens);
+  const std::vector<float> fast = DecodeLogits(*m.fast, tokens);
+  ASSERT_EQ(fast.size(), exact.size());
+  ASSERT_EQ(exact.size(), tokens.size() * vocab);
+  if (!HostHasInt8()) {
+    EXPECT_EQ(fast, exact) << "without AVX2 fast must run exactly";
+    return;
+  }
+  std::vector<double> errors = RowErrors(fast, exact, vocab);
+  std::sort(errors.begin(), errors.end());
+  std::printf("decode: worst %.4f median %.4f\n", errors.back(), errors[errors.size() / 2]);
   EXPECT_LE(errors.back(), 0.06);
   EXPECT_LE(errors[errors.size() / 2], 0.04);
   EXPECT_GT(errors.back(), 0.0) << "fast ran exactly where it should have run int8";
