@@ -138,11 +138,11 @@ class Binder {
   }
 
   // Under QUANTIZE, for each of HEADS heads the block of NAME's rows [(first + h) *
-  // STRIDE + OFFSET, + ROWS) transposed, stacked by heads into one int8 matrix [heads *
-  // cols, rows]: the absorbed form's W_UK fold as a product over the transposes' rows.
+  // STRIDE, + ROWS) transposed, stacked by heads into one int8 matrix [heads * cols,
+  // rows]: the absorbed form's W_UK fold as a product over the transposes' rows.
   // Without quantize, or where a head's rows would not start a panel, no matrix.
   cpu::WeightMatrix QuantizedHeadsTransposed(const std::string& name, int64_t first, int64_t heads, int64_t stride,
-                                             int64_t offset, int64_t rows) {
+                                             int64_t rows) {
     const TensorView& v = ckpt_.Get(name);
     const int64_t cols = v.shape[1];
     cpu::WeightMatrix m;
@@ -161,7 +161,7 @@ class Binder {
     std::vector<float> transposed(static_cast<size_t>(heads * cols * rows));
     for (int64_t h = 0; h < heads; ++h) {
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t at = ((first + h) * stride + offset + r) * cols;
+        const int64_t at = ((first + h) * stride + r) * cols;
         for (int64_t c = 0; c < cols; ++c) transposed[(h * cols + c) * rows + r] = v.FloatAt(at + c);
       }
     }
@@ -402,8 +402,8 @@ StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Bind(const Checkpoint& che
       const Block kv_b_rows{h0 * kv_head, (h1 - h0) * kv_head};
       L.kv_b_proj = b.Matrix(LayerTensor(l, "self_attn.kv_b_proj"), kv_b_rows, Use::kOther);
       L.kv_b_expand = quantize ? b.Matrix(LayerTensor(l, "self_attn.kv_b_proj"), kv_b_rows) : L.kv_b_proj;
-      L.kv_b_uk = b.QuantizedHeadsTransposed(LayerTensor(l, "self_attn.kv_b_proj"), h0, h1 - h0, kv_head, 0,
-                                             c.qk_nope_head_dim);
+      L.kv_b_uk =
+          b.QuantizedHeadsTransposed(LayerTensor(l, "self_attn.kv_b_proj"), h0, h1 - h0, kv_head, c.qk_nope_head_dim);
       L.o_proj = b.Matrix(LayerTensor(l, "self_attn.o_proj"),
                           {0, -1, h0 * c.v_head_dim, (h1 - h0) * c.v_head_dim});
       L.moe = c.IsMoeLayer(l);
