@@ -40,7 +40,7 @@ constexpr int64_t kQueryChunk = 64;  // queries of one head sharing a pass over 
 // 3.35-3.54 s; F32 measured no change at 128).
 constexpr int64_t kQueryChunkBf16 = 128;
 
-enum Slot { kKeys, kQueries, kScores, kProbs, kSlots };
+enum Slot { kKeys, kQueries, kScores, kProbs, kPartial, kSlots };
 float* Scratch(Slot slot, int64_t floats) {
   thread_local ScratchBuffer buffers[kSlots];
   return static_cast<float*>(buffers[slot].Get(floats * static_cast<int64_t>(sizeof(float))));
@@ -80,7 +80,7 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
   const int64_t items = p.num_queries * splits;
   // Item W's outputs [heads, lora], unnormalised, then its maxima and sums [heads].
   const int64_t item_floats = heads * (lora + 2);
-  float* partial = Scratch(kKeys, items * item_floats);
+  float* partial = Scratch(kPartial, items * item_floats);
   auto outputs = [&](int64_t w) { return partial + w * item_floats; };
   auto maxima = [&](int64_t w) { return outputs(w) + heads * lora; };
   auto sums = [&](int64_t w) { return maxima(w) + heads; };
