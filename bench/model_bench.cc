@@ -237,13 +237,13 @@ int main(int argc, char** argv) {
     shared_by_step.macs -= c.num_experts_per_tok * expert_macs;
   }
   const int64_t lm_head_bytes = Bytes(w.lm_head);
-  const int64_t row_bytes = c.latent_dim() * static_cast<int64_t>(sizeof(float));
 
   std::vector<int32_t> prompt(static_cast<size_t>(prompt_len));
   for (int64_t i = 0; i < prompt_len; ++i) prompt[i] = static_cast<int32_t>((i * 7919 + 13) % c.vocab_size);
   const int64_t block = 16;
   const int64_t total = prompt_len + decode_steps;
   auto cache = model.MakeCache(block, (total + block - 1) / block);
+  const int64_t row_bytes = cache->row_bytes();
   std::vector<float> logits;
 
   // Prefill: median of REPEATS fresh runs.

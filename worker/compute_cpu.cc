@@ -277,8 +277,7 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
   for (size_t i = 0; i < spans.size(); ++i) {
     const AttentionSpan& sp = spans[i];
     for (int64_t j = 0; j < sp.n; ++j) {
-      std::memcpy(cache_->Row(layer, *batch_[i].cache, sp.start + j), latent + (sp.first + j) * width,
-                  static_cast<size_t>(width) * sizeof(float));
+      cache_->Write(layer, *batch_[i].cache, sp.start + j, latent + (sp.first + j) * width);
     }
   }
   for (size_t i = 0; i < spans.size();) {
@@ -290,9 +289,8 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
       float* k_pe = Scratch(kKPe, context * rope);
       const cpu::LatentRows rows = cache_->Rows(layer, table);
       for (int64_t t = 0; t < context; ++t) {
-        const float* row = rows.Row(t);
-        std::memcpy(c_kv + t * lora, row, static_cast<size_t>(lora) * sizeof(float));
-        std::memcpy(k_pe + t * rope, row + lora, static_cast<size_t>(rope) * sizeof(float));
+        rows.Widen(t, 0, lora, c_kv + t * lora);
+        rows.Widen(t, lora, rope, k_pe + t * rope);
       }
       float* kv = Scratch(kKv, context * heads * kv_head);
       cpu::MatMul(c_kv, context, lora, L.kv_b_expand, kv, heads * kv_head);

@@ -1,14 +1,17 @@
 #include "worker/latent_cache.h"
 
+#include <cstring>
 #include <string>
+
+#include "kernels/cpu/matmul_fast.h"
 
 namespace epic {
 
 LatentCache::LatentCache(int64_t num_layers, int64_t row_width, int64_t block_size,
-                         int64_t num_blocks, bool host_rows)
+                         int64_t num_blocks, bool host_rows, bool bf16_rows)
     : num_layers_(num_layers), row_width_(row_width), block_size_(block_size),
-      num_blocks_(num_blocks),
-      pool_(host_rows ? new float[static_cast<size_t>(num_layers * num_blocks * block_size * row_width)]
+      num_blocks_(num_blocks), bf16_rows_(bf16_rows),
+      pool_(host_rows ? new std::byte[static_cast<size_t>(num_layers * num_blocks * block_size * row_bytes())]
                       : nullptr) {
   free_.reserve(static_cast<size_t>(num_blocks));
   // Hand out low block numbers first.
@@ -39,15 +42,21 @@ void LatentCache::Release(BlockTable* table) {
 
 cpu::LatentRows LatentCache::Rows(int64_t layer, const BlockTable& table) const {
   cpu::LatentRows rows;
-  rows.pool = pool_.get() + layer * num_blocks_ * block_size_ * row_width_;
+  rows.pool = pool_.get() + layer * num_blocks_ * block_size_ * row_bytes();
   rows.block_table = table.blocks.data();
   rows.block_size = block_size_;
   rows.row_stride = row_width_;
+  rows.type = bf16_rows_ ? cpu::WeightType::kBF16 : cpu::WeightType::kF32;
   return rows;
 }
 
-float* LatentCache::Row(int64_t layer, const BlockTable& table, int64_t t) {
-  return const_cast<float*>(Rows(layer, table).Row(t));
+void LatentCache::Write(int64_t layer, const BlockTable& table, int64_t t, const float* values) {
+  void* row = const_cast<void*>(Rows(layer, table).Row(t));
+  if (bf16_rows_) {
+    cpu::RoundToBf16(values, row_width_, static_cast<uint16_t*>(row));
+  } else {
+    std::memcpy(row, values, static_cast<size_t>(row_width_) * sizeof(float));
+  }
 }
 
 }  // namespace epic

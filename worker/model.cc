@@ -209,7 +209,8 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::filesystem::path& dir,
 
 std::unique_ptr<LatentCache> Model::MakeCache(int64_t block_size, int64_t num_blocks) const {
   return std::make_unique<LatentCache>(config().num_hidden_layers, config().latent_dim(), block_size,
-                                       num_blocks, /*host_rows=*/!backend_->on_device());
+                                       num_blocks, /*host_rows=*/!backend_->on_device(),
+                                       /*bf16_rows=*/precision_ == cpu::Precision::kFast);
 }
 
 StatusOr<StepTokens> FlattenStep(std::span<const SequenceStep> batch, const LatentCache& cache, int64_t vocab_size) {

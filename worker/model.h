@@ -157,7 +157,7 @@ class Model {
   // All-to-all traffic of the MoE layers since load, for the load reports.
   const parallel::ExchangeStats& exchange_stats() const;
 
-  // A cache sized for this model.
+  // A cache sized for this model: its rows BF16 under the fast precision, else F32.
   std::unique_ptr<LatentCache> MakeCache(int64_t block_size, int64_t num_blocks) const;
 
   // For tests and benchmarks: force one form of attention.

@@ -227,6 +227,42 @@ void PlainBlock(const Bf16* xb, int64_t kp, int64_t i0, const Bf16* panel0, cons
   }
 }
 
+// Y [rows][heads] for kRows rows of BF16 values (STRIDE apart) against one panel of 16
+// heads over PAIRS pairs of k: each row's pair broadcast, dotted with the panel's row.
+template <int kRows>
+EPIC_AVX512_BF16 void RowsBlock(const Bf16* rows, int64_t stride, const Bf16* panel, int64_t pairs, __mmask16 heads,
+                                float* y, int64_t ldy) {
+  using Word = int32_t __attribute__((may_alias));
+  __m512 acc[kRows];
+#pragma GCC unroll 12
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh b = (__m512bh)_mm512_loadu_si512(panel + p * 2 * kTile);
+#pragma GCC unroll 12
+    for (int r = 0; r < kRows; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(reinterpret_cast<const Word*>(rows + r * stride)[p]);
+      acc[r] = _mm512_dpbf16_ps(acc[r], a, b);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < kRows; ++r) _mm512_mask_storeu_ps(y + r * ldy, heads, acc[r]);
+}
+
+EPIC_AVX512_BF16 void MatMulBf16RowsDot(const Bf16* rows, int64_t n, int64_t stride, const Bf16Panels& q,
+                                        int64_t heads, int64_t k, float* y, int64_t ldy) {
+  for (int64_t h0 = 0; h0 < heads; h0 += kTile) {
+    const Bf16* panel = q.data + (h0 / kTile) * q.panel_elements();
+    const __mmask16 lanes = FirstLanes(heads - h0);
+    int64_t t = 0;
+    // Blocks of 12 rows (12 accumulators, latency hidden), the tail by 4 and by 1.
+    for (; t + kDotRows <= n; t += kDotRows) {
+      RowsBlock<kDotRows>(rows + t * stride, stride, panel, k / 2, lanes, y + t * ldy + h0, ldy);
+    }
+    for (; t + 4 <= n; t += 4) RowsBlock<4>(rows + t * stride, stride, panel, k / 2, lanes, y + t * ldy + h0, ldy);
+    for (; t < n; ++t) RowsBlock<1>(rows + t * stride, stride, panel, k / 2, lanes, y + t * ldy + h0, ldy);
+  }
+}
+
 enum class Path { kNone, kDot, kAmx };
 
 Path FastPathOf() {
@@ -367,6 +403,22 @@ void PackBf16Panels(const float* w, int64_t rows, int64_t k, int64_t ldw, uint16
   const int64_t count = Bf16Panels::Elements(rows, k) / (kp * kTile);
   for (int64_t i = 0; i < count; ++i) PackPanel(w, ldw, rows, k, kp, i * kTile, panels + i * kp * kTile);
 }
+
+void MatMulBf16Rows(const uint16_t* rows, int64_t n, int64_t stride, const Bf16Panels& q, int64_t heads, int64_t k,
+                    float* y, int64_t ldy) {
+  if (Has(Isa::kAvx512Bf16)) return MatMulBf16RowsDot(rows, n, stride, q, heads, k, y, ldy);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t h = 0; h < heads; ++h) {
+      float sum = 0.0f;
+      for (int64_t j = 0; j < k; ++j) {
+        sum += Bf16ToFloat(rows[t * stride + j]) * Bf16ToFloat(q.data[Bf16Panels::Index(q.kp, h, j)]);
+      }
+      y[t * ldy + h] = sum;
+    }
+  }
+}
+
+void RoundToBf16(const float* in, int64_t n, uint16_t* out) { RoundRow(Has(Isa::kAvx512), in, n, n, out); }
 
 bool Bf16ProductsBeatF32() {
   const Path path = ActivePath();

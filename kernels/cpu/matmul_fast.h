@@ -64,6 +64,16 @@ void PackBf16Panels(const float* w, int64_t rows, int64_t k, int64_t ldw, uint16
 void MatMulBf16Panels(const float* x, int64_t m, int64_t ldx, const Bf16Panels& w, int64_t rows, int64_t k, float* y,
                       int64_t ldy);
 
+// Y[t, h] = sum_{j < k} rows[t * stride + j] q[h, j] for t < N, h < HEADS: BF16 rows
+// (a decode's latent cache) against BF16 queries packed as Bf16Panels (HEADS rows, kp >=
+// K; K even), summed in F32: vdpbf16ps where the host has AVX512_BF16, a plain loop
+// over the same operands elsewhere (a reference, not a speed-up).
+void MatMulBf16Rows(const uint16_t* rows, int64_t n, int64_t stride, const Bf16Panels& q, int64_t heads, int64_t k,
+                    float* y, int64_t ldy);
+
+// OUT[0, n) = IN[0, n) rounded to BF16, as FloatToBf16 (common/half.h) bit for bit.
+void RoundToBf16(const float* in, int64_t n, uint16_t* out);
+
 // Whether this host's BF16 products outrun its F32 ones: AMX tiles, or AVX512_BF16 where
 // 512-bit operations run in halves (Avx512InHalves: AMD Zen 4, where precision_bench
 // measured them at 1.6-1.8x F32 on prefill shapes; an Intel host without usable AMX ran

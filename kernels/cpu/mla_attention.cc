@@ -19,6 +19,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "common/half.h"
+#include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/matmul_fast.h"
 #include "kernels/cpu/matmul_internal.h"
@@ -40,7 +42,7 @@ constexpr int64_t kQueryChunk = 64;  // queries of one head sharing a pass over 
 // 3.35-3.54 s; F32 measured no change at 128).
 constexpr int64_t kQueryChunkBf16 = 128;
 
-enum Slot { kKeys, kQueries, kScores, kProbs, kPartial, kSlots };
+enum Slot { kKeys, kQueries, kScores, kProbs, kPartial, kPackedQueries, kWidened, kSlots };
 float* Scratch(Slot slot, int64_t floats) {
   thread_local ScratchBuffer buffers[kSlots];
   return static_cast<float*>(buffers[slot].Get(floats * static_cast<int64_t>(sizeof(float))));
@@ -84,16 +86,31 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
   auto outputs = [&](int64_t w) { return partial + w * item_floats; };
   auto maxima = [&](int64_t w) { return outputs(w) + heads * lora; };
   auto sums = [&](int64_t w) { return maxima(w) + heads; };
-  // The queries as columns: per query, [q_latent | q_pe] rows by heads.
+  // A BF16 cache (the fast precision's) takes the queries rounded to BF16 too: with
+  // AVX512_BF16 the scores are BF16 products of the rows in place, the queries packed in
+  // panels of 16 heads; elsewhere each split's rows are widened to F32 first. Otherwise
+  // the queries as columns: per query, [q_latent | q_pe] rows by heads.
+  const bool bf16 = p.cache.type == WeightType::kBF16;
+  const bool dot = bf16 && Has(Isa::kAvx512Bf16) && width % 2 == 0;
   float* queries = Scratch(kQueries, p.num_queries * width * heads);
+  const int64_t packed_elements = Bf16Panels::Elements(heads, width);
+  auto* packed = dot ? reinterpret_cast<uint16_t*>(Scratch(kPackedQueries, (p.num_queries * packed_elements + 1) / 2))
+                     : nullptr;
   for (int64_t i = 0; i < p.num_queries; ++i) {
     float* qi = queries + i * width * heads;
     for (int64_t h = 0; h < heads; ++h) {
       const float* ql = p.q_latent + (i * heads + h) * lora;
       const float* qp = p.q_pe + (i * heads + h) * p.rope_dim;
-      for (int64_t k = 0; k < lora; ++k) qi[k * heads + h] = ql[k];
-      for (int64_t k = 0; k < p.rope_dim; ++k) qi[(lora + k) * heads + h] = qp[k];
+      if (dot) {  // rows, to be packed
+        std::memcpy(qi + h * width, ql, static_cast<size_t>(lora) * sizeof(float));
+        std::memcpy(qi + h * width + lora, qp, static_cast<size_t>(p.rope_dim) * sizeof(float));
+        continue;
+      }
+      auto value = [&](float v) { return bf16 ? Bf16ToFloat(FloatToBf16(v)) : v; };
+      for (int64_t k = 0; k < lora; ++k) qi[k * heads + h] = value(ql[k]);
+      for (int64_t k = 0; k < p.rope_dim; ++k) qi[(lora + k) * heads + h] = value(qp[k]);
     }
+    if (dot) PackBf16Panels(qi, heads, width, width, packed + i * packed_elements);
   }
   ParallelFor(items, true, [&](int64_t w) {
     const int64_t i = w / splits;
@@ -112,8 +129,14 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
     float* scores = Scratch(kScores, n * heads);
     const int64_t ld = (n + 15) / 16 * 16 + 16;
     float* probs = Scratch(kProbs, heads * ld);
-    // Rows [t, t + run) lie one after another in the pool.
+    float* widened = nullptr;
+    if (bf16 && !dot) {
+      widened = Scratch(kWidened, n * width);
+      for (int64_t t = t0; t < t1; ++t) p.cache.Widen(t, 0, width, widened + (t - t0) * width);
+    }
+    // Rows [t, t + run) lie one after another in the pool (or in WIDENED).
     auto next_run = [&](int64_t t) {
+      if (widened != nullptr) return t1 - t;
       const int64_t bs = p.cache.block_size;
       int64_t end = std::min((t / bs + 1) * bs, t1);
       while (end < t1 && p.cache.block_table[end / bs] == p.cache.block_table[end / bs - 1] + 1) {
@@ -121,15 +144,26 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
       }
       return end - t;
     };
+    auto rows = [&](int64_t t, int64_t run, int64_t cols) {
+      return widened != nullptr ? F32Matrix(widened + (t - t0) * width, run, cols, width)
+                                : p.cache.Matrix(t, run, cols);
+    };
     for (int64_t t = t0, run; t < t1; t += run) {
       run = next_run(t);
-      MatMulNoTrans(p.cache.Row(t), run, p.cache.row_stride, by_head, scores + (t - t0) * heads, heads);
+      const WeightMatrix block = rows(t, run, width);
+      if (dot) {
+        MatMulBf16Rows(static_cast<const uint16_t*>(block.data), run, block.row_stride,
+                       {packed + i * packed_elements, Bf16Panels::Kp(width)}, heads, width, scores + (t - t0) * heads,
+                       heads);
+      } else {
+        MatMulNoTrans(static_cast<const float*>(block.data), run, block.row_stride, by_head,
+                      scores + (t - t0) * heads, heads);
+      }
     }
     ExpColumns(scores, n, heads, heads, p.scale, probs, ld, maxima(w), sums(w));
     for (int64_t t = t0, run; t < t1; t += run) {
       run = next_run(t);
-      MatMulNoTrans(probs + (t - t0), heads, ld, F32Matrix(p.cache.Row(t), run, lora, p.cache.row_stride), out, lora,
-                    /*accumulate=*/t > t0);
+      MatMulNoTrans(probs + (t - t0), heads, ld, rows(t, run, lora), out, lora, /*accumulate=*/t > t0);
     }
   });
   // Each query's splits combined: out = sum_s e^(max_s - M) out_s / sum_s e^(max_s - M) sum_s.
@@ -153,6 +187,15 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
         if (weights[s] > 0.0f) Axpy(weights[s] * inv, outputs(i * splits + s) + h * lora, lora, out);
       }
     }
+  }
+}
+
+void LatentRows::Widen(int64_t t, int64_t begin, int64_t count, float* out) const {
+  if (type == WeightType::kBF16) {
+    const uint16_t* row = static_cast<const uint16_t*>(Row(t)) + begin;
+    for (int64_t c = 0; c < count; ++c) out[c] = Bf16ToFloat(row[c]);
+  } else {
+    std::memcpy(out, static_cast<const float*>(Row(t)) + begin, static_cast<size_t>(count) * sizeof(float));
   }
 }
 

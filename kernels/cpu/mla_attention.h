@@ -4,20 +4,39 @@
 
 #include <cstdint>
 
+#include "kernels/cpu/matmul.h"
+
 namespace epic::cpu {
 
 // Where a sequence's cached rows live: row t is at
-// pool + (block_table[t / block_size] * block_size + t % block_size) * row_stride.
+// pool + (block_table[t / block_size] * block_size + t % block_size) * row_stride
+// elements, F32 or BF16 (the fast precision's cache: half the bytes; MatMulNoTrans and
+// the scores' products read either).
 struct LatentRows {
-  const float* pool = nullptr;
+  const void* pool = nullptr;
   const int32_t* block_table = nullptr;
   int64_t block_size = 0;
   int64_t row_stride = 0;  // kv_lora_rank + rope_dim
+  WeightType type = WeightType::kF32;  // kF32 or kBF16
 
-  const float* Row(int64_t t) const {
-    return pool + (static_cast<int64_t>(block_table[t / block_size]) * block_size + t % block_size) *
-                      row_stride;
+  const void* Row(int64_t t) const {
+    const int64_t at = (static_cast<int64_t>(block_table[t / block_size]) * block_size + t % block_size) * row_stride;
+    return type == WeightType::kBF16 ? static_cast<const void*>(static_cast<const uint16_t*>(pool) + at)
+                                     : static_cast<const void*>(static_cast<const float*>(pool) + at);
   }
+  // Rows [t, t + count) as a matrix of their first COLS values; they must lie one after
+  // another in the pool.
+  WeightMatrix Matrix(int64_t t, int64_t count, int64_t cols) const {
+    WeightMatrix m;
+    m.type = type;
+    m.data = Row(t);
+    m.rows = count;
+    m.cols = cols;
+    m.row_stride = row_stride;
+    return m;
+  }
+  // OUT[0, count) = row T's values [begin, begin + count) in F32.
+  void Widen(int64_t t, int64_t begin, int64_t count, float* out) const;
 };
 
 // Absorbed form (decode): W_UK is already folded into the query, so attention reads

@@ -37,11 +37,16 @@ std::vector<double> Attend(const std::vector<double>& scores, const std::vector<
   return out;
 }
 
+double RoundedToBf16(float v) { return Bf16ToFloat(FloatToBf16(v)); }
+
 struct AbsorbedShape {
   int64_t heads, lora, rope, block, start, n;
 };
 
-void CheckAbsorbed(const AbsorbedShape& shape) {
+// With BF16 the pool holds the rows rounded (the fast precision's cache) and the
+// reference takes the queries rounded too: the kernel's scores are products of BF16
+// operands summed in F32 (vdpbf16ps, or F32 products of the widened values).
+void CheckAbsorbed(const AbsorbedShape& shape, bool bf16 = false) {
   std::mt19937_64 rng(11);
   const auto [heads, lora, rope, block, start, n] = shape;
   const int64_t width = lora + rope;
@@ -55,6 +60,14 @@ void CheckAbsorbed(const AbsorbedShape& shape) {
   for (int64_t b = 0; b < blocks; ++b) table.push_back(static_cast<int32_t>(1 + (runs - 1 - b / 3) * 3 + b % 3));
   std::vector<float> pool = Random(pool_blocks * block * width, rng);
   std::vector<float> ql = Random(n * heads * lora, rng), qp = Random(n * heads * rope, rng);
+  std::vector<uint16_t> pool_bf16(pool.size());
+  if (bf16) {
+    for (size_t j = 0; j < pool.size(); ++j) {
+      pool_bf16[j] = FloatToBf16(pool[j]);
+      pool[j] = Bf16ToFloat(pool_bf16[j]);  // what the reference reads
+    }
+  }
+  auto query = [&](float v) { return bf16 ? RoundedToBf16(v) : double{v}; };
   std::vector<float> out(n * heads * lora, NAN);
   MlaAbsorbedParams p;
   p.num_queries = n;
@@ -66,6 +79,7 @@ void CheckAbsorbed(const AbsorbedShape& shape) {
   p.q_latent = ql.data();
   p.q_pe = qp.data();
   p.cache = {pool.data(), table.data(), block, width};
+  if (bf16) p.cache = {pool_bf16.data(), table.data(), block, width, WeightType::kBF16};
   p.out_latent = out.data();
   MlaAbsorbedAttention(p);
 
@@ -76,8 +90,8 @@ void CheckAbsorbed(const AbsorbedShape& shape) {
       for (int64_t t = 0; t <= start + i; ++t) {
         const float* row = pool.data() + (table[t / block] * block + t % block) * width;
         double s = 0;
-        for (int64_t j = 0; j < lora; ++j) s += double(ql[(i * heads + h) * lora + j]) * row[j];
-        for (int64_t j = 0; j < rope; ++j) s += double(qp[(i * heads + h) * rope + j]) * row[lora + j];
+        for (int64_t j = 0; j < lora; ++j) s += query(ql[(i * heads + h) * lora + j]) * row[j];
+        for (int64_t j = 0; j < rope; ++j) s += query(qp[(i * heads + h) * rope + j]) * row[lora + j];
         scores.push_back(0.3 * s);
         values.emplace_back(row, row + lora);
       }
@@ -92,6 +106,8 @@ void CheckAbsorbed(const AbsorbedShape& shape) {
 class AbsorbedTest : public ::testing::TestWithParam<AbsorbedShape> {};
 
 TEST_P(AbsorbedTest, OverPagedCacheMatchesFloat64) { CheckAbsorbed(GetParam()); }
+
+TEST_P(AbsorbedTest, OverBf16CacheMatchesFloat64OfRoundedOperands) { CheckAbsorbed(GetParam(), /*bf16=*/true); }
 
 // More threads than this host may have cores: contexts in five splits, the shorter
 // queries' later splits empty.
@@ -108,8 +124,6 @@ struct ExpandedShape {
 };
 
 class ExpandedTest : public ::testing::TestWithParam<ExpandedShape> {};
-
-double RoundedToBf16(float v) { return Bf16ToFloat(FloatToBf16(v)); }
 
 // The expanded form against float64; with BF16 operands, against float64 attention of the
 // BF16-rounded queries, keys and values, within 4e-3: the probabilities are rounded to
