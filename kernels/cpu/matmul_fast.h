@@ -28,8 +28,9 @@ inline constexpr const char* kPrecisionHelp =
     "load, activations per row at each product, summed exactly in int32 (AVX512_VNNI, AVX-VNNI or AVX2, one "
     "result on each): half the weight memory, about 2x decode and 2-3x prefill; its error is in "
     "docs/performance.md). A processor without AVX2 runs exact, and says so. The embedding and the routers stay "
-    "exact; attention's scores and outputs stay F32, except in prefill on processors whose BF16 "
-    "products outrun F32 (AMX, AMD Zen 4's AVX512_BF16), where they take BF16 operands";
+    "exact. The latent cache holds BF16 rows (half its memory), and decode's attention scores take BF16 "
+    "queries against them; prefill's attention takes BF16 operands on processors whose BF16 products outrun "
+    "F32 (AMX, AMD Zen 4's AVX512_BF16), F32 ones elsewhere";
 
 // MatMul's contract with PRECISION: kExact is MatMul itself.
 void MatMul(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy, bool accumulate,

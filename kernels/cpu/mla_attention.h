@@ -43,6 +43,7 @@ struct LatentRows {
 // only the latent cache, and the output stays latent (W_UV is applied after).
 //   score[t] = scale * (q_latent[i, h] . c_kv[t] + q_pe[i, h] . k_pe[t]),  t <= start + i
 //   out[i, h] = sum_t softmax(score)[t] * c_kv[t]
+// Over BF16 rows the queries are rounded to BF16 for the scores (sums in F32).
 struct MlaAbsorbedParams {
   int64_t num_queries = 0;  // new tokens of this sequence, at positions start..start+n-1
   int64_t start = 0;
