@@ -612,8 +612,12 @@ void MatMulInt8On(Int8Path path, const float* x, int64_t m, int64_t ldx, const W
   if (path == Int8Path::kPlain) return MatMulInt8Plain(x, m, ldx, w, y, ldy, accumulate);
   const QuantizedX qx = QuantizeActivations(QuantizerFor(path), x, m, ldx, w.cols, w.row_stride);
   const int64_t panels = RoundUp(w.rows, kPanelRows) / kPanelRows;
+  // Work in F32 multiply-adds: an int8 one costs about a quarter, but a few rows of x
+  // are bound by reading the weights, a byte each where BF16 reads two (decode's q_a and
+  // kv_a, 320-384 KiB, ran on one thread while the other waited).
+  const double macs = static_cast<double>(m) * w.rows * w.cols;
   const int threads = static_cast<int>(std::min<int64_t>(
-      panels, TeamSize(static_cast<double>(m) * w.rows * w.cols / 4)));
+      panels, TeamSize(std::max(macs / 4, static_cast<double>(w.rows) * w.cols / 2))));
   OnTeam(threads, [&](int t, int n) {
     int64_t p0, p1;
     SplitRange(panels, n, t, &p0, &p1);
