@@ -276,6 +276,60 @@ EPIC_AVX512_BF16 void MatMulBf16RowsDot(const Bf16* rows, int64_t n, int64_t str
   }
 }
 
+// Y [kHeads][16 columns] (+)= X [kHeads][n] W [n][16 columns], both BF16, for W's
+// columns [c, c + 16) (LANES of them): each pair of W's rows interleaved in registers
+// (lanes in the order below, put back on the store), dotted with each head's pair of X.
+template <int kHeads>
+EPIC_AVX512_BF16 void NoTransBf16Block(const Bf16* x, int64_t ldx, const Bf16* w, int64_t n, int64_t stride,
+                                       __mmask16 lanes, float* y, int64_t ldy, bool accumulate) {
+  // unpacklo/hi of two rows' 16 values pair columns 0-3 and 8-11, then 4-7 and 12-15.
+  const __m512i order = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15);
+  __m512 acc[kHeads];
+#pragma GCC unroll 16
+  for (int h = 0; h < kHeads; ++h) acc[h] = _mm512_setzero_ps();
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t t = 0; t < n; t += 2) {
+    const __m256i r0 = _mm256_maskz_loadu_epi16(lanes, w + t * stride);
+    const __m256i r1 = t + 1 < n ? _mm256_maskz_loadu_epi16(lanes, w + (t + 1) * stride) : zero;
+    const __m512bh pairs = (__m512bh)_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_unpacklo_epi16(r0, r1)),
+                                                        _mm256_unpackhi_epi16(r0, r1), 1);
+#pragma GCC unroll 16
+    for (int h = 0; h < kHeads; ++h) {
+      int32_t pair;  // X[h, t], X[h, t + 1]: at any t, aligned or not
+      std::memcpy(&pair, x + h * ldx + t, sizeof pair);
+      acc[h] = _mm512_dpbf16_ps(acc[h], pairs, (__m512bh)_mm512_set1_epi32(pair));
+    }
+  }
+#pragma GCC unroll 16
+  for (int h = 0; h < kHeads; ++h) {
+    __m512 v = _mm512_permutexvar_ps(order, acc[h]);
+    if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, y + h * ldy));
+    _mm512_mask_storeu_ps(y + h * ldy, lanes, v);
+  }
+}
+
+EPIC_AVX512_BF16 void MatMulNoTransBf16Dot(const Bf16* x, int64_t ldx, int64_t m, const Bf16* w, int64_t n,
+                                           int64_t stride, int64_t cols, float* y, int64_t ldy, bool accumulate) {
+  // Rows of X in blocks of 16 (a register each, and the pairs), the rest by 8, 4, 2, 1.
+  for (int64_t i = 0; i < m;) {
+    const int64_t left = m - i;
+    const int64_t rows = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 lanes = FirstLanes(cols - c);
+      const Bf16* xi = x + i * ldx;
+      float* yi = y + i * ldy + c;
+      switch (rows) {
+        case 16: NoTransBf16Block<16>(xi, ldx, w + c, n, stride, lanes, yi, ldy, accumulate); break;
+        case 8: NoTransBf16Block<8>(xi, ldx, w + c, n, stride, lanes, yi, ldy, accumulate); break;
+        case 4: NoTransBf16Block<4>(xi, ldx, w + c, n, stride, lanes, yi, ldy, accumulate); break;
+        case 2: NoTransBf16Block<2>(xi, ldx, w + c, n, stride, lanes, yi, ldy, accumulate); break;
+        default: NoTransBf16Block<1>(xi, ldx, w + c, n, stride, lanes, yi, ldy, accumulate); break;
+      }
+    }
+    i += rows;
+  }
+}
+
 enum class Path { kNone, kDot, kAmx };
 
 Path FastPathOf() {
@@ -427,6 +481,18 @@ void MatMulBf16Rows(const uint16_t* rows, int64_t n, int64_t stride, const Bf16P
         sum += Bf16ToFloat(rows[t * stride + j]) * Bf16ToFloat(q.data[Bf16Panels::Index(q.kp, h, j)]);
       }
       y[t * ldy + h] = sum;
+    }
+  }
+}
+
+void MatMulNoTransBf16(const uint16_t* x, int64_t ldx, int64_t m, const uint16_t* w, int64_t n, int64_t stride,
+                       int64_t cols, float* y, int64_t ldy, bool accumulate) {
+  if (Has(Isa::kAvx512Bf16)) return MatMulNoTransBf16Dot(x, ldx, m, w, n, stride, cols, y, ldy, accumulate);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t c = 0; c < cols; ++c) {
+      float sum = 0.0f;
+      for (int64_t t = 0; t < n; ++t) sum += Bf16ToFloat(x[i * ldx + t]) * Bf16ToFloat(w[t * stride + c]);
+      y[i * ldy + c] = accumulate ? y[i * ldy + c] + sum : sum;
     }
   }
 }

@@ -72,6 +72,13 @@ void MatMulBf16Panels(const float* x, int64_t m, int64_t ldx, const Bf16Panels& 
 void MatMulBf16Rows(const uint16_t* rows, int64_t n, int64_t stride, const Bf16Panels& q, int64_t heads, int64_t k,
                     float* y, int64_t ldy);
 
+// Y[i, c] (+)= sum_{t < n} X[i, t] W[t, c] for i < M, c < COLS: BF16 X (rows LDX apart;
+// when N is odd X[i, n] is read and multiplied by zero, so it must be finite) and BF16 W (N rows STRIDE apart), summed in
+// F32: a decode's attention outputs, probabilities times BF16 latent rows. vdpbf16ps
+// over pairs of W's rows where the host has AVX512_BF16, a plain loop elsewhere.
+void MatMulNoTransBf16(const uint16_t* x, int64_t ldx, int64_t m, const uint16_t* w, int64_t n, int64_t stride,
+                       int64_t cols, float* y, int64_t ldy, bool accumulate);
+
 // OUT[0, n) = IN[0, n) rounded to BF16, as FloatToBf16 (common/half.h) bit for bit.
 void RoundToBf16(const float* in, int64_t n, uint16_t* out);
 

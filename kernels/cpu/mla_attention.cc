@@ -44,7 +44,7 @@ constexpr int64_t kQueryChunk = 64;  // queries of one head sharing a pass over 
 // 3.35-3.54 s; F32 measured no change at 128).
 constexpr int64_t kQueryChunkBf16 = 128;
 
-enum Slot { kKeys, kQueries, kScores, kProbs, kPartial, kPackedQueries, kWidened, kSlots };
+enum Slot { kKeys, kQueries, kScores, kProbs, kProbsBf16, kPartial, kPackedQueries, kWidened, kSlots };
 float* Scratch(Slot slot, int64_t floats) {
   thread_local ScratchBuffer buffers[kSlots];
   return static_cast<float*>(buffers[slot].Get(floats * static_cast<int64_t>(sizeof(float))));
@@ -163,9 +163,28 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
       }
     }
     ExpColumns(scores, n, heads, heads, p.scale, probs, ld, maxima(w), sums(w));
+    // Over BF16 rows the probabilities are rounded to BF16 too: pairs of rows' products
+    // by vdpbf16ps, or the rounded values widened again.
+    uint16_t* rounded = nullptr;
+    if (bf16) {
+      rounded = reinterpret_cast<uint16_t*>(Scratch(kProbsBf16, (heads * ld + 1) / 2));
+      for (int64_t h = 0; h < heads; ++h) {
+        RoundToBf16(probs + h * ld, n, rounded + h * ld);
+        rounded[h * ld + n] = 0;  // paired with no row when n is odd (ld > n)
+        if (!dot) {
+          for (int64_t t = 0; t < n; ++t) probs[h * ld + t] = Bf16ToFloat(rounded[h * ld + t]);
+        }
+      }
+    }
     for (int64_t t = t0, run; t < t1; t += run) {
       run = next_run(t);
-      MatMulNoTrans(probs + (t - t0), heads, ld, rows(t, run, lora), out, lora, /*accumulate=*/t > t0);
+      const WeightMatrix block = rows(t, run, lora);
+      if (dot) {
+        MatMulNoTransBf16(rounded + (t - t0), ld, heads, static_cast<const uint16_t*>(block.data), run,
+                          block.row_stride, lora, out, lora, /*accumulate=*/t > t0);
+      } else {
+        MatMulNoTrans(probs + (t - t0), heads, ld, block, out, lora, /*accumulate=*/t > t0);
+      }
     }
   });
   // Each query's splits combined: out = sum_s e^(max_s - M) out_s / sum_s e^(max_s - M) sum_s.

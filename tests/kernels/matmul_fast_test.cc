@@ -249,5 +249,91 @@ TEST(MatMulBf16PanelsTest, RoundsActivationsToNearestEven) {
   EXPECT_EQ(Bf16ToFloat(FloatToBf16(1.0f + 3 * tie)), 1.0f + 4 * tie);
 }
 
+std::vector<uint16_t> RandomBf16(int64_t n, std::mt19937& rng) {
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::vector<uint16_t> v(static_cast<size_t>(n));
+  for (uint16_t& b : v) b = FloatToBf16(dist(rng));
+  return v;
+}
+
+// Decode's scores over BF16 rows: every row against every head's packed query, heads
+// past one panel and short of one, rows past a block of 12 and in tails of 4 and 1.
+TEST(MatMulBf16RowsTest, EqualsAFloat64LoopOverTheRoundedOperands) {
+  std::mt19937 rng(21);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  const Case cases[] = {{16, 13, 320}, {5, 1, 20}, {19, 40, 64}, {16, 29, 2}};  // heads, rows, k
+  for (const Case& c : cases) {
+    SCOPED_TRACE("heads " + std::to_string(c.m) + ", rows " + std::to_string(c.n) + ", k " + std::to_string(c.k));
+    const int64_t stride = c.k + 6, ldy = c.m + 3;
+    const std::vector<uint16_t> rows = RandomBf16(c.n * stride, rng);
+    std::vector<float> q(static_cast<size_t>(c.m * c.k));
+    for (float& v : q) v = dist(rng);
+    ScratchBuffer memory;
+    const uint16_t* packed = PackPanels(q, c.m, c.k, memory);
+    std::vector<float> y(static_cast<size_t>(c.n * ldy), 7.0f);
+    MatMulBf16Rows(rows.data(), c.n, stride, {packed, Bf16Panels::Kp(c.k)}, c.m, c.k, y.data(), ldy);
+    for (int64_t t = 0; t < c.n; ++t) {
+      for (int64_t h = 0; h < ldy; ++h) {
+        const float got = y[static_cast<size_t>(t * ldy + h)];
+        if (h >= c.m) {
+          ASSERT_EQ(got, 7.0f) << "column " << h << " past the heads";
+          continue;
+        }
+        double want = 0, magnitude = 0;
+        for (int64_t j = 0; j < c.k; ++j) {
+          const double term = double(Bf16ToFloat(rows[t * stride + j])) * double(Round(q[h * c.k + j]));
+          want += term;
+          magnitude += std::fabs(term);
+        }
+        ASSERT_NEAR(got, want, 1e-5 * magnitude + 1e-30) << "row " << t << ", head " << h;
+      }
+    }
+  }
+}
+
+// Decode's outputs over BF16 rows: odd row counts (the last row paired with none),
+// columns short of and past a vector, heads past 16, accumulate.
+TEST(MatMulNoTransBf16Test, EqualsAFloat64LoopOverTheOperands) {
+  std::mt19937 rng(22);
+  struct Shape {
+    int64_t m, n, cols;
+    bool accumulate;
+  };
+  const Shape shapes[] = {{16, 13, 256, false}, {3, 1, 37, true}, {19, 40, 16, false}, {16, 7, 5, true}};
+  for (const Shape& c : shapes) {
+    SCOPED_TRACE("m " + std::to_string(c.m) + ", n " + std::to_string(c.n) + ", cols " + std::to_string(c.cols));
+    const int64_t ldx = c.n + 5, stride = c.cols + 3, ldy = c.cols + 2;
+    const std::vector<uint16_t> x = RandomBf16(c.m * ldx, rng), w = RandomBf16(c.n * stride, rng);
+    std::vector<float> y(static_cast<size_t>(c.m * ldy), 0.5f);
+    MatMulNoTransBf16(x.data(), ldx, c.m, w.data(), c.n, stride, c.cols, y.data(), ldy, c.accumulate);
+    for (int64_t i = 0; i < c.m; ++i) {
+      for (int64_t j = 0; j < ldy; ++j) {
+        const float got = y[static_cast<size_t>(i * ldy + j)];
+        if (j >= c.cols) {
+          ASSERT_EQ(got, 0.5f) << "column " << j << " past the columns asked";
+          continue;
+        }
+        double want = c.accumulate ? 0.5 : 0.0, magnitude = want;
+        for (int64_t t = 0; t < c.n; ++t) {
+          const double term = double(Bf16ToFloat(x[i * ldx + t])) * double(Bf16ToFloat(w[t * stride + j]));
+          want += term;
+          magnitude += std::fabs(term);
+        }
+        ASSERT_NEAR(got, want, 1e-5 * magnitude + 1e-30) << "row " << i << ", column " << j;
+      }
+    }
+  }
+}
+
+TEST(RoundToBf16Test, IsFloatToBf16BitForBit) {
+  const float tie = std::ldexp(1.0f, -8);
+  std::vector<float> values = {1.0f + tie, 1.0f + 3 * tie, -(1.0f + tie), 3.0e38f, -2.5e-30f, 0.1f,
+                               INFINITY, -INFINITY, NAN, 0.0f, -0.0f};
+  for (int i = 0; i < 40; ++i) values.push_back(std::ldexp(1.0f + static_cast<float>(i) / 40.0f, i - 20));
+  std::vector<uint16_t> got(values.size());
+  RoundToBf16(values.data(), static_cast<int64_t>(values.size()), got.data());
+  for (size_t i = 0; i < values.size(); ++i) EXPECT_EQ(got[i], FloatToBf16(values[i])) << "value " << values[i];
+}
+
 }  // namespace
 }  // namespace epic::cpu

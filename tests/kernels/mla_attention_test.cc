@@ -45,7 +45,9 @@ struct AbsorbedShape {
 
 // With BF16 the pool holds the rows rounded (the fast precision's cache) and the
 // reference takes the queries rounded too: the kernel's scores are products of BF16
-// operands summed in F32 (vdpbf16ps, or F32 products of the widened values).
+// operands summed in F32 (vdpbf16ps, or F32 products of the widened values). Its
+// probabilities are rounded to BF16 as well (2^-9 relative each, |values| <= 1): within
+// 4e-3 then.
 void CheckAbsorbed(const AbsorbedShape& shape, bool bf16 = false) {
   std::mt19937_64 rng(11);
   const auto [heads, lora, rope, block, start, n] = shape;
@@ -97,7 +99,7 @@ void CheckAbsorbed(const AbsorbedShape& shape, bool bf16 = false) {
       }
       const std::vector<double> want = Attend(scores, values);
       for (int64_t j = 0; j < lora; ++j) {
-        EXPECT_NEAR(out[(i * heads + h) * lora + j], want[j], 1e-5) << "query " << i << " head " << h;
+        EXPECT_NEAR(out[(i * heads + h) * lora + j], want[j], bf16 ? 4e-3 : 1e-5) << "query " << i << " head " << h;
       }
     }
   }
