@@ -41,6 +41,14 @@ class CpuBackend final : public ComputeBackend {
     batch_ = batch;
     tokens_ = &tokens;
     cache_ = cache;
+    // Each token's rotation factors, shared by every layer's queries and keys.
+    const int64_t pairs = c_.qk_rope_head_dim / 2;
+    const int64_t n = static_cast<int64_t>(tokens.positions.size());
+    double* factors = RopeFactorsOf(n);
+    cpu::ParallelRows(n, n >= 64, [&](int64_t t) {
+      cpu::RopeFactors(tokens.positions[t], rope_.inv_freq.data(), pairs, rope_.mscale, factors + 2 * t * pairs,
+                       factors + (2 * t + 1) * pairs);
+    });
     return OkStatus();
   }
 
@@ -199,6 +207,12 @@ class CpuBackend final : public ComputeBackend {
     return v.data();
   }
   float* Scratch(int id, int64_t n) { return Sized(scratch_, id, n); }
+  // The step's rope factors: token t's cosines then sines, qk_rope_head_dim / 2 each.
+  double* RopeFactorsOf(int64_t tokens) {
+    const auto n = static_cast<size_t>(std::max<int64_t>(tokens, 1) * c_.qk_rope_head_dim);
+    if (rope_factors_.size() < n) rope_factors_.resize(n);
+    return rope_factors_.data();
+  }
 
   // Y (+)= down(silu(gate(x)) * up(x)) for TOKENS rows, through SCRATCH of
   // TOKENS x 2 x intermediate floats: with gate|up stacked, one product fills each row
@@ -231,6 +245,7 @@ class CpuBackend final : public ComputeBackend {
   const bool bf16_attention_;  // the expanded form's products with BF16 operands
   parallel::HostRowSpace rows_;
   std::vector<std::vector<float>> activations_, scratch_;
+  std::vector<double> rope_factors_;
   std::span<const SequenceStep> batch_;
   const StepTokens* tokens_ = nullptr;
   LatentCache* cache_ = nullptr;
@@ -266,11 +281,11 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
   float* latent = Scratch(kLatent, tokens * width);
   cpu::MatMul(x, tokens, c.hidden_size, L.kv_a_proj, latent, width);
   cpu::RmsNorm(latent, tokens, lora, width, L.kv_a_norm.data(), eps, latent, width);
-  // Each token works out its angles' sines and cosines: a prefill's tokens spread over the threads.
+  // Rotated by the step's factors (BeginStep): a prefill's tokens spread over the threads.
   cpu::ParallelRows(tokens, tokens >= 16, [&](int64_t t) {
-    cpu::ApplyRope(latent + t * width + lora, positions[t], rope_.inv_freq.data(), rope / 2, rope_.mscale);
-    cpu::ApplyRope(q + t * heads * qhd + nope, heads, qhd, positions[t], rope_.inv_freq.data(), rope / 2,
-                   rope_.mscale);
+    const double* cos = rope_factors_.data() + t * rope;
+    cpu::ApplyRope(latent + t * width + lora, 1, 0, cos, cos + rope / 2, rope / 2);
+    cpu::ApplyRope(q + t * heads * qhd + nope, heads, qhd, cos, cos + rope / 2, rope / 2);
   });
 
   // Every span's new rows into the cache first: attention reads them.

@@ -41,26 +41,34 @@ void RmsNorm(const float* x, int64_t rows, int64_t n, int64_t ldx, const float* 
   });
 }
 
+void RopeFactors(int64_t position, const double* inv_freq, int64_t count, double mscale, double* cos, double* sin) {
+  for (int64_t i = 0; i < count; ++i) {
+    const double angle = static_cast<double>(position) * inv_freq[i];
+    cos[i] = std::cos(angle) * mscale;
+    sin[i] = std::sin(angle) * mscale;
+  }
+}
+
+void ApplyRope(float* x, int64_t slices, int64_t slice_stride, const double* cos, const double* sin, int64_t count) {
+  for (int64_t s = 0; s < slices; ++s) {
+    float* xs = x + s * slice_stride;
+    for (int64_t i = 0; i < count; ++i) {
+      const double a = xs[2 * i];
+      const double b = xs[2 * i + 1];
+      xs[2 * i] = static_cast<float>(a * cos[i] - b * sin[i]);
+      xs[2 * i + 1] = static_cast<float>(b * cos[i] + a * sin[i]);
+    }
+  }
+}
+
 void ApplyRope(float* x, int64_t slices, int64_t slice_stride, int64_t position, const double* inv_freq,
                int64_t inv_freq_count, double mscale) {
-  constexpr int64_t kChunk = 64;  // pairs whose angles are held at once
+  constexpr int64_t kChunk = 64;  // pairs whose factors are held at once
   double cs[kChunk], sn[kChunk];
   for (int64_t i0 = 0; i0 < inv_freq_count; i0 += kChunk) {
     const int64_t n = std::min(kChunk, inv_freq_count - i0);
-    for (int64_t i = 0; i < n; ++i) {
-      const double angle = static_cast<double>(position) * inv_freq[i0 + i];
-      cs[i] = std::cos(angle) * mscale;
-      sn[i] = std::sin(angle) * mscale;
-    }
-    for (int64_t s = 0; s < slices; ++s) {
-      float* xs = x + s * slice_stride + 2 * i0;
-      for (int64_t i = 0; i < n; ++i) {
-        const double a = xs[2 * i];
-        const double b = xs[2 * i + 1];
-        xs[2 * i] = static_cast<float>(a * cs[i] - b * sn[i]);
-        xs[2 * i + 1] = static_cast<float>(b * cs[i] + a * sn[i]);
-      }
-    }
+    RopeFactors(position, inv_freq + i0, n, mscale, cs, sn);
+    ApplyRope(x + 2 * i0, slices, slice_stride, cs, sn, n);
   }
 }
 

@@ -20,6 +20,11 @@ void ApplyRope(float* x, int64_t position, const double* inv_freq, int64_t inv_f
 // cosines and sines computed once for all of them.
 void ApplyRope(float* x, int64_t slices, int64_t slice_stride, int64_t position, const double* inv_freq,
                int64_t inv_freq_count, double mscale);
+// One position's factors: COS[i] = cos(position * inv_freq[i]) * mscale and SIN[i]
+// likewise, for i < COUNT, in double; and the rotation by them, as the forms above do
+// (which compute them each call; a step's layers share them).
+void RopeFactors(int64_t position, const double* inv_freq, int64_t count, double mscale, double* cos, double* sin);
+void ApplyRope(float* x, int64_t slices, int64_t slice_stride, const double* cos, const double* sin, int64_t count);
 
 // out[i] = silu(gate[i]) * up[i].
 void SiluMul(const float* gate, const float* up, int64_t n, float* out);
