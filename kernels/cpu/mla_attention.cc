@@ -5,8 +5,9 @@
 //    (each row read once, the heads as the product's columns), its softmax share and
 //    outputs another; the splits' shares are combined after. Runs of blocks that lie
 //    one after another in the pool (a fresh cache's blocks mostly do) are read in place;
-//    BF16 rows (the fast precision's cache) are scored by MatMulBf16Rows against the
-//    queries rounded and packed, or widened to F32 where the host has no AVX512_BF16;
+//    over BF16 rows (the fast precision's cache) queries and probabilities are rounded
+//    to BF16 too, and the products are MatMulBf16Rows and MatMulNoTransBf16 (vdpbf16ps),
+//    or F32 ones of the rows widened where the host has no AVX512_BF16;
 //  - expanded (prefill): each head's keys and values (transposed) are gathered and
 //    packed for the GEMM's micro-kernel once (MatMulPackedF32); per head and chunk of
 //    64 queries, scores and outputs are two products over the prefix the chunk sees
