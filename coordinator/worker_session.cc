@@ -35,9 +35,10 @@ void WorkerSession::FillModelInfo(v1::ModelInfo* info) const {
 }
 
 v1::CacheFootprint WorkerSession::CacheFootprintLocked() const {
-  // Rows are F32 on CPU workers, BF16 on GPUs.
-  const bool gpu = worker_.ranks_size() > 0 && worker_.ranks(0).device() == "cuda";
-  return CacheFootprintOf(worker_.model(), gpu ? 2 : 4, options_.scheduler.num_blocks * options_.scheduler.block_size,
+  // Rows are BF16 on GPUs and on CPU workers running the fast precision, else F32.
+  const bool bf16 = worker_.ranks_size() > 0 &&
+                    (worker_.ranks(0).device() == "cuda" || worker_.ranks(0).precision() == "fast");
+  return CacheFootprintOf(worker_.model(), bf16 ? 2 : 4, options_.scheduler.num_blocks * options_.scheduler.block_size,
                           worker_.ranks_size(), worker_.attention() == "dp" ? "dp" : "tp");
 }
 

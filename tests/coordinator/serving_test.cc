@@ -935,7 +935,8 @@ TEST_F(ServingTest, DataParallelAttentionServesWhatTensorParallelDoes) {
 }
 
 // `epic info` shows what MLA's latent cache saves, worked out here from config.json.
-// cluster.sh --precision fast reaches every rank: info says what each runs, and a dp job
+// cluster.sh --precision fast reaches every rank: info says what each runs (and that
+// the cache holds BF16 rows), and a dp job
 // (every rank holding what one process holds, quantized alike) serves what epic-run
 // --precision fast prints in one process.
 TEST_F(ServingTest, FastPrecisionReachesTheRanksAndServesWhatEpicRunDoes) {
@@ -946,6 +947,7 @@ TEST_F(ServingTest, FastPrecisionReachesTheRanksAndServesWhatEpicRunDoes) {
   ASSERT_EQ(info.ranks_size(), 2);
   const std::string want = cpu::HasInt8Products() ? "fast" : "exact";
   for (const v1::RankInfo& r : info.ranks()) EXPECT_EQ(r.precision(), want) << "rank " << r.rank();
+  EXPECT_EQ(info.cache_footprint().bytes_per_value(), want == "fast" ? 2 : 4);  // fast caches BF16 rows
   for (const std::vector<int32_t>& prompt : {std::vector<int32_t>{5, 17, 300, 41}, std::vector<int32_t>{9, 8, 7}}) {
     v1::GenerateRequest request = Request(prompt, 12);
     request.set_ignore_eos(true);
