@@ -42,12 +42,12 @@ class CpuBackend final : public ComputeBackend {
     tokens_ = &tokens;
     cache_ = cache;
     // Each token's rotation factors, shared by every layer's queries and keys.
-    const int64_t pairs = c_.qk_rope_head_dim / 2;
+    const int64_t rope = c_.qk_rope_head_dim;
     const int64_t n = static_cast<int64_t>(tokens.positions.size());
     double* factors = RopeFactorsOf(n);
     cpu::ParallelRows(n, n >= 64, [&](int64_t t) {
-      cpu::RopeFactors(tokens.positions[t], rope_.inv_freq.data(), pairs, rope_.mscale, factors + 2 * t * pairs,
-                       factors + (2 * t + 1) * pairs);
+      double* cos = factors + t * rope;
+      cpu::RopeFactors(tokens.positions[t], rope_.inv_freq.data(), rope / 2, rope_.mscale, cos, cos + rope / 2);
     });
     return OkStatus();
   }

@@ -28,8 +28,8 @@ inline constexpr const char* kPrecisionHelp =
     "load, activations per row at each product, summed exactly in int32 (AVX512_VNNI, AVX-VNNI or AVX2, one "
     "result on each): half the weight memory, about 2x decode and 2-3x prefill; its error is in "
     "docs/performance.md). A processor without AVX2 runs exact, and says so. The embedding and the routers stay "
-    "exact. The latent cache holds BF16 rows (half its memory), and decode's attention scores take BF16 "
-    "queries against them; prefill's attention takes BF16 operands on processors whose BF16 products outrun "
+    "exact. The latent cache holds BF16 rows (half its memory), and decode's attention takes its queries and "
+    "probabilities in BF16 against them; prefill's attention takes BF16 operands on processors whose BF16 products outrun "
     "F32 (AMX, AMD Zen 4's AVX512_BF16), F32 ones elsewhere";
 
 // MatMul's contract with PRECISION: kExact is MatMul itself.
@@ -73,9 +73,10 @@ void MatMulBf16Rows(const uint16_t* rows, int64_t n, int64_t stride, const Bf16P
                     float* y, int64_t ldy);
 
 // Y[i, c] (+)= sum_{t < n} X[i, t] W[t, c] for i < M, c < COLS: BF16 X (rows LDX apart;
-// when N is odd X[i, n] is read and multiplied by zero, so it must be finite) and BF16 W (N rows STRIDE apart), summed in
-// F32: a decode's attention outputs, probabilities times BF16 latent rows. vdpbf16ps
-// over pairs of W's rows where the host has AVX512_BF16, a plain loop elsewhere.
+// when N is odd X[i, n] is read and multiplied by zero, so it must be finite) and BF16
+// W (N rows STRIDE apart), summed in F32: a decode's attention outputs, probabilities
+// times BF16 latent rows. vdpbf16ps over pairs of W's rows where the host has
+// AVX512_BF16, a plain loop elsewhere.
 void MatMulNoTransBf16(const uint16_t* x, int64_t ldx, int64_t m, const uint16_t* w, int64_t n, int64_t stride,
                        int64_t cols, float* y, int64_t ldy, bool accumulate);
 

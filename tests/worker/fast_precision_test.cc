@@ -137,7 +137,8 @@ TEST(FastPrecision, LogitsStayNearExactWhereNoRoutingCanFlip) {
 }
 
 // Each step's logits of TOKENS fed one at a time: decode's absorbed form (the W_UK and
-// W_UV folds in int8 under fast) rather than a prompt's expanded one.
+// W_UV folds in int8, attention over the BF16 cache, under fast) rather than a prompt's
+// expanded one.
 std::vector<float> DecodeLogits(Model& model, const std::vector<int32_t>& tokens) {
   auto cache = model.MakeCache(16, 4);
   BlockTable table;
