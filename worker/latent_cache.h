@@ -11,6 +11,7 @@
 
 #include "common/status.h"
 #include "kernels/cpu/mla_attention.h"
+#include "worker/arena.h"
 
 namespace epic {
 
@@ -58,7 +59,8 @@ class LatentCache {
   int64_t block_size_;
   int64_t num_blocks_;
   bool bf16_rows_;
-  std::unique_ptr<std::byte[]> pool_;  // [layers, blocks, block_size, row_width] F32 or BF16
+  Arena arena_;
+  std::byte* pool_;  // in arena_: [layers, blocks, block_size, row_width] F32 or BF16
   std::vector<int32_t> free_;
   std::shared_ptr<void> device_rows_;
 };

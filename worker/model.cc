@@ -45,7 +45,7 @@ StatusOr<PlacementChange> Model::ApplyPlacement(const parallel::ExpertPlacement&
   PlacementChange change;
   const size_t layers = static_cast<size_t>(c.num_hidden_layers);
   std::vector<std::vector<MlpWeights>> experts(layers);
-  std::vector<std::vector<std::shared_ptr<WeightArena>>> memory(layers);
+  std::vector<std::vector<std::shared_ptr<Arena>>> memory(layers);
   std::vector<std::vector<int>> kept(layers);  // per new slot, the old slot it keeps; -1: new
   // Every load first: a failure leaves the model as it was.
   for (size_t l = 0; l < layers; ++l) {

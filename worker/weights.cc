@@ -287,36 +287,6 @@ void TouchPages(const std::vector<const TensorView*>& views, const ProgressFn& p
 
 }  // namespace
 
-WeightArena::~WeightArena() {
-  for (const Chunk& c : chunks_) ::munmap(c.base, static_cast<size_t>(c.size));
-}
-
-void* WeightArena::Allocate(int64_t bytes) {
-  constexpr int64_t kHugePage = 2 << 20;
-  constexpr int64_t kPage = 4096;
-  bytes = (bytes + 63) / 64 * 64;
-  if (bytes > left_) {
-    // Small arenas (one small expert) stay in 4 KiB pages: a huge page each would
-    // multiply their memory.
-    const bool huge = std::max(chunk_bytes_, bytes) >= kHugePage;
-    const int64_t align = huge ? kHugePage : kPage;
-    const int64_t size = std::max(chunk_bytes_, (bytes + align - 1) / align * align);
-    // One huge page more than needed, so the usable part can start on a 2 MiB boundary.
-    const int64_t extra = huge ? kHugePage : 0;
-    void* base = ::mmap(nullptr, static_cast<size_t>(size + extra), PROT_READ | PROT_WRITE,
-                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (base == MAP_FAILED) return nullptr;
-    chunks_.push_back({base, size + extra});
-    const auto addr = reinterpret_cast<uintptr_t>(base);
-    next_ = reinterpret_cast<char*>((addr + align - 1) / align * align);
-    left_ = size;
-    if (huge) ::madvise(next_, static_cast<size_t>(size), MADV_HUGEPAGE);  // advice: fine if refused
-  }
-  void* p = next_;
-  next_ += bytes;
-  left_ -= bytes;
-  return p;
-}
 
 StatusOr<BoundExpert> BindExpert(const Checkpoint& checkpoint, int64_t layer, int32_t expert,
                                  WeightResidency residency, cpu::Precision precision) {
@@ -342,7 +312,7 @@ StatusOr<BoundExpert> BindExpert(const Checkpoint& checkpoint, int64_t layer, in
   }
   out.bytes = holder->matrix_bytes;
   if (residency == WeightResidency::kCopy || quantize) {
-    out.memory = std::shared_ptr<WeightArena>(holder, &holder->arena);
+    out.memory = std::shared_ptr<Arena>(holder, &holder->arena);
   }
   return out;
 }

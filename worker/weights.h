@@ -19,6 +19,7 @@
 #include "common/status.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/matmul_fast.h"
+#include "worker/arena.h"
 #include "worker/checkpoint.h"
 
 namespace epic {
@@ -60,7 +61,7 @@ struct LayerWeights {
   std::vector<MlpWeights> experts;         // this rank's expert slots (all experts by default)
   // Per slot: the memory of an expert loaded after start (by a rebalance), freed with
   // it; nullptr for experts in ModelWeights::arena.
-  std::vector<std::shared_ptr<class WeightArena>> expert_memory;
+  std::vector<std::shared_ptr<Arena>> expert_memory;
   bool has_shared = false;
   MlpWeights shared;                       // intermediate = moe_intermediate * n_shared; this rank's part
 };
@@ -83,37 +84,13 @@ struct WeightShard {
   int64_t mlp_parts = 1;
 };
 
-// Anonymous memory in large chunks advised to use transparent huge pages.
-class WeightArena {
- public:
-  WeightArena() = default;
-  ~WeightArena();
-  WeightArena(const WeightArena&) = delete;
-  WeightArena& operator=(const WeightArena&) = delete;
-  // BYTES of 64-byte aligned memory, valid for the arena's life. nullptr when the
-  // system refuses the memory.
-  void* Allocate(int64_t bytes);
-  // Memory is reserved this much at a time (address space only, until touched).
-  void set_chunk_bytes(int64_t bytes) { chunk_bytes_ = bytes; }
-
- private:
-  struct Chunk {
-    void* base;
-    int64_t size;
-  };
-  int64_t chunk_bytes_ = int64_t{1} << 30;
-  std::vector<Chunk> chunks_;
-  char* next_ = nullptr;
-  int64_t left_ = 0;
-};
-
 struct ModelWeights {
   cpu::WeightMatrix embed;    // [vocab, hidden]
   std::vector<LayerWeights> layers;
   std::vector<float> final_norm;
   cpu::WeightMatrix lm_head;  // [vocab rows of this rank, hidden]; rows of embed when tied
 
-  WeightArena arena;         // the matrices' memory, unless kMapped
+  Arena arena;               // the matrices' memory, unless kMapped
   int64_t matrix_bytes = 0;  // bytes of all matrices as used
 
   // Binds every tensor of CHECKPOINT, copying (kCopy) or touching (kMapped) every
@@ -129,7 +106,7 @@ struct ModelWeights {
 // memory of its own (freed when MEMORY is), or used in place when kMapped (and exact).
 struct BoundExpert {
   MlpWeights weights;
-  std::shared_ptr<WeightArena> memory;  // nullptr when kMapped
+  std::shared_ptr<Arena> memory;  // nullptr when kMapped
   int64_t bytes = 0;
 };
 StatusOr<BoundExpert> BindExpert(const Checkpoint& checkpoint, int64_t layer, int32_t expert,
