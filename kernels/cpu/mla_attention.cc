@@ -44,6 +44,9 @@ constexpr int64_t kQueryChunk = 64;  // queries of one head sharing a pass over 
 // each product still packed its keys and values: 64 3.56-3.66 s, 128 3.25 s, 256
 // 3.35-3.54 s; F32 measured no change at 128).
 constexpr int64_t kQueryChunkBf16 = 128;
+// Keys a block of the BF16 form's online softmax (a multiple of 32, the products'
+// column blocks): a chunk's block of scores, 128 x 512 floats, stays in L2.
+constexpr int64_t kKeyBlock = 512;
 
 enum Slot { kKeys, kQueries, kScores, kProbs, kProbsBf16, kPartial, kPackedQueries, kWidened, kSlots };
 float* Scratch(Slot slot, int64_t floats) {
@@ -242,6 +245,54 @@ void GatherHead(const MlaExpandedParams& p, int64_t h, float* keys, float* value
   }
 }
 
+// One head's outputs for N queries (the first at position FIRST) from its keys and
+// values packed as BF16 panels (keys: a panel row per context row; values transposed,
+// a panel row per value dimension), a block of kKeyBlock keys at a time: the block's
+// scores, their online softmax (OnlineSoftmaxRow), and its outputs added into the
+// running ones after those are rescaled to the new maxima; divided by the sums at the
+// end. Scores and probabilities stay in L2 (all of a chunk's scores at once, 128 x 4096
+// floats, did not: 4096-token prefill's attention ran at two thirds of its products'
+// rate). The exponentials are rounded to BF16 for the values' product before the
+// division: the same rounding of each as before, on values not yet normalised.
+void BlockedBf16Head(const MlaExpandedParams& p, const float* q, int64_t q_stride, int64_t n, int64_t first,
+                     const uint16_t* keys, const uint16_t* values, float* out, int64_t out_stride) {
+  const int64_t qk = p.nope_dim + p.rope_dim;
+  const int64_t key_kp = Bf16Panels::Kp(qk);
+  const int64_t value_kp = Bf16Panels::Kp(p.start + p.num_queries);
+  const int64_t seen = first + n;  // the last query's context
+  float* scores = Scratch(kScores, n * kKeyBlock);
+  float* sums_out = Scratch(kPartial, n * p.v_dim);  // the blocks' outputs so far
+  float* block_out = Scratch(kProbs, n * p.v_dim);
+  // Each query's running maximum and factor, then its running sum (a double).
+  float* maxima = Scratch(kWidened, 4 * n);
+  float* alphas = maxima + n;
+  auto* sums = reinterpret_cast<double*>(alphas + n);
+  std::fill(maxima, maxima + n, -INFINITY);
+  std::fill(sums, sums + n, 0.0);
+  for (int64_t k0 = 0; k0 < seen; k0 += kKeyBlock) {
+    const int64_t kb = std::min(kKeyBlock, seen - k0);
+    // Keys [k0, k0 + kb) start at panel k0 / 16; the values' columns [k0, k0 + kb) at
+    // pair k0 / 2 of each panel. Past KB the products meet the probabilities' zeros.
+    MatMulBf16Panels(q, n, q_stride, {keys + k0 * key_kp, key_kp}, kb, qk, scores, kb);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t valid = std::clamp<int64_t>(first + i + 1 - k0, 0, kb);
+      alphas[i] = OnlineSoftmaxRow(scores + i * kb, valid, kb, p.scale, maxima + i, sums + i);
+    }
+    float* target = k0 == 0 ? sums_out : block_out;
+    MatMulBf16Panels(scores, n, kb, {values + k0 * 16, value_kp}, p.v_dim, kb, target, p.v_dim);
+    if (k0 == 0) continue;
+    for (int64_t i = 0; i < n; ++i) {
+      float* o = sums_out + i * p.v_dim;
+      const float* b = block_out + i * p.v_dim;
+      for (int64_t d = 0; d < p.v_dim; ++d) o[d] = o[d] * alphas[i] + b[d];
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float inv = static_cast<float>(1.0 / sums[i]);
+    for (int64_t d = 0; d < p.v_dim; ++d) out[i * out_stride + d] = sums_out[i * p.v_dim + d] * inv;
+  }
+}
+
 void MlaExpandedAttention(const MlaExpandedParams& p) {
   const int64_t qk = p.nope_dim + p.rope_dim;
   const int64_t context = p.start + p.num_queries;
@@ -283,13 +334,8 @@ void MlaExpandedAttention(const MlaExpandedParams& p) {
     float* out = p.out + (i0 * p.num_heads + h) * p.v_dim;
     const int64_t out_stride = p.num_heads * p.v_dim;
     if (p.bf16) {
-      // The panels past SEEN hold later rows: their scores are not stored, and the
-      // probabilities' zero padding meets their values.
-      const auto* keys = reinterpret_cast<const uint16_t*>(keys_at(h));
-      const auto* values = reinterpret_cast<const uint16_t*>(values_at(h));
-      MatMulBf16Panels(q, n, q_stride, {keys, Bf16Panels::Kp(qk)}, seen, qk, scores, seen);
-      for (int64_t i = 0; i < n; ++i) SoftmaxRow(scores + i * seen, p.start + i0 + i + 1, seen, p.scale);
-      MatMulBf16Panels(scores, n, seen, {values, Bf16Panels::Kp(context)}, p.v_dim, seen, out, out_stride);
+      BlockedBf16Head(p, q, q_stride, n, p.start + i0, reinterpret_cast<const uint16_t*>(keys_at(h)),
+                      reinterpret_cast<const uint16_t*>(values_at(h)), out, out_stride);
       return;
     }
     MatMulPackedF32(q, n, q_stride, reinterpret_cast<const float*>(keys_at(h)), context, qk, seen, qk, scores, seen);

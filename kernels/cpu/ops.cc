@@ -120,6 +120,25 @@ void ExpColumnsPlain(const float* x, int64_t rows, int64_t cols, int64_t ldx, fl
   }
 }
 
+float OnlineSoftmaxRowPlain(float* x, int64_t valid, int64_t width, float scale, float* max, double* sum) {
+  float alpha = 1.0f;
+  if (valid > 0) {
+    float top = -INFINITY;
+    for (int64_t i = 0; i < valid; ++i) top = std::fmax(top, x[i]);
+    const float raised = std::fmax(*max, scale * top);
+    alpha = std::exp(*max - raised);
+    double total = 0.0;
+    for (int64_t i = 0; i < valid; ++i) {
+      x[i] = std::exp(scale * x[i] - raised);
+      total += x[i];
+    }
+    *sum = *sum * alpha + total;
+    *max = raised;
+  }
+  std::fill(x + valid, x + width, 0.0f);
+  return alpha;
+}
+
 void AxpyPlain(float alpha, const float* x, int64_t n, float* y) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
@@ -278,6 +297,7 @@ using AxpyFn = void (*)(float, const float*, int64_t, float*);
 using SiluMulFn = void (*)(const float*, const float*, int64_t, float*);
 using SoftmaxFn = void (*)(float*, int64_t);
 using ExpColumnsFn = void (*)(const float*, int64_t, int64_t, int64_t, float, float*, int64_t, float*, float*);
+using OnlineSoftmaxRowFn = float (*)(float*, int64_t, int64_t, float, float*, double*);
 
 // The MoE combine (Axpy), every MLP (SiluMul) and attention's score rows (Softmax,
 // ExpColumns) call these millions of times a step: they take the widest vectors the
@@ -287,6 +307,9 @@ const SiluMulFn kSiluMul = Has(Isa::kAvx512) ? avx512::SiluMul : Has(Isa::kAvx2)
 const SoftmaxFn kSoftmax = Has(Isa::kAvx512) ? avx512::Softmax : Has(Isa::kAvx2) ? avx2::Softmax : SoftmaxPlain;
 const ExpColumnsFn kExpColumns =
     Has(Isa::kAvx512) ? avx512::ExpColumns : Has(Isa::kAvx2) ? avx2::ExpColumns : ExpColumnsPlain;
+const OnlineSoftmaxRowFn kOnlineSoftmaxRow = Has(Isa::kAvx512) ? avx512::OnlineSoftmaxRow
+                                             : Has(Isa::kAvx2)  ? avx2::OnlineSoftmaxRow
+                                                                : OnlineSoftmaxRowPlain;
 
 }  // namespace
 
@@ -301,6 +324,10 @@ void Softmax(float* x, int64_t n) {
 void ExpColumns(const float* x, int64_t rows, int64_t cols, int64_t ldx, float scale, float* out, int64_t ldo,
                 float* max, float* sum) {
   if (rows > 0) kExpColumns(x, rows, cols, ldx, scale, out, ldo, max, sum);
+}
+
+float OnlineSoftmaxRow(float* x, int64_t valid, int64_t width, float scale, float* max, double* sum) {
+  return kOnlineSoftmaxRow(x, valid, width, scale, max, sum);
 }
 
 }  // namespace epic::cpu

@@ -39,6 +39,14 @@ void Softmax(float* x, int64_t n);
 void ExpColumns(const float* x, int64_t rows, int64_t cols, int64_t ldx, float scale, float* out, int64_t ldo,
                 float* max, float* sum);
 
+// One row's block of a softmax taken a block of keys at a time (FlashAttention's online
+// form): the running *MAX raised to the largest SCALE * x[i] for i < VALID, those
+// replaced by exp(scale * x[i] - max) and [valid, width) zeroed, and *SUM scaled to the
+// new maximum before the block's exponentials are added (in double). Returns
+// exp(old max - new max): the factor for the outputs of the blocks before (0 after the
+// first, 1 when the maximum holds or VALID is 0).
+float OnlineSoftmaxRow(float* x, int64_t valid, int64_t width, float scale, float* max, double* sum);
+
 // y[i] += alpha * x[i].
 void Axpy(float alpha, const float* x, int64_t n, float* y);
 

@@ -1,6 +1,7 @@
 // Row-wise kernels against float64 written plainly.
 #include "kernels/cpu/ops.h"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <tuple>
@@ -154,6 +155,48 @@ TEST(OpsTest, ExpColumnsMatchesFloat64) {
       }
       EXPECT_NEAR(sum[c], total, 1e-5 * total) << "column " << c;
       for (int64_t r = rows; r < ldo; ++r) EXPECT_TRUE(std::isnan(out[c * ldo + r])) << "wrote past row " << c;
+    }
+  }
+}
+
+// A row taken in blocks (widths past, at and short of a vector; the last block partly
+// valid, then one with nothing valid) gives the softmax of the whole row: each block's
+// exponentials rescaled by the factors of the blocks after it, over the final sum.
+TEST(OpsTest, OnlineSoftmaxRowComposesToTheWholeRowsSoftmax) {
+  const float scale = 0.3f;
+  const std::vector<float> x = Random(100, 21, -40, 40);
+  const std::vector<int64_t> widths = {37, 16, 5, 40, 8};  // blocks of the row, 106 wide
+  const int64_t valid_total = 100;
+  double top = -INFINITY;
+  for (const float v : x) top = std::max<double>(top, double(scale) * v);
+  double total = 0;
+  for (const float v : x) total += std::exp(double(scale) * v - top);
+  float max = -INFINITY;
+  double sum = 0;
+  std::vector<std::vector<float>> blocks;
+  std::vector<float> alphas;
+  for (int64_t begin = 0; const int64_t width : widths) {
+    std::vector<float> block(static_cast<size_t>(width), NAN);
+    const int64_t valid = std::clamp<int64_t>(valid_total - begin, 0, width);
+    std::copy(x.begin() + begin, x.begin() + begin + valid, block.begin());
+    const float before = max;
+    alphas.push_back(OnlineSoftmaxRow(block.data(), valid, width, scale, &max, &sum));
+    EXPECT_NEAR(alphas.back(), std::exp(double(before) - max), 1e-6) << "block at " << begin;
+    for (int64_t i = valid; i < width; ++i) EXPECT_EQ(block[i], 0.0f) << "block at " << begin << " value " << i;
+    if (valid == 0) {
+      EXPECT_EQ(alphas.back(), 1.0f);
+    }
+    blocks.push_back(block);
+    begin += width;
+  }
+  EXPECT_NEAR(max, top, 1e-6 * std::fabs(top));
+  EXPECT_NEAR(sum, total, 1e-5 * total);
+  for (int64_t b = 0, begin = 0; b < static_cast<int64_t>(blocks.size()); begin += widths[b], ++b) {
+    double later = 1;  // the factors of the blocks after this one
+    for (size_t a = static_cast<size_t>(b) + 1; a < alphas.size(); ++a) later *= alphas[a];
+    for (int64_t i = 0; i < widths[b] && begin + i < valid_total; ++i) {
+      const double want = std::exp(double(scale) * x[begin + i] - top) / total;
+      EXPECT_NEAR(blocks[b][i] * later / sum, want, 1e-5 * want + 1e-12) << "value " << begin + i;
     }
   }
 }
