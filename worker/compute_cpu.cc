@@ -337,8 +337,11 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
     // q_latent[t, h] = q_nope[t, h] W_UK[h], with W_UK[h] = kv_b_proj rows [h*kv_head, +nope).
     float* q_latent = Scratch(kQLatent, n * heads * lora);
     float* q_pe = Scratch(kQPe, n * heads * rope);
-    // Heads over the threads: each head's product is small (a decode's is 128 x 512).
-    cpu::ParallelFor(heads, true, [&](int64_t h) {
+    // Heads over the threads, each thread's one after another (half the heads each): each
+    // head's product is small (16 KiB of int8 on small experts), and heads taken one at a
+    // time in turn broke each thread's stream through W_UK (decode 4% faster in one
+    // process alternating the two, small experts after 512 tokens).
+    cpu::ParallelRows(heads, true, [&](int64_t h) {
       if (L.kv_b_uk.data != nullptr) {  // fast: W_UK[h]^T's int8 rows
         cpu::MatMul(qs + h * qhd, n, heads * qhd, L.kv_b_uk.Rows(h * lora, lora), q_latent + h * lora, heads * lora);
       } else {
@@ -378,7 +381,7 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
                 (kv_head % cpu::internal::kInt8PanelRows == 0 && nope % cpu::internal::kInt8PanelRows == 0)
             ? L.kv_b_expand
             : L.kv_b_proj;
-    cpu::ParallelFor(heads, true, [&](int64_t h) {
+    cpu::ParallelRows(heads, true, [&](int64_t h) {
       cpu::MatMul(o_latent + h * lora, n, heads * lora, uv.Rows(h * kv_head + nope, vdim), os + h * vdim,
                   heads * vdim);
     });
