@@ -79,13 +79,62 @@ void RoundActivations(const float* x, int64_t m, int64_t ldx, int64_t k, int64_t
   });
 }
 
+// OUT [pairs][16] = TILE [16][pairs] (32-bit words; PAIRS a multiple of 16), by 16 x 16
+// transposes in registers: unpacks of words and of their pairs within each 128-bit lane,
+// then two rounds of lane shuffles.
+__attribute__((target("avx512f"))) void TransposeWords16(const uint32_t* tile, int64_t pairs, uint32_t* out) {
+  for (int64_t p0 = 0; p0 < pairs; p0 += kTile) {
+    __m512i r[16], a[16], b[16];
+    for (int c = 0; c < 16; ++c) r[c] = _mm512_loadu_si512(tile + c * pairs + p0);
+    for (int i = 0; i < 8; ++i) {
+      a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+      a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // b[4i + j], lane l: word 4l + j of rows 4i .. 4i + 3.
+    for (int i = 0; i < 4; ++i) {
+      b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+      b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+      b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+      b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+    }
+    for (int j = 0; j < 4; ++j) {
+      const __m512i c0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x44), c1 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xee);
+      const __m512i c2 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x44);
+      const __m512i c3 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xee);
+      _mm512_storeu_si512(out + (p0 + j) * kTile, _mm512_shuffle_i32x4(c0, c2, 0x88));
+      _mm512_storeu_si512(out + (p0 + 4 + j) * kTile, _mm512_shuffle_i32x4(c0, c2, 0xdd));
+      _mm512_storeu_si512(out + (p0 + 8 + j) * kTile, _mm512_shuffle_i32x4(c1, c3, 0x88));
+      _mm512_storeu_si512(out + (p0 + 12 + j) * kTile, _mm512_shuffle_i32x4(c1, c3, 0xdd));
+    }
+  }
+}
+
 // PANEL [kp / 2][16][2]: weight rows [n0, n0 + 16) (zero past ROWS), pairs of k side by side.
 template <typename W>
 void PackPanel(const W* w, int64_t stride, int64_t rows, int64_t k, int64_t kp, int64_t n0, Bf16* panel) {
   auto* out = reinterpret_cast<uint32_t*>(panel);  // a pair of k a word
   if constexpr (sizeof(W) == 4) {
-    // F32 rows rounded 16 lanes at a time, then copied as pairs.
     const bool avx512 = Has(Isa::kAvx512);
+    if (n0 >= rows) {  // a panel past the rows (the second of a block of 32)
+      std::fill(panel, panel + kp * kTile, Bf16{0});
+      return;
+    }
+    if (avx512) {
+      // F32 rows rounded 16 lanes at a time into a tile, then transposed as pairs (copied
+      // a word at a time, the packing of a decode's queries cost a fifth of a short
+      // sequence's attention).
+      Bf16* tile = Scratch<Bf16>(kRoundedRow, kTile * kp);
+      for (int64_t c = 0; c < kTile; ++c) {
+        if (n0 + c < rows) {
+          RoundRow(avx512, w + (n0 + c) * stride, k, kp, tile + c * kp);
+        } else {
+          std::fill(tile + c * kp, tile + (c + 1) * kp, Bf16{0});
+        }
+      }
+      TransposeWords16(reinterpret_cast<const uint32_t*>(tile), kp / 2, out);
+      return;
+    }
+    // F32 rows rounded, then copied as pairs.
     Bf16* row = Scratch<Bf16>(kRoundedRow, kp);
     for (int64_t c = 0; c < kTile; ++c) {
       if (n0 + c < rows) {

@@ -120,12 +120,14 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
   }
   ParallelFor(items, true, [&](int64_t w) {
     const int64_t i = w / splits;
-    float* out = outputs(w);
+    // One split (a batch's short contexts): its outputs in place, normalised below.
+    float* out = splits == 1 ? p.out_latent + i * heads * lora : outputs(w);
     int64_t t0, t1;
     internal::SplitRange(p.start + i + 1, static_cast<int>(splits), static_cast<int>(w % splits), &t0, &t1);
     const int64_t n = t1 - t0;
     if (n == 0) {
-      std::fill(out, out + item_floats, 0.0f);
+      std::fill(out, out + heads * lora, 0.0f);
+      std::fill(maxima(w), maxima(w) + 2 * heads, 0.0f);
       return;
     }
     const WeightMatrix by_head = F32Matrix(queries + i * width * heads, width, heads, heads);
@@ -192,6 +194,18 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
     }
   });
   // Each query's splits combined: out = sum_s e^(max_s - M) out_s / sum_s e^(max_s - M) sum_s.
+  // With one split, its outputs over its sum (the same product as the combine's).
+  if (splits == 1) {
+    for (int64_t i = 0; i < p.num_queries; ++i) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const float sum = sums(i)[h];
+        const float inv = sum > 0.0f ? static_cast<float>(1.0 / static_cast<double>(sum)) : 0.0f;
+        float* out = p.out_latent + (i * heads + h) * lora;
+        for (int64_t j = 0; j < lora; ++j) out[j] *= inv;
+      }
+    }
+    return;
+  }
   for (int64_t i = 0; i < p.num_queries; ++i) {
     for (int64_t h = 0; h < heads; ++h) {
       float top = -INFINITY;
