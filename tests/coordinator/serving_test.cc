@@ -175,8 +175,13 @@ class Client {
 constexpr int kCacheBlocks = 64;
 constexpr int kBlockSize = 16;
 constexpr int kMaxWaiting = 24;
-// Polls of 5 ms for a burst's callers to reach the queue: up to 20 s, on a loaded host
-// (a fresh-clone CI run saw 23 of 24 queued after 2.5 s); each poll loop ends once they have.
+// The overload cases' queue: short, so that its callers are all queued long before the
+// running request's 4000 tokens end (with 24, a loaded CI host queued 21-23 of them
+// while queued requests took the place of the ones that finished, and the queue never
+// read full).
+constexpr int kOverloadQueue = 6;
+// Polls of 5 ms for a burst's callers to reach the queue: up to 20 s, on a loaded host;
+// each poll loop ends once they have.
 constexpr int kArrivalPolls = 4000;
 
 class ServingTest : public ::testing::Test {
@@ -417,7 +422,7 @@ int64_t ChildRssKib(pid_t parent, const std::string& name) {
 // and the coordinator's memory stays where it was.
 TEST_F(ServingTest, ABurstFarBeyondTheQueueIsRefusedQuicklyInBoundedMemory) {
   block_size_ = 4 * kBlockSize;
-  const int port = StartCluster(2);
+  const int port = StartCluster(2, {}, kOverloadQueue);
   ASSERT_GT(port, 0);
   Client client(port);
   v1::GenerateRequest long_request = Request({5, 17, 300}, 4000);  // 63 of the 64 blocks of 64
@@ -433,13 +438,13 @@ TEST_F(ServingTest, ABurstFarBeyondTheQueueIsRefusedQuicklyInBoundedMemory) {
       for (auto& t : threads) t.join();
     }
   } release{canceller, holders};
-  for (int i = 0; i < 1 + kMaxWaiting; ++i) {
+  for (int i = 0; i < 1 + kOverloadQueue; ++i) {
     holders.emplace_back([&] { client.Generate(long_request, 120s, 0, "", &canceller); });
   }
-  for (int i = 0; i < kArrivalPolls && client.Info().requests_waiting() < kMaxWaiting; ++i) {
+  for (int i = 0; i < kArrivalPolls && client.Info().requests_waiting() < kOverloadQueue; ++i) {
     std::this_thread::sleep_for(5ms);
   }
-  ASSERT_EQ(client.Info().requests_waiting(), kMaxWaiting);
+  ASSERT_EQ(client.Info().requests_waiting(), kOverloadQueue);
   std::vector<int32_t> prompt;
   for (int i = 0; i < 200; ++i) prompt.push_back(3 + i);
   const v1::GenerateRequest small = Request(prompt, 8);
@@ -482,26 +487,38 @@ TEST_F(ServingTest, ABurstFarBeyondTheQueueIsRefusedQuicklyInBoundedMemory) {
 
 TEST_F(ServingTest, OverloadIsRefusedAndCancelledOrExpiredRequestsFreeTheirBlocks) {
   block_size_ = 4 * kBlockSize;
-  const int port = StartCluster(2);
+  const int port = StartCluster(2, {}, kOverloadQueue);
   ASSERT_GT(port, 0);
   Client client(port);
-  // Each needs 63 of the 64 blocks of 64: one runs, kMaxWaiting queue, the rest are refused.
+  // Each needs 63 of the 64 blocks of 64: one runs, kOverloadQueue queue, the rest are refused.
   v1::GenerateRequest long_request = Request({5, 17, 300}, 4000);
   long_request.set_ignore_eos(true);
   Canceller canceller;
-  std::vector<Outcome> outcomes(1 + kMaxWaiting);
+  std::vector<Outcome> outcomes(1 + kOverloadQueue);
   std::vector<std::thread> threads;
+  // However the test ends, the callers end first (a joinable thread would abort it, and
+  // the cluster's logs would go unprinted).
+  struct Release {
+    Canceller& canceller;
+    std::vector<std::thread>& threads;
+    ~Release() {
+      canceller.CancelAll();
+      for (auto& t : threads) {
+        if (t.joinable()) t.join();
+      }
+    }
+  } release{canceller, threads};
   for (size_t i = 0; i < outcomes.size(); ++i) {
     threads.emplace_back([&, i] { outcomes[i] = client.Generate(long_request, 60s, 0, "", &canceller); });
   }
   v1::ModelInfo info;
   for (int i = 0; i < kArrivalPolls; ++i) {
     info = client.Info();
-    if (info.requests_running() == 1 && info.requests_waiting() == kMaxWaiting) break;
+    if (info.requests_running() == 1 && info.requests_waiting() == kOverloadQueue) break;
     std::this_thread::sleep_for(5ms);
   }
   EXPECT_EQ(info.requests_running(), 1);
-  ASSERT_EQ(info.requests_waiting(), kMaxWaiting);
+  ASSERT_EQ(info.requests_waiting(), kOverloadQueue);
   EXPECT_EQ(info.cache().free_blocks(), 1);
   for (int i = 0; i < 5; ++i) {
     const Outcome o = client.Generate(Request({5}, 2));
