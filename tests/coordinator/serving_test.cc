@@ -175,13 +175,12 @@ class Client {
 constexpr int kCacheBlocks = 64;
 constexpr int kBlockSize = 16;
 constexpr int kMaxWaiting = 24;
-// The overload cases' queue: short, so that its callers are all queued long before the
-// running request's 4000 tokens end (with 24, a loaded CI host queued 21-23 of them
-// while queued requests took the place of the ones that finished, and the queue never
-// read full).
+// The overload cases' queue. Their first long request must be running before the
+// others arrive: until a step admits it, it waits too, and the last caller finds the
+// queue full (a loaded host refused it: 21 of 24, then 5 of 6, queued).
 constexpr int kOverloadQueue = 6;
-// Polls of 5 ms for a burst's callers to reach the queue: up to 20 s, on a loaded host;
-// each poll loop ends once they have.
+// Polls of 5 ms for callers to reach the queue or a request to start: up to 20 s, on a
+// loaded host; each poll loop ends once they have.
 constexpr int kArrivalPolls = 4000;
 
 class ServingTest : public ::testing::Test {
@@ -440,6 +439,9 @@ TEST_F(ServingTest, ABurstFarBeyondTheQueueIsRefusedQuicklyInBoundedMemory) {
   } release{canceller, holders};
   for (int i = 0; i < 1 + kOverloadQueue; ++i) {
     holders.emplace_back([&] { client.Generate(long_request, 120s, 0, "", &canceller); });
+    for (int j = 0; i == 0 && j < kArrivalPolls && client.Info().requests_running() < 1; ++j) {
+      std::this_thread::sleep_for(5ms);
+    }
   }
   for (int i = 0; i < kArrivalPolls && client.Info().requests_waiting() < kOverloadQueue; ++i) {
     std::this_thread::sleep_for(5ms);
@@ -510,6 +512,9 @@ TEST_F(ServingTest, OverloadIsRefusedAndCancelledOrExpiredRequestsFreeTheirBlock
   } release{canceller, threads};
   for (size_t i = 0; i < outcomes.size(); ++i) {
     threads.emplace_back([&, i] { outcomes[i] = client.Generate(long_request, 60s, 0, "", &canceller); });
+    for (int j = 0; i == 0 && j < kArrivalPolls && client.Info().requests_running() < 1; ++j) {
+      std::this_thread::sleep_for(5ms);
+    }
   }
   v1::ModelInfo info;
   for (int i = 0; i < kArrivalPolls; ++i) {
