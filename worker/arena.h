@@ -1,6 +1,6 @@
 // Anonymous memory advised to use transparent huge pages: the weights' and the latent
-// cache's. Decode reads both in long runs every step; in 4 KiB pages the TLB misses and
-// the hardware prefetchers' stops at every page cost up to a third of decode.
+// cache's. Decode reads both in long runs every step; in 4 KiB pages the TLB's misses,
+// and the hardware prefetchers stopping at every page, cost up to a third of decode.
 #pragma once
 
 #include <cstdint>

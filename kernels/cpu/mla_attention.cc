@@ -13,7 +13,8 @@
 //    64 queries, scores and outputs are two products over the prefix the chunk sees
 //    (scores only up to its own last key); with BF16 operands (the fast precision on
 //    some hosts) keys and values are gathered rounded to BF16 and packed for those
-//    products, and chunks are of 128.
+//    products, chunks are of 128, and each chunk walks its keys a block of 512 at a
+//    time with an online softmax (BlockedBf16Head).
 // Work items are spread over the threads; the products inside run on one thread each
 // (on all of them when there is one item).
 #include "kernels/cpu/mla_attention.h"
