@@ -114,35 +114,28 @@ template <typename W>
 void PackPanel(const W* w, int64_t stride, int64_t rows, int64_t k, int64_t kp, int64_t n0, Bf16* panel) {
   auto* out = reinterpret_cast<uint32_t*>(panel);  // a pair of k a word
   if constexpr (sizeof(W) == 4) {
-    const bool avx512 = Has(Isa::kAvx512);
     if (n0 >= rows) {  // a panel past the rows (the second of a block of 32)
       std::fill(panel, panel + kp * kTile, Bf16{0});
       return;
     }
-    if (avx512) {
-      // F32 rows rounded 16 lanes at a time into a tile, then transposed as pairs (copied
-      // a word at a time, the packing of a decode's queries cost a fifth of a short
-      // sequence's attention).
-      Bf16* tile = Scratch<Bf16>(kRoundedRow, kTile * kp);
-      for (int64_t c = 0; c < kTile; ++c) {
-        if (n0 + c < rows) {
-          RoundRow(avx512, w + (n0 + c) * stride, k, kp, tile + c * kp);
-        } else {
-          std::fill(tile + c * kp, tile + (c + 1) * kp, Bf16{0});
-        }
-      }
-      TransposeWords16(reinterpret_cast<const uint32_t*>(tile), kp / 2, out);
-      return;
-    }
-    // F32 rows rounded, then copied as pairs.
-    Bf16* row = Scratch<Bf16>(kRoundedRow, kp);
+    // F32 rows rounded 16 lanes at a time into a tile, then transposed as pairs: by
+    // 16 x 16 transposes in registers (copied a word at a time, the packing of a decode's
+    // queries cost a fifth of a short sequence's attention), or a word at a time.
+    const bool avx512 = Has(Isa::kAvx512);
+    Bf16* tile = Scratch<Bf16>(kRoundedRow, kTile * kp);
     for (int64_t c = 0; c < kTile; ++c) {
       if (n0 + c < rows) {
-        RoundRow(avx512, w + (n0 + c) * stride, k, kp, row);
+        RoundRow(avx512, w + (n0 + c) * stride, k, kp, tile + c * kp);
       } else {
-        std::fill(row, row + kp, Bf16{0});
+        std::fill(tile + c * kp, tile + (c + 1) * kp, Bf16{0});
       }
-      for (int64_t p = 0; p < kp / 2; ++p) std::memcpy(out + p * kTile + c, row + 2 * p, sizeof(uint32_t));
+    }
+    if (avx512) {
+      TransposeWords16(reinterpret_cast<const uint32_t*>(tile), kp / 2, out);
+    } else {
+      for (int64_t c = 0; c < kTile; ++c) {
+        for (int64_t p = 0; p < kp / 2; ++p) std::memcpy(out + p * kTile + c, tile + c * kp + 2 * p, sizeof(uint32_t));
+      }
     }
   } else if (n0 + kTile <= rows && k == kp) {
     // The common case: BF16 pairs copied as 32-bit words, a 16-column transpose.
