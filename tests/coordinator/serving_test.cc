@@ -183,6 +183,11 @@ constexpr int kOverloadQueue = 6;
 // loaded host; each poll loop ends once they have.
 constexpr int kArrivalPolls = 4000;
 
+// Until a request runs (the overload cases' first, admitted by the next step).
+void AwaitARunningRequest(Client& client) {
+  for (int i = 0; i < kArrivalPolls && client.Info().requests_running() < 1; ++i) std::this_thread::sleep_for(5ms);
+}
+
 class ServingTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -439,9 +444,7 @@ TEST_F(ServingTest, ABurstFarBeyondTheQueueIsRefusedQuicklyInBoundedMemory) {
   } release{canceller, holders};
   for (int i = 0; i < 1 + kOverloadQueue; ++i) {
     holders.emplace_back([&] { client.Generate(long_request, 120s, 0, "", &canceller); });
-    for (int j = 0; i == 0 && j < kArrivalPolls && client.Info().requests_running() < 1; ++j) {
-      std::this_thread::sleep_for(5ms);
-    }
+    if (i == 0) AwaitARunningRequest(client);
   }
   for (int i = 0; i < kArrivalPolls && client.Info().requests_waiting() < kOverloadQueue; ++i) {
     std::this_thread::sleep_for(5ms);
@@ -512,9 +515,7 @@ TEST_F(ServingTest, OverloadIsRefusedAndCancelledOrExpiredRequestsFreeTheirBlock
   } release{canceller, threads};
   for (size_t i = 0; i < outcomes.size(); ++i) {
     threads.emplace_back([&, i] { outcomes[i] = client.Generate(long_request, 60s, 0, "", &canceller); });
-    for (int j = 0; i == 0 && j < kArrivalPolls && client.Info().requests_running() < 1; ++j) {
-      std::this_thread::sleep_for(5ms);
-    }
+    if (i == 0) AwaitARunningRequest(client);
   }
   v1::ModelInfo info;
   for (int i = 0; i < kArrivalPolls; ++i) {
