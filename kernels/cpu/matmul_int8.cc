@@ -592,11 +592,11 @@ Int8Path ActiveInt8Path() {
   return path;
 }
 
-void MatMulInt8Plain(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy,
-                     bool accumulate) {
-  if (m <= 0 || w.rows <= 0) return;
+namespace {
+
+// The plain product of quantized rows: the reference.
+void PlainProduct(const QuantizedX& qx, int64_t m, const WeightMatrix& w, float* y, int64_t ldy, bool accumulate) {
   const int64_t padded = w.row_stride;
-  const QuantizedX qx = QuantizeActivations(QuantizeRowPlain, x, m, ldx, w.cols, padded);
   const auto* base = static_cast<const uint8_t*>(w.data);
   for (int64_t i = 0; i < m; ++i) {
     const int8_t* xi = qx.q + i * padded;
@@ -609,11 +609,10 @@ void MatMulInt8Plain(const float* x, int64_t m, int64_t ldx, const WeightMatrix&
   }
 }
 
-void MatMulInt8On(Int8Path path, const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y,
-                  int64_t ldy, bool accumulate) {
-  if (m <= 0 || w.rows <= 0) return;
-  if (path == Int8Path::kPlain) return MatMulInt8Plain(x, m, ldx, w, y, ldy, accumulate);
-  const QuantizedX qx = QuantizeActivations(QuantizerFor(path), x, m, ldx, w.cols, w.row_stride);
+// Quantized rows against W on PATH, the threads splitting W's panels.
+void Product(Int8Path path, const QuantizedX& qx, int64_t m, const WeightMatrix& w, float* y, int64_t ldy,
+             bool accumulate) {
+  if (path == Int8Path::kPlain) return PlainProduct(qx, m, w, y, ldy, accumulate);
   const int64_t panels = RoundUp(w.rows, kPanelRows) / kPanelRows;
   // Work in F32 multiply-adds: an int8 one costs about a quarter, but a few rows of x
   // are bound by reading the weights, a byte each where BF16 reads two (decode's q_a and
@@ -628,10 +627,66 @@ void MatMulInt8On(Int8Path path, const float* x, int64_t m, int64_t ldx, const W
   });
 }
 
+}  // namespace
+
+void MatMulInt8Plain(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy,
+                     bool accumulate) {
+  if (m <= 0 || w.rows <= 0) return;
+  PlainProduct(QuantizeActivations(QuantizeRowPlain, x, m, ldx, w.cols, w.row_stride), m, w, y, ldy, accumulate);
+}
+
+void MatMulInt8On(Int8Path path, const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y,
+                  int64_t ldy, bool accumulate) {
+  if (m <= 0 || w.rows <= 0) return;
+  Product(path, QuantizeActivations(QuantizerFor(path), x, m, ldx, w.cols, w.row_stride), m, w, y, ldy, accumulate);
+}
+
 void MatMulInt8(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy,
                 bool accumulate) {
   MatMulInt8On(ActiveInt8Path(), x, m, ldx, w, y, ldy, accumulate);
 }
 
 }  // namespace internal
+
+void Int8Rows::Resize(int64_t m, int64_t k) {
+  rows_ = m;
+  cols_ = k;
+  padded_ = PaddedCols(k);
+  // Grown, never shrunk: a layer's rows and an expert's gathered ones change every step.
+  if (static_cast<int64_t>(values_.size()) < m * padded_) values_.resize(static_cast<size_t>(m * padded_));
+  if (static_cast<int64_t>(sums_.size()) < m) {
+    sums_.resize(static_cast<size_t>(m));
+    scales_.resize(static_cast<size_t>(m));
+  }
+}
+
+void Int8Rows::Quantize(const float* x, int64_t m, int64_t ldx, int64_t k) {
+  Resize(m, k);
+  const QuantizeFn quantize = QuantizerFor(internal::ActiveInt8Path());  // every path's integers are the same
+  ParallelRows(m, m * k >= (1 << 14), [&](int64_t i) {
+    scales_[i] = quantize(x + i * ldx, k, padded_, values_.data() + i * padded_, sums_.data() + i);
+  });
+}
+
+void Int8Rows::Gather(const Int8Rows& from, const int32_t* index, int64_t n) {
+  Resize(n, from.cols_);
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(values_.data() + i * padded_, from.values_.data() + index[i] * padded_, static_cast<size_t>(padded_));
+    sums_[i] = from.sums_[index[i]];
+    scales_[i] = from.scales_[index[i]];
+  }
+}
+
+void MatMulInt8(const Int8Rows& x, const WeightMatrix& w, float* y, int64_t ldy, bool accumulate) {
+  if (w.type != WeightType::kI8 || w.cols != x.cols()) {
+    std::fprintf(stderr, "epic: MatMulInt8 of %lld quantized columns against a %s matrix of %lld\n",
+                 static_cast<long long>(x.cols()), w.type == WeightType::kI8 ? "kI8" : "non-int8",
+                 static_cast<long long>(w.cols));
+    std::abort();
+  }
+  if (x.rows() <= 0 || w.rows <= 0) return;
+  internal::Product(internal::ActiveInt8Path(), {x.values(), x.sums(), x.scales()}, x.rows(), w, y, ldy,
+                    accumulate);
+}
+
 }  // namespace epic::cpu

@@ -51,6 +51,36 @@ class QuantizedMatrix {
   WeightMatrix matrix_;
 };
 
+// Rows of activations quantized as the int8 products quantize them (a row's int8 values,
+// K padded with zeros to the weights' multiple of 4; their sum; its scale), for products
+// over the same rows: the routed experts gather their tokens' rows from a layer's rows
+// quantized once, not once for each of the experts a token goes to.
+class Int8Rows {
+ public:
+  // X's M rows of K values, over the threads where they are many.
+  void Quantize(const float* x, int64_t m, int64_t ldx, int64_t k);
+  // FROM's rows INDEX[0, n), in that order.
+  void Gather(const Int8Rows& from, const int32_t* index, int64_t n);
+
+  int64_t rows() const { return rows_; }
+  int64_t cols() const { return cols_; }
+  int64_t padded() const { return padded_; }
+  const int8_t* values() const { return values_.data(); }  // [rows][padded]
+  const int32_t* sums() const { return sums_.data(); }
+  const float* scales() const { return scales_.data(); }
+
+ private:
+  void Resize(int64_t m, int64_t k);
+
+  int64_t rows_ = 0, cols_ = 0, padded_ = 0;
+  std::vector<int8_t> values_;
+  std::vector<int32_t> sums_;
+  std::vector<float> scales_;
+};
+
+// MatMul's Y (+)= X W^T from rows quantized already (W kI8 with X.cols() columns).
+void MatMulInt8(const Int8Rows& x, const WeightMatrix& w, float* y, int64_t ldy, bool accumulate);
+
 namespace internal {
 
 // The packed layout: panels of 16 rows, in groups of 4 columns, values stored + 128.

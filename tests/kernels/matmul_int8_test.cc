@@ -9,6 +9,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <memory>
@@ -204,6 +205,46 @@ TEST(MatMulInt8, ARowViewFromAPanelIsThoseRowsOfTheProduct) {
   MatMul(x.data(), 4, 72, q.w.Rows(32, 50), part.data(), 50);
   for (int64_t i = 0; i < 4; ++i) {
     for (int64_t n = 0; n < 50; ++n) ASSERT_EQ(part[i * 50 + n], all[i * 100 + 32 + n]);
+  }
+}
+
+TEST(MatMulInt8, RowsQuantizedOnceThenGatheredEqualMatMulOnTheGatheredRows) {
+  // The routed experts' way: a layer's rows quantized once, an expert's gathered from
+  // them (repeats and any order), against MatMul quantizing the gathered F32 rows itself.
+  const int64_t rows = 40, k = 130, ldx = 133;
+  std::vector<float> x = RandomX(rows, ldx, 21);
+  x[5 * ldx + 7] = NAN;  // a row not finite stays its own
+  std::fill(x.begin() + 6 * ldx, x.begin() + 6 * ldx + k, 0.0f);
+  Int8Rows layer;
+  layer.Quantize(x.data(), rows, ldx, k);
+  ASSERT_EQ(layer.rows(), rows);
+  ASSERT_EQ(layer.cols(), k);
+  for (const std::vector<int32_t>& index :
+       {std::vector<int32_t>{3}, {39, 0, 5, 5, 6, 17, 2}, std::vector<int32_t>(rows)}) {
+    std::vector<int32_t> pick = index;
+    if (pick.size() == static_cast<size_t>(rows)) {
+      for (int64_t i = 0; i < rows; ++i) pick[i] = static_cast<int32_t>(rows - 1 - i);
+    }
+    const int64_t n = static_cast<int64_t>(pick.size());
+    SCOPED_TRACE(testing::Message() << n << " rows gathered");
+    Int8Rows gathered;
+    gathered.Gather(layer, pick.data(), n);
+    std::vector<float> f32(static_cast<size_t>(n * k));
+    for (int64_t i = 0; i < n; ++i) std::copy_n(x.begin() + pick[i] * ldx, k, f32.begin() + i * k);
+    for (const int64_t out : {int64_t{16}, int64_t{77}, int64_t{300}}) {
+      const Quantized q = Make(out, k, static_cast<uint32_t>(out));
+      const int64_t ldy = out + 3;
+      std::vector<float> want(static_cast<size_t>(n * ldy), 1.5f), got = want;
+      MatMul(f32.data(), n, k, q.w, want.data(), ldy, /*accumulate=*/true);
+      MatMulInt8(gathered, q.w, got.data(), ldy, /*accumulate=*/true);
+      for (size_t i = 0; i < got.size(); ++i) {
+        if (std::isnan(want[i])) {
+          ASSERT_TRUE(std::isnan(got[i])) << i;
+        } else {
+          ASSERT_EQ(got[i], want[i]) << out << " outputs, at " << i;
+        }
+      }
+    }
   }
 }
 
