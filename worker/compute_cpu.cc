@@ -146,7 +146,8 @@ class CpuBackend final : public ComputeBackend {
       }
       gathered.resize(static_cast<size_t>(n * hidden));
       for (int64_t i = 0; i < n; ++i) {
-        std::memcpy(gathered.data() + i * hidden, rows + source[i] * hidden, static_cast<size_t>(hidden) * sizeof(float));
+        std::memcpy(gathered.data() + i * hidden, rows + source[i] * hidden,
+                    static_cast<size_t>(hidden) * sizeof(float));
       }
       MlpInto(w, {gathered.data(), nullptr}, n, gate.data(), each + begin * hidden, /*accumulate=*/false);
     });
