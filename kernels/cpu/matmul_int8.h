@@ -64,8 +64,7 @@ class Int8Rows {
 
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }
-  int64_t padded() const { return padded_; }
-  const int8_t* values() const { return values_.data(); }  // [rows][padded]
+  const int8_t* values() const { return values_.data(); }  // [rows][cols rounded up to 4]
   const int32_t* sums() const { return sums_.data(); }
   const float* scales() const { return scales_.data(); }
 
