@@ -227,19 +227,20 @@ class CpuBackend final : public ComputeBackend {
     return rope_factors_.data();
   }
 
-  // Y (+)= down(silu(gate(x)) * up(x)) for TOKENS rows, through SCRATCH of
-  // TOKENS x 2 x intermediate floats: with gate|up stacked, one product fills each row
-  // with its gate then its up values.
   // An MLP's input rows: F32, or quantized already for its int8 weights.
   struct MlpInput {
     const float* f32;
     const cpu::Int8Rows* int8;
   };
 
+  // An MLP's first product (gate|up stacked, else gate): its type is the MLP's precision.
   static const cpu::WeightMatrix& FirstProduct(const MlpWeights& w) {
     return w.gate_up.data != nullptr ? w.gate_up : w.gate;
   }
 
+  // Y (+)= down(silu(gate(x)) * up(x)) for TOKENS rows, through SCRATCH of
+  // TOKENS x 2 x intermediate floats: with gate|up stacked, one product fills each row
+  // with its gate then its up values.
   void MlpInto(const MlpWeights& w, MlpInput x, int64_t tokens, float* scratch, float* y, bool accumulate) const {
     const int64_t hidden = c_.hidden_size;
     const int64_t inter = w.gate.rows;

@@ -287,7 +287,6 @@ void TouchPages(const std::vector<const TensorView*>& views, const ProgressFn& p
 
 }  // namespace
 
-
 StatusOr<BoundExpert> BindExpert(const Checkpoint& checkpoint, int64_t layer, int32_t expert,
                                  WeightResidency residency, cpu::Precision precision) {
   const bool quantize = precision == cpu::Precision::kFast;
