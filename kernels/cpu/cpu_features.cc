@@ -101,21 +101,22 @@ bool HasAvxVnni() {
   return detected && Has(Isa::kAvx2);
 }
 
-bool Avx512InHalves() {
-  static const bool detected = [] {
+int AmdZenAvx512() {
+  static const int detected = [] {
 #if defined(__x86_64__)
-    // Vendor "AuthenticAMD" (leaf 0: EBX, EDX, ECX) and family 19h (leaf 1: base family
-    // 0Fh plus extended family 0Ah): Zen 3 (no AVX-512) and Zen 4.
+    // Vendor "AuthenticAMD" (leaf 0: EBX, EDX, ECX); family (leaf 1) the base 0Fh plus
+    // the extended: 19h is Zen 3 (no AVX-512) and Zen 4, 1Ah Zen 5.
     unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541 || d != 0x69746e65 || c != 0x444d4163) return false;
-    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541 || d != 0x69746e65 || c != 0x444d4163) return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
     const unsigned base = a >> 8 & 0xf, extended = a >> 20 & 0xff;
-    return base == 0xf && base + extended == 0x19;
+    if (base != 0xf) return 0;
+    return base + extended == 0x19 ? 4 : base + extended >= 0x1a ? 5 : 0;
 #else
-    return false;
+    return 0;
 #endif
   }();
-  return detected && Has(Isa::kAvx512);
+  return Has(Isa::kAvx512) ? detected : 0;
 }
 
 std::string AvailableIsas() {

@@ -34,10 +34,12 @@ inline bool Has(Isa isa) { return static_cast<int>(ActiveIsa()) >= static_cast<i
 // Whether the processor has it and the kernels may use AVX2 (Has(Isa::kAvx2)).
 bool HasAvxVnni();
 
-// Whether the processor runs 512-bit operations as two 256-bit halves (AMD Zen 4: one
-// 512-bit FMA and one 512-bit load a cycle) and the kernels may use AVX-512. Kernels
-// whose best form differs there ask (matmul.cc's BF16 products).
-bool Avx512InHalves();
+// The AMD Zen generation of a processor with AVX-512 when the kernels may use it: 4 (it
+// runs 512-bit operations as two 256-bit halves: one 512-bit FMA and one 512-bit load a
+// cycle) or 5 (family 1Ah and later: full-width, two of each a cycle); 0 elsewhere.
+// Kernels whose best form differs there ask (matmul.cc's BF16 products, the fast
+// precision's attention).
+int AmdZenAvx512();
 
 // For tests: every rung this host offers, narrowest first.
 std::string AvailableIsas();

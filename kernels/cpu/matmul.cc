@@ -6,7 +6,7 @@
 //    a shift and a mask, FMAs go into m x R vector accumulators that are reduced
 //    horizontally once at the end. Threads split the weight rows. (BF16 with a few more
 //    rows of x takes the same path in groups of 4 over L2-resident chunks of weights, and
-//    with every m on Zen 4's AVX-512: see kDotBlockRows.)
+//    with more rows on AMD Zen's AVX-512: see kDotBlockRows.)
 //  - larger m (prefill): compute-bound. A block of weights [kKC x kNC] is widened and
 //    transposed into panels of kNR output columns, x into panels of kMR rows, and a
 //    kMR x kNR register-blocked micro-kernel broadcasts x and FMAs packed weight vectors.
@@ -24,6 +24,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <new>
 #include <utility>
@@ -92,12 +93,16 @@ using Bf16 = uint16_t;
 // m = 16 costs more than the re-reads of L2-resident weight chunks (measured on Zen 4).
 constexpr int64_t kGemvMaxRows = 8;
 constexpr int64_t kGemvMaxRowsBf16 = 24;
-// Where the processor splits 512-bit operations in halves (Avx512InHalves: Zen 4), the
-// AVX-512 decode path beat the packed GEMM on BF16 weights at every m measured (9 to 512
-// rows of x, one and two threads: 1.1-1.2x, ~95% of the FMA rate) and runs them all, in
-// blocks of this many rows of x, which stay in L2/L3 while the weights stream past (x
-// whole at 2048 rows ran 0.83x the GEMM). With AVX2 the GEMM stays ahead from 32 rows.
+// On AMD's Zen 4, whose AVX-512 runs in 256-bit halves, the AVX-512 decode path beat the
+// packed GEMM on BF16 weights at every m measured (9 to 512 rows of x, one and two
+// threads: 1.1-1.2x, ~95% of the FMA rate) and runs them all, in blocks of this many rows
+// of x, which stay in L2/L3 while the weights stream past (x whole at 2048 rows ran 0.83x
+// the GEMM). With AVX2 the GEMM stays ahead from 32 rows.
 constexpr int64_t kDotBlockRows = 256;
+// On Zen 5 (full-width AVX-512) the decode path runs products of up to this many rows of
+// x: exact 512-token prefill 1.10-1.13x on both shapes with it at 64, 128 or 256 (the
+// experts' products, of 19-48 rows); at every m, 0.96x on V2-Lite's shape.
+constexpr int64_t kDotMaxRowsZen5 = 256;
 // Threads split such a product by blocks of x's rows when the weights fit in L2 or each
 // thread has this many rows; else by weight rows (see MatMulTyped).
 constexpr int64_t kDotL2Bytes = 1 << 20;
@@ -401,7 +406,7 @@ void MatMulTyped(const float* x, int64_t m, int64_t ldx, const W* w, int64_t str
   const bool decode = m <= (sizeof(W) == 2 ? kGemvMaxRowsBf16 : kGemvMaxRows);
   switch (internal::MatMulIsa()) {
     case Isa::kAvx512:
-      if (sizeof(W) == 2 && !decode && internal::Bf16DotForAllRows()) {
+      if (sizeof(W) == 2 && !decode && m <= internal::Bf16DotMaxRows()) {
         // The threads take blocks of x's rows, each against all the weights, where the
         // weights stay in L2 or each block is long enough to pay for reading them all
         // (split by weight rows instead, a router of 160 rows ran 0.7x and a matrix of
@@ -532,16 +537,18 @@ Isa MatMulIsa() {
   return Isa::kPlain;
 }
 
-bool Bf16DotForAllRows() {
-  static const bool dot = [] {
+int64_t Bf16DotMaxRows() {
+  static const int64_t rows = [] {
+    const int zen = AmdZenAvx512();
+    const int64_t host = zen == 4 ? std::numeric_limits<int64_t>::max() : zen == 5 ? kDotMaxRowsZen5 : 0;
     const char* form = std::getenv("EPIC_BF16_FORM");
-    if (form == nullptr || *form == '\0') return Avx512InHalves();
-    if (std::strcmp(form, "dot") == 0) return true;
-    if (std::strcmp(form, "gemm") == 0) return false;
+    if (form == nullptr || *form == '\0') return host;
+    if (std::strcmp(form, "dot") == 0) return std::numeric_limits<int64_t>::max();
+    if (std::strcmp(form, "gemm") == 0) return int64_t{0};
     std::fprintf(stderr, "epic: EPIC_BF16_FORM=%s is neither dot nor gemm; ignored\n", form);
-    return Avx512InHalves();
+    return host;
   }();
-  return dot;
+  return rows;
 }
 
 void MatMulPlain(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y,

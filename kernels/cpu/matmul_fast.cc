@@ -543,7 +543,7 @@ void RoundToBf16(const float* in, int64_t n, uint16_t* out) { RoundRow(Has(Isa::
 
 bool Bf16ProductsBeatF32() {
   const Path path = ActivePath();
-  return path == Path::kAmx || (path == Path::kDot && Avx512InHalves());
+  return path == Path::kAmx || (path == Path::kDot && AmdZenAvx512() >= 4);
 }
 
 namespace internal {

@@ -30,7 +30,7 @@ inline constexpr const char* kPrecisionHelp =
     "docs/performance.md). A processor without AVX2 runs exact, and says so. The embedding and the routers stay "
     "exact. The latent cache holds BF16 rows (half its memory), and decode's attention takes its queries and "
     "probabilities in BF16 against them; prefill's attention takes BF16 operands on processors whose BF16 products outrun "
-    "F32 (AMX, AMD Zen 4's AVX512_BF16), F32 ones elsewhere";
+    "F32 (AMX, AVX512_BF16 on AMD Zen 4 and 5), F32 ones elsewhere";
 
 // MatMul's contract with PRECISION: kExact is MatMul itself.
 void MatMul(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y, int64_t ldy, bool accumulate,
@@ -83,10 +83,10 @@ void MatMulNoTransBf16(const uint16_t* x, int64_t ldx, int64_t m, const uint16_t
 // OUT[0, n) = IN[0, n) rounded to BF16, as FloatToBf16 (common/half.h) bit for bit.
 void RoundToBf16(const float* in, int64_t n, uint16_t* out);
 
-// Whether this host's BF16 products outrun its F32 ones: AMX tiles, or AVX512_BF16 where
-// 512-bit operations run in halves (Avx512InHalves: AMD Zen 4, where precision_bench
-// measured them at 1.6-1.8x F32 on prefill shapes; an Intel host without usable AMX ran
-// them at 0.6x). There the fast precision's attention takes BF16 operands.
+// Whether this host's BF16 products outrun its F32 ones: AMX tiles, or AVX512_BF16 on AMD
+// Zen 4 and 5 (AmdZenAvx512(); precision_bench measured them at 1.6-1.8x F32 on prefill
+// shapes on Zen 4, 1.65-2.2x on Zen 5; an Intel host without usable AMX ran them at
+// 0.6x). There the fast precision's attention takes BF16 operands.
 bool Bf16ProductsBeatF32();
 
 namespace internal {

@@ -34,11 +34,12 @@ inline void SplitRange(int64_t total, int count, int index, int64_t* begin, int6
 // that ActiveIsa() allows (EPIC_CPU_ISA narrows it).
 Isa MatMulIsa();
 
-// Whether the AVX-512 BF16 products of more than 24 rows of x take the decode form (dot
-// products, weights widened in registers) instead of the packed GEMM: Avx512InHalves(),
-// or what the environment variable EPIC_BF16_FORM asks (dot or gemm), so that both are
-// tested on any AVX-512 host.
-bool Bf16DotForAllRows();
+// The most rows of x whose AVX-512 BF16 products take the decode form (dot products,
+// weights widened in registers) instead of the packed GEMM, which takes more (decode's
+// 24 rows and fewer always take the dot form): every m on AMD Zen 4, 256 on Zen 5, 0
+// elsewhere (AmdZenAvx512()); or what the environment variable EPIC_BF16_FORM asks (dot:
+// every m, gemm: 0), so that both forms are tested on any AVX-512 host.
+int64_t Bf16DotMaxRows();
 
 // The plain C++ path, single-threaded, with the same contract as MatMul.
 void MatMulPlain(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float* y,
