@@ -117,8 +117,19 @@ constexpr int64_t kGemvChunkBytes = 256 << 10;
 // prefetching 8 streams x 1 KiB into L1 thrashes it and measured slower than none. 2 KiB
 // rather than 1: with 4 rows of x a step takes long enough that 1 KiB ahead came too
 // late (Zen 4, weights from DRAM, 2 threads: 28 -> 33 GB/s with 4 rows, 19 -> 21 with 8,
-// one row unchanged).
+// one row unchanged). With one row of x on Zen 5, a quarter of that (see
+// GemvPrefetchBytes).
 constexpr int64_t kGemvPrefetchBytes = 2048;
+
+// The prefetch distance of a GEMV over M rows of x: on Zen 5 one row's steps are short
+// and its prefetches ran 512 bytes ahead best (exact decode, A B B A: small experts
+// x1.06-1.10, V2-Lite's shape x1.01-1.03; batched B=4 and 16 x1.01-1.06 with the groups
+// of 4 rows kept at 2 KiB; every M at 512 bytes, V2-Lite's B=4 0.97; 256 bytes 0.99 of
+// 512).
+int64_t GemvPrefetchBytes(int m) {
+  static const bool zen5 = AmdZenAvx512() == 5;
+  return m == 1 && zen5 ? 512 : kGemvPrefetchBytes;
+}
 
 // Packed GEMM blocking. The x panel [kKC][kMR] (8 KiB for AVX-512's 8 rows) stays in L1
 // while the micro-kernel runs over the weight panels of the packed block [kKC x kNC]
