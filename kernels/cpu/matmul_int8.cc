@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/half.h"
+#include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/intrinsics.h"
 #include "kernels/cpu/matmul_internal.h"
 #include "kernels/cpu/parallel.h"
@@ -32,6 +33,13 @@ constexpr int kBlockPanels = 4;                      // panels a block of x runs
 constexpr int kBlockRows = 6;                        // rows of x in a register block
 constexpr int64_t kChunkGroups = 64;                 // k/4 per chunk: 4 panels x 4 KiB in L1
 constexpr int64_t kBlockCols = kBlockPanels * kPanelRows;
+// k/4 a chunk of the products of more than 3 rows: kChunkGroups, or twice that on Zen 5,
+// whose L1 holds 48 KiB (512-token fast prefill x1.03 on V2-Lite's shape, about 1.0 on
+// small experts; batched B=16 x1.03, B=64 0.99-1.015; A B B A).
+int64_t ChunkGroups() {
+  static const int64_t groups = AmdZenAvx512() == 5 ? 2 * kChunkGroups : kChunkGroups;
+  return groups;
+}
 // A thread's share of weights read as one stream up to this many bytes prefetches each
 // panel's lines a panel ahead (see Panels).
 constexpr int64_t kShortStreamBytes = int64_t{1} << 20;
@@ -475,17 +483,18 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
     }
     return;
   }
+  const int64_t chunk = ChunkGroups();
   for (int64_t pb = p0; pb < p1; pb += kBlockPanels) {
     const int panels = static_cast<int>(std::min<int64_t>(kBlockPanels, p1 - pb));
     const uint8_t* wp = base + pb * panel_bytes;
-    for (int64_t g0 = 0; g0 < groups; g0 += kChunkGroups) {
-      const int64_t g = std::min(kChunkGroups, groups - g0);
-      // A panel's chunk is 4 KiB, one page: the hardware prefetchers stop at its end, and
-      // a chunk of cold weights started every pass with a miss on each line. The first
-      // tile of rows prefetches the next chunk into L2 (into L1 it pushed out this
-      // chunk's lines, which the other tiles read): small experts' decode 13% faster,
-      // their 512-token prefill 10% (v2-small-experts, Zen 4).
-      const uint8_t* next = g0 + kChunkGroups < groups ? wp + (g0 + kChunkGroups) * kGroupBytes
+    for (int64_t g0 = 0; g0 < groups; g0 += chunk) {
+      const int64_t g = std::min(chunk, groups - g0);
+      // A panel's chunk is 4 KiB, one page (8 KiB on Zen 5): the hardware prefetchers
+      // stop at a page's end, and a chunk of cold weights started every pass with a miss
+      // on each line. The first tile of rows prefetches the next chunk into L2 (into L1
+      // it pushed out this chunk's lines, which the other tiles read): small experts'
+      // decode 13% faster, their 512-token prefill 10% (v2-small-experts, Zen 4).
+      const uint8_t* next = g0 + chunk < groups ? wp + (g0 + chunk) * kGroupBytes
                             : pb + kBlockPanels < p1     ? base + (pb + kBlockPanels) * panel_bytes
                                                          : nullptr;
       for (int64_t i0 = 0; i0 < m; i0 += tiling.rows) {
