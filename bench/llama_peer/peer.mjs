@@ -1,7 +1,7 @@
 // Times llama.cpp (node-llama-cpp's prebuilt CPU libraries) on a GGUF written by
 // to_gguf.py, with the prompt, decode and batch shapes model_bench uses:
 //   node peer.mjs MODEL.gguf --prompt 512 --decode 32 --repeats 2 --threads 2 --batch 1,4,16 --batch-steps 16
-//                    [--greedy N] [--no-mmap]
+//                    [--greedy N] [--no-mmap] [--flash-attention on|off|auto]
 // Prompts are token ids ((i*7919 + 13) % vocab), the ids model_bench feeds; --greedy
 // prints the first N greedy tokens after the prompt, for agreement against epic-run.
 import { getLlama, LlamaLogLevel } from "node-llama-cpp";
@@ -19,6 +19,8 @@ const threads = Number(opt("threads", 2));
 const batches = String(opt("batch", "")).split(",").filter(Boolean).map(Number);
 const batchSteps = Number(opt("batch-steps", 16));
 const greedy = Number(opt("greedy", 0));
+// llama.cpp's flash attention ("auto" lets it choose; on, it was faster on both shapes here).
+const flashAttention = opt("flash-attention", "on") === "on" ? true : opt("flash-attention") === "off" ? false : "auto";
 const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s[Math.floor((s.length - 1) / 2)]; };
 const now = () => Number(process.hrtime.bigint()) / 1e9;
 
@@ -30,7 +32,7 @@ console.log(`llama.cpp (node-llama-cpp ${llama.buildType ?? ""} ${llama.llamaCpp
             `cpu backend, ${threads} threads; model ${modelPath}`);
 
 {
-  const context = await model.createContext({ contextSize: prompt + decode + 16, batchSize: prompt, threads });
+  const context = await model.createContext({ contextSize: prompt + decode + 16, batchSize: prompt, threads, flashAttention });
   const prefill = [], steps = [];
   let generated = [];
   // Round 0 warms the weights' pages and the thread pool; it is not counted.
@@ -61,7 +63,7 @@ console.log(`llama.cpp (node-llama-cpp ${llama.buildType ?? ""} ${llama.llamaCpp
 for (const b of batches) {
   const ctxTokens = 32;
   const context = await model.createContext({ contextSize: b * (ctxTokens + batchSteps + 8), sequences: b,
-                                              batchSize: Math.max(512, b * ctxTokens), threads });
+                                              batchSize: Math.max(512, b * ctxTokens), threads, flashAttention });
   const seqs = Array.from({ length: b }, () => context.getSequence());
   await Promise.all(seqs.map((s, i) => s.evaluateWithoutGeneratingNewTokens(promptTokens(ctxTokens, i * 31))));
   // All sequences step together: node-llama-cpp batches their pending tokens into one decode.
