@@ -4,6 +4,10 @@
 //                    [--greedy N] [--no-mmap] [--flash-attention on|off|auto]
 // Prompts are token ids ((i*7919 + 13) % vocab), the ids model_bench feeds; --greedy
 // prints the first N greedy tokens after the prompt, for agreement against epic-run.
+//   node peer.mjs MODEL.gguf --prompts FILE --greedy N
+// instead prints N greedy tokens for each prompt of FILE (epic-run's --tokens form:
+// ids joined by ',', prompts by ';'), one line each, as epic-run does.
+import fs from "node:fs";
 import { getLlama, LlamaLogLevel } from "node-llama-cpp";
 
 const args = process.argv.slice(2);
@@ -28,6 +32,20 @@ const llama = await getLlama({ gpu: false, build: "never", logLevel: LlamaLogLev
 const model = await llama.loadModel({ modelPath, gpuLayers: 0, useMmap: !args.includes("--no-mmap") });
 const nVocab = Number(model.fileInfo.metadata.deepseek2?.vocab_size ?? 8000);
 const promptTokens = (n, salt = 0) => Array.from({ length: n }, (_, i) => ((i + salt) * 7919 + 13) % nVocab);
+if (opt("prompts")) {
+  const context = await model.createContext({ contextSize: 4096, threads, flashAttention });
+  for (const ids of fs.readFileSync(opt("prompts"), "utf8").trim().split(";")) {
+    const seq = context.getSequence();
+    const out = [];
+    for await (const token of seq.evaluate(ids.split(",").map(Number), { temperature: 0 })) {
+      out.push(token);
+      if (out.length >= greedy) break;
+    }
+    console.log(out.join(" "));
+    seq.dispose();
+  }
+  process.exit(0);
+}
 console.log(`llama.cpp (node-llama-cpp ${llama.buildType ?? ""} ${llama.llamaCppRelease?.release ?? ""}), ` +
             `cpu backend, ${threads} threads; model ${modelPath}`);
 
