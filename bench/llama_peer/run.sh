@@ -2,7 +2,9 @@
 # epic against llama.cpp's CPU backend on the same checkpoint, taking turns on the same
 # cores: model_bench and peer.mjs (node-llama-cpp's prebuilt llama.cpp libraries from
 # npm) run the same prompt, decode and batch shapes, A B B A ..., and the medians and
-# epic / llama.cpp ratios are printed.
+# epic / llama.cpp ratios are printed, after a check that both give the same greedy
+# tokens (see below). --work holds node-llama-cpp, the GGUF files and the logs
+# (default build/llama_peer).
 #
 #   bench/llama_peer/run.sh --model DIR [--precision exact|fast] [--rounds 2] [--threads 2]
 #                           [--prompt 512] [--decode 32] [--batch 1,4,16] [--work DIR]
@@ -19,7 +21,7 @@ source "$here/../../launch/common.sh"
 model="" precision="exact" rounds=2 threads=2 prompt=512 decode=32 batch="1,4,16"
 work="$EPIC_BUILD_DIR/llama_peer"
 node_llama_version="3.22.1"
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) model="$2"; shift 2 ;;
