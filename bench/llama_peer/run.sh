@@ -21,7 +21,7 @@ source "$here/../../launch/common.sh"
 model="" precision="exact" rounds=2 threads=2 prompt=512 decode=32 batch="1,4,16"
 work="$EPIC_BUILD_DIR/llama_peer"
 node_llama_version="3.22.1"
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) model="$2"; shift 2 ;;
