@@ -4,10 +4,12 @@
 # npm) run the same prompt, decode and batch shapes, A B B A ..., and the medians and
 # epic / llama.cpp ratios are printed, after a check that both give the same greedy
 # tokens (see below). --work holds node-llama-cpp, the GGUF files and the logs
-# (default build/llama_peer).
+# (default build/llama_peer). --llama-threads gives llama.cpp its own thread count
+# (default --threads): on a small host its spinning pool may decode faster on fewer.
 #
 #   bench/llama_peer/run.sh --model DIR [--precision exact|fast] [--rounds 2] [--threads 2]
 #                           [--prompt 512] [--decode 32] [--batch 1,4,16] [--work DIR]
+#                           [--llama-threads N]
 #
 # exact is compared with the checkpoint's BF16 matrices in llama.cpp (which rounds
 # activations to BF16; epic keeps them F32), fast with Q8_0 (blocks of 32 int8 weights
@@ -18,16 +20,17 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=../../launch/common.sh
 source "$here/../../launch/common.sh"
 
-model="" precision="exact" rounds=2 threads=2 prompt=512 decode=32 batch="1,4,16"
+model="" precision="exact" rounds=2 threads=2 prompt=512 decode=32 batch="1,4,16" llama_threads=""
 work="$EPIC_BUILD_DIR/llama_peer"
 node_llama_version="3.22.1"
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) model="$2"; shift 2 ;;
     --precision) precision="$2"; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
     --threads) threads="$2"; shift 2 ;;
+    --llama-threads) llama_threads="$2"; shift 2 ;;
     --prompt) prompt="$2"; shift 2 ;;
     --decode) decode="$2"; shift 2 ;;
     --batch) batch="$2"; shift 2 ;;
@@ -37,6 +40,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -n "$model" ] || { epic_log "--model DIR is required"; usage >&2; exit 2; }
+llama_threads="${llama_threads:-$threads}"
 [ -f "$model/config.json" ] || { epic_log "$model: no config.json (not a checkpoint directory)"; exit 2; }
 case "$precision" in exact) gguf_type=bf16 ;; fast) gguf_type=q8_0 ;;
   *) epic_log "--precision must be exact or fast, not '$precision'"; exit 2 ;; esac
@@ -70,7 +74,7 @@ check_tokens="$(/usr/bin/python3 -c 'import json, sys; v = json.load(open(sys.ar
 print(",".join(str((i * 7919 + 13) % v) for i in range(64)))' "$model/config.json")"
 epic_greedy="$("$EPIC_BUILD_DIR/worker/epic-run" --model "$model" --precision "$precision" --threads "$threads" \
   --tokens "$check_tokens" --max-new-tokens 8 2>/dev/null)"
-llama_greedy="$(node "$work/peer.mjs" "$gguf" --prompt 64 --decode 8 --repeats 1 --threads "$threads" --greedy 8 \
+llama_greedy="$(node "$work/peer.mjs" "$gguf" --prompt 64 --decode 8 --repeats 1 --threads "$llama_threads" --greedy 8 \
   | sed -n 's/^greedy: //p')"
 read -r -a a <<< "$epic_greedy"; read -r -a b <<< "$llama_greedy"; agree=0
 for i in "${!a[@]}"; do [ "${a[$i]}" = "${b[$i]:-}" ] || break; agree=$((agree + 1)); done
@@ -81,7 +85,7 @@ run_epic() {
     --prompt "$prompt" --decode "$decode" --repeats 2 --batch "$batch" --batch-steps 16
 }
 run_llama() {
-  node "$work/peer.mjs" "$gguf" --prompt "$prompt" --decode "$decode" --repeats 2 --threads "$threads" \
+  node "$work/peer.mjs" "$gguf" --prompt "$prompt" --decode "$decode" --repeats 2 --threads "$llama_threads" \
     --batch "$batch" --batch-steps 16
 }
 logs="$work/logs.$$"
