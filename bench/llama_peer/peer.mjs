@@ -1,12 +1,11 @@
 // Times llama.cpp (node-llama-cpp's prebuilt CPU libraries) on a GGUF written by
 // to_gguf.py, with the prompt, decode and batch shapes model_bench uses:
 //   node peer.mjs MODEL.gguf --prompt 512 --decode 32 --repeats 2 --threads 2 --batch 1,4,16 --batch-steps 16
-//                    [--greedy N] [--no-mmap] [--flash-attention on|off|auto]
-// Prompts are token ids ((i*7919 + 13) % vocab), the ids model_bench feeds; --greedy
-// prints the first N greedy tokens after the prompt, for agreement against epic-run.
+//                    [--no-mmap] [--flash-attention on|off|auto]
+// Prompts are token ids ((i*7919 + 13) % vocab), the ids model_bench feeds.
 //   node peer.mjs MODEL.gguf --prompts FILE --greedy N
 // instead prints N greedy tokens for each prompt of FILE (epic-run's --tokens form:
-// ids joined by ',', prompts by ';'), one line each, as epic-run does.
+// ids joined by ',', prompts by ';'), one line each, as epic-run does, for agreement.
 import fs from "node:fs";
 import { getLlama, LlamaLogLevel } from "node-llama-cpp";
 
@@ -54,20 +53,17 @@ console.log(`llama.cpp (node-llama-cpp ${llama.buildType ?? ""} ${llama.llamaCpp
 {
   const context = await model.createContext({ contextSize: prompt + decode + 16, batchSize: prompt, threads, flashAttention });
   const prefill = [], steps = [];
-  let generated = [];
   // Round 0 warms the weights' pages and the thread pool; it is not counted.
   for (let r = 0; r <= repeats; ++r) {
     const seq = context.getSequence();
-    const tokens = promptTokens(prompt);
     // The first yield ends the prompt's evaluation (time to first token); each later
     // yield is one decode step.
-    generated = [];
+    let yields = 0;
     let t0 = now();
-    for await (const token of seq.evaluate(tokens, { temperature: 0 })) {
+    for await (const _ of seq.evaluate(promptTokens(prompt), { temperature: 0 })) {
       const t1 = now();
-      if (r > 0) (generated.length === 0 ? prefill : steps).push(t1 - t0);
-      generated.push(token);
-      if (generated.length > Math.max(decode, greedy)) break;
+      if (r > 0) (yields === 0 ? prefill : steps).push(t1 - t0);
+      if (++yields > decode) break;
       t0 = now();
     }
     seq.dispose();
@@ -76,7 +72,6 @@ console.log(`llama.cpp (node-llama-cpp ${llama.buildType ?? ""} ${llama.llamaCpp
   console.log(`prefill: ${prompt} tokens in ${p.toFixed(3)} s (median of ${repeats}) = ${(prompt / p).toFixed(1)} tok/s`);
   const s = median(steps);
   console.log(`decode: ${(1 / s).toFixed(2)} tok/s (median step ${(s * 1e3).toFixed(2)} ms, context ${prompt + 1}..${prompt + decode})`);
-  if (greedy) console.log(`greedy: ${generated.slice(0, greedy).join(" ")}`);
   await context.dispose();
 }
 

@@ -70,12 +70,14 @@ fi
 # tokens, 8 generated. llama.cpp scores expert groups as DeepSeek-V3 does (the sum of a
 # group's two best), V2's group_limited_greedy by the best alone: with n_group > 1 the
 # routes, and so the tokens, may differ while the work per token is the same.
-check_tokens="$(/usr/bin/python3 -c 'import json, sys; v = json.load(open(sys.argv[1]))["vocab_size"]
-print(",".join(str((i * 7919 + 13) % v) for i in range(64)))' "$model/config.json")"
+logs="$work/logs.$$"
+mkdir -p "$logs"
+/usr/bin/python3 -c 'import json, sys; v = json.load(open(sys.argv[1]))["vocab_size"]
+print(",".join(str((i * 7919 + 13) % v) for i in range(64)))' "$model/config.json" > "$logs/check_tokens"
 epic_greedy="$("$EPIC_BUILD_DIR/worker/epic-run" --model "$model" --precision "$precision" --threads "$threads" \
-  --tokens "$check_tokens" --max-new-tokens 8 2>/dev/null)"
-llama_greedy="$(node "$work/peer.mjs" "$gguf" --prompt 64 --decode 8 --repeats 1 --threads "$llama_threads" --greedy 8 \
-  | sed -n 's/^greedy: //p')"
+  --tokens "$(cat "$logs/check_tokens")" --max-new-tokens 8 2>/dev/null)"
+llama_greedy="$(node "$work/peer.mjs" "$gguf" --prompts "$logs/check_tokens" --greedy 8 --threads "$llama_threads" \
+  2>/dev/null)"
 read -r -a a <<< "$epic_greedy"; read -r -a b <<< "$llama_greedy"; agree=0
 for i in "${!a[@]}"; do [ "${a[$i]}" = "${b[$i]:-}" ] || break; agree=$((agree + 1)); done
 echo "greedy tokens after a 64-token prompt: epic [$epic_greedy], llama.cpp [$llama_greedy]: the first $agree of 8 agree"
@@ -88,8 +90,6 @@ run_llama() {
   node "$work/peer.mjs" "$gguf" --prompt "$prompt" --decode "$decode" --repeats 2 --threads "$llama_threads" \
     --batch "$batch" --batch-steps 16
 }
-logs="$work/logs.$$"
-mkdir -p "$logs"
 for r in $(seq 1 "$rounds"); do
   # A B B A: each side runs first in half of the rounds.
   if [ $((r % 2)) -eq 1 ]; then order="epic llama"; else order="llama epic"; fi
