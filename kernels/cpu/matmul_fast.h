@@ -25,8 +25,8 @@ bool ParsePrecision(const char* name, Precision* precision);
 inline constexpr const char* kPrecisionHelp =
     "how the CPU computes the matrix products: exact (F32 activations against the checkpoint's BF16/F32 "
     "weights, checked against float64 to 1e-5) or fast (the products' weights quantized to int8 per row at "
-    "load, activations per row at each product, summed exactly in int32 (AVX512_VNNI, AVX-VNNI or AVX2, one "
-    "result on each): half the weight memory, about 2x decode and 2-3x prefill; its error is in "
+    "load, activations per 256 values at each product, summed exactly in int32 (AVX512_VNNI, AVX-VNNI or AVX2, "
+    "one result on each): half the weight memory, about 2x decode and 2-3x prefill; its error is in "
     "docs/performance.md). A processor without AVX2 runs exact, and says so. The embedding and the routers stay "
     "exact. The latent cache holds BF16 rows (half its memory), and decode's attention takes its queries and "
     "probabilities in BF16 against them; prefill's attention takes BF16 operands on processors whose BF16 products outrun "

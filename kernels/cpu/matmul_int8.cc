@@ -1,8 +1,9 @@
 // Int8 products (kernels/cpu/matmul_int8.h). The activations are quantized once per
 // call into per-thread scratch; threads split the weight panels; each takes 4 panels
 // (64 output columns) at a time and runs blocks of up to 6 rows of x over them, k in
-// chunks that keep the 4 panels' part in L1, summing in an int32 block that the last
-// chunk scales into y. A few rows of x read one whole panel after another instead.
+// chunks that keep the 4 panels' part in L1, summing each scale block in int32 and the
+// scale blocks in an F32 block that the last chunk scales into y. A few rows of x read
+// one whole panel after another instead.
 #include "kernels/cpu/matmul_int8.h"
 
 #include <omp.h>
@@ -33,6 +34,8 @@ constexpr int kBlockPanels = 4;                      // panels a block of x runs
 constexpr int kBlockRows = 6;                        // rows of x in a register block
 constexpr int64_t kChunkGroups = 64;                 // k/4 per chunk: 4 panels x 4 KiB in L1
 constexpr int64_t kBlockCols = kBlockPanels * kPanelRows;
+constexpr int64_t kScaleGroups = kInt8ScaleBlock / kGroup;  // groups of 4 under one scale of x
+static_assert(kChunkGroups % kScaleGroups == 0, "a chunk of k starts a scale block");
 // k/4 a chunk of the products of more than 3 rows: kChunkGroups, or twice that on Zen 5,
 // whose L1 holds 48 KiB (512-token fast prefill x1.03 on V2-Lite's shape, about 1.0 on
 // small experts; batched B=16 x1.03, B=64 0.99-1.015; A B B A).
@@ -49,8 +52,8 @@ int64_t RoundUp(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 int64_t PaddedCols(int64_t cols) { return RoundUp(cols, kGroup); }
 int64_t PanelBytes(int64_t padded_cols) { return kPanelRows * padded_cols; }
 
-// Per-thread scratch: the quantized activations, their sums and scales (the calling
-// thread's), and each worker's int32 block.
+// Per-thread scratch: the quantized activations, their scale blocks' sums and scales
+// (the calling thread's), and each worker's F32 block.
 enum Slot { kXq, kXSums, kXScales, kAcc, kSlots };
 template <typename T>
 T* Scratch(Slot slot, int64_t count) {
@@ -177,6 +180,19 @@ EPIC_AVX2_INT8 float QuantizeRowAvx2(const float* x, int64_t k, int64_t padded, 
 
 using QuantizeFn = float (*)(const float*, int64_t, int64_t, int8_t*, int32_t*);
 
+// Scale blocks of a row of PADDED values.
+int64_t ScaleBlocks(int64_t padded) { return (padded + kInt8ScaleBlock - 1) / kInt8ScaleBlock; }
+
+// Row X of K values quantized a scale block at a time: Q[0, padded), each scale block's
+// sum into SUMS and scale into SCALES.
+void QuantizeBlocks(QuantizeFn quantize, const float* x, int64_t k, int64_t padded, int8_t* q, int32_t* sums,
+                    float* scales) {
+  for (int64_t b = 0, c = 0; c < padded; ++b, c += kInt8ScaleBlock) {
+    scales[b] = quantize(x + c, std::min(kInt8ScaleBlock, k - c), std::min(kInt8ScaleBlock, padded - c), q + c,
+                         sums + b);
+  }
+}
+
 QuantizeFn QuantizerFor(internal::Int8Path path) {
   switch (path) {
     case internal::Int8Path::kAvx512Vnni: return QuantizeRowVnni;
@@ -187,66 +203,110 @@ QuantizeFn QuantizerFor(internal::Int8Path path) {
 }
 
 struct QuantizedX {
-  const int8_t* q;  // [m][padded]
-  const int32_t* sums;
-  const float* scales;
+  const int8_t* q;       // [m][padded]
+  const int32_t* sums;   // [m][blocks]
+  const float* scales;   // [m][blocks]
+  int64_t padded, blocks;
 };
 
 QuantizedX QuantizeActivations(QuantizeFn quantize, const float* x, int64_t m, int64_t ldx, int64_t k,
                                int64_t padded) {
+  const int64_t blocks = ScaleBlocks(padded);
   auto* q = Scratch<int8_t>(kXq, m * padded);
-  auto* sums = Scratch<int32_t>(kXSums, m);
-  auto* scales = Scratch<float>(kXScales, m);
+  auto* sums = Scratch<int32_t>(kXSums, m * blocks);
+  auto* scales = Scratch<float>(kXScales, m * blocks);
   // Over the threads from 16k values: a batched decode's 64 rows of 1024 were quantized
   // on one thread, twice a layer, while the other waited (with attention's heads taken
   // in shares, compute_cpu.cc, B=64 on small experts 6% faster).
-  ParallelRows(m, m * k >= (1 << 14),
-               [&](int64_t i) { scales[i] = quantize(x + i * ldx, k, padded, q + i * padded, sums + i); });
-  return {q, sums, scales};
+  ParallelRows(m, m * k >= (1 << 14), [&](int64_t i) {
+    QuantizeBlocks(quantize, x + i * ldx, k, padded, q + i * padded, sums + i * blocks, scales + i * blocks);
+  });
+  return {q, sums, scales, padded, blocks};
 }
 
-// y = (acc - 128 * sum_x) * (scale_x * scale_w): the one formula every path uses.
-inline float Dequantize(int32_t acc, int32_t x_sum, float x_scale, float w_scale) {
-  return static_cast<float>(acc - int32_t{kOffset} * x_sum) * (x_scale * w_scale);
+// SUM + (acc - 128 * sum_x) * scale_x: a scale block's int32 products into a row's F32
+// sum, the one formula (fused) every path uses; the sum times scale_w is the product.
+inline float AddScaleBlock(float sum, int32_t acc, int32_t x_sum, float x_scale) {
+  return std::fma(static_cast<float>(acc - int32_t{kOffset} * x_sum), x_scale, sum);
 }
 
-// ACC [rows][ldc] (+)= the int32 products of ROWS rows of XQ with NP panels at W over
-// GROUPS groups of 4 columns. With AHEAD, the same lines of the panels at AHEAD are
-// prefetched into L2 as it goes (Panels passes the next chunk's).
+// ACC [rows][ldc] (+)= the products of ROWS rows of X from row I0 with NP panels at W
+// over GROUPS groups of 4 columns from group G0 (a scale block's first): each scale
+// block's int32 sums, less the offset, times x's scale (AddScaleBlock), into F32 sums
+// held in registers where they fit, else in ACC. With AHEAD, the same lines of the panels
+// at AHEAD are prefetched into L2 as it goes (Panels passes the next chunk's).
 template <int kRows, int kPanels>
-EPIC_VNNI void Block(const int8_t* xq, int64_t ldq, const uint8_t* w, int64_t panel_bytes, int64_t groups,
-                     int32_t* acc, int64_t ldc, bool first, const uint8_t* ahead) {
-  __m512i c[kRows][kPanels];
+EPIC_VNNI void Block(const QuantizedX& x, int64_t i0, int64_t g0, const uint8_t* w, int64_t panel_bytes,
+                     int64_t groups, float* acc, int64_t ldc, bool first, const uint8_t* ahead) {
+  constexpr bool kHeld = kRows * kPanels <= 12;
+  const int8_t* xq = x.q + i0 * x.padded + g0 * kGroup;
+  const int64_t ldq = x.padded;
+  __m512 f[kHeld ? kRows : 1][kHeld ? kPanels : 1];
 #pragma GCC unroll 8
   for (int i = 0; i < kRows; ++i) {
 #pragma GCC unroll 4
     for (int p = 0; p < kPanels; ++p) {
-      c[i][p] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(acc + i * ldc + p * kPanelRows);
-    }
-  }
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512i wv[kPanels];
-#pragma GCC unroll 4
-    for (int p = 0; p < kPanels; ++p) wv[p] = _mm512_loadu_si512(w + p * panel_bytes + g * kGroupBytes);
-    if (ahead != nullptr) {
-#pragma GCC unroll 4
-      for (int p = 0; p < kPanels; ++p) {
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + p * panel_bytes + g * kGroupBytes), _MM_HINT_T1);
+      float* a = acc + i * ldc + p * kPanelRows;
+      if constexpr (kHeld) {
+        f[i][p] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(a);
+      } else if (first) {
+        _mm512_storeu_ps(a, _mm512_setzero_ps());  // so that each scale block adds to ACC alike
       }
     }
+  }
+  for (int64_t s0 = 0; s0 < groups; s0 += kScaleGroups) {
+    __m512i c[kRows][kPanels];
 #pragma GCC unroll 8
     for (int i = 0; i < kRows; ++i) {
-      int32_t four;
-      std::memcpy(&four, xq + i * ldq + g * kGroup, sizeof four);
-      const __m512i xb = _mm512_set1_epi32(four);
 #pragma GCC unroll 4
-      for (int p = 0; p < kPanels; ++p) c[i][p] = _mm512_dpbusd_epi32(c[i][p], wv[p], xb);
+      for (int p = 0; p < kPanels; ++p) {
+        c[i][p] = _mm512_setzero_si512();
+        asm("" : "+v"(c[i][p]));
+      }
+    }
+    const int64_t s1 = std::min(groups, s0 + kScaleGroups);
+    for (int64_t g = s0; g < s1; ++g) {
+      __m512i wv[kPanels];
+#pragma GCC unroll 4
+      for (int p = 0; p < kPanels; ++p) wv[p] = _mm512_loadu_si512(w + p * panel_bytes + g * kGroupBytes);
+      if (ahead != nullptr) {
+#pragma GCC unroll 4
+        for (int p = 0; p < kPanels; ++p) {
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + p * panel_bytes + g * kGroupBytes), _MM_HINT_T1);
+        }
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < kRows; ++i) {
+        int32_t four;
+        std::memcpy(&four, xq + i * ldq + g * kGroup, sizeof four);
+        const __m512i xb = _mm512_set1_epi32(four);
+#pragma GCC unroll 4
+        for (int p = 0; p < kPanels; ++p) c[i][p] = _mm512_dpbusd_epi32(c[i][p], wv[p], xb);
+      }
+    }
+    const int64_t b = (g0 + s0) / kScaleGroups;
+#pragma GCC unroll 8
+    for (int i = 0; i < kRows; ++i) {
+      const __m512i offset = _mm512_set1_epi32(int32_t{kOffset} * x.sums[(i0 + i) * x.blocks + b]);
+      const __m512 scale = _mm512_set1_ps(x.scales[(i0 + i) * x.blocks + b]);
+#pragma GCC unroll 4
+      for (int p = 0; p < kPanels; ++p) {
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(c[i][p], offset));
+        if constexpr (kHeld) {
+          f[i][p] = _mm512_fmadd_ps(v, scale, f[i][p]);
+        } else {
+          float* a = acc + i * ldc + p * kPanelRows;
+          _mm512_storeu_ps(a, _mm512_fmadd_ps(v, scale, _mm512_loadu_ps(a)));
+        }
+      }
     }
   }
+  if constexpr (kHeld) {
 #pragma GCC unroll 8
-  for (int i = 0; i < kRows; ++i) {
+    for (int i = 0; i < kRows; ++i) {
 #pragma GCC unroll 4
-    for (int p = 0; p < kPanels; ++p) _mm512_storeu_si512(acc + i * ldc + p * kPanelRows, c[i][p]);
+      for (int p = 0; p < kPanels; ++p) _mm512_storeu_ps(acc + i * ldc + p * kPanelRows, f[i][p]);
+    }
   }
 }
 
@@ -254,78 +314,120 @@ EPIC_VNNI void Block(const int8_t* xq, int64_t ldq, const uint8_t* w, int64_t pa
 // vpdpbusd as above. Without it, the weights are made signed (stored - 128, in
 // [-127, 127]) and multiplied by |x| with x's sign moved onto them: vpmaddubsw's pairs
 // then stay within 2 * 127 * 127 and never saturate, vpmaddwd sums them into int32. That
-// sum is already less the offset's 128 * sum_x (StoreBlock256 does not subtract it).
+// sum is already less the offset's 128 * sum_x (not subtracted again).
 template <int kRows, int kPanels, bool kVnni>
-EPIC_AVX_VNNI void Block256(const int8_t* xq, int64_t ldq, const uint8_t* w, int64_t panel_bytes, int64_t groups,
-                            int32_t* acc, int64_t ldc, bool first, const uint8_t* ahead) {
-  __m256i c[kRows][kPanels][2];
+EPIC_AVX_VNNI void Block256(const QuantizedX& x, int64_t i0, int64_t g0, const uint8_t* w, int64_t panel_bytes,
+                            int64_t groups, float* acc, int64_t ldc, bool first, const uint8_t* ahead) {
+  constexpr bool kHeld = kRows * kPanels <= (kVnni ? 2 : 1);
+  const int8_t* xq = x.q + i0 * x.padded + g0 * kGroup;
+  const int64_t ldq = x.padded;
+  __m256 f[kHeld ? kRows : 1][kHeld ? kPanels : 1][2];
 #pragma GCC unroll 8
   for (int i = 0; i < kRows; ++i) {
 #pragma GCC unroll 2
     for (int p = 0; p < kPanels; ++p) {
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
-        c[i][p][h] = first ? _mm256_setzero_si256()
-                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + i * ldc + p * kPanelRows + h * 8));
+        float* a = acc + i * ldc + p * kPanelRows + h * 8;
+        if constexpr (kHeld) {
+          f[i][p][h] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(a);
+        } else if (first) {
+          _mm256_storeu_ps(a, _mm256_setzero_ps());
+        }
       }
     }
   }
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256i wv[kPanels][2];
-#pragma GCC unroll 2
-    for (int p = 0; p < kPanels; ++p) {
-#pragma GCC unroll 2
-      for (int h = 0; h < 2; ++h) {
-        wv[p][h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * panel_bytes + g * kGroupBytes + h * 32));
-        if constexpr (!kVnni) wv[p][h] = _mm256_xor_si256(wv[p][h], flip);
-      }
-    }
-    if (ahead != nullptr) {
-#pragma GCC unroll 2
-      for (int p = 0; p < kPanels; ++p) {
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + p * panel_bytes + g * kGroupBytes), _MM_HINT_T1);
-      }
-    }
+  for (int64_t s0 = 0; s0 < groups; s0 += kScaleGroups) {
+    __m256i c[kRows][kPanels][2];
 #pragma GCC unroll 8
     for (int i = 0; i < kRows; ++i) {
-      int32_t four;
-      std::memcpy(&four, xq + i * ldq + g * kGroup, sizeof four);
-      const __m256i xb = _mm256_set1_epi32(four);
-      if constexpr (kVnni) {
 #pragma GCC unroll 2
-        for (int p = 0; p < kPanels; ++p) {
+      for (int p = 0; p < kPanels; ++p) {
 #pragma GCC unroll 2
-          for (int h = 0; h < 2; ++h) c[i][p][h] = _mm256_dpbusd_avx_epi32(c[i][p][h], wv[p][h], xb);
+        for (int h = 0; h < 2; ++h) {
+          c[i][p][h] = _mm256_setzero_si256();
+          asm("" : "+v"(c[i][p][h]));
         }
-      } else {
-        const __m256i ax = _mm256_abs_epi8(xb);
+      }
+    }
+    const int64_t s1 = std::min(groups, s0 + kScaleGroups);
+    for (int64_t g = s0; g < s1; ++g) {
+      __m256i wv[kPanels][2];
+#pragma GCC unroll 2
+      for (int p = 0; p < kPanels; ++p) {
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const uint8_t* at = w + p * panel_bytes + g * kGroupBytes + h * 32;
+          wv[p][h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
+          if constexpr (!kVnni) wv[p][h] = _mm256_xor_si256(wv[p][h], flip);
+        }
+      }
+      if (ahead != nullptr) {
 #pragma GCC unroll 2
         for (int p = 0; p < kPanels; ++p) {
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + p * panel_bytes + g * kGroupBytes), _MM_HINT_T1);
+        }
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < kRows; ++i) {
+        int32_t four;
+        std::memcpy(&four, xq + i * ldq + g * kGroup, sizeof four);
+        const __m256i xb = _mm256_set1_epi32(four);
+        if constexpr (kVnni) {
 #pragma GCC unroll 2
-          for (int h = 0; h < 2; ++h) {
-            const __m256i pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[p][h], xb));
-            c[i][p][h] = _mm256_add_epi32(c[i][p][h], _mm256_madd_epi16(pairs, ones));
+          for (int p = 0; p < kPanels; ++p) {
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; ++h) c[i][p][h] = _mm256_dpbusd_avx_epi32(c[i][p][h], wv[p][h], xb);
+          }
+        } else {
+          const __m256i ax = _mm256_abs_epi8(xb);
+#pragma GCC unroll 2
+          for (int p = 0; p < kPanels; ++p) {
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; ++h) {
+              const __m256i pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[p][h], xb));
+              c[i][p][h] = _mm256_add_epi32(c[i][p][h], _mm256_madd_epi16(pairs, ones));
+            }
+          }
+        }
+      }
+    }
+    const int64_t b = (g0 + s0) / kScaleGroups;
+#pragma GCC unroll 8
+    for (int i = 0; i < kRows; ++i) {
+      const __m256i offset = _mm256_set1_epi32(kVnni ? int32_t{kOffset} * x.sums[(i0 + i) * x.blocks + b] : 0);
+      const __m256 scale = _mm256_set1_ps(x.scales[(i0 + i) * x.blocks + b]);
+#pragma GCC unroll 2
+      for (int p = 0; p < kPanels; ++p) {
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(c[i][p][h], offset));
+          if constexpr (kHeld) {
+            f[i][p][h] = _mm256_fmadd_ps(v, scale, f[i][p][h]);
+          } else {
+            float* a = acc + i * ldc + p * kPanelRows + h * 8;
+            _mm256_storeu_ps(a, _mm256_fmadd_ps(v, scale, _mm256_loadu_ps(a)));
           }
         }
       }
     }
   }
+  if constexpr (kHeld) {
 #pragma GCC unroll 8
-  for (int i = 0; i < kRows; ++i) {
+    for (int i = 0; i < kRows; ++i) {
 #pragma GCC unroll 2
-    for (int p = 0; p < kPanels; ++p) {
+      for (int p = 0; p < kPanels; ++p) {
 #pragma GCC unroll 2
-      for (int h = 0; h < 2; ++h) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + i * ldc + p * kPanelRows + h * 8), c[i][p][h]);
+        for (int h = 0; h < 2; ++h) _mm256_storeu_ps(acc + i * ldc + p * kPanelRows + h * 8, f[i][p][h]);
       }
     }
   }
 }
 
-using BlockFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int64_t, int32_t*, int64_t, bool,
-                        const uint8_t*);
+using BlockFn = void (*)(const QuantizedX&, int64_t, int64_t, const uint8_t*, int64_t, int64_t, float*, int64_t,
+                        bool, const uint8_t*);
 
 template <int kRows>
 BlockFn BlockFor(int panels) {
@@ -382,9 +484,10 @@ Tiling TilingFor(internal::Int8Path path, int64_t m) {
   }
 }
 
-// Y's columns [n0, n0 + 16 * panels) of M rows from ACC [m][kBlockCols].
-EPIC_VNNI void StoreBlock(const int32_t* acc, int64_t m, const QuantizedX& x, const WeightMatrix& w, int64_t n0,
-                          int panels, float* y, int64_t ldy, bool accumulate) {
+// Y's columns [n0, n0 + 16 * panels) of M rows from ACC [m][kBlockCols] times the
+// weights' scales.
+EPIC_VNNI void StoreBlock(const float* acc, int64_t m, const WeightMatrix& w, int64_t n0, int panels, float* y,
+                          int64_t ldy, bool accumulate) {
   __mmask16 masks[kBlockPanels];
   __m512 w_scales[kBlockPanels];
   int valid = 0;  // panels with any row of W
@@ -396,12 +499,8 @@ EPIC_VNNI void StoreBlock(const int32_t* acc, int64_t m, const QuantizedX& x, co
     valid = p + 1;
   }
   for (int64_t i = 0; i < m; ++i) {
-    const __m512i offset = _mm512_set1_epi32(int32_t{kOffset} * x.sums[i]);
-    const __m512 x_scale = _mm512_set1_ps(x.scales[i]);
     for (int p = 0; p < valid; ++p) {
-      const __m512 scale = _mm512_mul_ps(x_scale, w_scales[p]);
-      const __m512i sum = _mm512_sub_epi32(_mm512_loadu_si512(acc + i * kBlockCols + p * kPanelRows), offset);
-      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), scale);
+      __m512 v = _mm512_mul_ps(_mm512_loadu_ps(acc + i * kBlockCols + p * kPanelRows), w_scales[p]);
       float* out = y + i * ldy + n0 + p * kPanelRows;
       if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(masks[p], out), v);
       _mm512_mask_storeu_ps(out, masks[p], v);
@@ -409,20 +508,14 @@ EPIC_VNNI void StoreBlock(const int32_t* acc, int64_t m, const QuantizedX& x, co
   }
 }
 
-// The same on 256-bit vectors, 8 columns at a time; SIGNED when ACC summed the signed
-// weights (no offset to take off).
-EPIC_AVX2_INT8 void StoreBlock256(const int32_t* acc, int64_t m, const QuantizedX& x, const WeightMatrix& w,
-                                  int64_t n0, int panels, bool is_signed, float* y, int64_t ldy, bool accumulate) {
+// The same on 256-bit vectors, 8 columns at a time.
+EPIC_AVX2_INT8 void StoreBlock256(const float* acc, int64_t m, const WeightMatrix& w, int64_t n0, int panels,
+                                  float* y, int64_t ldy, bool accumulate) {
   const int64_t cols = std::min<int64_t>(panels * kPanelRows, w.rows - n0);
   for (int64_t i = 0; i < m; ++i) {
-    const __m256i offset = _mm256_set1_epi32(is_signed ? 0 : int32_t{kOffset} * x.sums[i]);
-    const __m256 x_scale = _mm256_set1_ps(x.scales[i]);
     for (int64_t j = 0; j < cols; j += 8) {
       const __m256i mask = FirstLanes8(cols - j);
-      const __m256 scale = _mm256_mul_ps(x_scale, _mm256_maskload_ps(w.scales + n0 + j, mask));
-      const __m256i sum = _mm256_sub_epi32(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + i * kBlockCols + j)), offset);
-      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(sum), scale);
+      __m256 v = _mm256_mul_ps(_mm256_loadu_ps(acc + i * kBlockCols + j), _mm256_maskload_ps(w.scales + n0 + j, mask));
       float* out = y + i * ldy + n0 + j;
       if (accumulate) v = _mm256_add_ps(_mm256_maskload_ps(out, mask), v);
       _mm256_maskstore_ps(out, mask, v);
@@ -431,12 +524,12 @@ EPIC_AVX2_INT8 void StoreBlock256(const int32_t* acc, int64_t m, const Quantized
 }
 
 // Y's columns [n0, n0 + 16 * panels) of M rows from ACC [m][kBlockCols], on PATH.
-void Store(internal::Int8Path path, const int32_t* acc, int64_t m, const QuantizedX& x, const WeightMatrix& w,
-           int64_t n0, int panels, float* y, int64_t ldy, bool accumulate) {
+void Store(internal::Int8Path path, const float* acc, int64_t m, const WeightMatrix& w, int64_t n0, int panels,
+           float* y, int64_t ldy, bool accumulate) {
   if (path == internal::Int8Path::kAvx512Vnni) {
-    StoreBlock(acc, m, x, w, n0, panels, y, ldy, accumulate);
+    StoreBlock(acc, m, w, n0, panels, y, ldy, accumulate);
   } else {
-    StoreBlock256(acc, m, x, w, n0, panels, path == internal::Int8Path::kAvx2, y, ldy, accumulate);
+    StoreBlock256(acc, m, w, n0, panels, y, ldy, accumulate);
   }
 }
 
@@ -457,7 +550,7 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
   const int64_t panel_bytes = PanelBytes(padded);
   const auto* base = static_cast<const uint8_t*>(w.data);
   const Tiling tiling = TilingFor(path, m);
-  int32_t* acc = Scratch<int32_t>(kAcc, m * kBlockCols);
+  float* acc = Scratch<float>(kAcc, m * kBlockCols);
   // Few rows of x (decode, small experts' few tokens) read each panel once, whole, one
   // panel after another: the weights as one sequential stream, which the hardware
   // prefetchers follow. One thread reading 512 x 1024 int8 experts from memory (Zen 4,
@@ -476,10 +569,10 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
       const int panels = static_cast<int>(std::min<int64_t>(kBlockPanels, p1 - pb));
       for (int p = 0; p < panels; ++p) {
         const int64_t next = pb + p + 1;
-        block(x.q, padded, base + (pb + p) * panel_bytes, panel_bytes, groups, acc + p * kPanelRows, kBlockCols,
+        block(x, 0, 0, base + (pb + p) * panel_bytes, panel_bytes, groups, acc + p * kPanelRows, kBlockCols,
               /*first=*/true, short_stream && next < p1 ? base + next * panel_bytes : nullptr);
       }
-      Store(path, acc, m, x, w, pb * kPanelRows, panels, y, ldy, accumulate);
+      Store(path, acc, m, w, pb * kPanelRows, panels, y, ldy, accumulate);
     }
     return;
   }
@@ -506,13 +599,13 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
         if (g0 == 0 && pb + kBlockPanels < p1) PrefetchRows(y + (pb + kBlockPanels) * kPanelRows, i0, rows, ldy);
         for (int p = 0; p < panels; p += tiling.panels) {
           const int np = std::min(tiling.panels, panels - p);
-          tiling.block(rows, np)(x.q + i0 * padded + g0 * kGroup, padded, wp + p * panel_bytes + g0 * kGroupBytes,
-                                 panel_bytes, g, acc + i0 * kBlockCols + p * kPanelRows, kBlockCols, g0 == 0,
+          tiling.block(rows, np)(x, i0, g0, wp + p * panel_bytes + g0 * kGroupBytes, panel_bytes, g,
+                                 acc + i0 * kBlockCols + p * kPanelRows, kBlockCols, g0 == 0,
                                  i0 == 0 && next != nullptr ? next + p * panel_bytes : nullptr);
         }
       }
     }
-    Store(path, acc, m, x, w, pb * kPanelRows, panels, y, ldy, accumulate);
+    Store(path, acc, m, w, pb * kPanelRows, panels, y, ldy, accumulate);
   }
 }
 
@@ -634,9 +727,15 @@ void PlainProduct(const QuantizedX& qx, int64_t m, const WeightMatrix& w, float*
   for (int64_t i = 0; i < m; ++i) {
     const int8_t* xi = qx.q + i * padded;
     for (int64_t n = 0; n < w.rows; ++n) {
-      int32_t acc = 0;
-      for (int64_t c = 0; c < padded; ++c) acc += int32_t{base[Int8Index(padded, n, c)]} * xi[c];
-      const float v = Dequantize(acc, qx.sums[i], qx.scales[i], w.scales[n]);
+      float sum = 0.0f;
+      for (int64_t b = 0; b < qx.blocks; ++b) {
+        int32_t acc = 0;
+        for (int64_t c = b * kInt8ScaleBlock; c < std::min(padded, (b + 1) * kInt8ScaleBlock); ++c) {
+          acc += int32_t{base[Int8Index(padded, n, c)]} * xi[c];
+        }
+        sum = AddScaleBlock(sum, acc, qx.sums[i * qx.blocks + b], qx.scales[i * qx.blocks + b]);
+      }
+      const float v = sum * w.scales[n];
       y[i * ldy + n] = accumulate ? y[i * ldy + n] + v : v;
     }
   }
@@ -685,11 +784,12 @@ void Int8Rows::Resize(int64_t m, int64_t k) {
   rows_ = m;
   cols_ = k;
   padded_ = PaddedCols(k);
+  blocks_ = ScaleBlocks(padded_);
   // Grown, never shrunk: a layer's rows and an expert's gathered ones change every step.
   if (static_cast<int64_t>(values_.size()) < m * padded_) values_.resize(static_cast<size_t>(m * padded_));
-  if (static_cast<int64_t>(sums_.size()) < m) {
-    sums_.resize(static_cast<size_t>(m));
-    scales_.resize(static_cast<size_t>(m));
+  if (static_cast<int64_t>(sums_.size()) < m * blocks_) {
+    sums_.resize(static_cast<size_t>(m * blocks_));
+    scales_.resize(static_cast<size_t>(m * blocks_));
   }
 }
 
@@ -697,7 +797,8 @@ void Int8Rows::Quantize(const float* x, int64_t m, int64_t ldx, int64_t k) {
   Resize(m, k);
   const QuantizeFn quantize = QuantizerFor(internal::ActiveInt8Path());  // every path's integers are the same
   ParallelRows(m, m * k >= (1 << 14), [&](int64_t i) {
-    scales_[i] = quantize(x + i * ldx, k, padded_, values_.data() + i * padded_, sums_.data() + i);
+    QuantizeBlocks(quantize, x + i * ldx, k, padded_, values_.data() + i * padded_, sums_.data() + i * blocks_,
+                   scales_.data() + i * blocks_);
   });
 }
 
@@ -705,8 +806,8 @@ void Int8Rows::Gather(const Int8Rows& from, const int32_t* index, int64_t n) {
   Resize(n, from.cols_);
   for (int64_t i = 0; i < n; ++i) {
     std::memcpy(values_.data() + i * padded_, from.values_.data() + index[i] * padded_, static_cast<size_t>(padded_));
-    sums_[i] = from.sums_[index[i]];
-    scales_[i] = from.scales_[index[i]];
+    std::copy_n(from.sums_.data() + index[i] * blocks_, blocks_, sums_.data() + i * blocks_);
+    std::copy_n(from.scales_.data() + index[i] * blocks_, blocks_, scales_.data() + i * blocks_);
   }
 }
 
@@ -718,8 +819,8 @@ void MatMulInt8(const Int8Rows& x, const WeightMatrix& w, float* y, int64_t ldy,
     std::abort();
   }
   if (x.rows() <= 0 || w.rows <= 0) return;
-  internal::Product(internal::ActiveInt8Path(), {x.values(), x.sums(), x.scales()}, x.rows(), w, y, ldy,
-                    accumulate);
+  internal::Product(internal::ActiveInt8Path(), {x.values(), x.sums(), x.scales(), w.row_stride, x.blocks()},
+                    x.rows(), w, y, ldy, accumulate);
 }
 
 }  // namespace epic::cpu

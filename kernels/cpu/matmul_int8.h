@@ -1,15 +1,20 @@
 // Int8 products: the fast precision. Each weight row is quantized once, at load, to int8
 // with its own scale (max |w| / 127, rounded to nearest); each row of activations is
-// quantized the same way at every product; the products are summed exactly in int32 and
-// scaled back to F32. Weights take half the bytes of BF16 (decode reads half as much),
-// and vpdpbusd (AVX512_VNNI) does 64 multiply-adds an instruction against an F32 FMA's
-// 16. Every path (Int8Path) computes the same integers, so fast gives the same results
-// on every host; the plain C++ one is the tests' reference.
+// quantized the same way at every product, but with a scale for each kInt8ScaleBlock
+// values: the error is the activations' (heavy-tailed rows, an outlier channel coarsening
+// the whole row), not the weights' (docs/performance.md "Against Q8_0"). A scale block's
+// products are summed exactly in int32, scaled by its activations' scale into an F32
+// sum, and that sum by the weight row's scale. Weights take half the bytes of BF16
+// (decode reads half as much), and vpdpbusd (AVX512_VNNI) does 64 multiply-adds an
+// instruction against an F32 FMA's 16. Every path (Int8Path) computes the same integers
+// and the same F32 operations in the same order, so fast gives the same results on every
+// host; the plain C++ one is the tests' reference.
 //
 // Packed layout: panels of 16 rows; in a panel, for each group of 4 columns, the 16
 // rows' 4 values side by side (64 bytes, one vpdpbusd operand), stored unsigned (+128)
-// because vpdpbusd multiplies unsigned by signed bytes; the activations' sums undo the
-// offset. Columns are padded to a multiple of 4 and rows to a multiple of 16, with zeros.
+// because vpdpbusd multiplies unsigned by signed bytes; the activations' scale blocks'
+// sums undo the offset. Columns are padded to a multiple of 4 and rows to a multiple of
+// 16, with zeros.
 #pragma once
 
 #include <cstdint>
@@ -20,6 +25,13 @@
 #include "kernels/cpu/matmul.h"
 
 namespace epic::cpu {
+
+// Activation values that share one int8 scale (the last block of a row may be shorter).
+// 256 against a scale a row: V2-Lite's shape's median logit error 5.3% -> 4.0%, top-1
+// agreement 86% -> 90%; 128 gained little more (3.8%, 91%) for twice the cost, each
+// block's sums converted and scaled in the products' register blocks (compute-bound
+// int8 products 0.80-0.91 of a scale a row at 128, 0.89-0.99 at 256; performance.md).
+inline constexpr int64_t kInt8ScaleBlock = 256;
 
 // Bytes (64-byte aligned) that QuantizeInt8 writes for a ROWS x COLS matrix.
 int64_t QuantizedBytes(int64_t rows, int64_t cols);
@@ -52,7 +64,7 @@ class QuantizedMatrix {
 };
 
 // Rows of activations quantized as the int8 products quantize them (a row's int8 values,
-// K padded with zeros to the weights' multiple of 4; their sum; its scale), for products
+// K padded with zeros to the weights' multiple of 4; each scale block's sum and scale), for products
 // over the same rows: the routed experts gather their tokens' rows from a layer's rows
 // quantized once, not once for each of the experts a token goes to.
 class Int8Rows {
@@ -64,14 +76,15 @@ class Int8Rows {
 
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }
+  int64_t blocks() const { return blocks_; }  // scale blocks a row
   const int8_t* values() const { return values_.data(); }  // [rows][cols rounded up to 4]
-  const int32_t* sums() const { return sums_.data(); }
-  const float* scales() const { return scales_.data(); }
+  const int32_t* sums() const { return sums_.data(); }     // [rows][blocks]
+  const float* scales() const { return scales_.data(); }   // [rows][blocks]
 
  private:
   void Resize(int64_t m, int64_t k);
 
-  int64_t rows_ = 0, cols_ = 0, padded_ = 0;
+  int64_t rows_ = 0, cols_ = 0, padded_ = 0, blocks_ = 0;
   std::vector<int8_t> values_;
   std::vector<int32_t> sums_;
   std::vector<float> scales_;

@@ -1,6 +1,6 @@
 // Int8 products against a float64 loop written here: the weights as QuantizeInt8 left
 // them (read back through At, itself checked against the rule max |w| / 127), the
-// activations quantized by the same rule in the test. The kernel must equal that but
+// activations quantized by the same rule in the test, each scale block of a row apart. The kernel must equal that but
 // for F32 rounding; every instruction path the host has (AVX2, AVX-VNNI, AVX512_VNNI)
 // must equal the plain one bit for bit; and against the exact product the error stays
 // within what the two roundings allow. ctest runs this on the host's paths and forced
@@ -54,15 +54,25 @@ std::vector<float> RandomX(int64_t m, int64_t ldx, uint32_t seed) {
   return x;
 }
 
-// Row X of K values as the rule says: scale = max |x| / 127, q = round(x * 127 / max).
-std::vector<double> QuantizeRowByRule(const float* x, int64_t k) {
+constexpr int64_t kScaleBlock = kInt8ScaleBlock;  // activation values under one scale
+
+// Max |x| over X's scale block that holds value C.
+float ScaleBlockMax(const float* x, int64_t k, int64_t c) {
+  const int64_t begin = c / kScaleBlock * kScaleBlock;
   float amax = 0;
-  for (int64_t c = 0; c < k; ++c) amax = std::max(amax, std::fabs(x[c]));
+  for (int64_t j = begin; j < std::min(k, begin + kScaleBlock); ++j) amax = std::max(amax, std::fabs(x[j]));
+  return amax;
+}
+
+// Row X of K values as the rule says, each scale block on its own: scale = max |x| /
+// 127, q = round(x * 127 / max).
+std::vector<double> QuantizeRowByRule(const float* x, int64_t k) {
   std::vector<double> out(static_cast<size_t>(k), 0.0);
-  if (amax == 0) return out;
-  const float inv = 127.0f / amax;
-  const float scale = amax / 127.0f;
-  for (int64_t c = 0; c < k; ++c) out[c] = std::nearbyint(x[c] * inv) * static_cast<double>(scale);
+  for (int64_t c = 0; c < k; ++c) {
+    const float amax = ScaleBlockMax(x, k, c);
+    if (amax == 0) continue;
+    out[c] = std::nearbyint(x[c] * (127.0f / amax)) * static_cast<double>(amax / 127.0f);
+  }
   return out;
 }
 
@@ -165,12 +175,10 @@ TEST(MatMulInt8, ErrorAgainstTheExactProductWithinTheRoundingsBound) {
   std::vector<float> y(static_cast<size_t>(c.m * c.n));
   MatMul(x.data(), c.m, c.k, q.w, y.data(), c.n);
   for (int64_t i = 0; i < c.m; ++i) {
-    float amax = 0;
-    for (int64_t k = 0; k < c.k; ++k) amax = std::max(amax, std::fabs(x[i * c.k + k]));
-    const double x_step = amax / 127.0;
     for (int64_t n = 0; n < c.n; ++n) {
       double exact = 0, bound = 0;
       for (int64_t k = 0; k < c.k; ++k) {
+        const double x_step = ScaleBlockMax(x.data() + i * c.k, c.k, k) / 127.0;
         const double xv = x[i * c.k + k], wv = q.source.At(n, k);
         exact += xv * wv;
         // |x w - x' w'| <= |x| |w - w'| + |x - x'| |w'|, each rounding at most half a step.
@@ -182,13 +190,15 @@ TEST(MatMulInt8, ErrorAgainstTheExactProductWithinTheRoundingsBound) {
 }
 
 TEST(MatMulInt8, ANonFiniteActivationMakesItsRowNotFiniteAndNoOther) {
-  const Quantized q = Make(40, 64, 5);
-  std::vector<float> x = RandomX(3, 64, 6);
-  x[64 + 10] = INFINITY;
+  // In the second scale block of three: the row's other blocks are finite.
+  const int64_t k = 2 * kInt8ScaleBlock + 50;
+  const Quantized q = Make(40, k, 5);
+  std::vector<float> x = RandomX(3, k, 6);
+  x[k + kInt8ScaleBlock + 10] = INFINITY;
   for (internal::Int8Path path : internal::Int8Paths()) {
     SCOPED_TRACE(internal::Int8PathName(path));
     std::vector<float> y(3 * 40);
-    internal::MatMulInt8On(path, x.data(), 3, 64, q.w, y.data(), 40, false);
+    internal::MatMulInt8On(path, x.data(), 3, k, q.w, y.data(), 40, false);
     for (int64_t n = 0; n < 40; ++n) {
       EXPECT_TRUE(std::isfinite(y[n]));
       EXPECT_FALSE(std::isfinite(y[40 + n]));
