@@ -13,7 +13,8 @@
 #
 # exact is compared with the checkpoint's BF16 matrices in llama.cpp (which rounds
 # activations to BF16; epic keeps them F32), fast with Q8_0 (blocks of 32 int8 weights
-# with a scale; epic's fast precision quantizes each row). Needs Node.js >= 20 and npm
+# with a scale; epic's fast precision: a scale a weight row, one per 256 activation
+# values). Needs Node.js >= 20 and npm
 # (npm's registry once, for node-llama-cpp), and Debian's python3-numpy. Not part of CI.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -30,7 +30,7 @@ namespace epic::cpu {
 // 256 against a scale a row: V2-Lite's shape's median logit error 5.3% -> 4.0%, top-1
 // agreement 86% -> 90%; 128 gained little more (3.8%, 91%) for twice the cost, each
 // block's sums converted and scaled in the products' register blocks (compute-bound
-// int8 products 0.80-0.91 of a scale a row at 128, 0.89-0.99 at 256; performance.md).
+// int8 products 0.80-0.93 of a scale a row at 128, 0.89-0.99 at 256; performance.md).
 inline constexpr int64_t kInt8ScaleBlock = 256;
 
 // Bytes (64-byte aligned) that QuantizeInt8 writes for a ROWS x COLS matrix.
