@@ -131,6 +131,23 @@ EPIC_VNNI float QuantizeRowVnni(const float* x, int64_t k, int64_t padded, int8_
   return a / 127.0f;
 }
 
+// Group G's 4 values of a quantized row X, as one int32 (a vpdpbusd broadcast).
+inline int32_t XGroup(const int8_t* x, int64_t g) {
+  int32_t four;
+  std::memcpy(&four, x + g * kGroup, sizeof four);
+  return four;
+}
+
+// Group G's lines of kPanels panels at AHEAD (none when null) into L2.
+template <int kPanels>
+inline void PrefetchGroup(const uint8_t* ahead, int64_t panel_bytes, int64_t g) {
+  if (ahead == nullptr) return;
+#pragma GCC unroll 4
+  for (int p = 0; p < kPanels; ++p) {
+    _mm_prefetch(reinterpret_cast<const char*>(ahead + p * panel_bytes + g * kGroupBytes), _MM_HINT_T1);
+  }
+}
+
 #define EPIC_AVX2_INT8 __attribute__((target("avx2,fma")))
 #define EPIC_AVX_VNNI __attribute__((target("avx2,fma,avxvnni")))
 
@@ -269,17 +286,10 @@ EPIC_VNNI void Block(const QuantizedX& x, int64_t i0, int64_t g0, const uint8_t*
       __m512i wv[kPanels];
 #pragma GCC unroll 4
       for (int p = 0; p < kPanels; ++p) wv[p] = _mm512_loadu_si512(w + p * panel_bytes + g * kGroupBytes);
-      if (ahead != nullptr) {
-#pragma GCC unroll 4
-        for (int p = 0; p < kPanels; ++p) {
-          _mm_prefetch(reinterpret_cast<const char*>(ahead + p * panel_bytes + g * kGroupBytes), _MM_HINT_T1);
-        }
-      }
+      PrefetchGroup<kPanels>(ahead, panel_bytes, g);
 #pragma GCC unroll 8
       for (int i = 0; i < kRows; ++i) {
-        int32_t four;
-        std::memcpy(&four, xq + i * ldq + g * kGroup, sizeof four);
-        const __m512i xb = _mm512_set1_epi32(four);
+        const __m512i xb = _mm512_set1_epi32(XGroup(xq + i * ldq, g));
 #pragma GCC unroll 4
         for (int p = 0; p < kPanels; ++p) c[i][p] = _mm512_dpbusd_epi32(c[i][p], wv[p], xb);
       }
@@ -364,17 +374,10 @@ EPIC_AVX_VNNI void Block256(const QuantizedX& x, int64_t i0, int64_t g0, const u
           if constexpr (!kVnni) wv[p][h] = _mm256_xor_si256(wv[p][h], flip);
         }
       }
-      if (ahead != nullptr) {
-#pragma GCC unroll 2
-        for (int p = 0; p < kPanels; ++p) {
-          _mm_prefetch(reinterpret_cast<const char*>(ahead + p * panel_bytes + g * kGroupBytes), _MM_HINT_T1);
-        }
-      }
+      PrefetchGroup<kPanels>(ahead, panel_bytes, g);
 #pragma GCC unroll 8
       for (int i = 0; i < kRows; ++i) {
-        int32_t four;
-        std::memcpy(&four, xq + i * ldq + g * kGroup, sizeof four);
-        const __m256i xb = _mm256_set1_epi32(four);
+        const __m256i xb = _mm256_set1_epi32(XGroup(xq + i * ldq, g));
         if constexpr (kVnni) {
 #pragma GCC unroll 2
           for (int p = 0; p < kPanels; ++p) {
