@@ -277,6 +277,8 @@ EPIC_VNNI void Block(const QuantizedX& x, int64_t i0, int64_t g0, const uint8_t*
     for (int i = 0; i < kRows; ++i) {
 #pragma GCC unroll 4
       for (int p = 0; p < kPanels; ++p) {
+        // Each zero a value of its own: given one for all, GCC 12 copied every accumulator
+        // register to register and to the stack at each group (int8 GEMM 0.45x).
         c[i][p] = _mm512_setzero_si512();
         asm("" : "+v"(c[i][p]));
       }
@@ -358,7 +360,7 @@ EPIC_AVX_VNNI void Block256(const QuantizedX& x, int64_t i0, int64_t g0, const u
 #pragma GCC unroll 2
         for (int h = 0; h < 2; ++h) {
           c[i][p][h] = _mm256_setzero_si256();
-          asm("" : "+v"(c[i][p][h]));
+          asm("" : "+v"(c[i][p][h]));  // as in Block
         }
       }
     }
