@@ -64,9 +64,9 @@ class QuantizedMatrix {
 };
 
 // Rows of activations quantized as the int8 products quantize them (a row's int8 values,
-// K padded with zeros to the weights' multiple of 4; each scale block's sum and scale), for products
-// over the same rows: the routed experts gather their tokens' rows from a layer's rows
-// quantized once, not once for each of the experts a token goes to.
+// K padded with zeros to the weights' multiple of 4; each scale block's sum and scale),
+// for products over the same rows: the routed experts gather their tokens' rows from a
+// layer's rows quantized once, not once for each of the experts a token goes to.
 class Int8Rows {
  public:
   // X's M rows of K values, over the threads where they are many.

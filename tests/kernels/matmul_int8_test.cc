@@ -1,9 +1,9 @@
 // Int8 products against a float64 loop written here: the weights as QuantizeInt8 left
 // them (read back through At, itself checked against the rule max |w| / 127), the
-// activations quantized by the same rule in the test, each scale block of a row apart. The kernel must equal that but
-// for F32 rounding; every instruction path the host has (AVX2, AVX-VNNI, AVX512_VNNI)
-// must equal the plain one bit for bit; and against the exact product the error stays
-// within what the two roundings allow. ctest runs this on the host's paths and forced
+// activations quantized by the same rule in the test, each scale block of a row apart.
+// The kernel must equal that but for F32 rounding; every instruction path the host has
+// (AVX2, AVX-VNNI, AVX512_VNNI) must equal the plain one bit for bit; and against the
+// exact product the error stays within what the two roundings allow. ctest runs this on the host's paths and forced
 // plain.
 #include "kernels/cpu/matmul_int8.h"
 
