@@ -301,7 +301,8 @@ TEST_F(TextServingTest, ChatOverHttpAndGrpcEqualsEpicRunOnTheRenderedChat) {
     got.insert(got.end(), r.token_ids().begin(), r.token_ids().end());
     streamed += r.text();
   }
-  ASSERT_TRUE(reader->Finish().ok());
+  const grpc::Status status = reader->Finish();
+  ASSERT_TRUE(status.ok()) << status.error_code() << ": " << status.error_message();
   EXPECT_EQ(got, expected_ids);
   EXPECT_EQ(streamed, answer);
   // The answer is the text of those ids without special tokens.
@@ -328,7 +329,8 @@ TEST_F(TextServingTest, GrpcTextPromptsStreamTextAndStopStringsEndIt) {
       text += r.text();
       *last = r;
     }
-    EXPECT_TRUE(reader->Finish().ok());
+    const grpc::Status status = reader->Finish();
+    EXPECT_TRUE(status.ok()) << status.error_code() << ": " << status.error_message();
     return text;
   };
   std::vector<int32_t> ids;
@@ -490,7 +492,8 @@ TEST_F(TextServingTest, EpicChatKeepsTheConversationAndResets) {
     auto reader = stub->Generate(&ctx, request);
     std::string text;
     for (v1::GenerateResponse r; reader->Read(&r);) text += r.text();
-    EXPECT_TRUE(reader->Finish().ok());
+    const grpc::Status status = reader->Finish();
+    EXPECT_TRUE(status.ok()) << status.error_code() << ": " << status.error_message();
     return text;
   };
   const std::string first = answer({{"system", "Be brief."}, {"user", "Hello!"}});
