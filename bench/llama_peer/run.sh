@@ -14,8 +14,8 @@
 # exact is compared with the checkpoint's BF16 matrices in llama.cpp (which rounds
 # activations to BF16; epic keeps them F32), fast with Q8_0 (blocks of 32 int8 weights
 # with a scale; epic's fast precision: a scale a weight row, one per 256 activation
-# values). Needs Node.js >= 20 and npm
-# (npm's registry once, for node-llama-cpp), and Debian's python3-numpy. Not part of CI.
+# values). Needs Node.js >= 20 and npm (npm's registry once, for node-llama-cpp), and
+# Debian's python3-numpy. Not part of CI.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=../../launch/common.sh
@@ -24,7 +24,8 @@ source "$here/../../launch/common.sh"
 model="" precision="exact" rounds=2 threads=2 prompt=512 decode=32 batch="1,4,16" llama_threads=""
 work="$EPIC_BUILD_DIR/llama_peer"
 node_llama_version="3.22.1"
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+# The comment block above, whatever its length.
+usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) model="$2"; shift 2 ;;
