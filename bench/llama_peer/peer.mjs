@@ -24,7 +24,9 @@ const batchSteps = Number(opt("batch-steps", 16));
 const greedy = Number(opt("greedy", 0));
 // llama.cpp's flash attention, on by default: its prefill measured 1.2-1.4x faster with
 // it on small experts, the same on V2-Lite's shape ("auto" lets llama.cpp choose).
-const flashAttention = opt("flash-attention", "on") === "on" ? true : opt("flash-attention") === "off" ? false : "auto";
+const flashAttention = { on: true, off: false, auto: "auto" }[opt("flash-attention", "on")];
+if (flashAttention === undefined) throw new Error(`--flash-attention must be on, off or auto`);
+if (opt("prompts") && !(greedy > 0)) throw new Error(`--prompts needs --greedy N (N > 0)`);
 const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s[Math.floor((s.length - 1) / 2)]; };
 const now = () => Number(process.hrtime.bigint()) / 1e9;
 
