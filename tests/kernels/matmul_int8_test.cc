@@ -54,13 +54,11 @@ std::vector<float> RandomX(int64_t m, int64_t ldx, uint32_t seed) {
   return x;
 }
 
-constexpr int64_t kScaleBlock = kInt8ScaleBlock;  // activation values under one scale
-
 // Max |x| over X's scale block that holds value C.
 float ScaleBlockMax(const float* x, int64_t k, int64_t c) {
-  const int64_t begin = c / kScaleBlock * kScaleBlock;
+  const int64_t begin = c / kInt8ScaleBlock * kInt8ScaleBlock;
   float amax = 0;
-  for (int64_t j = begin; j < std::min(k, begin + kScaleBlock); ++j) amax = std::max(amax, std::fabs(x[j]));
+  for (int64_t j = begin; j < std::min(k, begin + kInt8ScaleBlock); ++j) amax = std::max(amax, std::fabs(x[j]));
   return amax;
 }
 
