@@ -11,6 +11,9 @@
 // compared with the F32 rate (the targets: >= 3x where AVX512_BF16 or AMX exists,
 // 2x with VNNI alone, none with AVX2 alone) and with the int8 kernel's own rate, and batched decode's compute
 // bound is the int8 rate.
+// Prefill, decode and each batch size also print the time a step spends in each phase
+// of the layer schedule (Model::set_phase_times), with the rate each phase reads its
+// weights at: where a step falls short of its bound.
 // Make a model with e.g. `epic-mkmodel --preset v2-lite-shape --layers 4 --out DIR`.
 #include <omp.h>
 
@@ -54,13 +57,49 @@ struct PerToken {
   }
 };
 
+// The weight bytes a step reads in each phase of the layer schedule that reads weights:
+// every layer's, once a step; EXPERT is one routed expert's (a step reads it once if any
+// token chose it).
+struct PhaseBytes {
+  double attention = 0, output = 0, gate = 0, mlp = 0, lm_head = 0, expert = 0;
+};
+
+// Each phase's milliseconds a step over STEPS steps of TIMES, and for those that read
+// weights the rate they read them at (the attention's with the cache rows CACHE_BYTES,
+// the experts' DISTINCT_EXPERTS a step), then what no phase holds of STEP_S seconds.
+void PrintPhases(const epic::PhaseTimes& times, int64_t steps, double step_s, const PhaseBytes& bytes,
+                 double cache_bytes, double distinct_experts) {
+  using epic::Phase;
+  const double per = 1.0 / static_cast<double>(steps);
+  std::printf("  phases, ms a step (GB/s of weights read):");
+  double sum = 0;
+  for (int i = 0; i < static_cast<int>(Phase::kCount); ++i) {
+    const Phase p = static_cast<Phase>(i);
+    const double s = times[p] * per;
+    sum += s;
+    const double read = p == Phase::kAttention ? bytes.attention + cache_bytes
+                        : p == Phase::kOutput  ? bytes.output
+                        : p == Phase::kGate    ? bytes.gate
+                        : p == Phase::kExperts ? bytes.expert * distinct_experts
+                        : p == Phase::kMlp     ? bytes.mlp
+                        : p == Phase::kLmHead  ? bytes.lm_head
+                                               : 0;
+    if (read > 0 && s > 0) {
+      std::printf(" %s %.2f (%.1f)", epic::PhaseName(p), s * 1e3, read / s / 1e9);
+    } else {
+      std::printf(" %s %.2f", epic::PhaseName(p), s * 1e3);
+    }
+  }
+  std::printf(", rest %.2f\n", (step_s - sum) * 1e3);
+}
+
 // B sequences of CONTEXT tokens each, then STEPS decode steps of all B together: the
 // median step's tokens/s against the step's bound. Every weight outside the routed
 // experts is read once a step (STEP_BYTES, STEP_MACS per token); each routed expert at
 // least one token chose in the step once (EXPERT_BYTES); each sequence's cache rows once.
 epic::Status BatchedDecode(epic::Model& model, const std::vector<int64_t>& batches, int64_t context, int64_t steps,
                    double buffer_gib, double gemm_gflops, int64_t step_bytes, int64_t step_macs, int64_t expert_bytes,
-                   int64_t expert_macs, int64_t row_bytes) {
+                   int64_t expert_macs, int64_t row_bytes, const PhaseBytes& phase_bytes) {
   const epic::ModelConfig& c = model.config();
   std::printf("batched decode: %lld context tokens a sequence, %lld steps (median); bound: the larger of "
               "read (distinct weights + cache, at the larger of the read bandwidths probed before and after the "
@@ -93,6 +132,8 @@ epic::Status BatchedDecode(epic::Model& model, const std::vector<int64_t>& batch
       int64_t distinct, routed;
     };
     std::vector<Step> measured;
+    epic::PhaseTimes phases;
+    model.set_phase_times(&phases);
     for (int64_t s = 0; s < steps; ++s) {
       double cache_bytes = 0;
       for (int64_t i = 0; i < b; ++i) {
@@ -112,10 +153,15 @@ epic::Status BatchedDecode(epic::Model& model, const std::vector<int64_t>& batch
       }
       measured.push_back(step);
     }
+    model.set_phase_times(nullptr);
     const double read_gbs = std::max(before_gbs, epic::bench::MeasureBandwidth(buffer_gib, 2).read_gbs);
     std::vector<double> step_s, ratios, phase_ratios, bytes_per_step;
     bool compute_bound = false;
+    double all_s = 0, all_cache = 0, all_distinct = 0;
     for (const Step& m : measured) {
+      all_s += m.seconds;
+      all_cache += m.cache_bytes;
+      all_distinct += static_cast<double>(m.distinct);
       const double bytes = static_cast<double>(step_bytes) + static_cast<double>(m.distinct * expert_bytes) +
                            m.cache_bytes;
       const double macs = static_cast<double>(b * step_macs + m.routed * expert_macs);
@@ -140,6 +186,8 @@ epic::Status BatchedDecode(epic::Model& model, const std::vector<int64_t>& batch
     std::printf("%6lld %10.1f %10.2f %12.1f %9.1f/s %8.2f %8s %8.2f\n", static_cast<long long>(b), b / step,
                 step * 1e3, Median(bytes_per_step) / 1e6, b / (ratio * step), ratio, compute_bound ? "compute" : "read",
                 Median(phase_ratios));
+    const double n = static_cast<double>(steps);
+    PrintPhases(phases, steps, all_s / n, phase_bytes, all_cache / n, all_distinct / n);
   }
   return epic::OkStatus();
 }
@@ -237,6 +285,20 @@ int main(int argc, char** argv) {
     shared_by_step.macs -= c.num_experts_per_tok * expert_macs;
   }
   const int64_t lm_head_bytes = Bytes(w.lm_head);
+  PhaseBytes phase_bytes;
+  for (const epic::LayerWeights& L : w.layers) {
+    phase_bytes.attention += static_cast<double>(
+        (c.q_lora_rank > 0 ? Bytes(L.q_a_proj) + Bytes(L.q_b_proj) : Bytes(L.q_proj)) + Bytes(L.kv_a_proj) +
+        Bytes(L.kv_b_proj));
+    phase_bytes.output += static_cast<double>(Bytes(L.o_proj));
+    const epic::MlpWeights* mlp = !L.moe ? &L.dense : L.has_shared ? &L.shared : nullptr;
+    if (mlp != nullptr) phase_bytes.mlp += static_cast<double>(Bytes(mlp->gate) + Bytes(mlp->up) + Bytes(mlp->down));
+    if (L.moe) phase_bytes.gate += static_cast<double>(Bytes(L.router));
+  }
+  phase_bytes.lm_head = static_cast<double>(lm_head_bytes);
+  phase_bytes.expert = static_cast<double>(expert_bytes);
+  int64_t moe_layers = 0;
+  for (const epic::LayerWeights& L : w.layers) moe_layers += L.moe;
 
   std::vector<int32_t> prompt(static_cast<size_t>(prompt_len));
   for (int64_t i = 0; i < prompt_len; ++i) prompt[i] = static_cast<int32_t>((i * 7919 + 13) % c.vocab_size);
@@ -249,12 +311,15 @@ int main(int argc, char** argv) {
   // Prefill: median of REPEATS fresh runs.
   std::vector<double> prefill_s;
   epic::BlockTable table;
+  epic::PhaseTimes prefill_phases;
   for (int r = 0; r < repeats; ++r) {
     cache->Release(&table);
     if (!cache->Reserve(&table, total).ok()) return 1;
     epic::SequenceStep step{&table, prompt, false};
     const auto t0 = Clock::now();
+    model.set_phase_times(&prefill_phases);
     const epic::Status s = model.Forward({&step, 1}, cache.get(), &logits);
+    model.set_phase_times(nullptr);
     prefill_s.push_back(Since(t0));
     if (!s.ok()) {
       std::fprintf(stderr, "model_bench: %s\n", s.ToString().c_str());
@@ -294,6 +359,12 @@ int main(int argc, char** argv) {
   if (fast) std::printf("; to the int8 GEMM %.2f (the larger of %.1f and %.1f GOP/s)", prefill_gflops / int8.gflops,
                         int8_before, int8_after.gflops);
   std::printf("\n");
+  {
+    double sum_s = 0;
+    for (const double t : prefill_s) sum_s += t;
+    // Prefill is bound by its products, not its reads: times alone.
+    PrintPhases(prefill_phases, repeats, sum_s / repeats, PhaseBytes{}, 0, 0);
+  }
 
   // Decode: one token per step after the last prefill, context prompt_len .. total-1.
   // This host's bandwidth drifts from minute to minute, so each round measures it
@@ -301,7 +372,8 @@ int main(int argc, char** argv) {
   // Four rounds, or one per step when there are fewer (each round needs a step).
   const int rounds = static_cast<int>(std::min<int64_t>(4, decode_steps));
   std::vector<double> round_tps, round_bw, round_ratio;
-  double bytes_sum = 0;
+  double bytes_sum = 0, decode_s = 0, cache_sum = 0;
+  epic::PhaseTimes decode_phases;
   int32_t token = 1;
   for (int r = 0; r < rounds; ++r) {
     const double before_gbs = epic::bench::MeasureBandwidth(buffer_gib, 2).read_gbs;
@@ -312,8 +384,12 @@ int main(int argc, char** argv) {
       epic::SequenceStep step{&table, {&token, 1}, false};
       const int64_t context = table.num_tokens + 1;
       const auto t0 = Clock::now();
+      model.set_phase_times(&decode_phases);
       const epic::Status s = model.Forward({&step, 1}, cache.get(), &logits);
+      model.set_phase_times(nullptr);
       step_s.push_back(Since(t0));
+      decode_s += step_s.back();
+      cache_sum += static_cast<double>(context) * row_bytes * c.num_hidden_layers;
       if (!s.ok()) {
         std::fprintf(stderr, "model_bench: %s\n", s.ToString().c_str());
         return 1;
@@ -343,12 +419,15 @@ int main(int argc, char** argv) {
                 bytes_per_token / 1e6, gbs * 1e9 / bytes_per_token, gbs, rounds, Median(round_ratio),
                 *std::min_element(round_ratio.begin(), round_ratio.end()),
                 *std::max_element(round_ratio.begin(), round_ratio.end()));
+    const double n = static_cast<double>(decode_steps);
+    PrintPhases(decode_phases, decode_steps, decode_s / n, phase_bytes, cache_sum / n,
+                static_cast<double>(moe_layers * c.num_experts_per_tok));
   }
   if (!batches.empty()) {
     const epic::Status s =
         BatchedDecode(model, batches, batch_context, batch_steps, buffer_gib, fast ? int8.gflops : gemm.gflops,
                       shared_by_step.bytes + lm_head_bytes, shared_by_step.macs + Params(w.lm_head), expert_bytes,
-                      expert_macs, row_bytes);
+                      expert_macs, row_bytes, phase_bytes);
     if (!s.ok()) {
       std::fprintf(stderr, "model_bench: %s\n", s.ToString().c_str());
       return 1;

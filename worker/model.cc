@@ -1,6 +1,7 @@
 #include "worker/model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -330,6 +331,30 @@ StatusOr<bool> Model::OnEveryRank(bool flag) {
   return std::all_of(all.begin(), all.end(), [](int32_t f) { return f == 1; });
 }
 
+const char* PhaseName(Phase phase) {
+  switch (phase) {
+    case Phase::kAttention: return "attention";
+    case Phase::kOutput: return "o_proj";
+    case Phase::kNorm: return "norms";
+    case Phase::kGate: return "gate";
+    case Phase::kExchange: return "exchange";
+    case Phase::kExperts: return "experts";
+    case Phase::kMlp: return "mlp";
+    case Phase::kLmHead: return "lm_head";
+    case Phase::kCount: break;
+  }
+  return "?";
+}
+
+template <typename Run>
+Status Model::Timed(Phase phase, Run&& run) {
+  if (phase_times_ == nullptr) return run();
+  const auto t0 = std::chrono::steady_clock::now();
+  Status s = run();
+  (*phase_times_)[phase] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return s;
+}
+
 Status Model::Forward(std::span<SequenceStep> batch, LatentCache* cache, std::vector<float>* logits,
                       ExpertCounts* counts) {
   EPIC_RETURN_IF_ERROR(Step(batch, cache, logits, counts, /*check_layers=*/false));
@@ -401,30 +426,32 @@ Status Model::Step(std::span<SequenceStep> batch, LatentCache* cache, std::vecto
 
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& L = weights_->layers[l];
-    EPIC_RETURN_IF_ERROR(b.Norm(NormWeight::kInput, l, x, tokens, normed));
-    EPIC_RETURN_IF_ERROR(b.Attention(l, normed, spans, attn));
+    EPIC_RETURN_IF_ERROR(Timed(Phase::kNorm, [&] { return b.Norm(NormWeight::kInput, l, x, tokens, normed); }));
+    EPIC_RETURN_IF_ERROR(Timed(Phase::kAttention, [&] { return b.Attention(l, normed, spans, attn); }));
     // Row-parallel o_proj: the heads' shares summed, each rank keeping its tokens.
     if (!split) {
-      EPIC_RETURN_IF_ERROR(b.OutputProjection(l, attn, tokens, x, /*accumulate=*/true));
+      EPIC_RETURN_IF_ERROR(
+          Timed(Phase::kOutput, [&] { return b.OutputProjection(l, attn, tokens, x, /*accumulate=*/true); }));
     } else {
-      EPIC_RETURN_IF_ERROR(b.OutputProjection(l, attn, tokens, partial, /*accumulate=*/false));
+      EPIC_RETURN_IF_ERROR(
+          Timed(Phase::kOutput, [&] { return b.OutputProjection(l, attn, tokens, partial, /*accumulate=*/false); }));
       EPIC_RETURN_IF_ERROR(comm->ReduceScatterSum(partial, mine, blocks.values));
       EPIC_RETURN_IF_ERROR(b.Add(mine, x + first * hidden, local * hidden));
     }
 
-    EPIC_RETURN_IF_ERROR(b.Norm(NormWeight::kPostAttention, l, mine, local, normed));
+    EPIC_RETURN_IF_ERROR(Timed(Phase::kNorm, [&] { return b.Norm(NormWeight::kPostAttention, l, mine, local, normed); }));
     if (L.moe) EPIC_RETURN_IF_ERROR(MoeBlock(l, normed, local, first, mine, counts));
     // The dense MLP, or the shared experts, split by their intermediate dimension: every
     // rank runs its part on all tokens, and the parts are summed into the token blocks.
     if (!L.moe || L.has_shared) {
       if (!split) {
-        EPIC_RETURN_IF_ERROR(b.Mlp(l, normed, tokens, x));
+        EPIC_RETURN_IF_ERROR(Timed(Phase::kMlp, [&] { return b.Mlp(l, normed, tokens, x); }));
       } else {
         EPIC_ASSIGN_OR_RETURN(float* all, b.Activations(kNormedAll, tokens * hidden));
         EPIC_ASSIGN_OR_RETURN(float* summed, b.Activations(kSummed, std::max<int64_t>(local, 1) * hidden));
         EPIC_RETURN_IF_ERROR(comm->AllGather(normed, all, blocks.bytes));
         EPIC_RETURN_IF_ERROR(b.Zero(partial, tokens * hidden));
-        EPIC_RETURN_IF_ERROR(b.Mlp(l, all, tokens, partial));
+        EPIC_RETURN_IF_ERROR(Timed(Phase::kMlp, [&] { return b.Mlp(l, all, tokens, partial); }));
         EPIC_RETURN_IF_ERROR(comm->ReduceScatterSum(partial, summed, blocks.values));
         EPIC_RETURN_IF_ERROR(b.Add(mine, summed, local * hidden));
       }
@@ -450,7 +477,7 @@ Status Model::Step(std::span<SequenceStep> batch, LatentCache* cache, std::vecto
   const int64_t rows = static_cast<int64_t>(step.logit_rows.size());
   const int64_t my_vocab = vocab_end_ - vocab_begin_;
   EPIC_ASSIGN_OR_RETURN(float* slice, b.Activations(kLogits, std::max<int64_t>(rows * my_vocab, 1)));
-  EPIC_RETURN_IF_ERROR(b.LmHead(x, step.logit_rows, slice));
+  EPIC_RETURN_IF_ERROR(Timed(Phase::kLmHead, [&] { return b.LmHead(x, step.logit_rows, slice); }));
   logits->resize(static_cast<size_t>(rows * c.vocab_size));
   if (!split) {
     EPIC_RETURN_IF_ERROR(b.CopyToHost(slice, rows * c.vocab_size, logits->data()));
@@ -480,15 +507,21 @@ Status Model::MoeBlock(int64_t layer, const float* x, int64_t tokens, int64_t fi
   std::vector<float>& weights = gate_weights_;
   ids.resize(static_cast<size_t>(tokens * k));
   weights.resize(static_cast<size_t>(tokens * k));
-  EPIC_RETURN_IF_ERROR(b.Gate(layer, x, tokens, ids.data(), weights.data()));
+  EPIC_RETURN_IF_ERROR(Timed(Phase::kGate, [&] { return b.Gate(layer, x, tokens, ids.data(), weights.data()); }));
   const parallel::DispatchPlan plan =
       parallel::PlanDispatch(*placement_, layer, comm_->rank(), ids.data(), weights.data(), tokens, k, first_token);
   const int64_t slots = static_cast<int64_t>(placement_->slots(layer, comm_->rank()).size());
-  EPIC_ASSIGN_OR_RETURN(const parallel::MoeHandle* handle, exchange_->Dispatch(plan, x, hidden));
+  const parallel::MoeHandle* handle = nullptr;
+  EPIC_RETURN_IF_ERROR(Timed(Phase::kExchange, [&]() -> Status {
+    EPIC_ASSIGN_OR_RETURN(handle, exchange_->Dispatch(plan, x, hidden));
+    return OkStatus();
+  }));
   EPIC_ASSIGN_OR_RETURN(float* out, b.Activations(kExpertOut, std::max<int64_t>(handle->received, 1) * hidden));
-  EPIC_RETURN_IF_ERROR(b.Experts(layer, handle->rows, handle->received, handle->layout, out));
+  EPIC_RETURN_IF_ERROR(
+      Timed(Phase::kExperts, [&] { return b.Experts(layer, handle->rows, handle->received, handle->layout, out); }));
   parallel::ExchangeStats combine;
-  EPIC_RETURN_IF_ERROR(exchange_->Combine(*handle, out, hidden, residual, &combine));
+  EPIC_RETURN_IF_ERROR(
+      Timed(Phase::kExchange, [&] { return exchange_->Combine(*handle, out, hidden, residual, &combine); }));
   exchange_stats_.Add(handle->stats);
   exchange_stats_.Add(combine);
   if (counts != nullptr) {

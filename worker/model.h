@@ -2,6 +2,7 @@
 // any lengths per step, each reading and extending its rows of the latent cache.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <filesystem>
 #include <memory>
@@ -123,6 +124,20 @@ struct PlacementChange {
   int64_t bytes_dropped = 0;
 };
 
+// The phases of the layer schedule whose time Model::Forward can record.
+enum class Phase : int { kAttention, kOutput, kNorm, kGate, kExchange, kExperts, kMlp, kLmHead, kCount };
+const char* PhaseName(Phase phase);
+
+// Host seconds Forward spent in each phase, added up over the steps it ran while given
+// (Model::set_phase_times); the rest of a step (embedding, collectives, bookkeeping) is
+// no phase. The CPU backend's calls return when their work is done, so on it these are
+// the phases' own times; a device backend's may return sooner.
+struct PhaseTimes {
+  std::array<double, static_cast<size_t>(Phase::kCount)> seconds{};
+  double& operator[](Phase phase) { return seconds[static_cast<size_t>(phase)]; }
+  double operator[](Phase phase) const { return seconds[static_cast<size_t>(phase)]; }
+};
+
 // Which form of MLA a step uses; kAuto picks the cheaper per sequence (prefill
 // expands K/V through kv_b_proj, decode absorbs it into the query and output).
 enum class AttentionForm { kAuto, kExpanded, kAbsorbed };
@@ -162,6 +177,8 @@ class Model {
 
   // For tests and benchmarks: force one form of attention.
   void set_attention_form(AttentionForm form) { attention_form_ = form; }
+  // Forward adds each phase's time into TIMES until given nullptr (bench/model_bench).
+  void set_phase_times(PhaseTimes* times) { phase_times_ = times; }
 
   // Runs one step. Each sequence's cache must already hold room for its new tokens
   // (LatentCache::Reserve); rows are written and num_tokens advanced. LOGITS receives
@@ -196,6 +213,9 @@ class Model {
               bool check_layers);
   // Whether FLAG holds on every rank (a collective under kData, where ranks differ).
   StatusOr<bool> OnEveryRank(bool flag);
+  // RUN(), its time added to PHASE when phase times are being recorded.
+  template <typename Run>
+  Status Timed(Phase phase, Run&& run);
   Status MoeBlock(int64_t layer, const float* x, int64_t tokens, int64_t first_token, float* residual,
                   ExpertCounts* counts);
 
@@ -206,6 +226,7 @@ class Model {
   int64_t vocab_begin_ = 0, vocab_end_ = 0;
   parallel::ExchangeStats exchange_stats_;
   std::unique_ptr<parallel::MoeExchange> exchange_;
+  PhaseTimes* phase_times_ = nullptr;
   std::vector<int32_t> gate_ids_;  // the gate's choices, reused from layer to layer
   std::vector<float> gate_weights_;
   std::unique_ptr<Checkpoint> checkpoint_;

@@ -4,6 +4,7 @@
 // Tolerance: per position, max |epic - reference| <= 1e-5 * max |reference|.
 #include "worker/model.h"
 
+#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -200,6 +201,35 @@ TEST_F(ModelSteps, BatchOfUnequalSequencesEqualsEachAlone) {
   EXPECT_EQ(ta.num_tokens, 9);
   EXPECT_EQ(tb.num_tokens, 3);
   EXPECT_EQ(tc.num_tokens, 14);
+}
+
+// Forward adds each phase's time while given a record, within the step's own time, and
+// nothing once given nullptr; v2-160 has a dense layer, MoE layers and shared experts.
+TEST_F(ModelSteps, PhaseTimesCoverTheScheduleAndStopWhenUnset) {
+  const std::vector<int32_t> tokens = Prompt(12, model_->config().vocab_size, 5);
+  auto cache = model_->MakeCache(4, 64);
+  BlockTable table;
+  ASSERT_TRUE(cache->Reserve(&table, 13).ok());
+  PhaseTimes times;
+  model_->set_phase_times(&times);
+  std::vector<float> logits;
+  SequenceStep step{&table, tokens, false};
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(model_->Forward({&step, 1}, cache.get(), &logits).ok());
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  double sum = 0;
+  for (int i = 0; i < static_cast<int>(Phase::kCount); ++i) {
+    const Phase p = static_cast<Phase>(i);
+    EXPECT_GT(times[p], 0.0) << PhaseName(p);
+    sum += times[p];
+  }
+  EXPECT_LE(sum, wall);
+  model_->set_phase_times(nullptr);
+  const PhaseTimes before = times;
+  const int32_t next = 7;
+  SequenceStep decode{&table, {&next, 1}, false};
+  ASSERT_TRUE(model_->Forward({&decode, 1}, cache.get(), &logits).ok());
+  EXPECT_EQ(times.seconds, before.seconds);
 }
 
 TEST_F(ModelSteps, RepeatedGreedyGenerationsAreIdentical) {
