@@ -307,10 +307,16 @@ void AddExchangeCounts(const parallel::ExpertPlacement& placement, int64_t layer
 
 namespace {
 
+// On the bits (an exponent of all ones is an Inf or a NaN), a loop GCC vectorizes:
+// std::isfinite's took 1-2 ms over the 26 MB of logits of 64 sequences a step.
 bool AllFinite(const float* v, int64_t n) {
-  bool finite = true;
-  for (int64_t i = 0; i < n; ++i) finite &= std::isfinite(v[i]);
-  return finite;
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, v + i, sizeof(bits));
+    bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
 }
 
 std::string StepName(std::span<const SequenceStep> batch) {
@@ -476,16 +482,24 @@ Status Model::Step(std::span<SequenceStep> batch, LatentCache* cache, std::vecto
   // Final norm on the rows that want logits; each rank computes its vocabulary rows.
   const int64_t rows = static_cast<int64_t>(step.logit_rows.size());
   const int64_t my_vocab = vocab_end_ - vocab_begin_;
-  EPIC_ASSIGN_OR_RETURN(float* slice, b.Activations(kLogits, std::max<int64_t>(rows * my_vocab, 1)));
-  EPIC_RETURN_IF_ERROR(Timed(Phase::kLmHead, [&] { return b.LmHead(x, step.logit_rows, slice); }));
   logits->resize(static_cast<size_t>(rows * c.vocab_size));
+  float* slice = nullptr;
+  if (!split && !b.on_device() && rows > 0) {
+    // In host memory the logits are written where the caller reads them: no copy of the
+    // rows' vocabularies (26 MB a step for 64 sequences of V2-Lite's).
+    slice = logits->data();
+  } else {
+    EPIC_ASSIGN_OR_RETURN(slice, b.Activations(kLogits, std::max<int64_t>(rows * my_vocab, 1)));
+  }
+  EPIC_RETURN_IF_ERROR(Timed(Phase::kLmHead, [&] { return b.LmHead(x, step.logit_rows, slice); }));
   if (!split) {
-    EPIC_RETURN_IF_ERROR(b.CopyToHost(slice, rows * c.vocab_size, logits->data()));
+    EPIC_RETURN_IF_ERROR(b.CopyToHost(slice, rows * c.vocab_size, logits->data()));  // none if the same
   } else {
     // Gather the slices ([rows, vocab of rank r] from each rank r), then interleave.
     EPIC_ASSIGN_OR_RETURN(float* gathered, b.Activations(kGathered, rows * c.vocab_size));
     EPIC_RETURN_IF_ERROR(comm->AllGather(slice, gathered, VocabSliceBytes(rows, c.vocab_size, ranks)));
-    std::vector<float> host(static_cast<size_t>(rows * c.vocab_size));
+    std::vector<float>& host = gathered_logits_;  // kept: fresh pages each step cost their zeroing
+    host.resize(static_cast<size_t>(rows * c.vocab_size));
     EPIC_RETURN_IF_ERROR(b.CopyToHost(gathered, rows * c.vocab_size, host.data()));
     InterleaveVocabSlices(host.data(), rows, c.vocab_size, ranks, logits->data());
   }

@@ -227,6 +227,7 @@ class Model {
   parallel::ExchangeStats exchange_stats_;
   std::unique_ptr<parallel::MoeExchange> exchange_;
   PhaseTimes* phase_times_ = nullptr;
+  std::vector<float> gathered_logits_;  // the vocabulary slices of a tensor-parallel step, on the host
   std::vector<int32_t> gate_ids_;  // the gate's choices, reused from layer to layer
   std::vector<float> gate_weights_;
   std::unique_ptr<Checkpoint> checkpoint_;
