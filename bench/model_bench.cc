@@ -71,7 +71,8 @@ void PrintPhases(const epic::PhaseTimes& times, int64_t steps, double step_s, co
                  double cache_bytes, double distinct_experts) {
   using epic::Phase;
   const double per = 1.0 / static_cast<double>(steps);
-  std::printf("  phases, ms a step (GB/s of weights read):");
+  const bool rates = bytes.attention + bytes.output + bytes.gate + bytes.mlp + bytes.lm_head + bytes.expert > 0;
+  std::printf("  phases, ms a step%s:", rates ? " (GB/s of weights read)" : "");
   double sum = 0;
   for (int i = 0; i < static_cast<int>(Phase::kCount); ++i) {
     const Phase p = static_cast<Phase>(i);
@@ -254,9 +255,12 @@ int main(int argc, char** argv) {
 
   // What one token reads and computes, context aside; and what a step reads whatever
   // its batch (every weight but the routed experts'), and one routed expert's bytes.
+  // Each phase's share of those bytes as well (PrintPhases).
   PerToken per_token, shared_by_step;
-  int64_t expert_bytes = 0, expert_macs = 0;
+  PhaseBytes phase_bytes;
+  int64_t expert_bytes = 0, expert_macs = 0, moe_layers = 0;
   for (const epic::LayerWeights& L : w.layers) {
+    const int64_t before = per_token.bytes;
     if (c.q_lora_rank > 0) {
       per_token.Add(L.q_a_proj);
       per_token.Add(L.q_b_proj);
@@ -265,14 +269,20 @@ int main(int argc, char** argv) {
     }
     per_token.Add(L.kv_a_proj);
     per_token.Add(L.kv_b_proj);  // decode reads all of it (W_UK and W_UV)
+    phase_bytes.attention += static_cast<double>(per_token.bytes - before);
     per_token.Add(L.o_proj);
-    if (!L.moe) {
-      per_token.Add(L.dense);
-      continue;
+    phase_bytes.output += static_cast<double>(Bytes(L.o_proj));
+    const epic::MlpWeights* mlp = !L.moe ? &L.dense : L.has_shared ? &L.shared : nullptr;
+    if (mlp != nullptr) {
+      const int64_t at = per_token.bytes;
+      per_token.Add(*mlp);
+      phase_bytes.mlp += static_cast<double>(per_token.bytes - at);
     }
+    if (!L.moe) continue;
+    ++moe_layers;
     per_token.Add(L.router);
+    phase_bytes.gate += static_cast<double>(Bytes(L.router));
     for (int64_t e = 0; e < c.num_experts_per_tok; ++e) per_token.Add(L.experts[0]);  // all experts alike
-    if (L.has_shared) per_token.Add(L.shared);
     PerToken one;
     one.Add(L.experts[0]);
     expert_bytes = one.bytes;
@@ -285,20 +295,8 @@ int main(int argc, char** argv) {
     shared_by_step.macs -= c.num_experts_per_tok * expert_macs;
   }
   const int64_t lm_head_bytes = Bytes(w.lm_head);
-  PhaseBytes phase_bytes;
-  for (const epic::LayerWeights& L : w.layers) {
-    phase_bytes.attention += static_cast<double>(
-        (c.q_lora_rank > 0 ? Bytes(L.q_a_proj) + Bytes(L.q_b_proj) : Bytes(L.q_proj)) + Bytes(L.kv_a_proj) +
-        Bytes(L.kv_b_proj));
-    phase_bytes.output += static_cast<double>(Bytes(L.o_proj));
-    const epic::MlpWeights* mlp = !L.moe ? &L.dense : L.has_shared ? &L.shared : nullptr;
-    if (mlp != nullptr) phase_bytes.mlp += static_cast<double>(Bytes(mlp->gate) + Bytes(mlp->up) + Bytes(mlp->down));
-    if (L.moe) phase_bytes.gate += static_cast<double>(Bytes(L.router));
-  }
   phase_bytes.lm_head = static_cast<double>(lm_head_bytes);
   phase_bytes.expert = static_cast<double>(expert_bytes);
-  int64_t moe_layers = 0;
-  for (const epic::LayerWeights& L : w.layers) moe_layers += L.moe;
 
   std::vector<int32_t> prompt(static_cast<size_t>(prompt_len));
   for (int64_t i = 0; i < prompt_len; ++i) prompt[i] = static_cast<int32_t>((i * 7919 + 13) % c.vocab_size);

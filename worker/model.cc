@@ -445,7 +445,8 @@ Status Model::Step(std::span<SequenceStep> batch, LatentCache* cache, std::vecto
       EPIC_RETURN_IF_ERROR(b.Add(mine, x + first * hidden, local * hidden));
     }
 
-    EPIC_RETURN_IF_ERROR(Timed(Phase::kNorm, [&] { return b.Norm(NormWeight::kPostAttention, l, mine, local, normed); }));
+    EPIC_RETURN_IF_ERROR(
+        Timed(Phase::kNorm, [&] { return b.Norm(NormWeight::kPostAttention, l, mine, local, normed); }));
     if (L.moe) EPIC_RETURN_IF_ERROR(MoeBlock(l, normed, local, first, mine, counts));
     // The dense MLP, or the shared experts, split by their intermediate dimension: every
     // rank runs its part on all tokens, and the parts are summed into the token blocks.
