@@ -150,7 +150,8 @@ worker_cmd=("$bin/worker/epic-worker" --model "$model" --coordinator "$coord_hos
   for _ in $(seq 1 6000); do
     kill -0 "$coord_pid" 2>/dev/null || exit 0
     if "$bin/client/epic" health --server "127.0.0.1:$port" >/dev/null 2>&1; then
-      [ -n "$ready_file" ] && cp "$state/ready.json" "$ready_file"
+      # Whole or not at all: readers poll for the file and read it as soon as it exists.
+      [ -n "$ready_file" ] && cp "$state/ready.json" "$ready_file.tmp" && mv -f "$ready_file.tmp" "$ready_file"
       http="$(sed -E 's/.*"http_port": ([0-9]+).*/\1/' "$state/ready.json")"
       epic_log "cluster ready: gRPC on port $port, HTTP on port $http ($np worker rank(s)); try: $bin/client/epic generate --server 127.0.0.1:$port --prompt Hello"
       exit 0

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -80,14 +81,20 @@ int OpenStream(int port, const std::string& path, const std::string& body, std::
   addr.sin_family = AF_INET;
   addr.sin_port = htons(static_cast<uint16_t>(port));
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return -1;
+  // On failure GOT ends with what failed, for the test's message.
+  auto failed = [&](const std::string& what, bool system_error = true) {
+    *got += "\n[OpenStream: " + what + (system_error ? std::string(": ") + std::strerror(errno) : "") + "]";
+    close(fd);
+    return -1;
+  };
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return failed("connect");
   const std::string request = "POST " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                               "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
-  if (write(fd, request.data(), request.size()) != static_cast<ssize_t>(request.size())) return -1;
+  if (write(fd, request.data(), request.size()) != static_cast<ssize_t>(request.size())) return failed("write");
   char buf[4096];
   while (got->find("data: ") == std::string::npos) {
     const ssize_t n = read(fd, buf, sizeof buf);
-    if (n <= 0) return -1;
+    if (n <= 0) return n == 0 ? failed("the server closed the connection before the first event", false) : failed("read");
     got->append(buf, static_cast<size_t>(n));
   }
   return fd;
@@ -429,7 +436,7 @@ TEST_F(TextServingTest, AClientThatDisconnectsMidStreamFreesItsBlocks) {
   const std::string body = json{{"prompt", kPrompt}, {"max_tokens", 900}, {"ignore_eos", true}, {"stream", true}}.dump();
   std::string got;
   const int fd = OpenStream(http_port_, "/v1/completions", body, &got);
-  ASSERT_GE(fd, 0);
+  ASSERT_GE(fd, 0) << got;
   // The stream has begun and holds blocks; hang up.
   const v1::ModelInfo busy = Info();
   EXPECT_LT(busy.cache().free_blocks(), busy.cache().total_blocks());
@@ -444,7 +451,7 @@ TEST_F(TextServingTest, AJobThatDiesMidStreamResumesAndTheTextIsUnchanged) {
       json{{"prompt", kPrompt}, {"max_tokens", 120}, {"temperature", 0}, {"ignore_eos", true}, {"stream", true}}.dump();
   std::string got;
   const int fd = OpenStream(http_port_, "/v1/completions", body, &got);
-  ASSERT_GE(fd, 0);
+  ASSERT_GE(fd, 0) << got;
   // The bracket keeps pkill from matching the shell that runs it.
   ASSERT_EQ(std::system(("pkill -9 -f '[e]pic-worker --model " + Model() + "'").c_str()), 0);
   char buf[4096];
