@@ -45,6 +45,7 @@ int main(int argc, char** argv) {
   bool ignore_eos = false;
   bool mapped = false;
   bool exchange_stats = false;
+  bool phase_times = false;
   std::string loads_out;
   int64_t block_size = 16;
   app.add_option("--model", model_dir, "checkpoint directory (config.json + *.safetensors)")->required();
@@ -91,6 +92,9 @@ int main(int argc, char** argv) {
   app.add_flag("--exchange-stats", exchange_stats,
                "print, per MoE layer and rank, the all-to-all bytes and seconds of dispatch and combine "
                "(stderr)");
+  app.add_flag("--phase-times", phase_times,
+               "print, per rank, the milliseconds the run spent in each phase of the layer schedule (attention, "
+               "o_proj, norms, gate, exchange, experts, mlp, lm_head) (stderr)");
   app.add_flag("--mmap", mapped,
                "use the weights in place from the file mapping instead of copying them into "
                "huge-page memory (less memory while the page cache holds the file; slower decode)");
@@ -190,7 +194,10 @@ int main(int argc, char** argv) {
   options.stop_at_eos = !ignore_eos;
   options.prompt_logits = !dump_logits.empty();
   options.block_size = block_size;
+  epic::PhaseTimes phases;
+  if (phase_times) (*model)->set_phase_times(&phases);
   auto results = epic::GenerateBatch(**model, prompts, options);
+  (*model)->set_phase_times(nullptr);
   if (!results.ok()) {
     std::fprintf(stderr, "%s%s\n", who.c_str(), results.status().ToString().c_str());
     (*job)->Abort(1);
@@ -208,6 +215,17 @@ int main(int argc, char** argv) {
       (*job)->Abort(1);
     }
     exchange = std::move(gathered).value();
+  }
+  if (phase_times && results.ok()) {
+    // One write per line: mpirun forwards output in the pieces it was written in.
+    std::string line = "epic-run: rank " + std::to_string(rank) + " phase times (ms):";
+    char part[64];
+    for (int i = 0; i < static_cast<int>(epic::Phase::kCount); ++i) {
+      const auto p = static_cast<epic::Phase>(i);
+      std::snprintf(part, sizeof part, "%s %s %.2f", i == 0 ? "" : ",", epic::PhaseName(p), phases[p] * 1e3);
+      line += part;
+    }
+    std::fprintf(stderr, "%s\n", line.c_str());
   }
   if (!lead) return 0;
   const int64_t vocab = (*model)->config().vocab_size;

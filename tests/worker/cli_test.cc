@@ -80,6 +80,28 @@ TEST_F(CliTest, GeneratesTheSameTokensAsTheLibrary) {
   EXPECT_NE(r.err.find("expert tokens, layer 1:"), std::string::npos) << r.err;
 }
 
+// --phase-times adds one line naming every phase with its milliseconds, and changes no token.
+TEST_F(CliTest, PhaseTimesNameEveryPhaseAndChangeNoToken) {
+  const Result r = RunCommand(kRun + " --model " + model_.string() +
+                                  " --tokens 5,17,300 --max-new-tokens 6 --ignore-eos --phase-times",
+                              dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto model = Model::Load(model_);
+  ASSERT_TRUE(model.ok());
+  EXPECT_EQ(r.out, LibraryLine(**model));
+  const size_t at = r.err.find("epic-run: rank 0 phase times (ms):");
+  ASSERT_NE(at, std::string::npos) << r.err;
+  const std::string line = r.err.substr(at, r.err.find('\n', at) - at);
+  double total = 0;
+  for (int i = 0; i < static_cast<int>(Phase::kCount); ++i) {
+    const std::string name = PhaseName(static_cast<Phase>(i));
+    const size_t p = line.find(" " + name + " ");
+    ASSERT_NE(p, std::string::npos) << name << " in " << line;
+    total += std::stod(line.substr(p + name.size() + 2));
+  }
+  EXPECT_GT(total, 0.0) << line;
+}
+
 // --precision fast runs the int8 products where the host has AVX2 (and says which ran),
 // giving what the library gives at that precision; a precision it does not know is a
 // usage error.
@@ -189,7 +211,7 @@ TEST_F(CliTest, HelpNamesEveryFlag) {
   EXPECT_EQ(r.exit_code, 0);
   for (const char* flag : {"--model", "--tokens", "--max-new-tokens", "--temperature", "--top-k", "--top-p",
                            "--seed", "--dump-logits", "--device", "--threads", "--expert-counts",
-                           "--ignore-eos", "--block-size", "--mmap", "--exchange-stats", "--loads-out",
+                           "--ignore-eos", "--block-size", "--mmap", "--exchange-stats", "--phase-times", "--loads-out",
                            "--prompt", "--tokenizer", "--precision", "--attention"}) {
     EXPECT_NE(r.out.find(flag), std::string::npos) << flag;
   }
