@@ -3,7 +3,8 @@
 #  1. `mpirun -np N epic-run` prints the same greedy tokens as one process, N = 2, 3, 4, 8;
 #  2. `mpirun -np 3 epic-run --prompt TEXT` prints the same text as one process;
 #  3. several prompts of mixed lengths with --attention dp, on more ranks than heads,
-#     print what one process prints, and tp refuses more ranks than heads naming dp;
+#     print what one process prints (with --phase-times, a line of phase times from
+#     every rank), and tp refuses more ranks than heads naming dp;
 #  4. a rank that cannot load its checkpoint ends the whole job quickly, non-zero, with
 #     that rank's error.
 # Usage: mpirun_cli_test.sh EPIC_RUN EPIC_MKMODEL MPIRUN
@@ -37,9 +38,13 @@ batch=(--model "$dir/model" --tokens "5,17,300,42;9;100,200,300,400,500,600,700,
 want_batch="$("$run" "${batch[@]}" 2>/dev/null)"
 [ "$(echo "$want_batch" | wc -l)" -eq 4 ] || { echo "FAIL: one process printed '$want_batch' for 4 prompts"; exit 1; }
 for n in 3 12; do
-  got_batch="$(OMP_NUM_THREADS=1 "${mpi[@]}" -np "$n" "$run" "${batch[@]}" --attention dp 2>"$dir/err.dp$n")" \
-    || { echo "FAIL: mpirun -np $n --attention dp exited non-zero"; cat "$dir/err.dp$n"; exit 1; }
+  got_batch="$(OMP_NUM_THREADS=1 "${mpi[@]}" -np "$n" "$run" "${batch[@]}" --attention dp --phase-times \
+    2>"$dir/err.dp$n")" || { echo "FAIL: mpirun -np $n --attention dp exited non-zero"; cat "$dir/err.dp$n"; exit 1; }
   [ "$got_batch" = "$want_batch" ] || { echo "FAIL: -np $n dp printed '$got_batch', one process '$want_batch'"; exit 1; }
+  for ((r = 0; r < n; ++r)); do
+    grep -q "rank $r phase times (ms): attention .*lm_head" "$dir/err.dp$n" \
+      || { echo "FAIL: -np $n dp --phase-times: no line from rank $r"; cat "$dir/err.dp$n"; exit 1; }
+  done
   echo "ok: mpirun -np $n --attention dp: 4 prompts as one process prints them"
 done
 set +e
