@@ -3,8 +3,8 @@
 // activations quantized by the same rule in the test, each scale block of a row apart.
 // The kernel must equal that but for F32 rounding; every instruction path the host has
 // (AVX2, AVX-VNNI, AVX512_VNNI) must equal the plain one bit for bit; and against the
-// exact product the error stays within what the two roundings allow. ctest runs this on the host's paths and forced
-// plain.
+// exact product the error stays within what the two roundings allow. ctest runs this on
+// the host's paths and forced plain.
 #include "kernels/cpu/matmul_int8.h"
 
 #include <gtest/gtest.h>
