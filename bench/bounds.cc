@@ -59,10 +59,6 @@ SumFn Summer(int streams, bool avx512) {
   }
 }
 
-}  // namespace
-
-namespace {
-
 // The probe's source and destination, kept from call to call and grown when asked for
 // more: a program that probes around each of its rounds (model_bench) spent a third of
 // its run having the kernel zero a fresh pair of buffers.
