@@ -139,12 +139,23 @@ inline int32_t XGroup(const int8_t* x, int64_t g) {
 }
 
 // Group G's lines of kPanels panels at AHEAD (none when null) into L2.
+// Panels at AT whose lines a block prefetches into L2 as it runs: the lines of every
+// EVERY-th group it passes, from group PHASE (each row tile of a chunk takes its share of
+// the next chunk, see Panels).
+struct Ahead {
+  const uint8_t* at = nullptr;
+  int every = 1, phase = 0;
+};
+
+// Group G's lines of kPanels panels at AHEAD where G is one of the block's share; WAIT
+// counts down the groups to the next (from AHEAD.phase).
 template <int kPanels>
-inline void PrefetchGroup(const uint8_t* ahead, int64_t panel_bytes, int64_t g) {
-  if (ahead == nullptr) return;
+inline void PrefetchGroup(const Ahead& ahead, int64_t panel_bytes, int64_t g, int& wait) {
+  if (ahead.at == nullptr || wait-- != 0) return;
+  wait = ahead.every - 1;
 #pragma GCC unroll 4
   for (int p = 0; p < kPanels; ++p) {
-    _mm_prefetch(reinterpret_cast<const char*>(ahead + p * panel_bytes + g * kGroupBytes), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(ahead.at + p * panel_bytes + g * kGroupBytes), _MM_HINT_T1);
   }
 }
 
@@ -254,9 +265,10 @@ inline float AddScaleBlock(float sum, int32_t acc, int32_t x_sum, float x_scale)
 // at AHEAD are prefetched into L2 as it goes (Panels passes the next chunk's).
 template <int kRows, int kPanels>
 EPIC_VNNI void Block(const QuantizedX& x, int64_t i0, int64_t g0, const uint8_t* w, int64_t panel_bytes,
-                     int64_t groups, float* acc, int64_t ldc, bool first, const uint8_t* ahead) {
+                     int64_t groups, float* acc, int64_t ldc, bool first, Ahead ahead) {
   constexpr bool kHeld = kRows * kPanels <= 12;
   const int8_t* xq = x.q + i0 * x.padded + g0 * kGroup;
+  int wait = ahead.phase;
   const int64_t ldq = x.padded;
   __m512 f[kHeld ? kRows : 1][kHeld ? kPanels : 1];
 #pragma GCC unroll 8
@@ -288,7 +300,7 @@ EPIC_VNNI void Block(const QuantizedX& x, int64_t i0, int64_t g0, const uint8_t*
       __m512i wv[kPanels];
 #pragma GCC unroll 4
       for (int p = 0; p < kPanels; ++p) wv[p] = _mm512_loadu_si512(w + p * panel_bytes + g * kGroupBytes);
-      PrefetchGroup<kPanels>(ahead, panel_bytes, g);
+      PrefetchGroup<kPanels>(ahead, panel_bytes, g, wait);
 #pragma GCC unroll 8
       for (int i = 0; i < kRows; ++i) {
         const __m512i xb = _mm512_set1_epi32(XGroup(xq + i * ldq, g));
@@ -329,9 +341,10 @@ EPIC_VNNI void Block(const QuantizedX& x, int64_t i0, int64_t g0, const uint8_t*
 // sum is already less the offset's 128 * sum_x (not subtracted again).
 template <int kRows, int kPanels, bool kVnni>
 EPIC_AVX_VNNI void Block256(const QuantizedX& x, int64_t i0, int64_t g0, const uint8_t* w, int64_t panel_bytes,
-                            int64_t groups, float* acc, int64_t ldc, bool first, const uint8_t* ahead) {
+                            int64_t groups, float* acc, int64_t ldc, bool first, Ahead ahead) {
   constexpr bool kHeld = kRows * kPanels <= (kVnni ? 2 : 1);
   const int8_t* xq = x.q + i0 * x.padded + g0 * kGroup;
+  int wait = ahead.phase;
   const int64_t ldq = x.padded;
   __m256 f[kHeld ? kRows : 1][kHeld ? kPanels : 1][2];
 #pragma GCC unroll 8
@@ -376,7 +389,7 @@ EPIC_AVX_VNNI void Block256(const QuantizedX& x, int64_t i0, int64_t g0, const u
           if constexpr (!kVnni) wv[p][h] = _mm256_xor_si256(wv[p][h], flip);
         }
       }
-      PrefetchGroup<kPanels>(ahead, panel_bytes, g);
+      PrefetchGroup<kPanels>(ahead, panel_bytes, g, wait);
 #pragma GCC unroll 8
       for (int i = 0; i < kRows; ++i) {
         const __m256i xb = _mm256_set1_epi32(XGroup(xq + i * ldq, g));
@@ -432,7 +445,7 @@ EPIC_AVX_VNNI void Block256(const QuantizedX& x, int64_t i0, int64_t g0, const u
 }
 
 using BlockFn = void (*)(const QuantizedX&, int64_t, int64_t, const uint8_t*, int64_t, int64_t, float*, int64_t,
-                        bool, const uint8_t*);
+                        bool, Ahead);
 
 template <int kRows>
 BlockFn BlockFor(int panels) {
@@ -575,13 +588,14 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
       for (int p = 0; p < panels; ++p) {
         const int64_t next = pb + p + 1;
         block(x, 0, 0, base + (pb + p) * panel_bytes, panel_bytes, groups, acc + p * kPanelRows, kBlockCols,
-              /*first=*/true, short_stream && next < p1 ? base + next * panel_bytes : nullptr);
+              /*first=*/true, {short_stream && next < p1 ? base + next * panel_bytes : nullptr});
       }
       Store(path, acc, m, w, pb * kPanelRows, panels, y, ldy, accumulate);
     }
     return;
   }
   const int64_t chunk = ChunkGroups();
+  const int tiles = static_cast<int>((m + tiling.rows - 1) / tiling.rows);
   for (int64_t pb = p0; pb < p1; pb += kBlockPanels) {
     const int panels = static_cast<int>(std::min<int64_t>(kBlockPanels, p1 - pb));
     const uint8_t* wp = base + pb * panel_bytes;
@@ -589,9 +603,13 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
       const int64_t g = std::min(chunk, groups - g0);
       // A panel's chunk is 4 KiB, one page (8 KiB on Zen 5): the hardware prefetchers
       // stop at a page's end, and a chunk of cold weights started every pass with a miss
-      // on each line. The first tile of rows prefetches the next chunk into L2 (into L1
-      // it pushed out this chunk's lines, which the other tiles read): small experts'
-      // decode 13% faster, their 512-token prefill 10% (v2-small-experts, Zen 4).
+      // on each line. The tiles of rows prefetch the next chunk into L2 (into L1 it
+      // pushed out this chunk's lines, which the other tiles read): small experts'
+      // decode 13% faster, their 512-token prefill 10% (v2-small-experts, Zen 4). Each
+      // tile takes an equal share, so that memory is busy for the whole chunk: when the
+      // first tile took it all, memory idled while the others ran from L1, and a product
+      // of 8-48 rows took the time of its reads plus that of its multiply-adds (cold
+      // V2-Lite experts 1.15-1.40x faster, Zen 5; see docs/performance.md).
       const uint8_t* next = g0 + chunk < groups ? wp + (g0 + chunk) * kGroupBytes
                             : pb + kBlockPanels < p1     ? base + (pb + kBlockPanels) * panel_bytes
                                                          : nullptr;
@@ -606,7 +624,8 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
           const int np = std::min(tiling.panels, panels - p);
           tiling.block(rows, np)(x, i0, g0, wp + p * panel_bytes + g0 * kGroupBytes, panel_bytes, g,
                                  acc + i0 * kBlockCols + p * kPanelRows, kBlockCols, g0 == 0,
-                                 i0 == 0 && next != nullptr ? next + p * panel_bytes : nullptr);
+                                 Ahead{next != nullptr ? next + p * panel_bytes : nullptr, tiles,
+                                       static_cast<int>(i0 / tiling.rows)});
         }
       }
     }
@@ -791,7 +810,7 @@ void Int8Rows::Resize(int64_t m, int64_t k) {
   padded_ = PaddedCols(k);
   blocks_ = ScaleBlocks(padded_);
   // Grown, never shrunk: a layer's rows and an expert's gathered ones change every step.
-  if (static_cast<int64_t>(values_.size()) < m * padded_) values_.resize(static_cast<size_t>(m * padded_));
+  values_ = memory_.Get<int8_t>(std::max<int64_t>(m * padded_, 1));
   if (static_cast<int64_t>(sums_.size()) < m * blocks_) {
     sums_.resize(static_cast<size_t>(m * blocks_));
     scales_.resize(static_cast<size_t>(m * blocks_));
@@ -802,7 +821,7 @@ void Int8Rows::Quantize(const float* x, int64_t m, int64_t ldx, int64_t k) {
   Resize(m, k);
   const QuantizeFn quantize = QuantizerFor(internal::ActiveInt8Path());  // every path's integers are the same
   ParallelRows(m, m * k >= (1 << 14), [&](int64_t i) {
-    QuantizeBlocks(quantize, x + i * ldx, k, padded_, values_.data() + i * padded_, sums_.data() + i * blocks_,
+    QuantizeBlocks(quantize, x + i * ldx, k, padded_, values_ + i * padded_, sums_.data() + i * blocks_,
                    scales_.data() + i * blocks_);
   });
 }
@@ -810,7 +829,7 @@ void Int8Rows::Quantize(const float* x, int64_t m, int64_t ldx, int64_t k) {
 void Int8Rows::Gather(const Int8Rows& from, const int32_t* index, int64_t n) {
   Resize(n, from.cols_);
   for (int64_t i = 0; i < n; ++i) {
-    std::memcpy(values_.data() + i * padded_, from.values_.data() + index[i] * padded_, static_cast<size_t>(padded_));
+    std::memcpy(values_ + i * padded_, from.values_ + index[i] * padded_, static_cast<size_t>(padded_));
     std::copy_n(from.sums_.data() + index[i] * blocks_, blocks_, sums_.data() + i * blocks_);
     std::copy_n(from.scales_.data() + index[i] * blocks_, blocks_, scales_.data() + i * blocks_);
   }
