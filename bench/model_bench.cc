@@ -357,6 +357,11 @@ int main(int argc, char** argv) {
   if (fast) std::printf("; to the int8 GEMM %.2f (the larger of %.1f and %.1f GOP/s)", prefill_gflops / int8.gflops,
                         int8_before, int8_after.gflops);
   std::printf("\n");
+  // A server's first request pays what the process does the first time (its scratch
+  // buffers' first touch above all).
+  if (repeats > 1) {
+    std::printf("  the process's first prefill: %.3f s, %.2fx the median\n", prefill_s[0], prefill_s[0] / prefill);
+  }
   {
     double sum_s = 0;
     for (const double t : prefill_s) sum_s += t;

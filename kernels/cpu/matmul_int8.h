@@ -23,6 +23,7 @@
 
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/matmul.h"
+#include "kernels/cpu/thread_scratch.h"
 
 namespace epic::cpu {
 
@@ -77,7 +78,7 @@ class Int8Rows {
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }
   int64_t blocks() const { return blocks_; }  // scale blocks a row
-  const int8_t* values() const { return values_.data(); }  // [rows][cols rounded up to 4]
+  const int8_t* values() const { return values_; }  // [rows][cols rounded up to 4]
   const int32_t* sums() const { return sums_.data(); }     // [rows][blocks]
   const float* scales() const { return scales_.data(); }   // [rows][blocks]
 
@@ -85,7 +86,8 @@ class Int8Rows {
   void Resize(int64_t m, int64_t k);
 
   int64_t rows_ = 0, cols_ = 0, padded_ = 0, blocks_ = 0;
-  std::vector<int8_t> values_;
+  ScratchBuffer memory_;  // the values, in huge pages where large
+  int8_t* values_ = nullptr;
   std::vector<int32_t> sums_;
   std::vector<float> scales_;
 };
