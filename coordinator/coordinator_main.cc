@@ -61,7 +61,7 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--max-step-tokens", s.max_step_tokens,
                  "token budget of one step: decodes first, then prefill chunks of long prompts (per rank "
-                 "under --attention dp)")
+                 "under --attention dp); a worker job runs one step of this size before serving")
       ->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--step-timeout", step_timeout,
                  "seconds without a completed step after which the worker job is declared dead")

@@ -285,6 +285,7 @@ grpc::Status WorkerSession::Attach(
   v1::internal::CoordinatorMessage welcome;
   welcome.mutable_welcome()->set_block_size(options_.scheduler.block_size);
   welcome.mutable_welcome()->set_num_blocks(options_.scheduler.num_blocks);
+  welcome.mutable_welcome()->set_max_step_tokens(options_.scheduler.max_step_tokens);
   std::string why = "the worker link closed";
   if (stream->Write(welcome)) {
     // Under data-parallel attention each rank holds a cache of its own.

@@ -301,6 +301,8 @@ TEST_F(ServingTest, ConcurrentStreamsMatchEpicRun) {
   }
   EXPECT_GT(streamed, 0) << "no request received its tokens in more than one response";
   EXPECT_TRUE(client.WaitAllBlocksFree(5s));
+  // Before its first step the job ran one of the coordinator's step budget.
+  EXPECT_NE(ReadAll(*dir_ / "cluster.log").find("epic-worker: warmed up with a step of 64 tokens"), std::string::npos);
 
   // The metrics saw it all.
   const std::string page = HttpGet(metrics_port_, "/metrics");
