@@ -574,15 +574,19 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
   // prefetchers follow. One thread reading 512 x 1024 int8 experts from memory (Zen 4,
   // AVX-512): one row of x 25.8 GB/s in chunks of 4 panels, 30.1 so; 2 rows 22.9 / 28.3;
   // 3 rows 23.7 / 25.2; from 4 the broadcasts of x, no longer shared by 4 panels, cost
-  // more than the stream gains.
+  // more than the stream gains. Over a long stream (MiBs a thread) 2 and 3 rows go the
+  // other way: the chunks of 4 panels, 4 streams a thread, read V2-Lite's cold experts
+  // and lm_head 1.14-1.20x and 1.32-1.35x faster (Zen 5, paired alternation; not
+  // measured elsewhere, so left to Zen 5), one row 0.995-1.08x (left as it was).
   //
   // A short stream (a small expert's matrix, a head's fold) ends before the prefetchers
   // reach full speed: it prefetches each panel's lines into L2 as the panel before runs
   // (small experts' decode, Zen 5, A B B A: x1.004-1.125 in four runs; the same over
   // V2-Lite's 2.8-5.6 MB experts was 0.90-1.11, noise, and is left to the hardware).
-  if (m <= tiling.sequential_rows) {
+  const bool short_stream = (p1 - p0) * panel_bytes <= kShortStreamBytes;
+  static const bool long_streams_in_chunks = AmdZenAvx512() == 5;
+  if (m <= tiling.sequential_rows && (m == 1 || short_stream || !long_streams_in_chunks)) {
     const BlockFn block = tiling.block(static_cast<int>(m), 1);
-    const bool short_stream = (p1 - p0) * panel_bytes <= kShortStreamBytes;
     for (int64_t pb = p0; pb < p1; pb += kBlockPanels) {
       const int panels = static_cast<int>(std::min<int64_t>(kBlockPanels, p1 - pb));
       for (int p = 0; p < panels; ++p) {
