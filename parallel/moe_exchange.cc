@@ -1,5 +1,6 @@
 #include "parallel/moe_exchange.h"
 
+#include <algorithm>
 #include <chrono>
 
 namespace epic::parallel {
@@ -23,9 +24,7 @@ double Since(Clock::time_point start) { return std::chrono::duration<double>(Clo
 StatusOr<void*> HostRowSpace::Buffer(int id, int64_t bytes) {
   if (id < 0 || bytes < 0) return InvalidArgumentError("host row buffer " + std::to_string(id));
   if (static_cast<size_t>(id) >= buffers_.size()) buffers_.resize(static_cast<size_t>(id) + 1);
-  std::vector<std::byte>& b = buffers_[static_cast<size_t>(id)];
-  if (b.size() < static_cast<size_t>(bytes)) b.resize(static_cast<size_t>(bytes));
-  return static_cast<void*>(b.data());
+  return buffers_[static_cast<size_t>(id)].Get(std::max<int64_t>(bytes, 1));
 }
 
 Status HostRowSpace::AddRows(float* back, int64_t returned, const float* self, int64_t, int64_t width,

@@ -12,6 +12,7 @@
 #include <span>
 #include <vector>
 
+#include "common/scratch_buffer.h"
 #include "common/status.h"
 #include "parallel/communicator.h"
 #include "parallel/dispatch.h"
@@ -50,7 +51,7 @@ class HostRowSpace final : public RowSpace {
                  const int32_t* source, int64_t tokens, int64_t sources, float* y) override;
 
  private:
-  std::vector<std::vector<std::byte>> buffers_;
+  std::vector<ScratchBuffer> buffers_;  // in huge pages from 2 MiB
 };
 
 // What Dispatch delivered, and what Combine needs to send it back.

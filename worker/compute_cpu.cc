@@ -7,13 +7,13 @@
 #include <cstring>
 #include <limits>
 
+#include "common/scratch_buffer.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/matmul_fast.h"
 #include "kernels/cpu/matmul_int8.h"
 #include "kernels/cpu/mla_attention.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
-#include "kernels/cpu/thread_scratch.h"
 #include "worker/compute.h"
 #include "worker/model.h"
 
@@ -214,7 +214,7 @@ class CpuBackend final : public ComputeBackend {
   // BUFFERS[ID] grown to hold at least N values (never shrunk); its data. A fresh
   // allocation of this size in every step costs a page clear per 4 KiB, which showed as
   // 15% of decode time.
-  static float* Sized(std::vector<cpu::ScratchBuffer>& buffers, int id, int64_t n) {
+  static float* Sized(std::vector<ScratchBuffer>& buffers, int id, int64_t n) {
     if (static_cast<size_t>(id) >= buffers.size()) buffers.resize(static_cast<size_t>(id) + 1);
     return buffers[static_cast<size_t>(id)].Get<float>(std::max<int64_t>(n, 1));
   }
@@ -274,7 +274,7 @@ class CpuBackend final : public ComputeBackend {
   parallel::Communicator* comm_;
   const bool bf16_attention_;  // the expanded form's products with BF16 operands
   parallel::HostRowSpace rows_;
-  std::vector<cpu::ScratchBuffer> activations_, scratch_;  // in huge pages from 2 MiB
+  std::vector<ScratchBuffer> activations_, scratch_;  // in huge pages from 2 MiB
   cpu::Int8Rows received_int8_;  // Experts' rows, quantized once
   std::vector<double> rope_factors_;
   std::span<const SequenceStep> batch_;

@@ -30,12 +30,12 @@
 #include <utility>
 
 #include "common/half.h"
+#include "common/scratch_buffer.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/intrinsics.h"
 #include "kernels/cpu/matmul_int8.h"
 #include "kernels/cpu/matmul_internal.h"
 #include "kernels/cpu/parallel.h"
-#include "kernels/cpu/thread_scratch.h"
 
 namespace epic::cpu {
 
@@ -151,11 +151,11 @@ inline float Widen(W v) {
   }
 }
 
-// Per-thread scratch buffers (kernels/cpu/thread_scratch.h).
+// Per-thread scratch buffers (common/scratch_buffer.h).
 enum ScratchSlot { kPackedX, kPackedW, kPermutedX, kScratchSlots };
 
 float* ThreadScratch(ScratchSlot slot, int64_t floats) {
-  thread_local epic::cpu::ScratchBuffer buffers[kScratchSlots];
+  thread_local epic::ScratchBuffer buffers[kScratchSlots];
   return static_cast<float*>(buffers[slot].Get(floats * static_cast<int64_t>(sizeof(float))));
 }
 

@@ -18,11 +18,11 @@
 #include <vector>
 
 #include "common/half.h"
+#include "common/scratch_buffer.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/intrinsics.h"
 #include "kernels/cpu/matmul_internal.h"
 #include "kernels/cpu/parallel.h"
-#include "kernels/cpu/thread_scratch.h"
 
 namespace epic::cpu {
 namespace {

@@ -21,9 +21,9 @@
 #include <memory>
 #include <vector>
 
+#include "common/scratch_buffer.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/matmul.h"
-#include "kernels/cpu/thread_scratch.h"
 
 namespace epic::cpu {
 

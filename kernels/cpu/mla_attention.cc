@@ -24,13 +24,13 @@
 #include <cstring>
 
 #include "common/half.h"
+#include "common/scratch_buffer.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/matmul_fast.h"
 #include "kernels/cpu/matmul_internal.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
-#include "kernels/cpu/thread_scratch.h"
 
 namespace epic::cpu {
 namespace {

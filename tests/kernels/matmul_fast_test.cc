@@ -16,8 +16,8 @@
 #include <vector>
 
 #include "common/half.h"
+#include "common/scratch_buffer.h"
 #include "kernels/cpu/cpu_features.h"
-#include "kernels/cpu/thread_scratch.h"
 
 namespace epic::cpu {
 namespace {

@@ -1,5 +1,5 @@
-// Scratch for the CPU kernels and the CPU backend, kept (per thread, or per backend) so
-// that repeated calls do not fault in fresh pages: each buffer grows to the largest
+// Scratch for the CPU kernels, the CPU backend and the host's MoE exchange, kept (per
+// thread, or per owner) so that repeated calls do not fault in fresh pages: each buffer grows to the largest
 // request seen, 64-byte aligned, and from 2 MiB in transparent huge pages. In 4 KiB pages
 // a step's first touch of its buffers cost 10-20 us a page on a virtualized host: the
 // first 512-token prefill of V2-Lite's shape spent 120 ms zeroing the dense MLP's 45 MB
@@ -14,7 +14,7 @@
 #include <new>
 #include <utility>
 
-namespace epic::cpu {
+namespace epic {
 
 class ScratchBuffer {
  public:
@@ -56,4 +56,4 @@ class ScratchBuffer {
   int64_t bytes_ = 0;
 };
 
-}  // namespace epic::cpu
+}  // namespace epic

@@ -1,12 +1,12 @@
-// The kernels' and the CPU backend's scratch buffers.
-#include "kernels/cpu/thread_scratch.h"
+// Scratch buffers (common/scratch_buffer.h).
+#include "common/scratch_buffer.h"
 
 #include <cstdint>
 #include <utility>
 
 #include <gtest/gtest.h>
 
-namespace epic::cpu {
+namespace epic {
 namespace {
 
 TEST(ScratchBufferTest, GrowsKeepingWhatItHeldAndAlignsLargeBuffersToHugePages) {
@@ -29,4 +29,4 @@ TEST(ScratchBufferTest, GrowsKeepingWhatItHeldAndAlignsLargeBuffersToHugePages) 
 }
 
 }  // namespace
-}  // namespace epic::cpu
+}  // namespace epic
