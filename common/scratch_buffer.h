@@ -1,9 +1,9 @@
 // Scratch for the CPU kernels, the CPU backend and the host's MoE exchange, kept (per
-// thread, or per owner) so that repeated calls do not fault in fresh pages: each buffer grows to the largest
-// request seen, 64-byte aligned, and from 2 MiB in transparent huge pages. In 4 KiB pages
-// a step's first touch of its buffers cost 10-20 us a page on a virtualized host: the
-// first 512-token prefill of V2-Lite's shape spent 120 ms zeroing the dense MLP's 45 MB
-// of scratch, where huge pages take 17 ms (docs/performance.md).
+// thread, or per owner) so that repeated calls do not fault in fresh pages: each buffer
+// grows to the largest request seen, 64-byte aligned, and from 2 MiB in transparent huge
+// pages. In 4 KiB pages a step's first touch of its buffers cost 10-20 us a page on a
+// virtualized host: the first 512-token prefill of V2-Lite's shape spent 120 ms zeroing
+// the dense MLP's 45 MB of scratch, where huge pages take 17 ms (docs/performance.md).
 #pragma once
 
 #include <sys/mman.h>

@@ -138,7 +138,6 @@ inline int32_t XGroup(const int8_t* x, int64_t g) {
   return four;
 }
 
-// Group G's lines of kPanels panels at AHEAD (none when null) into L2.
 // Panels at AT whose lines a block prefetches into L2 as it runs: the lines of every
 // EVERY-th group it passes, from group PHASE (each row tile of a chunk takes its share of
 // the next chunk, see Panels).
@@ -261,8 +260,9 @@ inline float AddScaleBlock(float sum, int32_t acc, int32_t x_sum, float x_scale)
 // ACC [rows][ldc] (+)= the products of ROWS rows of X from row I0 with NP panels at W
 // over GROUPS groups of 4 columns from group G0 (a scale block's first): each scale
 // block's int32 sums, less the offset, times x's scale (AddScaleBlock), into F32 sums
-// held in registers where they fit, else in ACC. With AHEAD, the same lines of the panels
-// at AHEAD are prefetched into L2 as it goes (Panels passes the next chunk's).
+// held in registers where they fit, else in ACC. With AHEAD, its share of the same lines
+// of the panels at AHEAD.at is prefetched into L2 as it goes (Panels passes the next
+// chunk's).
 template <int kRows, int kPanels>
 EPIC_VNNI void Block(const QuantizedX& x, int64_t i0, int64_t g0, const uint8_t* w, int64_t panel_bytes,
                      int64_t groups, float* acc, int64_t ldc, bool first, Ahead ahead) {
