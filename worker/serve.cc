@@ -319,8 +319,6 @@ Status Exchange(parallel::Communicator& comm, Command* command, std::string* pay
   return OkStatus();
 }
 
-}  // namespace
-
 // One prefill of TOKENS (within the cache and the model's context) into blocks from 0,
 // nothing kept: a process's first step of a size faults in and sizes the scratch its
 // products need (a 512-token prefill of V2-Lite's shape took 1.4-1.9x the next), which
@@ -344,6 +342,8 @@ StatusOr<int64_t> WarmUp(Model& model, LatentCache& cache, int64_t tokens) {
   }
   return tokens;
 }
+
+}  // namespace
 
 Status ServeCoordinator(Model& model, const WorkerOptions& options, const std::string& device) {
   parallel::Communicator& comm = model.comm();

@@ -301,7 +301,7 @@ TEST_F(ServingTest, ConcurrentStreamsMatchEpicRun) {
   }
   EXPECT_GT(streamed, 0) << "no request received its tokens in more than one response";
   EXPECT_TRUE(client.WaitAllBlocksFree(5s));
-  // Before its first step the job ran one of the coordinator's step budget.
+  // Before its first step the job ran one step the size of the coordinator's budget.
   EXPECT_NE(ReadAll(*dir_ / "cluster.log").find("epic-worker: warmed up with a step of 64 tokens"), std::string::npos);
 
   // The metrics saw it all.
