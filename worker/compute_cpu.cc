@@ -136,21 +136,20 @@ class CpuBackend final : public ComputeBackend {
       const int64_t begin = layout.offsets[s];
       const int64_t n = layout.offsets[s + 1] - begin;
       const MlpWeights& w = L.experts[static_cast<size_t>(s)];
-      thread_local std::vector<float> gathered, gate;
+      thread_local ScratchBuffer gathered_memory, gate_memory;
       thread_local cpu::Int8Rows gathered_int8;
-      gate.resize(static_cast<size_t>(n * 2 * w.gate.rows));
+      float* gate = gate_memory.Get<float>(n * 2 * w.gate.rows);
       const int32_t* source = layout.grouped_source.data() + begin;
       if (int8) {
         gathered_int8.Gather(received_int8_, source, n);
-        MlpInto(w, {nullptr, &gathered_int8}, n, gate.data(), each + begin * hidden, /*accumulate=*/false);
+        MlpInto(w, {nullptr, &gathered_int8}, n, gate, each + begin * hidden, /*accumulate=*/false);
         return;
       }
-      gathered.resize(static_cast<size_t>(n * hidden));
+      float* gathered = gathered_memory.Get<float>(n * hidden);
       for (int64_t i = 0; i < n; ++i) {
-        std::memcpy(gathered.data() + i * hidden, rows + source[i] * hidden,
-                    static_cast<size_t>(hidden) * sizeof(float));
+        std::memcpy(gathered + i * hidden, rows + source[i] * hidden, static_cast<size_t>(hidden) * sizeof(float));
       }
-      MlpInto(w, {gathered.data(), nullptr}, n, gate.data(), each + begin * hidden, /*accumulate=*/false);
+      MlpInto(w, {gathered, nullptr}, n, gate, each + begin * hidden, /*accumulate=*/false);
     });
     // Each row's shares (its route entries' grouped rows) added in slot order, as one
     // loop over the grouped rows would add them, with the rows spread over the threads:
