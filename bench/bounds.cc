@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdint>
@@ -12,6 +13,7 @@
 #include <memory>
 #include <new>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "bench/timing.h"
@@ -204,6 +206,49 @@ GemmRate MeasureInt8GemmRate(int repeats) {
              ") 512x2816x2048";
   rate.gflops = MatMulRate(o, w.matrix(), repeats);
   return rate;
+}
+
+TeamCost MeasureTeamCost() {
+  TeamCost cost;
+  constexpr int kSteps = 20000;
+  std::vector<double> region;
+  for (int r = 0; r < 3; ++r) {
+    const auto t0 = Clock::now();
+    for (int i = 0; i < kSteps; ++i) {
+#pragma omp parallel
+      { asm volatile(""); }
+    }
+    region.push_back(Since(t0) / kSteps * 1e6);
+  }
+  cost.region_us = Median(region);
+  if (omp_get_max_threads() < 2) return cost;
+  // After the OpenMP team has gone to sleep: its threads spinning beside these would
+  // share their cores.
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  struct alignas(64) Line {
+    std::atomic<int64_t> value{0};
+  };
+  Line go, done;
+  std::thread other([&] {
+    for (int64_t step = 1; step <= 3 * kSteps; ++step) {
+      while (go.value.load(std::memory_order_acquire) != step) {
+      }
+      done.value.store(step, std::memory_order_release);
+    }
+  });
+  std::vector<double> handoff;
+  for (int r = 0; r < 3; ++r) {
+    const auto t0 = Clock::now();
+    for (int64_t step = int64_t{r} * kSteps + 1; step <= int64_t{r + 1} * kSteps; ++step) {
+      go.value.store(step, std::memory_order_release);
+      while (done.value.load(std::memory_order_acquire) != step) {
+      }
+    }
+    handoff.push_back(Since(t0) / kSteps * 1e6);
+  }
+  other.join();
+  cost.handoff_us = Median(handoff);
+  return cost;
 }
 
 }  // namespace epic::bench

@@ -33,4 +33,14 @@ GemmRate MeasureF32GemmRate(int repeats);
 // is installed), the compute bound of fast batched decode. 0 without vector int8 (AVX2).
 GemmRate MeasureInt8GemmRate(int repeats);
 
+// What starting and joining the threads costs, in microseconds: an OpenMP parallel
+// region on all threads with an empty body (how the kernels start each product's team),
+// and the least a start and join can cost here: the calling thread and one other,
+// spinning, handing a step over through one cache line each way.
+struct TeamCost {
+  double region_us = 0;
+  double handoff_us = 0;
+};
+TeamCost MeasureTeamCost();
+
 }  // namespace epic::bench
