@@ -20,6 +20,7 @@
 #include "common/half.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/matmul_int8.h"
+#include "kernels/cpu/parallel.h"
 
 #ifdef EPIC_HAVE_CBLAS
 #include <cblas.h>
@@ -211,20 +212,28 @@ GemmRate MeasureInt8GemmRate(int repeats) {
 TeamCost MeasureTeamCost() {
   TeamCost cost;
   constexpr int kSteps = 20000;
-  std::vector<double> region;
-  for (int r = 0; r < 3; ++r) {
-    const auto t0 = Clock::now();
-    for (int i = 0; i < kSteps; ++i) {
-#pragma omp parallel
-      { asm volatile(""); }
+  const int threads = omp_get_max_threads();
+  // Each kind after the others' threads have gone to sleep: spinning beside these they
+  // would share their cores.
+  auto settle = [] { std::this_thread::sleep_for(std::chrono::milliseconds(200)); };
+  auto median_us = [&](auto&& step) {
+    std::vector<double> us;
+    for (int r = 0; r < 3; ++r) {
+      const auto t0 = Clock::now();
+      for (int i = 0; i < kSteps; ++i) step(i + r * kSteps + 1);
+      us.push_back(Since(t0) / kSteps * 1e6);
     }
-    region.push_back(Since(t0) / kSteps * 1e6);
-  }
-  cost.region_us = Median(region);
-  if (omp_get_max_threads() < 2) return cost;
-  // After the OpenMP team has gone to sleep: its threads spinning beside these would
-  // share their cores.
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    return Median(us);
+  };
+  settle();
+  cost.team_us = median_us([&](int) { cpu::OnTeam(threads, [](int, int) { asm volatile(""); }); });
+  settle();
+  cost.region_us = median_us([](int) {
+#pragma omp parallel
+    { asm volatile(""); }
+  });
+  if (threads < 2) return cost;
+  settle();
   struct alignas(64) Line {
     std::atomic<int64_t> value{0};
   };
@@ -236,18 +245,12 @@ TeamCost MeasureTeamCost() {
       done.value.store(step, std::memory_order_release);
     }
   });
-  std::vector<double> handoff;
-  for (int r = 0; r < 3; ++r) {
-    const auto t0 = Clock::now();
-    for (int64_t step = int64_t{r} * kSteps + 1; step <= int64_t{r + 1} * kSteps; ++step) {
-      go.value.store(step, std::memory_order_release);
-      while (done.value.load(std::memory_order_acquire) != step) {
-      }
+  cost.handoff_us = median_us([&](int64_t step) {
+    go.value.store(step, std::memory_order_release);
+    while (done.value.load(std::memory_order_acquire) != step) {
     }
-    handoff.push_back(Since(t0) / kSteps * 1e6);
-  }
+  });
   other.join();
-  cost.handoff_us = Median(handoff);
   return cost;
 }
 

@@ -33,11 +33,13 @@ GemmRate MeasureF32GemmRate(int repeats);
 // is installed), the compute bound of fast batched decode. 0 without vector int8 (AVX2).
 GemmRate MeasureInt8GemmRate(int repeats);
 
-// What starting and joining the threads costs, in microseconds: an OpenMP parallel
-// region on all threads with an empty body (how the kernels start each product's team),
-// and the least a start and join can cost here: the calling thread and one other,
-// spinning, handing a step over through one cache line each way.
+// What starting and joining the threads costs, in microseconds, with an empty body on
+// all threads: the kernels' team (kernels/cpu/parallel.h), an OpenMP parallel region
+// (how the kernels started each product's threads before), and the least a start and
+// join can cost here: the calling thread and one other, spinning, handing a step over
+// through one cache line each way.
 struct TeamCost {
+  double team_us = 0;
   double region_us = 0;
   double handoff_us = 0;
 };

@@ -243,9 +243,9 @@ int main(int argc, char** argv) {
   // Each product's team starts and joins once: a decode step of small matrices pays it
   // about ten times a layer.
   const epic::bench::TeamCost team = epic::bench::MeasureTeamCost();
-  std::printf("machine: a parallel region (OpenMP, start and join, all threads) %.2f us; a handoff between two "
-              "spinning threads and back %.2f us\n",
-              team.region_us, team.handoff_us);
+  std::printf("machine: threads started and joined: the kernels' team %.2f us, an OpenMP region %.2f us; a handoff "
+              "between two spinning threads and back %.2f us\n",
+              team.team_us, team.region_us, team.handoff_us);
 
   auto loaded = epic::Model::Load(model_dir, {},
                                   mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy, {},

@@ -435,12 +435,15 @@ void MatMulTyped(const float* x, int64_t m, int64_t ldx, const W* w, int64_t str
           return;
         }
         const int64_t blocks = (m + each - 1) / each;
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t b = 0; b < blocks; ++b) {
-          const int64_t i = b * each;
-          avx512::Gemv(x + i * ldx, std::min(each, m - i), ldx, w, stride, rows, cols, y + i * ldy, ldy,
-                       accumulate);
-        }
+        OnTeam(threads, [&](int t, int n) {
+          int64_t b0, b1;
+          SplitRange(blocks, n, t, &b0, &b1);
+          for (int64_t b = b0; b < b1; ++b) {
+            const int64_t i = b * each;
+            avx512::Gemv(x + i * ldx, std::min(each, m - i), ldx, w, stride, rows, cols, y + i * ldy, ldy,
+                         accumulate);
+          }
+        });
         return;
       }
       return decode ? avx512::Gemv(x, m, ldx, w, stride, rows, cols, y, ldy, accumulate)

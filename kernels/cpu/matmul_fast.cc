@@ -429,7 +429,7 @@ void ProductOverPanels(Path path, const float* x, int64_t m, int64_t ldx, int64_
   const int64_t blocks = (rows + kBlockCols - 1) / kBlockCols;
   const double work = static_cast<double>(m) * static_cast<double>(rows) * static_cast<double>(k);
   const int threads = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(work / (1 << 20)) + 1));
-  OnTeam(omp_get_level() == 0 ? threads : 1, [&](int t, int n) {
+  OnTeam(threads, [&](int t, int n) {
     float* c = Scratch<float>(kOutputBlock, block_rows * kBlockCols);
     if (path == Path::kAmx) ConfigureTiles();
     int64_t b0, b1;

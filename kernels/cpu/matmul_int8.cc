@@ -675,12 +675,12 @@ WeightMatrix QuantizeInt8Into(const WeightMatrix& w, void* panels, float* scales
   auto* out = static_cast<uint8_t*>(panels);
   std::memset(out, kOffset, static_cast<size_t>(packed));
   const QuantizeFn quantize = QuantizerFor(internal::ActiveInt8Path());
-#pragma omp parallel if (omp_get_level() == 0)
-  {
+  OnTeam(omp_get_max_threads(), [&](int t, int n) {
     std::vector<float> row(static_cast<size_t>(w.cols));
     std::vector<int8_t> q(static_cast<size_t>(padded));
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < w.rows; ++r) {
+    int64_t r0, r1;
+    internal::SplitRange(w.rows, n, t, &r0, &r1);
+    for (int64_t r = r0; r < r1; ++r) {
       const float* values;
       if (w.type == WeightType::kBF16) {
         const auto* in = static_cast<const uint16_t*>(w.data) + r * w.row_stride;
@@ -691,7 +691,7 @@ WeightMatrix QuantizeInt8Into(const WeightMatrix& w, void* panels, float* scales
       }
       StoreQuantizedRow(quantize, values, w.cols, padded, r, out, scales, q.data());
     }
-  }
+  });
   WeightMatrix m;
   m.type = WeightType::kI8;
   m.data = out;

@@ -10,15 +10,15 @@
 
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/matmul.h"
+#include "kernels/cpu/parallel.h"
 
 namespace epic::cpu::internal {
 
-// Threads worth waking for WORK multiply-adds (at least 2^16 each): 1 inside a parallel
-// region, active or not, where the caller already spread its work (a team started inside
-// an inactive one is a nested team of fresh threads: kernels/cpu/parallel.h).
+// Threads worth waking for WORK multiply-adds (at least 2^16 each): 1 inside a team or
+// an OpenMP region, active or not, where the caller already spread its work.
 inline int TeamSize(double work) {
   constexpr double kMinWorkPerThread = 1 << 16;
-  if (omp_get_level() > 0) return 1;
+  if (InTeam()) return 1;
   const double by_work = work / kMinWorkPerThread;
   if (by_work < 2) return 1;
   return static_cast<int>(std::min<double>(omp_get_max_threads(), by_work));

@@ -81,7 +81,7 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
   // Each query's context in splits of at most about kSplitRows rows (read once from
   // memory for the scores, again from L2 for the values), as many for each thread (3
   // splits of 513 rows kept one of 2 threads waiting a third of the time).
-  const int threads = omp_get_level() == 0 ? omp_get_max_threads() : 1;
+  const int threads = InTeam() ? 1 : omp_get_max_threads();
   const int64_t longest = p.start + p.num_queries;
   const int64_t per_thread = (longest + kSplitRows * threads - 1) / (kSplitRows * threads);
   const int64_t splits =
