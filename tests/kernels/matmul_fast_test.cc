@@ -292,14 +292,15 @@ TEST(MatMulBf16RowsTest, EqualsAFloat64LoopOverTheRoundedOperands) {
 }
 
 // Decode's outputs over BF16 rows: odd row counts (the last row paired with none),
-// columns short of and past a vector, heads past 16, accumulate.
+// columns short of and past a vector, heads past 16 and in blocks of 8 and 4, accumulate.
 TEST(MatMulNoTransBf16Test, EqualsAFloat64LoopOverTheOperands) {
   std::mt19937 rng(22);
   struct Shape {
     int64_t m, n, cols;
     bool accumulate;
   };
-  const Shape shapes[] = {{16, 13, 256, false}, {3, 1, 37, true}, {19, 40, 16, false}, {16, 7, 5, true}};
+  const Shape shapes[] = {{16, 13, 256, false}, {3, 1, 37, true},  {19, 40, 16, false},
+                          {16, 7, 5, true},      {12, 9, 40, true}, {31, 2, 17, false}};
   for (const Shape& c : shapes) {
     SCOPED_TRACE("m " + std::to_string(c.m) + ", n " + std::to_string(c.n) + ", cols " + std::to_string(c.cols));
     const int64_t ldx = c.n + 5, stride = c.cols + 3, ldy = c.cols + 2;
