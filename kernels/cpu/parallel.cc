@@ -5,7 +5,6 @@
 #include <chrono>
 #include <mutex>
 #include <thread>
-#include <vector>
 
 namespace epic::cpu {
 namespace {
@@ -32,14 +31,24 @@ inline void Pause() {
 class Team {
  public:
   // The process's team, made on first use (again in a forked child, which has no threads).
+  // Never destroyed: its threads outlive main.
   static Team& Get() {
     static const bool registered = [] {
-      pthread_atfork(nullptr, nullptr, [] { instance_ = nullptr; });
+      pthread_atfork(nullptr, nullptr, [] { instance_.store(nullptr, std::memory_order_relaxed); });
       return true;
     }();
     (void)registered;
-    if (instance_ == nullptr) instance_ = new Team;  // never destroyed: its threads outlive main
-    return *instance_;
+    Team* team = instance_.load(std::memory_order_acquire);
+    if (team == nullptr) {
+      // Two first callers at once: one team kept, the other never started a thread.
+      auto* made = new Team;
+      if (instance_.compare_exchange_strong(team, made, std::memory_order_acq_rel)) {
+        team = made;
+      } else {
+        delete made;
+      }
+    }
+    return *team;
   }
 
   bool TryRun(int threads, void (*call)(void*, int, int), void* body) {
@@ -49,7 +58,7 @@ class Team {
     call_ = call;
     body_ = body;
     threads_ = threads;
-    pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+    pending_.store(workers_, std::memory_order_relaxed);
     epoch_.fetch_add(1, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) epoch_.notify_all();
     // The others finish their parts before this returns, or unwinds.
@@ -73,11 +82,10 @@ class Team {
 
  private:
   void Grow(int workers) {
-    while (static_cast<int>(workers_.size()) < workers) {
-      const int index = static_cast<int>(workers_.size()) + 1;
+    while (workers_ < workers) {
+      const int index = ++workers_;
       const uint32_t seen = epoch_.load(std::memory_order_relaxed);
       std::thread([this, index, seen] { Work(index, seen); }).detach();
-      workers_.push_back(index);
     }
   }
 
@@ -105,10 +113,10 @@ class Team {
     }
   }
 
-  static inline Team* instance_ = nullptr;
+  static inline std::atomic<Team*> instance_{nullptr};
 
   std::mutex mutex_;  // held by the thread running a step
-  std::vector<int> workers_;
+  int workers_ = 0;  // threads 1..workers_
   // The step, written before EPOCH moves and read by the threads after.
   void (*call_)(void*, int, int) = nullptr;
   void* body_ = nullptr;
