@@ -66,8 +66,9 @@ class Team {
       Team* team;
       ~Join() {
         in_team = false;
-        for (int spins = 0; team->pending_.load(std::memory_order_acquire) != 0; ++spins) {
+        for (int spins = 0; team->pending_.load(std::memory_order_acquire) != 0;) {
           if (spins < kSpinsBeforeYield) {
+            ++spins;
             Pause();
           } else {
             std::this_thread::yield();
@@ -110,6 +111,7 @@ class Team {
       if (epoch_.load(std::memory_order_seq_cst) == seen) epoch_.wait(seen, std::memory_order_seq_cst);
       sleepers_.fetch_sub(1, std::memory_order_seq_cst);
       since = std::chrono::steady_clock::now();
+      spins = 0;
     }
   }
 
