@@ -24,12 +24,6 @@ inline int TeamSize(double work) {
   return static_cast<int>(std::min<double>(omp_get_max_threads(), by_work));
 }
 
-// [begin, end) of part INDEX of COUNT near-equal parts of TOTAL units.
-inline void SplitRange(int64_t total, int count, int index, int64_t* begin, int64_t* end) {
-  *begin = total * index / count;
-  *end = total * (index + 1) / count;
-}
-
 // The kernels MatMul and MatMulNoTrans run: kAvx512, kAvx2 or kPlain, the widest of those
 // that ActiveIsa() allows (EPIC_CPU_ISA narrows it).
 Isa MatMulIsa();

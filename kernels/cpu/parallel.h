@@ -20,6 +20,12 @@ namespace epic::cpu {
 bool InTeam();
 
 namespace internal {
+// [begin, end) of part INDEX of COUNT near-equal parts of TOTAL units.
+inline void SplitRange(int64_t total, int count, int index, int64_t* begin, int64_t* end) {
+  *begin = total * index / count;
+  *end = total * (index + 1) / count;
+}
+
 // Runs CALL(BODY, t, THREADS) on THREADS threads of the team, t = 0 on this one, and
 // returns when all have (THREADS >= 2, not InTeam()). Where another thread holds the
 // team, CALL(BODY, 0, 1) on this one.
@@ -61,7 +67,9 @@ template <typename Body>
 void ParallelRows(int64_t n, bool parallel, Body&& body) {
   if (parallel && n > 1 && !InTeam()) {
     OnTeam(static_cast<int>(std::min<int64_t>(n, omp_get_max_threads())), [&](int t, int threads) {
-      for (int64_t i = n * t / threads; i < n * (t + 1) / threads; ++i) body(i);
+      int64_t begin, end;
+      internal::SplitRange(n, threads, t, &begin, &end);
+      for (int64_t i = begin; i < end; ++i) body(i);
     });
     return;
   }
