@@ -269,6 +269,36 @@ void PlainBlock(const Bf16* xb, int64_t kp, int64_t i0, const Bf16* panel0, cons
   }
 }
 
+// kRows rows of BF16 values STRIDE apart from ROWS, read a pair of values (32 bits) at a
+// time: a pointer a group of 4 rows, moved a pair at a time by Next, and the group's rows
+// at 0-3 strides from it. A pointer a row took more registers than there are, and was
+// spilled and reloaded every pair.
+template <int kRows>
+struct RowPairs {
+  using Word = int32_t __attribute__((may_alias));
+  static constexpr int kGroups = (kRows + 3) / 4;
+
+  RowPairs(const Bf16* rows, int64_t stride) {
+    for (int g = 0; g < kGroups; ++g) group[g] = reinterpret_cast<const char*>(rows + 4 * g * stride);
+    s1 = stride * static_cast<int64_t>(sizeof(Bf16));
+    s2 = 2 * s1;
+    s3 = 3 * s1;
+  }
+  // Once a pass: the strides made opaque, so that the compiler keeps them as index
+  // registers rather than making a pointer a row again.
+  void Pin() { asm("" : "+r"(s1), "+r"(s2), "+r"(s3)); }
+  int32_t Pair(int r) const {
+    const int64_t offset = r % 4 == 0 ? 0 : r % 4 == 1 ? s1 : r % 4 == 2 ? s2 : s3;
+    return *reinterpret_cast<const Word*>(group[r / 4] + offset);
+  }
+  void Next() {
+    for (int g = 0; g < kGroups; ++g) group[g] += sizeof(Word);
+  }
+
+  const char* group[kGroups];
+  int64_t s1, s2, s3;
+};
+
 // Y [rows][heads] for kRows rows of BF16 values (STRIDE apart) against one panel of 16
 // heads over PAIRS pairs of k: each row's pair broadcast, dotted with the panel's row.
 // The AHEAD rows after them are prefetched as it goes: a decode's cache rows come from
@@ -277,37 +307,22 @@ void PlainBlock(const Bf16* xb, int64_t kp, int64_t i0, const Bf16* panel0, cons
 template <int kRows>
 EPIC_AVX512_BF16 void RowsBlock(const Bf16* rows, int64_t stride, const Bf16* panel, int64_t pairs, __mmask16 heads,
                                 int64_t ahead, float* y, int64_t ldy) {
-  using Word = int32_t __attribute__((may_alias));
   constexpr int64_t kLinePairs = 16;  // pairs of BF16 in a 64-byte line
-  constexpr int kGroups = (kRows + 3) / 4;
   __m512 acc[kRows];
 #pragma GCC unroll 12
   for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
-  // Rows in groups of 4: a pointer a group, moved a pair at a time, and the group's rows
-  // at 0, 1, 2 and 3 strides from it (12 row pointers took more registers than there
-  // are, and were spilled and reloaded every pair).
-  const char* group[kGroups];
-#pragma GCC unroll 3
-  for (int g = 0; g < kGroups; ++g) group[g] = reinterpret_cast<const char*>(rows + 4 * g * stride);
-  int64_t s1 = stride * static_cast<int64_t>(sizeof(Bf16)), s2 = 2 * s1, s3 = 3 * s1;
+  RowPairs<kRows> x(rows, stride);
   for (int64_t p = 0; p < pairs; ++p) {
     if (p % kLinePairs == 0) {
       for (int64_t r = 0; r < ahead; ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(rows + (kRows + r) * stride + 2 * p), _MM_HINT_T0);
       }
     }
-    // Opaque each pass, so that the compiler keeps the strides as index registers rather
-    // than a pointer a row.
-    asm("" : "+r"(s1), "+r"(s2), "+r"(s3));
+    x.Pin();
     const __m512bh b = (__m512bh)_mm512_loadu_si512(panel + p * 2 * kTile);
-    const int64_t offset[4] = {0, s1, s2, s3};
 #pragma GCC unroll 12
-    for (int r = 0; r < kRows; ++r) {
-      const Word word = *reinterpret_cast<const Word*>(group[r / 4] + offset[r % 4]);
-      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(word), b);
-    }
-#pragma GCC unroll 3
-    for (int g = 0; g < kGroups; ++g) group[g] += sizeof(Word);
+    for (int r = 0; r < kRows; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(x.Pair(r)), b);
+    x.Next();
   }
 #pragma GCC unroll 12
   for (int r = 0; r < kRows; ++r) _mm512_mask_storeu_ps(y + r * ldy, heads, acc[r]);
@@ -338,45 +353,33 @@ EPIC_AVX512_BF16 void MatMulBf16RowsDot(const Bf16* rows, int64_t n, int64_t str
 template <int kHeads>
 EPIC_AVX512_BF16 void NoTransBf16Block(const Bf16* x, int64_t ldx, const Bf16* w, int64_t n, int64_t stride,
                                        __mmask16 lanes, float* y, int64_t ldy, bool accumulate) {
-  using Word = int32_t __attribute__((may_alias));
   // unpacklo/hi of two rows' 16 values pair columns 0-3 and 8-11, then 4-7 and 12-15.
   const __m512i order = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15);
-  constexpr int kGroups = (kHeads + 3) / 4;
   __m512 acc[kHeads];
 #pragma GCC unroll 16
   for (int h = 0; h < kHeads; ++h) acc[h] = _mm512_setzero_ps();
-  // X's rows in groups of 4, as in RowsBlock: a pointer a group moved a pair at a time,
-  // the group's rows at 0-3 strides from it (16 row pointers were spilled every pair).
-  const char* group[kGroups];
-#pragma GCC unroll 4
-  for (int g = 0; g < kGroups; ++g) group[g] = reinterpret_cast<const char*>(x + 4 * g * ldx);
-  int64_t s1 = ldx * static_cast<int64_t>(sizeof(Bf16)), s2 = 2 * s1, s3 = 3 * s1;
   const char* wt = reinterpret_cast<const char*>(w);
   int64_t w_stride = stride * static_cast<int64_t>(sizeof(Bf16));
-  // Rows T and T + 1 of W (R0, R1) against X's pairs at GROUPS.
-  auto step = [&](const char* const* groups, __m256i r0, __m256i r1) EPIC_AVX512_BF16 {
+  // Rows T and T + 1 of W (R0, R1) against X's pairs (X[h, t], X[h, t + 1]: at any t,
+  // aligned or not).
+  auto step = [&](const RowPairs<kHeads>& x_pairs, __m256i r0, __m256i r1) EPIC_AVX512_BF16 {
     const __m512bh pairs = (__m512bh)_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_unpacklo_epi16(r0, r1)),
                                                         _mm256_unpackhi_epi16(r0, r1), 1);
-    const int64_t offset[4] = {0, s1, s2, s3};
 #pragma GCC unroll 16
-    for (int h = 0; h < kHeads; ++h) {  // X[h, t], X[h, t + 1]: at any t, aligned or not
-      const Word pair = *reinterpret_cast<const Word*>(groups[h / 4] + offset[h % 4]);
-      acc[h] = _mm512_dpbf16_ps(acc[h], pairs, (__m512bh)_mm512_set1_epi32(pair));
+    for (int h = 0; h < kHeads; ++h) {
+      acc[h] = _mm512_dpbf16_ps(acc[h], pairs, (__m512bh)_mm512_set1_epi32(x_pairs.Pair(h)));
     }
   };
+  RowPairs<kHeads> x_pairs(x, ldx);
   for (int64_t t = 0; t + 1 < n; t += 2) {
-    asm("" : "+r"(s1), "+r"(s2), "+r"(s3), "+r"(w_stride));  // kept as index registers
-    step(group, _mm256_maskz_loadu_epi16(lanes, wt), _mm256_maskz_loadu_epi16(lanes, wt + w_stride));
+    x_pairs.Pin();
+    asm("" : "+r"(w_stride));  // an index register too
+    step(x_pairs, _mm256_maskz_loadu_epi16(lanes, wt), _mm256_maskz_loadu_epi16(lanes, wt + w_stride));
     wt += 2 * w_stride;
-#pragma GCC unroll 4
-    for (int g = 0; g < kGroups; ++g) group[g] += sizeof(Word);
+    x_pairs.Next();
   }
-  if (n % 2 != 0) {  // the last row, paired with zeros (X's pair past it meets them)
-    const char* last[kGroups];
-#pragma GCC unroll 4
-    for (int g = 0; g < kGroups; ++g) last[g] = reinterpret_cast<const char*>(x + 4 * g * ldx + n - 1);
-    step(last, _mm256_maskz_loadu_epi16(lanes, wt), _mm256_setzero_si256());
-  }
+  // The last row of an odd count, paired with zeros (X's pair past it meets them).
+  if (n % 2 != 0) step(RowPairs<kHeads>(x + n - 1, ldx), _mm256_maskz_loadu_epi16(lanes, wt), _mm256_setzero_si256());
 #pragma GCC unroll 16
   for (int h = 0; h < kHeads; ++h) {
     __m512 v = _mm512_permutexvar_ps(order, acc[h]);
