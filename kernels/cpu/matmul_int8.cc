@@ -257,8 +257,8 @@ inline float AddScaleBlock(float sum, int32_t acc, int32_t x_sum, float x_scale)
   return std::fma(static_cast<float>(acc - int32_t{kOffset} * x_sum), x_scale, sum);
 }
 
-// ACC [rows][ldc] (+)= the products of ROWS rows of X from row I0 with NP panels at W
-// over GROUPS groups of 4 columns from group G0 (a scale block's first): each scale
+// ACC [rows][ldc] (+)= the products of ROWS rows of X from row I0 with NP panels at W,
+// PANEL_BYTES apart, over GROUPS groups of 4 columns from group G0 (a scale block's first): each scale
 // block's int32 sums, less the offset, times x's scale (AddScaleBlock), into F32 sums
 // held in registers where they fit, else in ACC. With AHEAD, its share of the same lines
 // of the panels at AHEAD.at is prefetched into L2 as it goes (Panels passes the next
@@ -483,22 +483,24 @@ BlockFn Block256For(int rows, int panels) {
 }
 
 // How a path covers a block of kBlockPanels panels by rows of x: ROWS and PANELS a call;
-// up to SEQUENTIAL_ROWS rows, one panel a call over all of k instead (Panels).
+// up to SEQUENTIAL_ROWS rows, STREAMS panels a call over all of k instead, each from a
+// part of the thread's panels of its own (Panels).
 struct Tiling {
   int rows;
   int panels;
   BlockFn (*block)(int rows, int panels);
   int sequential_rows;
+  int streams;
 };
 
 Tiling TilingFor(internal::Int8Path path, int64_t m) {
   switch (path) {
-    case internal::Int8Path::kAvx512Vnni: return {kBlockRows, kBlockPanels, BlockFor, 3};
+    case internal::Int8Path::kAvx512Vnni: return {kBlockRows, kBlockPanels, BlockFor, 3, kBlockPanels};
     // Two panels (4 accumulators a row) for up to 2 rows; one panel for more. Without
     // vpdpbusd a second row already makes the products, not the stream, the limit.
     case internal::Int8Path::kAvxVnni:
-      return m <= 2 ? Tiling{2, 2, Block256For<true>, 1} : Tiling{6, 1, Block256For<true>, 1};
-    default: return m <= 2 ? Tiling{2, 2, Block256For<false>, 1} : Tiling{4, 1, Block256For<false>, 1};
+      return m <= 2 ? Tiling{2, 2, Block256For<true>, 1, 2} : Tiling{6, 1, Block256For<true>, 1, 2};
+    default: return m <= 2 ? Tiling{2, 2, Block256For<false>, 1, 2} : Tiling{4, 1, Block256For<false>, 1, 2};
   }
 }
 
@@ -569,32 +571,44 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
   const auto* base = static_cast<const uint8_t*>(w.data);
   const Tiling tiling = TilingFor(path, m);
   float* acc = Scratch<float>(kAcc, m * kBlockCols);
-  // Few rows of x (decode, small experts' few tokens) read each panel once, whole, one
-  // panel after another: the weights as one sequential stream, which the hardware
-  // prefetchers follow. One thread reading 512 x 1024 int8 experts from memory (Zen 4,
-  // AVX-512): one row of x 25.8 GB/s in chunks of 4 panels, 30.1 so; 2 rows 22.9 / 28.3;
-  // 3 rows 23.7 / 25.2; from 4 the broadcasts of x, no longer shared by 4 panels, cost
-  // more than the stream gains. Over a long stream (MiBs a thread) 2 and 3 rows go the
-  // other way: the chunks of 4 panels, 4 streams a thread, read V2-Lite's cold experts
-  // and lm_head 1.14-1.20x and 1.32-1.35x faster (Zen 5, paired alternation; not
-  // measured elsewhere, so left to Zen 5), one row 0.995-1.08x (left as it was).
+  // Few rows of x (decode, small experts' few tokens) read each panel once, whole: the
+  // thread's panels as STREAMS equal parts side by side, a panel of each a call, so that
+  // the hardware prefetchers follow several sequential streams and the products have as
+  // many independent sums. Against one panel after another (Zen 5, paired in one process,
+  // cold weights): one thread over V2-Lite's 2816 x 2048 experts 1.35x, two over a
+  // lm_head-sized matrix 1.37x, V2-Lite's shape decode 1.20x (B=1) and 1.11x (B=4), small
+  // experts' 1.06x and 1.045x (B=16); AVX2's two streams 1.24x over the large experts; a
+  // 512 x 1024 matrix in L2 2.1x (one row), 1.5x (2), 1.25x (3). One thread alone over a
+  // small expert's cold 512 KiB ran 0.86-1.01x, but two together (decode) 1.01x.
+  // Chunks of 4 adjacent panels instead read one row of x slower (Zen 4, 512 x 1024
+  // experts: 25.8 GB/s against 30.1 one panel after another); over a long stream (MiBs a
+  // thread) 2 and 3 rows go the other way: the chunks read V2-Lite's cold experts and
+  // lm_head 1.14-1.20x and 1.32-1.35x faster (Zen 5, paired alternation; not measured
+  // elsewhere, so left to Zen 5).
   //
   // A short stream (a small expert's matrix, a head's fold) ends before the prefetchers
-  // reach full speed: it prefetches each panel's lines into L2 as the panel before runs
-  // (small experts' decode, Zen 5, A B B A: x1.004-1.125 in four runs; the same over
-  // V2-Lite's 2.8-5.6 MB experts was 0.90-1.11, noise, and is left to the hardware).
+  // reach full speed: it prefetches each stream's next panel's lines into L2 as the
+  // panels before run (small experts' decode, Zen 5, A B B A: x1.004-1.125 in four runs,
+  // one stream; the same over V2-Lite's 2.8-5.6 MB experts was 0.90-1.11, noise, and is
+  // left to the hardware).
   const bool short_stream = (p1 - p0) * panel_bytes <= kShortStreamBytes;
   static const bool long_streams_in_chunks = AmdZenAvx512() == 5;
   if (m <= tiling.sequential_rows && (m == 1 || short_stream || !long_streams_in_chunks)) {
-    const BlockFn block = tiling.block(static_cast<int>(m), 1);
-    for (int64_t pb = p0; pb < p1; pb += kBlockPanels) {
-      const int panels = static_cast<int>(std::min<int64_t>(kBlockPanels, p1 - pb));
-      for (int p = 0; p < panels; ++p) {
-        const int64_t next = pb + p + 1;
-        block(x, 0, 0, base + (pb + p) * panel_bytes, panel_bytes, groups, acc + p * kPanelRows, kBlockCols,
-              /*first=*/true, {short_stream && next < p1 ? base + next * panel_bytes : nullptr});
+    const int streams = p1 - p0 >= 2 * tiling.streams ? tiling.streams : 1;
+    const int64_t part = (p1 - p0) / streams;
+    const BlockFn side_by_side = tiling.block(static_cast<int>(m), streams);
+    for (int64_t q = 0; q < part; ++q) {
+      const uint8_t* at = base + (p0 + q) * panel_bytes;
+      side_by_side(x, 0, 0, at, part * panel_bytes, groups, acc, kBlockCols, /*first=*/true,
+                   {short_stream && q + 1 < part ? at + panel_bytes : nullptr});
+      for (int k = 0; k < streams; ++k) {
+        Store(path, acc + k * kPanelRows, m, w, (p0 + k * part + q) * kPanelRows, 1, y, ldy, accumulate);
       }
-      Store(path, acc, m, w, pb * kPanelRows, panels, y, ldy, accumulate);
+    }
+    const BlockFn one = tiling.block(static_cast<int>(m), 1);
+    for (int64_t p = p0 + streams * part; p < p1; ++p) {  // fewer than STREAMS left
+      one(x, 0, 0, base + p * panel_bytes, panel_bytes, groups, acc, kBlockCols, /*first=*/true, {});
+      Store(path, acc, m, w, p * kPanelRows, 1, y, ldy, accumulate);
     }
     return;
   }
