@@ -207,7 +207,7 @@ class CpuBackend final : public ComputeBackend {
 
  private:
   // The backend's own scratch, beside the schedule's activations.
-  enum : int { kQ, kQa, kLatent, kCKv, kKPe, kKv, kQLatent, kQPe, kOLatent, kRouter, kGate, kSelected, kGroupedOut,
+  enum : int { kQ, kQa, kQaLatent, kLatent, kCKv, kKPe, kKv, kQLatent, kQPe, kOLatent, kRouter, kGate, kSelected, kGroupedOut,
                kScratchCount };
 
   // BUFFERS[ID] grown to hold at least N values (never shrunk); its data. A fresh
@@ -296,21 +296,38 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
   const float eps = static_cast<float>(c.rms_norm_eps);
   const float scale = static_cast<float>(c.SoftmaxScale());
 
+  // Latent rows [tokens, kv_lora + rope] (normalise c_kv, rotate k_pe, then cache) and,
+  // with a query LoRA, its rank's rows, normalised.
+  const int64_t rank = c.q_lora_rank;
+  const int64_t width = c.latent_dim();
+  float* latent = Scratch(kLatent, tokens * width);
+  float* qa = rank > 0 ? Scratch(kQa, tokens * rank) : nullptr;
+  if (L.q_a_kv_a.data != nullptr) {
+    // Both from one product (one pass over x, one start of the team), split as they are
+    // normalised.
+    const int64_t both = rank + width;
+    float* y = Scratch(kQaLatent, tokens * both);
+    cpu::MatMul(x, tokens, c.hidden_size, L.q_a_kv_a, y, both);
+    cpu::RmsNorm(y, tokens, rank, both, L.q_a_norm.data(), eps, qa, rank);
+    cpu::RmsNorm(y + rank, tokens, lora, both, L.kv_a_norm.data(), eps, latent, width);
+    for (int64_t t = 0; t < tokens; ++t) {
+      std::memcpy(latent + t * width + lora, y + t * both + rank + lora, static_cast<size_t>(rope) * sizeof(float));
+    }
+  } else {
+    if (rank > 0) {
+      cpu::MatMul(x, tokens, c.hidden_size, L.q_a_proj, qa, rank);
+      cpu::RmsNorm(qa, tokens, rank, rank, L.q_a_norm.data(), eps, qa, rank);
+    }
+    cpu::MatMul(x, tokens, c.hidden_size, L.kv_a_proj, latent, width);
+    cpu::RmsNorm(latent, tokens, lora, width, L.kv_a_norm.data(), eps, latent, width);
+  }
   // Queries [tokens, heads, q_head_dim].
   float* q = Scratch(kQ, tokens * heads * qhd);
-  if (c.q_lora_rank > 0) {
-    float* qa = Scratch(kQa, tokens * c.q_lora_rank);
-    cpu::MatMul(x, tokens, c.hidden_size, L.q_a_proj, qa, c.q_lora_rank);
-    cpu::RmsNorm(qa, tokens, c.q_lora_rank, c.q_lora_rank, L.q_a_norm.data(), eps, qa, c.q_lora_rank);
-    cpu::MatMul(qa, tokens, c.q_lora_rank, L.q_b_proj, q, heads * qhd);
+  if (rank > 0) {
+    cpu::MatMul(qa, tokens, rank, L.q_b_proj, q, heads * qhd);
   } else {
     cpu::MatMul(x, tokens, c.hidden_size, L.q_proj, q, heads * qhd);
   }
-  // Latent rows [tokens, kv_lora + rope]: normalise c_kv, rotate k_pe, then cache.
-  const int64_t width = c.latent_dim();
-  float* latent = Scratch(kLatent, tokens * width);
-  cpu::MatMul(x, tokens, c.hidden_size, L.kv_a_proj, latent, width);
-  cpu::RmsNorm(latent, tokens, lora, width, L.kv_a_norm.data(), eps, latent, width);
   // Rotated by the step's factors (BeginStep): a prefill's tokens spread over the threads.
   cpu::ParallelRows(tokens, tokens >= 16, [&](int64_t t) {
     const double* cos = rope_factors_.data() + t * rope;

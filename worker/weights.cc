@@ -90,26 +90,29 @@ class Binder {
     return out;
   }
 
-  // The same block (BLOCK of ROWS x COLS) of tensors FIRST and SECOND stacked by rows in
-  // one matrix of the arena, copied or quantized as Matrix would each; without data
-  // when they are not copied (mapped in place), or quantized with rows short of whole
-  // panels (a view of the second would not start on one).
-  cpu::WeightMatrix Stacked(const std::string& first, const std::string& second, Block block) {
+  // Block A of tensor FIRST and block B of SECOND (as many columns, A's rows then B's)
+  // stacked by rows in one matrix of the arena, copied or quantized as Matrix would each;
+  // without data when they are not copied (mapped in place), differ in type or columns,
+  // or are quantized with A's rows short of whole panels (a view of the second would not
+  // start on one).
+  cpu::WeightMatrix Stacked(const std::string& first, Block a_block, const std::string& second, Block b_block) {
     const TensorView& a = ckpt_.Get(first);
     const TensorView& b = ckpt_.Get(second);
     cpu::WeightMatrix m;
-    const int64_t rows = block.rows < 0 ? a.shape[0] - block.row_begin : block.rows;
-    const int64_t cols = block.cols < 0 ? a.shape[1] - block.col_begin : block.cols;
+    const int64_t a_rows = a_block.rows < 0 ? a.shape[0] - a_block.row_begin : a_block.rows;
+    const int64_t b_rows = b_block.rows < 0 ? b.shape[0] - b_block.row_begin : b_block.rows;
+    const int64_t cols = a_block.cols < 0 ? a.shape[1] - a_block.col_begin : a_block.cols;
+    const int64_t b_cols = b_block.cols < 0 ? b.shape[1] - b_block.col_begin : b_block.cols;
     const bool widen = a.dtype == DType::kF16;
     const bool copied = quantize_ || widen || residency_ == WeightResidency::kCopy;
-    if (!copied || a.dtype != b.dtype || a.shape != b.shape ||
-        (quantize_ && rows % cpu::internal::kInt8PanelRows != 0)) {
+    if (!copied || a.dtype != b.dtype || cols != b_cols ||
+        (quantize_ && a_rows % cpu::internal::kInt8PanelRows != 0)) {
       return m;
     }
-    m.rows = 2 * rows;
+    m.rows = a_rows + b_rows;
     m.cols = cols;
     const int64_t element = widen ? 4 : DTypeSize(a.dtype);
-    const int64_t bytes = quantize_ ? cpu::QuantizedBytes(2 * rows, cols) : 2 * rows * cols * element;
+    const int64_t bytes = quantize_ ? cpu::QuantizedBytes(m.rows, cols) : m.rows * cols * element;
     w_->matrix_bytes += bytes;
     m.type = quantize_ ? cpu::WeightType::kI8
              : a.dtype == DType::kBF16 ? cpu::WeightType::kBF16 : cpu::WeightType::kF32;
@@ -120,15 +123,16 @@ class Binder {
       return cpu::WeightMatrix{};
     }
     if (quantize_) {
-      const int64_t half = cpu::QuantizedPanelBytes(rows, cols);  // whole panels: the second's start
-      auto* scales = reinterpret_cast<float*>(memory + 2 * half);
+      const int64_t a_bytes = cpu::QuantizedPanelBytes(a_rows, cols);  // whole panels: the second's start
+      auto* scales = reinterpret_cast<float*>(memory + cpu::QuantizedPanelBytes(m.rows, cols));
       std::vector<float> widened;
-      m = cpu::QuantizeInt8Into(Source(a, block, rows, cols, &widened), memory, scales);
-      cpu::QuantizeInt8Into(Source(b, block, rows, cols, &widened), memory + half, scales + rows);
-      m.rows = 2 * rows;
+      const int64_t rows = m.rows;
+      m = cpu::QuantizeInt8Into(Source(a, a_block, a_rows, cols, &widened), memory, scales);
+      cpu::QuantizeInt8Into(Source(b, b_block, b_rows, cols, &widened), memory + a_bytes, scales + a_rows);
+      m.rows = rows;
     } else {
-      CopyBlock(a, block, rows, cols, memory);
-      CopyBlock(b, block, rows, cols, memory + rows * cols * element);
+      CopyBlock(a, a_block, a_rows, cols, memory);
+      CopyBlock(b, b_block, b_rows, cols, memory + a_rows * cols * element);
       m.data = memory;
       m.row_stride = cols;
     }
@@ -235,7 +239,7 @@ class Binder {
     const int64_t begin = inter * part / parts;
     const int64_t count = inter * (part + 1) / parts - begin;
     MlpWeights m;
-    m.gate_up = Stacked(gate, up, {begin, count});
+    m.gate_up = Stacked(gate, {begin, count}, up, {begin, count});
     if (m.gate_up.rows == 0) {
       m.gate = Matrix(gate, {begin, count});
       m.up = Matrix(up, {begin, count});
@@ -359,14 +363,27 @@ StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Bind(const Checkpoint& che
       L.input_norm = b.Vector(LayerTensor(l, "input_layernorm"));
       L.post_attention_norm = b.Vector(LayerTensor(l, "post_attention_layernorm"));
       const Block q_rows{h0 * qhd, (h1 - h0) * qhd};
+      const std::string kv_a = LayerTensor(l, "self_attn.kv_a_proj_with_mqa");
       if (c.q_lora_rank > 0) {
-        L.q_a_proj = b.Matrix(LayerTensor(l, "self_attn.q_a_proj"));
+        const std::string q_a = LayerTensor(l, "self_attn.q_a_proj");
+        L.q_a_kv_a = b.Stacked(q_a, {}, kv_a, {});
+        if (L.q_a_kv_a.rows == 0) {
+          L.q_a_proj = b.Matrix(q_a);
+          L.kv_a_proj = b.Matrix(kv_a);
+        } else if (L.q_a_kv_a.data != nullptr) {
+          L.q_a_proj = L.q_a_kv_a.Rows(0, c.q_lora_rank);
+          L.kv_a_proj = L.q_a_kv_a.Rows(c.q_lora_rank, L.q_a_kv_a.rows - c.q_lora_rank);
+        } else {  // counted only, or no memory
+          L.q_a_proj = L.kv_a_proj = L.q_a_kv_a;
+          L.q_a_proj.rows = c.q_lora_rank;
+          L.kv_a_proj.rows = L.q_a_kv_a.rows - c.q_lora_rank;
+        }
         L.q_a_norm = b.Vector(LayerTensor(l, "self_attn.q_a_layernorm"));
         L.q_b_proj = b.Matrix(LayerTensor(l, "self_attn.q_b_proj"), q_rows);
       } else {
         L.q_proj = b.Matrix(LayerTensor(l, "self_attn.q_proj"), q_rows);
+        L.kv_a_proj = b.Matrix(kv_a);
       }
-      L.kv_a_proj = b.Matrix(LayerTensor(l, "self_attn.kv_a_proj_with_mqa"));
       L.kv_a_norm = b.Vector(LayerTensor(l, "self_attn.kv_a_layernorm"));
       const Block kv_b_rows{h0 * kv_head, (h1 - h0) * kv_head};
       L.kv_b_proj = b.Matrix(LayerTensor(l, "self_attn.kv_b_proj"), kv_b_rows, Use::kOther);

@@ -43,6 +43,9 @@ struct LayerWeights {
   std::vector<float> q_a_norm;             // [q_lora_rank]
   cpu::WeightMatrix q_b_proj;              // [heads * q_head_dim, q_lora_rank]
   cpu::WeightMatrix kv_a_proj;             // [kv_lora_rank + rope_dim, hidden]
+  // q_a_proj's rows then kv_a_proj's in one matrix, those two being its views, where the
+  // binder copied them (one product of x for both); else without data.
+  cpu::WeightMatrix q_a_kv_a;
   std::vector<float> kv_a_norm;            // [kv_lora_rank]
   cpu::WeightMatrix kv_b_proj;             // [heads * (nope_dim + v_dim), kv_lora_rank]
   // kv_b_proj for the expanded form's product over every context row and the absorbed

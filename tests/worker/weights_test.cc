@@ -3,7 +3,8 @@
 // one matrix holding the checkpoint's gate rows, then its up rows, value for value (int8:
 // byte for byte what quantizing each alone gives); weights mapped in place, and int8
 // parts short of whole 16-row panels, stay two matrices; an expert bound alone by a
-// rebalance is stacked alike.
+// rebalance is stacked alike. Attention's q_a_proj and kv_a_proj are stacked the same way
+// (LayerWeights::q_a_kv_a).
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
@@ -128,6 +129,62 @@ TEST(Weights, MappedWeightsAndInt8PartsShortOfAPanelStayTwoMatrices) {
   ExpectRowsOf(*ckpt, "model.layers.1.mlp.experts.3.up_proj.weight", 0, q.up);
   // The shared experts (2 x 24 = 48 rows) are whole panels: stacked.
   ExpectStacked(*ckpt, (*fast)->layers[1].shared, "model.layers.1.mlp.shared_experts");
+}
+
+// Layer L's q_a_proj and kv_a_proj as views of one matrix holding the checkpoint's rows.
+void ExpectAttentionStacked(const Checkpoint& ckpt, const LayerWeights& w, int64_t l) {
+  SCOPED_TRACE(l);
+  const std::string prefix = "model.layers." + std::to_string(l) + ".self_attn.";
+  ASSERT_NE(w.q_a_kv_a.data, nullptr);
+  EXPECT_EQ(w.q_a_kv_a.rows, w.q_a_proj.rows + w.kv_a_proj.rows);
+  EXPECT_EQ(w.q_a_proj.data, w.q_a_kv_a.data);
+  EXPECT_EQ(w.kv_a_proj.data, w.q_a_kv_a.Rows(w.q_a_proj.rows, w.kv_a_proj.rows).data);
+  EXPECT_EQ(w.q_a_proj.rows, ckpt.Get(prefix + "q_a_proj.weight").shape[0]);
+  EXPECT_EQ(w.kv_a_proj.rows, ckpt.Get(prefix + "kv_a_proj_with_mqa.weight").shape[0]);
+  ExpectRowsOf(ckpt, prefix + "q_a_proj.weight", 0, w.q_a_proj);
+  ExpectRowsOf(ckpt, prefix + "kv_a_proj_with_mqa.weight", 0, w.kv_a_proj);
+}
+
+TEST(Weights, CopiedOrQuantizedAttentionHoldsQaAndKvaInOneMatrix) {
+  for (const DType dtype : {DType::kBF16, DType::kF16}) {
+    testing::TempDir dir("stacked_attention");
+    const auto ckpt = Write(dir, json::object(), dtype);
+    ASSERT_NE(ckpt, nullptr);
+    for (const cpu::Precision precision : {cpu::Precision::kExact, cpu::Precision::kFast}) {
+      SCOPED_TRACE(precision == cpu::Precision::kFast ? "fast" : "exact");
+      auto w = ModelWeights::Bind(*ckpt, {}, WeightResidency::kCopy, {}, precision);
+      ASSERT_TRUE(w.ok()) << w.status().ToString();
+      for (int64_t l = 0; l < static_cast<int64_t>((*w)->layers.size()); ++l) {
+        ExpectAttentionStacked(*ckpt, (*w)->layers[l], l);
+      }
+    }
+  }
+}
+
+TEST(Weights, MappedAttentionAndAQueryRankShortOfAPanelStayTwoMatrices) {
+  testing::TempDir dir("unstacked_attention");
+  // A query rank of 40: an int8 view of kv_a_proj would not start on a 16-row panel.
+  const auto ckpt = Write(dir, json{{"q_lora_rank", 40}}, DType::kBF16);
+  ASSERT_NE(ckpt, nullptr);
+  auto mapped = ModelWeights::Bind(*ckpt, {}, WeightResidency::kMapped);
+  ASSERT_TRUE(mapped.ok()) << mapped.status().ToString();
+  const LayerWeights& m = (*mapped)->layers[0];
+  EXPECT_EQ(m.q_a_kv_a.data, nullptr);
+  EXPECT_EQ(m.q_a_proj.data, ckpt->Get("model.layers.0.self_attn.q_a_proj.weight").data) << "not in place";
+  EXPECT_EQ(m.kv_a_proj.data, ckpt->Get("model.layers.0.self_attn.kv_a_proj_with_mqa.weight").data);
+
+  auto fast = ModelWeights::Bind(*ckpt, {}, WeightResidency::kCopy, {}, cpu::Precision::kFast);
+  ASSERT_TRUE(fast.ok()) << fast.status().ToString();
+  const LayerWeights& q = (*fast)->layers[0];
+  EXPECT_EQ(q.q_a_kv_a.data, nullptr);
+  EXPECT_EQ(q.kv_a_proj.type, cpu::WeightType::kI8);
+  ExpectRowsOf(*ckpt, "model.layers.0.self_attn.q_a_proj.weight", 0, q.q_a_proj);
+  ExpectRowsOf(*ckpt, "model.layers.0.self_attn.kv_a_proj_with_mqa.weight", 0, q.kv_a_proj);
+
+  // Copied exactly, any rank stacks.
+  auto exact = ModelWeights::Bind(*ckpt, {}, WeightResidency::kCopy, {}, cpu::Precision::kExact);
+  ASSERT_TRUE(exact.ok()) << exact.status().ToString();
+  ExpectAttentionStacked(*ckpt, (*exact)->layers[0], 0);
 }
 
 }  // namespace
