@@ -495,7 +495,7 @@ struct Tiling {
 
 Tiling TilingFor(internal::Int8Path path, int64_t m) {
   switch (path) {
-    case internal::Int8Path::kAvx512Vnni: return {kBlockRows, kBlockPanels, BlockFor, 3, kBlockPanels};
+    case internal::Int8Path::kAvx512Vnni: return {kBlockRows, kBlockPanels, BlockFor, kBlockRows, kBlockPanels};
     // Two panels (4 accumulators a row) for up to 2 rows; one panel for more. Without
     // vpdpbusd a second row already makes the products, not the stream, the limit.
     case internal::Int8Path::kAvxVnni:
@@ -571,7 +571,7 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
   const auto* base = static_cast<const uint8_t*>(w.data);
   const Tiling tiling = TilingFor(path, m);
   float* acc = Scratch<float>(kAcc, m * kBlockCols);
-  // Few rows of x (decode, small experts' few tokens) read each panel once, whole: the
+  // Few rows of x (decode, batched decode's experts) read each panel once, whole: the
   // thread's panels as STREAMS equal parts side by side, a panel of each a call, so that
   // the hardware prefetchers follow several sequential streams and the products have as
   // many independent sums. Against one panel after another (Zen 5, paired in one process,
@@ -580,11 +580,9 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
   // experts' 1.06x and 1.045x (B=16); AVX2's two streams 1.24x over the large experts; a
   // 512 x 1024 matrix in L2 2.1x (one row), 1.5x (2), 1.25x (3). One thread alone over a
   // small expert's cold 512 KiB ran 0.86-1.01x, but two together (decode) 1.01x.
-  // Chunks of 4 adjacent panels instead read one row of x slower (Zen 4, 512 x 1024
-  // experts: 25.8 GB/s against 30.1 one panel after another); over a long stream (MiBs a
-  // thread) 2 and 3 rows go the other way: the chunks read V2-Lite's cold experts and
-  // lm_head 1.14-1.20x and 1.32-1.35x faster (Zen 5, paired alternation; not measured
-  // elsewhere, so left to Zen 5).
+  // Up to 6 rows so, rather than in chunks of k by tiles of rows below (4-6 rows 1.12-1.29x
+  // over cold experts and lm_head-sized matrices, 2-3 rows over long streams 1.0-1.4x;
+  // batched decode 1.07-1.15x on V2-Lite's shape, 0.99-1.02x on small experts).
   //
   // A short stream (a small expert's matrix, a head's fold) ends before the prefetchers
   // reach full speed: it prefetches each stream's next panel's lines into L2 as the
@@ -592,8 +590,7 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
   // one stream; the same over V2-Lite's 2.8-5.6 MB experts was 0.90-1.11, noise, and is
   // left to the hardware).
   const bool short_stream = (p1 - p0) * panel_bytes <= kShortStreamBytes;
-  static const bool long_streams_in_chunks = AmdZenAvx512() == 5;
-  if (m <= tiling.sequential_rows && (m == 1 || short_stream || !long_streams_in_chunks)) {
+  if (m <= tiling.sequential_rows) {
     const int streams = p1 - p0 >= 2 * tiling.streams ? tiling.streams : 1;
     const int64_t part = (p1 - p0) / streams;
     const BlockFn side_by_side = tiling.block(static_cast<int>(m), streams);

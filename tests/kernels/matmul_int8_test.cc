@@ -104,11 +104,11 @@ void ExpectMatchesRule(const std::vector<float>& x, int64_t m, int64_t ldx, cons
 }
 
 TEST(MatMulInt8, MatchesAFloat64LoopOverTheQuantizedOperands) {
-  // 1-3 rows read a thread's panels as side-by-side parts with some left over: 600 and
+  // 1-6 rows read a thread's panels as side-by-side parts with some left over: 600 and
   // 1000 columns (38 and 63 panels).
   const Case cases[] = {{1, 1, 1},     {1, 16, 4},    {1, 17, 5},      {3, 33, 7},     {6, 64, 64},
                         {7, 65, 259},  {13, 130, 300}, {2, 1408, 2048}, {40, 200, 96},  {19, 48, 1408},
-                        {1, 600, 300}, {2, 1000, 96}, {3, 600, 520}};
+                        {1, 600, 300}, {2, 1000, 96}, {3, 600, 520},    {5, 600, 300},  {6, 1000, 96}};
   uint32_t seed = 10;
   for (const Case& c : cases) {
     for (bool accumulate : {false, true}) {
@@ -132,7 +132,8 @@ TEST(MatMulInt8, MatchesAFloat64LoopOverTheQuantizedOperands) {
 
 TEST(MatMulInt8, EveryPathEqualsThePlainOneBitForBit) {
   const Case cases[] = {{1, 100, 36},  {2, 64, 4100},  {3, 50, 300},   {5, 77, 130},  {6, 48, 256},
-                        {64, 160, 520}, {300, 96, 64}, {512, 64, 1024}, {1, 1000, 300}, {3, 600, 100}};
+                        {64, 160, 520}, {300, 96, 64}, {512, 64, 1024}, {1, 1000, 300}, {3, 600, 100},
+                        {4, 600, 520},  {6, 1000, 100}};
   uint32_t seed = 50;
   for (const Case& c : cases) {
     SCOPED_TRACE(testing::Message() << c.m << "x" << c.n << "x" << c.k);
