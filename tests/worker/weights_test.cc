@@ -68,7 +68,21 @@ void ExpectStacked(const Checkpoint& ckpt, const MlpWeights& m, const std::strin
   ExpectRowsOf(ckpt, module + ".up_proj.weight", begin, m.up);
 }
 
-TEST(Weights, CopiedOrQuantizedMlpsHoldGateAndUpInOneMatrix) {
+// Layer L's q_a_proj and kv_a_proj as views of one matrix holding the checkpoint's rows.
+void ExpectAttentionStacked(const Checkpoint& ckpt, const LayerWeights& w, int64_t l) {
+  SCOPED_TRACE(l);
+  const std::string prefix = "model.layers." + std::to_string(l) + ".self_attn.";
+  ASSERT_NE(w.q_a_kv_a.data, nullptr);
+  EXPECT_EQ(w.q_a_kv_a.rows, w.q_a_proj.rows + w.kv_a_proj.rows);
+  EXPECT_EQ(w.q_a_proj.data, w.q_a_kv_a.data);
+  EXPECT_EQ(w.kv_a_proj.data, w.q_a_kv_a.Rows(w.q_a_proj.rows, w.kv_a_proj.rows).data);
+  EXPECT_EQ(w.q_a_proj.rows, ckpt.Get(prefix + "q_a_proj.weight").shape[0]);
+  EXPECT_EQ(w.kv_a_proj.rows, ckpt.Get(prefix + "kv_a_proj_with_mqa.weight").shape[0]);
+  ExpectRowsOf(ckpt, prefix + "q_a_proj.weight", 0, w.q_a_proj);
+  ExpectRowsOf(ckpt, prefix + "kv_a_proj_with_mqa.weight", 0, w.kv_a_proj);
+}
+
+TEST(Weights, CopiedOrQuantizedMlpsAndAttentionHoldTheirPairsInOneMatrix) {
   for (const DType dtype : {DType::kBF16, DType::kF16}) {
     testing::TempDir dir("stacked");
     const auto ckpt = Write(dir, json::object(), dtype);
@@ -78,6 +92,7 @@ TEST(Weights, CopiedOrQuantizedMlpsHoldGateAndUpInOneMatrix) {
       auto w = ModelWeights::Bind(*ckpt, {}, WeightResidency::kCopy, {}, precision);
       ASSERT_TRUE(w.ok()) << w.status().ToString();
       const std::vector<LayerWeights>& layers = (*w)->layers;
+      for (int64_t l = 0; l < static_cast<int64_t>(layers.size()); ++l) ExpectAttentionStacked(*ckpt, layers[l], l);
       ExpectStacked(*ckpt, layers[0].dense, "model.layers.0.mlp");
       ExpectStacked(*ckpt, layers[1].shared, "model.layers.1.mlp.shared_experts");
       ExpectStacked(*ckpt, layers[1].experts[7], "model.layers.1.mlp.experts.7");
@@ -129,36 +144,6 @@ TEST(Weights, MappedWeightsAndInt8PartsShortOfAPanelStayTwoMatrices) {
   ExpectRowsOf(*ckpt, "model.layers.1.mlp.experts.3.up_proj.weight", 0, q.up);
   // The shared experts (2 x 24 = 48 rows) are whole panels: stacked.
   ExpectStacked(*ckpt, (*fast)->layers[1].shared, "model.layers.1.mlp.shared_experts");
-}
-
-// Layer L's q_a_proj and kv_a_proj as views of one matrix holding the checkpoint's rows.
-void ExpectAttentionStacked(const Checkpoint& ckpt, const LayerWeights& w, int64_t l) {
-  SCOPED_TRACE(l);
-  const std::string prefix = "model.layers." + std::to_string(l) + ".self_attn.";
-  ASSERT_NE(w.q_a_kv_a.data, nullptr);
-  EXPECT_EQ(w.q_a_kv_a.rows, w.q_a_proj.rows + w.kv_a_proj.rows);
-  EXPECT_EQ(w.q_a_proj.data, w.q_a_kv_a.data);
-  EXPECT_EQ(w.kv_a_proj.data, w.q_a_kv_a.Rows(w.q_a_proj.rows, w.kv_a_proj.rows).data);
-  EXPECT_EQ(w.q_a_proj.rows, ckpt.Get(prefix + "q_a_proj.weight").shape[0]);
-  EXPECT_EQ(w.kv_a_proj.rows, ckpt.Get(prefix + "kv_a_proj_with_mqa.weight").shape[0]);
-  ExpectRowsOf(ckpt, prefix + "q_a_proj.weight", 0, w.q_a_proj);
-  ExpectRowsOf(ckpt, prefix + "kv_a_proj_with_mqa.weight", 0, w.kv_a_proj);
-}
-
-TEST(Weights, CopiedOrQuantizedAttentionHoldsQaAndKvaInOneMatrix) {
-  for (const DType dtype : {DType::kBF16, DType::kF16}) {
-    testing::TempDir dir("stacked_attention");
-    const auto ckpt = Write(dir, json::object(), dtype);
-    ASSERT_NE(ckpt, nullptr);
-    for (const cpu::Precision precision : {cpu::Precision::kExact, cpu::Precision::kFast}) {
-      SCOPED_TRACE(precision == cpu::Precision::kFast ? "fast" : "exact");
-      auto w = ModelWeights::Bind(*ckpt, {}, WeightResidency::kCopy, {}, precision);
-      ASSERT_TRUE(w.ok()) << w.status().ToString();
-      for (int64_t l = 0; l < static_cast<int64_t>((*w)->layers.size()); ++l) {
-        ExpectAttentionStacked(*ckpt, (*w)->layers[l], l);
-      }
-    }
-  }
 }
 
 TEST(Weights, MappedAttentionAndAQueryRankShortOfAPanelStayTwoMatrices) {
