@@ -207,8 +207,8 @@ class CpuBackend final : public ComputeBackend {
 
  private:
   // The backend's own scratch, beside the schedule's activations.
-  enum : int { kQ, kQa, kQaLatent, kLatent, kCKv, kKPe, kKv, kQLatent, kQPe, kOLatent, kRouter, kGate, kSelected, kGroupedOut,
-               kScratchCount };
+  enum : int { kQ, kQa, kQaLatent, kLatent, kCKv, kKPe, kKv, kQLatent, kQPe, kOLatent, kRouter, kGate, kSelected,
+               kGroupedOut, kScratchCount };
 
   // BUFFERS[ID] grown to hold at least N values (never shrunk); its data. A fresh
   // allocation of this size in every step costs a page clear per 4 KiB, which showed as

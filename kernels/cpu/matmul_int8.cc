@@ -258,11 +258,11 @@ inline float AddScaleBlock(float sum, int32_t acc, int32_t x_sum, float x_scale)
 }
 
 // ACC [rows][ldc] (+)= the products of ROWS rows of X from row I0 with NP panels at W,
-// PANEL_BYTES apart, over GROUPS groups of 4 columns from group G0 (a scale block's first): each scale
-// block's int32 sums, less the offset, times x's scale (AddScaleBlock), into F32 sums
-// held in registers where they fit, else in ACC. With AHEAD, its share of the same lines
-// of the panels at AHEAD.at is prefetched into L2 as it goes (Panels passes the next
-// chunk's).
+// PANEL_BYTES apart, over GROUPS groups of 4 columns from group G0 (a scale block's
+// first): each scale block's int32 sums, less the offset, times x's scale
+// (AddScaleBlock), into F32 sums held in registers where they fit, else in ACC. With
+// AHEAD, its share of the same lines of the panels at AHEAD.at is prefetched into L2 as
+// it goes (Panels passes the next chunk's).
 template <int kRows, int kPanels>
 EPIC_VNNI void Block(const QuantizedX& x, int64_t i0, int64_t g0, const uint8_t* w, int64_t panel_bytes,
                      int64_t groups, float* acc, int64_t ldc, bool first, Ahead ahead) {
