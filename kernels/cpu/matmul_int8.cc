@@ -496,11 +496,13 @@ struct Tiling {
 Tiling TilingFor(internal::Int8Path path, int64_t m) {
   switch (path) {
     case internal::Int8Path::kAvx512Vnni: return {kBlockRows, kBlockPanels, BlockFor, kBlockRows, kBlockPanels};
-    // Two panels (4 accumulators a row) for up to 2 rows; one panel for more. Without
-    // vpdpbusd a second row already makes the products, not the stream, the limit.
+    // Two panels (4 accumulators a row) for up to 2 rows, read as 2 streams (2 rows so:
+    // 1.08-1.25x with AVX-VNNI, 1.03-1.21x without, over cold and hot weights on Zen 5);
+    // one panel for more. Without vpdpbusd a second row already makes the products, not
+    // the stream, the limit.
     case internal::Int8Path::kAvxVnni:
-      return m <= 2 ? Tiling{2, 2, Block256For<true>, 1, 2} : Tiling{6, 1, Block256For<true>, 1, 2};
-    default: return m <= 2 ? Tiling{2, 2, Block256For<false>, 1, 2} : Tiling{4, 1, Block256For<false>, 1, 2};
+      return m <= 2 ? Tiling{2, 2, Block256For<true>, 2, 2} : Tiling{6, 1, Block256For<true>, 1, 2};
+    default: return m <= 2 ? Tiling{2, 2, Block256For<false>, 2, 2} : Tiling{4, 1, Block256For<false>, 1, 2};
   }
 }
 
@@ -571,18 +573,19 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
   const auto* base = static_cast<const uint8_t*>(w.data);
   const Tiling tiling = TilingFor(path, m);
   float* acc = Scratch<float>(kAcc, m * kBlockCols);
-  // Few rows of x (decode, batched decode's experts) read each panel once, whole: the
-  // thread's panels as STREAMS equal parts side by side, a panel of each a call, so that
-  // the hardware prefetchers follow several sequential streams and the products have as
-  // many independent sums. Against one panel after another (Zen 5, paired in one process,
-  // cold weights): one thread over V2-Lite's 2816 x 2048 experts 1.35x, two over a
-  // lm_head-sized matrix 1.37x, V2-Lite's shape decode 1.20x (B=1) and 1.11x (B=4), small
-  // experts' 1.06x and 1.045x (B=16); AVX2's two streams 1.24x over the large experts; a
-  // 512 x 1024 matrix in L2 2.1x (one row), 1.5x (2), 1.25x (3). One thread alone over a
-  // small expert's cold 512 KiB ran 0.86-1.01x, but two together (decode) 1.01x.
-  // Up to 6 rows so, rather than in chunks of k by tiles of rows below (4-6 rows 1.12-1.29x
-  // over cold experts and lm_head-sized matrices, 2-3 rows over long streams 1.0-1.4x;
-  // batched decode 1.07-1.15x on V2-Lite's shape, 0.99-1.02x on small experts).
+  // Few rows of x (decode, batched decode's experts; up to 6 with AVX-512, 2 on AVX2)
+  // read each panel once, whole: the thread's panels as STREAMS equal parts side by side,
+  // a panel of each a call, so that the hardware prefetchers follow several sequential
+  // streams and the products have as many independent sums. Against one panel after
+  // another (Zen 5, paired in one process, cold weights): one thread over V2-Lite's 2816
+  // x 2048 experts 1.35x, two over a lm_head-sized matrix 1.37x, V2-Lite's shape decode
+  // 1.20x (B=1) and 1.11x (B=4), small experts' 1.06x and 1.045x (B=16); AVX2's two
+  // streams 1.24x over the large experts; a 512 x 1024 matrix in L2 2.1x (one row), 1.5x
+  // (2), 1.25x (3). One thread alone over a small expert's cold 512 KiB ran 0.86-1.01x,
+  // but two together (decode) 1.01x. Up to 6 rows so, rather than in chunks of k by tiles
+  // of rows below (4-6 rows 1.12-1.29x over cold experts and lm_head-sized matrices, 2-3
+  // rows over long streams 1.0-1.4x; batched decode 1.07-1.15x on V2-Lite's shape,
+  // 0.99-1.02x on small experts).
   //
   // A short stream (a small expert's matrix, a head's fold) ends before the prefetchers
   // reach full speed: it prefetches each stream's next panel's lines into L2 as the
