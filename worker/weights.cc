@@ -32,11 +32,16 @@ class Binder {
       : ckpt_(ckpt), w_(w), residency_(residency), progress_(progress), total_(total),
         count_only_(count_only), quantize_(quantize) {}
 
+  // BLOCK's rows of V.
+  static int64_t RowsOf(const TensorView& v, Block block) {
+    return block.rows < 0 ? v.shape[0] - block.row_begin : block.rows;
+  }
+
   cpu::WeightMatrix Matrix(const std::string& name, Block block = {}, Use use = Use::kProduct) {
     const TensorView& v = ckpt_.Get(name);
     const int64_t full_cols = v.shape[1];
     cpu::WeightMatrix m;
-    m.rows = block.rows < 0 ? v.shape[0] - block.row_begin : block.rows;
+    m.rows = RowsOf(v, block);
     m.cols = block.cols < 0 ? full_cols - block.col_begin : block.cols;
     if (quantize_ && use == Use::kProduct) return Quantized(v, block, m.rows, m.cols, name);
     const bool widen = v.dtype == DType::kF16;
@@ -99,8 +104,8 @@ class Binder {
     const TensorView& a = ckpt_.Get(first);
     const TensorView& b = ckpt_.Get(second);
     cpu::WeightMatrix m;
-    const int64_t a_rows = a_block.rows < 0 ? a.shape[0] - a_block.row_begin : a_block.rows;
-    const int64_t b_rows = b_block.rows < 0 ? b.shape[0] - b_block.row_begin : b_block.rows;
+    const int64_t a_rows = RowsOf(a, a_block);
+    const int64_t b_rows = RowsOf(b, b_block);
     const int64_t cols = a_block.cols < 0 ? a.shape[1] - a_block.col_begin : a_block.cols;
     const int64_t b_cols = b_block.cols < 0 ? b.shape[1] - b_block.col_begin : b_block.cols;
     const bool widen = a.dtype == DType::kF16;
@@ -138,6 +143,29 @@ class Binder {
     }
     done_ += bytes;
     if (progress_ && total_ > 0) progress_(done_, total_);
+    return m;
+  }
+
+  // Stacked's matrix of FIRST's block A and SECOND's block B, with *A_VIEW and *B_VIEW
+  // its two parts; where they are not stacked, each bound alone (Matrix) and the matrix
+  // returned without rows.
+  cpu::WeightMatrix StackedPair(const std::string& first, Block a_block, const std::string& second, Block b_block,
+                                cpu::WeightMatrix* a_view, cpu::WeightMatrix* b_view) {
+    const cpu::WeightMatrix m = Stacked(first, a_block, second, b_block);
+    if (m.rows == 0) {
+      *a_view = Matrix(first, a_block);
+      *b_view = Matrix(second, b_block);
+      return m;
+    }
+    const int64_t a_rows = RowsOf(ckpt_.Get(first), a_block);
+    if (m.data != nullptr) {
+      *a_view = m.Rows(0, a_rows);
+      *b_view = m.Rows(a_rows, m.rows - a_rows);
+    } else {  // counted only
+      *a_view = *b_view = m;
+      a_view->rows = a_rows;
+      b_view->rows = m.rows - a_rows;
+    }
     return m;
   }
 
@@ -239,17 +267,7 @@ class Binder {
     const int64_t begin = inter * part / parts;
     const int64_t count = inter * (part + 1) / parts - begin;
     MlpWeights m;
-    m.gate_up = Stacked(gate, {begin, count}, up, {begin, count});
-    if (m.gate_up.rows == 0) {
-      m.gate = Matrix(gate, {begin, count});
-      m.up = Matrix(up, {begin, count});
-    } else if (m.gate_up.data != nullptr) {
-      m.gate = m.gate_up.Rows(0, count);
-      m.up = m.gate_up.Rows(count, count);
-    } else {  // counted only, or no memory
-      m.gate = m.up = m.gate_up;
-      m.gate.rows = m.up.rows = count;
-    }
+    m.gate_up = StackedPair(gate, {begin, count}, up, {begin, count}, &m.gate, &m.up);
     m.down = Matrix(LayerTensor(layer, module + ".down_proj"), {0, -1, begin, count});
     return m;
   }
@@ -366,18 +384,7 @@ StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Bind(const Checkpoint& che
       const std::string kv_a = LayerTensor(l, "self_attn.kv_a_proj_with_mqa");
       if (c.q_lora_rank > 0) {
         const std::string q_a = LayerTensor(l, "self_attn.q_a_proj");
-        L.q_a_kv_a = b.Stacked(q_a, {}, kv_a, {});
-        if (L.q_a_kv_a.rows == 0) {
-          L.q_a_proj = b.Matrix(q_a);
-          L.kv_a_proj = b.Matrix(kv_a);
-        } else if (L.q_a_kv_a.data != nullptr) {
-          L.q_a_proj = L.q_a_kv_a.Rows(0, c.q_lora_rank);
-          L.kv_a_proj = L.q_a_kv_a.Rows(c.q_lora_rank, L.q_a_kv_a.rows - c.q_lora_rank);
-        } else {  // counted only, or no memory
-          L.q_a_proj = L.kv_a_proj = L.q_a_kv_a;
-          L.q_a_proj.rows = c.q_lora_rank;
-          L.kv_a_proj.rows = L.q_a_kv_a.rows - c.q_lora_rank;
-        }
+        L.q_a_kv_a = b.StackedPair(q_a, {}, kv_a, {}, &L.q_a_proj, &L.kv_a_proj);
         L.q_a_norm = b.Vector(LayerTensor(l, "self_attn.q_a_layernorm"));
         L.q_b_proj = b.Matrix(LayerTensor(l, "self_attn.q_b_proj"), q_rows);
       } else {
