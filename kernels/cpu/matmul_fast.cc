@@ -222,10 +222,14 @@ EPIC_AMX void ReleaseTiles() { _tile_release(); }
 
 constexpr int kDotRows = 12;  // 24 accumulators, 2 panel rows and a broadcast: 27 of 32 registers
 
-// C [12][32] = XB rows [i0, i0 + 12) times the two panels: each pair of x broadcast,
-// dotted with a panel row of 16 column pairs.
-EPIC_AVX512_BF16 void DotBlock(const Bf16* xb, int64_t kp, int64_t i0, const Bf16* panel0, const Bf16* panel1,
-                               float* c) {
+// Y [12][32] (+)= XB rows [i0, i0 + 12) times the two panels over their first PAIRS
+// pairs of k, of which the first VALID_ROWS rows and COLS columns are stored: each pair
+// of x broadcast, dotted with a panel row of 16 column pairs. Stored from the registers
+// under masks (through a block in memory copied a row at a time, a product over k = 96,
+// prefill's scores, ran at 0.69 of the kernel's rate).
+EPIC_AVX512_BF16 void DotBlock(const Bf16* xb, int64_t kp, int64_t pairs, int64_t i0, const Bf16* panel0,
+                               const Bf16* panel1, float* y, int64_t ldy, int64_t valid_rows, int64_t cols,
+                               bool accumulate) {
   using Word = int32_t __attribute__((may_alias));
   constexpr int kRows = kDotRows;
   __m512 acc0[kRows], acc1[kRows];
@@ -233,7 +237,7 @@ EPIC_AVX512_BF16 void DotBlock(const Bf16* xb, int64_t kp, int64_t i0, const Bf1
   for (int r = 0; r < kRows; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
   const Word* rows = reinterpret_cast<const Word*>(xb + i0 * kp);
   const int64_t ld = kp / 2;  // words per row of x
-  for (int64_t p = 0; p < kp / 2; ++p) {
+  for (int64_t p = 0; p < pairs; ++p) {
     const __m512bh b0 = (__m512bh)_mm512_load_si512(panel0 + p * 2 * kTile);
     const __m512bh b1 = (__m512bh)_mm512_load_si512(panel1 + p * 2 * kTile);
 #pragma GCC unroll 12
@@ -243,10 +247,18 @@ EPIC_AVX512_BF16 void DotBlock(const Bf16* xb, int64_t kp, int64_t i0, const Bf1
       acc1[r] = _mm512_dpbf16_ps(acc1[r], a, b1);
     }
   }
+  const __mmask16 mask0 = cols >= kTile ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 mask1 = cols >= 2 * kTile ? 0xFFFF : cols <= kTile ? 0 : static_cast<__mmask16>((1u << (cols - kTile)) - 1);
 #pragma GCC unroll 12
   for (int r = 0; r < kRows; ++r) {
-    _mm512_storeu_ps(c + r * kBlockCols, acc0[r]);
-    _mm512_storeu_ps(c + r * kBlockCols + kTile, acc1[r]);
+    if (r >= valid_rows) break;
+    float* out = y + r * ldy;
+    if (accumulate) {
+      acc0[r] = _mm512_add_ps(acc0[r], _mm512_maskz_loadu_ps(mask0, out));
+      acc1[r] = _mm512_add_ps(acc1[r], _mm512_maskz_loadu_ps(mask1, out + kTile));
+    }
+    _mm512_mask_storeu_ps(out, mask0, acc0[r]);
+    _mm512_mask_storeu_ps(out + kTile, mask1, acc1[r]);
   }
 }
 
@@ -456,7 +468,7 @@ Path ActivePath() {
 // calling thread.
 template <typename Panels>
 void ProductOverPanels(Path path, const float* x, int64_t m, int64_t ldx, int64_t rows, int64_t k, float* y,
-                       int64_t ldy, bool accumulate, const Panels& panels) {
+                       int64_t ldy, bool accumulate, const Panels& panels, Causal causal = {}) {
   const int64_t kp = RoundUp(k, kKStep);
   const int64_t block_rows = path == Path::kAmx ? 2 * kTile : kDotRows;
   const int64_t mp = RoundUp(m, block_rows);
@@ -479,14 +491,20 @@ void ProductOverPanels(Path path, const float* x, int64_t m, int64_t ldx, int64_
       const Bf16* panel1;
       panels(b, kp, &panel0, &panel1);
       for (int64_t i0 = 0; i0 < m; i0 += block_rows) {
+        const int64_t valid_rows = std::min(block_rows, m - i0);
+        // The block's last row's reach: its columns, or its k, under CAUSAL.
+        const int64_t reach = causal.first + i0 + valid_rows;
+        if (causal.kind == Causal::kColumns && n0 >= reach) continue;
+        const int64_t pairs = causal.kind == Causal::kK ? std::clamp<int64_t>((reach + 1) / 2, 0, kp / 2) : kp / 2;
         if (path == Path::kAmx) {
           AmxBlock(xb, kp, i0, panel0, panel1, c);
         } else if (path == Path::kDot) {
-          DotBlock(xb, kp, i0, panel0, panel1, c);
+          DotBlock(xb, kp, pairs, i0, panel0, panel1, y + i0 * ldy + n0, ldy, valid_rows, cols, accumulate);
+          continue;
         } else {
           PlainBlock(xb, kp, i0, panel0, panel1, c);
         }
-        Store(c, kBlockCols, i0, std::min(block_rows, m - i0), n0, cols, y, ldy, accumulate);
+        Store(c, kBlockCols, i0, valid_rows, n0, cols, y, ldy, accumulate);
       }
     }
     if (path == Path::kAmx) ReleaseTiles();
@@ -536,13 +554,14 @@ void MatMul(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float
 }
 
 void MatMulBf16Panels(const float* x, int64_t m, int64_t ldx, const Bf16Panels& w, int64_t rows, int64_t k, float* y,
-                      int64_t ldy) {
+                      int64_t ldy, Causal causal) {
   if (m <= 0 || rows <= 0) return;
   ProductOverPanels(ActivePath(), x, m, ldx, rows, k, y, ldy, /*accumulate=*/false,
                     [&](int64_t b, int64_t, const Bf16** panel0, const Bf16** panel1) {
                       *panel0 = w.data + 2 * b * w.panel_elements();
                       *panel1 = *panel0 + w.panel_elements();
-                    });
+                    },
+                    causal);
 }
 
 void PackBf16Panels(const float* w, int64_t rows, int64_t k, int64_t ldw, uint16_t* panels) {

@@ -59,11 +59,21 @@ struct Bf16Panels {
 // and past ROWS.
 void PackBf16Panels(const float* w, int64_t rows, int64_t k, int64_t ldw, uint16_t* panels);
 
+// What a causal attention's product may leave out, row I of X being position FIRST + I:
+// kColumns (its scores), Y's columns past FIRST + I, which are then left as they were;
+// kK (its probabilities times values), the terms past k = FIRST + I, X's row I being
+// zero there.
+struct Causal {
+  enum Kind { kNone, kColumns, kK } kind = kNone;
+  int64_t first = 0;
+};
+
 // Y[m, rows] = X[m, k] W^T with X rounded to BF16 and W's first ROWS rows and first K
 // values of k (K <= W.kp) read from its panels: the fast path's product, and a plain loop
-// over the same operands on hosts without BF16 instructions.
+// over the same operands on hosts without BF16 instructions. CAUSAL's products skip whole
+// blocks of the columns and of k it leaves out.
 void MatMulBf16Panels(const float* x, int64_t m, int64_t ldx, const Bf16Panels& w, int64_t rows, int64_t k, float* y,
-                      int64_t ldy);
+                      int64_t ldy, Causal causal = {});
 
 // Y[t, h] = sum_{j < k} rows[t * stride + j] q[h, j] for t < N, h < HEADS: BF16 rows
 // (a decode's latent cache) against BF16 queries packed as Bf16Panels (HEADS rows, kp >=

@@ -288,13 +288,15 @@ void BlockedBf16Head(const MlaExpandedParams& p, const float* q, int64_t q_strid
     const int64_t kb = std::min(kKeyBlock, seen - k0);
     // Keys [k0, k0 + kb) start at panel k0 / 16; the values' columns [k0, k0 + kb) at
     // pair k0 / 2 of each panel. Past KB the products meet the probabilities' zeros.
-    MatMulBf16Panels(q, n, q_stride, {keys + k0 * key_kp, key_kp}, kb, qk, scores, kb);
+    MatMulBf16Panels(q, n, q_stride, {keys + k0 * key_kp, key_kp}, kb, qk, scores, kb,
+                     {Causal::kColumns, first - k0});
     for (int64_t i = 0; i < n; ++i) {
       const int64_t valid = std::clamp<int64_t>(first + i + 1 - k0, 0, kb);
       alphas[i] = OnlineSoftmaxRow(scores + i * kb, valid, kb, p.scale, maxima + i, sums + i);
     }
     float* target = k0 == 0 ? sums_out : block_out;
-    MatMulBf16Panels(scores, n, kb, {values + k0 * 16, value_kp}, p.v_dim, kb, target, p.v_dim);
+    MatMulBf16Panels(scores, n, kb, {values + k0 * 16, value_kp}, p.v_dim, kb, target, p.v_dim,
+                     {Causal::kK, first - k0});
     if (k0 == 0) continue;
     for (int64_t i = 0; i < n; ++i) {
       float* o = sums_out + i * p.v_dim;

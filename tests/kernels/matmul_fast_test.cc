@@ -228,6 +228,74 @@ TEST(MatMulBf16PanelsTest, PrefixesEqualAFloat64LoopOverTheRoundedOperands) {
   }
 }
 
+// A causal attention's two products, row I of x being position FIRST + I (first before,
+// at and past the panels' start; rows past a block of 12): the scores' columns up to
+// FIRST + I equal the float64 loop and whole blocks of 32 columns past the last row's
+// reach are left as they were; the values' products, x zero past k = FIRST + I, equal
+// the loop over all of k in every column, a row that sees nothing 0.
+TEST(MatMulBf16PanelsTest, CausalProductsComputeWhatTheRowsSee) {
+  const int64_t n = 70, k = 100, kp = Bf16Panels::Kp(k);
+  std::mt19937 rng(13);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::vector<float> w(static_cast<size_t>(n * k));
+  for (float& v : w) v = dist(rng);
+  ScratchBuffer memory;
+  const uint16_t* packed = PackPanels(w, n, k, memory);
+  auto reference = [&](const std::vector<float>& x, int64_t ldx, int64_t i, int64_t j, double* magnitude) {
+    double sum = 0;
+    *magnitude = 0;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const double term = double(Round(x[i * ldx + kk])) * double(Round(w[j * k + kk]));
+      sum += term;
+      *magnitude += std::fabs(term);
+    }
+    return sum;
+  };
+  for (const int64_t m : {13, 30}) {
+    for (const int64_t first : {-20, 0, 7, 40}) {
+      SCOPED_TRACE("m " + std::to_string(m) + ", first " + std::to_string(first));
+      const int64_t ldx = k + 3, ldy = n + 2;
+      std::vector<float> x(static_cast<size_t>(m * ldx));
+      for (float& v : x) v = dist(rng);
+      std::vector<float> y(static_cast<size_t>(m * ldy), 7.0f);
+      MatMulBf16Panels(x.data(), m, ldx, {packed, kp}, n, k, y.data(), ldy, {Causal::kColumns, first});
+      const int64_t last_reach = first + m;  // the last row's columns, all rows' at most
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < ldy; ++j) {
+          const float got = y[static_cast<size_t>(i * ldy + j)];
+          if (j >= n || j / 32 * 32 >= last_reach) {
+            ASSERT_EQ(got, 7.0f) << "row " << i << ", column " << j << " is past every row's reach";
+          } else if (j <= first + i) {
+            double magnitude;
+            const double want = reference(x, ldx, i, j, &magnitude);
+            ASSERT_NEAR(got, want, 1e-5 * magnitude + 1e-30) << "row " << i << ", column " << j;
+          }
+        }
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t kk = std::max<int64_t>(0, first + i + 1); kk < k; ++kk) x[i * ldx + kk] = 0.0f;
+      }
+      std::fill(y.begin(), y.end(), 7.0f);
+      MatMulBf16Panels(x.data(), m, ldx, {packed, kp}, n, k, y.data(), ldy, {Causal::kK, first});
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < ldy; ++j) {
+          const float got = y[static_cast<size_t>(i * ldy + j)];
+          if (j >= n) {
+            ASSERT_EQ(got, 7.0f) << "column " << j << " past the rows asked";
+            continue;
+          }
+          double magnitude;
+          const double want = reference(x, ldx, i, j, &magnitude);
+          if (first + i < 0) {
+            ASSERT_EQ(got, 0.0f) << "row " << i << " sees no key";
+          }
+          ASSERT_NEAR(got, want, 1e-5 * magnitude + 1e-30) << "row " << i << ", column " << j;
+        }
+      }
+    }
+  }
+}
+
 // The activations' rounding is FloatToBf16's, ties to even included: each row of x holds
 // one value, and the weights are the identity, so each output is that value rounded.
 TEST(MatMulBf16PanelsTest, RoundsActivationsToNearestEven) {
