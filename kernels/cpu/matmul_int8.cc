@@ -564,6 +564,15 @@ void PrefetchRows(const float* y, int64_t i0, int rows, int64_t ldy) {
   }
 }
 
+// The weight scales of COUNT panels from panel P, STRIDE panels apart (a line a panel),
+// into L1 ahead of their Store: a cold line stalled it (6% of small experts' batched
+// decode's samples; paired, cold experts of 1-4 rows 1.00-1.07x).
+void PrefetchScales(const WeightMatrix& w, int64_t p, int count, int64_t stride) {
+  for (int k = 0; k < count; ++k) {
+    _mm_prefetch(reinterpret_cast<const char*>(w.scales + (p + k * stride) * kPanelRows), _MM_HINT_T0);
+  }
+}
+
 // Panels [p0, p1) of W against all M rows of X, on this thread.
 void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const WeightMatrix& w, int64_t p0, int64_t p1,
             float* y, int64_t ldy, bool accumulate) {
@@ -597,8 +606,10 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
     const int streams = p1 - p0 >= 2 * tiling.streams ? tiling.streams : 1;
     const int64_t part = (p1 - p0) / streams;
     const BlockFn side_by_side = tiling.block(static_cast<int>(m), streams);
+    PrefetchScales(w, p0, streams, part);
     for (int64_t q = 0; q < part; ++q) {
       const uint8_t* at = base + (p0 + q) * panel_bytes;
+      if (q + 1 < part) PrefetchScales(w, p0 + q + 1, streams, part);
       side_by_side(x, 0, 0, at, part * panel_bytes, groups, acc, kBlockCols, /*first=*/true,
                    {short_stream && q + 1 < part ? at + panel_bytes : nullptr});
       for (int k = 0; k < streams; ++k) {
@@ -606,6 +617,7 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
       }
     }
     const BlockFn one = tiling.block(static_cast<int>(m), 1);
+    PrefetchScales(w, p0 + streams * part, static_cast<int>(p1 - p0 - streams * part), 1);
     for (int64_t p = p0 + streams * part; p < p1; ++p) {  // fewer than STREAMS left
       one(x, 0, 0, base + p * panel_bytes, panel_bytes, groups, acc, kBlockCols, /*first=*/true, {});
       Store(path, acc, m, w, p * kPanelRows, 1, y, ldy, accumulate);
@@ -617,6 +629,7 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
   for (int64_t pb = p0; pb < p1; pb += kBlockPanels) {
     const int panels = static_cast<int>(std::min<int64_t>(kBlockPanels, p1 - pb));
     const uint8_t* wp = base + pb * panel_bytes;
+    PrefetchScales(w, pb, panels, 1);
     for (int64_t g0 = 0; g0 < groups; g0 += chunk) {
       const int64_t g = std::min(chunk, groups - g0);
       // A panel's chunk is 4 KiB, one page (8 KiB on Zen 5): the hardware prefetchers
