@@ -201,8 +201,7 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
       for (int64_t h = 0; h < heads; ++h) {
         const float sum = sums(i)[h];
         const float inv = sum > 0.0f ? static_cast<float>(1.0 / static_cast<double>(sum)) : 0.0f;
-        float* out = p.out_latent + (i * heads + h) * lora;
-        for (int64_t j = 0; j < lora; ++j) out[j] *= inv;
+        Scale(inv, p.out_latent + (i * heads + h) * lora, lora);
       }
     }
     return;

@@ -50,4 +50,7 @@ float OnlineSoftmaxRow(float* x, int64_t valid, int64_t width, float scale, floa
 // y[i] += alpha * x[i].
 void Axpy(float alpha, const float* x, int64_t n, float* y);
 
+// x[i] *= alpha.
+void Scale(float alpha, float* x, int64_t n);
+
 }  // namespace epic::cpu

@@ -134,6 +134,14 @@ TEST(OpsTest, SoftmaxSiluAxpy) {
   std::vector<float> y = u;
   Axpy(0.5f, g.data(), 33, y.data());
   for (int i = 0; i < 33; ++i) EXPECT_FLOAT_EQ(y[i], u[i] + 0.5f * g[i]);
+
+  // Scale: each value times alpha, one rounding, bit for bit; the values past N untouched
+  // (a vector's tail under a mask).
+  for (const int n : {1, 16, 37}) {
+    std::vector<float> z = g;
+    Scale(0.3f, z.data(), n);
+    for (int i = 0; i < 333; ++i) EXPECT_EQ(z[i], i < n ? g[i] * 0.3f : g[i]) << "n " << n << " i " << i;
+  }
 }
 
 // Columns narrower than, as wide as and past one vector of 16, over rows read with a
