@@ -190,6 +190,19 @@ TEST(PackBf16PanelsTest, EqualsPackingEachElement) {
   }
 }
 
+// The float64 sum over K of the rounded X[i] * W[i] (two rows), and the sum of the terms'
+// magnitudes (the tolerance's scale).
+double RoundedDot(const float* x, const float* w, int64_t k, double* magnitude) {
+  double sum = 0;
+  *magnitude = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    const double term = double(Round(x[i])) * double(Round(w[i]));
+    sum += term;
+    *magnitude += std::fabs(term);
+  }
+  return sum;
+}
+
 // Panels packed once (the expanded attention's keys and values), read in prefixes of
 // their rows and of k, on every host (a plain loop where it has no BF16 instructions):
 // the float64 loop over the rounded operands, and nothing written past the rows asked.
@@ -216,12 +229,8 @@ TEST(MatMulBf16PanelsTest, PrefixesEqualAFloat64LoopOverTheRoundedOperands) {
           ASSERT_EQ(got, 7.0f) << "column " << j << " past the rows asked";
           continue;
         }
-        double want = 0, magnitude = 0;
-        for (int64_t kk = 0; kk < c.k; ++kk) {
-          const double term = double(Round(x[i * ldx + kk])) * double(Round(w[j * full_k + kk]));
-          want += term;
-          magnitude += std::fabs(term);
-        }
+        double magnitude;
+        const double want = RoundedDot(&x[i * ldx], &w[j * full_k], c.k, &magnitude);
         ASSERT_NEAR(got, want, 1e-5 * magnitude + 1e-30) << "row " << i << ", column " << j;
       }
     }
@@ -241,16 +250,6 @@ TEST(MatMulBf16PanelsTest, CausalProductsComputeWhatTheRowsSee) {
   for (float& v : w) v = dist(rng);
   ScratchBuffer memory;
   const uint16_t* packed = PackPanels(w, n, k, memory);
-  auto reference = [&](const std::vector<float>& x, int64_t ldx, int64_t i, int64_t j, double* magnitude) {
-    double sum = 0;
-    *magnitude = 0;
-    for (int64_t kk = 0; kk < k; ++kk) {
-      const double term = double(Round(x[i * ldx + kk])) * double(Round(w[j * k + kk]));
-      sum += term;
-      *magnitude += std::fabs(term);
-    }
-    return sum;
-  };
   for (const int64_t m : {13, 30}) {
     for (const int64_t first : {-20, 0, 7, 40}) {
       SCOPED_TRACE("m " + std::to_string(m) + ", first " + std::to_string(first));
@@ -267,7 +266,7 @@ TEST(MatMulBf16PanelsTest, CausalProductsComputeWhatTheRowsSee) {
             ASSERT_EQ(got, 7.0f) << "row " << i << ", column " << j << " is past every row's reach";
           } else if (j <= first + i) {
             double magnitude;
-            const double want = reference(x, ldx, i, j, &magnitude);
+            const double want = RoundedDot(&x[i * ldx], &w[j * k], k, &magnitude);
             ASSERT_NEAR(got, want, 1e-5 * magnitude + 1e-30) << "row " << i << ", column " << j;
           }
         }
@@ -285,7 +284,7 @@ TEST(MatMulBf16PanelsTest, CausalProductsComputeWhatTheRowsSee) {
             continue;
           }
           double magnitude;
-          const double want = reference(x, ldx, i, j, &magnitude);
+          const double want = RoundedDot(&x[i * ldx], &w[j * k], k, &magnitude);
           if (first + i < 0) {
             ASSERT_EQ(got, 0.0f) << "row " << i << " sees no key";
           }
