@@ -303,8 +303,8 @@ using RmsNormRowFn = void (*)(const float*, int64_t, const float*, float, float*
 // ExpColumns) call these millions of times a step: they take the widest vectors the
 // host has.
 const AxpyFn kAxpy = Has(Isa::kAvx512) ? avx512::Axpy : Has(Isa::kAvx2) ? avx2::Axpy : AxpyPlain;
-// A decode's attention outputs over their sums: 16 heads x 512 values a sequence and
-// layer, in SSE (the baseline) 8% of small experts' batched attention.
+// A decode's attention outputs over their sums, every head's kv_lora_rank values a
+// sequence and layer: in SSE (the baseline) 8% of small experts' batched attention.
 const ScaleFn kScale = Has(Isa::kAvx512) ? avx512::Scale : Has(Isa::kAvx2) ? avx2::Scale : ScalePlain;
 const SiluMulFn kSiluMul = Has(Isa::kAvx512) ? avx512::SiluMul : Has(Isa::kAvx2) ? avx2::SiluMul : SiluMulPlain;
 const SoftmaxFn kSoftmax = Has(Isa::kAvx512) ? avx512::Softmax : Has(Isa::kAvx2) ? avx2::Softmax : SoftmaxPlain;

@@ -60,6 +60,14 @@ Operands Random(const Case& c, int64_t ldx, int64_t stride, int64_t offset, Weig
 
 float Round(float v) { return Bf16ToFloat(FloatToBf16(v)); }
 
+// N values uniform in [-1, 1).
+std::vector<float> Uniform(int64_t n, std::mt19937& rng) {
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& e : v) e = dist(rng);
+  return v;
+}
+
 class MatMulFastTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -203,23 +211,27 @@ double RoundedDot(const float* x, const float* w, int64_t k, double* magnitude) 
   return sum;
 }
 
+// Weights of 70 rows and k = 100, uniform in [-1, 1), packed once as the expanded
+// attention's keys and values are.
+class PackedPanelsTest : public ::testing::Test {
+ protected:
+  static constexpr int64_t kRows = 70, kK = 100;
+  std::mt19937 rng{9};
+  const std::vector<float> w = Uniform(kRows * kK, rng);
+  ScratchBuffer memory;
+  const uint16_t* packed = PackPanels(w, kRows, kK, memory);
+  const int64_t kp = Bf16Panels::Kp(kK);
+};
+
 // Panels packed once (the expanded attention's keys and values), read in prefixes of
 // their rows and of k, on every host (a plain loop where it has no BF16 instructions):
 // the float64 loop over the rounded operands, and nothing written past the rows asked.
-TEST(MatMulBf16PanelsTest, PrefixesEqualAFloat64LoopOverTheRoundedOperands) {
-  const int64_t full_rows = 70, full_k = 100, kp = Bf16Panels::Kp(full_k);
-  std::mt19937 rng(9);
-  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-  std::vector<float> w(static_cast<size_t>(full_rows * full_k));
-  for (float& v : w) v = dist(rng);
-  ScratchBuffer memory;
-  const uint16_t* packed = PackPanels(w, full_rows, full_k, memory);
+TEST_F(PackedPanelsTest, PrefixesEqualAFloat64LoopOverTheRoundedOperands) {
   const Case cases[] = {{1, 70, 100}, {13, 45, 37}, {30, 70, 64}, {12, 16, 100}, {25, 33, 1}};
   for (const Case& c : cases) {
     SCOPED_TRACE("m " + std::to_string(c.m) + ", rows " + std::to_string(c.n) + ", k " + std::to_string(c.k));
     const int64_t ldx = c.k + 3, ldy = c.n + 2;
-    std::vector<float> x(static_cast<size_t>(c.m * ldx));
-    for (float& v : x) v = dist(rng);
+    const std::vector<float> x = Uniform(c.m * ldx, rng);
     std::vector<float> y(static_cast<size_t>(c.m * ldy), 7.0f);
     MatMulBf16Panels(x.data(), c.m, ldx, {packed, kp}, c.n, c.k, y.data(), ldy);
     for (int64_t i = 0; i < c.m; ++i) {
@@ -230,7 +242,7 @@ TEST(MatMulBf16PanelsTest, PrefixesEqualAFloat64LoopOverTheRoundedOperands) {
           continue;
         }
         double magnitude;
-        const double want = RoundedDot(&x[i * ldx], &w[j * full_k], c.k, &magnitude);
+        const double want = RoundedDot(&x[i * ldx], &w[j * kK], c.k, &magnitude);
         ASSERT_NEAR(got, want, 1e-5 * magnitude + 1e-30) << "row " << i << ", column " << j;
       }
     }
@@ -242,20 +254,13 @@ TEST(MatMulBf16PanelsTest, PrefixesEqualAFloat64LoopOverTheRoundedOperands) {
 // FIRST + I equal the float64 loop and whole blocks of 32 columns past the last row's
 // reach are left as they were; the values' products, x zero past k = FIRST + I, equal
 // the loop over all of k in every column, a row that sees nothing 0.
-TEST(MatMulBf16PanelsTest, CausalProductsComputeWhatTheRowsSee) {
-  const int64_t n = 70, k = 100, kp = Bf16Panels::Kp(k);
-  std::mt19937 rng(13);
-  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-  std::vector<float> w(static_cast<size_t>(n * k));
-  for (float& v : w) v = dist(rng);
-  ScratchBuffer memory;
-  const uint16_t* packed = PackPanels(w, n, k, memory);
+TEST_F(PackedPanelsTest, CausalProductsComputeWhatTheRowsSee) {
+  const int64_t n = kRows, k = kK;
   for (const int64_t m : {13, 30}) {
     for (const int64_t first : {-20, 0, 7, 40}) {
       SCOPED_TRACE("m " + std::to_string(m) + ", first " + std::to_string(first));
       const int64_t ldx = k + 3, ldy = n + 2;
-      std::vector<float> x(static_cast<size_t>(m * ldx));
-      for (float& v : x) v = dist(rng);
+      std::vector<float> x = Uniform(m * ldx, rng);
       std::vector<float> y(static_cast<size_t>(m * ldy), 7.0f);
       MatMulBf16Panels(x.data(), m, ldx, {packed, kp}, n, k, y.data(), ldy, {Causal::kColumns, first});
       const int64_t last_reach = first + m;  // the last row's columns, all rows' at most
