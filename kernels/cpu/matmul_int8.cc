@@ -601,8 +601,20 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
   // panels before run (small experts' decode, Zen 5, A B B A: x1.004-1.125 in four runs,
   // one stream; the same over V2-Lite's 2.8-5.6 MB experts was 0.90-1.11, noise, and is
   // left to the hardware).
+  //
+  // Each row of x adds a step's multiply-adds between its loads, fewer of which are then
+  // in flight, and the reads slowed: two threads over cold small experts of 1 / 3 / 6
+  // rows read 48-55 / 41-45 / 33-41 GB/s. Products of 2-6 rows prefetch their streams
+  // 2 KiB ahead (a panel where that is shorter) instead: short streams, and long ones
+  // from 5 rows (paired, Zen 5: small experts' gate|up cold, 2 / 4 / 6 rows, 1.10-1.12 /
+  // 1.08-1.20 / 1.13-1.29 on two threads; lm_head-sized 5 / 6 rows 1.12 / 1.23-1.33,
+  // V2-Lite's expert on one thread 1.08 / 1.43, but 2-4 rows 0.92-1.05; decode steps B=64
+  // 1.04-1.05 on small experts and V2-Lite's shape, B=16 on V2-Lite's 1.07).
   const bool short_stream = (p1 - p0) * panel_bytes <= kShortStreamBytes;
   if (m <= tiling.sequential_rows) {
+    const int64_t ahead = m >= 2 && (short_stream || m >= 5) ? std::min<int64_t>(panel_bytes, 2048)
+                          : short_stream                    ? panel_bytes
+                                                            : 0;
     const int streams = p1 - p0 >= 2 * tiling.streams ? tiling.streams : 1;
     const int64_t part = (p1 - p0) / streams;
     const BlockFn side_by_side = tiling.block(static_cast<int>(m), streams);
@@ -610,8 +622,9 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
     for (int64_t q = 0; q < part; ++q) {
       const uint8_t* at = base + (p0 + q) * panel_bytes;
       if (q + 1 < part) PrefetchScales(w, p0 + q + 1, streams, part);
+      const bool last = q + 1 == part && ahead == panel_bytes;  // a panel ahead: past the part
       side_by_side(x, 0, 0, at, part * panel_bytes, groups, acc, kBlockCols, /*first=*/true,
-                   {short_stream && q + 1 < part ? at + panel_bytes : nullptr});
+                   {ahead > 0 && !last ? at + ahead : nullptr});
       for (int k = 0; k < streams; ++k) {
         Store(path, acc + k * kPanelRows, m, w, (p0 + k * part + q) * kPanelRows, 1, y, ldy, accumulate);
       }
