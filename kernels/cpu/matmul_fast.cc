@@ -2,7 +2,7 @@
 // output columns into the layout both BF16 instructions read (pairs of consecutive k
 // side by side for 16 columns: AMX's "VNNI" B tile rows, and vdpbf16ps's operand), then
 // either 32x32 output blocks of AMX tiles (two A, two B, four C tiles; one tdpbf16ps
-// per 16x16x32) or 4x32 register blocks of vdpbf16ps. Threads split the column blocks.
+// per 16x16x32) or 12x32 register blocks of vdpbf16ps. Threads split the column blocks.
 #include "kernels/cpu/matmul_fast.h"
 
 #include <omp.h>

@@ -491,11 +491,12 @@ struct Tiling {
   BlockFn (*block)(int rows, int panels);
   int sequential_rows;
   int streams;
+  int64_t near_ahead = 0;  // bytes ahead products of 2+ rows prefetch their streams (Panels)
 };
 
 Tiling TilingFor(internal::Int8Path path, int64_t m) {
   switch (path) {
-    case internal::Int8Path::kAvx512Vnni: return {kBlockRows, kBlockPanels, BlockFor, kBlockRows, kBlockPanels};
+    case internal::Int8Path::kAvx512Vnni: return {kBlockRows, kBlockPanels, BlockFor, kBlockRows, kBlockPanels, 2048};
     // Two panels (4 accumulators a row) for up to 2 rows, read as 2 streams (2 rows so:
     // 1.08-1.25x with AVX-VNNI, 1.03-1.21x without, over cold and hot weights on Zen 5);
     // one panel for more. Without vpdpbusd a second row already makes the products, not
@@ -604,17 +605,19 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
   //
   // Each row of x adds a step's multiply-adds between its loads, fewer of which are then
   // in flight, and the reads slowed: two threads over cold small experts of 1 / 3 / 6
-  // rows read 48-55 / 41-45 / 33-41 GB/s. Products of 2-6 rows prefetch their streams
-  // 2 KiB ahead (a panel where that is shorter) instead: short streams, and long ones
-  // from 5 rows (paired, Zen 5: small experts' gate|up cold, 2 / 4 / 6 rows, 1.10-1.12 /
-  // 1.08-1.20 / 1.13-1.29 on two threads; lm_head-sized 5 / 6 rows 1.12 / 1.23-1.33,
-  // V2-Lite's expert on one thread 1.08 / 1.43, but 2-4 rows 0.92-1.05; decode steps B=64
-  // 1.04-1.05 on small experts and V2-Lite's shape, B=16 on V2-Lite's 1.07).
+  // rows read 48-55 / 41-45 / 33-41 GB/s. With AVX-512, products of 2-6 rows prefetch
+  // their streams 2 KiB ahead (a panel where that is shorter) instead: short streams, and
+  // long ones from 5 rows (paired, Zen 5: small experts' gate|up cold, 2 / 4 / 6 rows,
+  // 1.10-1.12 / 1.08-1.20 / 1.13-1.29 on two threads; lm_head-sized 5 / 6 rows 1.12 /
+  // 1.23-1.33, V2-Lite's expert on one thread 1.08 / 1.43, but 2-4 rows 0.92-1.05;
+  // decode steps B=64 1.04-1.05 on small experts and V2-Lite's shape, B=16 on V2-Lite's
+  // 1.07). AVX-VNNI's 2 rows over 2 streams so ran 0.93 on one thread, 0.9-1.0 on two.
   const bool short_stream = (p1 - p0) * panel_bytes <= kShortStreamBytes;
   if (m <= tiling.sequential_rows) {
-    const int64_t ahead = m >= 2 && (short_stream || m >= 5) ? std::min<int64_t>(panel_bytes, 2048)
-                          : short_stream                    ? panel_bytes
-                                                            : 0;
+    const int64_t ahead = tiling.near_ahead > 0 && m >= 2 && (short_stream || m >= 5)
+                              ? std::min(panel_bytes, tiling.near_ahead)
+                          : short_stream ? panel_bytes
+                                         : 0;
     const int streams = p1 - p0 >= 2 * tiling.streams ? tiling.streams : 1;
     const int64_t part = (p1 - p0) / streams;
     const BlockFn side_by_side = tiling.block(static_cast<int>(m), streams);
