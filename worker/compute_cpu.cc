@@ -302,25 +302,28 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
   const int64_t width = c.latent_dim();
   float* latent = Scratch(kLatent, tokens * width);
   float* qa = rank > 0 ? Scratch(kQa, tokens * rank) : nullptr;
+  // The products' rows, LD apart, before they are normalised into QA and LATENT.
+  const float* qa_in = qa;
+  const float* kv_in = latent;
+  int64_t qa_ld = rank, kv_ld = width;
   if (L.q_a_kv_a.data != nullptr) {
     // Both from one product (one pass over x, one start of the team), split as they are
     // normalised.
     const int64_t both = rank + width;
     float* y = Scratch(kQaLatent, tokens * both);
     cpu::MatMul(x, tokens, c.hidden_size, L.q_a_kv_a, y, both);
-    cpu::RmsNorm(y, tokens, rank, both, L.q_a_norm.data(), eps, qa, rank);
-    cpu::RmsNorm(y + rank, tokens, lora, both, L.kv_a_norm.data(), eps, latent, width);
+    qa_in = y;
+    kv_in = y + rank;
+    qa_ld = kv_ld = both;
     for (int64_t t = 0; t < tokens; ++t) {
       std::memcpy(latent + t * width + lora, y + t * both + rank + lora, static_cast<size_t>(rope) * sizeof(float));
     }
   } else {
-    if (rank > 0) {
-      cpu::MatMul(x, tokens, c.hidden_size, L.q_a_proj, qa, rank);
-      cpu::RmsNorm(qa, tokens, rank, rank, L.q_a_norm.data(), eps, qa, rank);
-    }
+    if (rank > 0) cpu::MatMul(x, tokens, c.hidden_size, L.q_a_proj, qa, rank);
     cpu::MatMul(x, tokens, c.hidden_size, L.kv_a_proj, latent, width);
-    cpu::RmsNorm(latent, tokens, lora, width, L.kv_a_norm.data(), eps, latent, width);
   }
+  if (rank > 0) cpu::RmsNorm(qa_in, tokens, rank, qa_ld, L.q_a_norm.data(), eps, qa, rank);
+  cpu::RmsNorm(kv_in, tokens, lora, kv_ld, L.kv_a_norm.data(), eps, latent, width);
   // Queries [tokens, heads, q_head_dim].
   float* q = Scratch(kQ, tokens * heads * qhd);
   if (rank > 0) {

@@ -32,9 +32,12 @@ class Binder {
       : ckpt_(ckpt), w_(w), residency_(residency), progress_(progress), total_(total),
         count_only_(count_only), quantize_(quantize) {}
 
-  // BLOCK's rows of V.
+  // BLOCK's rows and columns of V.
   static int64_t RowsOf(const TensorView& v, Block block) {
     return block.rows < 0 ? v.shape[0] - block.row_begin : block.rows;
+  }
+  static int64_t ColsOf(const TensorView& v, Block block) {
+    return block.cols < 0 ? v.shape[1] - block.col_begin : block.cols;
   }
 
   cpu::WeightMatrix Matrix(const std::string& name, Block block = {}, Use use = Use::kProduct) {
@@ -42,7 +45,7 @@ class Binder {
     const int64_t full_cols = v.shape[1];
     cpu::WeightMatrix m;
     m.rows = RowsOf(v, block);
-    m.cols = block.cols < 0 ? full_cols - block.col_begin : block.cols;
+    m.cols = ColsOf(v, block);
     if (quantize_ && use == Use::kProduct) return Quantized(v, block, m.rows, m.cols, name);
     const bool widen = v.dtype == DType::kF16;
     m.type = v.dtype == DType::kBF16 ? cpu::WeightType::kBF16 : cpu::WeightType::kF32;
@@ -106,8 +109,8 @@ class Binder {
     cpu::WeightMatrix m;
     const int64_t a_rows = RowsOf(a, a_block);
     const int64_t b_rows = RowsOf(b, b_block);
-    const int64_t cols = a_block.cols < 0 ? a.shape[1] - a_block.col_begin : a_block.cols;
-    const int64_t b_cols = b_block.cols < 0 ? b.shape[1] - b_block.col_begin : b_block.cols;
+    const int64_t cols = ColsOf(a, a_block);
+    const int64_t b_cols = ColsOf(b, b_block);
     const bool widen = a.dtype == DType::kF16;
     const bool copied = quantize_ || widen || residency_ == WeightResidency::kCopy;
     if (!copied || a.dtype != b.dtype || cols != b_cols ||

@@ -247,9 +247,8 @@ EPIC_AVX512_BF16 void DotBlock(const Bf16* xb, int64_t kp, int64_t pairs, int64_
       acc1[r] = _mm512_dpbf16_ps(acc1[r], a, b1);
     }
   }
-  auto lanes = [](int64_t n) { return n >= kTile ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << n) - 1); };
-  const __mmask16 mask0 = lanes(cols);
-  const __mmask16 mask1 = lanes(std::max<int64_t>(cols - kTile, 0));
+  const __mmask16 mask0 = FirstLanes(cols);
+  const __mmask16 mask1 = FirstLanes(std::max<int64_t>(cols - kTile, 0));
 #pragma GCC unroll 12
   for (int r = 0; r < kRows; ++r) {
     if (r >= valid_rows) break;
