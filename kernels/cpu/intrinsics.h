@@ -27,6 +27,32 @@ __attribute__((target("avx2"), always_inline)) inline __m256i FirstLanes8(int64_
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n < 8 ? n : 8)), lane);
 }
 
+// FloatToBf16 (common/half.h) on 16 lanes, bit for bit: round to nearest even, NaN kept
+// NaN (made quiet).
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __m256i RoundToBf16Lanes(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i high = _mm512_srli_epi32(bits, 16);
+  const __m512i half_up = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(high, _mm512_set1_epi32(1)));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, half_up), 16);
+  const __mmask16 nan =
+      _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, _mm512_set1_epi32(0x40))));
+}
+
+// The same on 8 lanes of AVX2, in the low 128 bits.
+__attribute__((target("avx2"), always_inline)) inline __m128i RoundToBf16Lanes8(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i high = _mm256_srli_epi32(bits, 16);
+  const __m256i half_up = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(high, _mm256_set1_epi32(1)));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, half_up), 16);
+  // Magnitudes fit a signed compare.
+  const __m256i nan =
+      _mm256_cmpgt_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+  const __m256i words = _mm256_blendv_epi8(rounded, _mm256_or_si256(high, _mm256_set1_epi32(0x40)), nan);
+  // Each lane's 16 bits: packed per 128-bit half (no saturation below 0x10000), halves joined.
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(words, words), 0x08));
+}
+
 // The sum of an AVX vector's 8 lanes.
 __attribute__((target("avx2"), always_inline)) inline float ReduceAdd8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -39,43 +39,46 @@ T* Scratch(Slot slot, int64_t count) {
   return static_cast<T*>(buffers[slot].Get(count * static_cast<int64_t>(sizeof(T))));
 }
 
-// FloatToBf16 on 16 lanes, bit for bit (round to nearest even, NaN kept NaN): the
-// probabilities the BF16 attention rounds are as many as its multiply-adds over k.
+// FloatToBf16 on 16 lanes at a time (8 on AVX2): the probabilities the BF16 attention
+// rounds are as many as its multiply-adds over k, and every latent row written to a BF16
+// cache is rounded.
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void RoundRowAvx512(const float* in, int64_t k, Bf16* out) {
-  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff), quiet = _mm512_set1_epi32(0x40);
-  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), infinity = _mm512_set1_epi32(0x7f800000);
   for (int64_t c = 0; c < k; c += 16) {
     const __mmask16 lanes = FirstLanes(k - c);
-    const __m512i bits = _mm512_castps_si512(_mm512_maskz_loadu_ps(lanes, in + c));
-    const __m512i high = _mm512_srli_epi32(bits, 16);
-    const __m512i half_up = _mm512_add_epi32(bias, _mm512_and_si512(high, one));  // ties to even
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, half_up), 16);
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, magnitude), infinity);
-    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, quiet));
-    _mm256_mask_storeu_epi16(out + c, lanes, _mm512_cvtepi32_epi16(rounded));
+    _mm256_mask_storeu_epi16(out + c, lanes, RoundToBf16Lanes(_mm512_maskz_loadu_ps(lanes, in + c)));
   }
 }
 
-// OUT [kp] = IN [k] rounded to BF16, zeros past k.
-void RoundRow(bool avx512, const float* in, int64_t k, int64_t kp, Bf16* out) {
-  if (avx512) {
-    RoundRowAvx512(in, k, out);
-  } else {
-    for (int64_t c = 0; c < k; ++c) out[c] = FloatToBf16(in[c]);
+__attribute__((target("avx2"))) void RoundRowAvx2(const float* in, int64_t k, Bf16* out) {
+  int64_t c = 0;
+  for (; c + 8 <= k; c += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), RoundToBf16Lanes8(_mm256_loadu_ps(in + c)));
   }
+  for (; c < k; ++c) out[c] = FloatToBf16(in[c]);
+}
+
+void RoundRowPlain(const float* in, int64_t k, Bf16* out) {
+  for (int64_t c = 0; c < k; ++c) out[c] = FloatToBf16(in[c]);
+}
+
+using RoundRowFn = void (*)(const float*, int64_t, Bf16*);
+const RoundRowFn kRoundRow = Has(Isa::kAvx512) ? RoundRowAvx512 : Has(Isa::kAvx2) ? RoundRowAvx2 : RoundRowPlain;
+
+// OUT [kp] = IN [k] rounded to BF16, zeros past k.
+void RoundRow(const float* in, int64_t k, int64_t kp, Bf16* out) {
+  kRoundRow(in, k, out);
   std::fill(out + k, out + kp, Bf16{0});
 }
 
 // XB [rows_padded, kp] = x rounded to BF16, zero beyond m rows and k columns.
 void RoundActivations(const float* x, int64_t m, int64_t ldx, int64_t k, int64_t rows_padded, int64_t kp, Bf16* xb) {
-  const bool avx512 = Has(Isa::kAvx512);
   ParallelRows(rows_padded, m * k > (1 << 16), [&](int64_t i) {
     Bf16* out = xb + i * kp;
     if (i >= m) {
       std::memset(out, 0, static_cast<size_t>(kp) * sizeof(Bf16));
       return;
     }
-    RoundRow(avx512, x + i * ldx, k, kp, out);
+    RoundRow(x + i * ldx, k, kp, out);
   });
 }
 
@@ -125,7 +128,7 @@ void PackPanel(const W* w, int64_t stride, int64_t rows, int64_t k, int64_t kp, 
     Bf16* tile = Scratch<Bf16>(kRoundedRow, kTile * kp);
     for (int64_t c = 0; c < kTile; ++c) {
       if (n0 + c < rows) {
-        RoundRow(avx512, w + (n0 + c) * stride, k, kp, tile + c * kp);
+        RoundRow(w + (n0 + c) * stride, k, kp, tile + c * kp);
       } else {
         std::fill(tile + c * kp, tile + (c + 1) * kp, Bf16{0});
       }
@@ -466,16 +469,15 @@ Path ActivePath() {
 // Y (+)= X W^T with W's rows in panels of 16 (PackPanel's layout): PANELS(b, kp, &p0, &p1)
 // gives the two panels of output columns [32 b, 32 b + 32) over KP values of k, on the
 // calling thread.
+// Rows of x a register block (or AMX's two A tiles) takes.
+int64_t BlockRows(Path path) { return path == Path::kAmx ? 2 * kTile : kDotRows; }
+
+// ProductOverPanels over x already in BF16: XB [RoundUp(m, BlockRows(path))][kp].
 template <typename Panels>
-void ProductOverPanels(Path path, const float* x, int64_t m, int64_t ldx, int64_t rows, int64_t k, float* y,
-                       int64_t ldy, bool accumulate, const Panels& panels, Causal causal = {}) {
+void ProductOverRounded(Path path, const Bf16* xb, int64_t m, int64_t rows, int64_t k, float* y, int64_t ldy,
+                        bool accumulate, const Panels& panels, Causal causal = {}) {
   const int64_t kp = RoundUp(k, kKStep);
-  const int64_t block_rows = path == Path::kAmx ? 2 * kTile : kDotRows;
-  const int64_t mp = RoundUp(m, block_rows);
-  // The calling thread's, shared by the team: x in BF16, read by every column block (a
-  // vector of its own each call was allocated and zeroed first).
-  Bf16* xb = Scratch<Bf16>(kRoundedX, mp * kp);
-  RoundActivations(x, m, ldx, k, mp, kp, xb);
+  const int64_t block_rows = BlockRows(path);
   const int64_t blocks = (rows + kBlockCols - 1) / kBlockCols;
   const double work = static_cast<double>(m) * static_cast<double>(rows) * static_cast<double>(k);
   const int threads = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(work / (1 << 20)) + 1));
@@ -509,6 +511,18 @@ void ProductOverPanels(Path path, const float* x, int64_t m, int64_t ldx, int64_
     }
     if (path == Path::kAmx) ReleaseTiles();
   });
+}
+
+template <typename Panels>
+void ProductOverPanels(Path path, const float* x, int64_t m, int64_t ldx, int64_t rows, int64_t k, float* y,
+                       int64_t ldy, bool accumulate, const Panels& panels, Causal causal = {}) {
+  const int64_t kp = RoundUp(k, kKStep);
+  const int64_t mp = RoundUp(m, BlockRows(path));
+  // The calling thread's, shared by the team: x in BF16, read by every column block (a
+  // vector of its own each call was allocated and zeroed first).
+  Bf16* xb = Scratch<Bf16>(kRoundedX, mp * kp);
+  RoundActivations(x, m, ldx, k, mp, kp, xb);
+  ProductOverRounded(path, xb, m, rows, k, y, ldy, accumulate, panels, causal);
 }
 
 template <typename W>
@@ -553,15 +567,34 @@ void MatMul(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float
   }
 }
 
+namespace {
+
+// Bf16Panels' column blocks in place.
+auto InPlace(const Bf16Panels& w) {
+  return [&w](int64_t b, int64_t, const Bf16** panel0, const Bf16** panel1) {
+    *panel0 = w.data + 2 * b * w.panel_elements();
+    *panel1 = *panel0 + w.panel_elements();
+  };
+}
+
+}  // namespace
+
 void MatMulBf16Panels(const float* x, int64_t m, int64_t ldx, const Bf16Panels& w, int64_t rows, int64_t k, float* y,
                       int64_t ldy, Causal causal) {
   if (m <= 0 || rows <= 0) return;
-  ProductOverPanels(ActivePath(), x, m, ldx, rows, k, y, ldy, /*accumulate=*/false,
-                    [&](int64_t b, int64_t, const Bf16** panel0, const Bf16** panel1) {
-                      *panel0 = w.data + 2 * b * w.panel_elements();
-                      *panel1 = *panel0 + w.panel_elements();
-                    },
-                    causal);
+  ProductOverPanels(ActivePath(), x, m, ldx, rows, k, y, ldy, /*accumulate=*/false, InPlace(w), causal);
+}
+
+int64_t Bf16Rows(int64_t m) { return RoundUp(m, BlockRows(ActivePath())); }
+
+void RoundRowsToBf16(const float* x, int64_t m, int64_t ldx, int64_t k, uint16_t* xb) {
+  RoundActivations(x, m, ldx, k, Bf16Rows(m), Bf16Panels::Kp(k), xb);
+}
+
+void MatMulBf16PanelsRounded(const uint16_t* xb, int64_t m, const Bf16Panels& w, int64_t rows, int64_t k, float* y,
+                             int64_t ldy, Causal causal) {
+  if (m <= 0 || rows <= 0) return;
+  ProductOverRounded(ActivePath(), xb, m, rows, k, y, ldy, /*accumulate=*/false, InPlace(w), causal);
 }
 
 void PackBf16Panels(const float* w, int64_t rows, int64_t k, int64_t ldw, uint16_t* panels) {
@@ -596,7 +629,7 @@ void MatMulNoTransBf16(const uint16_t* x, int64_t ldx, int64_t m, const uint16_t
   }
 }
 
-void RoundToBf16(const float* in, int64_t n, uint16_t* out) { RoundRow(Has(Isa::kAvx512), in, n, n, out); }
+void RoundToBf16(const float* in, int64_t n, uint16_t* out) { kRoundRow(in, n, out); }
 
 bool Bf16ProductsBeatF32() {
   const Path path = ActivePath();

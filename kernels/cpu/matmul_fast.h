@@ -75,6 +75,20 @@ struct Causal {
 void MatMulBf16Panels(const float* x, int64_t m, int64_t ldx, const Bf16Panels& w, int64_t rows, int64_t k, float* y,
                       int64_t ldy, Causal causal = {});
 
+// Rows X holds once rounded for MatMulBf16PanelsRounded: M rounded up to the products'
+// blocks of rows (12 for vdpbf16ps, 32 for AMX).
+int64_t Bf16Rows(int64_t m);
+
+// XB [Bf16Rows(m)][Bf16Panels::Kp(k)] = X [m, k] (rows LDX apart) rounded to BF16 (as
+// FloatToBf16), zeros past M and past K.
+void RoundRowsToBf16(const float* x, int64_t m, int64_t ldx, int64_t k, uint16_t* xb);
+
+// MatMulBf16Panels over X already rounded, in RoundRowsToBf16's layout: one rounding for
+// several products, or rows written rounded where they are made (the BF16 attention's
+// probabilities, OnlineSoftmaxRowBf16). The same products, bit for bit.
+void MatMulBf16PanelsRounded(const uint16_t* xb, int64_t m, const Bf16Panels& w, int64_t rows, int64_t k, float* y,
+                             int64_t ldy, Causal causal = {});
+
 // Y[t, h] = sum_{j < k} rows[t * stride + j] q[h, j] for t < N, h < HEADS: BF16 rows
 // (a decode's latent cache) against BF16 queries packed as Bf16Panels (HEADS rows, kp >=
 // K; K even), summed in F32: vdpbf16ps where the host has AVX512_BF16, a plain loop

@@ -262,7 +262,8 @@ void GatherHead(const MlaExpandedParams& p, int64_t h, float* keys, float* value
 // One head's outputs for N queries (the first at position FIRST) from its keys and
 // values packed as BF16 panels (keys: a panel row per context row; values transposed,
 // a panel row per value dimension), a block of kKeyBlock keys at a time: the block's
-// scores, their online softmax (OnlineSoftmaxRow), and its outputs added into the
+// scores, their online softmax (OnlineSoftmaxRowBf16, written rounded as the values'
+// product takes them), and its outputs added into the
 // running ones after those are rescaled to the new maxima; divided by the sums at the
 // end. Scores and probabilities stay in L2 (all of a chunk's scores at once, 128 x 4096
 // floats, did not: 4096-token prefill's attention ran at two thirds of its products'
@@ -274,7 +275,14 @@ void BlockedBf16Head(const MlaExpandedParams& p, const float* q, int64_t q_strid
   const int64_t key_kp = Bf16Panels::Kp(qk);
   const int64_t value_kp = Bf16Panels::Kp(p.start + p.num_queries);
   const int64_t seen = first + n;  // the last query's context
+  const int64_t rows = Bf16Rows(n);
   float* scores = Scratch(kScores, n * kKeyBlock);
+  // The queries rounded once for all blocks; the probabilities written rounded by the
+  // softmax (with rows past N zero).
+  auto* queries = reinterpret_cast<uint16_t*>(Scratch(kPackedQueries, (rows * key_kp + 1) / 2));
+  RoundRowsToBf16(q, n, q_stride, qk, queries);
+  const int64_t probs_kp = Bf16Panels::Kp(std::min(kKeyBlock, seen));
+  auto* probs = reinterpret_cast<uint16_t*>(Scratch(kProbsBf16, (rows * probs_kp + 1) / 2));
   float* sums_out = Scratch(kPartial, n * p.v_dim);  // the blocks' outputs so far
   float* block_out = Scratch(kProbs, n * p.v_dim);
   // Each query's running maximum and factor, then its running sum (a double).
@@ -287,15 +295,17 @@ void BlockedBf16Head(const MlaExpandedParams& p, const float* q, int64_t q_strid
     const int64_t kb = std::min(kKeyBlock, seen - k0);
     // Keys [k0, k0 + kb) start at panel k0 / 16; the values' columns [k0, k0 + kb) at
     // pair k0 / 2 of each panel. Past KB the products meet the probabilities' zeros.
-    MatMulBf16Panels(q, n, q_stride, {keys + k0 * key_kp, key_kp}, kb, qk, scores, kb,
-                     {Causal::kColumns, first - k0});
+    MatMulBf16PanelsRounded(queries, n, {keys + k0 * key_kp, key_kp}, kb, qk, scores, kb,
+                            {Causal::kColumns, first - k0});
+    const int64_t kp = Bf16Panels::Kp(kb);
     for (int64_t i = 0; i < n; ++i) {
       const int64_t valid = std::clamp<int64_t>(first + i + 1 - k0, 0, kb);
-      alphas[i] = OnlineSoftmaxRow(scores + i * kb, valid, kb, p.scale, maxima + i, sums + i);
+      alphas[i] = OnlineSoftmaxRowBf16(scores + i * kb, valid, kp, p.scale, maxima + i, sums + i, probs + i * kp);
     }
+    std::fill(probs + n * kp, probs + rows * kp, uint16_t{0});
     float* target = k0 == 0 ? sums_out : block_out;
-    MatMulBf16Panels(scores, n, kb, {values + k0 * 16, value_kp}, p.v_dim, kb, target, p.v_dim,
-                     {Causal::kK, first - k0});
+    MatMulBf16PanelsRounded(probs, n, {values + k0 * 16, value_kp}, p.v_dim, kb, target, p.v_dim,
+                            {Causal::kK, first - k0});
     if (k0 == 0) continue;
     for (int64_t i = 0; i < n; ++i) {
       float* o = sums_out + i * p.v_dim;

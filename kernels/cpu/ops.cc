@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
+#include "common/half.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/intrinsics.h"
 #include "kernels/cpu/parallel.h"
@@ -103,7 +105,9 @@ void ExpColumnsPlain(const float* x, int64_t rows, int64_t cols, int64_t ldx, fl
   }
 }
 
-float OnlineSoftmaxRowPlain(float* x, int64_t valid, int64_t width, float scale, float* max, double* sum) {
+// The exponentials over X, or rounded to BF16 into ROUNDED when it is given.
+float OnlineSoftmaxRowPlainTo(float* x, int64_t valid, int64_t width, float scale, float* max, double* sum,
+                              uint16_t* rounded) {
   float alpha = 1.0f;
   if (valid > 0) {
     float top = -INFINITY;
@@ -112,14 +116,32 @@ float OnlineSoftmaxRowPlain(float* x, int64_t valid, int64_t width, float scale,
     alpha = std::exp(*max - raised);
     double total = 0.0;
     for (int64_t i = 0; i < valid; ++i) {
-      x[i] = std::exp(scale * x[i] - raised);
-      total += x[i];
+      const float e = std::exp(scale * x[i] - raised);
+      if (rounded != nullptr) {
+        rounded[i] = FloatToBf16(e);
+      } else {
+        x[i] = e;
+      }
+      total += e;
     }
     *sum = *sum * alpha + total;
     *max = raised;
   }
-  std::fill(x + valid, x + width, 0.0f);
+  if (rounded != nullptr) {
+    std::fill(rounded + valid, rounded + width, uint16_t{0});
+  } else {
+    std::fill(x + valid, x + width, 0.0f);
+  }
   return alpha;
+}
+
+float OnlineSoftmaxRowPlain(float* x, int64_t valid, int64_t width, float scale, float* max, double* sum) {
+  return OnlineSoftmaxRowPlainTo(x, valid, width, scale, max, sum, nullptr);
+}
+
+float OnlineSoftmaxRowBf16Plain(const float* x, int64_t valid, int64_t width, float scale, float* max, double* sum,
+                                uint16_t* out) {
+  return OnlineSoftmaxRowPlainTo(const_cast<float*>(x), valid, width, scale, max, sum, out);
 }
 
 void AxpyPlain(float alpha, const float* x, int64_t n, float* y) {
@@ -134,7 +156,7 @@ void ScalePlain(float alpha, float* x, int64_t n) {
 // Vector paths: one traits struct per instruction set, and ops_simd.inc (the kernels)
 // compiled for each.
 
-#define EPIC_AVX512_OP __attribute__((target("avx512f,avx512dq"), always_inline)) inline
+#define EPIC_AVX512_OP __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"), always_inline)) inline
 
 struct Avx512 {
   using Vec = __m512;
@@ -151,6 +173,10 @@ struct Avx512 {
   // P's lanes where M is set, FILL's elsewhere.
   EPIC_AVX512_OP static Vec LoadOr(const float* p, Mask m, Vec fill) { return _mm512_mask_loadu_ps(fill, m, p); }
   EPIC_AVX512_OP static void Store(float* p, Mask m, Vec v) { _mm512_mask_storeu_ps(p, m, v); }
+  // The first min(N, 16) lanes rounded to BF16 (as FloatToBf16).
+  EPIC_AVX512_OP static void StoreBf16(uint16_t* p, int64_t n, Vec v) {
+    _mm256_mask_storeu_epi16(p, FirstLanes(n), RoundToBf16Lanes(v));
+  }
   EPIC_AVX512_OP static Vec Keep(Vec v, Mask m) { return _mm512_maskz_mov_ps(m, v); }  // zeros past M
   EPIC_AVX512_OP static Vec Zero() { return _mm512_setzero_ps(); }
   EPIC_AVX512_OP static Vec Set1(float v) { return _mm512_set1_ps(v); }
@@ -224,6 +250,16 @@ struct Avx2 {
       _mm256_maskstore_ps(p, m.bits, v);
     }
   }
+  EPIC_AVX2_OP static void StoreBf16(uint16_t* p, int64_t n, Vec v) {
+    const __m128i words = RoundToBf16Lanes8(v);
+    if (n >= 8) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), words);
+    } else {
+      alignas(16) uint16_t lanes[8];
+      _mm_store_si128(reinterpret_cast<__m128i*>(lanes), words);
+      std::memcpy(p, lanes, static_cast<size_t>(n) * sizeof(uint16_t));
+    }
+  }
   EPIC_AVX2_OP static Vec Keep(Vec v, Mask m) { return _mm256_and_ps(v, _mm256_castsi256_ps(m.bits)); }
   EPIC_AVX2_OP static Vec Zero() { return _mm256_setzero_ps(); }
   EPIC_AVX2_OP static Vec Set1(float v) { return _mm256_set1_ps(v); }
@@ -279,7 +315,7 @@ struct Avx2 {
 
 namespace avx512 {
 using V = Avx512;
-#define EPIC_SIMD __attribute__((target("avx512f,avx512dq")))
+#define EPIC_SIMD __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
 #include "kernels/cpu/ops_simd.inc"
 #undef EPIC_SIMD
 }  // namespace avx512
@@ -297,6 +333,7 @@ using SiluMulFn = void (*)(const float*, const float*, int64_t, float*);
 using SoftmaxFn = void (*)(float*, int64_t);
 using ExpColumnsFn = void (*)(const float*, int64_t, int64_t, int64_t, float, float*, int64_t, float*, float*);
 using OnlineSoftmaxRowFn = float (*)(float*, int64_t, int64_t, float, float*, double*);
+using OnlineSoftmaxRowBf16Fn = float (*)(const float*, int64_t, int64_t, float, float*, double*, uint16_t*);
 using RmsNormRowFn = void (*)(const float*, int64_t, const float*, float, float*);
 
 // The MoE combine (Axpy), every MLP (SiluMul) and attention's score rows (Softmax,
@@ -313,6 +350,9 @@ const ExpColumnsFn kExpColumns =
 const OnlineSoftmaxRowFn kOnlineSoftmaxRow = Has(Isa::kAvx512) ? avx512::OnlineSoftmaxRow
                                              : Has(Isa::kAvx2)  ? avx2::OnlineSoftmaxRow
                                                                 : OnlineSoftmaxRowPlain;
+const OnlineSoftmaxRowBf16Fn kOnlineSoftmaxRowBf16 = Has(Isa::kAvx512) ? avx512::OnlineSoftmaxRowBf16
+                                                     : Has(Isa::kAvx2)  ? avx2::OnlineSoftmaxRowBf16
+                                                                        : OnlineSoftmaxRowBf16Plain;
 // Every layer's norms, four a layer: in plain C++'s two doubles a vector they were 2% of a
 // 512-token prefill (small experts, Zen 4).
 const RmsNormRowFn kRmsNormRow =
@@ -349,6 +389,11 @@ void ExpColumns(const float* x, int64_t rows, int64_t cols, int64_t ldx, float s
 
 float OnlineSoftmaxRow(float* x, int64_t valid, int64_t width, float scale, float* max, double* sum) {
   return kOnlineSoftmaxRow(x, valid, width, scale, max, sum);
+}
+
+float OnlineSoftmaxRowBf16(const float* x, int64_t valid, int64_t width, float scale, float* max, double* sum,
+                           uint16_t* out) {
+  return kOnlineSoftmaxRowBf16(x, valid, width, scale, max, sum, out);
 }
 
 }  // namespace epic::cpu

@@ -47,6 +47,13 @@ void ExpColumns(const float* x, int64_t rows, int64_t cols, int64_t ldx, float s
 // first, 1 when the maximum holds or VALID is 0).
 float OnlineSoftmaxRow(float* x, int64_t valid, int64_t width, float scale, float* max, double* sum);
 
+// OnlineSoftmaxRow with its exponentials rounded to BF16 (as FloatToBf16) into
+// OUT[0, valid) and zeros into OUT[valid, width), X left as it was; the same *MAX, *SUM
+// (of the values before rounding) and factor. The BF16 attention's probabilities in one
+// pass, for MatMulBf16PanelsRounded.
+float OnlineSoftmaxRowBf16(const float* x, int64_t valid, int64_t width, float scale, float* max, double* sum,
+                           uint16_t* out);
+
 // y[i] += alpha * x[i].
 void Axpy(float alpha, const float* x, int64_t n, float* y);
 

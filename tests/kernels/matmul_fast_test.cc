@@ -300,6 +300,33 @@ TEST_F(PackedPanelsTest, CausalProductsComputeWhatTheRowsSee) {
   }
 }
 
+// X rounded once (RoundRowsToBf16) and taken by MatMulBf16PanelsRounded gives the
+// product MatMulBf16Panels gives from X, bit for bit, causal or not; the rounded rows are
+// FloatToBf16's, zero past K and past M.
+TEST_F(PackedPanelsTest, RoundedRowsGiveTheSameProducts) {
+  for (const int64_t m : {1, 13, 30}) {
+    for (const int64_t k : {37, 100}) {
+      SCOPED_TRACE("m " + std::to_string(m) + ", k " + std::to_string(k));
+      const int64_t ldx = k + 3, ldy = kRows + 2, xkp = Bf16Panels::Kp(k);
+      const std::vector<float> x = Uniform(m * ldx, rng);
+      std::vector<uint16_t> xb(static_cast<size_t>(Bf16Rows(m) * xkp), 0xabcd);
+      ASSERT_GE(Bf16Rows(m), m);
+      RoundRowsToBf16(x.data(), m, ldx, k, xb.data());
+      for (int64_t i = 0; i < Bf16Rows(m); ++i) {
+        for (int64_t j = 0; j < xkp; ++j) {
+          ASSERT_EQ(xb[i * xkp + j], i < m && j < k ? FloatToBf16(x[i * ldx + j]) : 0) << "row " << i << ", " << j;
+        }
+      }
+      for (const Causal causal : {Causal{}, Causal{Causal::kColumns, 5}, Causal{Causal::kK, -3}}) {
+        std::vector<float> want(static_cast<size_t>(m * ldy), 7.0f), got = want;
+        MatMulBf16Panels(x.data(), m, ldx, {packed, kp}, kRows, k, want.data(), ldy, causal);
+        MatMulBf16PanelsRounded(xb.data(), m, {packed, kp}, kRows, k, got.data(), ldy, causal);
+        ASSERT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0) << "causal " << causal.kind;
+      }
+    }
+  }
+}
+
 // The activations' rounding is FloatToBf16's, ties to even included: each row of x holds
 // one value, and the weights are the identity, so each output is that value rounded.
 TEST(MatMulBf16PanelsTest, RoundsActivationsToNearestEven) {
@@ -396,16 +423,6 @@ TEST(MatMulNoTransBf16Test, EqualsAFloat64LoopOverTheOperands) {
       }
     }
   }
-}
-
-TEST(RoundToBf16Test, IsFloatToBf16BitForBit) {
-  const float tie = std::ldexp(1.0f, -8);
-  std::vector<float> values = {1.0f + tie, 1.0f + 3 * tie, -(1.0f + tie), 3.0e38f, -2.5e-30f, 0.1f,
-                               INFINITY, -INFINITY, NAN, 0.0f, -0.0f};
-  for (int i = 0; i < 40; ++i) values.push_back(std::ldexp(1.0f + static_cast<float>(i) / 40.0f, i - 20));
-  std::vector<uint16_t> got(values.size());
-  RoundToBf16(values.data(), static_cast<int64_t>(values.size()), got.data());
-  for (size_t i = 0; i < values.size(); ++i) EXPECT_EQ(got[i], FloatToBf16(values[i])) << "value " << values[i];
 }
 
 }  // namespace

@@ -2,13 +2,18 @@
 #include "kernels/cpu/ops.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstring>
 #include <random>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include <gtest/gtest.h>
 
+#include "common/half.h"
+#include "kernels/cpu/matmul_fast.h"
 #include "tests/testing/random_values.h"
 
 namespace epic::cpu {
@@ -206,6 +211,60 @@ TEST(OpsTest, OnlineSoftmaxRowComposesToTheWholeRowsSoftmax) {
       const double want = std::exp(double(scale) * x[begin + i] - top) / total;
       EXPECT_NEAR(blocks[b][i] * later / sum, want, 1e-5 * want + 1e-12) << "value " << begin + i;
     }
+  }
+}
+
+// The BF16 form writes what OnlineSoftmaxRow writes, each value rounded as FloatToBf16,
+// with the same maximum, sum and factor, and leaves its scores alone: widths short of,
+// at and past a vector, nothing valid, and a row with a NaN.
+TEST(OpsTest, OnlineSoftmaxRowBf16RoundsWhatOnlineSoftmaxRowWrites) {
+  for (const auto& [valid, width] : {std::pair<int64_t, int64_t>{5, 7}, {16, 32}, {37, 64}, {0, 9}, {100, 100}}) {
+    for (const bool nan : {false, true}) {
+      std::vector<float> x = Random(width, 30 + valid, -40, 40);
+      if (nan && valid > 3) x[3] = NAN;
+      std::vector<float> f32 = x;
+      float max = 1.5f, max_bf16 = 1.5f;  // a block after one whose maximum was 1.5
+      double sum = 2.0, sum_bf16 = 2.0;
+      const float alpha = OnlineSoftmaxRow(f32.data(), valid, width, 0.3f, &max, &sum);
+      std::vector<uint16_t> rounded(static_cast<size_t>(width) + 1, 0xabcd);
+      const std::vector<float> before = x;
+      const float alpha_bf16 =
+          OnlineSoftmaxRowBf16(x.data(), valid, width, 0.3f, &max_bf16, &sum_bf16, rounded.data());
+      const std::string where = "valid " + std::to_string(valid) + " width " + std::to_string(width);
+      EXPECT_EQ(std::memcmp(x.data(), before.data(), x.size() * sizeof(float)), 0) << where << ": scores changed";
+      EXPECT_EQ(std::memcmp(&alpha, &alpha_bf16, sizeof(float)), 0) << where;
+      EXPECT_EQ(std::memcmp(&max, &max_bf16, sizeof(float)), 0) << where;
+      EXPECT_EQ(std::memcmp(&sum, &sum_bf16, sizeof(double)), 0) << where;
+      for (int64_t i = 0; i < width; ++i) {
+        EXPECT_EQ(rounded[i], FloatToBf16(f32[i])) << where << " value " << i;
+      }
+      EXPECT_EQ(rounded[width], 0xabcd) << where << ": wrote past the width";
+    }
+  }
+}
+
+// RoundToBf16 (every latent row of a BF16 cache, the BF16 products' operands) is
+// FloatToBf16 bit for bit on each vector path: ties to even either way, the largest
+// finite values rounding to infinity, subnormals, signed zeros, and NaNs kept NaN
+// (quiet), in every lane of a vector and in a tail.
+TEST(OpsTest, RoundToBf16IsFloatToBf16BitForBit) {
+  const uint32_t bits[] = {0x3f808000, 0x3f818000, 0x3f808001, 0x3f817fff, 0x7f7fffff, 0xff7fffff, 0x00000001,
+                           0x80008000, 0x00018000, 0x80000000, 0x00000000, 0x7f800000, 0xff800000, 0x7f800001,
+                           0xffc00001, 0x7fbfffff, 0x3eaaaaab, 0xc0490fdb};
+  std::vector<float> in;
+  for (int copy = 0; copy < 3; ++copy) {
+    for (const uint32_t b : bits) in.push_back(std::bit_cast<float>(b ^ (copy == 2 ? 0x80000000u : 0u)));
+  }
+  const std::vector<float> random = Random(45, 77, -1e3, 1e3);
+  in.insert(in.end(), random.begin(), random.end());
+  for (const size_t n : {in.size(), size_t{13}, size_t{8}, size_t{3}}) {
+    std::vector<uint16_t> out(n + 1, 0xabcd);
+    RoundToBf16(in.data(), static_cast<int64_t>(n), out.data());
+    for (size_t i = 0; i < n; ++i) {
+      EXPECT_EQ(out[i], FloatToBf16(in[i])) << "n " << n << ", value " << i << " bits " << std::hex
+                                            << std::bit_cast<uint32_t>(in[i]);
+    }
+    EXPECT_EQ(out[n], 0xabcd) << "wrote past " << n;
   }
 }
 
