@@ -29,14 +29,20 @@ __attribute__((target("avx2"), always_inline)) inline __m256i FirstLanes8(int64_
 
 // FloatToBf16 (common/half.h) on 16 lanes, bit for bit: round to nearest even, NaN kept
 // NaN (made quiet).
-__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __m256i RoundToBf16Lanes(__m512 v) {
+// Each lane's BF16 in its low 16 bits (the high ones zero).
+__attribute__((target("avx512f"), always_inline)) inline __m512i RoundToBf16Words(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i high = _mm512_srli_epi32(bits, 16);
   const __m512i half_up = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(high, _mm512_set1_epi32(1)));
   const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, half_up), 16);
   const __mmask16 nan =
       _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, _mm512_set1_epi32(0x40))));
+  return _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, _mm512_set1_epi32(0x40)));
+}
+
+// The 16 lanes narrowed to BF16s side by side.
+__attribute__((target("avx512f"), always_inline)) inline __m256i RoundToBf16Lanes(__m512 v) {
+  return _mm512_cvtepi32_epi16(RoundToBf16Words(v));
 }
 
 // The same on 8 lanes of AVX2, in the low 128 bits.

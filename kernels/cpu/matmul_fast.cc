@@ -603,6 +603,38 @@ void PackBf16Panels(const float* w, int64_t rows, int64_t k, int64_t ldw, uint16
   for (int64_t i = 0; i < count; ++i) PackPanel(w, ldw, rows, k, kp, i * kTile, panels + i * kp * kTile);
 }
 
+namespace {
+
+// PackBf16PanelsTransposed's pairs of k: W's rows 2j and 2j + 1 (zero past K), 16 of
+// their columns rounded and interleaved into a panel row of pairs at a time.
+__attribute__((target("avx512f"))) void PackTransposedAvx512(const float* w, int64_t k, int64_t rows, int64_t ldw,
+                                                             int64_t kp, uint16_t* panels) {
+  const int64_t panel_count = Bf16Panels::Elements(rows, k) / (kp * kTile);
+  for (int64_t p = 0; p < panel_count; ++p) {
+    const __mmask16 lanes = FirstLanes(std::max<int64_t>(rows - p * kTile, 0));
+    auto* out = reinterpret_cast<uint32_t*>(panels + p * kp * kTile);
+    for (int64_t j = 0; j < kp / 2; ++j) {
+      const __mmask16 even = 2 * j < k ? lanes : 0, odd = 2 * j + 1 < k ? lanes : 0;
+      const __m512i low = RoundToBf16Words(_mm512_maskz_loadu_ps(even, w + 2 * j * ldw + p * kTile));
+      const __m512i high = RoundToBf16Words(_mm512_maskz_loadu_ps(odd, w + (2 * j + 1) * ldw + p * kTile));
+      _mm512_storeu_si512(out + j * kTile, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
+    }
+  }
+}
+
+}  // namespace
+
+void PackBf16PanelsTransposed(const float* w, int64_t k, int64_t rows, int64_t ldw, uint16_t* panels) {
+  const int64_t kp = Bf16Panels::Kp(k);
+  if (Has(Isa::kAvx512)) return PackTransposedAvx512(w, k, rows, ldw, kp, panels);
+  const int64_t padded_rows = Bf16Panels::Elements(rows, k) / kp;
+  for (int64_t r = 0; r < padded_rows; ++r) {
+    for (int64_t c = 0; c < kp; ++c) {
+      panels[Bf16Panels::Index(kp, r, c)] = r < rows && c < k ? FloatToBf16(w[c * ldw + r]) : Bf16{0};
+    }
+  }
+}
+
 void MatMulBf16Rows(const uint16_t* rows, int64_t n, int64_t stride, const Bf16Panels& q, int64_t heads, int64_t k,
                     float* y, int64_t ldy) {
   if (Has(Isa::kAvx512Bf16)) return MatMulBf16RowsDot(rows, n, stride, q, heads, k, y, ldy);

@@ -59,6 +59,12 @@ struct Bf16Panels {
 // and past ROWS.
 void PackBf16Panels(const float* w, int64_t rows, int64_t k, int64_t ldw, uint16_t* panels);
 
+// PackBf16Panels of W's transpose: W [k x rows] (row stride LDW) packed as the ROWS x K
+// matrix W^T, two rows of W making each pair of k side by side (the expanded attention's
+// values, a row per context position, packed a panel row per value dimension, with no
+// transposed copy in between).
+void PackBf16PanelsTransposed(const float* w, int64_t k, int64_t rows, int64_t ldw, uint16_t* panels);
+
 // What a causal attention's product may leave out, row I of X being position FIRST + I:
 // kColumns (its scores), Y's columns past FIRST + I, which are then left as they were;
 // kK (its probabilities times values), the terms past k = FIRST + I, X's row I being

@@ -238,8 +238,8 @@ void LatentRows::Widen(int64_t t, int64_t begin, int64_t count, float* out) cons
   }
 }
 
-// Head H's keys [context, qk] and values transposed [v_dim, context] (F32), 16 context
-// rows at a time.
+// Head H's keys [context, qk] and, unless VALUES is null, its values transposed [v_dim,
+// context] (F32), 16 context rows at a time.
 void GatherHead(const MlaExpandedParams& p, int64_t h, float* keys, float* values) {
   const int64_t qk = p.nope_dim + p.rope_dim;
   const int64_t head_width = p.nope_dim + p.v_dim;
@@ -253,6 +253,7 @@ void GatherHead(const MlaExpandedParams& p, int64_t h, float* keys, float* value
       std::memcpy(keys + t * qk, kv, static_cast<size_t>(p.nope_dim) * sizeof(float));
       std::memcpy(keys + t * qk + p.nope_dim, p.k_pe + t * p.rope_dim, static_cast<size_t>(p.rope_dim) * sizeof(float));
     }
+    if (values == nullptr) continue;
     for (int64_t d = 0; d < p.v_dim; ++d) {
       for (int64_t t = t0; t < t1; ++t) values[d * context + t] = p.kv[t * kv_width + h * head_width + p.nope_dim + d];
     }
@@ -334,15 +335,18 @@ void MlaExpandedAttention(const MlaExpandedParams& p) {
   auto values_at = [&](int64_t h) { return keys_at(h) + key_elements * element_bytes; };
   ParallelFor(p.num_heads, true, [&](int64_t h) {
     float* keys = Scratch(kQueries, context * qk);  // this thread's, until packed
+    if (p.bf16) {
+      // The values packed from their rows in place, pairs of rows interleaved.
+      GatherHead(p, h, keys, nullptr);
+      PackBf16Panels(keys, context, qk, qk, reinterpret_cast<uint16_t*>(keys_at(h)));
+      PackBf16PanelsTransposed(p.kv + h * (p.nope_dim + p.v_dim) + p.nope_dim, context, p.v_dim,
+                               p.num_heads * (p.nope_dim + p.v_dim), reinterpret_cast<uint16_t*>(values_at(h)));
+      return;
+    }
     float* values = Scratch(kScores, p.v_dim * context);
     GatherHead(p, h, keys, values);
-    if (p.bf16) {
-      PackBf16Panels(keys, context, qk, qk, reinterpret_cast<uint16_t*>(keys_at(h)));
-      PackBf16Panels(values, p.v_dim, context, context, reinterpret_cast<uint16_t*>(values_at(h)));
-    } else {
-      PackF32(keys, context, qk, qk, reinterpret_cast<float*>(keys_at(h)));
-      PackF32(values, p.v_dim, context, context, reinterpret_cast<float*>(values_at(h)));
-    }
+    PackF32(keys, context, qk, qk, reinterpret_cast<float*>(keys_at(h)));
+    PackF32(values, p.v_dim, context, context, reinterpret_cast<float*>(values_at(h)));
   });
   const int64_t chunk = p.bf16 ? kQueryChunkBf16 : kQueryChunk;
   const int64_t chunks = (p.num_queries + chunk - 1) / chunk;

@@ -198,6 +198,30 @@ TEST(PackBf16PanelsTest, EqualsPackingEachElement) {
   }
 }
 
+// Packing W [k x rows] as its transpose gives PackBf16Panels' panels of the transpose,
+// bit for bit: rows short of, at and past a panel of 16 and a block of 32, odd k, a tie
+// and a NaN, and zeros past both.
+TEST(PackBf16PanelsTest, TransposedEqualsPackingTheTranspose) {
+  std::mt19937 rng(6);
+  std::uniform_real_distribution<float> dist(-2.0f, 2.0f);
+  for (const auto& [rows, k] : {std::pair<int64_t, int64_t>{1, 1}, {64, 37}, {45, 100}, {16, 64}, {70, 300}}) {
+    SCOPED_TRACE("rows " + std::to_string(rows) + ", k " + std::to_string(k));
+    const int64_t ldw = rows + 3;
+    std::vector<float> w(static_cast<size_t>(k * ldw)), transposed(static_cast<size_t>(rows * k));
+    for (float& v : w) v = dist(rng);
+    w[0] = 1.0f + 0x1p-8f;
+    if (w.size() > 1) w[1] = NAN;
+    for (int64_t c = 0; c < k; ++c) {
+      for (int64_t r = 0; r < rows; ++r) transposed[r * k + c] = w[c * ldw + r];
+    }
+    const int64_t elements = Bf16Panels::Elements(rows, k);
+    std::vector<uint16_t> want(static_cast<size_t>(elements), 0xdead), got = want;
+    PackBf16Panels(transposed.data(), rows, k, k, want.data());
+    PackBf16PanelsTransposed(w.data(), k, rows, ldw, got.data());
+    for (int64_t e = 0; e < elements; ++e) ASSERT_EQ(got[e], want[e]) << "element " << e;
+  }
+}
+
 // The float64 sum over K of the rounded X[i] * W[i] (two rows), and the sum of the terms'
 // magnitudes (the tolerance's scale).
 double RoundedDot(const float* x, const float* w, int64_t k, double* magnitude) {

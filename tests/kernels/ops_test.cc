@@ -106,6 +106,30 @@ TEST(OpsTest, RopeOverSlicesRotatesEachSliceAndNothingBetween) {
   }
 }
 
+// The rotation by a step's factors (every prefill token's 17 slices) is the double
+// formula, each product and sum rounded once, bit for bit on every path: whole vectors of
+// four pairs and a tail, slices apart with a gap left alone.
+TEST(OpsTest, RopeByFactorsIsTheDoubleFormulaBitForBit) {
+  for (const int64_t pairs : {16, 7}) {
+    const int64_t stride = 2 * pairs + 3;
+    std::vector<double> inv_freq(static_cast<size_t>(pairs)), cos(inv_freq.size()), sin(inv_freq.size());
+    for (int64_t i = 0; i < pairs; ++i) inv_freq[i] = std::pow(10000.0, -2.0 * i / (2.0 * pairs));
+    RopeFactors(4099, inv_freq.data(), pairs, 0.9, cos.data(), sin.data());
+    const std::vector<float> before = Random(3 * stride, 10, -50, 50);
+    std::vector<float> all = before;
+    ApplyRope(all.data(), 3, stride, cos.data(), sin.data(), pairs);
+    for (int64_t s = 0; s < 3; ++s) {
+      for (int64_t i = 0; i < pairs; ++i) {
+        const double a = before[s * stride + 2 * i], b = before[s * stride + 2 * i + 1];
+        const double ac = a * cos[i], bs = b * sin[i], bc = b * cos[i], as = a * sin[i];
+        EXPECT_EQ(all[s * stride + 2 * i], static_cast<float>(ac - bs)) << "slice " << s << " pair " << i;
+        EXPECT_EQ(all[s * stride + 2 * i + 1], static_cast<float>(bc + as)) << "slice " << s << " pair " << i;
+      }
+      for (int64_t j = 2 * pairs; j < stride; ++j) EXPECT_EQ(all[s * stride + j], before[s * stride + j]) << "gap";
+    }
+  }
+}
+
 TEST(OpsTest, SoftmaxSiluAxpy) {
   for (int n : {1, 15, 16, 50, 1000}) {
     std::vector<float> x = Random(n, 5 + n, -30, 30);
