@@ -173,19 +173,24 @@ const uint16_t* PackPanels(const std::vector<float>& w, int64_t rows, int64_t k,
   return packed;
 }
 
+// N values to pack: uniform in [-1, 1), the first a tie (to even: 1.0), the second NaN.
+std::vector<float> ToPack(int64_t n, std::mt19937& rng) {
+  std::vector<float> w = Uniform(n, rng);
+  w[0] = 1.0f + 0x1p-8f;
+  if (w.size() > 1) w[1] = NAN;
+  return w;
+}
+
 // The library's packing equals the element-by-element one above bit for bit, padding
 // included, with rows that end inside a panel and a row stride wider than k; values
 // that round to even, to odd and NaN among them.
 TEST(PackBf16PanelsTest, EqualsPackingEachElement) {
   std::mt19937 rng(5);
-  std::uniform_real_distribution<float> dist(-2.0f, 2.0f);
   for (const auto& [rows, k] : {std::pair<int64_t, int64_t>{1, 1}, {45, 37}, {70, 100}, {16, 64}, {3, 300}}) {
     SCOPED_TRACE("rows " + std::to_string(rows) + ", k " + std::to_string(k));
     const int64_t ldw = k + 5;
-    std::vector<float> w(static_cast<size_t>(rows * ldw)), dense(static_cast<size_t>(rows * k));
-    for (float& v : w) v = dist(rng);
-    w[0] = 1.0f + 0x1p-8f;  // a tie: to even (1.0)
-    if (w.size() > 1) w[1] = NAN;
+    const std::vector<float> w = ToPack(rows * ldw, rng);
+    std::vector<float> dense(static_cast<size_t>(rows * k));
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t c = 0; c < k; ++c) dense[r * k + c] = w[r * ldw + c];
     }
@@ -203,14 +208,11 @@ TEST(PackBf16PanelsTest, EqualsPackingEachElement) {
 // and a NaN, and zeros past both.
 TEST(PackBf16PanelsTest, TransposedEqualsPackingTheTranspose) {
   std::mt19937 rng(6);
-  std::uniform_real_distribution<float> dist(-2.0f, 2.0f);
   for (const auto& [rows, k] : {std::pair<int64_t, int64_t>{1, 1}, {64, 37}, {45, 100}, {16, 64}, {70, 300}}) {
     SCOPED_TRACE("rows " + std::to_string(rows) + ", k " + std::to_string(k));
     const int64_t ldw = rows + 3;
-    std::vector<float> w(static_cast<size_t>(k * ldw)), transposed(static_cast<size_t>(rows * k));
-    for (float& v : w) v = dist(rng);
-    w[0] = 1.0f + 0x1p-8f;
-    if (w.size() > 1) w[1] = NAN;
+    const std::vector<float> w = ToPack(k * ldw, rng);
+    std::vector<float> transposed(static_cast<size_t>(rows * k));
     for (int64_t c = 0; c < k; ++c) {
       for (int64_t r = 0; r < rows; ++r) transposed[r * k + c] = w[c * ldw + r];
     }
