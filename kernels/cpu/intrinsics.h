@@ -27,9 +27,8 @@ __attribute__((target("avx2"), always_inline)) inline __m256i FirstLanes8(int64_
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n < 8 ? n : 8)), lane);
 }
 
-// FloatToBf16 (common/half.h) on 16 lanes, bit for bit: round to nearest even, NaN kept
-// NaN (made quiet).
-// Each lane's BF16 in its low 16 bits (the high ones zero).
+// FloatToBf16 (common/half.h) on 16 lanes, bit for bit (round to nearest even, NaN kept
+// NaN, made quiet): each lane's BF16 in its low 16 bits, the high ones zero.
 __attribute__((target("avx512f"), always_inline)) inline __m512i RoundToBf16Words(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i high = _mm512_srli_epi32(bits, 16);

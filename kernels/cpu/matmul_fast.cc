@@ -112,6 +112,23 @@ __attribute__((target("avx512f"))) void TransposeWords16(const uint32_t* tile, i
   }
 }
 
+// PackBf16PanelsTransposed's pairs of k: W's rows 2j and 2j + 1 (zero past K), 16 of
+// their columns rounded and interleaved into a panel row of pairs at a time.
+__attribute__((target("avx512f"))) void PackTransposedAvx512(const float* w, int64_t k, int64_t rows, int64_t ldw,
+                                                             int64_t kp, uint16_t* panels) {
+  const int64_t panel_count = Bf16Panels::Elements(rows, k) / (kp * kTile);
+  for (int64_t p = 0; p < panel_count; ++p) {
+    const __mmask16 lanes = FirstLanes(std::max<int64_t>(rows - p * kTile, 0));
+    auto* out = reinterpret_cast<uint32_t*>(panels + p * kp * kTile);
+    for (int64_t j = 0; j < kp / 2; ++j) {
+      const __mmask16 even = 2 * j < k ? lanes : 0, odd = 2 * j + 1 < k ? lanes : 0;
+      const __m512i low = RoundToBf16Words(_mm512_maskz_loadu_ps(even, w + 2 * j * ldw + p * kTile));
+      const __m512i high = RoundToBf16Words(_mm512_maskz_loadu_ps(odd, w + (2 * j + 1) * ldw + p * kTile));
+      _mm512_storeu_si512(out + j * kTile, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
+    }
+  }
+}
+
 // PANEL [kp / 2][16][2]: weight rows [n0, n0 + 16) (zero past ROWS), pairs of k side by side.
 template <typename W>
 void PackPanel(const W* w, int64_t stride, int64_t rows, int64_t k, int64_t kp, int64_t n0, Bf16* panel) {
@@ -466,13 +483,12 @@ Path ActivePath() {
   return path;
 }
 
-// Y (+)= X W^T with W's rows in panels of 16 (PackPanel's layout): PANELS(b, kp, &p0, &p1)
-// gives the two panels of output columns [32 b, 32 b + 32) over KP values of k, on the
-// calling thread.
 // Rows of x a register block (or AMX's two A tiles) takes.
 int64_t BlockRows(Path path) { return path == Path::kAmx ? 2 * kTile : kDotRows; }
 
-// ProductOverPanels over x already in BF16: XB [RoundUp(m, BlockRows(path))][kp].
+// Y (+)= X W^T with W's rows in panels of 16 (PackPanel's layout): PANELS(b, kp, &p0, &p1)
+// gives the two panels of output columns [32 b, 32 b + 32) over KP values of k, on the
+// calling thread; X already in BF16, XB [RoundUp(m, BlockRows(path))][kp].
 template <typename Panels>
 void ProductOverRounded(Path path, const Bf16* xb, int64_t m, int64_t rows, int64_t k, float* y, int64_t ldy,
                         bool accumulate, const Panels& panels, Causal causal = {}) {
@@ -513,6 +529,7 @@ void ProductOverRounded(Path path, const Bf16* xb, int64_t m, int64_t rows, int6
   });
 }
 
+// The same from X in F32, rounded first.
 template <typename Panels>
 void ProductOverPanels(Path path, const float* x, int64_t m, int64_t ldx, int64_t rows, int64_t k, float* y,
                        int64_t ldy, bool accumulate, const Panels& panels, Causal causal = {}) {
@@ -523,6 +540,14 @@ void ProductOverPanels(Path path, const float* x, int64_t m, int64_t ldx, int64_
   Bf16* xb = Scratch<Bf16>(kRoundedX, mp * kp);
   RoundActivations(x, m, ldx, k, mp, kp, xb);
   ProductOverRounded(path, xb, m, rows, k, y, ldy, accumulate, panels, causal);
+}
+
+// PANELS for Bf16Panels' column blocks in place.
+auto InPlace(const Bf16Panels& w) {
+  return [&w](int64_t b, int64_t, const Bf16** panel0, const Bf16** panel1) {
+    *panel0 = w.data + 2 * b * w.panel_elements();
+    *panel1 = *panel0 + w.panel_elements();
+  };
 }
 
 template <typename W>
@@ -567,18 +592,6 @@ void MatMul(const float* x, int64_t m, int64_t ldx, const WeightMatrix& w, float
   }
 }
 
-namespace {
-
-// Bf16Panels' column blocks in place.
-auto InPlace(const Bf16Panels& w) {
-  return [&w](int64_t b, int64_t, const Bf16** panel0, const Bf16** panel1) {
-    *panel0 = w.data + 2 * b * w.panel_elements();
-    *panel1 = *panel0 + w.panel_elements();
-  };
-}
-
-}  // namespace
-
 void MatMulBf16Panels(const float* x, int64_t m, int64_t ldx, const Bf16Panels& w, int64_t rows, int64_t k, float* y,
                       int64_t ldy, Causal causal) {
   if (m <= 0 || rows <= 0) return;
@@ -602,27 +615,6 @@ void PackBf16Panels(const float* w, int64_t rows, int64_t k, int64_t ldw, uint16
   const int64_t count = Bf16Panels::Elements(rows, k) / (kp * kTile);
   for (int64_t i = 0; i < count; ++i) PackPanel(w, ldw, rows, k, kp, i * kTile, panels + i * kp * kTile);
 }
-
-namespace {
-
-// PackBf16PanelsTransposed's pairs of k: W's rows 2j and 2j + 1 (zero past K), 16 of
-// their columns rounded and interleaved into a panel row of pairs at a time.
-__attribute__((target("avx512f"))) void PackTransposedAvx512(const float* w, int64_t k, int64_t rows, int64_t ldw,
-                                                             int64_t kp, uint16_t* panels) {
-  const int64_t panel_count = Bf16Panels::Elements(rows, k) / (kp * kTile);
-  for (int64_t p = 0; p < panel_count; ++p) {
-    const __mmask16 lanes = FirstLanes(std::max<int64_t>(rows - p * kTile, 0));
-    auto* out = reinterpret_cast<uint32_t*>(panels + p * kp * kTile);
-    for (int64_t j = 0; j < kp / 2; ++j) {
-      const __mmask16 even = 2 * j < k ? lanes : 0, odd = 2 * j + 1 < k ? lanes : 0;
-      const __m512i low = RoundToBf16Words(_mm512_maskz_loadu_ps(even, w + 2 * j * ldw + p * kTile));
-      const __m512i high = RoundToBf16Words(_mm512_maskz_loadu_ps(odd, w + (2 * j + 1) * ldw + p * kTile));
-      _mm512_storeu_si512(out + j * kTile, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
-    }
-  }
-}
-
-}  // namespace
 
 void PackBf16PanelsTransposed(const float* w, int64_t k, int64_t rows, int64_t ldw, uint16_t* panels) {
   const int64_t kp = Bf16Panels::Kp(k);

@@ -32,7 +32,8 @@ void RopePairs(float* xs, const double* cos, const double* sin, int64_t begin, i
 }
 
 // Four pairs at a time in double, each product and sum rounded once as RopePairs rounds
-// them (no fused multiply-adds): the same bits. A prefill's queries are 17 slices a token.
+// them (no fused multiply-adds: ISO C++ builds contract none): the same bits. A prefill's
+// queries are 17 slices a token.
 __attribute__((target("avx512f"))) void ApplyRopeAvx512(float* x, int64_t slices, int64_t slice_stride,
                                                         const double* cos, const double* sin, int64_t count) {
   const __m512i twice = _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0);  // each pair's factor on both lanes
