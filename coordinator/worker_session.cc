@@ -400,7 +400,12 @@ std::string WorkerSession::RunSteps(
   };
   v1::internal::CoordinatorMessage message;
   for (;;) {
-    if (stopping_) return finish("the coordinator is shutting down");
+    if (stopping_) {
+      v1::internal::CoordinatorMessage bye;
+      bye.mutable_shutdown();
+      stream->Write(bye);  // a job that no longer listens learns it from the closed link
+      return finish("the coordinator is shutting down");
+    }
     {
       std::lock_guard<std::mutex> lock(inbox_mu);
       if (closed) return finish("the worker link closed");

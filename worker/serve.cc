@@ -173,7 +173,7 @@ Status RunStep(Model& model, LatentCache& cache, const v1::internal::Step& step,
 namespace {
 
 // What rank 0 tells the others before each broadcast payload.
-enum class Command : int64_t { kHeartbeat = 0, kWelcome = 1, kStep = 2, kStop = 3, kRebalance = 4 };
+enum class Command : int64_t { kHeartbeat = 0, kWelcome = 1, kStep = 2, kStop = 3, kRebalance = 4, kShutdown = 5 };
 
 struct RankRecord {
   char host[64];
@@ -236,7 +236,9 @@ class Link {
       steps_.pop_front();
       return true;
     }
-    if (closed_) return UnavailableError("the coordinator closed the link");
+    if (closed_) {
+      return shutdown_ ? CancelledError("the coordinator stopped") : UnavailableError("the coordinator closed the link");
+    }
     return false;
   }
 
@@ -247,6 +249,10 @@ class Link {
   void ReadLoop() {
     v1::internal::CoordinatorMessage m;
     while (stream_->Read(&m)) {
+      if (m.has_shutdown()) {
+        std::lock_guard<std::mutex> lock(mu_);
+        shutdown_ = true;
+      }
       if (!m.has_step() && !m.has_rebalance()) continue;
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -278,6 +284,7 @@ class Link {
   std::condition_variable cv_;
   std::deque<v1::internal::CoordinatorMessage> steps_;
   bool closed_ = false;
+  bool shutdown_ = false;  // the coordinator said it was stopping before the link closed
   std::atomic<bool> done_{false};
 };
 
@@ -431,7 +438,7 @@ Status ServeCoordinator(Model& model, const WorkerOptions& options, const std::s
       payload.clear();
       auto next = link->Next(&message, options.heartbeat);
       if (!next.ok()) {
-        command = Command::kStop;
+        command = next.status().code() == StatusCode::kCancelled ? Command::kShutdown : Command::kStop;
         failure = next.status();
       } else if (!*next) {
         command = Command::kHeartbeat;
@@ -446,9 +453,11 @@ Status ServeCoordinator(Model& model, const WorkerOptions& options, const std::s
     }
     EPIC_RETURN_IF_ERROR(Exchange(comm, &command, &payload));
     if (command == Command::kHeartbeat) continue;
-    if (command == Command::kStop) {
+    if (command == Command::kStop || command == Command::kShutdown) {
       if (link) link->Done();
-      return rank == 0 ? failure : UnavailableError("rank 0 lost the coordinator link");
+      if (rank == 0) return failure;
+      return command == Command::kShutdown ? CancelledError("the coordinator stopped")
+                                           : UnavailableError("rank 0 lost the coordinator link");
     }
     v1::internal::WorkerMessage m;
     Status s;

@@ -20,8 +20,9 @@ int main(int argc, char** argv) {
                "or CPU process: `mpirun -np N epic-worker --model DIR --coordinator HOST:PORT`.\n"
                "Each rank loads its share of the model (its experts, and heads, vocabulary rows and MLP\n"
                "columns under --attention tp); rank 0\n"
-               "attaches to the coordinator and the job runs the steps it sends. The job exits when\n"
-               "the coordinator link closes (exit code 3); launch/cluster.sh relaunches it. Exit code 4:\n"
+               "attaches to the coordinator and the job runs the steps it sends. The job exits 0 when the\n"
+               "coordinator stops, and with code 3 when its link closes otherwise (launch/cluster.sh\n"
+               "relaunches it then). Exit code 4:\n"
                "the coordinator refused the job (wrong secret, or a model it cannot serve): a relaunch\n"
                "cannot help."};
   std::string model_dir;
@@ -102,6 +103,11 @@ int main(int argc, char** argv) {
                (*model)->weights().matrix_bytes / 1048576.0, epic::PrecisionNote(**model, asked).c_str());
 
   const epic::Status s = epic::ServeCoordinator(**model, options, device);
+  // The coordinator stopped and said so: the job is done.
+  if (s.code() == epic::StatusCode::kCancelled) {
+    if (rank == 0) std::fprintf(stderr, "%s%s; exiting\n", who.c_str(), s.message().c_str());
+    return 0;
+  }
   // The link closed (every rank learnt it together): an orderly end, which the
   // launcher answers by relaunching. Anything else may leave ranks mid-collective.
   if (s.code() == epic::StatusCode::kUnavailable) {

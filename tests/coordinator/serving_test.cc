@@ -1231,8 +1231,29 @@ TEST_F(CoordinatorTest, SigtermDrainsRunningRequestsAndRefusesNewOnes) {
   EXPECT_TRUE(outcome.status.ok()) << outcome.status.error_message();
   EXPECT_EQ(outcome.tokens.size(), 1500u) << "the running request was not allowed to finish";
   EXPECT_EQ(coordinator_->Wait(20s), 0);
-  // The worker job leaves when its coordinator does.
-  EXPECT_NE(worker->Wait(30s), -1);
+  // The worker job leaves when its coordinator does, told so: in order, exit code 0 (a
+  // nonzero one makes mpirun abort the job).
+  const int status = worker->Wait(30s);
+  ASSERT_NE(status, -1) << "the worker job did not leave with its coordinator";
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "status " << status;
+  EXPECT_NE(ReadAll(*dir_ / "worker.log").find("the coordinator stopped"), std::string::npos);
+}
+
+TEST_F(CoordinatorTest, AJobWhoseCoordinatorDiesExitsForItsLauncherToRelaunch) {
+  const int port = StartCoordinator({});
+  ASSERT_GT(port, 0);
+  auto worker = Worker(port, "test-secret");
+  Client client(port);
+  for (int i = 0; i < 300 && client.Health() != "SERVING"; ++i) std::this_thread::sleep_for(100ms);
+  ASSERT_EQ(client.Health(), "SERVING");
+  coordinator_->Signal(SIGKILL);
+  coordinator_->Wait(10s);
+  // No word from the coordinator, only a broken link: exit code 3, which launch/cluster.sh
+  // answers by starting the job again.
+  const int status = worker->Wait(30s);
+  ASSERT_NE(status, -1) << "the worker job outlived its coordinator";
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 3) << "status " << status;
+  EXPECT_NE(ReadAll(*dir_ / "worker.log").find("closed the link"), std::string::npos);
 }
 
 TEST_F(CoordinatorTest, AJobThatStopsCompletingStepsIsDeclaredDead) {
