@@ -103,20 +103,18 @@ int main(int argc, char** argv) {
                (*model)->weights().matrix_bytes / 1048576.0, epic::PrecisionNote(**model, asked).c_str());
 
   const epic::Status s = epic::ServeCoordinator(**model, options, device);
-  // The coordinator stopped and said so: the job is done.
-  if (s.code() == epic::StatusCode::kCancelled) {
-    if (rank == 0) std::fprintf(stderr, "%s%s; exiting\n", who.c_str(), s.message().c_str());
-    return 0;
+  // How the job ends, the same on every rank: the coordinator stopped and said so (0); the
+  // link closed otherwise, which the launcher answers by relaunching (3); the coordinator
+  // refused the job, which a relaunch cannot help (4). Anything else may leave ranks
+  // mid-collective: the job is aborted.
+  int code;
+  switch (s.code()) {
+    case epic::StatusCode::kCancelled: code = 0; break;
+    case epic::StatusCode::kUnavailable: code = 3; break;
+    case epic::StatusCode::kUnauthenticated:
+    case epic::StatusCode::kInvalidArgument: code = 4; break;
+    default: fail(s.ToString(), 1); return 1;
   }
-  // The link closed (every rank learnt it together): an orderly end, which the
-  // launcher answers by relaunching. Anything else may leave ranks mid-collective.
-  if (s.code() == epic::StatusCode::kUnavailable) {
-    if (rank == 0) std::fprintf(stderr, "%s%s; exiting\n", who.c_str(), s.message().c_str());
-    return 3;
-  }
-  if (s.code() == epic::StatusCode::kUnauthenticated || s.code() == epic::StatusCode::kInvalidArgument) {
-    if (rank == 0) std::fprintf(stderr, "%s%s; exiting\n", who.c_str(), s.message().c_str());
-    return 4;
-  }
-  fail(s.ToString(), 1);
+  if (rank == 0) std::fprintf(stderr, "%s%s; exiting\n", who.c_str(), s.message().c_str());
+  return code;
 }
