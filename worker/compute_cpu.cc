@@ -154,21 +154,28 @@ class CpuBackend final : public ComputeBackend {
     // Each row's shares (its route entries' grouped rows) added in slot order, as one
     // loop over the grouped rows would add them, with the rows spread over the threads:
     // the same sums, bit for bit (a 512-token prefill's 3072 shares took 2% of it on one
-    // thread).
+    // thread). All of a row's shares in one pass (WeightedSum), not one Axpy each:
+    // 512-token prefill's combine 1.4-1.6x (small experts, Zen 4, alternating in one
+    // process).
     const int64_t top_k = received > 0 ? static_cast<int64_t>(layout.row_grouped.size()) / received : 0;
     cpu::ParallelRows(received, grouped * hidden >= (1 << 16), [&](int64_t r) {
-      float* o = out + r * hidden;
-      std::fill(o, o + hidden, 0.0f);
       const int32_t* shares = layout.row_grouped.data() + r * top_k;  // -1 for pads
+      thread_local std::vector<const float*> x;
+      thread_local std::vector<float> weight;
+      x.resize(static_cast<size_t>(top_k));
+      weight.resize(static_cast<size_t>(top_k));
+      size_t count = 0;
       for (int32_t last = -1;;) {
         int32_t g = std::numeric_limits<int32_t>::max();  // the next grouped row after LAST
         for (int64_t e = 0; e < top_k; ++e) {
           if (shares[e] > last && shares[e] < g) g = shares[e];
         }
         if (g == std::numeric_limits<int32_t>::max()) break;
-        cpu::Axpy(layout.grouped_weight[g], each + g * hidden, hidden, o);
+        x[count] = each + g * hidden;
+        weight[count++] = layout.grouped_weight[g];
         last = g;
       }
+      cpu::WeightedSum({x.data(), count}, weight.data(), hidden, out + r * hidden);
     });
     return OkStatus();
   }

@@ -179,6 +179,11 @@ void AxpyPlain(float alpha, const float* x, int64_t n, float* y) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
+void WeightedSumPlain(const float* const* x, const float* w, int64_t count, int64_t n, float* y) {
+  std::fill(y, y + n, 0.0f);
+  for (int64_t j = 0; j < count; ++j) AxpyPlain(w[j], x[j], n, y);
+}
+
 void ScalePlain(float alpha, float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= alpha;
 }
@@ -358,6 +363,7 @@ using V = Avx2;
 }  // namespace avx2
 
 using AxpyFn = void (*)(float, const float*, int64_t, float*);
+using WeightedSumFn = void (*)(const float* const*, const float*, int64_t, int64_t, float*);
 using ScaleFn = void (*)(float, float*, int64_t);
 using SiluMulFn = void (*)(const float*, const float*, int64_t, float*);
 using SoftmaxFn = void (*)(float*, int64_t);
@@ -370,6 +376,8 @@ using RmsNormRowFn = void (*)(const float*, int64_t, const float*, float, float*
 // ExpColumns) call these millions of times a step: they take the widest vectors the
 // host has.
 const AxpyFn kAxpy = Has(Isa::kAvx512) ? avx512::Axpy : Has(Isa::kAvx2) ? avx2::Axpy : AxpyPlain;
+const WeightedSumFn kWeightedSum =
+    Has(Isa::kAvx512) ? avx512::WeightedSum : Has(Isa::kAvx2) ? avx2::WeightedSum : WeightedSumPlain;
 // A decode's attention outputs over their sums, every head's kv_lora_rank values a
 // sequence and layer: in SSE (the baseline) 8% of small experts' batched attention.
 const ScaleFn kScale = Has(Isa::kAvx512) ? avx512::Scale : Has(Isa::kAvx2) ? avx2::Scale : ScalePlain;
@@ -403,6 +411,10 @@ void RmsNorm(const float* x, int64_t rows, int64_t n, int64_t ldx, const float* 
 }
 
 void Axpy(float alpha, const float* x, int64_t n, float* y) { kAxpy(alpha, x, n, y); }
+
+void WeightedSum(std::span<const float* const> x, const float* w, int64_t n, float* y) {
+  kWeightedSum(x.data(), w, static_cast<int64_t>(x.size()), n, y);
+}
 
 void Scale(float alpha, float* x, int64_t n) { kScale(alpha, x, n); }
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 
 namespace epic::cpu {
 
@@ -56,6 +57,11 @@ float OnlineSoftmaxRowBf16(const float* x, int64_t valid, int64_t width, float s
 
 // y[i] += alpha * x[i].
 void Axpy(float alpha, const float* x, int64_t n, float* y);
+
+// y[i] = sum over j of w[j] * x[j][i], in the order of j: the same values, bit for bit,
+// as Y zeroed and then Axpy(w[j], x[j], n, y) for each j, in one pass over Y and the
+// rows side by side (the MoE combine: each token's experts' outputs).
+void WeightedSum(std::span<const float* const> x, const float* w, int64_t n, float* y);
 
 // x[i] *= alpha.
 void Scale(float alpha, float* x, int64_t n);

@@ -164,6 +164,30 @@ TEST(OpsTest, SoftmaxSiluAxpy) {
   Axpy(0.5f, g.data(), 33, y.data());
   for (int i = 0; i < 33; ++i) EXPECT_FLOAT_EQ(y[i], u[i] + 0.5f * g[i]);
 
+  // WeightedSum: the same bits as Y zeroed and one Axpy a row, in order (the MoE combine
+  // took the second form before), over widths with and without a vector's tail, no rows,
+  // one, and rows whose order changes the sums.
+  for (const int64_t n : {1, 16, 37, 1024}) {
+    for (const int64_t count : {0, 1, 6, 9}) {
+      std::vector<std::vector<float>> rows;
+      std::vector<const float*> ptrs;
+      std::vector<float> weights = Random(count, 40 + count, -2, 2);
+      for (int64_t j = 0; j < count; ++j) {
+        rows.push_back(Random(n, 50 + j, -1e3, 1e3));
+        ptrs.push_back(rows.back().data());
+      }
+      std::vector<float> want(n + 1, 0.0f), got(n + 1, NAN);
+      want[n] = NAN;
+      for (int64_t j = 0; j < count; ++j) Axpy(weights[j], ptrs[j], n, want.data());
+      WeightedSum(ptrs, weights.data(), n, got.data());
+      for (int64_t i = 0; i < n; ++i) {
+        EXPECT_EQ(std::bit_cast<uint32_t>(got[i]), std::bit_cast<uint32_t>(want[i]))
+            << "n " << n << " rows " << count << " i " << i;
+      }
+      EXPECT_TRUE(std::isnan(got[n])) << "wrote past N";
+    }
+  }
+
   // Scale: each value times alpha, one rounding, bit for bit; the values past N untouched
   // (a vector's tail under a mask).
   for (const int n : {1, 16, 37}) {
