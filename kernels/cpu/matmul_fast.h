@@ -59,6 +59,12 @@ struct Bf16Panels {
 // and past ROWS.
 void PackBf16Panels(const float* w, int64_t rows, int64_t k, int64_t ldw, uint16_t* panels);
 
+// PackBf16Panels of the rows [A[r, 0, ka) rounded | B[r, 0, kb)], B already BF16, with
+// no row put together first: the expanded attention's keys, each head's k_nope beside
+// the k_pe all heads share (rounded once for them all). The same panels, bit for bit.
+void PackBf16PanelsJoined(const float* a, int64_t lda, int64_t ka, const uint16_t* b, int64_t ldb, int64_t kb,
+                          int64_t rows, uint16_t* panels);
+
 // PackBf16Panels of W's transpose: W [k x rows] (row stride LDW) packed as the ROWS x K
 // matrix W^T, two rows of W making each pair of k side by side (the expanded attention's
 // values, a row per context position, packed a panel row per value dimension, with no

@@ -49,7 +49,7 @@ constexpr int64_t kQueryChunkBf16 = 128;
 // column blocks): a chunk's block of scores, 128 x 512 floats, stays in L2.
 constexpr int64_t kKeyBlock = 512;
 
-enum Slot { kKeys, kQueries, kScores, kProbs, kProbsBf16, kPartial, kPackedQueries, kWidened, kSlots };
+enum Slot { kKeys, kQueries, kScores, kProbs, kProbsBf16, kPartial, kPackedQueries, kWidened, kRopeKeys, kSlots };
 float* Scratch(Slot slot, int64_t floats) {
   thread_local ScratchBuffer buffers[kSlots];
   return static_cast<float*>(buffers[slot].Get(floats * static_cast<int64_t>(sizeof(float))));
@@ -238,8 +238,8 @@ void LatentRows::Widen(int64_t t, int64_t begin, int64_t count, float* out) cons
   }
 }
 
-// Head H's keys [context, qk] and, unless VALUES is null, its values transposed [v_dim,
-// context] (F32), 16 context rows at a time.
+// Head H's keys [context, qk] and its values transposed [v_dim, context] (F32), 16
+// context rows at a time.
 void GatherHead(const MlaExpandedParams& p, int64_t h, float* keys, float* values) {
   const int64_t qk = p.nope_dim + p.rope_dim;
   const int64_t head_width = p.nope_dim + p.v_dim;
@@ -253,7 +253,6 @@ void GatherHead(const MlaExpandedParams& p, int64_t h, float* keys, float* value
       std::memcpy(keys + t * qk, kv, static_cast<size_t>(p.nope_dim) * sizeof(float));
       std::memcpy(keys + t * qk + p.nope_dim, p.k_pe + t * p.rope_dim, static_cast<size_t>(p.rope_dim) * sizeof(float));
     }
-    if (values == nullptr) continue;
     for (int64_t d = 0; d < p.v_dim; ++d) {
       for (int64_t t = t0; t < t1; ++t) values[d * context + t] = p.kv[t * kv_width + h * head_width + p.nope_dim + d];
     }
@@ -333,16 +332,25 @@ void MlaExpandedAttention(const MlaExpandedParams& p) {
   char* gathered = reinterpret_cast<char*>(Scratch(kKeys, (p.num_heads * per_head * element_bytes + 3) / 4));
   auto keys_at = [&](int64_t h) { return gathered + h * per_head * element_bytes; };
   auto values_at = [&](int64_t h) { return keys_at(h) + key_elements * element_bytes; };
+  // Under BF16 the rope part of the keys, which every head shares, rounded once for all.
+  uint16_t* k_pe = nullptr;
+  if (p.bf16) {
+    k_pe = reinterpret_cast<uint16_t*>(Scratch(kRopeKeys, (context * p.rope_dim + 1) / 2));
+    RoundToBf16(p.k_pe, context * p.rope_dim, k_pe);
+  }
   ParallelFor(p.num_heads, true, [&](int64_t h) {
-    float* keys = Scratch(kQueries, context * qk);  // this thread's, until packed
+    const int64_t kv_width = p.num_heads * (p.nope_dim + p.v_dim);
+    const float* head = p.kv + h * (p.nope_dim + p.v_dim);
     if (p.bf16) {
-      // The values packed from their rows in place, pairs of rows interleaved.
-      GatherHead(p, h, keys, nullptr);
-      PackBf16Panels(keys, context, qk, qk, reinterpret_cast<uint16_t*>(keys_at(h)));
-      PackBf16PanelsTransposed(p.kv + h * (p.nope_dim + p.v_dim) + p.nope_dim, context, p.v_dim,
-                               p.num_heads * (p.nope_dim + p.v_dim), reinterpret_cast<uint16_t*>(values_at(h)));
+      // Packed from their rows in place: the keys' k_nope beside the rounded k_pe, the
+      // values' pairs of rows interleaved.
+      PackBf16PanelsJoined(head, kv_width, p.nope_dim, k_pe, p.rope_dim, p.rope_dim, context,
+                           reinterpret_cast<uint16_t*>(keys_at(h)));
+      PackBf16PanelsTransposed(head + p.nope_dim, context, p.v_dim, kv_width,
+                               reinterpret_cast<uint16_t*>(values_at(h)));
       return;
     }
+    float* keys = Scratch(kQueries, context * qk);  // this thread's, until packed
     float* values = Scratch(kScores, p.v_dim * context);
     GatherHead(p, h, keys, values);
     PackF32(keys, context, qk, qk, reinterpret_cast<float*>(keys_at(h)));

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/half.h"
@@ -224,7 +225,32 @@ TEST(PackBf16PanelsTest, TransposedEqualsPackingTheTranspose) {
   }
 }
 
-// The float64 sum over K of the rounded X[i] * W[i] (two rows), and the sum of the terms'
+// Packing rows joined from two parts (F32 rounded, then BF16 as is) gives PackBf16Panels'
+// panels of the rows put together, bit for bit: parts of odd and even widths, joined
+// widths short of and past a block of 32, rows past the read-ahead and short of it.
+TEST(PackBf16PanelsTest, JoinedEqualsPackingTheJoinedRows) {
+  std::mt19937 rng(7);
+  for (const auto& [rows, ka, kb] :
+       {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {5, 64, 32}, {40, 3, 30}, {70, 31, 2}, {600, 128, 64}}) {
+    SCOPED_TRACE("rows " + std::to_string(rows) + ", parts " + std::to_string(ka) + " + " + std::to_string(kb));
+    const int64_t lda = ka + 9, ldb = kb + 2, k = ka + kb;
+    const std::vector<float> a = ToPack(rows * lda, rng), b_values = ToPack(rows * ldb, rng);
+    std::vector<uint16_t> b(b_values.size());
+    for (size_t i = 0; i < b.size(); ++i) b[i] = FloatToBf16(b_values[i]);
+    std::vector<float> joined(static_cast<size_t>(rows * k));
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < ka; ++c) joined[r * k + c] = a[r * lda + c];
+      for (int64_t c = 0; c < kb; ++c) joined[r * k + ka + c] = Bf16ToFloat(b[r * ldb + c]);
+    }
+    const int64_t elements = Bf16Panels::Elements(rows, k);
+    std::vector<uint16_t> want(static_cast<size_t>(elements), 0xdead), got = want;
+    PackBf16Panels(joined.data(), rows, k, k, want.data());
+    PackBf16PanelsJoined(a.data(), lda, ka, b.data(), ldb, kb, rows, got.data());
+    for (int64_t e = 0; e < elements; ++e) ASSERT_EQ(got[e], want[e]) << "element " << e;
+  }
+}
+
+// The float64 sum over K of the rounded X[i] * W[i] (two rows), and the sum of the terms''
 // magnitudes (the tolerance's scale).
 double RoundedDot(const float* x, const float* w, int64_t k, double* magnitude) {
   double sum = 0;
