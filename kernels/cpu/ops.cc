@@ -372,7 +372,7 @@ using OnlineSoftmaxRowFn = float (*)(float*, int64_t, int64_t, float, float*, do
 using OnlineSoftmaxRowBf16Fn = float (*)(const float*, int64_t, int64_t, float, float*, double*, uint16_t*);
 using RmsNormRowFn = void (*)(const float*, int64_t, const float*, float, float*);
 
-// The MoE combine (Axpy), every MLP (SiluMul) and attention's score rows (Softmax,
+// The MoE combine (WeightedSum), every MLP (SiluMul) and attention's score rows (Softmax,
 // ExpColumns) call these millions of times a step: they take the widest vectors the
 // host has.
 const AxpyFn kAxpy = Has(Isa::kAvx512) ? avx512::Axpy : Has(Isa::kAvx2) ? avx2::Axpy : AxpyPlain;

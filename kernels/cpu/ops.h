@@ -60,7 +60,8 @@ void Axpy(float alpha, const float* x, int64_t n, float* y);
 
 // y[i] = sum over j of w[j] * x[j][i], in the order of j: the same values, bit for bit,
 // as Y zeroed and then Axpy(w[j], x[j], n, y) for each j, in one pass over Y and the
-// rows side by side (the MoE combine: each token's experts' outputs).
+// rows side by side (the MoE combine of a token's experts' outputs; decode's of a
+// query's splits).
 void WeightedSum(std::span<const float* const> x, const float* w, int64_t n, float* y);
 
 // x[i] *= alpha.
