@@ -105,25 +105,29 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
   // the queries as columns: per query, [q_latent | q_pe] rows by heads.
   const bool bf16 = p.cache.type == WeightType::kBF16;
   const bool dot = bf16 && Has(Isa::kAvx512Bf16) && width % 2 == 0;
-  float* queries = Scratch(kQueries, p.num_queries * width * heads);
+  float* queries = dot ? nullptr : Scratch(kQueries, p.num_queries * width * heads);
   const int64_t packed_elements = Bf16Panels::Elements(heads, width);
   auto* packed = dot ? reinterpret_cast<uint16_t*>(Scratch(kPackedQueries, (p.num_queries * packed_elements + 1) / 2))
                      : nullptr;
-  for (int64_t i = 0; i < p.num_queries; ++i) {
+  // Each head's [q_latent | q_pe] packed from where they are, q_pe rounded first (no
+  // copy of the rows put together: B=64 over 32-64 tokens 0.92-0.94x, Zen 4).
+  if (dot) {
+    auto* rope = reinterpret_cast<uint16_t*>(Scratch(kQueries, (p.num_queries * heads * p.rope_dim + 1) / 2));
+    RoundToBf16(p.q_pe, p.num_queries * heads * p.rope_dim, rope);
+    for (int64_t i = 0; i < p.num_queries; ++i) {
+      PackBf16PanelsJoined(p.q_latent + i * heads * lora, lora, lora, rope + i * heads * p.rope_dim, p.rope_dim,
+                           p.rope_dim, heads, packed + i * packed_elements);
+    }
+  }
+  for (int64_t i = 0; i < p.num_queries && queries != nullptr; ++i) {
     float* qi = queries + i * width * heads;
     for (int64_t h = 0; h < heads; ++h) {
       const float* ql = p.q_latent + (i * heads + h) * lora;
       const float* qp = p.q_pe + (i * heads + h) * p.rope_dim;
-      if (dot) {  // rows, to be packed
-        std::memcpy(qi + h * width, ql, static_cast<size_t>(lora) * sizeof(float));
-        std::memcpy(qi + h * width + lora, qp, static_cast<size_t>(p.rope_dim) * sizeof(float));
-        continue;
-      }
       auto value = [&](float v) { return bf16 ? Bf16ToFloat(FloatToBf16(v)) : v; };
       for (int64_t k = 0; k < lora; ++k) qi[k * heads + h] = value(ql[k]);
       for (int64_t k = 0; k < p.rope_dim; ++k) qi[(lora + k) * heads + h] = value(qp[k]);
     }
-    if (dot) PackBf16Panels(qi, heads, width, width, packed + i * packed_elements);
   }
   ParallelFor(items, true, [&](int64_t w) {
     const int64_t i = w / splits;
@@ -137,7 +141,6 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
       std::fill(maxima(w), maxima(w) + 2 * heads, 0.0f);
       return;
     }
-    const WeightMatrix by_head = F32Matrix(queries + i * width * heads, width, heads, heads);
     // Scores [n, heads] (a row per cached row), probabilities [heads, ld]: rows a power
     // of two apart put the scatter of every row's 16 lanes into one set of L1 (2048 rows:
     // the softmax took 15x its time at 512).
@@ -171,7 +174,8 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
                        {packed + i * packed_elements, Bf16Panels::Kp(width)}, heads, width, scores + (t - t0) * heads,
                        heads);
       } else {
-        MatMulNoTrans(static_cast<const float*>(block.data), run, block.row_stride, by_head,
+        MatMulNoTrans(static_cast<const float*>(block.data), run, block.row_stride,
+                      F32Matrix(queries + i * width * heads, width, heads, heads),
                       scores + (t - t0) * heads, heads);
       }
     }
