@@ -182,6 +182,26 @@ std::vector<float> ToPack(int64_t n, std::mt19937& rng) {
   return w;
 }
 
+// The panels of a ROWS x K matrix that PACK writes, their memory filled with 0xdead
+// first so that an element it leaves unwritten shows.
+template <typename Pack>
+std::vector<uint16_t> Packed(int64_t rows, int64_t k, Pack&& pack) {
+  std::vector<uint16_t> panels(static_cast<size_t>(Bf16Panels::Elements(rows, k)), 0xdead);
+  pack(panels.data());
+  return panels;
+}
+
+// GOT equal to WANT bit for bit, else the first element that differs.
+::testing::AssertionResult SamePanels(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want) {
+  if (got.size() != want.size()) return ::testing::AssertionFailure() << got.size() << " elements, not " << want.size();
+  for (size_t e = 0; e < got.size(); ++e) {
+    if (got[e] != want[e]) {
+      return ::testing::AssertionFailure() << "element " << e << ": " << got[e] << ", not " << want[e];
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
 // The library's packing equals the element-by-element one above bit for bit, padding
 // included, with rows that end inside a panel and a row stride wider than k; values
 // that round to even, to odd and NaN among them.
@@ -197,10 +217,9 @@ TEST(PackBf16PanelsTest, EqualsPackingEachElement) {
     }
     ScratchBuffer want_memory;
     const uint16_t* want = PackPanels(dense, rows, k, want_memory);
-    const int64_t elements = Bf16Panels::Elements(rows, k);
-    std::vector<uint16_t> got(static_cast<size_t>(elements), 0xdead);
-    PackBf16Panels(w.data(), rows, k, ldw, got.data());
-    for (int64_t e = 0; e < elements; ++e) ASSERT_EQ(got[e], want[e]) << "element " << e;
+    const std::vector<uint16_t> got =
+        Packed(rows, k, [&](uint16_t* out) { PackBf16Panels(w.data(), rows, k, ldw, out); });
+    ASSERT_TRUE(SamePanels(got, {want, want + got.size()}));
   }
 }
 
@@ -217,11 +236,11 @@ TEST(PackBf16PanelsTest, TransposedEqualsPackingTheTranspose) {
     for (int64_t c = 0; c < k; ++c) {
       for (int64_t r = 0; r < rows; ++r) transposed[r * k + c] = w[c * ldw + r];
     }
-    const int64_t elements = Bf16Panels::Elements(rows, k);
-    std::vector<uint16_t> want(static_cast<size_t>(elements), 0xdead), got = want;
-    PackBf16Panels(transposed.data(), rows, k, k, want.data());
-    PackBf16PanelsTransposed(w.data(), k, rows, ldw, got.data());
-    for (int64_t e = 0; e < elements; ++e) ASSERT_EQ(got[e], want[e]) << "element " << e;
+    const std::vector<uint16_t> want =
+        Packed(rows, k, [&](uint16_t* out) { PackBf16Panels(transposed.data(), rows, k, k, out); });
+    const std::vector<uint16_t> got =
+        Packed(rows, k, [&](uint16_t* out) { PackBf16PanelsTransposed(w.data(), k, rows, ldw, out); });
+    ASSERT_TRUE(SamePanels(got, want));
   }
 }
 
@@ -242,15 +261,15 @@ TEST(PackBf16PanelsTest, JoinedEqualsPackingTheJoinedRows) {
       for (int64_t c = 0; c < ka; ++c) joined[r * k + c] = a[r * lda + c];
       for (int64_t c = 0; c < kb; ++c) joined[r * k + ka + c] = Bf16ToFloat(b[r * ldb + c]);
     }
-    const int64_t elements = Bf16Panels::Elements(rows, k);
-    std::vector<uint16_t> want(static_cast<size_t>(elements), 0xdead), got = want;
-    PackBf16Panels(joined.data(), rows, k, k, want.data());
-    PackBf16PanelsJoined(a.data(), lda, ka, b.data(), ldb, kb, rows, got.data());
-    for (int64_t e = 0; e < elements; ++e) ASSERT_EQ(got[e], want[e]) << "element " << e;
+    const std::vector<uint16_t> want =
+        Packed(rows, k, [&](uint16_t* out) { PackBf16Panels(joined.data(), rows, k, k, out); });
+    const std::vector<uint16_t> got =
+        Packed(rows, k, [&](uint16_t* out) { PackBf16PanelsJoined(a.data(), lda, ka, b.data(), ldb, kb, rows, out); });
+    ASSERT_TRUE(SamePanels(got, want));
   }
 }
 
-// The float64 sum over K of the rounded X[i] * W[i] (two rows), and the sum of the terms''
+// The float64 sum over K of the rounded X[i] * W[i] (two rows), and the sum of the terms'
 // magnitudes (the tolerance's scale).
 double RoundedDot(const float* x, const float* w, int64_t k, double* magnitude) {
   double sum = 0;
