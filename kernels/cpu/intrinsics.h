@@ -44,6 +44,18 @@ __attribute__((target("avx512f"), always_inline)) inline __m256i RoundToBf16Lane
   return _mm512_cvtepi32_epi16(RoundToBf16Words(v));
 }
 
+// The same by vcvtneps2bf16 (AVX512_BF16): one instruction for the seven above (the
+// BF16 attention's softmax rounds as many values as its products' multiply-adds over k).
+// The instruction takes subnormals as zero; a vector with one is rounded as above.
+__attribute__((target("avx512f,avx512dq,avx512bf16"), always_inline)) inline __m256i RoundToBf16LanesBf16(
+    __m512 v) {
+  constexpr int kSubnormal = 0x20;  // vfpclassps's class
+  if (_mm512_fpclass_ps_mask(v, kSubnormal) != 0) [[unlikely]] {
+    return RoundToBf16Lanes(v);
+  }
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+}
+
 // The same on 8 lanes of AVX2, in the low 128 bits.
 __attribute__((target("avx2"), always_inline)) inline __m128i RoundToBf16Lanes8(__m256 v) {
   const __m256i bits = _mm256_castps_si256(v);

@@ -255,6 +255,17 @@ struct Avx512 {
   }
 };
 
+#define EPIC_AVX512_BF16_OP \
+  __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16"), always_inline)) inline
+
+// AVX-512 rounding to BF16 by vcvtneps2bf16: the BF16 attention's softmax spent more on
+// rounding its exponentials than on computing them (Zen 4).
+struct Avx512Bf16 : Avx512 {
+  EPIC_AVX512_BF16_OP static void StoreBf16(uint16_t* p, int64_t n, Vec v) {
+    _mm256_mask_storeu_epi16(p, FirstLanes(n), RoundToBf16LanesBf16(v));
+  }
+};
+
 #define EPIC_AVX2_OP __attribute__((target("avx2,fma"), always_inline)) inline
 
 struct Avx2 {
@@ -355,6 +366,14 @@ using V = Avx512;
 #undef EPIC_SIMD
 }  // namespace avx512
 
+// Only its OnlineSoftmaxRowBf16 is taken.
+namespace avx512bf16 {
+using V = Avx512Bf16;
+#define EPIC_SIMD __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16"), unused))
+#include "kernels/cpu/ops_simd.inc"
+#undef EPIC_SIMD
+}  // namespace avx512bf16
+
 namespace avx2 {
 using V = Avx2;
 #define EPIC_SIMD __attribute__((target("avx2,fma")))
@@ -388,7 +407,8 @@ const ExpColumnsFn kExpColumns =
 const OnlineSoftmaxRowFn kOnlineSoftmaxRow = Has(Isa::kAvx512) ? avx512::OnlineSoftmaxRow
                                              : Has(Isa::kAvx2)  ? avx2::OnlineSoftmaxRow
                                                                 : OnlineSoftmaxRowPlain;
-const OnlineSoftmaxRowBf16Fn kOnlineSoftmaxRowBf16 = Has(Isa::kAvx512) ? avx512::OnlineSoftmaxRowBf16
+const OnlineSoftmaxRowBf16Fn kOnlineSoftmaxRowBf16 = Has(Isa::kAvx512Bf16) ? avx512bf16::OnlineSoftmaxRowBf16
+                                                     : Has(Isa::kAvx512)    ? avx512::OnlineSoftmaxRowBf16
                                                      : Has(Isa::kAvx2)  ? avx2::OnlineSoftmaxRowBf16
                                                                         : OnlineSoftmaxRowBf16Plain;
 // Every layer's norms, four a layer: in plain C++'s two doubles a vector they were 2% of a

@@ -264,12 +264,18 @@ TEST(OpsTest, OnlineSoftmaxRowComposesToTheWholeRowsSoftmax) {
 
 // The BF16 form writes what OnlineSoftmaxRow writes, each value rounded as FloatToBf16,
 // with the same maximum, sum and factor, and leaves its scores alone: widths short of,
-// at and past a vector, nothing valid, and a row with a NaN.
+// at and past a vector, nothing valid, a row with a NaN, and rows with an exponential
+// below the normal floats (rounded as FloatToBf16 rounds subnormals, not taken as zero).
 TEST(OpsTest, OnlineSoftmaxRowBf16RoundsWhatOnlineSoftmaxRowWrites) {
   for (const auto& [valid, width] : {std::pair<int64_t, int64_t>{5, 7}, {16, 32}, {37, 64}, {0, 9}, {100, 100}}) {
     for (const bool nan : {false, true}) {
       std::vector<float> x = Random(width, 30 + valid, -40, 40);
       if (nan && valid > 3) x[3] = NAN;
+      if (valid > 1) {  // e^(0.3 x[1] - max) = e^-89.5: subnormal, and not zero in BF16
+        float top = 1.5f;
+        for (int64_t i = 0; i < valid; ++i) top = i == 1 ? top : std::fmax(top, 0.3f * x[i]);
+        x[1] = (top - 89.5f) / 0.3f;
+      }
       std::vector<float> f32 = x;
       float max = 1.5f, max_bf16 = 1.5f;  // a block after one whose maximum was 1.5
       double sum = 2.0, sum_bf16 = 2.0;
@@ -283,6 +289,10 @@ TEST(OpsTest, OnlineSoftmaxRowBf16RoundsWhatOnlineSoftmaxRowWrites) {
       EXPECT_EQ(std::memcmp(&alpha, &alpha_bf16, sizeof(float)), 0) << where;
       EXPECT_EQ(std::memcmp(&max, &max_bf16, sizeof(float)), 0) << where;
       EXPECT_EQ(std::memcmp(&sum, &sum_bf16, sizeof(double)), 0) << where;
+      if (valid > 1 && !nan) {
+        EXPECT_EQ(std::fpclassify(f32[1]), FP_SUBNORMAL) << where;
+        EXPECT_NE(FloatToBf16(f32[1]), 0) << where;
+      }
       for (int64_t i = 0; i < width; ++i) {
         EXPECT_EQ(rounded[i], FloatToBf16(f32[i])) << where << " value " << i;
       }
