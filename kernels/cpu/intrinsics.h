@@ -44,9 +44,9 @@ __attribute__((target("avx512f"), always_inline)) inline __m256i RoundToBf16Lane
   return _mm512_cvtepi32_epi16(RoundToBf16Words(v));
 }
 
-// The same by vcvtneps2bf16 (AVX512_BF16): one instruction for the seven above (the
-// BF16 attention's softmax rounds as many values as its products' multiply-adds over k).
-// The instruction takes subnormals as zero; a vector with one is rounded as above.
+// The same by vcvtneps2bf16 (AVX512_BF16): one instruction for the seven above (the BF16
+// attention rounds every probability, a decode every cache row and query). The
+// instruction takes subnormals as zero; a vector with one is rounded as above.
 __attribute__((target("avx512f,avx512dq,avx512bf16"), always_inline)) inline __m256i RoundToBf16LanesBf16(
     __m512 v) {
   constexpr int kSubnormal = 0x20;  // vfpclassps's class
