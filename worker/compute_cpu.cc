@@ -410,10 +410,11 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
       std::memcpy(q_pe + j * rope, qs + j * qhd + nope, static_cast<size_t>(rope) * sizeof(float));
     }
     float* o_latent = Scratch(kOLatent, n * heads * lora);
-    // Many sequences (batched decode): each one's attention on one thread; few: each
-    // spreads its heads over the threads.
+    // Many sequences (batched decode): each one's attention on one thread, the next
+    // one's queries and cache rows fetched as it runs; few: each spreads its heads over
+    // the threads.
     const int64_t sequences = static_cast<int64_t>(last - i + 1);
-    cpu::ParallelFor(sequences, sequences >= 2 * omp_get_max_threads(), [&](int64_t k) {
+    auto params = [&](int64_t k) {
       const size_t r = i + static_cast<size_t>(k);
       const int64_t at = spans[r].first - first;
       cpu::MlaAbsorbedParams p;
@@ -427,8 +428,11 @@ Status CpuBackend::Attention(int64_t layer, const float* x, std::span<const Atte
       p.q_pe = q_pe + at * heads * rope;
       p.cache = cache_->Rows(layer, *batch_[r].cache);
       p.out_latent = o_latent + at * heads * lora;
-      cpu::MlaAbsorbedAttention(p);
-    });
+      return p;
+    };
+    cpu::ParallelForAhead(
+        sequences, sequences >= 2 * omp_get_max_threads(), [&](int64_t k) { cpu::PrefetchAbsorbed(params(k)); },
+        [&](int64_t k) { cpu::MlaAbsorbedAttention(params(k)); });
     // out[t, h] = W_UV[h] o_latent[t, h], with W_UV[h] = rows [h*kv_head + nope, +vdim):
     // under fast from kv_b_proj's int8 copy (half the bytes), where its heads start at
     // whole panels.

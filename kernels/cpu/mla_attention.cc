@@ -24,6 +24,7 @@
 #include <cstring>
 
 #include "common/half.h"
+#include "kernels/cpu/intrinsics.h"
 #include "common/scratch_buffer.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/matmul.h"
@@ -244,6 +245,23 @@ void MlaAbsorbedAttention(const MlaAbsorbedParams& p) {
       }
       WeightedSum({rows, count}, scaled, lora, out);
     }
+  }
+}
+
+void PrefetchAbsorbed(const MlaAbsorbedParams& p) {
+  if (p.cache.type != WeightType::kBF16) return;
+  constexpr int64_t kLine = 64;
+  auto lines = [](const void* at, int64_t bytes) {
+    const char* c = static_cast<const char*>(at);
+    for (int64_t b = 0; b < bytes; b += kLine) _mm_prefetch(c + b, _MM_HINT_T1);
+  };
+  const int64_t heads = p.num_heads;
+  lines(p.q_latent, p.num_queries * heads * p.kv_lora_rank * static_cast<int64_t>(sizeof(float)));
+  lines(p.q_pe, p.num_queries * heads * p.rope_dim * static_cast<int64_t>(sizeof(float)));
+  const int64_t row_bytes = p.cache.row_stride * static_cast<int64_t>(sizeof(uint16_t));
+  const int64_t rows = p.start + p.num_queries;
+  for (int64_t t = 0; t < rows; t += p.cache.block_size) {
+    lines(p.cache.Row(t), std::min(p.cache.block_size, rows - t) * row_bytes);
   }
 }
 

@@ -60,6 +60,31 @@ void ParallelFor(int64_t n, bool parallel, Body&& body) {
   for (int64_t i = 0; i < n; ++i) body(i);
 }
 
+// ParallelFor where each thread claims its next item before it runs the one it holds,
+// and calls AHEAD(next) first (in order on one thread: AHEAD(i + 1) before BODY(i)): the
+// data of a batch's next sequence comes into this core's caches while it computes
+// (batched decode's absorbed attention, B=64 on small experts, medians of alternating
+// steps: 0.90-0.92x the time). Dynamic still, at most one item held past the others.
+template <typename Ahead, typename Body>
+void ParallelForAhead(int64_t n, bool parallel, Ahead&& ahead, Body&& body) {
+  if (parallel && n > 1 && !InTeam()) {
+    alignas(64) std::atomic<int64_t> next{0};
+    OnTeam(omp_get_max_threads(), [&](int, int) {
+      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;) {
+        const int64_t j = next.fetch_add(1, std::memory_order_relaxed);
+        if (j < n) ahead(j);
+        body(i);
+        i = j;
+      }
+    });
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + 1 < n) ahead(i + 1);
+    body(i);
+  }
+}
+
 // BODY(i) for i in [0, N) in one contiguous share a thread when PARALLEL and not in a
 // team already; else in order on this thread. For rows of equal cost that call no
 // products.

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <set>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -111,6 +112,50 @@ TEST(Team, LoopsCoverEveryItemOnce) {
     for (int64_t i = 0; i < n; ++i) {
       ASSERT_EQ(for_runs[static_cast<size_t>(i)].load(), 1) << "ParallelFor, " << n << " items, item " << i;
       ASSERT_EQ(row_runs[static_cast<size_t>(i)].load(), 1) << "ParallelRows, " << n << " rows, row " << i;
+    }
+  }
+}
+
+// Every item's body once; each item's ahead at most once, on the thread that then runs
+// its body, before it; on one thread (not parallel), ahead(i + 1) just before body(i).
+TEST(Team, ParallelForAheadRunsEachAheadBeforeItsBodyOnItsThread) {
+  for (const int64_t n : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{17}, int64_t{1000}}) {
+    for (const bool parallel : {true, false}) {
+      std::vector<std::atomic<int>> bodies(static_cast<size_t>(n)), aheads(static_cast<size_t>(n));
+      std::vector<std::thread::id> ahead_on(static_cast<size_t>(n));
+      std::vector<int> ahead_before(static_cast<size_t>(n), 0);
+      std::vector<int64_t> order;  // (not parallel) ahead's items as +i, bodies' as -1 - i
+      ParallelForAhead(
+          n, parallel,
+          [&](int64_t i) {
+            aheads[static_cast<size_t>(i)].fetch_add(1);
+            ahead_on[static_cast<size_t>(i)] = std::this_thread::get_id();
+            if (!parallel) order.push_back(i);
+          },
+          [&](int64_t i) {
+            bodies[static_cast<size_t>(i)].fetch_add(1);
+            if (aheads[static_cast<size_t>(i)].load() > 0) {
+              ahead_before[static_cast<size_t>(i)] = ahead_on[static_cast<size_t>(i)] == std::this_thread::get_id() ? 1 : -1;
+            }
+            if (!parallel) order.push_back(-1 - i);
+          });
+      const std::string where = std::to_string(n) + " items" + (parallel ? "" : ", not parallel");
+      for (int64_t i = 0; i < n; ++i) {
+        ASSERT_EQ(bodies[static_cast<size_t>(i)].load(), 1) << where << ", item " << i;
+        ASSERT_LE(aheads[static_cast<size_t>(i)].load(), 1) << where << ", item " << i;
+        ASSERT_NE(ahead_before[static_cast<size_t>(i)], -1) << where << ": item " << i << "'s ahead on another thread";
+        if (aheads[static_cast<size_t>(i)].load() == 1) {
+          ASSERT_EQ(ahead_before[static_cast<size_t>(i)], 1) << where << ": item " << i << "'s ahead after its body";
+        }
+      }
+      if (!parallel) {
+        std::vector<int64_t> want;
+        for (int64_t i = 0; i < n; ++i) {
+          if (i + 1 < n) want.push_back(i + 1);
+          want.push_back(-1 - i);
+        }
+        EXPECT_EQ(order, want) << where;
+      }
     }
   }
 }
