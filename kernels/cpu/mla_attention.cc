@@ -24,9 +24,9 @@
 #include <cstring>
 
 #include "common/half.h"
-#include "kernels/cpu/intrinsics.h"
 #include "common/scratch_buffer.h"
 #include "kernels/cpu/cpu_features.h"
+#include "kernels/cpu/intrinsics.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/matmul_fast.h"
 #include "kernels/cpu/matmul_internal.h"

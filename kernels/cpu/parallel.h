@@ -63,8 +63,9 @@ void ParallelFor(int64_t n, bool parallel, Body&& body) {
 // ParallelFor where each thread claims its next item before it runs the one it holds,
 // and calls AHEAD(next) first (in order on one thread: AHEAD(i + 1) before BODY(i)): the
 // data of a batch's next sequence comes into this core's caches while it computes
-// (batched decode's absorbed attention, B=64 on small experts, medians of alternating
-// steps: 0.90-0.92x the time). Dynamic still, at most one item held past the others.
+// (batched decode's absorbed attention on small experts, medians of alternating steps:
+// B=64 0.86-0.93x the time, B=16 0.91x). Dynamic still, at most one item held past the
+// others.
 template <typename Ahead, typename Body>
 void ParallelForAhead(int64_t n, bool parallel, Ahead&& ahead, Body&& body) {
   if (parallel && n > 1 && !InTeam()) {
