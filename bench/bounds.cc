@@ -95,12 +95,18 @@ struct ProbeBuffers {
   }
 };
 
+// The one pair of probe buffers, shared by the probes.
+ProbeBuffers& Probe() {
+  static ProbeBuffers buffers;
+  return buffers;
+}
+
 }  // namespace
 
 Bandwidth MeasureBandwidth(double gib, int repeats) {
   const int64_t bytes = static_cast<int64_t>(gib * (1ll << 30)) / 64 * 64;
   const int64_t words = bytes / 8;
-  static ProbeBuffers buffers;
+  ProbeBuffers& buffers = Probe();
   buffers.Reserve(bytes);
   const uint64_t* src = buffers.src;
   uint64_t* dst = buffers.dst;
@@ -135,6 +141,59 @@ Bandwidth MeasureBandwidth(double gib, int repeats) {
       std::memcpy(dst + begin, src + begin, static_cast<size_t>(end - begin) * 8);
     }
     best.copy_gbs = std::max(best.copy_gbs, 2.0 * bytes / Since(t1) / 1e9);
+  }
+  return best;
+}
+
+double PlainReadGbs(const std::vector<std::vector<Region>>& groups, int repeats) {
+  // Each region's whole 8-byte words (a matrix's scales may start at any 4 bytes).
+  struct Words {
+    const uint64_t* p;
+    int64_t n;
+  };
+  std::vector<std::vector<Words>> words;
+  int64_t bytes = 0;
+  for (const std::vector<Region>& group : groups) {
+    words.emplace_back();
+    for (const Region& r : group) {
+      const auto at = reinterpret_cast<uintptr_t>(r.data);
+      const uintptr_t begin = (at + 7) / 8 * 8, end = (at + static_cast<uintptr_t>(r.bytes)) / 8 * 8;
+      if (end <= begin) continue;
+      words.back().push_back({reinterpret_cast<const uint64_t*>(begin), static_cast<int64_t>(end - begin) / 8});
+      bytes += static_cast<int64_t>(end - begin);
+    }
+  }
+  if (bytes == 0) return 0;
+  constexpr int64_t kEvictBytes = int64_t{256} << 20;
+  ProbeBuffers& buffers = Probe();
+  buffers.Reserve(kEvictBytes);
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+  const SumFn evict = Summer(1, avx512);
+  volatile uint64_t sink = 0;
+  double best = 0;
+  for (int r = 0; r < repeats; ++r) {
+    for (const int streams : {1, 4}) {
+      uint64_t total = 0;
+#pragma omp parallel reduction(+ : total)
+      {
+        const int n = omp_get_num_threads(), id = omp_get_thread_num();
+        const int64_t all = kEvictBytes / 8, begin = all * id / n, end = all * (id + 1) / n;
+        total += evict(buffers.src + begin, end - begin);
+      }
+      const SumFn sum = Summer(streams, avx512);
+      const auto t0 = Clock::now();
+      for (const std::vector<Words>& group : words) {
+        std::atomic<size_t> next{0};
+#pragma omp parallel reduction(+ : total)
+        {
+          for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < group.size();) {
+            total += sum(group[i].p, group[i].n);
+          }
+        }
+      }
+      best = std::max(best, static_cast<double>(bytes) / Since(t0) / 1e9);
+      sink = sink + total;
+    }
   }
   return best;
 }

@@ -1,7 +1,9 @@
 // The machine's bounds, measured in the same run as the figure compared against them.
 #pragma once
 
+#include <cstdint>
 #include <string>
+#include <vector>
 
 namespace epic::bench {
 
@@ -17,6 +19,20 @@ struct Bandwidth {
 
 // Best of REPEATS passes over a buffer of GIB gibibytes (far larger than the caches).
 Bandwidth MeasureBandwidth(double gib, int repeats);
+
+// A range of memory a step reads: a matrix's values, its scales.
+struct Region {
+  const void* data = nullptr;
+  int64_t bytes = 0;
+};
+
+// The rate, in GB/s, of a plain read of GROUPS of regions (a step's layers' experts),
+// one group after another, all threads on each, taking its regions in turn as they come
+// free (as the kernels take a layer's experts) and reading each from start to end, as
+// one stream or as 4 side by side: what those bytes, in those pieces, allow without the
+// arithmetic. The best of REPEATS passes, each after a read of 256 MiB elsewhere, so
+// that it starts from memory, not the caches.
+double PlainReadGbs(const std::vector<std::vector<Region>>& groups, int repeats);
 
 struct GemmRate {
   double gflops = 0;

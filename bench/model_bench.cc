@@ -14,8 +14,11 @@
 // Prefill, decode and each batch size also print the time a step spends in each phase
 // of the layer schedule (Model::set_phase_times), with the rate each phase reads its
 // weights at: where a step falls short of its bound (prefill's over the runs after the
-// first, which is printed on its own). The machine lines also give what a team of
-// threads costs to start and join, which every product pays.
+// first, which is printed on its own). Decode and each batch size then set the experts'
+// rate against a plain read of the last step's experts, the same bytes in the same
+// pieces, right after (bench/bounds.h PlainReadGbs): whether the products or the host's
+// reads of such pieces are short of the probe. The machine lines also give what a team
+// of threads costs to start and join, which every product pays.
 // Make a model with e.g. `epic-mkmodel --preset v2-lite-shape --layers 4 --out DIR`.
 #include <omp.h>
 
@@ -42,6 +45,27 @@ using epic::bench::Since;
 
 int64_t Bytes(const epic::cpu::WeightMatrix& m) { return m.rows * m.cols * m.ElementBytes(); }
 int64_t Params(const epic::cpu::WeightMatrix& m) { return m.rows * m.cols; }
+
+// The memory W's values span (for kI8 its panels and its scales) into REGIONS.
+void AddRegions(const epic::cpu::WeightMatrix& w, std::vector<epic::bench::Region>* regions) {
+  if (w.type == epic::cpu::WeightType::kI8) {
+    regions->push_back({w.data, epic::cpu::QuantizedPanelBytes(w.rows, w.cols)});
+    regions->push_back({w.scales, w.rows * static_cast<int64_t>(sizeof(float))});
+  } else {
+    regions->push_back({w.data, w.rows * w.row_stride * w.ElementBytes()});
+  }
+}
+
+// An MLP's matrices, as its products read them (gate|up stacked where it is).
+void AddRegions(const epic::MlpWeights& w, std::vector<epic::bench::Region>* regions) {
+  if (w.gate_up.data != nullptr) {
+    AddRegions(w.gate_up, regions);
+  } else {
+    AddRegions(w.gate, regions);
+    AddRegions(w.up, regions);
+  }
+  AddRegions(w.down, regions);
+}
 
 // Weight bytes and multiply-adds one token reads and does in one layer, outside
 // attention's context-dependent part.
@@ -96,6 +120,36 @@ void PrintPhases(const epic::PhaseTimes& times, int64_t steps, double step_s, co
   std::printf(", rest %.2f\n", (step_s - sum) * 1e3);
 }
 
+// The experts of the step COUNTS counted read again by a plain loop (PlainReadGbs), a
+// layer at a time: what their bytes, in their pieces, allow at this moment; and the
+// rate the steps' experts phase read theirs at (DISTINCT experts and EXPERTS_S seconds
+// a step), against it. Where the experts fall short of the bandwidth probe, this says
+// whether their products or the host's reads of such pieces are short.
+void PrintExpertsAgainstPlainRead(const epic::Model& model, const epic::ExpertCounts& counts, double distinct,
+                                  double experts_s) {
+  std::vector<std::vector<epic::bench::Region>> layers;
+  int64_t experts = 0;
+  double bytes = 0;
+  for (size_t l = 0; l < counts.slot_tokens.size(); ++l) {
+    if (counts.slot_tokens[l].empty()) continue;
+    layers.emplace_back();
+    for (size_t e = 0; e < counts.slot_tokens[l].size(); ++e) {
+      if (counts.slot_tokens[l][e] == 0) continue;
+      AddRegions(model.weights().layers[l].experts[e], &layers.back());
+      ++experts;
+    }
+    for (const epic::bench::Region& r : layers.back()) bytes += static_cast<double>(r.bytes);
+  }
+  const double plain_gbs = epic::bench::PlainReadGbs(layers, 3);
+  if (experts == 0 || experts_s <= 0 || plain_gbs <= 0) return;
+  // The steps' experts at the plain read's bytes an expert (an int8 matrix's panels and
+  // scales).
+  const double gbs = distinct * (bytes / static_cast<double>(experts)) / experts_s / 1e9;
+  std::printf("  experts: %.1f GB/s in the steps; a plain read of the last step's %lld (%.1f MB), a layer at a "
+              "time, whole experts a thread: %.1f GB/s; %.2f of it\n",
+              gbs, static_cast<long long>(experts), bytes / 1e6, plain_gbs, gbs / plain_gbs);
+}
+
 // B sequences of CONTEXT tokens each, then STEPS decode steps of all B together: the
 // median step's tokens/s against the step's bound. Every weight outside the routed
 // experts is read once a step (STEP_BYTES, STEP_MACS per token); each routed expert at
@@ -135,6 +189,7 @@ epic::Status BatchedDecode(epic::Model& model, const std::vector<int64_t>& batch
       int64_t distinct, routed;
     };
     std::vector<Step> measured;
+    epic::ExpertCounts last;  // the last step's experts
     epic::PhaseTimes phases;
     model.set_phase_times(&phases);
     for (int64_t s = 0; s < steps; ++s) {
@@ -155,9 +210,11 @@ epic::Status BatchedDecode(epic::Model& model, const std::vector<int64_t>& batch
         }
       }
       measured.push_back(step);
+      last = std::move(counts);
     }
     model.set_phase_times(nullptr);
     const double read_gbs = std::max(before_gbs, epic::bench::MeasureBandwidth(buffer_gib, 2).read_gbs);
+
     std::vector<double> step_s, ratios, phase_ratios, bytes_per_step;
     bool compute_bound = false;
     double all_s = 0, all_cache = 0, all_distinct = 0;
@@ -191,6 +248,7 @@ epic::Status BatchedDecode(epic::Model& model, const std::vector<int64_t>& batch
                 Median(phase_ratios));
     const double n = static_cast<double>(steps);
     PrintPhases(phases, steps, all_s / n, phase_bytes, all_cache / n, all_distinct / n);
+    PrintExpertsAgainstPlainRead(model, last, all_distinct / n, phases[epic::Phase::kExperts] / n);
   }
   return epic::OkStatus();
 }
@@ -229,10 +287,19 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   if (threads > 0) omp_set_num_threads(threads);
 
-  const epic::bench::Bandwidth bw = epic::bench::MeasureBandwidth(buffer_gib, 5);
-  epic::bench::GemmRate gemm = epic::bench::MeasureF32GemmRate(5);
   epic::cpu::Precision precision = epic::cpu::Precision::kExact;
   epic::cpu::ParsePrecision(precision_name.c_str(), &precision);
+  // The checkpoint first: a wrong path is said at once, not after the probes.
+  auto loaded = epic::Model::Load(model_dir, {},
+                                  mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy, {},
+                                  epic::ComputeDevice::kCpu, precision);
+  if (!loaded.ok()) {
+    std::fprintf(stderr, "model_bench: %s\n", loaded.status().ToString().c_str());
+    return 1;
+  }
+
+  const epic::bench::Bandwidth bw = epic::bench::MeasureBandwidth(buffer_gib, 5);
+  epic::bench::GemmRate gemm = epic::bench::MeasureF32GemmRate(5);
   epic::bench::GemmRate int8 =
       precision == epic::cpu::Precision::kFast ? epic::bench::MeasureInt8GemmRate(5) : epic::bench::GemmRate{};
   std::printf("machine: %d threads; read bandwidth %.1f GB/s (%d streams a thread; one stream %.1f GB/s), copy "
@@ -247,13 +314,6 @@ int main(int argc, char** argv) {
               "between two spinning threads and back %.2f us\n",
               team.team_us, team.region_us, team.handoff_us);
 
-  auto loaded = epic::Model::Load(model_dir, {},
-                                  mapped ? epic::WeightResidency::kMapped : epic::WeightResidency::kCopy, {},
-                                  epic::ComputeDevice::kCpu, precision);
-  if (!loaded.ok()) {
-    std::fprintf(stderr, "model_bench: %s\n", loaded.status().ToString().c_str());
-    return 1;
-  }
   epic::Model& model = **loaded;
   const epic::ModelConfig& c = model.config();
   const epic::ModelWeights& w = model.weights();
@@ -388,6 +448,7 @@ int main(int argc, char** argv) {
   std::vector<double> round_tps, round_bw, round_ratio;
   double bytes_sum = 0, decode_s = 0, cache_sum = 0;
   epic::PhaseTimes decode_phases;
+  epic::ExpertCounts decode_counts;  // the last step's experts
   int32_t token = 1;
   for (int r = 0; r < rounds; ++r) {
     const double before_gbs = epic::bench::MeasureBandwidth(buffer_gib, 2).read_gbs;
@@ -397,11 +458,13 @@ int main(int argc, char** argv) {
     for (int64_t i = 0; i < steps; ++i) {
       epic::SequenceStep step{&table, {&token, 1}, false};
       const int64_t context = table.num_tokens + 1;
+      epic::ExpertCounts counts;  // this step's alone (Forward adds to them)
       const auto t0 = Clock::now();
       model.set_phase_times(&decode_phases);
-      const epic::Status s = model.Forward({&step, 1}, cache.get(), &logits);
+      const epic::Status s = model.Forward({&step, 1}, cache.get(), &logits, &counts);
       model.set_phase_times(nullptr);
       step_s.push_back(Since(t0));
+      decode_counts = std::move(counts);
       decode_s += step_s.back();
       cache_sum += static_cast<double>(context) * row_bytes * c.num_hidden_layers;
       if (!s.ok()) {
@@ -436,6 +499,8 @@ int main(int argc, char** argv) {
     const double n = static_cast<double>(decode_steps);
     PrintPhases(decode_phases, decode_steps, decode_s / n, phase_bytes, cache_sum / n,
                 static_cast<double>(moe_layers * c.num_experts_per_tok));
+    PrintExpertsAgainstPlainRead(model, decode_counts, static_cast<double>(moe_layers * c.num_experts_per_tok),
+                                 decode_phases[epic::Phase::kExperts] / n);
   }
   if (!batches.empty()) {
     const epic::Status s =
