@@ -614,9 +614,14 @@ void Panels(internal::Int8Path path, const QuantizedX& x, int64_t m, const Weigh
   // 1.23-1.33, V2-Lite's expert on one thread 1.08 / 1.43, but 2-4 rows 0.92-1.05;
   // decode steps B=64 1.04-1.05 on small experts and V2-Lite's shape, B=16 on V2-Lite's
   // 1.07). AVX-VNNI's 2 rows over 2 streams so ran 0.93 on one thread, 0.9-1.0 on two.
+  // One row's short streams too: a panel ahead, four panels' lines at once, ran slower
+  // (Zen 4, alternating step by step in one process: small experts' decode
+  // steps 0.96-0.99x the time, their experts phase at B=1 / 4 / 16 / 64 0.96-0.98 /
+  // 0.98 / 0.94-0.99 / 0.99x; V2-Lite's shape's decode 0.94-0.98x, B=4 and B=16
+  // 0.99-1.00x).
   const bool short_stream = (p1 - p0) * panel_bytes <= kShortStreamBytes;
   if (m <= tiling.sequential_rows) {
-    const int64_t ahead = tiling.near_ahead > 0 && m >= 2 && (short_stream || m >= 5)
+    const int64_t ahead = tiling.near_ahead > 0 && (short_stream || m >= 5)
                               ? std::min(panel_bytes, tiling.near_ahead)
                           : short_stream ? panel_bytes
                                          : 0;
