@@ -214,7 +214,6 @@ epic::Status BatchedDecode(epic::Model& model, const std::vector<int64_t>& batch
     }
     model.set_phase_times(nullptr);
     const double read_gbs = std::max(before_gbs, epic::bench::MeasureBandwidth(buffer_gib, 2).read_gbs);
-
     std::vector<double> step_s, ratios, phase_ratios, bytes_per_step;
     bool compute_bound = false;
     double all_s = 0, all_cache = 0, all_distinct = 0;
@@ -458,13 +457,13 @@ int main(int argc, char** argv) {
     for (int64_t i = 0; i < steps; ++i) {
       epic::SequenceStep step{&table, {&token, 1}, false};
       const int64_t context = table.num_tokens + 1;
-      epic::ExpertCounts counts;  // this step's alone (Forward adds to them)
+      // The last step's experts counted (and only its: Forward adds to COUNTS).
+      const bool last = r + 1 == rounds && i + 1 == steps;
       const auto t0 = Clock::now();
       model.set_phase_times(&decode_phases);
-      const epic::Status s = model.Forward({&step, 1}, cache.get(), &logits, &counts);
+      const epic::Status s = model.Forward({&step, 1}, cache.get(), &logits, last ? &decode_counts : nullptr);
       model.set_phase_times(nullptr);
       step_s.push_back(Since(t0));
-      decode_counts = std::move(counts);
       decode_s += step_s.back();
       cache_sum += static_cast<double>(context) * row_bytes * c.num_hidden_layers;
       if (!s.ok()) {
