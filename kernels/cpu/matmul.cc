@@ -225,9 +225,7 @@ struct Avx512 {
     return m <= 2 ? 8 : m == 3 ? 6 : 4;
   }
 
-  EPIC_AVX512_OP static __mmask16 Mask(int64_t count) {
-    return count >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << count) - 1);
-  }
+  EPIC_AVX512_OP static __mmask16 Mask(int64_t count) { return FirstLanes(count); }
   EPIC_AVX512_OP static Vec Zero() { return _mm512_setzero_ps(); }
   EPIC_AVX512_OP static Vec Set1(float v) { return _mm512_set1_ps(v); }
   EPIC_AVX512_OP static Vec Load(const float* p) { return _mm512_loadu_ps(p); }
