@@ -46,13 +46,14 @@ using epic::bench::Since;
 int64_t Bytes(const epic::cpu::WeightMatrix& m) { return m.rows * m.cols * m.ElementBytes(); }
 int64_t Params(const epic::cpu::WeightMatrix& m) { return m.rows * m.cols; }
 
-// The memory W's values span (for kI8 its panels and its scales) into REGIONS.
+// The memory W's values span into REGIONS: for kI8 its panels and its scales, which
+// need not lie together.
 void AddRegions(const epic::cpu::WeightMatrix& w, std::vector<epic::bench::Region>* regions) {
   if (w.type == epic::cpu::WeightType::kI8) {
     regions->push_back({w.data, epic::cpu::QuantizedPanelBytes(w.rows, w.cols)});
     regions->push_back({w.scales, w.rows * static_cast<int64_t>(sizeof(float))});
   } else {
-    regions->push_back({w.data, w.rows * w.row_stride * w.ElementBytes()});
+    regions->push_back({w.data, w.Bytes()});
   }
 }
 
