@@ -49,7 +49,7 @@ case "$precision" in exact) gguf_type=bf16 ;; fast) gguf_type=q8_0 ;;
 command -v node >/dev/null && command -v npm >/dev/null || { epic_log "needs Node.js >= 20 and npm"; exit 1; }
 node_major="$(node -p 'process.versions.node.split(".")[0]')"
 [ "$node_major" -ge 20 ] || { epic_log "needs Node.js >= 20 (node-llama-cpp), found $(node --version)"; exit 1; }
-/usr/bin/python3 -c 'import numpy' 2>/dev/null || EPIC_PACKAGES=(python3-numpy) epic_install_packages
+/usr/bin/python3 -c 'import numpy' 2>/dev/null || (EPIC_PACKAGES=(python3-numpy); epic_install_packages)
 
 mkdir -p "$work"
 if [ ! -d "$work/node_modules/node-llama-cpp" ]; then
