@@ -176,7 +176,8 @@ epic::Status BatchedDecode(epic::Model& model, const std::vector<int64_t>& batch
   const epic::ModelConfig& c = model.config();
   std::printf("batched decode: %lld context tokens a sequence, %lld steps (median); bound: the larger of "
               "read (distinct weights + cache, at the largest of the read bandwidths probed before and after the "
-              "steps and of a read cycling over a step's bytes) and compute (the GEMM rate of the products: F32, int8 under fast)\n",
+              "steps and of a read cycling over a step's bytes) and compute (the GEMM rate of the products: F32, "
+              "int8 under fast)\n",
               static_cast<long long>(context), static_cast<long long>(steps));
   std::printf("%6s %10s %10s %12s %10s %8s %8s %8s\n", "batch", "tok/s", "step ms", "MB read/step", "bound", "ratio",
               "bound by", "phases");
@@ -229,6 +230,8 @@ epic::Status BatchedDecode(epic::Model& model, const std::vector<int64_t>& batch
       last = std::move(counts);
     }
     model.set_phase_times(nullptr);
+    // What each step reads: the weights outside the routed experts, its distinct experts,
+    // the cache rows.
     std::vector<double> step_s, ratios, phase_ratios, bytes_per_step;
     for (const Step& m : measured) {
       bytes_per_step.push_back(static_cast<double>(step_bytes) + static_cast<double>(m.distinct * expert_bytes) +
@@ -238,12 +241,12 @@ epic::Status BatchedDecode(epic::Model& model, const std::vector<int64_t>& batch
                                       CyclingReadGbs(Median(bytes_per_step), buffer_gib)});
     bool compute_bound = false;
     double all_s = 0, all_cache = 0, all_distinct = 0;
-    for (const Step& m : measured) {
+    for (size_t i = 0; i < measured.size(); ++i) {
+      const Step& m = measured[i];
       all_s += m.seconds;
       all_cache += m.cache_bytes;
       all_distinct += static_cast<double>(m.distinct);
-      const double bytes = static_cast<double>(step_bytes) + static_cast<double>(m.distinct * expert_bytes) +
-                           m.cache_bytes;
+      const double bytes = bytes_per_step[i];
       const double macs = static_cast<double>(b * step_macs + m.routed * expert_macs);
       auto read = [&](double b) { return b / (read_gbs * 1e9); };
       auto compute = [&](double m) { return 2.0 * m / (gemm_gflops * 1e9); };
