@@ -101,6 +101,18 @@ ProbeBuffers& Probe() {
   return buffers;
 }
 
+// SUM over WORDS words at SRC, each thread taking an equal contiguous share.
+uint64_t SumShares(SumFn sum, const uint64_t* src, int64_t words) {
+  uint64_t total = 0;
+#pragma omp parallel reduction(+ : total)
+  {
+    const int n = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t begin = words * id / n, end = words * (id + 1) / n;
+    total += sum(src + begin, end - begin);
+  }
+  return total;
+}
+
 }  // namespace
 
 Bandwidth MeasureBandwidth(double gib, int repeats) {
@@ -117,14 +129,7 @@ Bandwidth MeasureBandwidth(double gib, int repeats) {
     for (const int streams : {1, 2, 4, 8, 16}) {
       const SumFn sum = Summer(streams, avx512);
       const auto t0 = Clock::now();
-      uint64_t total = 0;
-#pragma omp parallel reduction(+ : total)
-      {
-        const int n = omp_get_num_threads(), id = omp_get_thread_num();
-        const int64_t begin = words * id / n, end = words * (id + 1) / n;
-        total += sum(src + begin, end - begin);
-      }
-      sink = sink + total;
+      sink = sink + SumShares(sum, src, words);
       const double gbs = bytes / Since(t0) / 1e9;
       if (streams == 1) best.one_stream_gbs = std::max(best.one_stream_gbs, gbs);
       if (gbs > best.read_gbs) {
@@ -173,13 +178,7 @@ double PlainReadGbs(const std::vector<std::vector<Region>>& groups, int repeats)
   double best = 0;
   for (int r = 0; r < repeats; ++r) {
     for (const int streams : {1, 4}) {
-      uint64_t total = 0;
-#pragma omp parallel reduction(+ : total)
-      {
-        const int n = omp_get_num_threads(), id = omp_get_thread_num();
-        const int64_t all = kEvictBytes / 8, begin = all * id / n, end = all * (id + 1) / n;
-        total += evict(buffers.src + begin, end - begin);
-      }
+      uint64_t total = SumShares(evict, buffers.src, kEvictBytes / 8);
       const SumFn sum = Summer(streams, avx512);
       const auto t0 = Clock::now();
       for (const std::vector<Words>& group : words) {
